@@ -1,0 +1,1 @@
+//! Admin HTTP endpoint (stub, filled in by the proxy work).

@@ -1,0 +1,386 @@
+//! Configuration: one TOML file shared by every command, each key also settable by a flag and
+//! by a `KEYSHIFT_*` environment variable. Precedence: flag > environment > file > default.
+//!
+//! Clap resolves flag-over-environment; this module lays the result over the file and the
+//! defaults, and validates, naming the key in every error. `deploy/keyshift.toml` documents
+//! every key and must stay in step with [`FileConfig`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("configuration key `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+/// TLS towards the upstream PostgreSQL, with libpq's `sslmode` meanings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamTls {
+    /// Never use TLS.
+    Disable,
+    /// Use TLS when the server offers it, without checking its certificate.
+    Prefer,
+    /// Always use TLS, without checking the certificate.
+    Require,
+    /// Always use TLS; the certificate must chain to `upstream_tls_ca` and match the host name.
+    VerifyFull,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The config file as written: every key optional, unknown keys rejected.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<String>,
+    pub upstream: Option<String>,
+    pub admin_listen: Option<String>,
+    pub admin_token: Option<String>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub upstream_tls: Option<UpstreamTls>,
+    pub upstream_tls_ca: Option<PathBuf>,
+    pub max_client_connections: Option<usize>,
+    pub max_message_bytes: Option<usize>,
+    pub shutdown_grace: Option<String>,
+    pub connect_timeout: Option<String>,
+    pub startup_timeout: Option<String>,
+    pub worker_threads: Option<usize>,
+    pub log_format: Option<LogFormat>,
+    pub log_level: Option<String>,
+    pub database_url: Option<String>,
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message,
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<FileConfig, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())
+    }
+}
+
+/// Flags and environment variables for the proxy; `None` means "not given".
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct ProxyArgs {
+    /// Address clients connect to [default: 127.0.0.1:6432]
+    #[arg(long, env = "KEYSHIFT_LISTEN", value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// The PostgreSQL server, host:port [default: 127.0.0.1:5432]
+    #[arg(long, env = "KEYSHIFT_UPSTREAM", value_name = "HOST:PORT")]
+    pub upstream: Option<String>,
+    /// Address of the admin HTTP endpoint (/metrics, /healthz, /readyz, /v1/*) [default: 127.0.0.1:9187]
+    #[arg(long, env = "KEYSHIFT_ADMIN_LISTEN", value_name = "ADDR")]
+    pub admin_listen: Option<String>,
+    /// Bearer token required by the admin endpoints that change state (/v1/pause, /v1/resume)
+    #[arg(
+        long,
+        env = "KEYSHIFT_ADMIN_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub admin_token: Option<String>,
+    /// PEM certificate chain for client-facing TLS (with --tls-key)
+    #[arg(long, env = "KEYSHIFT_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for client-facing TLS (with --tls-cert)
+    #[arg(long, env = "KEYSHIFT_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// TLS towards PostgreSQL [default: prefer]
+    #[arg(long, env = "KEYSHIFT_UPSTREAM_TLS", value_enum)]
+    pub upstream_tls: Option<UpstreamTls>,
+    /// CA bundle (PEM) that verifies the upstream certificate with --upstream-tls verify-full
+    #[arg(long, env = "KEYSHIFT_UPSTREAM_TLS_CA", value_name = "FILE")]
+    pub upstream_tls_ca: Option<PathBuf>,
+    /// Client connections accepted at once; beyond it clients get SQLSTATE 53300 [default: 1000]
+    #[arg(long, env = "KEYSHIFT_MAX_CLIENT_CONNECTIONS", value_name = "N")]
+    pub max_client_connections: Option<usize>,
+    /// Largest protocol message accepted from either side, in bytes [default: 67108864]
+    #[arg(long, env = "KEYSHIFT_MAX_MESSAGE_BYTES", value_name = "BYTES")]
+    pub max_message_bytes: Option<usize>,
+    /// On SIGTERM/SIGINT, how long sessions may run on before they are closed [default: 30s]
+    #[arg(long, env = "KEYSHIFT_SHUTDOWN_GRACE", value_name = "DURATION")]
+    pub shutdown_grace: Option<String>,
+    /// Time allowed to reach PostgreSQL before a client gets SQLSTATE 08001 [default: 5s]
+    #[arg(long, env = "KEYSHIFT_CONNECT_TIMEOUT", value_name = "DURATION")]
+    pub connect_timeout: Option<String>,
+    /// Time a client has to finish its startup and authentication [default: 60s]
+    #[arg(long, env = "KEYSHIFT_STARTUP_TIMEOUT", value_name = "DURATION")]
+    pub startup_timeout: Option<String>,
+    /// Runtime worker threads; 0 means one per CPU [default: 0]
+    #[arg(long, env = "KEYSHIFT_WORKER_THREADS", value_name = "N")]
+    pub worker_threads: Option<usize>,
+    /// Log format [default: text]
+    #[arg(long, env = "KEYSHIFT_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Log filter, e.g. `info` or `keyshift=debug` [default: info]
+    #[arg(long, env = "KEYSHIFT_LOG_LEVEL", value_name = "FILTER")]
+    pub log_level: Option<String>,
+}
+
+/// The proxy's resolved configuration.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub listen: SocketAddr,
+    pub upstream: String,
+    pub admin_listen: SocketAddr,
+    pub admin_token: Option<String>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub upstream_tls: UpstreamTls,
+    pub upstream_tls_ca: Option<PathBuf>,
+    pub max_client_connections: usize,
+    pub max_message_bytes: usize,
+    pub shutdown_grace: Duration,
+    pub connect_timeout: Duration,
+    pub startup_timeout: Duration,
+    pub worker_threads: usize,
+    pub log_format: LogFormat,
+    pub log_level: String,
+    pub database_url: Option<String>,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            listen: ([127, 0, 0, 1], 6432).into(),
+            upstream: "127.0.0.1:5432".into(),
+            admin_listen: ([127, 0, 0, 1], 9187).into(),
+            admin_token: None,
+            tls_cert: None,
+            tls_key: None,
+            upstream_tls: UpstreamTls::Prefer,
+            upstream_tls_ca: None,
+            max_client_connections: 1000,
+            max_message_bytes: 64 * 1024 * 1024,
+            shutdown_grace: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+            startup_timeout: Duration::from_secs(60),
+            worker_threads: 0,
+            log_format: LogFormat::Text,
+            log_level: "info".into(),
+            database_url: None,
+        }
+    }
+}
+
+impl ProxyConfig {
+    /// Lays flags/environment over the file over the defaults, then validates.
+    pub fn resolve(file: FileConfig, args: &ProxyArgs) -> Result<ProxyConfig, ConfigError> {
+        let d = ProxyConfig::default();
+        let pick = |a: &Option<String>, f: Option<String>| a.clone().or(f);
+        let cfg = ProxyConfig {
+            listen: match pick(&args.listen, file.listen) {
+                Some(s) => parse_addr("listen", &s)?,
+                None => d.listen,
+            },
+            upstream: match pick(&args.upstream, file.upstream) {
+                Some(s) => validate_host_port("upstream", s)?,
+                None => d.upstream,
+            },
+            admin_listen: match pick(&args.admin_listen, file.admin_listen) {
+                Some(s) => parse_addr("admin_listen", &s)?,
+                None => d.admin_listen,
+            },
+            admin_token: pick(&args.admin_token, file.admin_token).filter(|t| !t.is_empty()),
+            tls_cert: args.tls_cert.clone().or(file.tls_cert),
+            tls_key: args.tls_key.clone().or(file.tls_key),
+            upstream_tls: args
+                .upstream_tls
+                .or(file.upstream_tls)
+                .unwrap_or(d.upstream_tls),
+            upstream_tls_ca: args.upstream_tls_ca.clone().or(file.upstream_tls_ca),
+            max_client_connections: args
+                .max_client_connections
+                .or(file.max_client_connections)
+                .unwrap_or(d.max_client_connections),
+            max_message_bytes: args
+                .max_message_bytes
+                .or(file.max_message_bytes)
+                .unwrap_or(d.max_message_bytes),
+            shutdown_grace: opt_duration(
+                "shutdown_grace",
+                pick(&args.shutdown_grace, file.shutdown_grace),
+            )?
+            .unwrap_or(d.shutdown_grace),
+            connect_timeout: opt_duration(
+                "connect_timeout",
+                pick(&args.connect_timeout, file.connect_timeout),
+            )?
+            .unwrap_or(d.connect_timeout),
+            startup_timeout: opt_duration(
+                "startup_timeout",
+                pick(&args.startup_timeout, file.startup_timeout),
+            )?
+            .unwrap_or(d.startup_timeout),
+            worker_threads: args
+                .worker_threads
+                .or(file.worker_threads)
+                .unwrap_or(d.worker_threads),
+            log_format: args.log_format.or(file.log_format).unwrap_or(d.log_format),
+            log_level: pick(&args.log_level, file.log_level).unwrap_or(d.log_level),
+            database_url: file.database_url,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(_), None) => {
+                return Err(invalid(
+                    "tls_key",
+                    "tls_cert is set but tls_key is not; set both or neither",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "tls_cert",
+                    "tls_key is set but tls_cert is not; set both or neither",
+                ));
+            }
+            _ => {}
+        }
+        if self.upstream_tls == UpstreamTls::VerifyFull && self.upstream_tls_ca.is_none() {
+            return Err(invalid(
+                "upstream_tls_ca",
+                "upstream_tls = \"verify-full\" needs a CA file to verify the server's certificate",
+            ));
+        }
+        if self.max_client_connections == 0 {
+            return Err(invalid("max_client_connections", "must be at least 1"));
+        }
+        if self.max_message_bytes < 1024 {
+            return Err(invalid(
+                "max_message_bytes",
+                "must be at least 1024 (PostgreSQL's own messages need room)",
+            ));
+        }
+        if self.max_message_bytes > i32::MAX as usize {
+            return Err(invalid(
+                "max_message_bytes",
+                "must fit the protocol's 32-bit length (at most 2147483647)",
+            ));
+        }
+        if self.listen == self.admin_listen {
+            return Err(invalid("admin_listen", "must differ from listen"));
+        }
+        Ok(())
+    }
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+fn parse_addr(key: &'static str, s: &str) -> Result<SocketAddr, ConfigError> {
+    s.parse().map_err(|_| {
+        invalid(
+            key,
+            format!(
+                "{s:?} is not an IP address with a port, e.g. \"127.0.0.1:6432\" or \"[::]:6432\""
+            ),
+        )
+    })
+}
+
+fn validate_host_port(key: &'static str, s: String) -> Result<String, ConfigError> {
+    let ok = s
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+    if ok {
+        Ok(s)
+    } else {
+        Err(invalid(
+            key,
+            format!("{s:?} is not host:port, e.g. \"db.internal:5432\""),
+        ))
+    }
+}
+
+/// Parses durations such as `500ms`, `30s`, `2m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim()).map_err(|e| {
+        format!("{s:?} is not a duration ({e}); write e.g. \"500ms\", \"30s\" or \"2m\"")
+    })
+}
+
+fn opt_duration(key: &'static str, s: Option<String>) -> Result<Option<Duration>, ConfigError> {
+    s.map(|s| parse_duration(&s).map_err(|m| invalid(key, m)))
+        .transpose()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resolve(text: &str, args: &ProxyArgs) -> Result<ProxyConfig, ConfigError> {
+        let file = FileConfig::parse(text).map_err(|message| ConfigError::Parse {
+            path: "t.toml".into(),
+            message,
+        })?;
+        ProxyConfig::resolve(file, args)
+    }
+
+    #[test]
+    fn defaults() {
+        let c = resolve("", &ProxyArgs::default()).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:6432");
+        assert_eq!(c.upstream, "127.0.0.1:5432");
+        assert_eq!(c.admin_listen.to_string(), "127.0.0.1:9187");
+        assert_eq!(c.shutdown_grace, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn flag_beats_file() {
+        let args = ProxyArgs {
+            listen: Some("127.0.0.1:7000".into()),
+            ..Default::default()
+        };
+        let c = resolve("listen = \"127.0.0.1:6000\"\nupstream = \"db:5433\"", &args).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:7000");
+        assert_eq!(c.upstream, "db:5433");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = resolve("listen = \"nope\"", &ProxyArgs::default()).unwrap_err();
+        assert!(e.to_string().contains("`listen`"), "{e}");
+        let e = resolve("shutdown_grace = \"soon\"", &ProxyArgs::default()).unwrap_err();
+        assert!(e.to_string().contains("`shutdown_grace`"), "{e}");
+        let e = resolve("lisen = \"127.0.0.1:1\"", &ProxyArgs::default()).unwrap_err();
+        assert!(e.to_string().contains("lisen"), "{e}");
+        let e = resolve("max_client_connections = \"ten\"", &ProxyArgs::default()).unwrap_err();
+        assert!(e.to_string().contains("max_client_connections"), "{e}");
+        let e = resolve("tls_cert = \"a.pem\"", &ProxyArgs::default()).unwrap_err();
+        assert!(e.to_string().contains("`tls_key`"), "{e}");
+    }
+}

@@ -1,0 +1,1 @@
+//! Prometheus metrics (stub, filled in by the proxy work).
