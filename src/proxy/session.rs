@@ -1,0 +1,469 @@
+//! One client session after authentication: the relay between client and PostgreSQL.
+//!
+//! A single task drives both directions with one hand-written poll loop (`poll_io`): it
+//! writes what is pending to each side, reads from each side when the previous chunk has gone
+//! out, and scans what it read. Doing both directions in one task keeps one wake-up per
+//! network event and lets each direction see the other's state without locks, while never
+//! blocking one direction on the other (a server busy writing results is always read, even
+//! while the client's next pipeline is waiting to be written), which would deadlock.
+//!
+//! Bytes are forwarded as they came. Only three things are looked at: the tag and length of
+//! every message (to stay in frame and count), the status byte of ReadyForQuery (transaction
+//! state for the pause gate), and the kind of client message (to know when the session is
+//! idle: nothing forwarded since the last ReadyForQuery).
+
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tracing::debug;
+
+use super::Shared;
+use super::frame::{FrameError, Scan, Scanner};
+use super::gate::{SessionInfo, SessionState};
+use super::messages::{self, sqlstate};
+use super::stream::Stream;
+use crate::metrics::SessionCounters;
+
+/// Read buffers grow to this much free space before each read.
+const READ_CHUNK: usize = 16 * 1024;
+/// Largest message PostgreSQL itself sends (1 GB) plus room: a sanity bound on server frames.
+const MAX_SERVER_MESSAGE: usize = (1 << 30) + 1024;
+
+/// Why the relay stopped polling.
+#[derive(Debug)]
+enum Event {
+    /// The session is idle and the gate is closed: its next message waits in `c_in`.
+    Hold,
+    ClientEof,
+    ClientTerminated,
+    ServerEof,
+    ClientProtocol(FrameError),
+    ServerProtocol(FrameError),
+    ClientIo(io::Error),
+    ServerIo(io::Error),
+}
+
+pub struct Session {
+    client: Stream,
+    server: Stream,
+    c_in: BytesMut,
+    c_out: BytesMut,
+    s_in: BytesMut,
+    s_out: BytesMut,
+    c_scan: Scanner,
+    s_scan: Scanner,
+    client_dirty: bool,
+    server_dirty: bool,
+    /// Last ReadyForQuery status: `I`, `T` or `E`.
+    status: u8,
+    /// ReadyForQuery messages still owed for Query, Sync and FunctionCall messages sent.
+    pending_z: u32,
+    /// Extended-protocol messages were sent since the last Sync.
+    open_seq: bool,
+    held: bool,
+    terminating: bool,
+    counters: SessionCounters,
+    info: Arc<SessionInfo>,
+    shared: Arc<Shared>,
+}
+
+#[inline]
+fn is_frontend_tag(tag: u8) -> bool {
+    matches!(
+        tag,
+        b'Q' | b'P'
+            | b'B'
+            | b'E'
+            | b'D'
+            | b'C'
+            | b'S'
+            | b'H'
+            | b'X'
+            | b'F'
+            | b'd'
+            | b'c'
+            | b'f'
+            | b'p'
+    )
+}
+
+impl Session {
+    pub fn new(
+        client: Stream,
+        server: Stream,
+        status: u8,
+        info: Arc<SessionInfo>,
+        shared: Arc<Shared>,
+    ) -> Session {
+        Session {
+            client,
+            server,
+            c_in: BytesMut::with_capacity(READ_CHUNK),
+            c_out: BytesMut::new(),
+            s_in: BytesMut::with_capacity(READ_CHUNK),
+            s_out: BytesMut::new(),
+            c_scan: Scanner::default(),
+            s_scan: Scanner::default(),
+            client_dirty: false,
+            server_dirty: false,
+            status,
+            pending_z: 0,
+            open_seq: false,
+            held: false,
+            terminating: false,
+            counters: SessionCounters::default(),
+            info,
+            shared,
+        }
+    }
+
+    /// Relays until either side ends the session. Dropping both streams on return closes the
+    /// upstream connection, so no backend outlives its client.
+    pub async fn run(mut self) {
+        let shared = self.shared.clone();
+        shared.gate.set_state(&self.info, self.state_after_ready());
+        let force = forced(shared.force_shutdown.clone());
+        tokio::pin!(force);
+        loop {
+            let ev = tokio::select! {
+                biased;
+                ev = poll_fn(|cx| self.poll_io(cx)) => ev,
+                _ = &mut force => {
+                    self.fatal_to_client(sqlstate::ADMIN_SHUTDOWN, "terminating connection due to administrator command: keyshift is shutting down").await;
+                    break;
+                }
+            };
+            match ev {
+                Event::Hold => {
+                    tokio::select! {
+                        _ = shared.gate.wait_open() => {}
+                        _ = &mut force => {
+                            self.fatal_to_client(sqlstate::ADMIN_SHUTDOWN, "terminating connection due to administrator command: keyshift is shutting down").await;
+                            break;
+                        }
+                    }
+                    self.held = false;
+                }
+                Event::ClientEof | Event::ClientTerminated => break,
+                Event::ServerEof => {
+                    // PostgreSQL usually says why before it closes (FATAL ErrorResponse):
+                    // make sure the client gets it.
+                    self.flush_to_client().await;
+                    break;
+                }
+                Event::ClientProtocol(e) => {
+                    debug!(session = self.info.id, error = %e, "client protocol violation");
+                    shared
+                        .metrics
+                        .protocol_errors
+                        .with_label_values(&["client"])
+                        .inc();
+                    self.fatal_to_client(
+                        sqlstate::PROTOCOL_VIOLATION,
+                        &format!("invalid message from client: {e}"),
+                    )
+                    .await;
+                    break;
+                }
+                Event::ServerProtocol(e) => {
+                    debug!(session = self.info.id, error = %e, "server protocol violation");
+                    shared
+                        .metrics
+                        .protocol_errors
+                        .with_label_values(&["server"])
+                        .inc();
+                    self.fatal_to_client(
+                        sqlstate::CONNECTION_FAILURE,
+                        &format!("invalid message from PostgreSQL: {e}"),
+                    )
+                    .await;
+                    break;
+                }
+                Event::ClientIo(e) => {
+                    debug!(session = self.info.id, error = %e, "client connection lost");
+                    break;
+                }
+                Event::ServerIo(e) => {
+                    debug!(session = self.info.id, error = %e, "server connection lost");
+                    self.fatal_to_client(
+                        sqlstate::CONNECTION_FAILURE,
+                        "connection to PostgreSQL lost",
+                    )
+                    .await;
+                    break;
+                }
+            }
+        }
+        self.counters.flush(&shared.metrics);
+    }
+
+    fn state_after_ready(&self) -> SessionState {
+        if self.status == b'I' {
+            SessionState::Idle
+        } else {
+            SessionState::IdleInTransaction
+        }
+    }
+
+    /// Waiting for the client with nothing in flight: the moment the gate applies.
+    #[inline]
+    fn waiting_for_client(&self) -> bool {
+        self.pending_z == 0 && !self.open_seq
+    }
+
+    fn poll_io(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
+        loop {
+            let mut progress = false;
+
+            // Client → server: write what is pending.
+            if !self.c_out.is_empty() {
+                match Pin::new(&mut self.server).poll_write(cx, &self.c_out) {
+                    Poll::Ready(Ok(0)) => {
+                        return Poll::Ready(Event::ServerIo(io::ErrorKind::WriteZero.into()));
+                    }
+                    Poll::Ready(Ok(n)) => {
+                        self.c_out.advance(n);
+                        self.server_dirty = true;
+                        progress = true;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Event::ServerIo(e)),
+                    Poll::Pending => {}
+                }
+            }
+            if self.c_out.is_empty() && self.server_dirty {
+                match Pin::new(&mut self.server).poll_flush(cx) {
+                    Poll::Ready(Ok(())) => self.server_dirty = false,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Event::ServerIo(e)),
+                    Poll::Pending => {}
+                }
+            }
+            if self.terminating && self.c_out.is_empty() && !self.server_dirty {
+                return Poll::Ready(Event::ClientTerminated);
+            }
+
+            // Server → client: write what is pending.
+            if !self.s_out.is_empty() {
+                match Pin::new(&mut self.client).poll_write(cx, &self.s_out) {
+                    Poll::Ready(Ok(0)) => {
+                        return Poll::Ready(Event::ClientIo(io::ErrorKind::WriteZero.into()));
+                    }
+                    Poll::Ready(Ok(n)) => {
+                        self.s_out.advance(n);
+                        self.client_dirty = true;
+                        progress = true;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Event::ClientIo(e)),
+                    Poll::Pending => {}
+                }
+            }
+            if self.s_out.is_empty() && self.client_dirty {
+                match Pin::new(&mut self.client).poll_flush(cx) {
+                    Poll::Ready(Ok(())) => self.client_dirty = false,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Event::ClientIo(e)),
+                    Poll::Pending => {}
+                }
+            }
+
+            // Server → client: read once the previous chunk is out (backpressure).
+            if self.s_out.is_empty() {
+                match poll_read(&mut self.server, cx, &mut self.s_in) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Event::ServerEof),
+                    Poll::Ready(Ok(_)) => {
+                        if let Err(e) = self.scan_server() {
+                            return Poll::Ready(Event::ServerProtocol(e));
+                        }
+                        progress = true;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Event::ServerIo(e)),
+                    Poll::Pending => {}
+                }
+            }
+
+            // Client → server: bytes held at the gate are scanned first, then more are read.
+            if self.c_out.is_empty() && !self.held && !self.terminating {
+                if !self.c_in.is_empty() && self.c_scan.at_boundary() && self.waiting_for_client() {
+                    // Data left from before a hold, or a partial message: scan it again.
+                    match self.scan_client() {
+                        Ok(Some(ev)) => return Poll::Ready(ev),
+                        Ok(None) => {}
+                        Err(e) => return Poll::Ready(Event::ClientProtocol(e)),
+                    }
+                    if !self.c_out.is_empty() {
+                        continue;
+                    }
+                }
+                match poll_read(&mut self.client, cx, &mut self.c_in) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Event::ClientEof),
+                    Poll::Ready(Ok(_)) => {
+                        match self.scan_client() {
+                            Ok(Some(ev)) => return Poll::Ready(ev),
+                            Ok(None) => {}
+                            Err(e) => return Poll::Ready(Event::ClientProtocol(e)),
+                        }
+                        progress = true;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Event::ClientIo(e)),
+                    Poll::Pending => {}
+                }
+            }
+
+            if !progress {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    /// Scans client bytes into `c_out`, applying the gate at the first message after a
+    /// ReadyForQuery.
+    fn scan_client(&mut self) -> Result<Option<Event>, FrameError> {
+        let max = self.shared.cfg.max_message_bytes;
+        let mut fwd = 0;
+        let mut event = None;
+        loop {
+            let rest = &self.c_in[fwd..];
+            if rest.is_empty() {
+                break;
+            }
+            if self.c_scan.at_boundary() && self.waiting_for_client() {
+                if self.status == b'I' {
+                    if !self.shared.gate.admit(&self.info) {
+                        self.held = true;
+                        event = Some(Event::Hold);
+                        break;
+                    }
+                } else {
+                    self.shared.gate.set_state(&self.info, SessionState::Active);
+                }
+            }
+            match self.c_scan.next(rest, max, |t| t == b'X')? {
+                Scan::NeedMore => break,
+                Scan::Forward { n } => fwd += n,
+                Scan::Message { tag, len, inspect } => {
+                    if !is_frontend_tag(tag) {
+                        return Err(FrameError::BadTag(tag));
+                    }
+                    self.counters.client_message(tag);
+                    match tag {
+                        b'Q' | b'F' => self.pending_z += 1,
+                        b'S' => {
+                            self.pending_z += 1;
+                            self.open_seq = false;
+                        }
+                        b'P' | b'B' | b'E' | b'D' | b'C' | b'H' => self.open_seq = true,
+                        _ => {}
+                    }
+                    if inspect {
+                        // Terminate: forward it, then close once it is written.
+                        fwd += len;
+                        self.terminating = true;
+                        break;
+                    }
+                }
+            }
+        }
+        self.counters.client_bytes(fwd);
+        move_prefix(&mut self.c_in, &mut self.c_out, fwd);
+        Ok(event)
+    }
+
+    /// Scans server bytes into `s_out`, tracking ReadyForQuery.
+    fn scan_server(&mut self) -> Result<(), FrameError> {
+        let mut fwd = 0;
+        loop {
+            let rest = &self.s_in[fwd..];
+            match self.s_scan.next(rest, MAX_SERVER_MESSAGE, |t| t == b'Z')? {
+                Scan::NeedMore => break,
+                Scan::Forward { n } => fwd += n,
+                Scan::Message { tag, len, inspect } => {
+                    self.counters.server_message(tag);
+                    if inspect {
+                        // ReadyForQuery: tag, length 5, status.
+                        if len != 6 {
+                            return Err(FrameError::Malformed("ReadyForQuery"));
+                        }
+                        self.status = rest[5];
+                        self.pending_z = self.pending_z.saturating_sub(1);
+                        fwd += len;
+                        if self.waiting_for_client() {
+                            let st = self.state_after_ready();
+                            self.shared.gate.set_state(&self.info, st);
+                            self.counters.flush_if_due(&self.shared.metrics);
+                        }
+                    }
+                }
+            }
+        }
+        self.counters.server_bytes(fwd);
+        move_prefix(&mut self.s_in, &mut self.s_out, fwd);
+        Ok(())
+    }
+
+    async fn flush_to_client(&mut self) {
+        if self.s_out.is_empty() {
+            return;
+        }
+        let fut = async {
+            self.client.write_all(&self.s_out).await?;
+            self.client.flush().await
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), fut).await;
+        self.s_out.clear();
+    }
+
+    /// Tells the client why the session ends, if it can be done without breaking a message
+    /// already half-sent to it.
+    async fn fatal_to_client(&mut self, code: &str, msg: &str) {
+        self.flush_to_client().await;
+        if !self.s_scan.at_boundary() {
+            return;
+        }
+        let err = messages::fatal(code, msg);
+        let fut = async {
+            self.client.write_all(&err).await?;
+            self.client.flush().await
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), fut).await;
+    }
+}
+
+/// Completes when the proxy orders every session closed.
+async fn forced(mut rx: tokio::sync::watch::Receiver<bool>) {
+    let _ = rx.wait_for(|f| *f).await;
+}
+
+/// Moves the first `n` bytes of `src` to the end of `dst`. When that is all of `src` and
+/// `dst` is empty (the usual case), the buffers are swapped instead of copied.
+#[inline]
+fn move_prefix(src: &mut BytesMut, dst: &mut BytesMut, n: usize) {
+    if n == 0 {
+        return;
+    }
+    if n == src.len() && dst.is_empty() {
+        std::mem::swap(src, dst);
+        src.clear();
+    } else {
+        dst.extend_from_slice(&src[..n]);
+        src.advance(n);
+    }
+}
+
+/// Reads into the spare capacity of `buf`, growing it to at least `READ_CHUNK` free bytes.
+#[inline]
+fn poll_read(s: &mut Stream, cx: &mut Context<'_>, buf: &mut BytesMut) -> Poll<io::Result<usize>> {
+    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+        buf.reserve(READ_CHUNK);
+    }
+    let dst = buf.spare_capacity_mut();
+    let mut rb = ReadBuf::uninit(dst);
+    ready!(Pin::new(s).poll_read(cx, &mut rb))?;
+    let n = rb.filled().len();
+    // SAFETY: `poll_read` initialised the first `n` bytes of the spare capacity.
+    unsafe { buf.set_len(buf.len() + n) };
+    Poll::Ready(Ok(n))
+}
