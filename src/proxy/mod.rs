@@ -321,6 +321,7 @@ async fn session(
             &packet,
             &shared.cancels,
             shared.cfg.max_message_bytes,
+            shared.cfg.connect_timeout,
         ),
     )
     .await;
@@ -341,7 +342,7 @@ async fn session(
         Ok(Err(e)) => {
             debug!(client = %addr, error = %e, "authentication relay failed");
             let code = match e {
-                StartupError::Server(_) => sqlstate::CONNECTION_FAILURE,
+                StartupError::Server(_) | StartupError::NoAnswer(_) => sqlstate::CONNECTION_FAILURE,
                 _ => sqlstate::PROTOCOL_VIOLATION,
             };
             let _ = startup::send(
