@@ -42,7 +42,9 @@ pub(crate) struct Piece {
 }
 
 impl<'a> Source<'a> {
-    pub(crate) fn tokenize(sql: &'a str) -> Result<Source<'a>, sqlparser::tokenizer::TokenizerError> {
+    pub(crate) fn tokenize(
+        sql: &'a str,
+    ) -> Result<Source<'a>, sqlparser::tokenizer::TokenizerError> {
         let raw = Tokenizer::new(&PostgreSqlDialect {}, sql).tokenize_with_location()?;
         // Locations are (line, column) counted in characters, with only '\n' starting a line
         // (mirroring the tokenizer's own counting); walk the text once to turn them into byte
@@ -98,7 +100,12 @@ impl<'a> Source<'a> {
                 Token::RParen | Token::RBracket => depth -= 1,
                 Token::SemiColon if depth <= 0 => {
                     if from < i {
-                        out.push(Piece { from, to: i, raw_from, raw_to: t.raw });
+                        out.push(Piece {
+                            from,
+                            to: i,
+                            raw_from,
+                            raw_to: t.raw,
+                        });
                     }
                     from = i + 1;
                     raw_from = t.raw + 1;
@@ -123,7 +130,9 @@ impl<'a> Source<'a> {
         if a >= b || b > self.toks.len() {
             return "";
         }
-        self.sql.get(self.toks[a].start..self.toks[b - 1].end).unwrap_or("")
+        self.sql
+            .get(self.toks[a].start..self.toks[b - 1].end)
+            .unwrap_or("")
     }
 
     pub(crate) fn index_at(&self, loc: Location) -> Option<usize> {
@@ -189,15 +198,21 @@ impl<'a> Source<'a> {
         let mut i = from;
         while i < limit {
             let t = &self.toks[i].token;
-            if depth == 0 && (matches!(t, Token::RParen | Token::RBracket | Token::SemiColon) || stop(self, i))
+            if depth == 0
+                && (matches!(t, Token::RParen | Token::RBracket | Token::SemiColon)
+                    || stop(self, i))
             {
                 break;
             }
             match t {
                 Token::LParen | Token::LBracket => depth += 1,
                 Token::RParen | Token::RBracket => depth -= 1,
-                Token::Word(w) if w.quote_style.is_none() && w.keyword == Keyword::CASE => depth += 1,
-                Token::Word(w) if w.quote_style.is_none() && w.keyword == Keyword::END && depth > 0 => {
+                Token::Word(w) if w.quote_style.is_none() && w.keyword == Keyword::CASE => {
+                    depth += 1
+                }
+                Token::Word(w)
+                    if w.quote_style.is_none() && w.keyword == Keyword::END && depth > 0 =>
+                {
                     depth -= 1
                 }
                 Token::Comma if depth == 0 => {
@@ -275,25 +290,164 @@ pub(crate) fn folded(id: &Ident) -> Cow<'_, str> {
 /// Appendix C): an identifier spelled like one of these is quoted. Non-reserved keywords
 /// (`id`, `name`, `public`, …) read back as plain identifiers and stay readable.
 const PG_KEYWORDS_NEEDING_QUOTES: &[&str] = &[
-    "all", "analyse", "analyze", "and", "any", "array", "as", "asc", "asymmetric", "both", "case",
-    "cast", "check", "collate", "column", "constraint", "create", "current_catalog",
-    "current_date", "current_role", "current_time", "current_timestamp", "current_user",
-    "default", "deferrable", "desc", "distinct", "do", "else", "end", "except", "false", "fetch",
-    "for", "foreign", "from", "grant", "group", "having", "in", "initially", "intersect", "into",
-    "lateral", "leading", "limit", "localtime", "localtimestamp", "not", "null", "offset", "on",
-    "only", "or", "order", "placing", "primary", "references", "returning", "select",
-    "session_user", "some", "symmetric", "system_user", "table", "then", "to", "trailing", "true",
-    "union", "unique", "user", "using", "variadic", "when", "where", "window", "with",
-    "authorization", "binary", "collation", "concurrently", "cross", "current_schema", "freeze",
-    "full", "ilike", "inner", "is", "isnull", "join", "left", "like", "natural", "notnull",
-    "outer", "overlaps", "right", "similar", "tablesample", "verbose", "between", "bigint", "bit",
-    "boolean", "char", "character", "coalesce", "dec", "decimal", "exists", "extract", "float",
-    "greatest", "grouping", "inout", "int", "integer", "interval", "json", "json_array",
-    "json_arrayagg", "json_object", "json_objectagg", "least", "merge_action", "national",
-    "nchar", "none", "normalize", "nullif", "numeric", "out", "overlay", "position", "precision",
-    "real", "row", "setof", "smallint", "substring", "time", "timestamp", "treat", "trim",
-    "values", "varchar", "xmlattributes", "xmlconcat", "xmlelement", "xmlexists", "xmlforest",
-    "xmlnamespaces", "xmlparse", "xmlpi", "xmlroot", "xmlserialize", "xmltable",
+    "all",
+    "analyse",
+    "analyze",
+    "and",
+    "any",
+    "array",
+    "as",
+    "asc",
+    "asymmetric",
+    "both",
+    "case",
+    "cast",
+    "check",
+    "collate",
+    "column",
+    "constraint",
+    "create",
+    "current_catalog",
+    "current_date",
+    "current_role",
+    "current_time",
+    "current_timestamp",
+    "current_user",
+    "default",
+    "deferrable",
+    "desc",
+    "distinct",
+    "do",
+    "else",
+    "end",
+    "except",
+    "false",
+    "fetch",
+    "for",
+    "foreign",
+    "from",
+    "grant",
+    "group",
+    "having",
+    "in",
+    "initially",
+    "intersect",
+    "into",
+    "lateral",
+    "leading",
+    "limit",
+    "localtime",
+    "localtimestamp",
+    "not",
+    "null",
+    "offset",
+    "on",
+    "only",
+    "or",
+    "order",
+    "placing",
+    "primary",
+    "references",
+    "returning",
+    "select",
+    "session_user",
+    "some",
+    "symmetric",
+    "system_user",
+    "table",
+    "then",
+    "to",
+    "trailing",
+    "true",
+    "union",
+    "unique",
+    "user",
+    "using",
+    "variadic",
+    "when",
+    "where",
+    "window",
+    "with",
+    "authorization",
+    "binary",
+    "collation",
+    "concurrently",
+    "cross",
+    "current_schema",
+    "freeze",
+    "full",
+    "ilike",
+    "inner",
+    "is",
+    "isnull",
+    "join",
+    "left",
+    "like",
+    "natural",
+    "notnull",
+    "outer",
+    "overlaps",
+    "right",
+    "similar",
+    "tablesample",
+    "verbose",
+    "between",
+    "bigint",
+    "bit",
+    "boolean",
+    "char",
+    "character",
+    "coalesce",
+    "dec",
+    "decimal",
+    "exists",
+    "extract",
+    "float",
+    "greatest",
+    "grouping",
+    "inout",
+    "int",
+    "integer",
+    "interval",
+    "json",
+    "json_array",
+    "json_arrayagg",
+    "json_object",
+    "json_objectagg",
+    "least",
+    "merge_action",
+    "national",
+    "nchar",
+    "none",
+    "normalize",
+    "nullif",
+    "numeric",
+    "out",
+    "overlay",
+    "position",
+    "precision",
+    "real",
+    "row",
+    "setof",
+    "smallint",
+    "substring",
+    "time",
+    "timestamp",
+    "treat",
+    "trim",
+    "values",
+    "varchar",
+    "xmlattributes",
+    "xmlconcat",
+    "xmlelement",
+    "xmlexists",
+    "xmlforest",
+    "xmlnamespaces",
+    "xmlparse",
+    "xmlpi",
+    "xmlroot",
+    "xmlserialize",
+    "xmltable",
 ];
 
 /// Quotes an identifier only when it would not read back as itself unquoted.
@@ -337,7 +491,10 @@ mod tests {
         let src = Source::tokenize(sql).unwrap();
         let (items, stop) = src.split_list(1, usize::MAX, |_, _| false).unwrap();
         let texts: Vec<&str> = items.iter().map(|&(a, b)| src.text(a, b)).collect();
-        assert_eq!(texts, ["a", "f(b, c)", "CASE WHEN x THEN 1 ELSE 2 END", "d[1, 2]"]);
+        assert_eq!(
+            texts,
+            ["a", "f(b, c)", "CASE WHEN x THEN 1 ELSE 2 END", "d[1, 2]"]
+        );
         assert!(src.is(stop, &Token::RParen));
         assert_eq!(src.close_paren(0, usize::MAX), Some(stop));
     }

@@ -83,7 +83,8 @@ pub(crate) fn target_columns<'c>(
                 return Ok(None);
             }
             let twins: Vec<&str> = fills.iter().map(|(_, f)| f.target.as_str()).collect();
-            ctx.edits.insert(ctx.src.end(after), column_list(cols, &twins));
+            ctx.edits
+                .insert(ctx.src.end(after), column_list(cols, &twins));
             Ok(Some(fills))
         }
     }
@@ -99,12 +100,18 @@ pub(crate) fn values_rows(
     let src = ctx.src;
     for row in rows {
         let bad = || skip(child, SkipReason::Unsupported);
-        let open = src.index_at(row.opening_token.0.span.start).ok_or_else(bad)?;
-        let close = src.index_at(row.closing_token.0.span.start).ok_or_else(bad)?;
+        let open = src
+            .index_at(row.opening_token.0.span.start)
+            .ok_or_else(bad)?;
+        let close = src
+            .index_at(row.closing_token.0.span.start)
+            .ok_or_else(bad)?;
         if !src.is(open, &Token::LParen) || !src.is(close, &Token::RParen) {
             return Err(bad());
         }
-        let (items, stop) = src.split_list(open + 1, close, |_, _| false).ok_or_else(bad)?;
+        let (items, stop) = src
+            .split_list(open + 1, close, |_, _| false)
+            .ok_or_else(bad)?;
         if stop != close || items.len() != row.content.len() {
             return Err(bad());
         }
@@ -272,7 +279,9 @@ fn insert_select(
             )
         })
     {
-        let s = src.index_at(sel.select_token.0.span.start).ok_or_else(bad)?;
+        let s = src
+            .index_at(sel.select_token.0.span.start)
+            .ok_or_else(bad)?;
         let mut j = s + 1;
         match &sel.distinct {
             None => {}
@@ -285,7 +294,9 @@ fn insert_select(
                 j = src.close_paren(open, ctx.limit).ok_or_else(bad)? + 1;
             }
         }
-        let (items, _) = src.split_list(j, ctx.limit, ends_select_list).ok_or_else(bad)?;
+        let (items, _) = src
+            .split_list(j, ctx.limit, ends_select_list)
+            .ok_or_else(bad)?;
         if items.len() != sel.projection.len() || items.is_empty() {
             return Err(bad());
         }
@@ -297,7 +308,11 @@ fn insert_select(
                     if at + 1 != b {
                         return Err(bad());
                     }
-                    if src.kw(at - 1, Keyword::AS) { at - 1 } else { at }
+                    if src.kw(at - 1, Keyword::AS) {
+                        at - 1
+                    } else {
+                        at
+                    }
                 }
                 _ => b,
             };

@@ -26,7 +26,12 @@ const VOLATILE: &[&str] = &[
 /// What to write into the twin, given the tokens `a..b` written to the source column.
 /// `DEFAULT` stays `DEFAULT` (the twin has no default, so it is NULL like an FK without one),
 /// `NULL` stays `NULL`.
-pub(crate) fn twin_value(src: &Source, a: usize, b: usize, fill: &Fill) -> Result<String, SkipReason> {
+pub(crate) fn twin_value(
+    src: &Source,
+    a: usize,
+    b: usize,
+    fill: &Fill,
+) -> Result<String, SkipReason> {
     if src.only_kw(a, b, Keyword::DEFAULT) {
         return Ok("DEFAULT".to_string());
     }

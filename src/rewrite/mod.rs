@@ -265,7 +265,9 @@ fn internal(changes: &[Change], name: &str) -> Skip {
 /// Whether an unparseable statement may write: it names a DML keyword anywhere (a `SELECT …
 /// FOR UPDATE` is a false alarm, which only costs a log line).
 fn writes(src: &Source, from: usize, to: usize) -> bool {
-    (from..to).any(|i| src.kw(i, Keyword::INSERT) || src.kw(i, Keyword::UPDATE) || src.kw(i, Keyword::MERGE))
+    (from..to).any(|i| {
+        src.kw(i, Keyword::INSERT) || src.kw(i, Keyword::UPDATE) || src.kw(i, Keyword::MERGE)
+    })
 }
 
 pub(crate) fn parses_as_one(sql: &str) -> bool {

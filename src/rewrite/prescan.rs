@@ -139,7 +139,10 @@ mod tests {
         assert!(scan(&names, "insert into ORDERS values (1)"));
         assert!(scan(&names, "INSERT INTO \"orders\" VALUES (1)"));
         assert!(scan(&names, "INSERT INTO public.orders VALUES (1)"));
-        assert!(scan(&names, "INSERT INTO \"public\".\"orders\"(a) VALUES (1)"));
+        assert!(scan(
+            &names,
+            "INSERT INTO \"public\".\"orders\"(a) VALUES (1)"
+        ));
         assert!(scan(&names, "UPDATE x SET a=1;UPDATE orders SET b=2"));
     }
 
@@ -165,9 +168,15 @@ mod tests {
     #[test]
     fn mixed_case_and_spaced_names() {
         assert!(scan(&["Orders"], "INSERT INTO \"Orders\" VALUES (1)"));
-        assert!(scan(&["Order Lines"], "INSERT INTO \"Order Lines\" VALUES (1)"));
+        assert!(scan(
+            &["Order Lines"],
+            "INSERT INTO \"Order Lines\" VALUES (1)"
+        ));
         assert!(scan(&["a\"b"], "INSERT INTO \"a\"\"b\" VALUES (1)"));
-        assert!(!scan(&["Order Lines"], "INSERT INTO order_lines VALUES (1)"));
+        assert!(!scan(
+            &["Order Lines"],
+            "INSERT INTO order_lines VALUES (1)"
+        ));
     }
 
     #[test]

@@ -113,7 +113,12 @@ pub(crate) fn name_end(src: &Source, name: &ObjectName) -> Option<usize> {
 /// ` (a, b, p_id, p_id_uuid)`: a column list for an insert that had none.
 pub(crate) fn column_list(columns: &[String], twins: &[&str]) -> String {
     let mut s = String::from(" (");
-    for (i, c) in columns.iter().map(String::as_str).chain(twins.iter().copied()).enumerate() {
+    for (i, c) in columns
+        .iter()
+        .map(String::as_str)
+        .chain(twins.iter().copied())
+        .enumerate()
+    {
         if i > 0 {
             s.push_str(", ");
         }

@@ -73,7 +73,9 @@ pub(crate) fn assignments(
         }
         let mut add = String::new();
         for fill in needs(&col) {
-            let v = if excluded.contains(&fill.target.as_str()) && is_excluded(src, eq + 1, b, &fill.source) {
+            let v = if excluded.contains(&fill.target.as_str())
+                && is_excluded(src, eq + 1, b, &fill.source)
+            {
                 format!("EXCLUDED.{}", quote_ident(&fill.target))
             } else {
                 twin_value(src, eq + 1, b, fill).map_err(|r| skip(child, r))?
@@ -97,13 +99,28 @@ fn is_excluded(src: &Source, a: usize, b: usize, col: &str) -> bool {
     match &src.toks[a + 2].token {
         Token::Word(w) => match w.quote_style {
             Some(_) => w.value == col,
-            None => w.value.eq_ignore_ascii_case(col) && !col.bytes().any(|c| c.is_ascii_uppercase()),
+            None => {
+                w.value.eq_ignore_ascii_case(col) && !col.bytes().any(|c| c.is_ascii_uppercase())
+            }
         },
         _ => false,
     }
 }
 
 pub(crate) fn rewrite(ctx: &mut Ctx, upd: &Update) -> Result<(), Skip> {
+    // sqlparser 0.63 reads `UPDATE ONLY c` as table `ONLY` aliased `c`: it would go
+    // unnoticed, so it is reported with the name that follows.
+    if let Some(u) = ctx.src.index_at(upd.update_token.0.span.start)
+        && ctx.src.kw(u + 1, Keyword::ONLY)
+    {
+        let name = ctx.src.text(u + 2, (u + 3).min(ctx.limit));
+        if ctx.rules.prescan.find(name).is_some() {
+            return Err(Skip {
+                table: name.to_string(),
+                reason: SkipReason::Unsupported,
+            });
+        }
+    }
     let Some(child) = resolve_factor(ctx.rules, &upd.table.relation) else {
         return Ok(());
     };
@@ -112,7 +129,9 @@ pub(crate) fn rewrite(ctx: &mut Ctx, upd: &Update) -> Result<(), Skip> {
     }
     let src = ctx.src;
     let bad = || skip(child, SkipReason::Unsupported);
-    let u = src.index_at(upd.update_token.0.span.start).ok_or_else(bad)?;
+    let u = src
+        .index_at(upd.update_token.0.span.start)
+        .ok_or_else(bad)?;
     let set = find_top(src, u + 1, ctx.limit, |s, i| s.kw(i, Keyword::SET)).ok_or_else(bad)?;
     if assignments(ctx, child, set, &upd.assignments, &[])? {
         ctx.changed(child, Kind::Update);
