@@ -19,6 +19,8 @@ mod statement;
 mod update;
 
 #[cfg(test)]
+mod fuzz_tests;
+#[cfg(test)]
 mod tests;
 
 pub use cache::RewriteCache;
@@ -80,7 +82,10 @@ pub enum SkipReason {
     Volatile,
     /// Longer than [`MAX_SQL_BYTES`].
     TooLong,
-    /// A bug: the rewriter panicked or produced text that does not parse. Never sent.
+    /// The rewritten text did not parse, so the original was kept: sqlparser accepted
+    /// something PostgreSQL would reject anyway, or a rewriter bug.
+    Invalid,
+    /// The rewriter panicked (a bug), caught.
     Internal,
 }
 
@@ -91,6 +96,7 @@ impl SkipReason {
             SkipReason::Unsupported => "unsupported",
             SkipReason::Volatile => "volatile_expression",
             SkipReason::TooLong => "too_long",
+            SkipReason::Invalid => "rewrite_invalid",
             SkipReason::Internal => "internal_error",
         }
     }
@@ -104,6 +110,7 @@ impl SkipReason {
                 "the foreign key value comes from a volatile function, which keyshift cannot copy"
             }
             SkipReason::TooLong => "the statement is too long for keyshift to rewrite",
+            SkipReason::Invalid => "keyshift's rewrite of this statement was not valid SQL",
             SkipReason::Internal => "keyshift failed to rewrite this statement (a bug)",
         }
     }
@@ -224,13 +231,13 @@ fn rewrite_parsed(rules: &RuleSet, sql: &str, name: &str) -> Outcome {
             continue;
         }
         let Some(text) = ctx.edits.apply(sql, range.clone()) else {
-            skipped.push(internal(&ctx.changes, name));
+            skipped.push(invalid(&ctx.changes, name));
             continue;
         };
         // Last line of defence against a mangled statement: what is sent must parse, as one
         // statement.
         if !parses_as_one(&text) {
-            skipped.push(internal(&ctx.changes, name));
+            skipped.push(invalid(&ctx.changes, name));
             continue;
         }
         out.push_str(&sql[copied_to..range.start]);
@@ -253,12 +260,12 @@ fn rewrite_parsed(rules: &RuleSet, sql: &str, name: &str) -> Outcome {
     }
 }
 
-fn internal(changes: &[Change], name: &str) -> Skip {
+fn invalid(changes: &[Change], name: &str) -> Skip {
     Skip {
         table: changes
             .first()
             .map_or_else(|| name.to_string(), |c| c.table.clone()),
-        reason: SkipReason::Internal,
+        reason: SkipReason::Invalid,
     }
 }
 
