@@ -14,9 +14,12 @@ use super::{Outcome, RuleSet, rewrite};
 /// shared recency list (a lock or per-entry atomics touched on every hit, the hot path); a
 /// clear costs at most one re-rewrite per live shape (tens of µs each) and keeps hits
 /// lock-free. Texts longer than `max_sql_bytes` are not cached, bounding memory at about
-/// `capacity × (max_sql_bytes × 2 + overhead)`. A new rule-set version empties the cache.
+/// `capacity × (max_sql_bytes × 2 + overhead)`. A new rule-set version empties the cache;
+/// each entry also carries the version it was computed under and is used only under that
+/// version, so a session still finishing a statement under the old rules at cutover cannot
+/// leave an old rewrite behind for the new rules.
 pub struct RewriteCache {
-    map: DashMap<Arc<str>, Arc<Outcome>>,
+    map: DashMap<Arc<str>, (u64, Arc<Outcome>)>,
     capacity: usize,
     max_sql_bytes: usize,
     version: AtomicU64,
@@ -41,16 +44,22 @@ impl RewriteCache {
     /// Statements that touch no migrated table are answered by the prescan and not stored:
     /// the scan is as cheap as a lookup, and they would crowd out the ones worth keeping.
     pub fn rewrite(&self, rules: &RuleSet, sql: &str) -> Arc<Outcome> {
-        if !rules.prescan.find(sql).is_some() {
+        if rules.prescan.find(sql).is_none() {
             return unchanged();
         }
-        if self.version.load(Ordering::Acquire) != rules.version() {
+        let version = rules.version();
+        // Load before swapping: a store on every call would bounce the cache line between
+        // cores on the hot path.
+        if self.version.load(Ordering::Acquire) != version
+            && self.version.swap(version, Ordering::AcqRel) != version
+        {
             self.map.clear();
-            self.version.store(rules.version(), Ordering::Release);
         }
-        if let Some(hit) = self.map.get(sql) {
+        if let Some(hit) = self.map.get(sql)
+            && hit.0 == version
+        {
             self.hits.fetch_add(1, Ordering::Relaxed);
-            return Arc::clone(hit.value());
+            return Arc::clone(&hit.1);
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
         let outcome = Arc::new(rewrite(rules, sql));
@@ -58,7 +67,8 @@ impl RewriteCache {
             if self.map.len() >= self.capacity {
                 self.map.clear();
             }
-            self.map.insert(Arc::from(sql), Arc::clone(&outcome));
+            self.map
+                .insert(Arc::from(sql), (version, Arc::clone(&outcome)));
         }
         outcome
     }

@@ -12,13 +12,18 @@ use super::*;
 fn check(rules: &RuleSet, sql: &str) -> Outcome {
     let out = rewrite(rules, sql);
     assert!(
-        !out.skipped().iter().any(|s| s.reason == SkipReason::Internal),
+        !out.skipped()
+            .iter()
+            .any(|s| s.reason == SkipReason::Internal),
         "internal error on {sql:?}: {out:?}"
     );
     if let Outcome::Rewritten { sql: new, .. } = &out {
         // Only insertions: the original is a subsequence of the rewrite.
         let mut rest = new.chars();
-        assert!(sql.chars().all(|c| rest.any(|d| d == c)), "not an insertion-only edit:\n{sql}\n{new}");
+        assert!(
+            sql.chars().all(|c| rest.any(|d| d == c)),
+            "not an insertion-only edit:\n{sql}\n{new}"
+        );
         let mut original = 0;
         let mut rewritten = 0;
         if let Ok(src) = edit::Source::tokenize(sql) {
@@ -27,8 +32,15 @@ fn check(rules: &RuleSet, sql: &str) -> Outcome {
         if let Ok(src) = edit::Source::tokenize(new) {
             rewritten = src.pieces().len();
         }
-        assert_eq!(original, rewritten, "statement count changed:\n{sql}\n{new}");
-        assert_eq!(placeholders(sql), placeholders(new), "parameters changed:\n{sql}\n{new}");
+        assert_eq!(
+            original, rewritten,
+            "statement count changed:\n{sql}\n{new}"
+        );
+        assert_eq!(
+            placeholders(sql),
+            placeholders(new),
+            "parameters changed:\n{sql}\n{new}"
+        );
     }
     out
 }
@@ -52,13 +64,82 @@ fn placeholders(sql: &str) -> Vec<String> {
 }
 
 const SOUP: &[&str] = &[
-    "INSERT", "INTO", "c", "public.c", "\"c\"", "app.\"Orders\"", "(", ")", ",", "a", "p_id",
-    "parent_id", "\"AccountId\"", "p_id_uuid", "VALUES", "SELECT", "FROM", "p", "WHERE", "=",
-    "$1", "$2", "7", "'x'", "'é€'", "NULL", "DEFAULT", "ON", "CONFLICT", "DO", "UPDATE", "SET",
-    "NOTHING", "EXCLUDED.p_id", "RETURNING", "*", "WITH", "AS", "MERGE", "USING", "WHEN",
-    "MATCHED", "NOT", "THEN", "DELETE", "CASE", "END", "::", "bigint", "+", "-", ";", "--x\n",
-    "/* c */", "UNION", "ALL", "ORDER", "BY", "DISTINCT", "IS", "ONLY", "$$b$$", "E'\\''", "[",
-    "]", "U&\"c\"", "OVERRIDING", "SYSTEM", "VALUE", "id", "x", ".", "\"", "'", "$", "(((",
+    "INSERT",
+    "INTO",
+    "c",
+    "public.c",
+    "\"c\"",
+    "app.\"Orders\"",
+    "(",
+    ")",
+    ",",
+    "a",
+    "p_id",
+    "parent_id",
+    "\"AccountId\"",
+    "p_id_uuid",
+    "VALUES",
+    "SELECT",
+    "FROM",
+    "p",
+    "WHERE",
+    "=",
+    "$1",
+    "$2",
+    "7",
+    "'x'",
+    "'é€'",
+    "NULL",
+    "DEFAULT",
+    "ON",
+    "CONFLICT",
+    "DO",
+    "UPDATE",
+    "SET",
+    "NOTHING",
+    "EXCLUDED.p_id",
+    "RETURNING",
+    "*",
+    "WITH",
+    "AS",
+    "MERGE",
+    "USING",
+    "WHEN",
+    "MATCHED",
+    "NOT",
+    "THEN",
+    "DELETE",
+    "CASE",
+    "END",
+    "::",
+    "bigint",
+    "+",
+    "-",
+    ";",
+    "--x\n",
+    "/* c */",
+    "UNION",
+    "ALL",
+    "ORDER",
+    "BY",
+    "DISTINCT",
+    "IS",
+    "ONLY",
+    "$$b$$",
+    "E'\\''",
+    "[",
+    "]",
+    "U&\"c\"",
+    "OVERRIDING",
+    "SYSTEM",
+    "VALUE",
+    "id",
+    "x",
+    ".",
+    "\"",
+    "'",
+    "$",
+    "(((",
 ];
 
 fn soup(rng: &mut StdRng) -> String {
@@ -98,7 +179,12 @@ fn arbitrary(rng: &mut StdRng) -> String {
         'c', ' ', '(', ')', ',', '\'', '"', '$', ';', '-', '/', '*', '\n', '\r', 'é', '😀', '\\',
         'E', 'U', '&', '1', ':', '=', '[', ']', '.', 'p', '_', 'i', 'd', '\0',
     ];
-    let prefix = ["INSERT INTO c (p_id) VALUES (", "UPDATE c SET p_id = ", "", "INSERT INTO c "];
+    let prefix = [
+        "INSERT INTO c (p_id) VALUES (",
+        "UPDATE c SET p_id = ",
+        "",
+        "INSERT INTO c ",
+    ];
     let mut s = prefix[rng.random_range(0..prefix.len())].to_string();
     for _ in 0..rng.random_range(0..60) {
         s.push(CHARS[rng.random_range(0..CHARS.len())]);
@@ -124,10 +210,18 @@ fn token_soups_never_break_it() {
     let mut rng = StdRng::seed_from_u64(42);
     let (mut rewritten, mut invalid) = (0, 0);
     for i in 0..20_000 {
-        let sql = if i % 2 == 0 { soup(&mut rng) } else { mutated(&mut rng) };
+        let sql = if i % 2 == 0 {
+            soup(&mut rng)
+        } else {
+            mutated(&mut rng)
+        };
         let out = check(&r, &sql);
         rewritten += matches!(out, Outcome::Rewritten { .. }) as usize;
-        if out.skipped().iter().any(|s| s.reason == SkipReason::Invalid) {
+        if out
+            .skipped()
+            .iter()
+            .any(|s| s.reason == SkipReason::Invalid)
+        {
             // sqlparser accepts a few things PostgreSQL does not (`SELECT SELECT NULL`);
             // the rewrite of those fails verification and the original is kept.
             invalid += 1;
@@ -170,7 +264,10 @@ fn well_formed(rng: &mut StdRng) -> String {
                     format!("('a', {a}, {b})")
                 })
                 .collect();
-            format!("INSERT INTO {table} (a, p_id, parent_id) VALUES {} RETURNING id", rows.join(", "))
+            format!(
+                "INSERT INTO {table} (a, p_id, parent_id) VALUES {} RETURNING id",
+                rows.join(", ")
+            )
         }
         1 => {
             let v = value(rng, &mut param);
@@ -206,10 +303,21 @@ fn random_well_formed_writes_are_all_rewritten() {
 #[test]
 fn deep_nesting_and_huge_input_are_refused_not_crashed() {
     let r = forward();
-    let deep = format!("INSERT INTO c (p_id) VALUES ({}1{})", "(".repeat(100_000), ")".repeat(100_000));
+    let deep = format!(
+        "INSERT INTO c (p_id) VALUES ({}1{})",
+        "(".repeat(100_000),
+        ")".repeat(100_000)
+    );
     assert_eq!(check(&r, &deep).skipped()[0].reason, SkipReason::ParseError);
-    let comments = format!("INSERT INTO c (p_id) VALUES (1 {}{})", "/*".repeat(50_000), "*/".repeat(50_000));
+    let comments = format!(
+        "INSERT INTO c (p_id) VALUES (1 {}{})",
+        "/*".repeat(50_000),
+        "*/".repeat(50_000)
+    );
     check(&r, &comments);
-    let huge = format!("INSERT INTO c (p_id) VALUES {}", vec!["(1)"; MAX_SQL_BYTES / 3].join(","));
+    let huge = format!(
+        "INSERT INTO c (p_id) VALUES {}",
+        vec!["(1)"; MAX_SQL_BYTES / 3].join(",")
+    );
     assert_eq!(check(&r, &huge).skipped()[0].reason, SkipReason::TooLong);
 }

@@ -14,6 +14,7 @@ mod insert;
 mod lookup;
 mod merge;
 mod prescan;
+mod redact;
 mod rules;
 mod statement;
 mod update;
@@ -24,6 +25,7 @@ mod fuzz_tests;
 mod tests;
 
 pub use cache::RewriteCache;
+pub use redact::redact;
 pub use rules::{
     ClientView, Direction, FkPlan, ParentPlan, PlanRules, RuleError, RuleSet, TableColumns,
 };
