@@ -358,6 +358,20 @@ fn insert_select() {
                 p("_ks._ks2")
             ),
         ),
+        (
+            "INSERT INTO c (a, p_id) SELECT DISTINCT ON (name) name, id FROM p ORDER BY name, id DESC",
+            format!(
+                "INSERT INTO c (a, p_id, p_id_uuid) SELECT DISTINCT ON (name) name, id, {} FROM p ORDER BY name, id DESC",
+                ps("id")
+            ),
+        ),
+        (
+            "INSERT INTO c (a, p_id) SELECT 'w' || g, g % 10 FROM generate_series(1, 20) g",
+            format!(
+                "INSERT INTO c (a, p_id, p_id_uuid) SELECT 'w' || g, g % 10, {} FROM generate_series(1, 20) g",
+                ps("g % 10")
+            ),
+        ),
     ];
     for (input, expected) in &cases {
         assert_rewrites(&r, input, expected);
@@ -398,6 +412,14 @@ fn on_conflict_do_update() {
             format!(
                 "INSERT INTO c (a, p_id, p_id_uuid) SELECT a, b, {} FROM t ON CONFLICT (a) DO UPDATE SET p_id = excluded.p_id, p_id_uuid = EXCLUDED.p_id_uuid",
                 ps("b")
+            ),
+        ),
+        // EXCLUDED of a column whose twin the INSERT did not compute: looked up.
+        (
+            "INSERT INTO c (a) VALUES ('zz') ON CONFLICT (a) DO UPDATE SET p_id = EXCLUDED.parent_id",
+            format!(
+                "INSERT INTO c (a) VALUES ('zz') ON CONFLICT (a) DO UPDATE SET p_id = EXCLUDED.parent_id, p_id_uuid = {}",
+                ps("EXCLUDED.parent_id")
             ),
         ),
     ];
