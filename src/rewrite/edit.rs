@@ -13,10 +13,10 @@ use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::keywords::Keyword;
 use sqlparser::tokenizer::{Location, Token, TokenWithSpan, Tokenizer};
 
-/// A significant token (not whitespace or comment) and where it sits in the SQL text.
+/// A significant token (not whitespace or comment) and where it sits in the SQL text. The
+/// token itself stays in `Source::raw` (see [`Source::token`]): cloning it would allocate.
 #[derive(Debug, Clone)]
 pub(crate) struct Tok {
-    pub token: Token,
     pub start: usize,
     pub end: usize,
     pub loc: (u64, u64),
@@ -78,7 +78,6 @@ impl<'a> Source<'a> {
             let start = starts[i];
             let end = starts.get(i + 1).copied().unwrap_or(sql.len()).max(start);
             toks.push(Tok {
-                token: t.token.clone(),
                 start,
                 end,
                 loc: (t.span.start.line, t.span.start.column),
@@ -88,6 +87,13 @@ impl<'a> Source<'a> {
         Ok(Source { sql, raw, toks })
     }
 
+    pub(crate) fn token(&self, i: usize) -> &Token {
+        self.toks
+            .get(i)
+            .and_then(|t| self.raw.get(t.raw))
+            .map_or(&Token::EOF, |t| &t.token)
+    }
+
     /// Splits at top-level `;`. Empty statements are dropped.
     pub(crate) fn pieces(&self) -> Vec<Piece> {
         let mut out = Vec::new();
@@ -95,7 +101,7 @@ impl<'a> Source<'a> {
         let mut from = 0;
         let mut raw_from = 0;
         for (i, t) in self.toks.iter().enumerate() {
-            match t.token {
+            match self.raw[t.raw].token {
                 Token::LParen | Token::LBracket => depth += 1,
                 Token::RParen | Token::RBracket => depth -= 1,
                 Token::SemiColon if depth <= 0 => {
@@ -145,11 +151,11 @@ impl<'a> Source<'a> {
     }
 
     pub(crate) fn kw(&self, i: usize, kw: Keyword) -> bool {
-        matches!(self.toks.get(i), Some(Tok { token: Token::Word(w), .. }) if w.keyword == kw && w.quote_style.is_none())
+        matches!(self.token(i), Token::Word(w) if w.keyword == kw && w.quote_style.is_none())
     }
 
     pub(crate) fn is(&self, i: usize, tok: &Token) -> bool {
-        self.toks.get(i).is_some_and(|t| t.token == *tok)
+        i < self.toks.len() && self.token(i) == tok
     }
 
     pub(crate) fn end(&self, i: usize) -> usize {
@@ -167,7 +173,7 @@ impl<'a> Source<'a> {
         }
         let mut depth = 0i64;
         for i in open..limit.min(self.toks.len()) {
-            match self.toks[i].token {
+            match self.token(i) {
                 Token::LParen => depth += 1,
                 Token::RParen => {
                     depth -= 1;
@@ -197,7 +203,7 @@ impl<'a> Source<'a> {
         let mut start = from;
         let mut i = from;
         while i < limit {
-            let t = &self.toks[i].token;
+            let t = self.token(i);
             if depth == 0
                 && (matches!(t, Token::RParen | Token::RBracket | Token::SemiColon)
                     || stop(self, i))
@@ -473,7 +479,7 @@ mod tests {
         let src = Source::tokenize(sql).unwrap();
         for t in &src.toks {
             let text = &sql[t.start..t.end];
-            match &t.token {
+            match &src.raw[t.raw].token {
                 Token::Word(w) => assert_eq!(text, w.value),
                 Token::SingleQuotedString(s) => assert_eq!(text, format!("'{s}'")),
                 Token::Number(n, _) => assert_eq!(text, n),

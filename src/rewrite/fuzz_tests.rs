@@ -49,7 +49,7 @@ fn check(rules: &RuleSet, sql: &str) -> Outcome {
 fn placeholders(sql: &str) -> Vec<String> {
     let mut v: Vec<String> = edit::Source::tokenize(sql)
         .map(|s| {
-            s.toks
+            s.raw
                 .iter()
                 .filter_map(|t| match &t.token {
                     sqlparser::tokenizer::Token::Placeholder(p) => Some(p.clone()),

@@ -380,7 +380,7 @@ fn insert_select(
 fn end_of_group(src: &Source, from: usize, end: usize) -> usize {
     let mut depth = 0i64;
     for i in from..end.min(src.toks.len()) {
-        match src.toks[i].token {
+        match src.token(i) {
             Token::LParen => depth += 1,
             Token::RParen => {
                 depth -= 1;

@@ -40,7 +40,7 @@ pub(crate) fn twin_value(
     }
     let mut refers_to_columns = false;
     for i in a..b {
-        if let Token::Word(w) = &src.toks[i].token {
+        if let Token::Word(w) = src.token(i) {
             let after_cast = i > a && src.is(i - 1, &Token::DoubleColon);
             if !after_cast && src.is(i + 1, &Token::LParen) && w.quote_style.is_none() {
                 let name = w.value.to_ascii_lowercase();

@@ -138,7 +138,7 @@ pub(crate) fn find_top(
 ) -> Option<usize> {
     let mut depth = 0i64;
     for i in from..limit.min(src.toks.len()) {
-        match src.toks[i].token {
+        match src.token(i) {
             Token::LParen | Token::LBracket => depth += 1,
             Token::RParen | Token::RBracket => {
                 depth -= 1;

@@ -92,11 +92,11 @@ pub(crate) fn assignments(
 
 /// Whether tokens `a..b` are exactly `EXCLUDED.<col>`.
 fn is_excluded(src: &Source, a: usize, b: usize, col: &str) -> bool {
-    let excluded = matches!(&src.toks[a].token, Token::Word(w) if w.quote_style.is_none() && w.value.eq_ignore_ascii_case("excluded"));
+    let excluded = matches!(src.token(a), Token::Word(w) if w.quote_style.is_none() && w.value.eq_ignore_ascii_case("excluded"));
     if b != a + 3 || !excluded || !src.is(a + 1, &Token::Period) {
         return false;
     }
-    match &src.toks[a + 2].token {
+    match src.token(a + 2) {
         Token::Word(w) => match w.quote_style {
             Some(_) => w.value == col,
             None => {
