@@ -503,6 +503,35 @@ fn writable_ctes_and_batches() {
             p("_ks._ks2")
         ),
     );
+    assert_rewrites(
+        &r,
+        "WITH x AS (INSERT INTO c (a, p_id) SELECT * FROM t ON CONFLICT DO NOTHING RETURNING id) SELECT * FROM x",
+        &format!(
+            "WITH x AS (INSERT INTO c (a, p_id, p_id_uuid) SELECT _ks.*, {} FROM (SELECT * FROM t) AS _ks(_ks1, _ks2) ON CONFLICT DO NOTHING RETURNING id) SELECT * FROM x",
+            p("_ks._ks2")
+        ),
+    );
+    assert_rewrites(
+        &r,
+        "WITH x AS (INSERT INTO c (a, p_id) SELECT a, b FROM t UNION SELECT 'q', 1) SELECT 1",
+        &format!(
+            "WITH x AS (INSERT INTO c (a, p_id, p_id_uuid) SELECT _ks.*, {} FROM (SELECT a, b FROM t UNION SELECT 'q', 1) AS _ks(_ks1, _ks2)) SELECT 1",
+            p("_ks._ks2")
+        ),
+    );
+    assert_rewrites(
+        &r,
+        "EXPLAIN (ANALYZE, BUFFERS) INSERT INTO c (p_id) VALUES (1)",
+        &format!(
+            "EXPLAIN (ANALYZE, BUFFERS) INSERT INTO c (p_id, p_id_uuid) VALUES (1, {})",
+            p("1")
+        ),
+    );
+    assert_unchanged(&r, "EXPLAIN INSERT INTO c (p_id) VALUES (1)");
+    assert_unchanged(
+        &r,
+        "CREATE FUNCTION f() RETURNS void LANGUAGE sql AS $$ INSERT INTO c (p_id) VALUES (1) $$",
+    );
     // Several statements in one Query: each on its own, the rest untouched byte for byte.
     assert_rewrites(
         &r,
