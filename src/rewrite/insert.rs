@@ -308,7 +308,7 @@ fn insert_select(
                     if at + 1 != b {
                         return Err(bad());
                     }
-                    if src.kw(at - 1, Keyword::AS) {
+                    if at > a && src.kw(at - 1, Keyword::AS) {
                         at - 1
                     } else {
                         at
