@@ -8,3 +8,4 @@ pub mod logging;
 pub mod metrics;
 pub mod pgcluster;
 pub mod proxy;
+pub mod migrate;
