@@ -716,7 +716,7 @@ pub fn render_text(plan: &Plan) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::migrate::catalog::{Column, Dependent, ForeignKey, Index, PrimaryKey};
 
