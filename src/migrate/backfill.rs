@@ -150,7 +150,14 @@ pub async fn run(client: &Client, s: &Settings) -> Result<Summary, BackfillError
     for (_, f) in plan.foreign_keys() {
         work.push((fk_task("catchup", f), Work::Fk(f)));
     }
+    let mut keys_caught_up = false;
     for (task, w) in &work {
+        if matches!(w, Work::Fk(_)) && !keys_caught_up {
+            // Before any FK pass reads the parents' uuids: key uuids still NULL (an explicit
+            // NULL, or a path that skipped the default) get one.
+            keys_caught_up = true;
+            key_catchup(client, &plan, s, &mut sum).await?;
+        }
         let row = client
             .query_one(
                 "SELECT done, cursor, rows_done, rows_estimate FROM keyshift.backfill WHERE task = $1",
@@ -221,19 +228,8 @@ pub async fn run(client: &Client, s: &Settings) -> Result<Summary, BackfillError
             .await
             .map_err(|e| stmt_error("UPDATE keyshift.backfill SET done = true", e))?;
     }
-    // Key uuids that are still NULL (an explicit NULL, or a path that skipped the default).
-    for t in &plan.tables {
-        let sql = ddl::key_catchup(&plan, t);
-        loop {
-            let n = client
-                .execute(&sql, &[&s.batch_size])
-                .await
-                .map_err(|e| stmt_error(&sql, e))?;
-            sum.rows_updated += n as i64;
-            if n == 0 {
-                break;
-            }
-        }
+    if !keys_caught_up {
+        key_catchup(client, &plan, s, &mut sum).await?;
     }
     sum.elapsed = started.elapsed();
     super::expand::advance(client, Phase::Backfilled).await?;
@@ -250,6 +246,23 @@ pub async fn run(client: &Client, s: &Settings) -> Result<Summary, BackfillError
     )
     .await?;
     Ok(sum)
+}
+
+async fn key_catchup(client: &Client, plan: &Plan, s: &Settings, sum: &mut Summary) -> Result<(), DbError> {
+    for t in &plan.tables {
+        let sql = ddl::key_catchup(plan, t);
+        loop {
+            let n = client
+                .execute(&sql, &[&s.batch_size])
+                .await
+                .map_err(|e| stmt_error(&sql, e))?;
+            sum.rows_updated += n as i64;
+            if n == 0 {
+                break;
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn refresh_estimate(client: &Client, schema: &str, table: &str) -> Result<(), DbError> {
