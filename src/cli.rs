@@ -7,7 +7,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::config::{
-    BackfillArgs, ConfigError, DbArgs, FileConfig, MigrateConfig, ProxyArgs, ProxyConfig, SelectArgs,
+    BackfillArgs, ConfigError, DbArgs, FileConfig, MigrateConfig, ProxyArgs, ProxyConfig,
+    SelectArgs,
 };
 
 #[derive(Debug, Parser)]
@@ -46,7 +47,8 @@ environment variable; flags win over the environment, which wins over the file."
     )]
     Proxy(ProxyArgs),
     /// Read the catalog and print what would be migrated, blockers included (changes nothing)
-    #[command(long_about = "Read the catalog and print the plan: the tables whose integer primary key \
+    #[command(
+        long_about = "Read the catalog and print the plan: the tables whose integer primary key \
 moves to UUID (every table of the chosen schemas whose primary key is one smallint, integer or \
 bigint column, unless --table/--exclude say otherwise), parents before children, each with its \
 key, row estimate and every foreign key that references it (child column, ON DELETE / ON UPDATE, \
@@ -55,43 +57,54 @@ Blockers (composite FKs or FKs through another unique index onto a migrated key,
 inherited tables, views, rules, policies, triggers and SQL-body functions that reference a column \
 the cutover renames) are listed together, each with what to do, and make the exit code 2. \
 With --sql, prints the SQL of every phase (expand, backfill, harden, cutover, rollback, finalize, \
-abort). Once `expand` ran, prints the plan stored in the database.")]
+abort). Once `expand` ran, prints the plan stored in the database."
+    )]
     Plan(PlanCmd),
     /// Create schema keyshift and add the uuid columns (brief locks, under lock_timeout with retry)
-    #[command(long_about = "Create schema keyshift (the migration's state, keyshift.uuid_v7()), store \
+    #[command(
+        long_about = "Create schema keyshift (the migration's state, keyshift.uuid_v7()), store \
 the plan, add `<key>_uuid uuid` to each migrated table and `<fk>_uuid uuid` beside each integer \
 FK column (no default, so catalog-only), then set the key columns' default so that every new row \
 gets a uuid. Each ALTER runs under lock_timeout and is retried with backoff, so it never waits in \
-the lock queue while blocking the application. Idempotent: a second run changes nothing.")]
+the lock queue while blocking the application. Idempotent: a second run changes nothing."
+    )]
     Expand(ExpandCmd),
     /// Fill the uuid columns of existing rows in short batches, then harden
-    #[command(long_about = "Fill the key uuids of existing rows, then every FK twin from its parent, \
+    #[command(
+        long_about = "Fill the key uuids of existing rows, then every FK twin from its parent, \
 then a catch-up pass over each FK that repairs NULL or stale twins left by writes that bypassed \
 the proxy. Keyset batches along the integer key, each one short transaction that also saves its \
 cursor: kill it at any moment and run it again, it resumes exactly where it stopped. Locks: the \
 rows of one batch. Running it again once done starts a new catch-up round.\n\n\
 Then hardens (see `keyshift harden --help`) unless --skip-harden. Progress: a bar per task on a \
-terminal, a log line every few seconds otherwise.")]
+terminal, a log line every few seconds otherwise."
+    )]
     Backfill(BackfillCmd),
     /// Build unique indexes, CHECKs and shadow FKs online (rerun the last stage of backfill)
-    #[command(long_about = "Build, without blocking reads or writes: a unique index on each key uuid \
+    #[command(
+        long_about = "Build, without blocking reads or writes: a unique index on each key uuid \
 (CREATE INDEX CONCURRENTLY; an INVALID index left by an interrupted build is dropped and rebuilt), \
 a mirror of every index on an integer FK column on its uuid twin, CHECK (<key>_uuid IS NOT NULL) \
 and shadow FKs <fk>_uuid -> parent(<key>_uuid) with the same ON DELETE / ON UPDATE actions, each \
-added NOT VALID (a brief lock under lock_timeout) then VALIDATEd (no blocking lock). Idempotent.")]
+added NOT VALID (a brief lock under lock_timeout) then VALIDATEd (no blocking lock). Idempotent."
+    )]
     Harden(HardenCmd),
     /// Check the success criteria online; exit 0 when all pass, 1 otherwise
-    #[command(long_about = "Check, with batched reads only: no NULL uuid, key uuids unique, every FK \
+    #[command(
+        long_about = "Check, with batched reads only: no NULL uuid, key uuids unique, every FK \
 uuid equal to its parent's uuid, no orphans, constraints validated, indexes valid. Prints counts \
-and up to 10 example keys per failed check. Exit code 0 when all pass, 1 otherwise.")]
+and up to 10 example keys per failed check. Exit code 0 when all pass, 1 otherwise."
+    )]
     Verify(VerifyCmd),
     /// Show the phase, backfill progress, recent events and registered proxies
     Status(StatusCmd),
     /// Before cutover: remove everything keyshift added, leaving the schema as it was
-    #[command(long_about = "Before cutover: drop the shadow FKs, CHECKs, indexes and uuid columns \
+    #[command(
+        long_about = "Before cutover: drop the shadow FKs, CHECKs, indexes and uuid columns \
 keyshift added, then schema keyshift, so that the schema is exactly as before expand. Brief \
 locks under lock_timeout with retry; indexes are dropped CONCURRENTLY. Idempotent. After cutover \
-it refuses: use `keyshift rollback`.")]
+it refuses: use `keyshift rollback`."
+    )]
     Abort(AbortCmd),
 }
 
@@ -191,13 +204,27 @@ pub fn main() -> ExitCode {
                 }
             }
         }
-        Command::Plan(ref c) => migrate_cmd(&cli.config, &c.db, Some(&c.select), None, "plan", |cfg| {
-            run_plan(cfg, c.format, c.sql)
-        }),
-        Command::Expand(ref c) => migrate_cmd(&cli.config, &c.db, Some(&c.select), None, "expand", run_expand),
-        Command::Backfill(ref c) => migrate_cmd(&cli.config, &c.db, None, Some(&c.backfill), "backfill", |cfg| {
-            run_backfill(cfg, c.skip_harden)
-        }),
+        Command::Plan(ref c) => {
+            migrate_cmd(&cli.config, &c.db, Some(&c.select), None, "plan", |cfg| {
+                run_plan(cfg, c.format, c.sql)
+            })
+        }
+        Command::Expand(ref c) => migrate_cmd(
+            &cli.config,
+            &c.db,
+            Some(&c.select),
+            None,
+            "expand",
+            run_expand,
+        ),
+        Command::Backfill(ref c) => migrate_cmd(
+            &cli.config,
+            &c.db,
+            None,
+            Some(&c.backfill),
+            "backfill",
+            |cfg| run_backfill(cfg, c.skip_harden),
+        ),
         Command::Harden(ref c) => migrate_cmd(&cli.config, &c.db, None, None, "harden", run_harden),
         Command::Verify(ref c) => migrate_cmd(&cli.config, &c.db, None, None, "verify", |cfg| {
             run_verify(cfg, c.format)

@@ -328,14 +328,29 @@ pub struct DbArgs {
 #[derive(Debug, Default, Clone, clap::Args)]
 pub struct SelectArgs {
     /// Schema whose tables are migrated; repeatable [default: public]
-    #[arg(long = "schema", env = "KEYSHIFT_SCHEMAS", value_name = "SCHEMA", value_delimiter = ',')]
+    #[arg(
+        long = "schema",
+        env = "KEYSHIFT_SCHEMAS",
+        value_name = "SCHEMA",
+        value_delimiter = ','
+    )]
     pub schemas: Vec<String>,
     /// Migrate only this table (`name` or `schema.name`); repeatable [default: every table
     /// whose primary key is one smallint, integer or bigint column]
-    #[arg(long = "table", env = "KEYSHIFT_TABLES", value_name = "TABLE", value_delimiter = ',')]
+    #[arg(
+        long = "table",
+        env = "KEYSHIFT_TABLES",
+        value_name = "TABLE",
+        value_delimiter = ','
+    )]
     pub tables: Vec<String>,
     /// Leave this table's key alone (`name` or `schema.name`); repeatable
-    #[arg(long = "exclude", env = "KEYSHIFT_EXCLUDE", value_name = "TABLE", value_delimiter = ',')]
+    #[arg(
+        long = "exclude",
+        env = "KEYSHIFT_EXCLUDE",
+        value_name = "TABLE",
+        value_delimiter = ','
+    )]
     pub exclude: Vec<String>,
     /// UUID version of new keys: 7 (time-ordered, keyshift.uuid_v7()) or 4 (gen_random_uuid()) [default: 7]
     #[arg(long, env = "KEYSHIFT_UUID_VERSION", value_name = "4|7")]
@@ -387,29 +402,54 @@ impl MigrateConfig {
             )
         })?;
         if let Err(e) = database_url.parse::<tokio_postgres::Config>() {
-            return Err(invalid("database_url", format!("not a PostgreSQL URL or connection string: {e}")));
+            return Err(invalid(
+                "database_url",
+                format!("not a PostgreSQL URL or connection string: {e}"),
+            ));
         }
-        let lock_timeout = opt_duration("lock_timeout", db.lock_timeout.clone().or(file.lock_timeout))?
-            .unwrap_or(d.lock_timeout);
+        let lock_timeout = opt_duration(
+            "lock_timeout",
+            db.lock_timeout.clone().or(file.lock_timeout),
+        )?
+        .unwrap_or(d.lock_timeout);
         if lock_timeout.is_zero() || lock_timeout > Duration::from_secs(600) {
             return Err(invalid("lock_timeout", "must be between 1ms and 10m"));
         }
-        let uuid_version = sel.uuid_version.or(file.uuid_version).unwrap_or(dp.uuid_version);
+        let uuid_version = sel
+            .uuid_version
+            .or(file.uuid_version)
+            .unwrap_or(dp.uuid_version);
         if uuid_version != 4 && uuid_version != 7 {
-            return Err(invalid("uuid_version", format!("{uuid_version} is not 4 or 7")));
+            return Err(invalid(
+                "uuid_version",
+                format!("{uuid_version} is not 4 or 7"),
+            ));
         }
         let batch_size = bf.batch_size.or(file.batch_size).unwrap_or(d.batch_size);
         if !(1..=1_000_000).contains(&batch_size) {
             return Err(invalid("batch_size", "must be between 1 and 1000000"));
         }
-        let uuid_suffix = sel.uuid_suffix.or(file.uuid_suffix).unwrap_or(dp.uuid_suffix);
-        let legacy_suffix = sel.legacy_suffix.or(file.legacy_suffix).unwrap_or(dp.legacy_suffix);
-        for (key, v) in [("uuid_suffix", &uuid_suffix), ("legacy_suffix", &legacy_suffix)] {
+        let uuid_suffix = sel
+            .uuid_suffix
+            .or(file.uuid_suffix)
+            .unwrap_or(dp.uuid_suffix);
+        let legacy_suffix = sel
+            .legacy_suffix
+            .or(file.legacy_suffix)
+            .unwrap_or(dp.legacy_suffix);
+        for (key, v) in [
+            ("uuid_suffix", &uuid_suffix),
+            ("legacy_suffix", &legacy_suffix),
+        ] {
             let ok = !v.is_empty()
                 && v.len() <= 20
-                && v.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+                && v.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
             if !ok {
-                return Err(invalid(key, format!("{v:?}: use 1 to 20 characters among a-z, 0-9 and _")));
+                return Err(invalid(
+                    key,
+                    format!("{v:?}: use 1 to 20 characters among a-z, 0-9 and _"),
+                ));
             }
         }
         if uuid_suffix == legacy_suffix {
@@ -417,7 +457,10 @@ impl MigrateConfig {
         }
         let schemas = list(sel.schemas, file.schemas).unwrap_or(dp.schemas);
         if schemas.is_empty() || schemas.iter().any(|s| s.is_empty()) {
-            return Err(invalid("schemas", "must name at least one schema, with no empty name"));
+            return Err(invalid(
+                "schemas",
+                "must name at least one schema, with no empty name",
+            ));
         }
         Ok(MigrateConfig {
             database_url,
@@ -425,7 +468,10 @@ impl MigrateConfig {
                 lock_timeout,
                 ddl_retries: db.ddl_retries.or(file.ddl_retries).unwrap_or(d.ddl_retries),
                 batch_size,
-                max_rows_per_sec: bf.max_rows_per_sec.or(file.max_rows_per_sec).filter(|n| *n > 0),
+                max_rows_per_sec: bf
+                    .max_rows_per_sec
+                    .or(file.max_rows_per_sec)
+                    .filter(|n| *n > 0),
             },
             plan: crate::migrate::plan::PlanOptions {
                 schemas,
@@ -533,11 +579,18 @@ mod tests {
         assert_eq!(c.settings.lock_timeout, Duration::from_millis(500));
         assert_eq!(c.plan.schemas, ["public"]);
         assert_eq!(c.plan.uuid_version, 7);
-        let c = migrate(&format!("{base}schemas = [\"app\", \"b\"]\nuuid_version = 4\nlock_timeout = \"2s\""), &db).unwrap();
+        let c = migrate(
+            &format!("{base}schemas = [\"app\", \"b\"]\nuuid_version = 4\nlock_timeout = \"2s\""),
+            &db,
+        )
+        .unwrap();
         assert_eq!(c.plan.schemas, ["app", "b"]);
         assert_eq!(c.plan.uuid_version, 4);
         assert_eq!(c.settings.lock_timeout, Duration::from_secs(2));
-        let flag = DbArgs { lock_timeout: Some("100ms".into()), ..Default::default() };
+        let flag = DbArgs {
+            lock_timeout: Some("100ms".into()),
+            ..Default::default()
+        };
         let c = migrate(&format!("{base}lock_timeout = \"2s\""), &flag).unwrap();
         assert_eq!(c.settings.lock_timeout, Duration::from_millis(100));
         for (bad, key) in [

@@ -60,16 +60,38 @@ async fn sigkill_at_random_points_then_resume() {
         ("mcp_server_tools", 2 * n),
     ];
     for (t, want) in rows {
-        let done = count(&c, &format!("SELECT rows_done FROM keyshift.backfill WHERE task = 'key:public.{t}'")).await;
+        let done = count(
+            &c,
+            &format!("SELECT rows_done FROM keyshift.backfill WHERE task = 'key:public.{t}'"),
+        )
+        .await;
         assert_eq!(done, want, "key pass of {t}");
-        let updated = count(&c, &format!("SELECT rows_updated FROM keyshift.backfill WHERE task = 'key:public.{t}'")).await;
+        let updated = count(
+            &c,
+            &format!("SELECT rows_updated FROM keyshift.backfill WHERE task = 'key:public.{t}'"),
+        )
+        .await;
         assert_eq!(updated, want, "key pass of {t} updated");
     }
-    for (t, want) in [("connector_access", n), ("mcp_servers", 2 * n), ("mcp_server_tokens", 2 * n), ("mcp_server_tools", 2 * n)] {
-        let done = count(&c, &format!("SELECT rows_done FROM keyshift.backfill WHERE kind = 'fk' AND table_name = '{t}'")).await;
+    for (t, want) in [
+        ("connector_access", n),
+        ("mcp_servers", 2 * n),
+        ("mcp_server_tokens", 2 * n),
+        ("mcp_server_tools", 2 * n),
+    ] {
+        let done = count(
+            &c,
+            &format!(
+                "SELECT rows_done FROM keyshift.backfill WHERE kind = 'fk' AND table_name = '{t}'"
+            ),
+        )
+        .await;
         assert_eq!(done, want, "FK pass of {t}");
     }
-    assert_eq!(count(&c, "SELECT count(*) FROM keyshift.backfill WHERE NOT done").await, 0);
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM keyshift.backfill WHERE NOT done").await,
+        0
+    );
     eprintln!("killed {kills} time(s), finished on its own: {finished}");
 }
 
@@ -117,9 +139,11 @@ async fn direct_writes_during_backfill() {
         }));
     }
     let url2 = url.clone();
-    let o = tokio::task::spawn_blocking(move || ks(&url2, &["backfill", "--batch-size", "50", "--skip-harden"]))
-        .await
-        .unwrap();
+    let o = tokio::task::spawn_blocking(move || {
+        ks(&url2, &["backfill", "--batch-size", "50", "--skip-harden"])
+    })
+    .await
+    .unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut ops = 0;

@@ -14,7 +14,9 @@ pub enum AbortError {
     Db(#[from] DbError),
     #[error(transparent)]
     State(#[from] StateError),
-    #[error("the migration is in phase {0}: the swap has happened, abort would lose the new keys; use `keyshift rollback` to go back to integer keys")]
+    #[error(
+        "the migration is in phase {0}: the swap has happened, abort would lose the new keys; use `keyshift rollback` to go back to integer keys"
+    )]
     AfterCutover(Phase),
 }
 

@@ -36,7 +36,11 @@ fn key_task(t: &PlanTable) -> String {
 }
 
 fn fk_task(kind: &str, f: &PlanFk) -> String {
-    format!("{kind}:{}.{}", qualified(&f.child_schema, &f.child_table), f.child_column)
+    format!(
+        "{kind}:{}.{}",
+        qualified(&f.child_schema, &f.child_table),
+        f.child_column
+    )
 }
 
 /// Creates the task rows (idempotent).
@@ -45,7 +49,15 @@ pub async fn ensure_tasks(client: &Client, plan: &Plan) -> Result<(), DbError> {
         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (task) DO NOTHING";
     let mut rows: Vec<(String, i32, &str, &str, &str, &str, i64)> = Vec::new();
     for (i, t) in plan.tables.iter().enumerate() {
-        rows.push((key_task(t), i as i32, "key", &t.schema, &t.name, &t.uuid_column, t.row_estimate));
+        rows.push((
+            key_task(t),
+            i as i32,
+            "key",
+            &t.schema,
+            &t.name,
+            &t.uuid_column,
+            t.row_estimate,
+        ));
     }
     for (j, (_, f)) in plan.foreign_keys().enumerate() {
         let j = j as i32;
@@ -128,8 +140,15 @@ pub async fn run(client: &Client, s: &Settings) -> Result<Summary, BackfillError
     super::expand::advance(client, Phase::Backfilling).await?;
     state::event(client, "backfill", "backfill started", None).await?;
     // A table never analyzed has no row estimate; ANALYZE does not block writes.
-    let mut rels: Vec<(&str, &str)> = plan.tables.iter().map(|t| (t.schema.as_str(), t.name.as_str())).collect();
-    rels.extend(plan.foreign_keys().map(|(_, f)| (f.child_schema.as_str(), f.child_table.as_str())));
+    let mut rels: Vec<(&str, &str)> = plan
+        .tables
+        .iter()
+        .map(|t| (t.schema.as_str(), t.name.as_str()))
+        .collect();
+    rels.extend(
+        plan.foreign_keys()
+            .map(|(_, f)| (f.child_schema.as_str(), f.child_table.as_str())),
+    );
     rels.sort();
     rels.dedup();
     for (schema, table) in rels {
@@ -137,7 +156,11 @@ pub async fn run(client: &Client, s: &Settings) -> Result<Summary, BackfillError
     }
 
     let mut display = Display::new();
-    let mut limiter = Limiter { max: s.max_rows_per_sec, start: Instant::now(), rows: 0 };
+    let mut limiter = Limiter {
+        max: s.max_rows_per_sec,
+        start: Instant::now(),
+        rows: 0,
+    };
     let started = Instant::now();
     let mut sum = Summary::default();
     let mut work: Vec<(String, Work)> = Vec::new();
@@ -184,9 +207,16 @@ pub async fn run(client: &Client, s: &Settings) -> Result<Summary, BackfillError
             ),
         )
         .await?;
-        let stmt = client.prepare(&sql).await.map_err(|e| stmt_error(&sql, e))?;
+        let stmt = client
+            .prepare(&sql)
+            .await
+            .map_err(|e| stmt_error(&sql, e))?;
         // With ctid batches, $2 is pages per batch: about batch_size rows at ~50 rows a page.
-        let size = if by_ctid { (s.batch_size / 50).max(1) } else { s.batch_size };
+        let size = if by_ctid {
+            (s.batch_size / 50).max(1)
+        } else {
+            s.batch_size
+        };
         let mut bar = display.task(task, estimate, rows_done);
         loop {
             let arg = if by_ctid {
@@ -248,7 +278,12 @@ pub async fn run(client: &Client, s: &Settings) -> Result<Summary, BackfillError
     Ok(sum)
 }
 
-async fn key_catchup(client: &Client, plan: &Plan, s: &Settings, sum: &mut Summary) -> Result<(), DbError> {
+async fn key_catchup(
+    client: &Client,
+    plan: &Plan,
+    s: &Settings,
+    sum: &mut Summary,
+) -> Result<(), DbError> {
     for t in &plan.tables {
         let sql = ddl::key_catchup(plan, t);
         loop {

@@ -11,7 +11,9 @@ use super::ddl::{Mode, Step, When};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
-    #[error("cannot connect to PostgreSQL: {source}\n  what to do: check --database-url (or KEYSHIFT_DATABASE_URL / database_url) and that the server is reachable")]
+    #[error(
+        "cannot connect to PostgreSQL: {source}\n  what to do: check --database-url (or KEYSHIFT_DATABASE_URL / database_url) and that the server is reachable"
+    )]
     Connect { source: tokio_postgres::Error },
     #[error("PostgreSQL error: {}\n  while running: {statement}\n  what to do: {hint}", describe(.source))]
     Statement {
@@ -62,11 +64,17 @@ pub fn hint(e: &tokio_postgres::Error) -> String {
         Some(c) if c == SqlState::QUERY_CANCELED => {
             "the statement was cancelled (statement_timeout or an operator); rerun: the command resumes where it stopped"
         }
-        Some(c) if c == SqlState::T_R_DEADLOCK_DETECTED || c == SqlState::T_R_SERIALIZATION_FAILURE => {
+        Some(c)
+            if c == SqlState::T_R_DEADLOCK_DETECTED || c == SqlState::T_R_SERIALIZATION_FAILURE =>
+        {
             "rerun the command: it resumes where it stopped"
         }
-        _ if e.is_closed() => "the connection was lost; rerun the command: it resumes where it stopped",
-        _ => "fix the cause above, then rerun the command: every keyshift command is idempotent and resumes where it stopped",
+        _ if e.is_closed() => {
+            "the connection was lost; rerun the command: it resumes where it stopped"
+        }
+        _ => {
+            "fix the cause above, then rerun the command: every keyshift command is idempotent and resumes where it stopped"
+        }
     };
     h.to_string()
 }
@@ -97,7 +105,10 @@ pub async fn connect(url: &str) -> Result<Client, DbError> {
 }
 
 pub async fn exec(client: &Client, sql: &str) -> Result<(), DbError> {
-    client.batch_execute(sql).await.map_err(|e| stmt_error(sql, e))
+    client
+        .batch_execute(sql)
+        .await
+        .map_err(|e| stmt_error(sql, e))
 }
 
 fn retryable(e: &tokio_postgres::Error) -> bool {
@@ -125,27 +136,54 @@ pub async fn needed(client: &Client, when: &When) -> Result<bool, DbError> {
     };
     Ok(match when {
         When::Always => true,
-        When::ColumnMissing { schema, table, column } => {
-            let r = one(client.query_one(q(COL), &[schema, table, column]).await, COL)?;
+        When::ColumnMissing {
+            schema,
+            table,
+            column,
+        } => {
+            let r = one(
+                client.query_one(q(COL), &[schema, table, column]).await,
+                COL,
+            )?;
             !r.get::<_, bool>(0)
         }
-        When::ColumnPresent { schema, table, column } => {
+        When::ColumnPresent {
+            schema,
+            table,
+            column,
+        } => {
             let r = one(client.query_one(COL, &[schema, table, column]).await, COL)?;
             r.get::<_, bool>(0)
         }
-        When::DefaultMissing { schema, table, column } => {
+        When::DefaultMissing {
+            schema,
+            table,
+            column,
+        } => {
             let r = one(client.query_one(DEF, &[schema, table, column]).await, DEF)?;
             !r.get::<_, bool>(0)
         }
-        When::ConstraintMissing { schema, table, name } => {
+        When::ConstraintMissing {
+            schema,
+            table,
+            name,
+        } => {
             let r = one(client.query_one(CON, &[schema, table, name]).await, CON)?;
             r.get::<_, Option<bool>>(0).is_none()
         }
-        When::ConstraintPresent { schema, table, name } => {
+        When::ConstraintPresent {
+            schema,
+            table,
+            name,
+        } => {
             let r = one(client.query_one(CON, &[schema, table, name]).await, CON)?;
             r.get::<_, Option<bool>>(0).is_some()
         }
-        When::ConstraintNotValidated { schema, table, name } => {
+        When::ConstraintNotValidated {
+            schema,
+            table,
+            name,
+        } => {
             let r = one(client.query_one(CON, &[schema, table, name]).await, CON)?;
             r.get::<_, Option<bool>>(0) == Some(false)
         }
@@ -164,7 +202,9 @@ pub async fn needed(client: &Client, when: &When) -> Result<bool, DbError> {
                         "DROP INDEX CONCURRENTLY IF EXISTS {}",
                         super::ident::qualified(schema, name)
                     );
-                    tracing::warn!("index {schema}.{name} is INVALID (an interrupted build); dropping and rebuilding it");
+                    tracing::warn!(
+                        "index {schema}.{name} is INVALID (an interrupted build); dropping and rebuilding it"
+                    );
                     exec(client, "SET lock_timeout = 0").await?;
                     exec(client, &drop).await?;
                     true
@@ -183,7 +223,11 @@ pub async fn run_step(client: &Client, step: &Step, s: &Settings) -> Result<bool
     }
     match step.mode {
         Mode::Brief => {
-            exec(client, &format!("SET lock_timeout = '{}ms'", s.lock_timeout.as_millis())).await?;
+            exec(
+                client,
+                &format!("SET lock_timeout = '{}ms'", s.lock_timeout.as_millis()),
+            )
+            .await?;
             let mut delay = Duration::from_millis(100);
             let mut attempt = 0;
             loop {

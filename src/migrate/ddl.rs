@@ -46,16 +46,46 @@ impl Mode {
 #[serde(tag = "if", rename_all = "snake_case")]
 pub enum When {
     Always,
-    ColumnMissing { schema: String, table: String, column: String },
-    ColumnPresent { schema: String, table: String, column: String },
-    DefaultMissing { schema: String, table: String, column: String },
+    ColumnMissing {
+        schema: String,
+        table: String,
+        column: String,
+    },
+    ColumnPresent {
+        schema: String,
+        table: String,
+        column: String,
+    },
+    DefaultMissing {
+        schema: String,
+        table: String,
+        column: String,
+    },
     /// The index is missing or INVALID (an interrupted concurrent build); the executor drops
     /// an INVALID one before running the step.
-    IndexNotValid { schema: String, name: String },
-    IndexPresent { schema: String, name: String },
-    ConstraintMissing { schema: String, table: String, name: String },
-    ConstraintPresent { schema: String, table: String, name: String },
-    ConstraintNotValidated { schema: String, table: String, name: String },
+    IndexNotValid {
+        schema: String,
+        name: String,
+    },
+    IndexPresent {
+        schema: String,
+        name: String,
+    },
+    ConstraintMissing {
+        schema: String,
+        table: String,
+        name: String,
+    },
+    ConstraintPresent {
+        schema: String,
+        table: String,
+        name: String,
+    },
+    ConstraintNotValidated {
+        schema: String,
+        table: String,
+        name: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -103,9 +133,17 @@ pub fn expand(plan: &Plan) -> Vec<Step> {
     for t in &plan.tables {
         let (s, n, c) = col_when(&t.schema, &t.name, &t.uuid_column);
         v.push(Step::new(
-            format!("ALTER TABLE {} ADD COLUMN {} uuid", tbl(t), quote(&t.uuid_column)),
+            format!(
+                "ALTER TABLE {} ADD COLUMN {} uuid",
+                tbl(t),
+                quote(&t.uuid_column)
+            ),
             Mode::Brief,
-            When::ColumnMissing { schema: s.clone(), table: n.clone(), column: c.clone() },
+            When::ColumnMissing {
+                schema: s.clone(),
+                table: n.clone(),
+                column: c.clone(),
+            },
         ));
         v.push(Step::new(
             format!(
@@ -115,15 +153,27 @@ pub fn expand(plan: &Plan) -> Vec<Step> {
                 uuid_generator(plan)
             ),
             Mode::Brief,
-            When::DefaultMissing { schema: s, table: n, column: c },
+            When::DefaultMissing {
+                schema: s,
+                table: n,
+                column: c,
+            },
         ));
     }
     for (_, f) in plan.foreign_keys() {
         let (s, n, c) = col_when(&f.child_schema, &f.child_table, &f.uuid_column);
         v.push(Step::new(
-            format!("ALTER TABLE {} ADD COLUMN {} uuid", child(f), quote(&f.uuid_column)),
+            format!(
+                "ALTER TABLE {} ADD COLUMN {} uuid",
+                child(f),
+                quote(&f.uuid_column)
+            ),
             Mode::Brief,
-            When::ColumnMissing { schema: s, table: n, column: c },
+            When::ColumnMissing {
+                schema: s,
+                table: n,
+                column: c,
+            },
         ));
     }
     v
@@ -235,7 +285,11 @@ pub fn mirror_index(f: &PlanFk, i: &PlanIndex) -> String {
         .iter()
         .enumerate()
         .map(|(n, c)| {
-            let c = if n == i.fk_position { quote(&f.uuid_column) } else { c.clone() };
+            let c = if n == i.fk_position {
+                quote(&f.uuid_column)
+            } else {
+                c.clone()
+            };
             match i.key_options.get(n).filter(|o| !o.is_empty()) {
                 Some(o) => format!("{c} {o}"),
                 None => c,
@@ -290,7 +344,10 @@ pub fn harden(plan: &Plan) -> Vec<Step> {
                 quote(&t.uuid_column)
             ),
             Mode::Online,
-            When::IndexNotValid { schema: t.schema.clone(), name: t.uuid_index.clone() },
+            When::IndexNotValid {
+                schema: t.schema.clone(),
+                name: t.uuid_index.clone(),
+            },
         ));
     }
     for (_, f) in plan.foreign_keys() {
@@ -298,12 +355,20 @@ pub fn harden(plan: &Plan) -> Vec<Step> {
             v.push(Step::new(
                 mirror_index(f, i),
                 Mode::Online,
-                When::IndexNotValid { schema: f.child_schema.clone(), name: i.uuid_name.clone() },
+                When::IndexNotValid {
+                    schema: f.child_schema.clone(),
+                    name: i.uuid_name.clone(),
+                },
             ));
         }
     }
     for t in &plan.tables {
-        v.extend(check_not_null(&t.schema, &t.name, &t.not_null_check, &t.uuid_column));
+        v.extend(check_not_null(
+            &t.schema,
+            &t.name,
+            &t.not_null_check,
+            &t.uuid_column,
+        ));
     }
     for (_, f) in plan.foreign_keys() {
         let (s, n) = (f.child_schema.clone(), f.child_table.clone());
@@ -315,12 +380,24 @@ pub fn harden(plan: &Plan) -> Vec<Step> {
                 fk_clause(f, &f.uuid_column, &f.parent_uuid_column)
             ),
             Mode::Brief,
-            When::ConstraintMissing { schema: s.clone(), table: n.clone(), name: f.shadow_constraint.clone() },
+            When::ConstraintMissing {
+                schema: s.clone(),
+                table: n.clone(),
+                name: f.shadow_constraint.clone(),
+            },
         ));
         v.push(Step::new(
-            format!("ALTER TABLE {} VALIDATE CONSTRAINT {}", child(f), quote(&f.shadow_constraint)),
+            format!(
+                "ALTER TABLE {} VALIDATE CONSTRAINT {}",
+                child(f),
+                quote(&f.shadow_constraint)
+            ),
             Mode::Online,
-            When::ConstraintNotValidated { schema: s, table: n, name: f.shadow_constraint.clone() },
+            When::ConstraintNotValidated {
+                schema: s,
+                table: n,
+                name: f.shadow_constraint.clone(),
+            },
         ));
     }
     v
@@ -336,12 +413,20 @@ fn check_not_null(schema: &str, table: &str, name: &str, column: &str) -> Vec<St
                 quote(column)
             ),
             Mode::Brief,
-            When::ConstraintMissing { schema: schema.into(), table: table.into(), name: name.into() },
+            When::ConstraintMissing {
+                schema: schema.into(),
+                table: table.into(),
+                name: name.into(),
+            },
         ),
         Step::new(
             format!("ALTER TABLE {t} VALIDATE CONSTRAINT {}", quote(name)),
             Mode::Online,
-            When::ConstraintNotValidated { schema: schema.into(), table: table.into(), name: name.into() },
+            When::ConstraintNotValidated {
+                schema: schema.into(),
+                table: table.into(),
+                name: name.into(),
+            },
         ),
     ]
 }
@@ -359,7 +444,12 @@ pub fn cutover(plan: &Plan) -> Vec<Step> {
     let mut v = Vec::new();
     for (_, f) in plan.foreign_keys() {
         if let Some(chk) = &f.not_null_check {
-            v.extend(check_not_null(&f.child_schema, &f.child_table, chk, &f.uuid_column));
+            v.extend(check_not_null(
+                &f.child_schema,
+                &f.child_table,
+                chk,
+                &f.uuid_column,
+            ));
         }
     }
     v.push(swap("BEGIN".into()));
@@ -374,40 +464,97 @@ pub fn cutover(plan: &Plan) -> Vec<Step> {
         )));
     }
     for t in &plan.tables {
-        v.push(swap(format!("ALTER TABLE {} ALTER COLUMN {} SET NOT NULL", tbl(t), quote(&t.uuid_column))));
-        v.push(swap(format!("ALTER TABLE {} DROP CONSTRAINT {}", tbl(t), quote(&t.not_null_check))));
+        v.push(swap(format!(
+            "ALTER TABLE {} ALTER COLUMN {} SET NOT NULL",
+            tbl(t),
+            quote(&t.uuid_column)
+        )));
+        v.push(swap(format!(
+            "ALTER TABLE {} DROP CONSTRAINT {}",
+            tbl(t),
+            quote(&t.not_null_check)
+        )));
     }
     for (_, f) in plan.foreign_keys() {
         if let Some(chk) = &f.not_null_check {
-            v.push(swap(format!("ALTER TABLE {} ALTER COLUMN {} SET NOT NULL", child(f), quote(&f.uuid_column))));
-            v.push(swap(format!("ALTER TABLE {} DROP CONSTRAINT {}", child(f), quote(chk))));
+            v.push(swap(format!(
+                "ALTER TABLE {} ALTER COLUMN {} SET NOT NULL",
+                child(f),
+                quote(&f.uuid_column)
+            )));
+            v.push(swap(format!(
+                "ALTER TABLE {} DROP CONSTRAINT {}",
+                child(f),
+                quote(chk)
+            )));
         }
-        v.push(swap(format!("ALTER TABLE {} DROP CONSTRAINT {}", child(f), quote(&f.constraint))));
+        v.push(swap(format!(
+            "ALTER TABLE {} DROP CONSTRAINT {}",
+            child(f),
+            quote(&f.constraint)
+        )));
     }
     for t in &plan.tables {
-        v.push(swap(format!("ALTER TABLE {} DROP CONSTRAINT {}", tbl(t), quote(&t.pk_constraint))));
+        v.push(swap(format!(
+            "ALTER TABLE {} DROP CONSTRAINT {}",
+            tbl(t),
+            quote(&t.pk_constraint)
+        )));
         v.push(swap(format!(
             "ALTER TABLE {} ADD CONSTRAINT {} PRIMARY KEY USING INDEX {}",
             tbl(t),
             quote(&t.pk_constraint),
             quote(&t.uuid_index)
         )));
-        v.push(swap(format!("ALTER TABLE {} RENAME COLUMN {} TO {}", tbl(t), quote(&t.key), quote(&t.legacy_column))));
-        v.push(swap(format!("ALTER TABLE {} RENAME COLUMN {} TO {}", tbl(t), quote(&t.uuid_column), quote(&t.key))));
+        v.push(swap(format!(
+            "ALTER TABLE {} RENAME COLUMN {} TO {}",
+            tbl(t),
+            quote(&t.key),
+            quote(&t.legacy_column)
+        )));
+        v.push(swap(format!(
+            "ALTER TABLE {} RENAME COLUMN {} TO {}",
+            tbl(t),
+            quote(&t.uuid_column),
+            quote(&t.key)
+        )));
     }
     for (_, f) in plan.foreign_keys() {
         let c = child(f);
         if f.child_not_null {
             // New rows written in the UUID shape need not carry the legacy integer.
-            v.push(swap(format!("ALTER TABLE {c} ALTER COLUMN {} DROP NOT NULL", quote(&f.child_column))));
+            v.push(swap(format!(
+                "ALTER TABLE {c} ALTER COLUMN {} DROP NOT NULL",
+                quote(&f.child_column)
+            )));
         }
-        v.push(swap(format!("ALTER TABLE {c} RENAME COLUMN {} TO {}", quote(&f.child_column), quote(&f.legacy_column))));
-        v.push(swap(format!("ALTER TABLE {c} RENAME COLUMN {} TO {}", quote(&f.uuid_column), quote(&f.child_column))));
-        v.push(swap(format!("ALTER TABLE {c} RENAME CONSTRAINT {} TO {}", quote(&f.shadow_constraint), quote(&f.constraint))));
+        v.push(swap(format!(
+            "ALTER TABLE {c} RENAME COLUMN {} TO {}",
+            quote(&f.child_column),
+            quote(&f.legacy_column)
+        )));
+        v.push(swap(format!(
+            "ALTER TABLE {c} RENAME COLUMN {} TO {}",
+            quote(&f.uuid_column),
+            quote(&f.child_column)
+        )));
+        v.push(swap(format!(
+            "ALTER TABLE {c} RENAME CONSTRAINT {} TO {}",
+            quote(&f.shadow_constraint),
+            quote(&f.constraint)
+        )));
         for i in &f.indexes {
             let s = quote(&f.child_schema);
-            v.push(swap(format!("ALTER INDEX {s}.{} RENAME TO {}", quote(&i.name), quote(&i.legacy_name))));
-            v.push(swap(format!("ALTER INDEX {s}.{} RENAME TO {}", quote(&i.uuid_name), quote(&i.name))));
+            v.push(swap(format!(
+                "ALTER INDEX {s}.{} RENAME TO {}",
+                quote(&i.name),
+                quote(&i.legacy_name)
+            )));
+            v.push(swap(format!(
+                "ALTER INDEX {s}.{} RENAME TO {}",
+                quote(&i.uuid_name),
+                quote(&i.name)
+            )));
         }
     }
     v.push(swap(state::set_phase_sql(state::Phase::CutOver)));
@@ -431,9 +578,17 @@ pub fn rollback(plan: &Plan) -> Vec<Step> {
     for t in &plan.tables {
         let name = legacy_key_index(t);
         v.push(Step::new(
-            format!("CREATE UNIQUE INDEX CONCURRENTLY {} ON {} ({})", quote(&name), tbl(t), quote(&t.legacy_column)),
+            format!(
+                "CREATE UNIQUE INDEX CONCURRENTLY {} ON {} ({})",
+                quote(&name),
+                tbl(t),
+                quote(&t.legacy_column)
+            ),
             Mode::Online,
-            When::IndexNotValid { schema: t.schema.clone(), name },
+            When::IndexNotValid {
+                schema: t.schema.clone(),
+                name,
+            },
         ));
     }
     for (_, f) in plan.foreign_keys() {
@@ -447,48 +602,108 @@ pub fn rollback(plan: &Plan) -> Vec<Step> {
                 fk_clause(f, &f.legacy_column, &legacy_of(plan, f))
             ),
             Mode::Brief,
-            When::ConstraintMissing { schema: s.clone(), table: n.clone(), name: name.clone() },
+            When::ConstraintMissing {
+                schema: s.clone(),
+                table: n.clone(),
+                name: name.clone(),
+            },
         ));
         v.push(Step::new(
-            format!("ALTER TABLE {} VALIDATE CONSTRAINT {}", child(f), quote(&name)),
+            format!(
+                "ALTER TABLE {} VALIDATE CONSTRAINT {}",
+                child(f),
+                quote(&name)
+            ),
             Mode::Online,
-            When::ConstraintNotValidated { schema: s, table: n, name },
+            When::ConstraintNotValidated {
+                schema: s,
+                table: n,
+                name,
+            },
         ));
     }
     v.push(swap("BEGIN".into()));
     for (_, f) in plan.foreign_keys() {
         let c = child(f);
-        v.push(swap(format!("ALTER TABLE {c} DROP CONSTRAINT {}", quote(&f.constraint))));
-        v.push(swap(format!("ALTER TABLE {c} RENAME CONSTRAINT {} TO {}", quote(&legacy_fk_name(plan, f)), quote(&f.constraint))));
-        v.push(swap(format!("ALTER TABLE {c} RENAME COLUMN {} TO {}", quote(&f.child_column), quote(&f.uuid_column))));
-        v.push(swap(format!("ALTER TABLE {c} RENAME COLUMN {} TO {}", quote(&f.legacy_column), quote(&f.child_column))));
+        v.push(swap(format!(
+            "ALTER TABLE {c} DROP CONSTRAINT {}",
+            quote(&f.constraint)
+        )));
+        v.push(swap(format!(
+            "ALTER TABLE {c} RENAME CONSTRAINT {} TO {}",
+            quote(&legacy_fk_name(plan, f)),
+            quote(&f.constraint)
+        )));
+        v.push(swap(format!(
+            "ALTER TABLE {c} RENAME COLUMN {} TO {}",
+            quote(&f.child_column),
+            quote(&f.uuid_column)
+        )));
+        v.push(swap(format!(
+            "ALTER TABLE {c} RENAME COLUMN {} TO {}",
+            quote(&f.legacy_column),
+            quote(&f.child_column)
+        )));
         if f.child_not_null {
-            v.push(swap(format!("ALTER TABLE {c} ALTER COLUMN {} DROP NOT NULL", quote(&f.uuid_column))));
+            v.push(swap(format!(
+                "ALTER TABLE {c} ALTER COLUMN {} DROP NOT NULL",
+                quote(&f.uuid_column)
+            )));
         }
         for i in &f.indexes {
             let s = quote(&f.child_schema);
-            v.push(swap(format!("ALTER INDEX {s}.{} RENAME TO {}", quote(&i.name), quote(&i.uuid_name))));
-            v.push(swap(format!("ALTER INDEX {s}.{} RENAME TO {}", quote(&i.legacy_name), quote(&i.name))));
+            v.push(swap(format!(
+                "ALTER INDEX {s}.{} RENAME TO {}",
+                quote(&i.name),
+                quote(&i.uuid_name)
+            )));
+            v.push(swap(format!(
+                "ALTER INDEX {s}.{} RENAME TO {}",
+                quote(&i.legacy_name),
+                quote(&i.name)
+            )));
         }
     }
     for t in &plan.tables {
-        v.push(swap(format!("ALTER TABLE {} DROP CONSTRAINT {}", tbl(t), quote(&t.pk_constraint))));
-        v.push(swap(format!("ALTER TABLE {} RENAME COLUMN {} TO {}", tbl(t), quote(&t.key), quote(&t.uuid_column))));
-        v.push(swap(format!("ALTER TABLE {} RENAME COLUMN {} TO {}", tbl(t), quote(&t.legacy_column), quote(&t.key))));
+        v.push(swap(format!(
+            "ALTER TABLE {} DROP CONSTRAINT {}",
+            tbl(t),
+            quote(&t.pk_constraint)
+        )));
+        v.push(swap(format!(
+            "ALTER TABLE {} RENAME COLUMN {} TO {}",
+            tbl(t),
+            quote(&t.key),
+            quote(&t.uuid_column)
+        )));
+        v.push(swap(format!(
+            "ALTER TABLE {} RENAME COLUMN {} TO {}",
+            tbl(t),
+            quote(&t.legacy_column),
+            quote(&t.key)
+        )));
         v.push(swap(format!(
             "ALTER TABLE {} ADD CONSTRAINT {} PRIMARY KEY USING INDEX {}",
             tbl(t),
             quote(&t.pk_constraint),
             quote(&legacy_key_index(t))
         )));
-        v.push(swap(format!("ALTER TABLE {} ALTER COLUMN {} DROP NOT NULL", tbl(t), quote(&t.uuid_column))));
+        v.push(swap(format!(
+            "ALTER TABLE {} ALTER COLUMN {} DROP NOT NULL",
+            tbl(t),
+            quote(&t.uuid_column)
+        )));
     }
     v.push(swap(state::set_phase_sql(state::Phase::Backfilled)));
     v.push(swap("COMMIT".into()));
     // Each NOT NULL FK column gets its constraint back without a scan under the swap's lock.
     for (_, f) in plan.foreign_keys().filter(|(_, f)| f.child_not_null) {
         v.push(Step::new(
-            format!("ALTER TABLE {} ALTER COLUMN {} SET NOT NULL", child(f), quote(&f.child_column)),
+            format!(
+                "ALTER TABLE {} ALTER COLUMN {} SET NOT NULL",
+                child(f),
+                quote(&f.child_column)
+            ),
             Mode::Brief,
             When::Always,
         ));
@@ -509,7 +724,11 @@ pub fn finalize(plan: &Plan) -> Vec<Step> {
     let mut v = Vec::new();
     for (_, f) in plan.foreign_keys() {
         v.push(Step::new(
-            format!("ALTER TABLE {} DROP COLUMN {}", child(f), quote(&f.legacy_column)),
+            format!(
+                "ALTER TABLE {} DROP COLUMN {}",
+                child(f),
+                quote(&f.legacy_column)
+            ),
             Mode::Brief,
             When::ColumnPresent {
                 schema: f.child_schema.clone(),
@@ -520,50 +739,96 @@ pub fn finalize(plan: &Plan) -> Vec<Step> {
     }
     for t in &plan.tables {
         v.push(Step::new(
-            format!("ALTER TABLE {} DROP COLUMN {}", tbl(t), quote(&t.legacy_column)),
+            format!(
+                "ALTER TABLE {} DROP COLUMN {}",
+                tbl(t),
+                quote(&t.legacy_column)
+            ),
             Mode::Brief,
-            When::ColumnPresent { schema: t.schema.clone(), table: t.name.clone(), column: t.legacy_column.clone() },
+            When::ColumnPresent {
+                schema: t.schema.clone(),
+                table: t.name.clone(),
+                column: t.legacy_column.clone(),
+            },
         ));
     }
-    v.push(Step::new(state::drop_state_sql(plan.uuid_version == 4), Mode::State, When::Always));
+    v.push(Step::new(
+        state::drop_state_sql(plan.uuid_version == 4),
+        Mode::State,
+        When::Always,
+    ));
     v
 }
 
 /// abort (before cutover): everything expand and harden added, in reverse, then the schema.
 pub fn abort(plan: &Plan) -> Vec<Step> {
-    let mut v = vec![Step::new(state::set_phase_sql(state::Phase::Aborting), Mode::State, When::Always)];
+    let mut v = vec![Step::new(
+        state::set_phase_sql(state::Phase::Aborting),
+        Mode::State,
+        When::Always,
+    )];
     for (_, f) in plan.foreign_keys() {
         let (s, n) = (f.child_schema.clone(), f.child_table.clone());
         for name in std::iter::once(&f.shadow_constraint).chain(f.not_null_check.as_ref()) {
             v.push(Step::new(
                 format!("ALTER TABLE {} DROP CONSTRAINT {}", child(f), quote(name)),
                 Mode::Brief,
-                When::ConstraintPresent { schema: s.clone(), table: n.clone(), name: name.clone() },
+                When::ConstraintPresent {
+                    schema: s.clone(),
+                    table: n.clone(),
+                    name: name.clone(),
+                },
             ));
         }
         for i in &f.indexes {
             v.push(Step::new(
-                format!("DROP INDEX CONCURRENTLY {}.{}", quote(&f.child_schema), quote(&i.uuid_name)),
+                format!(
+                    "DROP INDEX CONCURRENTLY {}.{}",
+                    quote(&f.child_schema),
+                    quote(&i.uuid_name)
+                ),
                 Mode::Online,
-                When::IndexPresent { schema: s.clone(), name: i.uuid_name.clone() },
+                When::IndexPresent {
+                    schema: s.clone(),
+                    name: i.uuid_name.clone(),
+                },
             ));
         }
     }
     for t in &plan.tables {
         v.push(Step::new(
-            format!("ALTER TABLE {} DROP CONSTRAINT {}", tbl(t), quote(&t.not_null_check)),
+            format!(
+                "ALTER TABLE {} DROP CONSTRAINT {}",
+                tbl(t),
+                quote(&t.not_null_check)
+            ),
             Mode::Brief,
-            When::ConstraintPresent { schema: t.schema.clone(), table: t.name.clone(), name: t.not_null_check.clone() },
+            When::ConstraintPresent {
+                schema: t.schema.clone(),
+                table: t.name.clone(),
+                name: t.not_null_check.clone(),
+            },
         ));
         v.push(Step::new(
-            format!("DROP INDEX CONCURRENTLY {}.{}", quote(&t.schema), quote(&t.uuid_index)),
+            format!(
+                "DROP INDEX CONCURRENTLY {}.{}",
+                quote(&t.schema),
+                quote(&t.uuid_index)
+            ),
             Mode::Online,
-            When::IndexPresent { schema: t.schema.clone(), name: t.uuid_index.clone() },
+            When::IndexPresent {
+                schema: t.schema.clone(),
+                name: t.uuid_index.clone(),
+            },
         ));
     }
     for (_, f) in plan.foreign_keys() {
         v.push(Step::new(
-            format!("ALTER TABLE {} DROP COLUMN {}", child(f), quote(&f.uuid_column)),
+            format!(
+                "ALTER TABLE {} DROP COLUMN {}",
+                child(f),
+                quote(&f.uuid_column)
+            ),
             Mode::Brief,
             When::ColumnPresent {
                 schema: f.child_schema.clone(),
@@ -574,12 +839,24 @@ pub fn abort(plan: &Plan) -> Vec<Step> {
     }
     for t in &plan.tables {
         v.push(Step::new(
-            format!("ALTER TABLE {} DROP COLUMN {}", tbl(t), quote(&t.uuid_column)),
+            format!(
+                "ALTER TABLE {} DROP COLUMN {}",
+                tbl(t),
+                quote(&t.uuid_column)
+            ),
             Mode::Brief,
-            When::ColumnPresent { schema: t.schema.clone(), table: t.name.clone(), column: t.uuid_column.clone() },
+            When::ColumnPresent {
+                schema: t.schema.clone(),
+                table: t.name.clone(),
+                column: t.uuid_column.clone(),
+            },
         ));
     }
-    v.push(Step::new("DROP SCHEMA IF EXISTS keyshift CASCADE".into(), Mode::State, When::Always));
+    v.push(Step::new(
+        "DROP SCHEMA IF EXISTS keyshift CASCADE".into(),
+        Mode::State,
+        When::Always,
+    ));
     v
 }
 
@@ -645,20 +922,39 @@ mod tests {
         assert!(p.blockers.is_empty(), "{:?}", p.blockers);
         let e = expand(&p);
         let sql: Vec<&str> = e.iter().map(|s| s.sql.as_str()).collect();
-        assert!(sql.contains(&"ALTER TABLE public.\"Connectors\" ADD COLUMN id_uuid uuid"), "{sql:#?}");
-        assert!(sql.contains(&"ALTER TABLE public.\"Connectors\" ALTER COLUMN id_uuid SET DEFAULT keyshift.uuid_v7()"));
+        assert!(
+            sql.contains(&"ALTER TABLE public.\"Connectors\" ADD COLUMN id_uuid uuid"),
+            "{sql:#?}"
+        );
+        assert!(sql.contains(
+            &"ALTER TABLE public.\"Connectors\" ALTER COLUMN id_uuid SET DEFAULT keyshift.uuid_v7()"
+        ));
         assert!(sql.contains(&"ALTER TABLE public.servers ADD COLUMN connector_id_uuid uuid"));
-        let add = sql.iter().position(|s| s.contains("\"Connectors\" ADD COLUMN")).unwrap();
-        let def = sql.iter().position(|s| s.contains("\"Connectors\" ALTER COLUMN")).unwrap();
+        let add = sql
+            .iter()
+            .position(|s| s.contains("\"Connectors\" ADD COLUMN"))
+            .unwrap();
+        let def = sql
+            .iter()
+            .position(|s| s.contains("\"Connectors\" ALTER COLUMN"))
+            .unwrap();
         assert!(add < def, "the column is added without default first");
-        assert!(e.iter().filter(|s| s.sql.starts_with("ALTER")).all(|s| s.mode == Mode::Brief));
+        assert!(
+            e.iter()
+                .filter(|s| s.sql.starts_with("ALTER"))
+                .all(|s| s.mode == Mode::Brief)
+        );
     }
 
     #[test]
     fn v4_uses_gen_random_uuid() {
         let mut p = plan();
         p.uuid_version = 4;
-        assert!(expand(&p).iter().any(|s| s.sql.ends_with("SET DEFAULT gen_random_uuid()")));
+        assert!(
+            expand(&p)
+                .iter()
+                .any(|s| s.sql.ends_with("SET DEFAULT gen_random_uuid()"))
+        );
         assert!(finalize(&p).last().unwrap().sql.contains("DROP SCHEMA"));
     }
 
@@ -666,16 +962,24 @@ mod tests {
     fn harden_keeps_actions_and_is_not_valid_then_validate() {
         let p = plan();
         let h = harden(&p);
-        let shadow = h.iter().find(|s| s.sql.contains("tools_server_id_fkey_uuid FOREIGN KEY")).unwrap();
+        let shadow = h
+            .iter()
+            .find(|s| s.sql.contains("tools_server_id_fkey_uuid FOREIGN KEY"))
+            .unwrap();
         assert_eq!(
             shadow.sql,
             "ALTER TABLE public.tools ADD CONSTRAINT tools_server_id_fkey_uuid FOREIGN KEY (server_id_uuid) REFERENCES public.servers (id_uuid) ON DELETE SET NULL ON UPDATE NO ACTION NOT VALID"
         );
         assert_eq!(shadow.mode, Mode::Brief);
-        assert!(h.iter().any(|s| s.sql == "ALTER TABLE public.tools VALIDATE CONSTRAINT tools_server_id_fkey_uuid" && s.mode == Mode::Online));
+        assert!(h.iter().any(|s| s.sql
+            == "ALTER TABLE public.tools VALIDATE CONSTRAINT tools_server_id_fkey_uuid"
+            && s.mode == Mode::Online));
         assert!(h.iter().any(|s| s.sql == "CREATE INDEX CONCURRENTLY tools_server_id_idx_uuid ON public.tools USING btree (server_id_uuid)"));
         assert!(h.iter().any(|s| s.sql == "CREATE UNIQUE INDEX CONCURRENTLY \"Connectors_id_uuid_key\" ON public.\"Connectors\" (id_uuid)"));
-        assert!(h.iter().any(|s| s.sql.contains("CHECK (id_uuid IS NOT NULL) NOT VALID")));
+        assert!(
+            h.iter()
+                .any(|s| s.sql.contains("CHECK (id_uuid IS NOT NULL) NOT VALID"))
+        );
     }
 
     #[test]
@@ -687,15 +991,33 @@ mod tests {
         assert!(c[..begin].iter().all(|s| s.mode != Mode::Swap));
         assert!(c[begin..].iter().all(|s| s.mode == Mode::Swap));
         let sql: Vec<&str> = c.iter().map(|s| s.sql.as_str()).collect();
-        let drop_fk = sql.iter().position(|s| *s == "ALTER TABLE public.servers DROP CONSTRAINT servers_connector_id_fkey").unwrap();
-        let drop_pk = sql.iter().position(|s| *s == "ALTER TABLE public.\"Connectors\" DROP CONSTRAINT \"Connectors_pkey\"").unwrap();
+        let drop_fk = sql
+            .iter()
+            .position(|s| {
+                *s == "ALTER TABLE public.servers DROP CONSTRAINT servers_connector_id_fkey"
+            })
+            .unwrap();
+        let drop_pk = sql
+            .iter()
+            .position(|s| {
+                *s == "ALTER TABLE public.\"Connectors\" DROP CONSTRAINT \"Connectors_pkey\""
+            })
+            .unwrap();
         assert!(drop_fk < drop_pk, "FKs depend on the primary key's index");
         assert!(sql.contains(&"ALTER TABLE public.\"Connectors\" ADD CONSTRAINT \"Connectors_pkey\" PRIMARY KEY USING INDEX \"Connectors_id_uuid_key\""));
         assert!(sql.contains(&"ALTER TABLE public.tools RENAME CONSTRAINT tools_server_id_fkey_uuid TO tools_server_id_fkey"));
-        assert!(sql.contains(&"ALTER INDEX public.tools_server_id_idx RENAME TO tools_server_id_idx_legacy"));
-        assert!(sql.contains(&"ALTER TABLE public.servers RENAME COLUMN connector_id TO connector_id_legacy"));
+        assert!(sql.contains(
+            &"ALTER INDEX public.tools_server_id_idx RENAME TO tools_server_id_idx_legacy"
+        ));
+        assert!(sql.contains(
+            &"ALTER TABLE public.servers RENAME COLUMN connector_id TO connector_id_legacy"
+        ));
         // NOT NULL FK twin: its CHECK is built online before the swap.
-        assert!(c[..begin].iter().any(|s| s.sql.contains("servers_connector_id_uuid_not_null CHECK")));
+        assert!(
+            c[..begin]
+                .iter()
+                .any(|s| s.sql.contains("servers_connector_id_uuid_not_null CHECK"))
+        );
     }
 
     #[test]
@@ -703,14 +1025,34 @@ mod tests {
         let p = plan();
         let r = rollback(&p);
         assert!(r.iter().any(|s| s.sql.contains("ADD CONSTRAINT \"Connectors_pkey\" PRIMARY KEY USING INDEX \"Connectors_id_legacy_key\"")));
-        assert!(r.iter().any(|s| s.sql.contains("REFERENCES public.servers (id_legacy)")));
+        assert!(
+            r.iter()
+                .any(|s| s.sql.contains("REFERENCES public.servers (id_legacy)"))
+        );
         let a = abort(&p);
-        assert_eq!(a.last().unwrap().sql, "DROP SCHEMA IF EXISTS keyshift CASCADE");
-        let drop_shadow = a.iter().position(|s| s.sql.contains("DROP CONSTRAINT tools_server_id_fkey_uuid")).unwrap();
-        let drop_index = a.iter().position(|s| s.sql.contains("DROP INDEX CONCURRENTLY public.servers_id_uuid_key")).unwrap();
-        assert!(drop_shadow < drop_index, "the shadow FK needs the parent's unique index");
+        assert_eq!(
+            a.last().unwrap().sql,
+            "DROP SCHEMA IF EXISTS keyshift CASCADE"
+        );
+        let drop_shadow = a
+            .iter()
+            .position(|s| s.sql.contains("DROP CONSTRAINT tools_server_id_fkey_uuid"))
+            .unwrap();
+        let drop_index = a
+            .iter()
+            .position(|s| {
+                s.sql
+                    .contains("DROP INDEX CONCURRENTLY public.servers_id_uuid_key")
+            })
+            .unwrap();
+        assert!(
+            drop_shadow < drop_index,
+            "the shadow FK needs the parent's unique index"
+        );
         let text = render_sql(&p);
-        for phase in ["expand", "backfill", "harden", "cutover", "rollback", "finalize", "abort"] {
+        for phase in [
+            "expand", "backfill", "harden", "cutover", "rollback", "finalize", "abort",
+        ] {
             assert!(text.contains(&format!("-- ===== {phase} =====")));
         }
     }

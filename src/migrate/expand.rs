@@ -18,7 +18,9 @@ pub enum ExpandError {
     Catalog(#[from] catalog::CatalogError),
     #[error("the plan has {0} blocker(s); run `keyshift plan` to see them and what to do")]
     Blocked(usize),
-    #[error("the migration is in phase {0}; expand runs only before cutover (after it: `keyshift rollback`, or finish an abort with `keyshift abort`)")]
+    #[error(
+        "the migration is in phase {0}; expand runs only before cutover (after it: `keyshift rollback`, or finish an abort with `keyshift abort`)"
+    )]
     WrongPhase(Phase),
 }
 

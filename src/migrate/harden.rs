@@ -40,6 +40,12 @@ pub async fn run(client: &Client, s: &Settings) -> Result<usize, HardenError> {
         }
     }
     super::expand::advance(client, Phase::Hardened).await?;
-    state::event(client, "harden", &format!("harden done ({changed} change(s))"), None).await?;
+    state::event(
+        client,
+        "harden",
+        &format!("harden done ({changed} change(s))"),
+        None,
+    )
+    .await?;
     Ok(changed)
 }

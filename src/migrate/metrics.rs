@@ -25,23 +25,38 @@ impl MigrateMetrics {
     pub fn new() -> Result<MigrateMetrics, prometheus::Error> {
         Ok(MigrateMetrics {
             rows_done: IntGaugeVec::new(
-                Opts::new("keyshift_backfill_rows_done", "Rows scanned by each backfill task"),
+                Opts::new(
+                    "keyshift_backfill_rows_done",
+                    "Rows scanned by each backfill task",
+                ),
                 &["task", "table"],
             )?,
             rows_remaining: IntGaugeVec::new(
-                Opts::new("keyshift_backfill_rows_remaining", "Estimated rows left for each backfill task"),
+                Opts::new(
+                    "keyshift_backfill_rows_remaining",
+                    "Estimated rows left for each backfill task",
+                ),
                 &["task", "table"],
             )?,
             last_batch_ms: IntGaugeVec::new(
-                Opts::new("keyshift_backfill_last_batch_milliseconds", "Duration of each task's last batch"),
+                Opts::new(
+                    "keyshift_backfill_last_batch_milliseconds",
+                    "Duration of each task's last batch",
+                ),
                 &["task"],
             )?,
             batch_seconds: Histogram::with_opts(
-                HistogramOpts::new("keyshift_backfill_batch_seconds", "Backfill batch durations")
-                    .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
+                HistogramOpts::new(
+                    "keyshift_backfill_batch_seconds",
+                    "Backfill batch durations",
+                )
+                .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
             )?,
             phase: IntGaugeVec::new(
-                Opts::new("keyshift_migration_phase", "1 for the migration's current phase"),
+                Opts::new(
+                    "keyshift_migration_phase",
+                    "1 for the migration's current phase",
+                ),
                 &["phase"],
             )?,
         })
@@ -64,12 +79,16 @@ impl MigrateMetrics {
         }
         for t in &p.tasks {
             let table = format!("{}.{}", t.schema, t.table);
-            self.rows_done.with_label_values(&[&t.task, &table]).set(t.rows_done);
+            self.rows_done
+                .with_label_values(&[&t.task, &table])
+                .set(t.rows_done);
             self.rows_remaining
                 .with_label_values(&[&t.task, &table])
                 .set(t.rows_remaining());
             if let Some(ms) = t.last_batch_ms {
-                self.last_batch_ms.with_label_values(&[&t.task]).set(ms.round() as i64);
+                self.last_batch_ms
+                    .with_label_values(&[&t.task])
+                    .set(ms.round() as i64);
             }
         }
     }
@@ -102,7 +121,12 @@ mod tests {
                 last_batch_ms: Some(12.4),
             }],
         });
-        assert_eq!(m.rows_remaining.with_label_values(&["key:public.t", "public.t"]).get(), 60);
+        assert_eq!(
+            m.rows_remaining
+                .with_label_values(&["key:public.t", "public.t"])
+                .get(),
+            60
+        );
         assert_eq!(m.phase.with_label_values(&["backfilling"]).get(), 1);
         assert_eq!(m.phase.with_label_values(&["expanded"]).get(), 0);
         assert!(!r.gather().is_empty());

@@ -261,7 +261,10 @@ pub fn build(cat: &Catalog, opts: &PlanOptions) -> Plan {
         if !is_int(&col.type_name) {
             skipped.push(Skipped {
                 table: tname,
-                reason: format!("primary key {} is {}, not an integer", col.name, col.type_name),
+                reason: format!(
+                    "primary key {} is {}, not an integer",
+                    col.name, col.type_name
+                ),
             });
             continue;
         }
@@ -287,10 +290,8 @@ pub fn build(cat: &Catalog, opts: &PlanOptions) -> Plan {
         .iter()
         .map(|t| (t.schema.clone(), t.name.clone()))
         .collect();
-    let mut parents_of: BTreeMap<(String, String), BTreeSet<(String, String)>> = keys
-        .iter()
-        .map(|k| (k.clone(), BTreeSet::new()))
-        .collect();
+    let mut parents_of: BTreeMap<(String, String), BTreeSet<(String, String)>> =
+        keys.iter().map(|k| (k.clone(), BTreeSet::new())).collect();
     for fk in &cat.foreign_keys {
         let c = (fk.child_schema.clone(), fk.child_table.clone());
         let p = (fk.parent_schema.clone(), fk.parent_table.clone());
@@ -331,7 +332,11 @@ pub fn build(cat: &Catalog, opts: &PlanOptions) -> Plan {
         let tname = qualified(&t.schema, &t.name);
         let key_kind = if col.identity.is_some() {
             "identity"
-        } else if col.default.as_deref().is_some_and(|d| d.starts_with("nextval(")) {
+        } else if col
+            .default
+            .as_deref()
+            .is_some_and(|d| d.starts_with("nextval("))
+        {
             "serial"
         } else {
             "plain"
@@ -398,7 +403,11 @@ pub fn build(cat: &Catalog, opts: &PlanOptions) -> Plan {
             if !fk.parent_columns.contains(&key) {
                 continue;
             }
-            let fkname = format!("{} on {}", fk.name, qualified(&fk.child_schema, &fk.child_table));
+            let fkname = format!(
+                "{} on {}",
+                fk.name,
+                qualified(&fk.child_schema, &fk.child_table)
+            );
             if fk.parent_columns.len() != 1 {
                 blockers.push(finding(
                     "composite-fk",
@@ -456,7 +465,8 @@ pub fn build(cat: &Catalog, opts: &PlanOptions) -> Plan {
                 warnings.push(finding(
                     "set-default-action",
                     fkname.clone(),
-                    "ON DELETE/UPDATE SET DEFAULT: the uuid twin is set to its own default (NULL)".into(),
+                    "ON DELETE/UPDATE SET DEFAULT: the uuid twin is set to its own default (NULL)"
+                        .into(),
                     "verify reports such rows; prefer SET NULL or CASCADE",
                 ));
             }
@@ -517,9 +527,9 @@ pub fn build(cat: &Catalog, opts: &PlanOptions) -> Plan {
                 on_update: FkAction::from_code(&fk.on_update),
                 deferrable: fk.deferrable,
                 initially_deferred: fk.initially_deferred,
-                not_null_check: ccol.not_null.then(|| {
-                    suffixed(&format!("{}_{}", child.name, uuid_col), "_not_null")
-                }),
+                not_null_check: ccol
+                    .not_null
+                    .then(|| suffixed(&format!("{}_{}", child.name, uuid_col), "_not_null")),
                 uuid_column: uuid_col,
                 legacy_column: legacy_col,
                 shadow_constraint: shadow,
@@ -536,7 +546,11 @@ pub fn build(cat: &Catalog, opts: &PlanOptions) -> Plan {
     for t in &tables {
         for f in &t.referenced_by {
             twins
-                .entry((f.child_schema.clone(), f.child_table.clone(), f.child_column.clone()))
+                .entry((
+                    f.child_schema.clone(),
+                    f.child_table.clone(),
+                    f.child_column.clone(),
+                ))
                 .or_default()
                 .push(f.constraint.clone());
         }
@@ -546,7 +560,10 @@ pub fn build(cat: &Catalog, opts: &PlanOptions) -> Plan {
             blockers.push(finding(
                 "column-in-two-fks",
                 format!("{}.{}", qualified(s, tb), c),
-                format!("column is the child of several migrated foreign keys ({})", names.join(", ")),
+                format!(
+                    "column is the child of several migrated foreign keys ({})",
+                    names.join(", ")
+                ),
                 "drop the redundant foreign key, or exclude one of the parents",
             ));
         }
@@ -557,7 +574,11 @@ pub fn build(cat: &Catalog, opts: &PlanOptions) -> Plan {
     for t in &tables {
         renamed.insert((t.schema.clone(), t.name.clone(), t.key.clone()));
         for f in &t.referenced_by {
-            renamed.insert((f.child_schema.clone(), f.child_table.clone(), f.child_column.clone()));
+            renamed.insert((
+                f.child_schema.clone(),
+                f.child_table.clone(),
+                f.child_column.clone(),
+            ));
         }
     }
     let mut seen = BTreeSet::new();
@@ -565,7 +586,12 @@ pub fn build(cat: &Catalog, opts: &PlanOptions) -> Plan {
         if !renamed.contains(&(d.schema.clone(), d.table.clone(), d.column.clone())) {
             continue;
         }
-        if !seen.insert((d.kind.clone(), d.name.clone(), d.table.clone(), d.column.clone())) {
+        if !seen.insert((
+            d.kind.clone(),
+            d.name.clone(),
+            d.table.clone(),
+            d.column.clone(),
+        )) {
             continue;
         }
         let col = format!("{}.{}", qualified(&d.schema, &d.table), d.column);
@@ -575,13 +601,20 @@ pub fn build(cat: &Catalog, opts: &PlanOptions) -> Plan {
             }
             "rule" => "drop the rule and recreate it after cutover",
             "policy" => "drop the policy and recreate it after cutover, or exclude the table",
-            "trigger" => "drop the trigger (its WHEN / UPDATE OF clause names the column) and recreate it after cutover",
-            _ => "replace the SQL-standard function body by a string body (AS $$...$$), or recreate it after cutover",
+            "trigger" => {
+                "drop the trigger (its WHEN / UPDATE OF clause names the column) and recreate it after cutover"
+            }
+            _ => {
+                "replace the SQL-standard function body by a string body (AS $$...$$), or recreate it after cutover"
+            }
         };
         blockers.push(finding(
             &format!("dependent-{}", d.kind.replace(' ', "-")),
             format!("{} {}", d.kind, d.name),
-            format!("{} {} references {col}, which cutover renames", d.kind, d.name),
+            format!(
+                "{} {} references {col}, which cutover renames",
+                d.kind, d.name
+            ),
             fix,
         ));
     }
@@ -590,8 +623,7 @@ pub fn build(cat: &Catalog, opts: &PlanOptions) -> Plan {
         let hit = tb == "*"
             || tables.iter().any(|t| {
                 (&t.schema == s && &t.name == tb)
-                    || t
-                        .referenced_by
+                    || t.referenced_by
                         .iter()
                         .any(|f| &f.child_schema == s && &f.child_table == tb)
             });
@@ -710,7 +742,10 @@ pub fn render_text(plan: &Plan) -> String {
         }
     }
     if plan.is_blocked() {
-        let _ = writeln!(s, "The plan is blocked: fix the blockers above, then run `keyshift plan` again.");
+        let _ = writeln!(
+            s,
+            "The plan is blocked: fix the blockers above, then run `keyshift plan` again."
+        );
     }
     s
 }
@@ -764,9 +799,25 @@ pub(crate) mod tests {
     pub(crate) fn sample() -> Catalog {
         Catalog {
             tables: vec![
-                table("public", "servers", &[("id", "integer", true), ("connector_id", "bigint", true)]),
-                table("public", "connectors", &[("id", "integer", true), ("name", "text", false)]),
-                table("public", "tools", &[("id", "bigint", true), ("server_id", "integer", false), ("parent_id", "bigint", false)]),
+                table(
+                    "public",
+                    "servers",
+                    &[("id", "integer", true), ("connector_id", "bigint", true)],
+                ),
+                table(
+                    "public",
+                    "connectors",
+                    &[("id", "integer", true), ("name", "text", false)],
+                ),
+                table(
+                    "public",
+                    "tools",
+                    &[
+                        ("id", "bigint", true),
+                        ("server_id", "integer", false),
+                        ("parent_id", "bigint", false),
+                    ],
+                ),
             ],
             foreign_keys: vec![
                 fk("servers", "connector_id", "connectors", "c"),
@@ -802,8 +853,14 @@ pub(crate) mod tests {
         assert!(f.indexed());
         assert_eq!(f.indexes[0].uuid_name, "tools_server_id_idx_uuid");
         let tools = p.table("public", "tools").unwrap();
-        assert_eq!(tools.referenced_by[0].child_table, "tools", "self reference");
-        assert_eq!(p.table("public", "connectors").unwrap().referenced_by[0].child_type, "bigint");
+        assert_eq!(
+            tools.referenced_by[0].child_table, "tools",
+            "self reference"
+        );
+        assert_eq!(
+            p.table("public", "connectors").unwrap().referenced_by[0].child_type,
+            "bigint"
+        );
     }
 
     #[test]
@@ -813,16 +870,30 @@ pub(crate) mod tests {
             schema: "public".into(),
             name: "notes".into(),
             kind: "r".into(),
-            columns: vec![Column { name: "k".into(), type_name: "text".into(), ..Default::default() }],
-            primary_key: Some(PrimaryKey { constraint: "notes_pkey".into(), index: "notes_pkey".into(), columns: vec!["k".into()] }),
+            columns: vec![Column {
+                name: "k".into(),
+                type_name: "text".into(),
+                ..Default::default()
+            }],
+            primary_key: Some(PrimaryKey {
+                constraint: "notes_pkey".into(),
+                index: "notes_pkey".into(),
+                columns: vec!["k".into()],
+            }),
             ..Default::default()
         });
-        let opts = PlanOptions { exclude: vec!["tools".into()], ..Default::default() };
+        let opts = PlanOptions {
+            exclude: vec!["tools".into()],
+            ..Default::default()
+        };
         let p = build(&cat, &opts);
         assert_eq!(p.tables.len(), 2);
         assert_eq!(p.skipped.len(), 1);
         // The child of an excluded-key table still gets its twin if its parent is migrated.
-        assert_eq!(p.table("public", "servers").unwrap().referenced_by[0].child_table, "tools");
+        assert_eq!(
+            p.table("public", "servers").unwrap().referenced_by[0].child_table,
+            "tools"
+        );
     }
 
     #[test]
@@ -844,12 +915,23 @@ pub(crate) mod tests {
             table: "servers".into(),
             column: "connector_id".into(),
         });
-        cat.tables[0].columns.push(Column { name: "id_uuid".into(), type_name: "uuid".into(), ..Default::default() });
+        cat.tables[0].columns.push(Column {
+            name: "id_uuid".into(),
+            type_name: "uuid".into(),
+            ..Default::default()
+        });
         cat.tables[1].kind = "p".into();
-        cat.publications.push(("public".into(), "tools".into(), "pub1".into()));
+        cat.publications
+            .push(("public".into(), "tools".into(), "pub1".into()));
         let p = build(&cat, &PlanOptions::default());
         let codes: BTreeSet<_> = p.blockers.iter().map(|b| b.code.as_str()).collect();
-        for want in ["composite-fk", "fk-to-non-key-unique", "dependent-view", "name-collision", "partitioned-table"] {
+        for want in [
+            "composite-fk",
+            "fk-to-non-key-unique",
+            "dependent-view",
+            "name-collision",
+            "partitioned-table",
+        ] {
             assert!(codes.contains(want), "{want} missing from {codes:?}");
         }
         assert_eq!(p.warnings[0].code, "publication");
@@ -858,11 +940,22 @@ pub(crate) mod tests {
 
     #[test]
     fn nothing_selected_is_a_blocker() {
-        let opts = PlanOptions { schemas: vec!["other".into()], ..Default::default() };
+        let opts = PlanOptions {
+            schemas: vec!["other".into()],
+            ..Default::default()
+        };
         let p = build(&sample(), &opts);
         assert_eq!(p.blockers[0].code, "nothing-to-migrate");
-        let opts = PlanOptions { tables: vec!["nope".into()], ..Default::default() };
-        assert!(build(&sample(), &opts).blockers.iter().any(|b| b.code == "unknown-table"));
+        let opts = PlanOptions {
+            tables: vec!["nope".into()],
+            ..Default::default()
+        };
+        assert!(
+            build(&sample(), &opts)
+                .blockers
+                .iter()
+                .any(|b| b.code == "unknown-table")
+        );
     }
 
     #[test]

@@ -49,7 +49,11 @@ pub struct Progress {
 /// The migration's phase and per-task progress; `phase` is `None` when no migration exists.
 pub async fn read(client: &Client) -> Result<Progress, StateError> {
     let Some(m) = state::load_migration(client).await? else {
-        return Ok(Progress { phase: None, rules_version: 0, tasks: Vec::new() });
+        return Ok(Progress {
+            phase: None,
+            rules_version: 0,
+            tasks: Vec::new(),
+        });
     };
     let rows = client
         .query(
@@ -102,7 +106,11 @@ impl Display {
         let multi = std::io::stderr()
             .is_terminal()
             .then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()));
-        Display { multi, last_log: Instant::now(), interval: Duration::from_secs(5) }
+        Display {
+            multi,
+            last_log: Instant::now(),
+            interval: Duration::from_secs(5),
+        }
     }
 
     pub fn task(&self, name: &str, total: i64, done: i64) -> TaskBar {
@@ -120,7 +128,13 @@ impl Display {
             b.set_position(done.max(0) as u64);
             b
         });
-        TaskBar { bar, name: name.into(), total, done: done.max(0) as u64, started: Instant::now() }
+        TaskBar {
+            bar,
+            name: name.into(),
+            total,
+            done: done.max(0) as u64,
+            started: Instant::now(),
+        }
     }
 
     pub fn advance(&mut self, t: &mut TaskBar, rows: u64) {
@@ -139,7 +153,11 @@ impl Display {
                     let secs = t.started.elapsed().as_secs_f64().max(0.001);
                     let rate = t.done as f64 / secs;
                     let left = t.total.saturating_sub(t.done) as f64;
-                    let eta = if rate > 0.0 { format!("{:.0}s", left / rate) } else { "?".into() };
+                    let eta = if rate > 0.0 {
+                        format!("{:.0}s", left / rate)
+                    } else {
+                        "?".into()
+                    };
                     tracing::info!(
                         "backfill {}: {}/{} rows ({:.0}%), {:.0} rows/s, ETA {eta}",
                         t.name,

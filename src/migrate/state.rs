@@ -13,7 +13,9 @@ pub enum StateError {
     Db(#[from] tokio_postgres::Error),
     #[error("the stored plan cannot be read ({0}); it was written by another keyshift version")]
     Plan(serde_json::Error),
-    #[error("the stored plan has format {0}, this keyshift knows format {PLAN_FORMAT}; use the keyshift version that ran expand")]
+    #[error(
+        "the stored plan has format {0}, this keyshift knows format {PLAN_FORMAT}; use the keyshift version that ran expand"
+    )]
     Format(u32),
     #[error("unknown phase {0:?} in keyshift.migration")]
     Phase(String),
@@ -94,7 +96,11 @@ impl Phase {
     pub fn is_after_cutover(self) -> bool {
         matches!(
             self,
-            Phase::CuttingOver | Phase::CutOver | Phase::RollingBack | Phase::Finalizing | Phase::Finalized
+            Phase::CuttingOver
+                | Phase::CutOver
+                | Phase::RollingBack
+                | Phase::Finalizing
+                | Phase::Finalized
         )
     }
 
@@ -107,7 +113,9 @@ impl Phase {
             | Phase::Hardened
             | Phase::CuttingOver => DualWrite::Forward,
             Phase::CutOver | Phase::RollingBack => DualWrite::Reverse,
-            Phase::Expanding | Phase::Finalizing | Phase::Finalized | Phase::Aborting => DualWrite::Off,
+            Phase::Expanding | Phase::Finalizing | Phase::Finalized | Phase::Aborting => {
+                DualWrite::Off
+            }
         }
     }
 }

@@ -72,7 +72,12 @@ pub async fn run(client: &Client) -> Result<Status, StatusError> {
         .map_err(StateError::from)?;
     st.events = rows
         .iter()
-        .map(|r| Event { at: r.get(0), actor: r.get(1), kind: r.get(2), message: r.get(3) })
+        .map(|r| Event {
+            at: r.get(0),
+            actor: r.get(1),
+            kind: r.get(2),
+            message: r.get(3),
+        })
         .collect();
     let rows = client
         .query(
@@ -99,7 +104,10 @@ pub async fn run(client: &Client) -> Result<Status, StatusError> {
 pub fn render_text(st: &Status) -> String {
     let mut s = String::new();
     let Some(phase) = st.phase else {
-        let _ = writeln!(s, "no keyshift migration in this database (run `keyshift plan`, then `keyshift expand`)");
+        let _ = writeln!(
+            s,
+            "no keyshift migration in this database (run `keyshift plan`, then `keyshift expand`)"
+        );
         return s;
     };
     let _ = writeln!(
@@ -125,7 +133,15 @@ pub fn render_text(st: &Status) -> String {
             if t.done { ", done" } else { "" }
         );
     }
-    let _ = writeln!(s, "proxies: {}", if st.proxies.is_empty() { "none registered" } else { "" });
+    let _ = writeln!(
+        s,
+        "proxies: {}",
+        if st.proxies.is_empty() {
+            "none registered"
+        } else {
+            ""
+        }
+    );
     for p in &st.proxies {
         let _ = writeln!(
             s,
@@ -133,7 +149,9 @@ pub fn render_text(st: &Status) -> String {
             p.id,
             p.address.as_deref().unwrap_or("-"),
             p.heartbeat_age_s,
-            p.acked_rules_version.map(|v| v.to_string()).unwrap_or_else(|| "-".into()),
+            p.acked_rules_version
+                .map(|v| v.to_string())
+                .unwrap_or_else(|| "-".into()),
             if p.paused { ", paused" } else { "" }
         );
     }

@@ -44,7 +44,14 @@ pub struct Report {
 }
 
 fn check(name: &str, object: String, count: i64, examples: Vec<String>) -> Check {
-    Check { check: name.into(), object, passed: count == 0, count, examples, note: None }
+    Check {
+        check: name.into(),
+        object,
+        passed: count == 0,
+        count,
+        examples,
+        note: None,
+    }
 }
 
 struct Acc {
@@ -54,7 +61,10 @@ struct Acc {
 
 impl Acc {
     fn new() -> Acc {
-        Acc { count: 0, examples: Vec::new() }
+        Acc {
+            count: 0,
+            examples: Vec::new(),
+        }
     }
     fn add(&mut self, n: i64, ex: Option<Vec<String>>) {
         self.count += n;
@@ -118,8 +128,15 @@ FROM ({rows}) s LEFT JOIN (SELECT {pk} AS k, {pu} AS u FROM {p}) p ON p.k = s.fk
     )
 }
 
-async fn scalar_rows(client: &Client, sql: &str, args: &[&(dyn tokio_postgres::types::ToSql + Sync)]) -> Result<Vec<tokio_postgres::Row>, DbError> {
-    client.query(sql, args).await.map_err(|e| stmt_error(sql, e))
+async fn scalar_rows(
+    client: &Client,
+    sql: &str,
+    args: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<Vec<tokio_postgres::Row>, DbError> {
+    client
+        .query(sql, args)
+        .await
+        .map_err(|e| stmt_error(sql, e))
 }
 
 /// Index validity: `None` when missing.
@@ -129,7 +146,12 @@ async fn index_valid(client: &Client, schema: &str, name: &str) -> Result<Option
     Ok(scalar_rows(client, sql, &[&schema, &name]).await?[0].get(0))
 }
 
-async fn constraint_valid(client: &Client, schema: &str, table: &str, name: &str) -> Result<Option<bool>, DbError> {
+async fn constraint_valid(
+    client: &Client,
+    schema: &str,
+    table: &str,
+    name: &str,
+) -> Result<Option<bool>, DbError> {
     let sql = "SELECT bool_or(con.convalidated) FROM pg_constraint con JOIN pg_class c ON c.oid = con.conrelid \
                JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relname = $2 AND con.conname = $3";
     Ok(scalar_rows(client, sql, &[&schema, &table, &name]).await?[0].get(0))
@@ -138,10 +160,22 @@ async fn constraint_valid(client: &Client, schema: &str, table: &str, name: &str
 fn presence_check(name: &str, object: String, state: Option<bool>, what: &str) -> Check {
     let (count, note) = match state {
         Some(true) => (0, None),
-        Some(false) => (1, Some(format!("{what} exists but is not valid; run `keyshift harden`"))),
+        Some(false) => (
+            1,
+            Some(format!(
+                "{what} exists but is not valid; run `keyshift harden`"
+            )),
+        ),
         None => (1, Some(format!("{what} is missing; run `keyshift harden`"))),
     };
-    Check { check: name.into(), object, passed: count == 0, count, examples: Vec::new(), note }
+    Check {
+        check: name.into(),
+        object,
+        passed: count == 0,
+        count,
+        examples: Vec::new(),
+        note,
+    }
 }
 
 pub async fn run(client: &Client) -> Result<Report, VerifyError> {
@@ -155,13 +189,19 @@ pub async fn run(client: &Client) -> Result<Report, VerifyError> {
             passed: true,
             count: 0,
             examples: Vec::new(),
-            note: Some(format!("phase {phase}: verify checks the state before cutover; nothing to do")),
+            note: Some(format!(
+                "phase {phase}: verify checks the state before cutover; nothing to do"
+            )),
         }]
     } else {
         checks(client, &plan).await?
     };
     let passed = checks.iter().all(|c| c.passed);
-    Ok(Report { phase, passed, checks })
+    Ok(Report {
+        phase,
+        passed,
+        checks,
+    })
 }
 
 async fn checks(client: &Client, plan: &Plan) -> Result<Vec<Check>, VerifyError> {
@@ -169,11 +209,17 @@ async fn checks(client: &Client, plan: &Plan) -> Result<Vec<Check>, VerifyError>
     for t in &plan.tables {
         let tname = qualified(&t.schema, &t.name);
         let sql = key_scan_sql(t);
-        let stmt = client.prepare(&sql).await.map_err(|e| stmt_error(&sql, e))?;
+        let stmt = client
+            .prepare(&sql)
+            .await
+            .map_err(|e| stmt_error(&sql, e))?;
         let mut cursor = i64::MIN;
         let mut nulls = Acc::new();
         loop {
-            let r = client.query_one(&stmt, &[&cursor, &SCAN_BATCH]).await.map_err(|e| stmt_error(&sql, e))?;
+            let r = client
+                .query_one(&stmt, &[&cursor, &SCAN_BATCH])
+                .await
+                .map_err(|e| stmt_error(&sql, e))?;
             let next: Option<i64> = r.get(0);
             nulls.add(r.get(2), r.get(3));
             match next {
@@ -181,11 +227,21 @@ async fn checks(client: &Client, plan: &Plan) -> Result<Vec<Check>, VerifyError>
                 None => break,
             }
         }
-        out.push(check("no NULL key uuid", format!("{tname}.{}", t.uuid_column), nulls.count, nulls.examples));
+        out.push(check(
+            "no NULL key uuid",
+            format!("{tname}.{}", t.uuid_column),
+            nulls.count,
+            nulls.examples,
+        ));
 
         let valid = index_valid(client, &t.schema, &t.uuid_index).await?;
         if valid == Some(true) {
-            let mut c = check("key uuids unique", format!("{tname}.{}", t.uuid_column), 0, Vec::new());
+            let mut c = check(
+                "key uuids unique",
+                format!("{tname}.{}", t.uuid_column),
+                0,
+                Vec::new(),
+            );
             c.note = Some(format!("enforced by unique index {}", t.uuid_index));
             out.push(c);
         } else {
@@ -202,18 +258,42 @@ async fn checks(client: &Client, plan: &Plan) -> Result<Vec<Check>, VerifyError>
                 rows.iter().map(|r| r.get::<_, String>(1)).collect(),
             ));
         }
-        out.push(presence_check("unique index valid", qualified(&t.schema, &t.uuid_index), valid, "the index"));
+        out.push(presence_check(
+            "unique index valid",
+            qualified(&t.schema, &t.uuid_index),
+            valid,
+            "the index",
+        ));
         let cv = constraint_valid(client, &t.schema, &t.name, &t.not_null_check).await?;
-        out.push(presence_check("NOT NULL check validated", format!("{tname} {}", t.not_null_check), cv, "the CHECK"));
+        out.push(presence_check(
+            "NOT NULL check validated",
+            format!("{tname} {}", t.not_null_check),
+            cv,
+            "the CHECK",
+        ));
     }
     for (_, f) in plan.foreign_keys() {
-        let cname = format!("{}.{}", qualified(&f.child_schema, &f.child_table), f.uuid_column);
+        let cname = format!(
+            "{}.{}",
+            qualified(&f.child_schema, &f.child_table),
+            f.uuid_column
+        );
         let sql = fk_scan_sql(f);
-        let stmt = client.prepare(&sql).await.map_err(|e| stmt_error(&sql, e))?;
-        let mut cursor = if f.child_batch_key.is_some() { i64::MIN } else { 0 };
+        let stmt = client
+            .prepare(&sql)
+            .await
+            .map_err(|e| stmt_error(&sql, e))?;
+        let mut cursor = if f.child_batch_key.is_some() {
+            i64::MIN
+        } else {
+            0
+        };
         let (mut nulls, mut differ, mut orphans) = (Acc::new(), Acc::new(), Acc::new());
         loop {
-            let r = client.query_one(&stmt, &[&cursor, &SCAN_BATCH]).await.map_err(|e| stmt_error(&sql, e))?;
+            let r = client
+                .query_one(&stmt, &[&cursor, &SCAN_BATCH])
+                .await
+                .map_err(|e| stmt_error(&sql, e))?;
             let next: Option<i64> = r.get(0);
             nulls.add(r.get(2), r.get(3));
             differ.add(r.get(4), r.get(5));
@@ -224,19 +304,49 @@ async fn checks(client: &Client, plan: &Plan) -> Result<Vec<Check>, VerifyError>
                 None => break,
             }
         }
-        out.push(check("no NULL FK uuid", cname.clone(), nulls.count, nulls.examples));
-        out.push(check("FK uuid equals the parent's uuid", cname.clone(), differ.count, differ.examples));
-        out.push(check("no orphans", cname.clone(), orphans.count, orphans.examples));
-        let cv = constraint_valid(client, &f.child_schema, &f.child_table, &f.shadow_constraint).await?;
+        out.push(check(
+            "no NULL FK uuid",
+            cname.clone(),
+            nulls.count,
+            nulls.examples,
+        ));
+        out.push(check(
+            "FK uuid equals the parent's uuid",
+            cname.clone(),
+            differ.count,
+            differ.examples,
+        ));
+        out.push(check(
+            "no orphans",
+            cname.clone(),
+            orphans.count,
+            orphans.examples,
+        ));
+        let cv = constraint_valid(
+            client,
+            &f.child_schema,
+            &f.child_table,
+            &f.shadow_constraint,
+        )
+        .await?;
         out.push(presence_check(
             "shadow FK validated",
-            format!("{} {}", qualified(&f.child_schema, &f.child_table), f.shadow_constraint),
+            format!(
+                "{} {}",
+                qualified(&f.child_schema, &f.child_table),
+                f.shadow_constraint
+            ),
             cv,
             "the shadow foreign key",
         ));
         for i in &f.indexes {
             let v = index_valid(client, &f.child_schema, &i.uuid_name).await?;
-            out.push(presence_check("mirrored index valid", qualified(&f.child_schema, &i.uuid_name), v, "the index"));
+            out.push(presence_check(
+                "mirrored index valid",
+                qualified(&f.child_schema, &i.uuid_name),
+                v,
+                "the index",
+            ));
         }
     }
     Ok(out)

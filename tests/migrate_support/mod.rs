@@ -119,7 +119,12 @@ pub fn text(o: &Output) -> String {
 /// Runs and asserts the exit code.
 pub fn ks_expect(url: &str, args: &[&str], code: i32) -> Output {
     let o = ks(url, args);
-    assert_eq!(o.status.code(), Some(code), "keyshift {args:?}\n{}", text(&o));
+    assert_eq!(
+        o.status.code(),
+        Some(code),
+        "keyshift {args:?}\n{}",
+        text(&o)
+    );
     o
 }
 
@@ -137,7 +142,11 @@ pub fn schema_dump(db: &common::TestDb) -> String {
         .args(["--schema-only", "--no-owner", "-d", &db.url()])
         .output()
         .expect("run pg_dump");
-    assert!(o.status.success(), "pg_dump: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "pg_dump: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     // PostgreSQL 15.14+ wraps the dump in \restrict <random key>: not part of the schema.
     String::from_utf8_lossy(&o.stdout)
         .lines()
@@ -148,13 +157,18 @@ pub fn schema_dump(db: &common::TestDb) -> String {
 
 /// Compares with `tests/golden/<name>`; `UPDATE_GOLDEN=1` rewrites the file instead.
 pub fn golden(name: &str, actual: &str) {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(name);
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name);
     if std::env::var("UPDATE_GOLDEN").is_ok_and(|v| v == "1") {
         std::fs::write(&path, actual).expect("write golden file");
         return;
     }
     let want = std::fs::read_to_string(&path).unwrap_or_else(|_| {
-        panic!("missing golden file {}; run with UPDATE_GOLDEN=1 to create it", path.display())
+        panic!(
+            "missing golden file {}; run with UPDATE_GOLDEN=1 to create it",
+            path.display()
+        )
     });
     if want != actual {
         let diff: Vec<String> = want
@@ -175,5 +189,8 @@ pub fn golden(name: &str, actual: &str) {
 }
 
 pub async fn count(c: &tokio_postgres::Client, sql: &str) -> i64 {
-    c.query_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
+    c.query_one(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .get(0)
 }
