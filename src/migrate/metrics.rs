@@ -2,6 +2,9 @@
 //! [`MigrateMetrics`], registers it in its own registry, and calls [`MigrateMetrics::observe`]
 //! with a [`Progress`] read from the database (`progress::read`) at each scrape or on a timer.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use prometheus::{Histogram, HistogramOpts, IntGaugeVec, Opts, Registry};
 
 use super::progress::Progress;
@@ -15,10 +18,12 @@ pub struct MigrateMetrics {
     pub rows_remaining: IntGaugeVec,
     /// `keyshift_backfill_last_batch_seconds_milli{task}`: duration of the last batch, ms.
     pub last_batch_ms: IntGaugeVec,
-    /// `keyshift_backfill_batch_seconds`: batch durations seen in this process.
+    /// `keyshift_backfill_batch_seconds`: durations of the batches seen between observations.
     pub batch_seconds: Histogram,
     /// `keyshift_migration_phase{phase}`: 1 for the current phase, 0 for the others.
     pub phase: IntGaugeVec,
+    /// Batch count per task at the last observation, so that each new batch is counted once.
+    seen: Arc<Mutex<HashMap<String, i64>>>,
 }
 
 impl MigrateMetrics {
@@ -59,6 +64,7 @@ impl MigrateMetrics {
                 ),
                 &["phase"],
             )?,
+            seen: Arc::default(),
         })
     }
 
@@ -89,6 +95,14 @@ impl MigrateMetrics {
                 self.last_batch_ms
                     .with_label_values(&[&t.task])
                     .set(ms.round() as i64);
+                // Only the last batch's duration is stored: observe it once per new batch count
+                // (a sample of the durations when scrapes are rarer than batches).
+                if let Ok(mut seen) = self.seen.lock() {
+                    let prev = seen.insert(t.task.clone(), t.batches);
+                    if prev.is_some_and(|p| p != t.batches) {
+                        self.batch_seconds.observe(ms / 1000.0);
+                    }
+                }
             }
         }
     }
@@ -130,5 +144,31 @@ mod tests {
         assert_eq!(m.phase.with_label_values(&["backfilling"]).get(), 1);
         assert_eq!(m.phase.with_label_values(&["expanded"]).get(), 0);
         assert!(!r.gather().is_empty());
+        let mut p = Progress {
+            phase: Some(Phase::Backfilling),
+            rules_version: 3,
+            tasks: Vec::new(),
+        };
+        let t = TaskProgress {
+            task: "key:public.t".into(),
+            kind: "key".into(),
+            schema: "public".into(),
+            table: "t".into(),
+            column: "id_uuid".into(),
+            done: false,
+            rows_estimate: 100,
+            rows_done: 50,
+            rows_updated: 50,
+            batches: 5,
+            last_batch_ms: Some(20.0),
+        };
+        p.tasks.push(t);
+        m.observe(&p);
+        m.observe(&p);
+        assert_eq!(
+            m.batch_seconds.get_sample_count(),
+            1,
+            "one new batch, observed once"
+        );
     }
 }
