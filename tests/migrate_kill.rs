@@ -82,11 +82,11 @@ async fn sigkill_at_random_points_then_resume() {
         let done = count(
             &c,
             &format!(
-                "SELECT rows_done FROM keyshift.backfill WHERE kind = 'fk' AND table_name = '{t}'"
+                "SELECT rows_done FROM keyshift.backfill WHERE kind = 'catchup' AND table_name = '{t}'"
             ),
         )
         .await;
-        assert_eq!(done, want, "FK pass of {t}");
+        assert_eq!(done, want, "catch-up pass (FK twins were filled by the key pass, parents first) of {t}");
     }
     assert_eq!(
         count(&c, "SELECT count(*) FROM keyshift.backfill WHERE NOT done").await,

@@ -5,7 +5,7 @@
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
-use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
 use serde::Serialize;
 use tokio_postgres::Client;
 
@@ -119,9 +119,12 @@ impl Display {
             let b = m.add(ProgressBar::new(total));
             b.set_style(
                 ProgressStyle::with_template(
-                    "{prefix:<40} [{bar:30}] {human_pos}/{human_len} rows {per_sec} ETA {eta}",
+                    "{prefix:<44} [{bar:30}] {human_pos}/{human_len} rows {rate} ETA {eta}",
                 )
                 .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .with_key("rate", |s: &ProgressState, w: &mut dyn std::fmt::Write| {
+                    let _ = write!(w, "{:.0} rows/s", s.per_sec());
+                })
                 .progress_chars("=> "),
             );
             b.set_prefix(name.to_string());
