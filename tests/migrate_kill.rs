@@ -86,7 +86,10 @@ async fn sigkill_at_random_points_then_resume() {
             ),
         )
         .await;
-        assert_eq!(done, want, "catch-up pass (FK twins were filled by the key pass, parents first) of {t}");
+        assert_eq!(
+            done, want,
+            "catch-up pass (FK twins were filled by the key pass, parents first) of {t}"
+        );
     }
     assert_eq!(
         count(&c, "SELECT count(*) FROM keyshift.backfill WHERE NOT done").await,

@@ -163,6 +163,8 @@ pub async fn run(client: &Client, s: &Settings) -> Result<Summary, BackfillError
     // A crash can lose the last commits, but each one holds its rows AND its cursor: a lost
     // batch is simply redone. So the batches need not wait for the WAL flush.
     db::exec(client, "SET synchronous_commit = off").await?;
+    // Plans for the bounds actually passed: a generic plan would guess the range's size.
+    db::exec(client, "SET plan_cache_mode = force_custom_plan").await?;
     let mut display = Display::new();
     let mut limiter = Limiter {
         max: s.max_rows_per_sec,
@@ -175,7 +177,10 @@ pub async fn run(client: &Client, s: &Settings) -> Result<Summary, BackfillError
     for t in &plan.tables {
         work.push((key_task(t), Work::Key(t)));
     }
-    for (_, f) in plan.foreign_keys().filter(|(_, f)| !ddl::is_fused(&plan, f)) {
+    for (_, f) in plan
+        .foreign_keys()
+        .filter(|(_, f)| !ddl::is_fused(&plan, f))
+    {
         work.push((fk_task("fk", f), Work::Fk(f)));
     }
     for (_, f) in plan.foreign_keys() {
@@ -203,9 +208,17 @@ pub async fn run(client: &Client, s: &Settings) -> Result<Summary, BackfillError
         let mut cursor: Option<i64> = row.get(1);
         let rows_done: i64 = row.get(2);
         let estimate: i64 = row.get(3);
-        let (sql, by_ctid) = match w {
-            Work::Key(t) => (ddl::key_batch(&plan, t), false),
-            Work::Fk(f) => (ddl::fk_batch(f), f.child_batch_key.is_none()),
+        let (bounds, sql, by_ctid) = match w {
+            Work::Key(t) => (
+                ddl::key_bounds(&qualified(&t.schema, &t.name), &t.key),
+                ddl::key_batch(&plan, t),
+                false,
+            ),
+            Work::Fk(f) => (
+                ddl::fk_bounds(f),
+                ddl::fk_batch(f),
+                f.child_batch_key.is_none(),
+            ),
         };
         db::exec(
             client,
@@ -215,6 +228,10 @@ pub async fn run(client: &Client, s: &Settings) -> Result<Summary, BackfillError
             ),
         )
         .await?;
+        let bounds_stmt = client
+            .prepare(&bounds)
+            .await
+            .map_err(|e| stmt_error(&bounds, e))?;
         let stmt = client
             .prepare(&sql)
             .await
@@ -227,20 +244,26 @@ pub async fn run(client: &Client, s: &Settings) -> Result<Summary, BackfillError
         };
         let mut bar = display.task(task, estimate, rows_done);
         loop {
-            let arg = if by_ctid {
+            let lo = if by_ctid {
                 cursor.map(|c| c + 1).unwrap_or(0)
             } else {
                 cursor.unwrap_or(i64::MIN)
             };
             let t0 = Instant::now();
             let r = client
-                .query_one(&stmt, &[&arg, &size, task])
+                .query_one(&bounds_stmt, &[&lo, &size])
                 .await
-                .map_err(|e| stmt_error(&sql, e))?;
-            let ms = t0.elapsed().as_secs_f64() * 1000.0;
-            let next: Option<i64> = r.get(0);
+                .map_err(|e| stmt_error(&bounds, e))?;
+            let hi: Option<i64> = r.get(0);
             let scanned: i64 = r.get(1);
-            let updated: i64 = r.get(2);
+            let Some(hi) = hi else { break };
+            let updated: i64 = client
+                .query_one(&stmt, &[&lo, &hi, task, &scanned])
+                .await
+                .map_err(|e| stmt_error(&sql, e))?
+                .get(0);
+            let ms = t0.elapsed().as_secs_f64() * 1000.0;
+            cursor = Some(hi);
             sum.rows_scanned += scanned;
             sum.rows_updated += updated;
             // Best effort, outside the batch: only for display and metrics.
@@ -252,10 +275,6 @@ pub async fn run(client: &Client, s: &Settings) -> Result<Summary, BackfillError
                 .await;
             display.advance(&mut bar, scanned.max(0) as u64);
             limiter.after(scanned.max(0) as u64).await;
-            match next {
-                Some(n) if by_ctid || scanned > 0 => cursor = Some(n),
-                _ => break,
-            }
         }
         display.finish(&bar);
         client

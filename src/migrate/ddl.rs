@@ -179,27 +179,65 @@ pub fn expand(plan: &Plan) -> Vec<Step> {
     v
 }
 
-/// One keyset batch filling the key uuids of `t`: `$1` the cursor (last key done), `$2` the
-/// batch size, `$3` the task name. One statement, so the rows and the saved cursor commit
-/// together: a kill at any moment loses or repeats nothing. The batch's upper key is found
-/// first, then the rows are updated by an index range scan (cheaper than one lookup per row).
+/// The next batch's bounds along an integer key: `$1` the cursor (last key done), `$2` the
+/// batch size; returns the batch's last key (NULL when no row is left) and its row count.
+/// Known bounds give the batch statement exact estimates, hence an index range scan.
+pub fn key_bounds(table: &str, key: &str) -> String {
+    let k = quote(key);
+    format!(
+        "SELECT max(k)::bigint, count(*) FROM (SELECT {k} AS k FROM {table} WHERE {k} > $1::bigint ORDER BY {k} LIMIT $2::bigint) s"
+    )
+}
+
+/// The next batch of heap pages for a child without an integer key: `$1` the first page,
+/// `$2` pages per batch; returns the last page (NULL past the end) and the rows in them.
+pub fn ctid_bounds(table: &str) -> String {
+    format!(
+        "SELECT CASE WHEN $1::bigint >= pg_relation_size({rel}) / current_setting('block_size')::bigint \
+THEN NULL ELSE $1::bigint + $2::bigint - 1 END, \
+(SELECT count(*) FROM {table} AS c WHERE {range})",
+        rel = literal(table) + "::regclass",
+        range = CTID_RANGE,
+    )
+}
+
+const CTID_RANGE: &str = "c.ctid >= format('(%s,0)', $1::bigint)::tid AND c.ctid < format('(%s,0)', $2::bigint + 1)::tid";
+
+/// The bounds query of a backfill task: `key_bounds` or `ctid_bounds`.
+pub fn fk_bounds(f: &PlanFk) -> String {
+    match &f.child_batch_key {
+        Some(ck) => key_bounds(&child(f), ck),
+        None => ctid_bounds(&child(f)),
+    }
+}
+
+/// One batch filling the key uuids of `t` (and the twins of [`fused_fks`]): `$1` the cursor,
+/// `$2` the batch's last key, `$3` the task, `$4` the batch's row count. One statement, so
+/// the rows and the saved cursor commit together: a kill at any moment loses or repeats nothing.
 pub fn key_batch(plan: &Plan, t: &PlanTable) -> String {
     let k = quote(&t.key);
     let u = quote(&t.uuid_column);
     let mut set = format!("{u} = {}", uuid_generator(plan));
     for f in fused_fks(plan, t) {
-        let _ = write!(set, ", {} = {}", quote(&f.uuid_column), parent_uuid_of(f, "t"));
+        let _ = write!(
+            set,
+            ", {} = {}",
+            quote(&f.uuid_column),
+            parent_uuid_of(f, "t")
+        );
     }
     format!(
-        "WITH {batch}, \
-upd AS (UPDATE {tb} AS t SET {set} WHERE {k} > $1::bigint AND {k} <= (SELECT hi FROM batch) AND {u} IS NULL RETURNING 1), \
-{cur} \
-SELECT (SELECT hi FROM batch), (SELECT n FROM batch), (SELECT count(*) FROM upd)",
-        batch = batch_cte(&t.key, &tbl(t)),
+        "WITH upd AS (UPDATE {tb} AS t SET {set} WHERE t.{k} > $1::bigint AND t.{k} <= $2::bigint AND t.{u} IS NULL RETURNING 1), \
+{CURSOR_CTE} \
+SELECT count(*) FROM upd",
         tb = tbl(t),
-        cur = cursor_cte("(SELECT hi FROM batch)", "(SELECT count(*) FROM upd)"),
     )
 }
+
+/// Saves the cursor in the batch's own statement.
+const CURSOR_CTE: &str = "cur AS (UPDATE keyshift.backfill SET cursor = $2::bigint, \
+rows_done = rows_done + $4::bigint, rows_updated = rows_updated + (SELECT count(*) FROM upd), \
+batches = batches + 1, updated_at = clock_timestamp() WHERE task = $3 RETURNING 1)";
 
 /// FKs of `t` whose parent comes strictly earlier in the plan: the parent's key pass is done
 /// by the time `t`'s runs, so `t`'s key pass fills their twins in the same write. One row
@@ -223,24 +261,11 @@ pub fn fused_fks<'a>(plan: &'a Plan, t: &PlanTable) -> Vec<&'a PlanFk> {
 /// Whether `f`'s twin is filled by its child's key pass.
 pub fn is_fused(plan: &Plan, f: &PlanFk) -> bool {
     plan.table(&f.child_schema, &f.child_table)
-        .is_some_and(|t| fused_fks(plan, t).iter().any(|x| x.constraint == f.constraint))
-}
-
-/// The batch: its last key (`hi`, NULL when no row is left) and its row count (`n`).
-fn batch_cte(key: &str, table: &str) -> String {
-    let k = quote(key);
-    format!(
-        "batch AS (SELECT max(k)::bigint AS hi, count(*) AS n FROM \
-(SELECT {k} AS k FROM {table} WHERE {k} > $1::bigint ORDER BY {k} LIMIT $2::bigint) s)"
-    )
-}
-
-fn cursor_cte(next: &str, updated: &str) -> String {
-    format!(
-        "cur AS (UPDATE keyshift.backfill SET cursor = COALESCE({next}, cursor), \
-rows_done = rows_done + (SELECT n FROM batch), rows_updated = rows_updated + {updated}, \
-batches = batches + 1, updated_at = clock_timestamp() WHERE task = $3 RETURNING 1)"
-    )
+        .is_some_and(|t| {
+            fused_fks(plan, t)
+                .iter()
+                .any(|x| x.constraint == f.constraint)
+        })
 }
 
 /// The parent's uuid for the child row `c`, NULL when the FK is NULL.
@@ -259,61 +284,26 @@ fn parent_uuid_of(f: &PlanFk, alias: &str) -> String {
 }
 
 /// One batch setting `<fk>_uuid` to the parent's uuid, along the child's integer key (or its
-/// ctid pages when it has none). Only rows whose twin differs are written, so the same
-/// statement is also the catch-up pass: it repairs NULL and stale twins left by writes that did
-/// not go through the proxy (and clears the twin of a row whose FK was set to NULL).
+/// ctid pages when it has none), parameters as [`key_batch`]. Only rows whose twin differs are
+/// written, so the same statement is also the catch-up pass: it repairs NULL and stale twins
+/// left by writes that did not go through the proxy (NULL when the FK was set to NULL). The
+/// parent is looked up per row (a SubPlan on its key): a plan that cannot turn into a hash
+/// join over the whole parent.
 pub fn fk_batch(f: &PlanFk) -> String {
     let fu = quote(&f.uuid_column);
-    let fk = quote(&f.child_column);
-    let (batch, range, next) = match &f.child_batch_key {
+    let range = match &f.child_batch_key {
         Some(ck) => {
             let ck = quote(ck);
-            (
-                batch_cte(f.child_batch_key.as_deref().unwrap_or_default(), &child(f)),
-                format!("c.{ck} > $1::bigint AND c.{ck} <= (SELECT hi FROM batch)"),
-                "(SELECT hi FROM batch)".to_string(),
-            )
+            format!("c.{ck} > $1::bigint AND c.{ck} <= $2::bigint")
         }
-        None => {
-            // No integer key: walk the heap by page ranges ($1 first page, $2 pages per batch).
-            let range = "c.ctid >= format('(%s,0)', $1::bigint)::tid \
-AND c.ctid < format('(%s,0)', $1::bigint + $2::bigint)::tid"
-                .to_string();
-            (
-                format!(
-                    "batch AS (SELECT CASE WHEN $1::bigint >= pg_relation_size({rel}) / current_setting('block_size')::bigint \
-THEN NULL ELSE $1::bigint + $2::bigint - 1 END AS hi, (SELECT count(*) FROM {c} AS c WHERE {range}) AS n)",
-                    rel = literal(&child(f)) + "::regclass",
-                    c = child(f),
-                ),
-                range,
-                "(SELECT hi FROM batch)".to_string(),
-            )
-        }
+        None => CTID_RANGE.to_string(),
     };
-    let clear = if f.child_not_null {
-        String::new()
-    } else {
-        format!(
-            "clr AS (UPDATE {c} AS c SET {fu} = NULL WHERE {range} AND c.{fk} IS NULL AND c.{fu} IS NOT NULL RETURNING 1), ",
-            c = child(f)
-        )
-    };
-    let updated = if f.child_not_null {
-        "(SELECT count(*) FROM upd)"
-    } else {
-        "((SELECT count(*) FROM upd) + (SELECT count(*) FROM clr))"
-    };
+    let pu = parent_uuid(f);
     format!(
-        "WITH {batch}, \
-upd AS (UPDATE {c} AS c SET {fu} = p.{pu} FROM {p} AS p WHERE {range} AND p.{pk} = c.{fk} AND c.{fu} IS DISTINCT FROM p.{pu} RETURNING 1), \
-{clear}{cur} \
-SELECT {next}, (SELECT n FROM batch), {updated}",
+        "WITH upd AS (UPDATE {c} AS c SET {fu} = {pu} WHERE {range} AND c.{fu} IS DISTINCT FROM {pu} RETURNING 1), \
+{CURSOR_CTE} \
+SELECT count(*) FROM upd",
         c = child(f),
-        p = parent(f),
-        pu = quote(&f.parent_uuid_column),
-        pk = quote(&f.parent_key),
-        cur = cursor_cte(&next, updated),
     )
 }
 
@@ -1132,7 +1122,7 @@ mod tests {
         let p = plan();
         let t = &p.tables[0];
         let k = key_batch(&p, t);
-        assert!(k.starts_with("WITH batch AS"));
+        assert!(k.starts_with("WITH upd AS"));
         assert!(k.contains("UPDATE keyshift.backfill SET cursor"));
         let f = &p.tables[1].referenced_by[0];
         let s = fk_batch(f);
