@@ -12,6 +12,7 @@ pub mod gate;
 pub mod messages;
 pub mod session;
 pub mod startup;
+pub mod statements;
 pub mod stream;
 pub mod tls;
 pub mod upstream;
@@ -55,6 +56,8 @@ pub struct Shared {
     pub cancels: cancel::CancelMap,
     pub gate: gate::Gate,
     pub metrics: Metrics,
+    /// The SQL rewriter in force; `None` means pure passthrough (no migration running).
+    pub rewriter: arc_swap::ArcSwapOption<statements::ActiveRewriter>,
     /// Becomes true when sessions must end now (shutdown grace over).
     pub force_shutdown: watch::Receiver<bool>,
     force_tx: watch::Sender<bool>,
@@ -93,6 +96,7 @@ impl Proxy {
             cancels: Default::default(),
             gate: Default::default(),
             metrics: Metrics::new(),
+            rewriter: arc_swap::ArcSwapOption::empty(),
             force_shutdown: force_rx,
             force_tx,
         });

@@ -27,6 +27,9 @@ use super::Shared;
 use super::frame::{FrameError, Scan, Scanner};
 use super::gate::{SessionInfo, SessionState};
 use super::messages::{self, sqlstate};
+use std::collections::VecDeque;
+
+use super::statements::{self, Decision, Prepared, Refusal};
 use super::stream::Stream;
 use crate::metrics::SessionCounters;
 
@@ -68,6 +71,11 @@ pub struct Session {
     open_seq: bool,
     held: bool,
     terminating: bool,
+    /// Named statements whose SQL was rewritten, for re-preparing at cutover.
+    prepared: Prepared,
+    /// Refused statements whose marker error is still to come back from PostgreSQL.
+    refusals: VecDeque<Refusal>,
+    next_refusal: u64,
     counters: SessionCounters,
     info: Arc<SessionInfo>,
     shared: Arc<Shared>,
@@ -117,6 +125,9 @@ impl Session {
             open_seq: false,
             held: false,
             terminating: false,
+            prepared: Prepared::default(),
+            refusals: VecDeque::new(),
+            next_refusal: 0,
             counters: SessionCounters::default(),
             info,
             shared,
@@ -320,9 +331,12 @@ impl Session {
     }
 
     /// Scans client bytes into `c_out`, applying the gate at the first message after a
-    /// ReadyForQuery.
+    /// ReadyForQuery and, when a rewriter is active, handing it the SQL of Query and Parse.
     fn scan_client(&mut self) -> Result<Option<Event>, FrameError> {
         let max = self.shared.cfg.max_message_bytes;
+        let rewriter = self.shared.rewriter.load();
+        let rewriting = rewriter.is_some();
+        let want = |t: u8| t == b'X' || (rewriting && matches!(t, b'Q' | b'P' | b'C'));
         let mut fwd = 0;
         let mut event = None;
         loop {
@@ -341,7 +355,7 @@ impl Session {
                     self.shared.gate.set_state(&self.info, SessionState::Active);
                 }
             }
-            match self.c_scan.next(rest, max, |t| t == b'X')? {
+            match self.c_scan.next(rest, max, want)? {
                 Scan::NeedMore => break,
                 Scan::Forward { n } => fwd += n,
                 Scan::Message { tag, len, inspect } => {
@@ -358,11 +372,41 @@ impl Session {
                         b'P' | b'B' | b'E' | b'D' | b'C' | b'H' => self.open_seq = true,
                         _ => {}
                     }
-                    if inspect {
+                    if !inspect {
+                        continue;
+                    }
+                    if tag == b'X' {
                         // Terminate: forward it, then close once it is written.
                         fwd += len;
                         self.terminating = true;
                         break;
+                    }
+                    let msg = &rest[..len];
+                    // ReadyForQuery messages owed before the one this statement's sequence
+                    // ends with (a Query's own was counted above).
+                    let ready_before = self.pending_z - u32::from(tag == b'Q');
+                    let replacement = match &*rewriter {
+                        Some(rw) => {
+                            let mut refusal =
+                                Refusal::new(self.next_refusal, "".into(), ready_before);
+                            let r = rewrite_message(&mut self.prepared, &*rw.0, msg, &mut refusal);
+                            if !refusal.message.is_empty() {
+                                self.next_refusal += 1;
+                                self.refusals.push_back(refusal);
+                            }
+                            r
+                        }
+                        None => None,
+                    };
+                    match replacement {
+                        None => fwd += len,
+                        Some(new) => {
+                            self.counters.client_bytes(fwd);
+                            move_prefix(&mut self.c_in, &mut self.c_out, fwd);
+                            fwd = 0;
+                            self.c_out.extend_from_slice(&new);
+                            self.c_in.advance(len);
+                        }
                     }
                 }
             }
@@ -372,29 +416,70 @@ impl Session {
         Ok(event)
     }
 
-    /// Scans server bytes into `s_out`, tracking ReadyForQuery.
+    /// Scans server bytes into `s_out`, tracking ReadyForQuery, and putting keyshift's own
+    /// error in place of PostgreSQL's answer to a refusal marker.
     fn scan_server(&mut self) -> Result<(), FrameError> {
         let mut fwd = 0;
         loop {
+            let refusing = !self.refusals.is_empty();
             let rest = &self.s_in[fwd..];
-            match self.s_scan.next(rest, MAX_SERVER_MESSAGE, |t| t == b'Z')? {
+            match self.s_scan.next(rest, MAX_SERVER_MESSAGE, |t| {
+                t == b'Z' || (refusing && t == b'E')
+            })? {
                 Scan::NeedMore => break,
                 Scan::Forward { n } => fwd += n,
                 Scan::Message { tag, len, inspect } => {
                     self.counters.server_message(tag);
-                    if inspect {
-                        // ReadyForQuery: tag, length 5, status.
-                        if len != 6 {
-                            return Err(FrameError::Malformed("ReadyForQuery"));
+                    if !inspect {
+                        continue;
+                    }
+                    if tag == b'E' {
+                        let ours = self.refusals.front().filter(|r| {
+                            r.ready_before == 0
+                                && statements::error_message(&rest[..len]).is_some_and(|m| {
+                                    m.windows(r.marker.len()).any(|w| w == r.marker.as_bytes())
+                                })
+                        });
+                        match ours {
+                            Some(r) => {
+                                let err = messages::error(
+                                    sqlstate::FEATURE_NOT_SUPPORTED,
+                                    &r.message,
+                                    Some(
+                                        "keyshift runs with strict = true; see docs/limitations.md",
+                                    ),
+                                );
+                                self.refusals.pop_front();
+                                self.counters.server_bytes(fwd);
+                                move_prefix(&mut self.s_in, &mut self.s_out, fwd);
+                                fwd = 0;
+                                self.s_out.extend_from_slice(&err);
+                                self.s_in.advance(len);
+                            }
+                            None => fwd += len,
                         }
-                        self.status = rest[5];
-                        self.pending_z = self.pending_z.saturating_sub(1);
-                        fwd += len;
-                        if self.waiting_for_client() {
-                            let st = self.state_after_ready();
-                            self.shared.gate.set_state(&self.info, st);
-                            self.counters.flush_if_due(&self.shared.metrics);
-                        }
+                        continue;
+                    }
+                    // ReadyForQuery: tag, length 5, status.
+                    if len != 6 {
+                        return Err(FrameError::Malformed("ReadyForQuery"));
+                    }
+                    self.status = rest[5];
+                    self.pending_z = self.pending_z.saturating_sub(1);
+                    fwd += len;
+                    if refusing {
+                        // A refusal whose sequence just ended without its error (an earlier
+                        // error made PostgreSQL skip it) is dropped; the others move closer.
+                        self.refusals.retain_mut(|r| {
+                            let keep = r.ready_before > 0;
+                            r.ready_before = r.ready_before.saturating_sub(1);
+                            keep
+                        });
+                    }
+                    if self.waiting_for_client() {
+                        let st = self.state_after_ready();
+                        self.shared.gate.set_state(&self.info, st);
+                        self.counters.flush_if_due(&self.shared.metrics);
                     }
                 }
             }
@@ -430,6 +515,48 @@ impl Session {
         };
         let _ = tokio::time::timeout(Duration::from_secs(2), fut).await;
     }
+}
+
+/// The message to send instead of `msg` (a whole Query, Parse or Close), if any.
+/// A refused statement is replaced by `refusal.marker`, and `refusal.message` is filled in.
+fn rewrite_message(
+    prepared: &mut Prepared,
+    rw: &dyn statements::StatementRewriter,
+    msg: &[u8],
+    refusal: &mut Refusal,
+) -> Option<BytesMut> {
+    if msg[0] == b'C' {
+        // Close of a statement: forget it.
+        if msg.get(5) == Some(&b'S') {
+            let name = &msg[6..msg.len().saturating_sub(1)];
+            prepared.forget(name);
+        }
+        return None;
+    }
+    let m = statements::split(msg)?;
+    // Only valid UTF-8 is rewritten; anything else passes exactly as it came.
+    let sql = std::str::from_utf8(m.sql).ok()?;
+    let new_sql = match rw.rewrite(sql) {
+        Decision::Forward => {
+            if m.tag == b'P' {
+                // Re-using a name for an untouched statement replaces a rewritten one.
+                prepared.forget(m.name);
+            }
+            return None;
+        }
+        Decision::Replace(new) => new.to_string(),
+        Decision::Refuse(message) => {
+            refusal.message = message;
+            prepared.forget(m.name);
+            refusal.marker.clone()
+        }
+    };
+    if m.tag == b'P' && refusal.message.is_empty() {
+        prepared.remember(m.name, sql, m.rest);
+    }
+    let mut out = BytesMut::with_capacity(new_sql.len() + 16);
+    statements::rebuild(&m, &new_sql, &mut out);
+    Some(out)
 }
 
 /// Completes when the proxy orders every session closed.
