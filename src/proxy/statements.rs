@@ -132,13 +132,26 @@ pub fn error_message(msg: &[u8]) -> Option<&[u8]> {
 /// SQL and parameter types: cutover prepares them again under the new rules.
 #[derive(Default, Debug)]
 pub struct Prepared {
-    map: HashMap<Box<[u8]>, (Arc<str>, Box<[u8]>)>,
+    map: HashMap<Box<[u8]>, PreparedSql>,
+}
+
+/// A rewritten statement's original SQL and the parameter-type tail of its Parse message.
+#[derive(Debug)]
+struct PreparedSql {
+    sql: Arc<str>,
+    rest: Box<[u8]>,
 }
 
 impl Prepared {
     pub fn remember(&mut self, name: &[u8], original: &str, rest: &[u8]) {
         if !name.is_empty() {
-            self.map.insert(name.into(), (original.into(), rest.into()));
+            self.map.insert(
+                name.into(),
+                PreparedSql {
+                    sql: original.into(),
+                    rest: rest.into(),
+                },
+            );
         }
     }
 
@@ -157,7 +170,9 @@ impl Prepared {
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], &str, &[u8])> {
-        self.map.iter().map(|(k, (s, r))| (&k[..], &s[..], &r[..]))
+        self.map
+            .iter()
+            .map(|(k, p)| (&k[..], &p.sql[..], &p.rest[..]))
     }
 }
 
