@@ -30,9 +30,10 @@ async fn setup() -> (common::TestDb, TestProxy, tokio_postgres::Client) {
         .await
         .unwrap();
     let p = TestProxy::start();
-    p.shared
-        .rewriter
-        .store(Some(Arc::new(ActiveRewriter(Box::new(Swap)))));
+    p.shared.rewriter.store(Some(Arc::new(ActiveRewriter {
+        database: Some(db.name.clone()),
+        rewriter: Box::new(Swap),
+    })));
     let c = common::connect(&p.url("postgres", &db.name)).await;
     (db, p, c)
 }
@@ -60,6 +61,15 @@ async fn query_and_parse_are_rewritten_in_place() {
     drop(st);
     let r = c.query_one("SELECT 'old'::text", &[]).await.unwrap();
     assert_eq!(r.get::<_, String>(0), "new");
+}
+
+#[tokio::test]
+async fn sessions_on_other_databases_are_not_rewritten() {
+    let (_db, p, _c) = setup().await;
+    let other = common::TestDb::new().await;
+    let c = common::connect(&p.url("postgres", &other.name)).await;
+    let r = c.query_one("SELECT 'old'::text", &[]).await.unwrap();
+    assert_eq!(r.get::<_, String>(0), "old");
 }
 
 #[tokio::test]

@@ -335,7 +335,9 @@ impl Session {
     fn scan_client(&mut self) -> Result<Option<Event>, FrameError> {
         let max = self.shared.cfg.max_message_bytes;
         let rewriter = self.shared.rewriter.load();
-        let rewriting = rewriter.is_some();
+        let rewriting = rewriter
+            .as_ref()
+            .is_some_and(|r| r.applies_to(&self.info.database));
         let want = |t: u8| t == b'X' || (rewriting && matches!(t, b'Q' | b'P' | b'C'));
         let mut fwd = 0;
         let mut event = None;
@@ -385,11 +387,16 @@ impl Session {
                     // ReadyForQuery messages owed before the one this statement's sequence
                     // ends with (a Query's own was counted above).
                     let ready_before = self.pending_z - u32::from(tag == b'Q');
-                    let replacement = match &*rewriter {
+                    let replacement = match rewriter.as_ref().filter(|_| rewriting) {
                         Some(rw) => {
                             let mut refusal =
                                 Refusal::new(self.next_refusal, "".into(), ready_before);
-                            let r = rewrite_message(&mut self.prepared, &*rw.0, msg, &mut refusal);
+                            let r = rewrite_message(
+                                &mut self.prepared,
+                                &*rw.rewriter,
+                                msg,
+                                &mut refusal,
+                            );
                             if !refusal.message.is_empty() {
                                 self.next_refusal += 1;
                                 self.refusals.push_back(refusal);

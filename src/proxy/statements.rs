@@ -29,7 +29,18 @@ pub trait StatementRewriter: Send + Sync {
 }
 
 /// The rewriter in force, swapped atomically by whoever loads rules.
-pub struct ActiveRewriter(pub Box<dyn StatementRewriter>);
+pub struct ActiveRewriter {
+    /// The database the migration lives in: sessions connected to another database of the
+    /// same server are never rewritten. `None` applies to every session (tests).
+    pub database: Option<String>,
+    pub rewriter: Box<dyn StatementRewriter>,
+}
+
+impl ActiveRewriter {
+    pub fn applies_to(&self, database: &str) -> bool {
+        self.database.as_deref().is_none_or(|d| d == database)
+    }
+}
 
 /// A `Query` or `Parse` message taken apart.
 pub struct SqlMessage<'a> {
