@@ -144,3 +144,57 @@ async fn non_utf8_sql_is_never_handed_to_the_rewriter() {
     );
     assert_eq!(out.stdout, b"oldcaf\xe9\n");
 }
+
+/// Rewrites 'old' to a fixed literal.
+struct To(&'static str);
+
+impl StatementRewriter for To {
+    fn rewrite(&self, sql: &str) -> Decision {
+        if sql.contains("'old'") {
+            Decision::Replace(sql.replace("'old'", &format!("'{}'", self.0)).into())
+        } else {
+            Decision::Forward
+        }
+    }
+}
+
+#[tokio::test]
+async fn statements_prepared_before_a_rules_change_are_prepared_again() {
+    let (db, p, c) = setup().await;
+    let set = |r: Option<&'static str>| {
+        p.shared.set_rewriter(r.map(|lit| ActiveRewriter {
+            database: Some(db.name.clone()),
+            rewriter: Box::new(To(lit)),
+        }))
+    };
+    set(Some("v1"));
+    let st = c.prepare("SELECT 'old'::text || $1::text").await.unwrap();
+    let other = c.prepare("SELECT 'untouched'::text").await.unwrap();
+    assert_eq!(
+        c.query_one(&st, &[&"."]).await.unwrap().get::<_, String>(0),
+        "v1."
+    );
+    // The rules change while the client holds its prepared statement (as at cutover).
+    set(Some("v2"));
+    assert_eq!(
+        c.query_one(&st, &[&"."]).await.unwrap().get::<_, String>(0),
+        "v2."
+    );
+    assert_eq!(
+        c.query_one(&other, &[]).await.unwrap().get::<_, String>(0),
+        "untouched"
+    );
+    // Back to passthrough (finalize): the client's original SQL is prepared again.
+    set(None);
+    assert_eq!(
+        c.query_one(&st, &[&"."]).await.unwrap().get::<_, String>(0),
+        "old."
+    );
+    // And again: every change is picked up, once.
+    set(Some("v3"));
+    let mut rows = Vec::new();
+    for _ in 0..3 {
+        rows.push(c.query_one(&st, &[&"!"]).await.unwrap().get::<_, String>(0));
+    }
+    assert_eq!(rows, vec!["v3!", "v3!", "v3!"]);
+}

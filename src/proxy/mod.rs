@@ -58,10 +58,22 @@ pub struct Shared {
     pub metrics: Metrics,
     /// The SQL rewriter in force; `None` means pure passthrough (no migration running).
     pub rewriter: arc_swap::ArcSwapOption<statements::ActiveRewriter>,
+    /// Bumped after every change of `rewriter`: sessions re-prepare their rewritten
+    /// statements when they see a new value.
+    pub rules_version: std::sync::atomic::AtomicU64,
     /// Becomes true when sessions must end now (shutdown grace over).
     pub force_shutdown: watch::Receiver<bool>,
     force_tx: watch::Sender<bool>,
     sessions: Arc<Semaphore>,
+}
+
+impl Shared {
+    /// Puts a new rewriter (or none: passthrough) in force for every session.
+    pub fn set_rewriter(&self, rw: Option<statements::ActiveRewriter>) {
+        self.rewriter.store(rw.map(Arc::new));
+        self.rules_version
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
 }
 
 /// A bound proxy: both listeners are open, nothing runs until [`Proxy::run`].
@@ -97,6 +109,7 @@ impl Proxy {
             gate: Default::default(),
             metrics: Metrics::new(),
             rewriter: arc_swap::ArcSwapOption::empty(),
+            rules_version: std::sync::atomic::AtomicU64::new(0),
             force_shutdown: force_rx,
             force_tx,
         });

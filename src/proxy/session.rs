@@ -16,12 +16,13 @@ use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::Shared;
 use super::frame::{FrameError, Scan, Scanner};
@@ -76,6 +77,11 @@ pub struct Session {
     /// Refused statements whose marker error is still to come back from PostgreSQL.
     refusals: VecDeque<Refusal>,
     next_refusal: u64,
+    /// The rules version this session's prepared statements were rewritten under.
+    rules_seen: u64,
+    /// ReadyForQuery messages (and everything before them) that answer keyshift's own
+    /// re-preparing, not the client: dropped.
+    swallow_ready: u32,
     counters: SessionCounters,
     info: Arc<SessionInfo>,
     shared: Arc<Shared>,
@@ -128,6 +134,8 @@ impl Session {
             prepared: Prepared::default(),
             refusals: VecDeque::new(),
             next_refusal: 0,
+            rules_seen: shared.rules_version.load(Ordering::Acquire),
+            swallow_ready: 0,
             counters: SessionCounters::default(),
             info,
             shared,
@@ -342,8 +350,7 @@ impl Session {
         let mut fwd = 0;
         let mut event = None;
         loop {
-            let rest = &self.c_in[fwd..];
-            if rest.is_empty() {
+            if self.c_in.len() == fwd {
                 break;
             }
             if self.c_scan.at_boundary() && self.waiting_for_client() {
@@ -353,10 +360,20 @@ impl Session {
                         event = Some(Event::Hold);
                         break;
                     }
+                    let version = self.shared.rules_version.load(Ordering::Acquire);
+                    if version != self.rules_seen {
+                        self.rules_seen = version;
+                        if !self.prepared.is_empty() {
+                            move_prefix(&mut self.c_in, &mut self.c_out, fwd);
+                            fwd = 0;
+                            self.reprepare();
+                        }
+                    }
                 } else {
                     self.shared.gate.set_state(&self.info, SessionState::Active);
                 }
             }
+            let rest = &self.c_in[fwd..];
             match self.c_scan.next(rest, max, want)? {
                 Scan::NeedMore => break,
                 Scan::Forward { n } => fwd += n,
@@ -423,21 +440,79 @@ impl Session {
         Ok(event)
     }
 
+    /// The rules changed (cutover, rollback, finalize): prepare every named statement keyshift
+    /// had rewritten again, from the client's original SQL under the new rules, before the
+    /// client's next message. PostgreSQL would otherwise re-analyse the old rewritten text,
+    /// which names columns the cutover renamed. The answers are swallowed (`swallow_ready`).
+    fn reprepare(&mut self) {
+        let rw = self.shared.rewriter.load();
+        let active = rw.as_ref().filter(|r| r.applies_to(&self.info.database));
+        let mut n = 0;
+        for (name, sql, rest) in self.prepared.iter() {
+            let new_sql: std::borrow::Cow<'_, str> = match active.map(|r| r.rewriter.rewrite(sql)) {
+                Some(Decision::Replace(s)) => s.to_string().into(),
+                _ => sql.into(),
+            };
+            let close_len = 4 + 1 + name.len() + 1;
+            self.c_out.reserve(1 + close_len);
+            self.c_out.extend_from_slice(&[b'C']);
+            self.c_out
+                .extend_from_slice(&(close_len as u32).to_be_bytes());
+            self.c_out.extend_from_slice(b"S");
+            self.c_out.extend_from_slice(name);
+            self.c_out.extend_from_slice(&[0]);
+            let m = statements::SqlMessage {
+                tag: b'P',
+                name,
+                sql: sql.as_bytes(),
+                rest,
+            };
+            statements::rebuild(&m, &new_sql, &mut self.c_out);
+            n += 1;
+        }
+        self.c_out.extend_from_slice(&[b'S', 0, 0, 0, 4]);
+        self.swallow_ready += 1;
+        debug!(
+            session = self.info.id,
+            statements = n,
+            "re-preparing rewritten statements under new rules"
+        );
+    }
+
     /// Scans server bytes into `s_out`, tracking ReadyForQuery, and putting keyshift's own
     /// error in place of PostgreSQL's answer to a refusal marker.
     fn scan_server(&mut self) -> Result<(), FrameError> {
         let mut fwd = 0;
         loop {
             let refusing = !self.refusals.is_empty();
+            let swallowing = self.swallow_ready > 0;
             let rest = &self.s_in[fwd..];
             match self.s_scan.next(rest, MAX_SERVER_MESSAGE, |t| {
-                t == b'Z' || (refusing && t == b'E')
+                t == b'Z' || (refusing && t == b'E') || swallowing
             })? {
                 Scan::NeedMore => break,
                 Scan::Forward { n } => fwd += n,
                 Scan::Message { tag, len, inspect } => {
                     self.counters.server_message(tag);
                     if !inspect {
+                        continue;
+                    }
+                    if swallowing && !matches!(tag, b'A' | b'N' | b'S') {
+                        // An answer to keyshift's re-prepare; notifications, notices and
+                        // parameter changes still belong to the client.
+                        if tag == b'E' {
+                            warn!(
+                                session = self.info.id,
+                                "re-preparing a statement under the new rules failed; the client will see an error when it uses it"
+                            );
+                        }
+                        if tag == b'Z' {
+                            self.swallow_ready -= 1;
+                        }
+                        self.counters.server_bytes(fwd);
+                        move_prefix(&mut self.s_in, &mut self.s_out, fwd);
+                        fwd = 0;
+                        self.s_in.advance(len);
                         continue;
                     }
                     if tag == b'E' {
