@@ -455,7 +455,7 @@ impl Session {
             };
             let close_len = 4 + 1 + name.len() + 1;
             self.c_out.reserve(1 + close_len);
-            self.c_out.extend_from_slice(&[b'C']);
+            self.c_out.extend_from_slice(b"C");
             self.c_out
                 .extend_from_slice(&(close_len as u32).to_be_bytes());
             self.c_out.extend_from_slice(b"S");
