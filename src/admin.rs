@@ -1,1 +1,186 @@
-//! Admin HTTP endpoint (stub, filled in by the proxy work).
+//! The admin HTTP endpoint: Prometheus metrics, health, and the pause gate.
+//!
+//! `GET /metrics`, `GET /healthz` and `GET /readyz` are open (Prometheus and orchestrators
+//! scrape them); `GET /v1/status` is open too and shows no SQL. `POST /v1/pause` and
+//! `POST /v1/resume` change traffic and need `Authorization: Bearer <admin_token>`; without a
+//! configured token they are refused outright.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::proxy::Shared;
+use crate::proxy::gate::SessionState;
+
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/v1/status", get(status))
+        .route("/v1/pause", post(pause))
+        .route("/v1/resume", post(resume))
+        .with_state(shared);
+    axum::serve(listener, app).await
+}
+
+async fn metrics(State(s): State<Arc<Shared>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.metrics.render(&s.gate),
+    )
+        .into_response()
+}
+
+/// Ready when PostgreSQL answers: a connection plus an SSLRequest answered with `S` or `N`
+/// proves a PostgreSQL server is there, without credentials.
+async fn readyz(State(s): State<Arc<Shared>>) -> Response {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let probe = async {
+        let mut tcp = tokio::net::TcpStream::connect(s.upstream.addr()).await?;
+        let mut req = [0u8; 8];
+        req[..4].copy_from_slice(&8u32.to_be_bytes());
+        req[4..].copy_from_slice(&crate::proxy::frame::SSL_REQUEST_CODE.to_be_bytes());
+        tcp.write_all(&req).await?;
+        let b = tcp.read_u8().await?;
+        if b == b'S' || b == b'N' {
+            Ok(())
+        } else {
+            Err(std::io::Error::other("not a PostgreSQL server"))
+        }
+    };
+    match tokio::time::timeout(Duration::from_secs(2), probe).await {
+        Ok(Ok(())) => (StatusCode::OK, "ready\n").into_response(),
+        Ok(Err(e)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "PostgreSQL at {} is not reachable: {e}\n",
+                s.upstream.addr()
+            ),
+        )
+            .into_response(),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "PostgreSQL at {} did not answer within 2s\n",
+                s.upstream.addr()
+            ),
+        )
+            .into_response(),
+    }
+}
+
+async fn status(State(s): State<Arc<Shared>>) -> Response {
+    let counts = s.gate.counts();
+    let by_state: serde_json::Map<String, serde_json::Value> = SessionState::ALL
+        .iter()
+        .zip(counts)
+        .map(|(st, n)| (st.as_str().to_string(), json!(n)))
+        .collect();
+    axum::Json(json!({
+        "gate": if s.gate.is_closed() { "closed" } else { "open" },
+        "gate_closed_ms": s.gate.closed_for().map(|d| d.as_millis() as u64),
+        "sessions": by_state,
+        "total_sessions": counts.iter().sum::<usize>(),
+        "upstream": s.upstream.addr(),
+        "version": env!("CARGO_PKG_VERSION"),
+    }))
+    .into_response()
+}
+
+/// `None` when the request carries the admin token, else the response refusing it.
+fn refuse_unauthorized(s: &Shared, headers: &HeaderMap) -> Option<Response> {
+    let Some(token) = &s.cfg.admin_token else {
+        return Some(
+            (
+                StatusCode::FORBIDDEN,
+                axum::Json(
+                    json!({"error": "admin_token is not configured; set it to use this endpoint"}),
+                ),
+            )
+                .into_response(),
+        );
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(g) if constant_time_eq(g.as_bytes(), token.as_bytes()) => None,
+        _ => Some((
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            axum::Json(json!({"error": "missing or wrong bearer token (Authorization: Bearer <admin_token>)"})),
+        )
+            .into_response()),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[derive(Deserialize)]
+struct PauseParams {
+    /// How long to wait for busy sessions, e.g. `2s` (default 5s).
+    timeout: Option<String>,
+}
+
+async fn pause(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Query(p): Query<PauseParams>,
+) -> Response {
+    if let Some(r) = refuse_unauthorized(&s, &headers) {
+        return r;
+    }
+    let timeout = match p.timeout.as_deref().map(crate::config::parse_duration) {
+        None => Duration::from_secs(5),
+        Some(Ok(d)) => d,
+        Some(Err(e)) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                axum::Json(json!({"error": format!("timeout: {e}")})),
+            )
+                .into_response();
+        }
+    };
+    let out = s.gate.pause(timeout).await;
+    let result = if out.drained { "drained" } else { "timeout" };
+    s.metrics.pauses.with_label_values(&[result]).inc();
+    let code = if out.drained {
+        StatusCode::OK
+    } else {
+        StatusCode::CONFLICT
+    };
+    (
+        code,
+        axum::Json(json!({
+            "gate": "closed",
+            "drained": out.drained,
+            "waited_ms": out.waited_ms,
+            "busy": out.busy,
+        })),
+    )
+        .into_response()
+}
+
+async fn resume(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    if let Some(r) = refuse_unauthorized(&s, &headers) {
+        return r;
+    }
+    let closed_for = s.gate.resume();
+    axum::Json(json!({
+        "gate": "open",
+        "closed_ms": closed_for.map(|d| d.as_millis() as u64),
+    }))
+    .into_response()
+}

@@ -249,7 +249,8 @@ fn run_proxy(cfg: ProxyConfig) -> anyhow::Result<()> {
     let rt = builder.enable_all().build()?;
     rt.block_on(async move {
         let proxy = crate::proxy::Proxy::bind(cfg).await?;
-        proxy.run_until_signal().await
+        proxy.run_until_signal().await?;
+        Ok(())
     })
 }
 

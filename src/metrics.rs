@@ -1,1 +1,353 @@
-//! Prometheus metrics (stub, filled in by the proxy work).
+//! Prometheus metrics, all prefixed `keyshift_`, in a registry owned by one proxy.
+//!
+//! The relay counts messages and bytes in plain per-session counters and adds them to the
+//! shared atomics now and then ([`SessionCounters::flush_if_due`]): a shared atomic per message
+//! would bounce a cache line between cores on every round trip. Gauges that describe sessions
+//! are computed when Prometheus scrapes, from the session registry, for the same reason.
+//! No label ever carries SQL text or a literal.
+
+use std::time::{Duration, Instant};
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::proxy::gate::{Gate, SessionState};
+
+/// Frontend (client → server) message types, by tag.
+pub const CLIENT_TAGS: &[(u8, &str)] = &[
+    (b'Q', "Query"),
+    (b'P', "Parse"),
+    (b'B', "Bind"),
+    (b'E', "Execute"),
+    (b'D', "Describe"),
+    (b'C', "Close"),
+    (b'S', "Sync"),
+    (b'H', "Flush"),
+    (b'X', "Terminate"),
+    (b'F', "FunctionCall"),
+    (b'd', "CopyData"),
+    (b'c', "CopyDone"),
+    (b'f', "CopyFail"),
+    (b'p', "PasswordMessage"),
+];
+
+/// Backend (server → client) message types, by tag.
+pub const SERVER_TAGS: &[(u8, &str)] = &[
+    (b'R', "Authentication"),
+    (b'S', "ParameterStatus"),
+    (b'K', "BackendKeyData"),
+    (b'Z', "ReadyForQuery"),
+    (b'T', "RowDescription"),
+    (b'D', "DataRow"),
+    (b'C', "CommandComplete"),
+    (b'E', "ErrorResponse"),
+    (b'N', "NoticeResponse"),
+    (b'A', "NotificationResponse"),
+    (b'1', "ParseComplete"),
+    (b'2', "BindComplete"),
+    (b'3', "CloseComplete"),
+    (b'n', "NoData"),
+    (b's', "PortalSuspended"),
+    (b't', "ParameterDescription"),
+    (b'G', "CopyInResponse"),
+    (b'H', "CopyOutResponse"),
+    (b'W', "CopyBothResponse"),
+    (b'd', "CopyData"),
+    (b'c', "CopyDone"),
+    (b'I', "EmptyQueryResponse"),
+    (b'V', "FunctionCallResponse"),
+    (b'v', "NegotiateProtocolVersion"),
+];
+
+/// Index into a tag table; unknown tags share the last slot ("other").
+const fn index_table(tags: &[(u8, &str)]) -> [u8; 256] {
+    let mut t = [tags.len() as u8; 256];
+    let mut i = 0;
+    while i < tags.len() {
+        t[tags[i].0 as usize] = i as u8;
+        i += 1;
+    }
+    t
+}
+
+static CLIENT_INDEX: [u8; 256] = index_table(CLIENT_TAGS);
+static SERVER_INDEX: [u8; 256] = index_table(SERVER_TAGS);
+const CLIENT_SLOTS: usize = CLIENT_TAGS.len() + 1;
+const SERVER_SLOTS: usize = SERVER_TAGS.len() + 1;
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub connections_accepted: IntCounter,
+    pub connections_rejected: IntCounterVec,
+    pub upstream_connect_failures: IntCounter,
+    pub protocol_errors: IntCounterVec,
+    pub session_duration: Histogram,
+    pub cancel_requests: IntCounterVec,
+    client_messages: Vec<IntCounter>,
+    server_messages: Vec<IntCounter>,
+    bytes_client: IntCounter,
+    bytes_server: IntCounter,
+    connections: IntGaugeVec,
+    held_sessions: IntGauge,
+    gate_closed: IntGauge,
+    gate_closed_seconds: prometheus::Gauge,
+    pub pauses: IntCounterVec,
+}
+
+fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
+    // Names are fixed in this file and unique per registry: registration cannot collide.
+    let _ = r.register(Box::new(c.clone()));
+    c
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let r = Registry::new();
+        let counter = |name: &str, help: &str| {
+            reg(
+                &r,
+                IntCounter::new(name, help)
+                    .unwrap_or_else(|_| unreachable!("valid metric name {name}")),
+            )
+        };
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            reg(
+                &r,
+                IntCounterVec::new(Opts::new(name, help), labels)
+                    .unwrap_or_else(|_| unreachable!("valid metric name {name}")),
+            )
+        };
+        let messages = counter_vec(
+            "keyshift_messages_total",
+            "Protocol messages relayed, by direction and message type",
+            &["direction", "type"],
+        );
+        let client_messages = CLIENT_TAGS
+            .iter()
+            .map(|(_, n)| *n)
+            .chain(["other"])
+            .map(|n| messages.with_label_values(&["client_to_server", n]))
+            .collect();
+        let server_messages = SERVER_TAGS
+            .iter()
+            .map(|(_, n)| *n)
+            .chain(["other"])
+            .map(|n| messages.with_label_values(&["server_to_client", n]))
+            .collect();
+        let bytes = counter_vec(
+            "keyshift_bytes_total",
+            "Bytes relayed, by direction",
+            &["direction"],
+        );
+        let connections = reg(
+            &r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "keyshift_client_connections",
+                    "Client connections, by session state",
+                ),
+                &["state"],
+            )
+            .unwrap_or_else(|_| unreachable!()),
+        );
+        Metrics {
+            connections_accepted: counter(
+                "keyshift_client_connections_accepted_total",
+                "Client connections accepted",
+            ),
+            connections_rejected: counter_vec(
+                "keyshift_client_connections_rejected_total",
+                "Client connections refused, by reason",
+                &["reason"],
+            ),
+            upstream_connect_failures: counter(
+                "keyshift_upstream_connect_failures_total",
+                "Failed attempts to connect to PostgreSQL",
+            ),
+            protocol_errors: counter_vec(
+                "keyshift_protocol_errors_total",
+                "Connections ended for a protocol violation, by side",
+                &["side"],
+            ),
+            session_duration: reg(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "keyshift_session_duration_seconds",
+                        "Client session lifetimes",
+                    )
+                    .buckets(vec![0.01, 0.1, 1.0, 10.0, 60.0, 600.0, 3600.0, 86400.0]),
+                )
+                .unwrap_or_else(|_| unreachable!()),
+            ),
+            cancel_requests: counter_vec(
+                "keyshift_cancel_requests_total",
+                "CancelRequests received, by result",
+                &["result"],
+            ),
+            pauses: counter_vec(
+                "keyshift_pauses_total",
+                "Pause requests, by result (drained, timeout)",
+                &["result"],
+            ),
+            client_messages,
+            server_messages,
+            bytes_client: bytes.with_label_values(&["client_to_server"]),
+            bytes_server: bytes.with_label_values(&["server_to_client"]),
+            connections,
+            held_sessions: reg(
+                &r,
+                IntGauge::new(
+                    "keyshift_held_sessions",
+                    "Sessions whose next message is held by the closed gate",
+                )
+                .unwrap_or_else(|_| unreachable!()),
+            ),
+            gate_closed: reg(
+                &r,
+                IntGauge::new("keyshift_gate_closed", "1 while the pause gate is closed")
+                    .unwrap_or_else(|_| unreachable!()),
+            ),
+            gate_closed_seconds: reg(
+                &r,
+                prometheus::Gauge::new(
+                    "keyshift_gate_closed_seconds",
+                    "How long the gate has been closed (0 when open)",
+                )
+                .unwrap_or_else(|_| unreachable!()),
+            ),
+            registry: r,
+        }
+    }
+
+    /// Prometheus text exposition, with session gauges read from the registry now.
+    pub fn render(&self, gate: &Gate) -> String {
+        let counts = gate.counts();
+        for (state, n) in SessionState::ALL.iter().zip(counts) {
+            self.connections
+                .with_label_values(&[state.as_str()])
+                .set(n as i64);
+        }
+        self.held_sessions
+            .set(counts[SessionState::Held as usize] as i64);
+        self.gate_closed.set(gate.is_closed() as i64);
+        self.gate_closed_seconds
+            .set(gate.closed_for().map(|d| d.as_secs_f64()).unwrap_or(0.0));
+        let mut out = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A session's own counters, added to the shared ones at most every `FLUSH_EVERY`.
+pub struct SessionCounters {
+    client: [u32; CLIENT_SLOTS],
+    server: [u32; SERVER_SLOTS],
+    bytes_client: u64,
+    bytes_server: u64,
+    last_flush: Instant,
+}
+
+const FLUSH_EVERY: Duration = Duration::from_millis(500);
+
+impl Default for SessionCounters {
+    fn default() -> Self {
+        SessionCounters {
+            client: [0; CLIENT_SLOTS],
+            server: [0; SERVER_SLOTS],
+            bytes_client: 0,
+            bytes_server: 0,
+            last_flush: Instant::now(),
+        }
+    }
+}
+
+impl SessionCounters {
+    #[inline]
+    pub fn client_message(&mut self, tag: u8) {
+        self.client[CLIENT_INDEX[tag as usize] as usize] += 1;
+    }
+
+    #[inline]
+    pub fn server_message(&mut self, tag: u8) {
+        self.server[SERVER_INDEX[tag as usize] as usize] += 1;
+    }
+
+    #[inline]
+    pub fn client_bytes(&mut self, n: usize) {
+        self.bytes_client += n as u64;
+    }
+
+    #[inline]
+    pub fn server_bytes(&mut self, n: usize) {
+        self.bytes_server += n as u64;
+    }
+
+    /// Flushes when enough time has passed; called at every ReadyForQuery.
+    #[inline]
+    pub fn flush_if_due(&mut self, m: &Metrics) {
+        if self.last_flush.elapsed() >= FLUSH_EVERY {
+            self.flush(m);
+        }
+    }
+
+    pub fn flush(&mut self, m: &Metrics) {
+        for (i, n) in self.client.iter_mut().enumerate() {
+            if *n > 0 {
+                m.client_messages[i].inc_by(*n as u64);
+                *n = 0;
+            }
+        }
+        for (i, n) in self.server.iter_mut().enumerate() {
+            if *n > 0 {
+                m.server_messages[i].inc_by(*n as u64);
+                *n = 0;
+            }
+        }
+        m.bytes_client
+            .inc_by(std::mem::take(&mut self.bytes_client));
+        m.bytes_server
+            .inc_by(std::mem::take(&mut self.bytes_server));
+        self.last_flush = Instant::now();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prefixed_names() {
+        let m = Metrics::new();
+        let mut c = SessionCounters::default();
+        c.client_message(b'Q');
+        c.server_message(b'Z');
+        c.server_message(0xff);
+        c.client_bytes(10);
+        c.flush(&m);
+        let text = m.render(&Gate::default());
+        assert!(
+            text.contains(
+                "keyshift_messages_total{direction=\"client_to_server\",type=\"Query\"} 1"
+            )
+        );
+        assert!(
+            text.contains(
+                "keyshift_messages_total{direction=\"server_to_client\",type=\"other\"} 1"
+            )
+        );
+        assert!(text.contains("keyshift_bytes_total{direction=\"client_to_server\"} 10"));
+        assert!(text.contains("keyshift_client_connections{state=\"idle\"} 0"));
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            assert!(line.starts_with("keyshift_"), "{line}");
+        }
+    }
+}

@@ -1,15 +1,392 @@
-//! The PostgreSQL wire-protocol proxy (work in progress).
-use crate::config::ProxyConfig;
+//! The PostgreSQL wire-protocol proxy.
+//!
+//! Client-facing and server-facing concerns live in separate files: `startup` (TLS,
+//! StartupMessage, the relayed auth exchange), `session` (the relay), `upstream` (reaching
+//! PostgreSQL), `cancel` (cancel keys), `gate` (the pause gate), `frame` (framing) and
+//! `messages` (what keyshift itself sends). This file is the listener: it accepts, caps the
+//! number of sessions, spawns one task per connection and runs the graceful shutdown.
 
+pub mod cancel;
+pub mod frame;
+pub mod gate;
+pub mod messages;
+pub mod session;
+pub mod startup;
+pub mod statements;
+pub mod stream;
+pub mod tls;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+
+use crate::config::ProxyConfig;
+use crate::metrics::Metrics;
+use messages::sqlstate;
+use startup::{Request, StartupError};
+use stream::Stream;
+use upstream::Upstream;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("admin endpoint: {0}")]
+    Admin(std::io::Error),
+    #[error("installing signal handlers: {0}")]
+    Signal(std::io::Error),
+}
+
+/// State shared by every session of one proxy.
+pub struct Shared {
+    pub cfg: ProxyConfig,
+    pub upstream: Upstream,
+    pub acceptor: Option<TlsAcceptor>,
+    pub cancels: cancel::CancelMap,
+    pub gate: gate::Gate,
+    pub metrics: Metrics,
+    /// The SQL rewriter in force; `None` means pure passthrough (no migration running).
+    pub rewriter: arc_swap::ArcSwapOption<statements::ActiveRewriter>,
+    /// Bumped after every change of `rewriter`: sessions re-prepare their rewritten
+    /// statements when they see a new value.
+    pub rules_version: std::sync::atomic::AtomicU64,
+    /// Becomes true when sessions must end now (shutdown grace over).
+    pub force_shutdown: watch::Receiver<bool>,
+    force_tx: watch::Sender<bool>,
+    sessions: Arc<Semaphore>,
+}
+
+impl Shared {
+    /// Puts a new rewriter (or none: passthrough) in force for every session.
+    pub fn set_rewriter(&self, rw: Option<statements::ActiveRewriter>) {
+        self.rewriter.store(rw.map(Arc::new));
+        self.rules_version
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// A bound proxy: both listeners are open, nothing runs until [`Proxy::run`].
 pub struct Proxy {
-    _cfg: ProxyConfig,
+    listener: TcpListener,
+    admin: TcpListener,
+    shared: Arc<Shared>,
 }
 
 impl Proxy {
-    pub async fn bind(cfg: ProxyConfig) -> anyhow::Result<Proxy> {
-        Ok(Proxy { _cfg: cfg })
+    pub async fn bind(cfg: ProxyConfig) -> Result<Proxy, ProxyError> {
+        let acceptor = tls::server_config(&cfg)?.map(TlsAcceptor::from);
+        let upstream = Upstream::new(&cfg, tls::client_config(&cfg)?);
+        let listener = TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|source| ProxyError::Bind {
+                addr: cfg.listen,
+                source,
+            })?;
+        let admin = TcpListener::bind(cfg.admin_listen)
+            .await
+            .map_err(|source| ProxyError::Bind {
+                addr: cfg.admin_listen,
+                source,
+            })?;
+        let (force_tx, force_rx) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            sessions: Arc::new(Semaphore::new(cfg.max_client_connections)),
+            cfg,
+            upstream,
+            acceptor,
+            cancels: Default::default(),
+            gate: Default::default(),
+            metrics: Metrics::new(),
+            rewriter: arc_swap::ArcSwapOption::empty(),
+            rules_version: std::sync::atomic::AtomicU64::new(0),
+            force_shutdown: force_rx,
+            force_tx,
+        });
+        Ok(Proxy {
+            listener,
+            admin,
+            shared,
+        })
     }
-    pub async fn run_until_signal(self) -> anyhow::Result<()> {
-        anyhow::bail!("not yet")
+
+    /// The address clients connect to (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().unwrap_or(self.shared.cfg.listen)
     }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+            .local_addr()
+            .unwrap_or(self.shared.cfg.admin_listen)
+    }
+
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
+    /// Runs until SIGTERM or SIGINT, then shuts down gracefully.
+    pub async fn run_until_signal(self) -> Result<(), ProxyError> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).map_err(ProxyError::Signal)?;
+        let mut int = signal(SignalKind::interrupt()).map_err(ProxyError::Signal)?;
+        info!(listen = %self.local_addr(), admin = %self.admin_addr(), upstream = %self.shared.cfg.upstream, "keyshift proxy ready");
+        self.run(async move {
+            tokio::select! {
+                _ = term.recv() => info!("SIGTERM received, shutting down"),
+                _ = int.recv() => info!("SIGINT received, shutting down"),
+            }
+        })
+        .await
+    }
+
+    /// Accepts clients until `shutdown` completes; then stops accepting, waits up to
+    /// `shutdown_grace` for sessions to end and closes the rest with SQLSTATE 57P01.
+    pub async fn run(
+        self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), ProxyError> {
+        let shared = self.shared.clone();
+        let admin = tokio::spawn(crate::admin::serve(self.admin, shared.clone()));
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                accepted = self.listener.accept() => match accepted {
+                    Ok((tcp, addr)) => {
+                        shared.metrics.connections_accepted.inc();
+                        let shared = shared.clone();
+                        tokio::spawn(async move { handle(tcp, addr, shared).await });
+                    }
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        }
+        drop(self.listener);
+        let max = shared.cfg.max_client_connections as u32;
+        let grace = shared.cfg.shutdown_grace;
+        let active = max as usize - shared.sessions.available_permits();
+        info!(sessions = active, grace = ?grace, "no longer accepting; waiting for sessions to end");
+        let drained = tokio::time::timeout(grace, shared.sessions.acquire_many(max)).await;
+        if drained.is_err() {
+            let left = max as usize - shared.sessions.available_permits();
+            warn!(
+                sessions = left,
+                "shutdown grace over; closing the remaining sessions"
+            );
+            let _ = shared.force_tx.send(true);
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                shared.sessions.acquire_many(max),
+            )
+            .await;
+        }
+        admin.abort();
+        info!("keyshift proxy stopped");
+        Ok(())
+    }
+}
+
+/// One client connection, from accept to close.
+async fn handle(tcp: TcpStream, addr: SocketAddr, shared: Arc<Shared>) {
+    let _ = tcp.set_nodelay(true);
+    let deadline = tokio::time::Instant::now() + shared.cfg.startup_timeout;
+    let req = match startup::negotiate(tcp, shared.acceptor.as_ref(), deadline).await {
+        Ok(r) => r,
+        Err(e) => {
+            debug!(client = %addr, error = %e, "startup failed");
+            match e {
+                StartupError::Timeout => shared
+                    .metrics
+                    .connections_rejected
+                    .with_label_values(&["startup_timeout"])
+                    .inc(),
+                StartupError::Client(frame::FrameError::Closed) => {}
+                _ => shared
+                    .metrics
+                    .protocol_errors
+                    .with_label_values(&["client"])
+                    .inc(),
+            }
+            return;
+        }
+    };
+    match req {
+        Request::Cancel { pid, secret } => cancel(&shared, pid, secret).await,
+        Request::Session { stream, packet } => session(stream, packet, addr, shared).await,
+    }
+}
+
+async fn cancel(shared: &Shared, pid: u32, secret: u32) {
+    let Some(key) = shared.cancels.lookup(pid, secret) else {
+        shared
+            .metrics
+            .cancel_requests
+            .with_label_values(&["unknown_key"])
+            .inc();
+        return;
+    };
+    match shared.upstream.cancel(key.pid, key.secret).await {
+        Ok(()) => shared
+            .metrics
+            .cancel_requests
+            .with_label_values(&["forwarded"])
+            .inc(),
+        Err(e) => {
+            warn!(error = %e, "could not forward a cancel request");
+            shared
+                .metrics
+                .cancel_requests
+                .with_label_values(&["failed"])
+                .inc();
+        }
+    }
+}
+
+async fn session(
+    mut client: Stream,
+    packet: bytes::BytesMut,
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+) {
+    let params = match frame::startup_params(&packet) {
+        Ok(p) => p,
+        Err(e) => {
+            shared
+                .metrics
+                .protocol_errors
+                .with_label_values(&["client"])
+                .inc();
+            let _ = startup::send(
+                &mut client,
+                &messages::fatal(
+                    sqlstate::PROTOCOL_VIOLATION,
+                    &format!("invalid startup packet: {e}"),
+                ),
+            )
+            .await;
+            return;
+        }
+    };
+    let Ok(_permit) = shared.sessions.clone().try_acquire_owned() else {
+        shared
+            .metrics
+            .connections_rejected
+            .with_label_values(&["too_many_connections"])
+            .inc();
+        let _ = startup::send(
+            &mut client,
+            &messages::fatal(
+                sqlstate::TOO_MANY_CONNECTIONS,
+                "sorry, too many clients already",
+            ),
+        )
+        .await;
+        return;
+    };
+    let param = |name: &str| {
+        params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    let user = param("user");
+    let database = match param("database") {
+        d if d.is_empty() => user.clone(),
+        d => d,
+    };
+    let info = shared
+        .gate
+        .register(Some(addr), user, database, param("application_name"));
+    let started = Instant::now();
+
+    let mut server = match shared.upstream.connect().await {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "upstream connect failed");
+            shared.metrics.upstream_connect_failures.inc();
+            let _ = startup::send(
+                &mut client,
+                &messages::fatal(sqlstate::UNABLE_TO_CONNECT, &format!("keyshift {e}")),
+            )
+            .await;
+            shared.gate.unregister(info.id);
+            return;
+        }
+    };
+
+    let auth = tokio::time::timeout(
+        shared.cfg.startup_timeout,
+        startup::authenticate(
+            &mut client,
+            &mut server,
+            &packet,
+            &shared.cancels,
+            shared.cfg.max_message_bytes,
+            shared.cfg.connect_timeout,
+        ),
+    )
+    .await;
+    match auth {
+        Ok(Ok(a)) => {
+            if let Some(k) = a.upstream_key {
+                info.backend_pid
+                    .store(k.pid, std::sync::atomic::Ordering::Relaxed);
+            }
+            session::Session::new(client, server, a.status, info.clone(), shared.clone())
+                .run()
+                .await;
+            if let Some(k) = a.client_key {
+                shared.cancels.remove(k);
+            }
+        }
+        Ok(Err(StartupError::Refused)) => {}
+        Ok(Err(e)) => {
+            debug!(client = %addr, error = %e, "authentication relay failed");
+            let code = match e {
+                StartupError::Server(_) | StartupError::NoAnswer(_) => sqlstate::CONNECTION_FAILURE,
+                _ => sqlstate::PROTOCOL_VIOLATION,
+            };
+            let _ = startup::send(
+                &mut client,
+                &messages::fatal(code, &format!("keyshift: {e}")),
+            )
+            .await;
+        }
+        Err(_) => {
+            shared
+                .metrics
+                .connections_rejected
+                .with_label_values(&["startup_timeout"])
+                .inc();
+            let _ = startup::send(
+                &mut client,
+                &messages::fatal(
+                    sqlstate::PROTOCOL_VIOLATION,
+                    "keyshift: authentication did not complete within startup_timeout",
+                ),
+            )
+            .await;
+        }
+    }
+    shared.gate.unregister(info.id);
+    shared
+        .metrics
+        .session_duration
+        .observe(started.elapsed().as_secs_f64());
 }
