@@ -9,3 +9,4 @@ pub mod metrics;
 pub mod migrate;
 pub mod pgcluster;
 pub mod proxy;
+pub mod rewrite;
