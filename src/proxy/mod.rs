@@ -7,11 +7,13 @@
 //! number of sessions, spawns one task per connection and runs the graceful shutdown.
 
 pub mod cancel;
+pub mod control;
 pub mod frame;
 pub mod gate;
 pub mod messages;
 pub mod session;
 pub mod startup;
+pub mod statements;
 pub mod stream;
 pub mod tls;
 pub mod upstream;
@@ -55,10 +57,26 @@ pub struct Shared {
     pub cancels: cancel::CancelMap,
     pub gate: gate::Gate,
     pub metrics: Metrics,
+    /// The SQL rewriter in force; `None` means pure passthrough (no migration running).
+    pub rewriter: arc_swap::ArcSwapOption<statements::ActiveRewriter>,
+    /// Bumped after every change of `rewriter`: sessions re-prepare their rewritten
+    /// statements when they see a new value.
+    pub rules_version: std::sync::atomic::AtomicU64,
+    /// True while the link to the migrated database (`database_url`) is up.
+    pub control_connected: std::sync::atomic::AtomicBool,
     /// Becomes true when sessions must end now (shutdown grace over).
     pub force_shutdown: watch::Receiver<bool>,
     force_tx: watch::Sender<bool>,
     sessions: Arc<Semaphore>,
+}
+
+impl Shared {
+    /// Puts a new rewriter (or none: passthrough) in force for every session.
+    pub fn set_rewriter(&self, rw: Option<statements::ActiveRewriter>) {
+        self.rewriter.store(rw.map(Arc::new));
+        self.rules_version
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
 }
 
 /// A bound proxy: both listeners are open, nothing runs until [`Proxy::run`].
@@ -93,6 +111,9 @@ impl Proxy {
             cancels: Default::default(),
             gate: Default::default(),
             metrics: Metrics::new(),
+            rewriter: arc_swap::ArcSwapOption::empty(),
+            rules_version: std::sync::atomic::AtomicU64::new(0),
+            control_connected: std::sync::atomic::AtomicBool::new(false),
             force_shutdown: force_rx,
             force_tx,
         });
@@ -141,6 +162,10 @@ impl Proxy {
     ) -> Result<(), ProxyError> {
         let shared = self.shared.clone();
         let admin = tokio::spawn(crate::admin::serve(self.admin, shared.clone()));
+        let control = shared.cfg.database_url.clone().map(|url| {
+            let port = self.listener.local_addr().map(|a| a.port()).unwrap_or(0);
+            tokio::spawn(control::Control::new(shared.clone(), url, port).run())
+        });
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -179,6 +204,9 @@ impl Proxy {
             .await;
         }
         admin.abort();
+        if let Some(c) = control {
+            c.abort();
+        }
         info!("keyshift proxy stopped");
         Ok(())
     }
