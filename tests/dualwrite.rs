@@ -263,7 +263,7 @@ fn random_write(g: &mut Gen) -> String {
         ),
         3 => format!("INSERT INTO mcp_servers VALUES (DEFAULT, {c}, 'pos{n}', 'x')"),
         4 => format!(
-            "INSERT INTO mcp_server_tokens (mcp_server_id, token) SELECT id, 't' || id FROM mcp_servers WHERE id % 7 = {} LIMIT 3",
+            "INSERT INTO mcp_server_tokens (mcp_server_id, token) SELECT id, 't' || id FROM mcp_servers WHERE id % 7 = {} ORDER BY id LIMIT 3",
             n % 7
         ),
         5 => format!(

@@ -8,7 +8,7 @@ use sqlparser::keywords::Keyword;
 use sqlparser::tokenizer::Token;
 
 use super::edit::{Source, quote_ident};
-use super::lookup::{lookup, twin_value};
+use super::lookup::lookup;
 use super::rules::{ChildRules, Fill};
 use super::statement::{Ctx, clause_from, column, column_list, find_top, name_end, skip};
 use super::{Kind, Skip, SkipReason};
@@ -118,7 +118,7 @@ pub(crate) fn values_rows(
         let mut add = String::new();
         for &(i, fill) in fills {
             let &(a, b) = items.get(i).ok_or_else(bad)?;
-            let v = twin_value(src, a, b, fill).map_err(|r| skip(child, r))?;
+            let v = ctx.twin_value(a, b, fill).map_err(|r| skip(child, r))?;
             add.push_str(", ");
             add.push_str(&v);
         }
@@ -333,7 +333,7 @@ fn insert_select(
             if src.only_kw(a, b, Keyword::DEFAULT) {
                 return Err(bad());
             }
-            let v = twin_value(src, a, b, fill).map_err(|r| skip(child, r))?;
+            let v = ctx.twin_value(a, b, fill).map_err(|r| skip(child, r))?;
             add.push_str(", ");
             add.push_str(&v);
         }
@@ -360,7 +360,8 @@ fn insert_select(
     let mut head = String::from("SELECT _ks.*");
     for &(i, fill) in &fills {
         head.push_str(", ");
-        head.push_str(&lookup(fill, &format!("_ks._ks{}", i + 1), false));
+        let ctes = ctx.cte_sources(fill);
+        head.push_str(&lookup(fill, &format!("_ks._ks{}", i + 1), false, &ctes));
     }
     head.push_str(" FROM (");
     let mut tail = String::from(") AS _ks(");

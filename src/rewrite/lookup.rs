@@ -31,6 +31,7 @@ pub(crate) fn twin_value(
     a: usize,
     b: usize,
     fill: &Fill,
+    ctes: &[String],
 ) -> Result<String, SkipReason> {
     if src.only_kw(a, b, Keyword::DEFAULT) {
         return Ok("DEFAULT".to_string());
@@ -55,7 +56,7 @@ pub(crate) fn twin_value(
             }
         }
     }
-    Ok(lookup(fill, src.text(a, b), refers_to_columns))
+    Ok(lookup(fill, src.text(a, b), refers_to_columns, ctes))
 }
 
 /// `(SELECT id_uuid FROM public.p WHERE id = (E)::bigint)`.
@@ -65,7 +66,28 @@ pub(crate) fn twin_value(
 /// row's column (`INSERT INTO c (p_id) SELECT id FROM p` would compare `p.id = p.id`). A
 /// VALUES list placed before the parent in FROM cannot see its sibling, so E binds exactly as
 /// it did where it was written.
-pub(crate) fn lookup(fill: &Fill, expr: &str, refers_to_columns: bool) -> String {
+///
+/// `ctes` names writable CTEs of the same statement that insert into the parent: their rows
+/// are invisible to the statement's snapshot, so the lookup falls back to the parent key and
+/// uuid those CTEs were made to return (`_ks_k`, `_ks_u`, see `statement.rs`).
+pub(crate) fn lookup(fill: &Fill, expr: &str, refers_to_columns: bool, ctes: &[String]) -> String {
+    let base = parent_lookup(fill, expr, refers_to_columns);
+    if ctes.is_empty() {
+        return base;
+    }
+    let cast = &fill.cast;
+    let mut s = format!("COALESCE({base}");
+    for cte in ctes {
+        s.push_str(&format!(
+            ", (SELECT _ks_c._ks_u FROM (VALUES (({expr})::{cast})) AS _ks_v(k) \
+             JOIN {cte} AS _ks_c ON _ks_c._ks_k = _ks_v.k)"
+        ));
+    }
+    s.push(')');
+    s
+}
+
+fn parent_lookup(fill: &Fill, expr: &str, refers_to_columns: bool) -> String {
     let schema = quote_ident(&fill.parent_schema);
     let table = quote_ident(&fill.parent_table);
     let key = quote_ident(&fill.parent_key);

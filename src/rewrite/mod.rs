@@ -264,14 +264,18 @@ fn rewrite_parsed(rules: &RuleSet, sql: &str, name: &str, verify: bool) -> Outco
         let mut ctx = statement::Ctx {
             rules,
             src: &src,
+            from: piece.from,
             limit: piece.to,
             edits: Edits::default(),
             changes: Vec::new(),
+            ctes: Vec::new(),
+            visible: usize::MAX,
         };
         if let Err(skip) = statement::visit(&mut ctx, &stmt) {
             skipped.push(skip);
             continue;
         }
+        ctx.finish_ctes();
         if ctx.edits.is_empty() {
             continue;
         }

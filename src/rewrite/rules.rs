@@ -133,6 +133,8 @@ pub struct RuleSet {
     view: ClientView,
     search_path: Vec<String>,
     children: HashMap<(String, String), ChildRules>,
+    /// Parent tables some fill looks up, as (schema, table).
+    parents: Vec<(String, String)>,
     pub(crate) prescan: Prescan,
 }
 
@@ -238,12 +240,20 @@ impl RuleSet {
             }
         }
         let prescan = Prescan::new(children.keys().map(|(_, t)| t.as_str()));
+        let mut parents: Vec<(String, String)> = plan
+            .fks
+            .iter()
+            .map(|f| (f.parent_schema.clone(), f.parent_table.clone()))
+            .collect();
+        parents.sort();
+        parents.dedup();
         Ok(RuleSet {
             version,
             direction,
             view,
             search_path,
             children,
+            parents,
             prescan,
         })
     }
@@ -256,6 +266,7 @@ impl RuleSet {
             view: ClientView::Physical,
             search_path: vec!["public".to_string()],
             children: HashMap::new(),
+            parents: Vec::new(),
             prescan: Prescan::new(std::iter::empty()),
         }
     }
@@ -279,6 +290,19 @@ impl RuleSet {
     /// True when no table needs rewriting, so the proxy can skip the rewriter entirely.
     pub fn is_empty(&self) -> bool {
         self.children.is_empty()
+    }
+
+    /// Resolves a name (case-folded per quoting) to a parent some fill looks up.
+    pub(crate) fn parent(&self, schema: Option<&str>, table: &str) -> Option<(String, String)> {
+        let has = |s: &str| self.parents.iter().any(|(ps, pt)| ps == s && pt == table);
+        match schema {
+            Some(s) => has(s).then(|| (s.to_string(), table.to_string())),
+            None => self
+                .search_path
+                .iter()
+                .find(|s| has(s))
+                .map(|s| (s.clone(), table.to_string())),
+        }
     }
 
     /// Resolves a name as written (already case-folded per quoting) to a migrated child.

@@ -1,24 +1,104 @@
 //! Walks one parsed statement to every write it contains (top level, writable CTEs,
 //! `PREPARE … AS`), and the helpers the per-form rewriters share.
 
-use sqlparser::ast::{Ident, ObjectName, ObjectNamePart, Query, SetExpr, Statement, TableFactor};
+use sqlparser::ast::{
+    Ident, ObjectName, ObjectNamePart, Query, SetExpr, Statement, TableFactor, TableObject,
+};
 use sqlparser::keywords::Keyword;
 use sqlparser::tokenizer::Token;
 
 use super::edit::{Edits, Source, folded, quote_ident};
-use super::rules::{ChildRules, RuleSet};
+use super::rules::{ChildRules, Fill, RuleSet};
 use super::{Change, Kind, Skip, SkipReason};
 
 pub(crate) struct Ctx<'s, 'a> {
     pub rules: &'s RuleSet,
     pub src: &'s Source<'a>,
-    /// One past the statement's last significant token.
+    /// First and one past the last significant token of the statement.
+    pub from: usize,
     pub limit: usize,
     pub edits: Edits,
     pub changes: Vec<Change>,
+    /// Writable CTEs of this statement that insert into a parent table.
+    pub ctes: Vec<ParentCte>,
+    /// CTEs with a lower position are visible to the write being rewritten.
+    pub visible: usize,
+}
+
+/// `WITH x AS (INSERT INTO parent … RETURNING …)`: the rows it inserts are invisible to the
+/// rest of the statement (one snapshot), so a child row referencing them would get a NULL
+/// twin from a plain lookup. Such a CTE is made to also return the parent's key and uuid as
+/// `_ks_k`, `_ks_u`, and lookups consult it.
+pub(crate) struct ParentCte {
+    name: String,
+    parent: (String, String),
+    /// Index of the CTE's closing parenthesis.
+    close: usize,
+    position: usize,
+    /// The parent's key and uuid columns, once a lookup used this CTE.
+    used: Option<(String, String)>,
 }
 
 impl Ctx<'_, '_> {
+    /// The visible parent CTEs a lookup for `fill` must fall back to, marked as used.
+    pub(crate) fn cte_sources(&mut self, fill: &Fill) -> Vec<String> {
+        let mut out = Vec::new();
+        for c in &mut self.ctes {
+            if c.position < self.visible
+                && c.parent.0 == fill.parent_schema
+                && c.parent.1 == fill.parent_table
+            {
+                c.used = Some((fill.parent_key.clone(), fill.parent_value.clone()));
+                out.push(quote_ident(&c.name).into_owned());
+            }
+        }
+        out
+    }
+
+    /// What to write into the twin for the source-column value in tokens `a..b`.
+    pub(crate) fn twin_value(
+        &mut self,
+        a: usize,
+        b: usize,
+        fill: &Fill,
+    ) -> Result<String, SkipReason> {
+        let ctes = self.cte_sources(fill);
+        super::lookup::twin_value(self.src, a, b, fill, &ctes)
+    }
+
+    /// Adds `_ks_k`, `_ks_u` to the RETURNING list of each parent CTE a lookup used.
+    pub(crate) fn finish_ctes(&mut self) {
+        for c in &self.ctes {
+            if let Some((key, value)) = &c.used {
+                self.edits.insert(
+                    self.src.end(c.close - 1),
+                    format!(
+                        ", {} AS _ks_k, {} AS _ks_u",
+                        quote_ident(key),
+                        quote_ident(value)
+                    ),
+                );
+            }
+        }
+    }
+
+    /// Whether the statement may expand a CTE's columns (`*`, `x.*`, `TABLE x`): then an
+    /// added column would change what it returns, and parent CTEs are not extended.
+    fn expands_columns(&self) -> bool {
+        let src = self.src;
+        (self.from..self.limit).any(|i| {
+            (src.is(i, &Token::Mul)
+                && i > self.from
+                && (src.is(i - 1, &Token::Comma)
+                    || src.is(i - 1, &Token::Period)
+                    || src.kw(i - 1, Keyword::SELECT)
+                    || src.kw(i - 1, Keyword::DISTINCT)
+                    || src.kw(i - 1, Keyword::ALL)
+                    || src.kw(i - 1, Keyword::RETURNING)))
+                || (src.kw(i, Keyword::TABLE) && i > self.from)
+        })
+    }
+
     pub(crate) fn changed(&mut self, child: &ChildRules, kind: Kind) {
         self.changes.push(Change {
             table: child.label.clone(),
@@ -62,11 +142,48 @@ pub(crate) fn visit(ctx: &mut Ctx, stmt: &Statement) -> Result<(), Skip> {
 
 fn visit_query(ctx: &mut Ctx, q: &Query) -> Result<(), Skip> {
     if let Some(with) = &q.with {
-        for cte in &with.cte_tables {
+        let base = next_position(ctx);
+        let extendable = !ctx.expands_columns();
+        for (i, cte) in with.cte_tables.iter().enumerate() {
+            if !extendable {
+                break;
+            }
+            let SetExpr::Insert(Statement::Insert(ins)) = &*cte.query.body else {
+                continue;
+            };
+            let TableObject::TableName(name) = &ins.table else {
+                continue;
+            };
+            if ins.returning.as_ref().is_none_or(|r| r.is_empty()) {
+                continue;
+            }
+            let (Some(parent), Some(close)) = (
+                resolve_parent(ctx.rules, name),
+                ctx.src.index_at(cte.closing_paren_token.0.span.start),
+            ) else {
+                continue;
+            };
+            ctx.ctes.push(ParentCte {
+                name: folded(&cte.alias.name).into_owned(),
+                parent,
+                close,
+                position: base + i,
+                used: None,
+            });
+        }
+        let outer = ctx.visible;
+        for (i, cte) in with.cte_tables.iter().enumerate() {
+            ctx.visible = base + i;
             visit_query(ctx, &cte.query)?;
         }
+        ctx.visible = outer;
     }
     visit_set_expr(ctx, &q.body)
+}
+
+/// Positions of CTEs already seen in this statement come first.
+fn next_position(ctx: &Ctx) -> usize {
+    ctx.ctes.iter().map(|c| c.position + 1).max().unwrap_or(0)
 }
 
 fn visit_set_expr(ctx: &mut Ctx, body: &SetExpr) -> Result<(), Skip> {
@@ -89,6 +206,16 @@ fn idents(name: &ObjectName) -> Option<Vec<&Ident>> {
             ObjectNamePart::Function(_) => None,
         })
         .collect()
+}
+
+/// The migrated parent a table name designates, if any, as (schema, table).
+fn resolve_parent(rules: &RuleSet, name: &ObjectName) -> Option<(String, String)> {
+    let parts = idents(name)?;
+    match parts.as_slice() {
+        [t] => rules.parent(None, &folded(t)),
+        [s, t] | [_, s, t] => rules.parent(Some(&folded(s)), &folded(t)),
+        _ => None,
+    }
 }
 
 /// The migrated child a table name designates, if any.

@@ -5,7 +5,6 @@ use sqlparser::keywords::Keyword;
 use sqlparser::tokenizer::Token;
 
 use super::edit::{Source, quote_ident};
-use super::lookup::twin_value;
 use super::rules::{ChildRules, Fill};
 use super::statement::{Ctx, clause_from, column, find_top, resolve_factor, skip};
 use super::{Kind, Skip, SkipReason};
@@ -78,7 +77,8 @@ pub(crate) fn assignments(
             {
                 format!("EXCLUDED.{}", quote_ident(&fill.target))
             } else {
-                twin_value(src, eq + 1, b, fill).map_err(|r| skip(child, r))?
+                ctx.twin_value(eq + 1, b, fill)
+                    .map_err(|r| skip(child, r))?
             };
             add.push_str(&format!(", {} = {}", quote_ident(&fill.target), v));
         }
