@@ -255,7 +255,13 @@ fn value(rng: &mut StdRng, param: &mut usize) -> String {
 fn well_formed(rng: &mut StdRng) -> String {
     let mut param = 0;
     let table = ["c", "public.c", "\"c\"", "C"][rng.random_range(0..4)];
-    match rng.random_range(0..4) {
+    match rng.random_range(0..5) {
+        4 => {
+            let v = value(rng, &mut param);
+            format!(
+                "WITH x AS (INSERT INTO p (name) VALUES ('n') RETURNING id), y AS (SELECT 1) INSERT INTO {table} (p_id, parent_id) SELECT id, {v} FROM x"
+            )
+        }
         0 => {
             let rows: Vec<String> = (0..rng.random_range(1..5))
                 .map(|_| {
