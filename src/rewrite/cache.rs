@@ -42,8 +42,8 @@ impl RewriteCache {
         }
     }
 
-    /// Re-parse every rewrite before caching it ([`super::rewrite_verified`]): safer, at 4–5
-    /// times the cost of a cache miss.
+    /// Re-parse every rewrite before caching it ([`super::rewrite_verified`]): safer, at about
+    /// 3 times the cost of a cache miss (docs/benchmarks.md).
     pub fn verifying(mut self, on: bool) -> RewriteCache {
         self.verify = on;
         self

@@ -180,7 +180,7 @@ impl Outcome {
 /// [`SkipReason::Internal`].
 ///
 /// Release builds do not re-parse the output (debug builds, and so every test, do): the
-/// re-parse costs 4–5 times the whole rewrite, because sqlparser parses the nested
+/// re-parse costs about twice the rest of the rewrite, because sqlparser parses the nested
 /// parentheses of the lookups speculatively, and it would only turn a rewriter bug's syntax
 /// error into a pass-through. Use [`rewrite_verified`] to always check.
 pub fn rewrite(rules: &RuleSet, sql: &str) -> Outcome {
