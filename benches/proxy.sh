@@ -166,18 +166,18 @@ pid_of() {
     *) echo "" ;;
     esac
 }
-# utime + stime of a process, in clock ticks (fields 14 and 15 of /proc/PID/stat; the
+# "utime stime" of a process, in clock ticks (fields 14 and 15 of /proc/PID/stat; the
 # command name in field 2 is in parentheses and may hold spaces, so cut after the last ')').
 cpu_ticks() {
     local stat
     stat=$(<"/proc/$1/stat")
     stat=${stat##*) }
-    awk '{ print $12 + $13 }' <<<"$stat"
+    awk '{ print $12, $13 }' <<<"$stat"
 }
 CLK_TCK=$(getconf CLK_TCK)
 
 # --- pgbench rounds -----------------------------------------------------------------------
-declare -A TPS_SUM TXN_SUM TICK_SUM
+declare -A TPS_SUM TXN_SUM UTICK_SUM STICK_SUM
 TARGETS=(direct keyshift pgbouncer)
 
 run_pgbench() { # target mode seconds -> "tps txns"
@@ -204,18 +204,18 @@ for ((r = 1; r <= ROUNDS; r++)); do
     for mode in $MODES; do
         for t in "${order[@]}"; do
             pid=$(pid_of "$t")
-            t0=0
-            [[ -n $pid ]] && t0=$(cpu_ticks "$pid")
+            u0=0 s0=0 u1=0 s1=0
+            [[ -n $pid ]] && read -r u0 s0 < <(cpu_ticks "$pid")
             read -r tps txns < <(run_pgbench "$t" "$mode" "$DURATION")
-            t1=0
-            [[ -n $pid ]] && t1=$(cpu_ticks "$pid")
+            [[ -n $pid ]] && read -r u1 s1 < <(cpu_ticks "$pid")
             key="$t/$mode"
             TPS_SUM[$key]=$(awk -v a="${TPS_SUM[$key]:-0}" -v b="$tps" 'BEGIN { print a + b }')
             TXN_SUM[$key]=$((${TXN_SUM[$key]:-0} + txns))
-            TICK_SUM[$key]=$((${TICK_SUM[$key]:-0} + t1 - t0))
+            UTICK_SUM[$key]=$((${UTICK_SUM[$key]:-0} + u1 - u0))
+            STICK_SUM[$key]=$((${STICK_SUM[$key]:-0} + s1 - s0))
             cpu=""
-            [[ -n $pid ]] && cpu=$(awk -v d=$((t1 - t0)) -v n="$txns" -v hz="$CLK_TCK" \
-                'BEGIN { printf " cpu=%.2fus/txn", d * 1e6 / hz / n }')
+            [[ -n $pid ]] && cpu=$(awk -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v n="$txns" -v hz="$CLK_TCK" \
+                'BEGIN { printf " cpu=%.2fus/txn (user %.2f, sys %.2f)", (u + s) * 1e6 / hz / n, u * 1e6 / hz / n, s * 1e6 / hz / n }')
             log "round $r $mode $(printf '%-9s' "$t") tps=$tps txns=$txns$cpu"
         done
     done
@@ -233,14 +233,18 @@ fi
 # --- report -------------------------------------------------------------------------------
 mean() { awk -v s="${TPS_SUM[$1]}" -v n="$ROUNDS" 'BEGIN { printf "%.0f", s / n }'; }
 ratio() { awk -v a="${TPS_SUM[$1]}" -v b="${TPS_SUM[$2]}" 'BEGIN { printf "%.2f", a / b }'; }
-cpu_us() { awk -v d="${TICK_SUM[$1]}" -v n="${TXN_SUM[$1]}" -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", d * 1e6 / hz / n }'; }
+# "total (user + sys)" CPU time per transaction, in µs.
+cpu_us() {
+    awk -v u="${UTICK_SUM[$1]}" -v s="${STICK_SUM[$1]}" -v n="${TXN_SUM[$1]}" -v hz="$CLK_TCK" \
+        'BEGIN { printf "%.1f (%.1f + %.1f)", (u + s) * 1e6 / hz / n, u * 1e6 / hz / n, s * 1e6 / hz / n }'
+}
 
 echo
 echo "keyshift passthrough benchmark: pgbench -S -c $CLIENTS -j $JOBS -T $DURATION, scale $SCALE, $ROUNDS round(s), order alternated"
 echo "machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'); $(date -u '+%Y-%m-%d %H:%M UTC')"
 echo "PostgreSQL $("$PGBIN/postgres" --version | awk '{print $3}'), $("$PGBOUNCER" --version | head -1)"
 echo
-echo "| mode | direct TPS | keyshift TPS | PgBouncer TPS | keyshift/direct | PgBouncer/direct | keyshift/PgBouncer | keyshift CPU µs/txn | PgBouncer CPU µs/txn |"
+echo "| mode | direct TPS | keyshift TPS | PgBouncer TPS | keyshift/direct | PgBouncer/direct | keyshift/PgBouncer | keyshift CPU µs/txn (user + sys) | PgBouncer CPU µs/txn (user + sys) |"
 echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
 for mode in $MODES; do
     echo "| $mode | $(mean direct/$mode) | $(mean keyshift/$mode) | $(mean pgbouncer/$mode) \
