@@ -18,6 +18,8 @@
 #   WARMUP=5        seconds of pgbench direct before the first round (caches, CPU frequency)
 #   PGBIN=/usr/lib/postgresql/15/bin (else found with pg_config or on PATH)
 #   KEYSHIFT_WORKER_THREADS etc. pass through to keyshift as usual.
+#   BASELINE_BIN=path/to/another/keyshift   adds a fourth target, "baseline": that binary, run
+#                   the same way (plus BASELINE_ARGS), for before/after comparisons in one run.
 set -euo pipefail
 
 DURATION=${DURATION:-15}
@@ -79,10 +81,12 @@ KEYSHIFT=$ROOT/target/release/keyshift
 TMP=$(mktemp -d -t keyshift-bench.XXXXXX)
 chmod 755 "$TMP"
 KS_PID=
+BL_PID=
 PGB_PID=
 cleanup() {
     set +e
     [[ -n $KS_PID ]] && kill "$KS_PID" 2>/dev/null && wait "$KS_PID" 2>/dev/null
+    [[ -n $BL_PID ]] && kill "$BL_PID" 2>/dev/null && wait "$BL_PID" 2>/dev/null
     [[ -n $PGB_PID ]] && kill "$PGB_PID" 2>/dev/null
     if [[ -f $TMP/data/postmaster.pid ]]; then
         as_pg "$PGBIN/pg_ctl" -D "$TMP/data" -m immediate -w stop >/dev/null 2>&1
@@ -108,6 +112,8 @@ PG_PORT=$(free_port)
 KS_PORT=$(free_port)
 KS_ADMIN_PORT=$(free_port)
 PGB_PORT=$(free_port)
+BL_PORT=$(free_port)
+BL_ADMIN_PORT=$(free_port)
 [[ $(id -u) -eq 0 ]] && chown postgres "$TMP"
 
 log "starting PostgreSQL on port $PG_PORT"
@@ -129,6 +135,19 @@ KEYSHIFT_LOG_LEVEL=${KEYSHIFT_LOG_LEVEL:-warn} "$KEYSHIFT" proxy \
     --max-client-connections $((IDLE_CONNS + 100)) >"$TMP/keyshift.log" 2>&1 &
 KS_PID=$!
 wait_port "$KS_PORT" keyshift "$KS_PID"
+
+TARGETS=(direct keyshift pgbouncer)
+if [[ -n ${BASELINE_BIN:-} ]]; then
+    [[ -x $BASELINE_BIN ]] || die "BASELINE_BIN=$BASELINE_BIN is not an executable"
+    log "starting baseline keyshift ($BASELINE_BIN) on port $BL_PORT"
+    # shellcheck disable=SC2086 # BASELINE_ARGS is a list of flags
+    KEYSHIFT_LOG_LEVEL=${KEYSHIFT_LOG_LEVEL:-warn} "$BASELINE_BIN" proxy \
+        --listen "127.0.0.1:$BL_PORT" --admin-listen "127.0.0.1:$BL_ADMIN_PORT" \
+        --upstream "127.0.0.1:$PG_PORT" --upstream-tls disable ${BASELINE_ARGS:-} >"$TMP/baseline.log" 2>&1 &
+    BL_PID=$!
+    wait_port "$BL_PORT" "baseline keyshift" "$BL_PID"
+    TARGETS+=(baseline)
+fi
 
 log "starting PgBouncer (session mode) on port $PGB_PORT"
 cat >"$TMP/pgbouncer.ini" <<EOF
@@ -156,12 +175,14 @@ port_of() {
     case $1 in
     direct) echo "$PG_PORT" ;;
     keyshift) echo "$KS_PORT" ;;
+    baseline) echo "$BL_PORT" ;;
     pgbouncer) echo "$PGB_PORT" ;;
     esac
 }
 pid_of() {
     case $1 in
     keyshift) echo "$KS_PID" ;;
+    baseline) echo "$BL_PID" ;;
     pgbouncer) echo "$PGB_PID" ;;
     *) echo "" ;;
     esac
@@ -178,7 +199,8 @@ CLK_TCK=$(getconf CLK_TCK)
 
 # --- pgbench rounds -----------------------------------------------------------------------
 declare -A TPS_SUM TXN_SUM UTICK_SUM STICK_SUM
-TARGETS=(direct keyshift pgbouncer)
+REVERSED=()
+for ((i = ${#TARGETS[@]} - 1; i >= 0; i--)); do REVERSED+=("${TARGETS[i]}"); done
 
 run_pgbench() { # target mode seconds -> "tps txns"
     local out
@@ -200,7 +222,7 @@ if ((WARMUP > 0)); then
 fi
 
 for ((r = 1; r <= ROUNDS; r++)); do
-    if ((r % 2 == 1)); then order=(direct keyshift pgbouncer); else order=(pgbouncer keyshift direct); fi
+    if ((r % 2 == 1)); then order=("${TARGETS[@]}"); else order=("${REVERSED[@]}"); fi
     for mode in $MODES; do
         for t in "${order[@]}"; do
             pid=$(pid_of "$t")
@@ -251,6 +273,17 @@ for mode in $MODES; do
 | $(ratio keyshift/$mode direct/$mode) | $(ratio pgbouncer/$mode direct/$mode) \
 | $(ratio keyshift/$mode pgbouncer/$mode) | $(cpu_us keyshift/$mode) | $(cpu_us pgbouncer/$mode) |"
 done
+if [[ -n $BL_PID ]]; then
+    echo
+    echo "baseline: $BASELINE_BIN ${BASELINE_ARGS:-}"
+    echo
+    echo "| mode | baseline TPS | keyshift TPS | keyshift/baseline | baseline/direct | baseline/PgBouncer | baseline CPU µs/txn (user + sys) |"
+    echo "|---|---:|---:|---:|---:|---:|---:|"
+    for mode in $MODES; do
+        echo "| $mode | $(mean baseline/$mode) | $(mean keyshift/$mode) | $(ratio keyshift/$mode baseline/$mode) \
+| $(ratio baseline/$mode direct/$mode) | $(ratio baseline/$mode pgbouncer/$mode) | $(cpu_us baseline/$mode) |"
+    done
+fi
 if [[ -n $IDLE_RESULT ]]; then
     echo
     echo "idle connections through keyshift: $IDLE_RESULT"
