@@ -6,7 +6,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{ConfigError, FileConfig, ProxyArgs, ProxyConfig};
+use crate::config::{
+    BackfillArgs, ConfigError, DbArgs, FileConfig, MigrateConfig, ProxyArgs, ProxyConfig,
+    SelectArgs,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -43,6 +46,135 @@ Every option can also be set in the config file (see deploy/keyshift.toml) or as
 environment variable; flags win over the environment, which wins over the file."
     )]
     Proxy(ProxyArgs),
+    /// Read the catalog and print what would be migrated, blockers included (changes nothing)
+    #[command(
+        long_about = "Read the catalog and print the plan: the tables whose integer primary key \
+moves to UUID (every table of the chosen schemas whose primary key is one smallint, integer or \
+bigint column, unless --table/--exclude say otherwise), parents before children, each with its \
+key, row estimate and every foreign key that references it (child column, ON DELETE / ON UPDATE, \
+whether it is indexed). Takes no lock.\n\n\
+Blockers (composite FKs or FKs through another unique index onto a migrated key, partitioned or \
+inherited tables, views, rules, policies, triggers and SQL-body functions that reference a column \
+the cutover renames) are listed together, each with what to do, and make the exit code 2. \
+With --sql, prints the SQL of every phase (expand, backfill, harden, cutover, rollback, finalize, \
+abort). Once `expand` ran, prints the plan stored in the database."
+    )]
+    Plan(PlanCmd),
+    /// Create schema keyshift and add the uuid columns (brief locks, under lock_timeout with retry)
+    #[command(
+        long_about = "Create schema keyshift (the migration's state, keyshift.uuid_v7()), store \
+the plan, add `<key>_uuid uuid` to each migrated table and `<fk>_uuid uuid` beside each integer \
+FK column (no default, so catalog-only), then set the key columns' default so that every new row \
+gets a uuid. Each ALTER runs under lock_timeout and is retried with backoff, so it never waits in \
+the lock queue while blocking the application. Idempotent: a second run changes nothing."
+    )]
+    Expand(ExpandCmd),
+    /// Fill the uuid columns of existing rows in short batches, then harden
+    #[command(
+        long_about = "Fill the key uuids of existing rows, then every FK twin from its parent, \
+then a catch-up pass over each FK that repairs NULL or stale twins left by writes that bypassed \
+the proxy. Keyset batches along the integer key, each one short transaction that also saves its \
+cursor: kill it at any moment and run it again, it resumes exactly where it stopped. Locks: the \
+rows of one batch. Running it again once done starts a new catch-up round.\n\n\
+Then hardens (see `keyshift harden --help`) unless --skip-harden. Progress: a bar per task on a \
+terminal, a log line every few seconds otherwise."
+    )]
+    Backfill(BackfillCmd),
+    /// Build unique indexes, CHECKs and shadow FKs online (rerun the last stage of backfill)
+    #[command(
+        long_about = "Build, without blocking reads or writes: a unique index on each key uuid \
+(CREATE INDEX CONCURRENTLY; an INVALID index left by an interrupted build is dropped and rebuilt), \
+a mirror of every index on an integer FK column on its uuid twin, CHECK (<key>_uuid IS NOT NULL) \
+and shadow FKs <fk>_uuid -> parent(<key>_uuid) with the same ON DELETE / ON UPDATE actions, each \
+added NOT VALID (a brief lock under lock_timeout) then VALIDATEd (no blocking lock). Idempotent."
+    )]
+    Harden(HardenCmd),
+    /// Check the success criteria online; exit 0 when all pass, 1 otherwise
+    #[command(
+        long_about = "Check, with batched reads only: no NULL uuid, key uuids unique, every FK \
+uuid equal to its parent's uuid, no orphans, constraints validated, indexes valid. Prints counts \
+and up to 10 example keys per failed check. Exit code 0 when all pass, 1 otherwise."
+    )]
+    Verify(VerifyCmd),
+    /// Show the phase, backfill progress, recent events and registered proxies
+    Status(StatusCmd),
+    /// Before cutover: remove everything keyshift added, leaving the schema as it was
+    #[command(
+        long_about = "Before cutover: drop the shadow FKs, CHECKs, indexes and uuid columns \
+keyshift added, then schema keyshift, so that the schema is exactly as before expand. Brief \
+locks under lock_timeout with retry; indexes are dropped CONCURRENTLY. Idempotent. After cutover \
+it refuses: use `keyshift rollback`."
+    )]
+    Abort(AbortCmd),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PlanCmd {
+    #[command(flatten)]
+    pub db: DbArgs,
+    #[command(flatten)]
+    pub select: SelectArgs,
+    /// Output format
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: Format,
+    /// Also print the SQL of every phase
+    #[arg(long)]
+    pub sql: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ExpandCmd {
+    #[command(flatten)]
+    pub db: DbArgs,
+    #[command(flatten)]
+    pub select: SelectArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BackfillCmd {
+    #[command(flatten)]
+    pub db: DbArgs,
+    #[command(flatten)]
+    pub backfill: BackfillArgs,
+    /// Stop after the backfill; run `keyshift harden` later
+    #[arg(long)]
+    pub skip_harden: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct HardenCmd {
+    #[command(flatten)]
+    pub db: DbArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct VerifyCmd {
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// Output format
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: Format,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StatusCmd {
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// Output format
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: Format,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct AbortCmd {
+    #[command(flatten)]
+    pub db: DbArgs,
 }
 
 fn load_file(path: &Option<PathBuf>) -> Result<FileConfig, ConfigError> {
@@ -72,6 +204,35 @@ pub fn main() -> ExitCode {
                 }
             }
         }
+        Command::Plan(ref c) => {
+            migrate_cmd(&cli.config, &c.db, Some(&c.select), None, "plan", |cfg| {
+                run_plan(cfg, c.format, c.sql)
+            })
+        }
+        Command::Expand(ref c) => migrate_cmd(
+            &cli.config,
+            &c.db,
+            Some(&c.select),
+            None,
+            "expand",
+            run_expand,
+        ),
+        Command::Backfill(ref c) => migrate_cmd(
+            &cli.config,
+            &c.db,
+            None,
+            Some(&c.backfill),
+            "backfill",
+            |cfg| run_backfill(cfg, c.skip_harden),
+        ),
+        Command::Harden(ref c) => migrate_cmd(&cli.config, &c.db, None, None, "harden", run_harden),
+        Command::Verify(ref c) => migrate_cmd(&cli.config, &c.db, None, None, "verify", |cfg| {
+            run_verify(cfg, c.format)
+        }),
+        Command::Status(ref c) => migrate_cmd(&cli.config, &c.db, None, None, "status", |cfg| {
+            run_status(cfg, c.format)
+        }),
+        Command::Abort(ref c) => migrate_cmd(&cli.config, &c.db, None, None, "abort", run_abort),
     }
 }
 
@@ -116,4 +277,186 @@ fn run_proxy(cfg: ProxyConfig) -> anyhow::Result<()> {
         let _ = t.join();
     }
     result
+}
+
+/// Resolves the configuration (exit 2 on error), runs the command on a small runtime, and
+/// maps its result to an exit code.
+fn migrate_cmd(
+    config: &Option<PathBuf>,
+    db: &DbArgs,
+    select: Option<&SelectArgs>,
+    backfill: Option<&BackfillArgs>,
+    name: &str,
+    f: impl FnOnce(MigrateConfig) -> anyhow::Result<ExitCode>,
+) -> ExitCode {
+    let cfg = match load_file(config)
+        .and_then(|file| MigrateConfig::resolve(file, db, select, backfill))
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("keyshift {name}: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    crate::logging::init(crate::config::LogFormat::Text, "info");
+    match f(cfg) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("keyshift {name}: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn run_plan(cfg: MigrateConfig, format: Format, sql: bool) -> anyhow::Result<ExitCode> {
+    use crate::migrate::{catalog, ddl, plan, state};
+    runtime()?.block_on(async {
+        let client = crate::migrate::db::connect(&cfg.database_url).await?;
+        let (p, stored) = match state::load(&client).await? {
+            Some((p, phase)) => (p, Some(phase)),
+            None => (plan::build(&catalog::read(&client).await?, &cfg.plan), None),
+        };
+        match format {
+            Format::Text => {
+                if let Some(phase) = stored {
+                    println!(
+                        "(the plan stored by `keyshift expand`; the migration is in phase {phase})"
+                    );
+                }
+                print!("{}", plan::render_text(&p));
+                if sql {
+                    println!();
+                    print!("{}", ddl::render_sql(&p));
+                }
+            }
+            Format::Json => {
+                let mut v = serde_json::to_value(&p)?;
+                if let Some(o) = v.as_object_mut() {
+                    o.insert("phase".into(), serde_json::to_value(stored)?);
+                    if sql {
+                        let mut phases = serde_json::Map::new();
+                        for (name, steps) in ddl::all_phases(&p) {
+                            phases.insert(name.to_string(), serde_json::to_value(steps)?);
+                        }
+                        o.insert("sql".into(), serde_json::Value::Object(phases));
+                    }
+                }
+                print_json(&v)?;
+            }
+        }
+        Ok(if p.is_blocked() {
+            ExitCode::from(2)
+        } else {
+            ExitCode::SUCCESS
+        })
+    })
+}
+
+fn run_expand(cfg: MigrateConfig) -> anyhow::Result<ExitCode> {
+    use crate::migrate::expand::{self, ExpandError};
+    runtime()?.block_on(async {
+        let client = crate::migrate::db::connect(&cfg.database_url).await?;
+        match expand::run(&client, &cfg.plan, &cfg.settings).await {
+            Ok(p) => {
+                eprintln!(
+                    "keyshift expand: done; {} table(s) and {} foreign key(s) have their uuid columns. Next: `keyshift backfill`",
+                    p.tables.len(),
+                    p.foreign_keys().count()
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e @ ExpandError::Blocked(_)) => {
+                eprintln!("keyshift expand: {e}");
+                Ok(ExitCode::from(2))
+            }
+            Err(e) => Err(e.into()),
+        }
+    })
+}
+
+fn run_backfill(cfg: MigrateConfig, skip_harden: bool) -> anyhow::Result<ExitCode> {
+    use crate::migrate::{backfill, harden};
+    runtime()?.block_on(async {
+        let client = crate::migrate::db::connect(&cfg.database_url).await?;
+        let sum = backfill::run(&client, &cfg.settings).await?;
+        let secs = sum.elapsed.as_secs_f64();
+        eprintln!(
+            "keyshift backfill: {} rows scanned, {} updated in {:.1}s ({:.0} rows/s)",
+            sum.rows_scanned,
+            sum.rows_updated,
+            secs,
+            sum.rows_scanned as f64 / secs.max(0.001)
+        );
+        if !skip_harden {
+            let n = harden::run(&client, &cfg.settings).await?;
+            eprintln!("keyshift harden: done ({n} change(s)). Next: `keyshift verify`");
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn run_harden(cfg: MigrateConfig) -> anyhow::Result<ExitCode> {
+    runtime()?.block_on(async {
+        let client = crate::migrate::db::connect(&cfg.database_url).await?;
+        let n = crate::migrate::harden::run(&client, &cfg.settings).await?;
+        eprintln!("keyshift harden: done ({n} change(s)). Next: `keyshift verify`");
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn run_verify(cfg: MigrateConfig, format: Format) -> anyhow::Result<ExitCode> {
+    use crate::migrate::verify;
+    runtime()?.block_on(async {
+        let client = crate::migrate::db::connect(&cfg.database_url).await?;
+        let r = verify::run(&client).await?;
+        match format {
+            Format::Text => print!("{}", verify::render_text(&r)),
+            Format::Json => print_json(&r)?,
+        }
+        Ok(if r.passed {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        })
+    })
+}
+
+fn run_status(cfg: MigrateConfig, format: Format) -> anyhow::Result<ExitCode> {
+    use crate::migrate::status;
+    runtime()?.block_on(async {
+        let client = crate::migrate::db::connect(&cfg.database_url).await?;
+        let st = status::run(&client).await?;
+        match format {
+            Format::Text => print!("{}", status::render_text(&st)),
+            Format::Json => print_json(&st)?,
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn run_abort(cfg: MigrateConfig) -> anyhow::Result<ExitCode> {
+    use crate::migrate::abort::{self, Outcome};
+    runtime()?.block_on(async {
+        let client = crate::migrate::db::connect(&cfg.database_url).await?;
+        match abort::run(&client, &cfg.settings).await? {
+            Outcome::Removed => {
+                eprintln!("keyshift abort: done; everything keyshift added is gone")
+            }
+            Outcome::NothingToDo => {
+                eprintln!("keyshift abort: nothing to remove (no schema keyshift)")
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    })
 }

@@ -66,6 +66,16 @@ pub struct FileConfig {
     pub log_format: Option<LogFormat>,
     pub log_level: Option<String>,
     pub database_url: Option<String>,
+    pub lock_timeout: Option<String>,
+    pub ddl_retries: Option<u32>,
+    pub uuid_version: Option<u8>,
+    pub schemas: Option<Vec<String>>,
+    pub tables: Option<Vec<String>>,
+    pub exclude: Option<Vec<String>>,
+    pub uuid_suffix: Option<String>,
+    pub legacy_suffix: Option<String>,
+    pub batch_size: Option<i64>,
+    pub max_rows_per_sec: Option<u64>,
 }
 
 impl FileConfig {
@@ -294,6 +304,187 @@ impl ProxyConfig {
     }
 }
 
+/// Connection and DDL flags shared by the migration commands.
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct DbArgs {
+    /// PostgreSQL URL of the database to migrate, e.g. postgres://app@db:5432/app (key: database_url)
+    #[arg(
+        long,
+        env = "KEYSHIFT_DATABASE_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub database_url: Option<String>,
+    /// Lock timeout of each DDL that takes a lock blocking traffic; on timeout it is retried
+    /// with backoff, so it never queues in front of the application [default: 500ms]
+    #[arg(long, env = "KEYSHIFT_LOCK_TIMEOUT", value_name = "DURATION")]
+    pub lock_timeout: Option<String>,
+    /// Retries of a DDL that hit lock_timeout before giving up [default: 30]
+    #[arg(long, env = "KEYSHIFT_DDL_RETRIES", value_name = "N")]
+    pub ddl_retries: Option<u32>,
+}
+
+/// What to migrate and how to name things (`plan`, `expand`).
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct SelectArgs {
+    /// Schema whose tables are migrated; repeatable [default: public]
+    #[arg(
+        long = "schema",
+        env = "KEYSHIFT_SCHEMAS",
+        value_name = "SCHEMA",
+        value_delimiter = ','
+    )]
+    pub schemas: Vec<String>,
+    /// Migrate only this table (`name` or `schema.name`); repeatable [default: every table
+    /// whose primary key is one smallint, integer or bigint column]
+    #[arg(
+        long = "table",
+        env = "KEYSHIFT_TABLES",
+        value_name = "TABLE",
+        value_delimiter = ','
+    )]
+    pub tables: Vec<String>,
+    /// Leave this table's key alone (`name` or `schema.name`); repeatable
+    #[arg(
+        long = "exclude",
+        env = "KEYSHIFT_EXCLUDE",
+        value_name = "TABLE",
+        value_delimiter = ','
+    )]
+    pub exclude: Vec<String>,
+    /// UUID version of new keys: 7 (time-ordered, keyshift.uuid_v7()) or 4 (gen_random_uuid()) [default: 7]
+    #[arg(long, env = "KEYSHIFT_UUID_VERSION", value_name = "4|7")]
+    pub uuid_version: Option<u8>,
+    /// Suffix of the new uuid columns before cutover [default: _uuid]
+    #[arg(long, env = "KEYSHIFT_UUID_SUFFIX", value_name = "SUFFIX")]
+    pub uuid_suffix: Option<String>,
+    /// Suffix the integer columns take at cutover [default: _legacy]
+    #[arg(long, env = "KEYSHIFT_LEGACY_SUFFIX", value_name = "SUFFIX")]
+    pub legacy_suffix: Option<String>,
+}
+
+/// Backfill pacing.
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct BackfillArgs {
+    /// Rows per batch; each batch is one short transaction [default: 5000]
+    #[arg(long, env = "KEYSHIFT_BATCH_SIZE", value_name = "N")]
+    pub batch_size: Option<i64>,
+    /// Throttle: at most this many rows per second; 0 means no limit [default: 0]
+    #[arg(long, env = "KEYSHIFT_MAX_ROWS_PER_SEC", value_name = "N")]
+    pub max_rows_per_sec: Option<u64>,
+}
+
+/// The migration commands' resolved configuration.
+#[derive(Debug, Clone)]
+pub struct MigrateConfig {
+    pub database_url: String,
+    pub settings: crate::migrate::Settings,
+    pub plan: crate::migrate::plan::PlanOptions,
+}
+
+impl MigrateConfig {
+    /// Lays flags/environment over the file over the defaults, then validates.
+    pub fn resolve(
+        file: FileConfig,
+        db: &DbArgs,
+        sel: Option<&SelectArgs>,
+        bf: Option<&BackfillArgs>,
+    ) -> Result<MigrateConfig, ConfigError> {
+        let sel = sel.cloned().unwrap_or_default();
+        let bf = bf.cloned().unwrap_or_default();
+        let d = crate::migrate::Settings::default();
+        let dp = crate::migrate::plan::PlanOptions::default();
+        let list = |a: Vec<String>, f: Option<Vec<String>>| if a.is_empty() { f } else { Some(a) };
+        let database_url = db.database_url.clone().or(file.database_url).ok_or_else(|| {
+            invalid(
+                "database_url",
+                "not set: give --database-url, KEYSHIFT_DATABASE_URL, or database_url in the config file",
+            )
+        })?;
+        if let Err(e) = database_url.parse::<tokio_postgres::Config>() {
+            return Err(invalid(
+                "database_url",
+                format!("not a PostgreSQL URL or connection string: {e}"),
+            ));
+        }
+        let lock_timeout = opt_duration(
+            "lock_timeout",
+            db.lock_timeout.clone().or(file.lock_timeout),
+        )?
+        .unwrap_or(d.lock_timeout);
+        if lock_timeout.is_zero() || lock_timeout > Duration::from_secs(600) {
+            return Err(invalid("lock_timeout", "must be between 1ms and 10m"));
+        }
+        let uuid_version = sel
+            .uuid_version
+            .or(file.uuid_version)
+            .unwrap_or(dp.uuid_version);
+        if uuid_version != 4 && uuid_version != 7 {
+            return Err(invalid(
+                "uuid_version",
+                format!("{uuid_version} is not 4 or 7"),
+            ));
+        }
+        let batch_size = bf.batch_size.or(file.batch_size).unwrap_or(d.batch_size);
+        if !(1..=1_000_000).contains(&batch_size) {
+            return Err(invalid("batch_size", "must be between 1 and 1000000"));
+        }
+        let uuid_suffix = sel
+            .uuid_suffix
+            .or(file.uuid_suffix)
+            .unwrap_or(dp.uuid_suffix);
+        let legacy_suffix = sel
+            .legacy_suffix
+            .or(file.legacy_suffix)
+            .unwrap_or(dp.legacy_suffix);
+        for (key, v) in [
+            ("uuid_suffix", &uuid_suffix),
+            ("legacy_suffix", &legacy_suffix),
+        ] {
+            let ok = !v.is_empty()
+                && v.len() <= 20
+                && v.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+            if !ok {
+                return Err(invalid(
+                    key,
+                    format!("{v:?}: use 1 to 20 characters among a-z, 0-9 and _"),
+                ));
+            }
+        }
+        if uuid_suffix == legacy_suffix {
+            return Err(invalid("legacy_suffix", "must differ from uuid_suffix"));
+        }
+        let schemas = list(sel.schemas, file.schemas).unwrap_or(dp.schemas);
+        if schemas.is_empty() || schemas.iter().any(|s| s.is_empty()) {
+            return Err(invalid(
+                "schemas",
+                "must name at least one schema, with no empty name",
+            ));
+        }
+        Ok(MigrateConfig {
+            database_url,
+            settings: crate::migrate::Settings {
+                lock_timeout,
+                ddl_retries: db.ddl_retries.or(file.ddl_retries).unwrap_or(d.ddl_retries),
+                batch_size,
+                max_rows_per_sec: bf
+                    .max_rows_per_sec
+                    .or(file.max_rows_per_sec)
+                    .filter(|n| *n > 0),
+            },
+            plan: crate::migrate::plan::PlanOptions {
+                schemas,
+                tables: list(sel.tables, file.tables).unwrap_or_default(),
+                exclude: list(sel.exclude, file.exclude).unwrap_or_default(),
+                uuid_version,
+                uuid_suffix,
+                legacy_suffix,
+            },
+        })
+    }
+}
+
 fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key,
@@ -368,6 +559,51 @@ mod tests {
         let c = resolve("listen = \"127.0.0.1:6000\"\nupstream = \"db:5433\"", &args).unwrap();
         assert_eq!(c.listen.to_string(), "127.0.0.1:7000");
         assert_eq!(c.upstream, "db:5433");
+    }
+
+    fn migrate(text: &str, db: &DbArgs) -> Result<MigrateConfig, ConfigError> {
+        let file = FileConfig::parse(text).map_err(|message| ConfigError::Parse {
+            path: "t.toml".into(),
+            message,
+        })?;
+        MigrateConfig::resolve(file, db, None, None)
+    }
+
+    #[test]
+    fn migrate_keys() {
+        let db = DbArgs::default();
+        let e = migrate("", &db).unwrap_err();
+        assert!(e.to_string().contains("`database_url`"), "{e}");
+        let base = "database_url = \"postgres://u@h/d\"\n";
+        let c = migrate(base, &db).unwrap();
+        assert_eq!(c.settings.lock_timeout, Duration::from_millis(500));
+        assert_eq!(c.plan.schemas, ["public"]);
+        assert_eq!(c.plan.uuid_version, 7);
+        let c = migrate(
+            &format!("{base}schemas = [\"app\", \"b\"]\nuuid_version = 4\nlock_timeout = \"2s\""),
+            &db,
+        )
+        .unwrap();
+        assert_eq!(c.plan.schemas, ["app", "b"]);
+        assert_eq!(c.plan.uuid_version, 4);
+        assert_eq!(c.settings.lock_timeout, Duration::from_secs(2));
+        let flag = DbArgs {
+            lock_timeout: Some("100ms".into()),
+            ..Default::default()
+        };
+        let c = migrate(&format!("{base}lock_timeout = \"2s\""), &flag).unwrap();
+        assert_eq!(c.settings.lock_timeout, Duration::from_millis(100));
+        for (bad, key) in [
+            ("uuid_version = 5", "`uuid_version`"),
+            ("lock_timeout = \"soon\"", "`lock_timeout`"),
+            ("batch_size = 0", "`batch_size`"),
+            ("uuid_suffix = \"-X\"", "`uuid_suffix`"),
+            ("legacy_suffix = \"_uuid\"", "`legacy_suffix`"),
+            ("schemas = []", "`schemas`"),
+        ] {
+            let e = migrate(&format!("{base}{bad}"), &db).unwrap_err();
+            assert!(e.to_string().contains(key), "{bad}: {e}");
+        }
     }
 
     #[test]

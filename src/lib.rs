@@ -6,5 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod logging;
 pub mod metrics;
+pub mod migrate;
 pub mod pgcluster;
 pub mod proxy;
+pub mod rewrite;

@@ -12,6 +12,7 @@ pub mod gate;
 pub mod messages;
 pub mod session;
 pub mod startup;
+pub mod statements;
 pub mod stream;
 pub mod tls;
 pub mod upstream;
@@ -56,10 +57,24 @@ pub struct Shared {
     pub cancels: cancel::CancelMap,
     pub gate: gate::Gate,
     pub metrics: Metrics,
+    /// The SQL rewriter in force; `None` means pure passthrough (no migration running).
+    pub rewriter: arc_swap::ArcSwapOption<statements::ActiveRewriter>,
+    /// Bumped after every change of `rewriter`: sessions re-prepare their rewritten
+    /// statements when they see a new value.
+    pub rules_version: std::sync::atomic::AtomicU64,
     /// Becomes true when sessions must end now (shutdown grace over).
     pub force_shutdown: watch::Receiver<bool>,
     force_tx: watch::Sender<bool>,
     sessions: Arc<Semaphore>,
+}
+
+impl Shared {
+    /// Puts a new rewriter (or none: passthrough) in force for every session.
+    pub fn set_rewriter(&self, rw: Option<statements::ActiveRewriter>) {
+        self.rewriter.store(rw.map(Arc::new));
+        self.rules_version
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
 }
 
 /// A bound proxy: both listeners are open, nothing runs until [`Proxy::run`].
@@ -112,6 +127,8 @@ impl Proxy {
             cancels: Default::default(),
             gate: Default::default(),
             metrics: Metrics::new(),
+            rewriter: arc_swap::ArcSwapOption::empty(),
+            rules_version: std::sync::atomic::AtomicU64::new(0),
             force_shutdown: force_rx,
             force_tx,
         });
@@ -402,6 +419,7 @@ async fn session(
             &packet,
             &shared.cancels,
             shared.cfg.max_message_bytes,
+            shared.cfg.connect_timeout,
         ),
     )
     .await;
@@ -422,7 +440,7 @@ async fn session(
         Ok(Err(e)) => {
             debug!(client = %addr, error = %e, "authentication relay failed");
             let code = match e {
-                StartupError::Server(_) => sqlstate::CONNECTION_FAILURE,
+                StartupError::Server(_) | StartupError::NoAnswer(_) => sqlstate::CONNECTION_FAILURE,
                 _ => sqlstate::PROTOCOL_VIOLATION,
             };
             let _ = startup::send(

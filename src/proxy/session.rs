@@ -16,17 +16,21 @@ use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::Shared;
 use super::frame::{FrameError, Scan, Scanner};
 use super::gate::{SessionInfo, SessionState};
 use super::messages::{self, sqlstate};
+use std::collections::VecDeque;
+
+use super::statements::{self, Decision, Prepared, Refusal};
 use super::stream::Stream;
 use crate::metrics::SessionCounters;
 
@@ -68,6 +72,16 @@ pub struct Session {
     open_seq: bool,
     held: bool,
     terminating: bool,
+    /// Named statements whose SQL was rewritten, for re-preparing at cutover.
+    prepared: Prepared,
+    /// Refused statements whose marker error is still to come back from PostgreSQL.
+    refusals: VecDeque<Refusal>,
+    next_refusal: u64,
+    /// The rules version this session's prepared statements were rewritten under.
+    rules_seen: u64,
+    /// ReadyForQuery messages (and everything before them) that answer keyshift's own
+    /// re-preparing, not the client: dropped.
+    swallow_ready: u32,
     counters: SessionCounters,
     info: Arc<SessionInfo>,
     shared: Arc<Shared>,
@@ -117,6 +131,11 @@ impl Session {
             open_seq: false,
             held: false,
             terminating: false,
+            prepared: Prepared::default(),
+            refusals: VecDeque::new(),
+            next_refusal: 0,
+            rules_seen: shared.rules_version.load(Ordering::Acquire),
+            swallow_ready: 0,
             counters: SessionCounters::default(),
             info,
             shared,
@@ -320,14 +339,18 @@ impl Session {
     }
 
     /// Scans client bytes into `c_out`, applying the gate at the first message after a
-    /// ReadyForQuery.
+    /// ReadyForQuery and, when a rewriter is active, handing it the SQL of Query and Parse.
     fn scan_client(&mut self) -> Result<Option<Event>, FrameError> {
         let max = self.shared.cfg.max_message_bytes;
+        let rewriter = self.shared.rewriter.load();
+        let rewriting = rewriter
+            .as_ref()
+            .is_some_and(|r| r.applies_to(&self.info.database));
+        let want = |t: u8| t == b'X' || (rewriting && matches!(t, b'Q' | b'P' | b'C'));
         let mut fwd = 0;
         let mut event = None;
         loop {
-            let rest = &self.c_in[fwd..];
-            if rest.is_empty() {
+            if self.c_in.len() == fwd {
                 break;
             }
             if self.c_scan.at_boundary() && self.waiting_for_client() {
@@ -337,11 +360,21 @@ impl Session {
                         event = Some(Event::Hold);
                         break;
                     }
+                    let version = self.shared.rules_version.load(Ordering::Acquire);
+                    if version != self.rules_seen {
+                        self.rules_seen = version;
+                        if !self.prepared.is_empty() {
+                            move_prefix(&mut self.c_in, &mut self.c_out, fwd);
+                            fwd = 0;
+                            self.reprepare();
+                        }
+                    }
                 } else {
                     self.shared.gate.set_state(&self.info, SessionState::Active);
                 }
             }
-            match self.c_scan.next(rest, max, |t| t == b'X')? {
+            let rest = &self.c_in[fwd..];
+            match self.c_scan.next(rest, max, want)? {
                 Scan::NeedMore => break,
                 Scan::Forward { n } => fwd += n,
                 Scan::Message { tag, len, inspect } => {
@@ -358,11 +391,46 @@ impl Session {
                         b'P' | b'B' | b'E' | b'D' | b'C' | b'H' => self.open_seq = true,
                         _ => {}
                     }
-                    if inspect {
+                    if !inspect {
+                        continue;
+                    }
+                    if tag == b'X' {
                         // Terminate: forward it, then close once it is written.
                         fwd += len;
                         self.terminating = true;
                         break;
+                    }
+                    let msg = &rest[..len];
+                    // ReadyForQuery messages owed before the one this statement's sequence
+                    // ends with (a Query's own was counted above).
+                    let ready_before = self.pending_z - u32::from(tag == b'Q');
+                    let replacement = match rewriter.as_ref().filter(|_| rewriting) {
+                        Some(rw) => {
+                            let mut refusal =
+                                Refusal::new(self.next_refusal, "".into(), ready_before);
+                            let r = rewrite_message(
+                                &mut self.prepared,
+                                &*rw.rewriter,
+                                msg,
+                                &mut refusal,
+                            );
+                            if !refusal.message.is_empty() {
+                                self.next_refusal += 1;
+                                self.refusals.push_back(refusal);
+                            }
+                            r
+                        }
+                        None => None,
+                    };
+                    match replacement {
+                        None => fwd += len,
+                        Some(new) => {
+                            self.counters.client_bytes(fwd);
+                            move_prefix(&mut self.c_in, &mut self.c_out, fwd);
+                            fwd = 0;
+                            self.c_out.extend_from_slice(&new);
+                            self.c_in.advance(len);
+                        }
                     }
                 }
             }
@@ -372,29 +440,128 @@ impl Session {
         Ok(event)
     }
 
-    /// Scans server bytes into `s_out`, tracking ReadyForQuery.
+    /// The rules changed (cutover, rollback, finalize): prepare every named statement keyshift
+    /// had rewritten again, from the client's original SQL under the new rules, before the
+    /// client's next message. PostgreSQL would otherwise re-analyse the old rewritten text,
+    /// which names columns the cutover renamed. The answers are swallowed (`swallow_ready`).
+    fn reprepare(&mut self) {
+        let rw = self.shared.rewriter.load();
+        let active = rw.as_ref().filter(|r| r.applies_to(&self.info.database));
+        let mut n = 0;
+        for (name, sql, rest) in self.prepared.iter() {
+            let new_sql: std::borrow::Cow<'_, str> = match active.map(|r| r.rewriter.rewrite(sql)) {
+                Some(Decision::Replace(s)) => s.to_string().into(),
+                _ => sql.into(),
+            };
+            let close_len = 4 + 1 + name.len() + 1;
+            self.c_out.reserve(1 + close_len);
+            self.c_out.extend_from_slice(b"C");
+            self.c_out
+                .extend_from_slice(&(close_len as u32).to_be_bytes());
+            self.c_out.extend_from_slice(b"S");
+            self.c_out.extend_from_slice(name);
+            self.c_out.extend_from_slice(&[0]);
+            let m = statements::SqlMessage {
+                tag: b'P',
+                name,
+                sql: sql.as_bytes(),
+                rest,
+            };
+            statements::rebuild(&m, &new_sql, &mut self.c_out);
+            n += 1;
+        }
+        self.c_out.extend_from_slice(&[b'S', 0, 0, 0, 4]);
+        self.swallow_ready += 1;
+        debug!(
+            session = self.info.id,
+            statements = n,
+            "re-preparing rewritten statements under new rules"
+        );
+    }
+
+    /// Scans server bytes into `s_out`, tracking ReadyForQuery, and putting keyshift's own
+    /// error in place of PostgreSQL's answer to a refusal marker.
     fn scan_server(&mut self) -> Result<(), FrameError> {
         let mut fwd = 0;
         loop {
+            let refusing = !self.refusals.is_empty();
+            let swallowing = self.swallow_ready > 0;
             let rest = &self.s_in[fwd..];
-            match self.s_scan.next(rest, MAX_SERVER_MESSAGE, |t| t == b'Z')? {
+            match self.s_scan.next(rest, MAX_SERVER_MESSAGE, |t| {
+                t == b'Z' || (refusing && t == b'E') || swallowing
+            })? {
                 Scan::NeedMore => break,
                 Scan::Forward { n } => fwd += n,
                 Scan::Message { tag, len, inspect } => {
                     self.counters.server_message(tag);
-                    if inspect {
-                        // ReadyForQuery: tag, length 5, status.
-                        if len != 6 {
-                            return Err(FrameError::Malformed("ReadyForQuery"));
+                    if !inspect {
+                        continue;
+                    }
+                    if swallowing && !matches!(tag, b'A' | b'N' | b'S') {
+                        // An answer to keyshift's re-prepare; notifications, notices and
+                        // parameter changes still belong to the client.
+                        if tag == b'E' {
+                            warn!(
+                                session = self.info.id,
+                                "re-preparing a statement under the new rules failed; the client will see an error when it uses it"
+                            );
                         }
-                        self.status = rest[5];
-                        self.pending_z = self.pending_z.saturating_sub(1);
-                        fwd += len;
-                        if self.waiting_for_client() {
-                            let st = self.state_after_ready();
-                            self.shared.gate.set_state(&self.info, st);
-                            self.counters.flush_if_due(&self.shared.metrics);
+                        if tag == b'Z' {
+                            self.swallow_ready -= 1;
                         }
+                        self.counters.server_bytes(fwd);
+                        move_prefix(&mut self.s_in, &mut self.s_out, fwd);
+                        fwd = 0;
+                        self.s_in.advance(len);
+                        continue;
+                    }
+                    if tag == b'E' {
+                        let ours = self.refusals.front().filter(|r| {
+                            r.ready_before == 0
+                                && statements::error_message(&rest[..len]).is_some_and(|m| {
+                                    m.windows(r.marker.len()).any(|w| w == r.marker.as_bytes())
+                                })
+                        });
+                        match ours {
+                            Some(r) => {
+                                let err = messages::error(
+                                    sqlstate::FEATURE_NOT_SUPPORTED,
+                                    &r.message,
+                                    Some(
+                                        "keyshift runs with strict = true; see docs/limitations.md",
+                                    ),
+                                );
+                                self.refusals.pop_front();
+                                self.counters.server_bytes(fwd);
+                                move_prefix(&mut self.s_in, &mut self.s_out, fwd);
+                                fwd = 0;
+                                self.s_out.extend_from_slice(&err);
+                                self.s_in.advance(len);
+                            }
+                            None => fwd += len,
+                        }
+                        continue;
+                    }
+                    // ReadyForQuery: tag, length 5, status.
+                    if len != 6 {
+                        return Err(FrameError::Malformed("ReadyForQuery"));
+                    }
+                    self.status = rest[5];
+                    self.pending_z = self.pending_z.saturating_sub(1);
+                    fwd += len;
+                    if refusing {
+                        // A refusal whose sequence just ended without its error (an earlier
+                        // error made PostgreSQL skip it) is dropped; the others move closer.
+                        self.refusals.retain_mut(|r| {
+                            let keep = r.ready_before > 0;
+                            r.ready_before = r.ready_before.saturating_sub(1);
+                            keep
+                        });
+                    }
+                    if self.waiting_for_client() {
+                        let st = self.state_after_ready();
+                        self.shared.gate.set_state(&self.info, st);
+                        self.counters.flush_if_due(&self.shared.metrics);
                     }
                 }
             }
@@ -430,6 +597,48 @@ impl Session {
         };
         let _ = tokio::time::timeout(Duration::from_secs(2), fut).await;
     }
+}
+
+/// The message to send instead of `msg` (a whole Query, Parse or Close), if any.
+/// A refused statement is replaced by `refusal.marker`, and `refusal.message` is filled in.
+fn rewrite_message(
+    prepared: &mut Prepared,
+    rw: &dyn statements::StatementRewriter,
+    msg: &[u8],
+    refusal: &mut Refusal,
+) -> Option<BytesMut> {
+    if msg[0] == b'C' {
+        // Close of a statement: forget it.
+        if msg.get(5) == Some(&b'S') {
+            let name = &msg[6..msg.len().saturating_sub(1)];
+            prepared.forget(name);
+        }
+        return None;
+    }
+    let m = statements::split(msg)?;
+    // Only valid UTF-8 is rewritten; anything else passes exactly as it came.
+    let sql = std::str::from_utf8(m.sql).ok()?;
+    let new_sql = match rw.rewrite(sql) {
+        Decision::Forward => {
+            if m.tag == b'P' {
+                // Re-using a name for an untouched statement replaces a rewritten one.
+                prepared.forget(m.name);
+            }
+            return None;
+        }
+        Decision::Replace(new) => new.to_string(),
+        Decision::Refuse(message) => {
+            refusal.message = message;
+            prepared.forget(m.name);
+            refusal.marker.clone()
+        }
+    };
+    if m.tag == b'P' && refusal.message.is_empty() {
+        prepared.remember(m.name, sql, m.rest);
+    }
+    let mut out = BytesMut::with_capacity(new_sql.len() + 16);
+    statements::rebuild(&m, &new_sql, &mut out);
+    Some(out)
 }
 
 /// Completes when the proxy orders every session closed.

@@ -36,6 +36,8 @@ pub enum StartupError {
         "client sent message type 0x{0:02x} during authentication, expected a password message"
     )]
     UnexpectedAuthMessage(u8),
+    #[error("PostgreSQL did not answer the startup message within {0:?} (connect_timeout)")]
+    NoAnswer(std::time::Duration),
     #[error("client did not complete its startup within startup_timeout")]
     Timeout,
     #[error("authentication failed or was refused by PostgreSQL")]
@@ -156,6 +158,7 @@ pub async fn authenticate(
     packet: &[u8],
     cancels: &CancelMap,
     max_message: usize,
+    first_reply: std::time::Duration,
 ) -> Result<Authenticated, StartupError> {
     send(server, packet).await.map_err(StartupError::Server)?;
     let mut smsg = BytesMut::with_capacity(256);
@@ -165,10 +168,19 @@ pub async fn authenticate(
         client_key: None,
         status: b'I',
     };
+    let mut first = true;
     loop {
-        let tag = frame::read_message(server, &mut smsg, max_message)
-            .await
-            .map_err(StartupError::Server)?;
+        let read = frame::read_message(server, &mut smsg, max_message);
+        let tag = if first {
+            // A server that accepts connections but never answers must not hang the client.
+            first = false;
+            tokio::time::timeout(first_reply, read)
+                .await
+                .map_err(|_| StartupError::NoAnswer(first_reply))?
+        } else {
+            read.await
+        }
+        .map_err(StartupError::Server)?;
         match tag {
             b'R' => {
                 let code = be_u32(&smsg, 5).ok_or(StartupError::Server(FrameError::Malformed(

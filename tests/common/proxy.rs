@@ -14,6 +14,8 @@ use super::server;
 pub struct TestProxy {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
+    /// The running proxy's shared state (gate, metrics, rewriter slot).
+    pub shared: std::sync::Arc<keyshift::proxy::Shared>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -46,7 +48,7 @@ impl TestProxy {
             rt.block_on(async move {
                 let proxy = keyshift::proxy::Proxy::bind(cfg).await.expect("bind proxy");
                 tx_addr
-                    .send((proxy.local_addr(), proxy.admin_addr()))
+                    .send((proxy.local_addr(), proxy.admin_addr(), proxy.shared()))
                     .unwrap();
                 proxy
                     .run(async move {
@@ -56,10 +58,11 @@ impl TestProxy {
                     .unwrap();
             });
         });
-        let (addr, admin) = rx_addr.recv().expect("proxy started");
+        let (addr, admin, shared) = rx_addr.recv().expect("proxy started");
         TestProxy {
             addr,
             admin,
+            shared,
             stop: Some(stop_tx),
             thread: Some(thread),
         }

@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# Backfill benchmark: a seed-004-shaped schema (5 tables, >= 2 million rows), then
+#   1. a pgbench custom script (reads + updates on the same tables) with keyshift idle,
+#   2. the same script while `keyshift backfill` runs,
+# in one run, side by side; prints backfill rows/s and the p99 latency ratio.
+#
+# Usage: benches/backfill.sh            # starts a throwaway cluster (needs PostgreSQL server binaries)
+#        DATABASE_URL=postgres://... benches/backfill.sh   # uses an existing, EMPTY database
+# Knobs: SCALE (connectors, default 200000 -> 2.0 M rows), CLIENTS (default 4), BATCH (default 5000),
+#        IDLE_SECONDS (default 20), KEYSHIFT (binary, default target/release/keyshift).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SCALE=${SCALE:-200000}
+CLIENTS=${CLIENTS:-4}
+BATCH=${BATCH:-5000}
+IDLE_SECONDS=${IDLE_SECONDS:-20}
+KEYSHIFT=${KEYSHIFT:-target/release/keyshift}
+WORK=$(mktemp -d /tmp/keyshift-bench.XXXXXX)
+chmod 755 "$WORK"
+
+if [[ ! -x "$KEYSHIFT" ]]; then
+  echo "building keyshift (release)..." >&2
+  cargo build --release --quiet
+fi
+
+PGBIN=${PGBIN:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)}
+[[ -n "$PGBIN" ]] || PGBIN=$(dirname "$(command -v initdb)")
+PSQL="$PGBIN/psql"; [[ -x "$PSQL" ]] || PSQL=psql
+PGBENCH="$PGBIN/pgbench"; [[ -x "$PGBENCH" ]] || PGBENCH=pgbench
+
+cleanup() {
+  if [[ -n "${PGDATA_DIR:-}" ]]; then
+    as_pg "$PGBIN/pg_ctl" -D "$PGDATA_DIR" -m immediate stop >/dev/null 2>&1 || true
+  fi
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+as_pg() {
+  if [[ $(id -u) == 0 ]]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+if [[ -z "${DATABASE_URL:-}" ]]; then
+  PGDATA_DIR="$WORK/data"
+  PORT=$(( 20000 + RANDOM % 20000 ))
+  if [[ $(id -u) == 0 ]]; then chown postgres "$WORK"; fi
+  as_pg "$PGBIN/initdb" -D "$PGDATA_DIR" -U postgres --auth=trust -E UTF8 --locale=C >/dev/null
+  as_pg "$PGBIN/pg_ctl" -D "$PGDATA_DIR" -l "$WORK/postgres.log" -w start -o \
+    "-p $PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories=$WORK -c shared_buffers=512MB -c max_wal_size=8GB -c max_connections=50" >/dev/null
+  DATABASE_URL="postgres://postgres@127.0.0.1:$PORT/postgres"
+fi
+export DATABASE_URL
+psql_() { "$PSQL" -X -q -v ON_ERROR_STOP=1 -d "$DATABASE_URL" "$@"; }
+
+echo "== loading a seed-004-shaped schema, SCALE=$SCALE" >&2
+t0=$(date +%s.%N)
+psql_ <<SQL
+CREATE TABLE mcp_connectors (id serial PRIMARY KEY, name text NOT NULL, created_at timestamptz NOT NULL DEFAULT now());
+CREATE TABLE connector_access (id serial PRIMARY KEY,
+    connector_id integer NOT NULL REFERENCES mcp_connectors (id) ON DELETE CASCADE, user_id text NOT NULL);
+CREATE TABLE mcp_servers (id serial PRIMARY KEY,
+    connector_id integer REFERENCES mcp_connectors (id) ON DELETE CASCADE, name text NOT NULL, status text);
+CREATE TABLE mcp_server_tokens (id serial PRIMARY KEY,
+    mcp_server_id integer NOT NULL REFERENCES mcp_servers (id), token text NOT NULL);
+CREATE TABLE mcp_server_tools (id serial PRIMARY KEY,
+    mcp_server_id integer NOT NULL REFERENCES mcp_servers (id), tool_name text NOT NULL);
+INSERT INTO mcp_connectors (name) SELECT 'connector ' || g FROM generate_series(1, $SCALE) g;
+INSERT INTO connector_access (connector_id, user_id) SELECT g, 'user' || g FROM generate_series(1, $SCALE) g;
+INSERT INTO mcp_servers (connector_id, name, status) SELECT (g % $SCALE) + 1, 'server ' || g, 'ok' FROM generate_series(1, 2 * $SCALE) g;
+INSERT INTO mcp_server_tokens (mcp_server_id, token) SELECT (g % (2 * $SCALE)) + 1, md5(g::text) FROM generate_series(1, 3 * $SCALE) g;
+INSERT INTO mcp_server_tools (mcp_server_id, tool_name) SELECT (g % (2 * $SCALE)) + 1, 'tool ' || g FROM generate_series(1, 3 * $SCALE) g;
+CREATE INDEX ix_connector_access_connector_id ON connector_access (connector_id);
+CREATE INDEX ix_mcp_servers_connector_id ON mcp_servers (connector_id);
+CREATE INDEX ix_mcp_server_tokens_server ON mcp_server_tokens (mcp_server_id);
+CREATE INDEX ix_mcp_server_tools_server ON mcp_server_tools (mcp_server_id);
+SQL
+psql_ -c "VACUUM ANALYZE"
+ROWS=$(psql_ -At -c "SELECT (SELECT count(*) FROM mcp_connectors) + (SELECT count(*) FROM connector_access) + (SELECT count(*) FROM mcp_servers) + (SELECT count(*) FROM mcp_server_tokens) + (SELECT count(*) FROM mcp_server_tools)")
+echo "loaded $ROWS rows in $(echo "$(date +%s.%N) - $t0" | bc) s" >&2
+
+# The application's traffic: point reads and updates on the same tables as the backfill.
+cat > "$WORK/app.sql" <<SQL
+\set c random(1, $SCALE)
+\set s random(1, 2 * $SCALE)
+\set t random(1, 3 * $SCALE)
+BEGIN;
+SELECT name FROM mcp_connectors WHERE id = :c;
+SELECT s.name, c.name FROM mcp_servers s JOIN mcp_connectors c ON c.id = s.connector_id WHERE s.id = :s;
+SELECT count(*) FROM mcp_server_tools WHERE mcp_server_id = :s;
+UPDATE mcp_servers SET status = 'seen' WHERE id = :s;
+UPDATE mcp_server_tokens SET token = md5(random()::text) WHERE id = :t;
+END;
+SQL
+
+run_pgbench() { # $1 = log prefix, $2 = seconds
+  (cd "$WORK" && "$PGBENCH" -n -f app.sql -c "$CLIENTS" -j 2 -T "$2" -l --log-prefix="$1" "$DATABASE_URL" >>"$WORK/pgbench.out" 2>&1)
+}
+p99() { # latency (µs, 3rd field) of every logged transaction with the prefix $1
+  cat "$WORK"/$1.* | awk '{print $3}' | sort -n | awk '{a[NR]=$1} END {if (NR == 0) {print "nan"; exit}; i=int(NR*0.99); if (i < 1) i = 1; printf "%.2f", a[i]/1000}'
+}
+mean() {
+  cat "$WORK"/$1.* | awk '{s+=$3; n++} END {if (n == 0) print "nan"; else printf "%.2f", s/n/1000}'
+}
+tx() { cat "$WORK"/$1.* | wc -l; }
+
+echo "== keyshift expand" >&2
+"$KEYSHIFT" expand --database-url "$DATABASE_URL" 2>"$WORK/expand.log"
+
+echo "== ${IDLE_SECONDS}s of the script with keyshift idle" >&2
+run_pgbench idle "$IDLE_SECONDS"
+
+echo "== keyshift backfill, with the script running alongside" >&2
+"$KEYSHIFT" backfill --skip-harden --batch-size "$BATCH" --database-url "$DATABASE_URL" 2>"$WORK/backfill.log" &
+BF=$!
+bf0=$(date +%s.%N)
+n=0
+while kill -0 "$BF" 2>/dev/null; do
+  n=$((n + 1))
+  run_pgbench "during$n" 3
+done
+wait "$BF"
+bf1=$(date +%s.%N)
+BF_SECONDS=$(echo "$bf1 - $bf0" | bc)
+echo "== keyshift harden (alone)" >&2
+h0=$(date +%s.%N)
+"$KEYSHIFT" harden --database-url "$DATABASE_URL" 2>"$WORK/harden.log"
+H_SECONDS=$(echo "$(date +%s.%N) - $h0" | bc)
+"$KEYSHIFT" verify --database-url "$DATABASE_URL" >"$WORK/verify.out" 2>&1 || { cat "$WORK/verify.out"; echo "verify FAILED" >&2; exit 1; }
+
+IDLE_P99=$(p99 idle); DURING_P99=$(p99 "during*")
+IDLE_MEAN=$(mean idle); DURING_MEAN=$(mean "during*")
+RATE=$(echo "scale=0; $ROWS / $BF_SECONDS" | bc)
+RATIO=$(echo "scale=2; $DURING_P99 / $IDLE_P99" | bc)
+echo
+echo "rows in the 5 tables:          $ROWS"
+echo "backfill (key + FK + catch-up): ${BF_SECONDS}s -> $RATE rows/s   (target >= 50000)"
+grep -o 'keyshift backfill: .*' "$WORK/backfill.log" || true
+echo "harden (indexes, CHECKs, FKs): ${H_SECONDS}s"
+echo "pgbench, $CLIENTS clients:      idle    p99 ${IDLE_P99} ms, mean ${IDLE_MEAN} ms, $(tx idle) tx in ${IDLE_SECONDS}s"
+echo "                               during  p99 ${DURING_P99} ms, mean ${DURING_MEAN} ms, $(tx 'during*') tx in ${BF_SECONDS}s"
+echo "p99 during / idle:             $RATIO   (target <= 2)"
+echo "verify:                        $(tail -1 "$WORK/verify.out")"

@@ -1,0 +1,348 @@
+//! `keyshift backfill`: key uuids first, then every FK twin (joining the parent), then a
+//! catch-up pass over each FK for rows written around the proxy. Keyset batches along the
+//! integer key; each batch is ONE statement that also saves the cursor, so a `kill -9` at any
+//! moment loses or repeats nothing.
+
+use std::time::{Duration, Instant};
+
+use tokio_postgres::Client;
+
+use super::db::{self, DbError, stmt_error};
+use super::ident::qualified;
+use super::plan::{Plan, PlanFk, PlanTable};
+use super::progress::Display;
+use super::state::{self, Phase, StateError};
+use super::{Settings, ddl};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackfillError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("no migration here: run `keyshift expand` first")]
+    NotExpanded,
+    #[error("the migration is in phase {0}; backfill runs between expand and cutover")]
+    WrongPhase(Phase),
+}
+
+enum Work<'a> {
+    Key(&'a PlanTable),
+    Fk(&'a PlanFk),
+}
+
+fn key_task(t: &PlanTable) -> String {
+    format!("key:{}", qualified(&t.schema, &t.name))
+}
+
+fn fk_task(kind: &str, f: &PlanFk) -> String {
+    format!(
+        "{kind}:{}.{}",
+        qualified(&f.child_schema, &f.child_table),
+        f.child_column
+    )
+}
+
+/// Creates the task rows (idempotent).
+pub async fn ensure_tasks(client: &Client, plan: &Plan) -> Result<(), DbError> {
+    const SQL: &str = "INSERT INTO keyshift.backfill (task, ord, kind, schema_name, table_name, column_name, rows_estimate)
+        VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (task) DO NOTHING";
+    let mut rows: Vec<(String, i32, &str, &str, &str, &str, i64)> = Vec::new();
+    for (i, t) in plan.tables.iter().enumerate() {
+        rows.push((
+            key_task(t),
+            i as i32,
+            "key",
+            &t.schema,
+            &t.name,
+            &t.uuid_column,
+            t.row_estimate,
+        ));
+    }
+    for (j, (_, f)) in plan.foreign_keys().enumerate() {
+        let j = j as i32;
+        let kinds: &[(&str, i32)] = if ddl::is_fused(plan, f) {
+            &[("catchup", 100000)]
+        } else {
+            &[("fk", 1000), ("catchup", 100000)]
+        };
+        for &(kind, base) in kinds {
+            rows.push((
+                fk_task(kind, f),
+                base + j,
+                kind,
+                &f.child_schema,
+                &f.child_table,
+                &f.uuid_column,
+                f.child_row_estimate,
+            ));
+        }
+    }
+    for (task, ord, kind, s, t, c, est) in rows {
+        client
+            .execute(SQL, &[&task, &ord, &kind, &s, &t, &c, &est])
+            .await
+            .map_err(|e| stmt_error(SQL, e))?;
+    }
+    Ok(())
+}
+
+/// What one run did.
+#[derive(Debug, Default, Clone)]
+pub struct Summary {
+    pub rows_scanned: i64,
+    pub rows_updated: i64,
+    pub elapsed: Duration,
+}
+
+struct Limiter {
+    max: Option<u64>,
+    start: Instant,
+    rows: u64,
+}
+
+impl Limiter {
+    async fn after(&mut self, rows: u64) {
+        self.rows += rows;
+        if let Some(max) = self.max.filter(|m| *m > 0) {
+            let due = Duration::from_secs_f64(self.rows as f64 / max as f64);
+            let spent = self.start.elapsed();
+            if due > spent {
+                tokio::time::sleep(due - spent).await;
+            }
+        }
+    }
+}
+
+/// Runs (or resumes) the backfill. Does not harden; the CLI chains `harden::run`.
+pub async fn run(client: &Client, s: &Settings) -> Result<Summary, BackfillError> {
+    let Some((plan, phase)) = state::load(client).await? else {
+        return Err(BackfillError::NotExpanded);
+    };
+    if phase == Phase::Expanding {
+        return Err(BackfillError::NotExpanded);
+    }
+    if phase.is_after_cutover() || phase == Phase::Aborting {
+        return Err(BackfillError::WrongPhase(phase));
+    }
+    ensure_tasks(client, &plan).await?;
+    // Every pass is done: this run is a new catch-up round (writes that bypassed the proxy
+    // since the last one).
+    let pending: i64 = client
+        .query_one("SELECT count(*) FROM keyshift.backfill WHERE NOT done", &[])
+        .await
+        .map_err(|e| stmt_error("SELECT count(*) FROM keyshift.backfill", e))?
+        .get(0);
+    if pending == 0 {
+        db::exec(
+            client,
+            "UPDATE keyshift.backfill SET done = false, cursor = NULL, rows_done = 0, rows_updated = 0, \
+             batches = 0, started_at = NULL, finished_at = NULL WHERE kind = 'catchup'",
+        )
+        .await?;
+        tracing::info!("every pass was done: running a new catch-up round");
+    }
+    super::expand::advance(client, Phase::Backfilling).await?;
+    state::event(client, "backfill", "backfill started", None).await?;
+    // A table never analyzed has no row estimate; ANALYZE does not block writes.
+    let mut rels: Vec<(&str, &str)> = plan
+        .tables
+        .iter()
+        .map(|t| (t.schema.as_str(), t.name.as_str()))
+        .collect();
+    rels.extend(
+        plan.foreign_keys()
+            .map(|(_, f)| (f.child_schema.as_str(), f.child_table.as_str())),
+    );
+    rels.sort();
+    rels.dedup();
+    for (schema, table) in rels {
+        refresh_estimate(client, schema, table).await?;
+    }
+
+    // A crash can lose the last commits, but each one holds its rows AND its cursor: a lost
+    // batch is simply redone. So the batches need not wait for the WAL flush.
+    db::exec(client, "SET synchronous_commit = off").await?;
+    // Plans for the bounds actually passed: a generic plan would guess the range's size.
+    db::exec(client, "SET plan_cache_mode = force_custom_plan").await?;
+    let mut display = Display::new();
+    let mut limiter = Limiter {
+        max: s.max_rows_per_sec,
+        start: Instant::now(),
+        rows: 0,
+    };
+    let started = Instant::now();
+    let mut sum = Summary::default();
+    let mut work: Vec<(String, Work)> = Vec::new();
+    for t in &plan.tables {
+        work.push((key_task(t), Work::Key(t)));
+    }
+    for (_, f) in plan
+        .foreign_keys()
+        .filter(|(_, f)| !ddl::is_fused(&plan, f))
+    {
+        work.push((fk_task("fk", f), Work::Fk(f)));
+    }
+    for (_, f) in plan.foreign_keys() {
+        work.push((fk_task("catchup", f), Work::Fk(f)));
+    }
+    let mut keys_caught_up = false;
+    for (task, w) in &work {
+        if matches!(w, Work::Fk(_)) && !keys_caught_up {
+            // Before any FK pass reads the parents' uuids: key uuids still NULL (an explicit
+            // NULL, or a path that skipped the default) get one.
+            keys_caught_up = true;
+            key_catchup(client, &plan, s, &mut sum).await?;
+        }
+        let row = client
+            .query_one(
+                "SELECT done, cursor, rows_done, rows_estimate FROM keyshift.backfill WHERE task = $1",
+                &[task],
+            )
+            .await
+            .map_err(|e| stmt_error("SELECT ... FROM keyshift.backfill", e))?;
+        let done: bool = row.get(0);
+        if done {
+            continue;
+        }
+        let mut cursor: Option<i64> = row.get(1);
+        let rows_done: i64 = row.get(2);
+        let estimate: i64 = row.get(3);
+        let (bounds, sql, by_ctid) = match w {
+            Work::Key(t) => (
+                ddl::key_bounds(&qualified(&t.schema, &t.name), &t.key),
+                ddl::key_batch(&plan, t),
+                false,
+            ),
+            Work::Fk(f) => (
+                ddl::fk_bounds(f),
+                ddl::fk_batch(f),
+                f.child_batch_key.is_none(),
+            ),
+        };
+        db::exec(
+            client,
+            &format!(
+                "UPDATE keyshift.backfill SET started_at = COALESCE(started_at, clock_timestamp()) WHERE task = {}",
+                super::ident::literal(task)
+            ),
+        )
+        .await?;
+        let bounds_stmt = client
+            .prepare(&bounds)
+            .await
+            .map_err(|e| stmt_error(&bounds, e))?;
+        let stmt = client
+            .prepare(&sql)
+            .await
+            .map_err(|e| stmt_error(&sql, e))?;
+        // With ctid batches, $2 is pages per batch: about batch_size rows at ~50 rows a page.
+        let size = if by_ctid {
+            (s.batch_size / 50).max(1)
+        } else {
+            s.batch_size
+        };
+        let mut bar = display.task(task, estimate, rows_done);
+        loop {
+            let lo = if by_ctid {
+                cursor.map(|c| c + 1).unwrap_or(0)
+            } else {
+                cursor.unwrap_or(i64::MIN)
+            };
+            let t0 = Instant::now();
+            let r = client
+                .query_one(&bounds_stmt, &[&lo, &size])
+                .await
+                .map_err(|e| stmt_error(&bounds, e))?;
+            let hi: Option<i64> = r.get(0);
+            let scanned: i64 = r.get(1);
+            let Some(hi) = hi else { break };
+            let updated: i64 = client
+                .query_one(&stmt, &[&lo, &hi, task, &scanned])
+                .await
+                .map_err(|e| stmt_error(&sql, e))?
+                .get(0);
+            let ms = t0.elapsed().as_secs_f64() * 1000.0;
+            cursor = Some(hi);
+            sum.rows_scanned += scanned;
+            sum.rows_updated += updated;
+            // Best effort, outside the batch: only for display and metrics.
+            let _ = client
+                .execute(
+                    "UPDATE keyshift.backfill SET last_batch_ms = $2 WHERE task = $1",
+                    &[task, &ms],
+                )
+                .await;
+            display.advance(&mut bar, scanned.max(0) as u64);
+            limiter.after(scanned.max(0) as u64).await;
+        }
+        display.finish(&bar);
+        client
+            .execute(
+                "UPDATE keyshift.backfill SET done = true, finished_at = clock_timestamp() WHERE task = $1",
+                &[task],
+            )
+            .await
+            .map_err(|e| stmt_error("UPDATE keyshift.backfill SET done = true", e))?;
+    }
+    if !keys_caught_up {
+        key_catchup(client, &plan, s, &mut sum).await?;
+    }
+    sum.elapsed = started.elapsed();
+    super::expand::advance(client, Phase::Backfilled).await?;
+    state::event(
+        client,
+        "backfill",
+        &format!(
+            "backfill done: {} rows scanned, {} updated in {:.1}s",
+            sum.rows_scanned,
+            sum.rows_updated,
+            sum.elapsed.as_secs_f64()
+        ),
+        None,
+    )
+    .await?;
+    Ok(sum)
+}
+
+async fn key_catchup(
+    client: &Client,
+    plan: &Plan,
+    s: &Settings,
+    sum: &mut Summary,
+) -> Result<(), DbError> {
+    for t in &plan.tables {
+        let sql = ddl::key_catchup(plan, t);
+        loop {
+            let n = client
+                .execute(&sql, &[&s.batch_size])
+                .await
+                .map_err(|e| stmt_error(&sql, e))?;
+            sum.rows_updated += n as i64;
+            if n == 0 {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn refresh_estimate(client: &Client, schema: &str, table: &str) -> Result<(), DbError> {
+    let rel = qualified(schema, table);
+    let q = "SELECT reltuples::bigint FROM pg_class WHERE oid = to_regclass($1::text)";
+    let est: Option<i64> = client
+        .query_opt(q, &[&rel])
+        .await
+        .map_err(|e| stmt_error(q, e))?
+        .map(|r| r.get(0));
+    if est.is_some_and(|e| e < 0) {
+        db::exec(client, &format!("ANALYZE {rel}")).await?;
+    }
+    let upd = "UPDATE keyshift.backfill b SET rows_estimate = GREATEST(c.reltuples, 0)::bigint
+                 FROM pg_class c WHERE c.oid = to_regclass($1::text) AND b.schema_name = $2 AND b.table_name = $3 AND NOT b.done";
+    client
+        .execute(upd, &[&rel, &schema, &table])
+        .await
+        .map_err(|e| stmt_error(upd, e))?;
+    Ok(())
+}

@@ -1,0 +1,276 @@
+//! Connecting, and running [`Step`]s: the `When` check, `lock_timeout` with retry and backoff
+//! for brief locks, and errors that carry the statement and what the operator can do.
+
+use std::time::Duration;
+
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, NoTls};
+
+use super::Settings;
+use super::ddl::{Mode, Step, When};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error(
+        "cannot connect to PostgreSQL: {source}\n  what to do: check --database-url (or KEYSHIFT_DATABASE_URL / database_url) and that the server is reachable"
+    )]
+    Connect { source: tokio_postgres::Error },
+    #[error("PostgreSQL error: {}\n  while running: {statement}\n  what to do: {hint}", describe(.source))]
+    Statement {
+        statement: String,
+        hint: String,
+        source: tokio_postgres::Error,
+    },
+}
+
+impl DbError {
+    pub fn code(&self) -> Option<&SqlState> {
+        match self {
+            DbError::Connect { source } | DbError::Statement { source, .. } => source.code(),
+        }
+    }
+}
+
+/// The server's message with its SQLSTATE and detail, which `Display` of the error omits.
+pub fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut s = format!("{} (SQLSTATE {})", db.message(), db.code().code());
+            if let Some(d) = db.detail() {
+                s.push_str(&format!("; {d}"));
+            }
+            s
+        }
+        None => e.to_string(),
+    }
+}
+
+/// What the operator can do about an error, by SQLSTATE.
+pub fn hint(e: &tokio_postgres::Error) -> String {
+    let code = e.code().cloned();
+    let h = match code {
+        Some(c) if c == SqlState::LOCK_NOT_AVAILABLE => {
+            "a long transaction holds a lock on the table; find it in pg_stat_activity (wait_event_type = 'Lock' behind it), let it finish or end it, or raise lock_timeout / ddl_retries; then rerun: the command resumes where it stopped"
+        }
+        Some(c) if c == SqlState::INSUFFICIENT_PRIVILEGE => {
+            "connect as the tables' owner (or a superuser): keyshift alters the tables and creates schema keyshift"
+        }
+        Some(c) if c == SqlState::FOREIGN_KEY_VIOLATION || c == SqlState::CHECK_VIOLATION => {
+            "some rows break the constraint: run `keyshift backfill` again (its catch-up pass fixes NULL and stale uuids), then `keyshift verify`, then rerun"
+        }
+        Some(c) if c == SqlState::UNIQUE_VIOLATION => {
+            "duplicate uuids: `keyshift verify` lists them; clear the duplicates' uuid columns and run `keyshift backfill` again"
+        }
+        Some(c) if c == SqlState::QUERY_CANCELED => {
+            "the statement was cancelled (statement_timeout or an operator); rerun: the command resumes where it stopped"
+        }
+        Some(c)
+            if c == SqlState::T_R_DEADLOCK_DETECTED || c == SqlState::T_R_SERIALIZATION_FAILURE =>
+        {
+            "rerun the command: it resumes where it stopped"
+        }
+        _ if e.is_closed() => {
+            "the connection was lost; rerun the command: it resumes where it stopped"
+        }
+        _ => {
+            "fix the cause above, then rerun the command: every keyshift command is idempotent and resumes where it stopped"
+        }
+    };
+    h.to_string()
+}
+
+pub fn stmt_error(statement: &str, source: tokio_postgres::Error) -> DbError {
+    DbError::Statement {
+        statement: statement.trim().to_string(),
+        hint: hint(&source),
+        source,
+    }
+}
+
+/// Connects and drives the connection on a background task.
+pub async fn connect(url: &str) -> Result<Client, DbError> {
+    let (client, conn) = tokio_postgres::connect(url, NoTls)
+        .await
+        .map_err(|source| DbError::Connect { source })?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!("connection closed: {e}");
+        }
+    });
+    client
+        .batch_execute("SET application_name = 'keyshift'")
+        .await
+        .map_err(|e| stmt_error("SET application_name = 'keyshift'", e))?;
+    Ok(client)
+}
+
+pub async fn exec(client: &Client, sql: &str) -> Result<(), DbError> {
+    client
+        .batch_execute(sql)
+        .await
+        .map_err(|e| stmt_error(sql, e))
+}
+
+fn retryable(e: &tokio_postgres::Error) -> bool {
+    matches!(
+        e.code(),
+        Some(c) if *c == SqlState::LOCK_NOT_AVAILABLE || *c == SqlState::T_R_DEADLOCK_DETECTED
+    )
+}
+
+/// Whether the step still has work to do, from the live catalog.
+pub async fn needed(client: &Client, when: &When) -> Result<bool, DbError> {
+    const COL: &str = "SELECT EXISTS (SELECT 1 FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid \
+        JOIN pg_namespace n ON n.oid = c.relnamespace \
+        WHERE n.nspname = $1 AND c.relname = $2 AND a.attname = $3 AND a.attnum > 0 AND NOT a.attisdropped)";
+    const DEF: &str = "SELECT EXISTS (SELECT 1 FROM pg_attrdef d JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum \
+        JOIN pg_class c ON c.oid = d.adrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+        WHERE n.nspname = $1 AND c.relname = $2 AND a.attname = $3)";
+    const CON: &str = "SELECT bool_or(con.convalidated) FROM pg_constraint con JOIN pg_class c ON c.oid = con.conrelid \
+        JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relname = $2 AND con.conname = $3";
+    const IDX: &str = "SELECT bool_or(i.indisvalid) FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid \
+        JOIN pg_namespace n ON n.oid = ic.relnamespace WHERE n.nspname = $1 AND ic.relname = $2";
+    let q = |sql: &'static str| sql;
+    let one = |r: Result<tokio_postgres::Row, tokio_postgres::Error>, sql: &str| {
+        r.map_err(|e| stmt_error(sql, e))
+    };
+    Ok(match when {
+        When::Always => true,
+        When::ColumnMissing {
+            schema,
+            table,
+            column,
+        } => {
+            let r = one(
+                client.query_one(q(COL), &[schema, table, column]).await,
+                COL,
+            )?;
+            !r.get::<_, bool>(0)
+        }
+        When::ColumnPresent {
+            schema,
+            table,
+            column,
+        } => {
+            let r = one(client.query_one(COL, &[schema, table, column]).await, COL)?;
+            r.get::<_, bool>(0)
+        }
+        When::DefaultMissing {
+            schema,
+            table,
+            column,
+        } => {
+            let r = one(client.query_one(DEF, &[schema, table, column]).await, DEF)?;
+            !r.get::<_, bool>(0)
+        }
+        When::ConstraintMissing {
+            schema,
+            table,
+            name,
+        } => {
+            let r = one(client.query_one(CON, &[schema, table, name]).await, CON)?;
+            r.get::<_, Option<bool>>(0).is_none()
+        }
+        When::ConstraintPresent {
+            schema,
+            table,
+            name,
+        } => {
+            let r = one(client.query_one(CON, &[schema, table, name]).await, CON)?;
+            r.get::<_, Option<bool>>(0).is_some()
+        }
+        When::ConstraintNotValidated {
+            schema,
+            table,
+            name,
+        } => {
+            let r = one(client.query_one(CON, &[schema, table, name]).await, CON)?;
+            r.get::<_, Option<bool>>(0) == Some(false)
+        }
+        When::IndexPresent { schema, name } => {
+            let r = one(client.query_one(IDX, &[schema, name]).await, IDX)?;
+            r.get::<_, Option<bool>>(0).is_some()
+        }
+        When::IndexNotValid { schema, name } => {
+            let r = one(client.query_one(IDX, &[schema, name]).await, IDX)?;
+            match r.get::<_, Option<bool>>(0) {
+                Some(true) => false,
+                Some(false) => {
+                    // Left INVALID by an interrupted CREATE INDEX CONCURRENTLY: it is
+                    // maintained by every write but useless; drop it and build it again.
+                    let drop = format!(
+                        "DROP INDEX CONCURRENTLY IF EXISTS {}",
+                        super::ident::qualified(schema, name)
+                    );
+                    tracing::warn!(
+                        "index {schema}.{name} is INVALID (an interrupted build); dropping and rebuilding it"
+                    );
+                    exec(client, "SET lock_timeout = 0").await?;
+                    exec(client, &drop).await?;
+                    true
+                }
+                None => true,
+            }
+        }
+    })
+}
+
+/// Runs one step if it is still needed. Returns whether it ran.
+pub async fn run_step(client: &Client, step: &Step, s: &Settings) -> Result<bool, DbError> {
+    if !needed(client, &step.when).await? {
+        tracing::debug!("already done: {}", step.sql);
+        return Ok(false);
+    }
+    match step.mode {
+        Mode::Brief => {
+            exec(
+                client,
+                &format!("SET lock_timeout = '{}ms'", s.lock_timeout.as_millis()),
+            )
+            .await?;
+            let mut delay = Duration::from_millis(100);
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                match client.batch_execute(&step.sql).await {
+                    Ok(()) => break,
+                    Err(e) if retryable(&e) && attempt <= s.ddl_retries => {
+                        // Jitter so that several keyshift runs (or retries of other tools) do
+                        // not line up behind the same long transaction.
+                        let jitter = rand::random::<f64>() * 0.5 + 0.75;
+                        let wait = delay.mul_f64(jitter);
+                        tracing::warn!(
+                            "lock not granted within lock_timeout (attempt {attempt}/{}), retrying in {wait:?}: {}",
+                            s.ddl_retries,
+                            step.sql
+                        );
+                        tokio::time::sleep(wait).await;
+                        delay = (delay * 2).min(Duration::from_secs(10));
+                    }
+                    Err(e) => return Err(stmt_error(&step.sql, e)),
+                }
+            }
+        }
+        Mode::Online | Mode::State | Mode::Swap => {
+            // SHARE UPDATE EXCLUSIVE does not conflict with reads or writes, and a concurrent
+            // index build must wait for older transactions anyway: no lock timeout here.
+            exec(client, "SET lock_timeout = 0").await?;
+            exec(client, &step.sql).await?;
+        }
+    }
+    tracing::info!("done: {}", one_line(&step.sql));
+    Ok(true)
+}
+
+pub fn one_line(sql: &str) -> String {
+    let s: String = sql.split_whitespace().collect::<Vec<_>>().join(" ");
+    if s.len() > 160 {
+        let mut cut = 157;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        format!("{}...", &s[..cut])
+    } else {
+        s
+    }
+}

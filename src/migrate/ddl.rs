@@ -1,0 +1,1134 @@
+//! The SQL of every phase, generated from a [`Plan`] alone (pure). The commands run exactly
+//! these steps, and `keyshift plan --sql` prints them, so what the operator reviews is what runs.
+//!
+//! Each [`Step`] says how it must be run ([`Mode`]) and when it is still needed ([`When`]):
+//! the executor checks the condition first, which makes every phase idempotent without taking
+//! a lock for a step that has nothing left to do.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use super::ident::{literal, qualified, quote};
+use super::plan::{Plan, PlanFk, PlanIndex, PlanTable};
+use super::state;
+
+/// How a step is run, which is also what it locks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Takes a lock that conflicts with reads or writes (ACCESS EXCLUSIVE, SHARE ROW EXCLUSIVE)
+    /// for a catalog-only change: run under `lock_timeout`, retried with backoff, so that it
+    /// never waits in the queue while blocking everyone behind it.
+    Brief,
+    /// Takes at most SHARE UPDATE EXCLUSIVE, which does not conflict with reads or writes
+    /// (CREATE INDEX CONCURRENTLY, VALIDATE CONSTRAINT): may wait as long as it needs.
+    Online,
+    /// keyshift's own schema and state; touches no application table.
+    State,
+    /// Part of the cutover or rollback swap: runs inside one transaction, with traffic paused.
+    Swap,
+}
+
+impl Mode {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Mode::Brief => "brief lock, under lock_timeout with retry",
+            Mode::Online => "does not block reads or writes",
+            Mode::State => "keyshift's own state",
+            Mode::Swap => "inside the swap transaction",
+        }
+    }
+}
+
+/// When a step still has work to do. Evaluated against the live catalog by the executor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "if", rename_all = "snake_case")]
+pub enum When {
+    Always,
+    ColumnMissing {
+        schema: String,
+        table: String,
+        column: String,
+    },
+    ColumnPresent {
+        schema: String,
+        table: String,
+        column: String,
+    },
+    DefaultMissing {
+        schema: String,
+        table: String,
+        column: String,
+    },
+    /// The index is missing or INVALID (an interrupted concurrent build); the executor drops
+    /// an INVALID one before running the step.
+    IndexNotValid {
+        schema: String,
+        name: String,
+    },
+    IndexPresent {
+        schema: String,
+        name: String,
+    },
+    ConstraintMissing {
+        schema: String,
+        table: String,
+        name: String,
+    },
+    ConstraintPresent {
+        schema: String,
+        table: String,
+        name: String,
+    },
+    ConstraintNotValidated {
+        schema: String,
+        table: String,
+        name: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Step {
+    pub sql: String,
+    pub mode: Mode,
+    pub when: When,
+}
+
+impl Step {
+    fn new(sql: String, mode: Mode, when: When) -> Step {
+        Step { sql, mode, when }
+    }
+}
+
+fn col_when(schema: &str, table: &str, column: &str) -> (String, String, String) {
+    (schema.to_string(), table.to_string(), column.to_string())
+}
+
+/// The expression that generates a new key.
+pub fn uuid_generator(plan: &Plan) -> &'static str {
+    if plan.uuid_version == 4 {
+        "gen_random_uuid()"
+    } else {
+        "keyshift.uuid_v7()"
+    }
+}
+
+fn tbl(t: &PlanTable) -> String {
+    qualified(&t.schema, &t.name)
+}
+
+fn child(f: &PlanFk) -> String {
+    qualified(&f.child_schema, &f.child_table)
+}
+
+fn parent(f: &PlanFk) -> String {
+    qualified(&f.parent_schema, &f.parent_table)
+}
+
+/// expand: state schema, then the uuid columns with no default (catalog-only), then the default.
+pub fn expand(plan: &Plan) -> Vec<Step> {
+    let mut v = vec![Step::new(state::schema_sql(), Mode::State, When::Always)];
+    v.push(Step::new(state::uuid_v7_sql(), Mode::State, When::Always));
+    for t in &plan.tables {
+        let (s, n, c) = col_when(&t.schema, &t.name, &t.uuid_column);
+        v.push(Step::new(
+            format!(
+                "ALTER TABLE {} ADD COLUMN {} uuid",
+                tbl(t),
+                quote(&t.uuid_column)
+            ),
+            Mode::Brief,
+            When::ColumnMissing {
+                schema: s.clone(),
+                table: n.clone(),
+                column: c.clone(),
+            },
+        ));
+        v.push(Step::new(
+            format!(
+                "ALTER TABLE {} ALTER COLUMN {} SET DEFAULT {}",
+                tbl(t),
+                quote(&t.uuid_column),
+                uuid_generator(plan)
+            ),
+            Mode::Brief,
+            When::DefaultMissing {
+                schema: s,
+                table: n,
+                column: c,
+            },
+        ));
+    }
+    for (_, f) in plan.foreign_keys() {
+        let (s, n, c) = col_when(&f.child_schema, &f.child_table, &f.uuid_column);
+        v.push(Step::new(
+            format!(
+                "ALTER TABLE {} ADD COLUMN {} uuid",
+                child(f),
+                quote(&f.uuid_column)
+            ),
+            Mode::Brief,
+            When::ColumnMissing {
+                schema: s,
+                table: n,
+                column: c,
+            },
+        ));
+    }
+    v
+}
+
+/// The next batch's bounds along an integer key: `$1` the cursor (last key done), `$2` the
+/// batch size; returns the batch's last key (NULL when no row is left) and its row count.
+/// Known bounds give the batch statement exact estimates, hence an index range scan.
+pub fn key_bounds(table: &str, key: &str) -> String {
+    let k = quote(key);
+    format!(
+        "SELECT max(k)::bigint, count(*) FROM (SELECT {k} AS k FROM {table} WHERE {k} > $1::bigint ORDER BY {k} LIMIT $2::bigint) s"
+    )
+}
+
+/// The next batch of heap pages for a child without an integer key: `$1` the first page,
+/// `$2` pages per batch; returns the last page (NULL past the end) and the rows in them.
+pub fn ctid_bounds(table: &str) -> String {
+    format!(
+        "SELECT CASE WHEN $1::bigint >= pg_relation_size({rel}) / current_setting('block_size')::bigint \
+THEN NULL ELSE $1::bigint + $2::bigint - 1 END, \
+(SELECT count(*) FROM {table} AS c WHERE {range})",
+        rel = literal(table) + "::regclass",
+        range = CTID_RANGE,
+    )
+}
+
+const CTID_RANGE: &str = "c.ctid >= format('(%s,0)', $1::bigint)::tid AND c.ctid < format('(%s,0)', $2::bigint + 1)::tid";
+
+/// The bounds query of a backfill task: `key_bounds` or `ctid_bounds`.
+pub fn fk_bounds(f: &PlanFk) -> String {
+    match &f.child_batch_key {
+        Some(ck) => key_bounds(&child(f), ck),
+        None => ctid_bounds(&child(f)),
+    }
+}
+
+/// One batch filling the key uuids of `t` (and the twins of [`fused_fks`]): `$1` the cursor,
+/// `$2` the batch's last key, `$3` the task, `$4` the batch's row count. One statement, so
+/// the rows and the saved cursor commit together: a kill at any moment loses or repeats nothing.
+pub fn key_batch(plan: &Plan, t: &PlanTable) -> String {
+    let k = quote(&t.key);
+    let u = quote(&t.uuid_column);
+    let mut set = format!("{u} = {}", uuid_generator(plan));
+    for f in fused_fks(plan, t) {
+        let _ = write!(
+            set,
+            ", {} = {}",
+            quote(&f.uuid_column),
+            parent_uuid_of(f, "t")
+        );
+    }
+    format!(
+        "WITH upd AS (UPDATE {tb} AS t SET {set} WHERE t.{k} > $1::bigint AND t.{k} <= $2::bigint AND t.{u} IS NULL RETURNING 1), \
+{CURSOR_CTE} \
+SELECT count(*) FROM upd",
+        tb = tbl(t),
+    )
+}
+
+/// Saves the cursor in the batch's own statement.
+const CURSOR_CTE: &str = "cur AS (UPDATE keyshift.backfill SET cursor = $2::bigint, \
+rows_done = rows_done + $4::bigint, rows_updated = rows_updated + (SELECT count(*) FROM upd), \
+batches = batches + 1, updated_at = clock_timestamp() WHERE task = $3 RETURNING 1)";
+
+/// FKs of `t` whose parent comes strictly earlier in the plan: the parent's key pass is done
+/// by the time `t`'s runs, so `t`'s key pass fills their twins in the same write. One row
+/// version instead of two, for every child that is itself migrated.
+pub fn fused_fks<'a>(plan: &'a Plan, t: &PlanTable) -> Vec<&'a PlanFk> {
+    let pos = |schema: &str, name: &str| {
+        plan.tables
+            .iter()
+            .position(|x| x.schema == schema && x.name == name)
+    };
+    let Some(me) = pos(&t.schema, &t.name) else {
+        return Vec::new();
+    };
+    plan.foreign_keys()
+        .map(|(_, f)| f)
+        .filter(|f| f.child_schema == t.schema && f.child_table == t.name)
+        .filter(|f| pos(&f.parent_schema, &f.parent_table).is_some_and(|p| p < me))
+        .collect()
+}
+
+/// Whether `f`'s twin is filled by its child's key pass.
+pub fn is_fused(plan: &Plan, f: &PlanFk) -> bool {
+    plan.table(&f.child_schema, &f.child_table)
+        .is_some_and(|t| {
+            fused_fks(plan, t)
+                .iter()
+                .any(|x| x.constraint == f.constraint)
+        })
+}
+
+/// The parent's uuid for the child row `c`, NULL when the FK is NULL.
+fn parent_uuid(f: &PlanFk) -> String {
+    parent_uuid_of(f, "c")
+}
+
+fn parent_uuid_of(f: &PlanFk, alias: &str) -> String {
+    format!(
+        "(SELECT p.{pu} FROM {p} AS p WHERE p.{pk} = {alias}.{fk})",
+        pu = quote(&f.parent_uuid_column),
+        p = parent(f),
+        pk = quote(&f.parent_key),
+        fk = quote(&f.child_column),
+    )
+}
+
+/// One batch setting `<fk>_uuid` to the parent's uuid, along the child's integer key (or its
+/// ctid pages when it has none), parameters as [`key_batch`]. Only rows whose twin differs are
+/// written, so the same statement is also the catch-up pass: it repairs NULL and stale twins
+/// left by writes that did not go through the proxy (NULL when the FK was set to NULL). The
+/// parent is looked up per row (a SubPlan on its key): a plan that cannot turn into a hash
+/// join over the whole parent.
+pub fn fk_batch(f: &PlanFk) -> String {
+    let fu = quote(&f.uuid_column);
+    let range = match &f.child_batch_key {
+        Some(ck) => {
+            let ck = quote(ck);
+            format!("c.{ck} > $1::bigint AND c.{ck} <= $2::bigint")
+        }
+        None => CTID_RANGE.to_string(),
+    };
+    let pu = parent_uuid(f);
+    format!(
+        "WITH upd AS (UPDATE {c} AS c SET {fu} = {pu} WHERE {range} AND c.{fu} IS DISTINCT FROM {pu} RETURNING 1), \
+{CURSOR_CTE} \
+SELECT count(*) FROM upd",
+        c = child(f),
+    )
+}
+
+/// Key uuids still NULL (written with an explicit NULL, or by a path that skipped the
+/// default): fixed in small batches; `$1` is the batch size.
+pub fn key_catchup(plan: &Plan, t: &PlanTable) -> String {
+    let k = quote(&t.key);
+    let u = quote(&t.uuid_column);
+    format!(
+        "UPDATE {tb} SET {u} = {g} WHERE {k} IN (SELECT {k} FROM {tb} WHERE {u} IS NULL LIMIT $1::bigint)",
+        tb = tbl(t),
+        g = uuid_generator(plan),
+    )
+}
+
+/// The backfill as `plan --sql` shows it (the executor binds the parameters).
+pub fn backfill(plan: &Plan) -> Vec<Step> {
+    let mut v = Vec::new();
+    for t in &plan.tables {
+        v.push(Step::new(key_batch(plan, t), Mode::Online, When::Always));
+    }
+    for t in &plan.tables {
+        v.push(Step::new(key_catchup(plan, t), Mode::Online, When::Always));
+    }
+    for (_, f) in plan.foreign_keys().filter(|(_, f)| !is_fused(plan, f)) {
+        v.push(Step::new(fk_batch(f), Mode::Online, When::Always));
+    }
+    // The catch-up pass: the same statement as the FK pass, over every FK.
+    for (_, f) in plan.foreign_keys() {
+        v.push(Step::new(fk_batch(f), Mode::Online, When::Always));
+    }
+    v
+}
+
+/// The mirror of an index on an FK column, on its uuid twin.
+pub fn mirror_index(f: &PlanFk, i: &PlanIndex) -> String {
+    let cols: Vec<String> = i
+        .key_columns
+        .iter()
+        .enumerate()
+        .map(|(n, c)| {
+            let c = if n == i.fk_position {
+                quote(&f.uuid_column)
+            } else {
+                c.clone()
+            };
+            match i.key_options.get(n).filter(|o| !o.is_empty()) {
+                Some(o) => format!("{c} {o}"),
+                None => c,
+            }
+        })
+        .collect();
+    let mut s = format!(
+        "CREATE {}INDEX CONCURRENTLY {} ON {} USING {} ({})",
+        if i.unique { "UNIQUE " } else { "" },
+        quote(&i.uuid_name),
+        child(f),
+        i.method,
+        cols.join(", ")
+    );
+    if !i.include_columns.is_empty() {
+        let _ = write!(s, " INCLUDE ({})", i.include_columns.join(", "));
+    }
+    if let Some(p) = &i.predicate {
+        let _ = write!(s, " WHERE {p}");
+    }
+    s
+}
+
+fn fk_clause(f: &PlanFk, column: &str, parent_column: &str) -> String {
+    let mut s = format!(
+        "FOREIGN KEY ({}) REFERENCES {} ({}) ON DELETE {} ON UPDATE {}",
+        quote(column),
+        parent(f),
+        quote(parent_column),
+        f.on_delete.sql(),
+        f.on_update.sql()
+    );
+    if f.deferrable {
+        s.push_str(" DEFERRABLE");
+        if f.initially_deferred {
+            s.push_str(" INITIALLY DEFERRED");
+        }
+    }
+    s
+}
+
+/// harden: unique index on each key uuid, mirrored FK indexes, NOT NULL CHECKs and shadow FKs,
+/// each constraint added NOT VALID (brief) then VALIDATEd (online).
+pub fn harden(plan: &Plan) -> Vec<Step> {
+    let mut v = Vec::new();
+    for t in &plan.tables {
+        v.push(Step::new(
+            format!(
+                "CREATE UNIQUE INDEX CONCURRENTLY {} ON {} ({})",
+                quote(&t.uuid_index),
+                tbl(t),
+                quote(&t.uuid_column)
+            ),
+            Mode::Online,
+            When::IndexNotValid {
+                schema: t.schema.clone(),
+                name: t.uuid_index.clone(),
+            },
+        ));
+    }
+    for (_, f) in plan.foreign_keys() {
+        for i in &f.indexes {
+            v.push(Step::new(
+                mirror_index(f, i),
+                Mode::Online,
+                When::IndexNotValid {
+                    schema: f.child_schema.clone(),
+                    name: i.uuid_name.clone(),
+                },
+            ));
+        }
+    }
+    for t in &plan.tables {
+        v.extend(check_not_null(
+            &t.schema,
+            &t.name,
+            &t.not_null_check,
+            &t.uuid_column,
+        ));
+    }
+    for (_, f) in plan.foreign_keys() {
+        let (s, n) = (f.child_schema.clone(), f.child_table.clone());
+        v.push(Step::new(
+            format!(
+                "ALTER TABLE {} ADD CONSTRAINT {} {} NOT VALID",
+                child(f),
+                quote(&f.shadow_constraint),
+                fk_clause(f, &f.uuid_column, &f.parent_uuid_column)
+            ),
+            Mode::Brief,
+            When::ConstraintMissing {
+                schema: s.clone(),
+                table: n.clone(),
+                name: f.shadow_constraint.clone(),
+            },
+        ));
+        v.push(Step::new(
+            format!(
+                "ALTER TABLE {} VALIDATE CONSTRAINT {}",
+                child(f),
+                quote(&f.shadow_constraint)
+            ),
+            Mode::Online,
+            When::ConstraintNotValidated {
+                schema: s,
+                table: n,
+                name: f.shadow_constraint.clone(),
+            },
+        ));
+    }
+    v
+}
+
+fn check_not_null(schema: &str, table: &str, name: &str, column: &str) -> Vec<Step> {
+    let t = qualified(schema, table);
+    vec![
+        Step::new(
+            format!(
+                "ALTER TABLE {t} ADD CONSTRAINT {} CHECK ({} IS NOT NULL) NOT VALID",
+                quote(name),
+                quote(column)
+            ),
+            Mode::Brief,
+            When::ConstraintMissing {
+                schema: schema.into(),
+                table: table.into(),
+                name: name.into(),
+            },
+        ),
+        Step::new(
+            format!("ALTER TABLE {t} VALIDATE CONSTRAINT {}", quote(name)),
+            Mode::Online,
+            When::ConstraintNotValidated {
+                schema: schema.into(),
+                table: table.into(),
+                name: name.into(),
+            },
+        ),
+    ]
+}
+
+fn swap(sql: String) -> Step {
+    Step::new(sql, Mode::Swap, When::Always)
+}
+
+/// cutover: first, online, the NOT NULL CHECKs of the NOT NULL FK twins (they reject direct
+/// writes that leave a NULL twin, so they come last, with the proxy dual-writing); then ONE
+/// transaction, catalog-only: SET NOT NULL proven by the CHECKs, integer FKs and PK dropped,
+/// the uuid index promoted to primary key, and renames so that the result reads as if it had
+/// always been UUID.
+pub fn cutover(plan: &Plan) -> Vec<Step> {
+    let mut v = Vec::new();
+    for (_, f) in plan.foreign_keys() {
+        if let Some(chk) = &f.not_null_check {
+            v.extend(check_not_null(
+                &f.child_schema,
+                &f.child_table,
+                chk,
+                &f.uuid_column,
+            ));
+        }
+    }
+    v.push(swap("BEGIN".into()));
+    for (_, f) in plan.foreign_keys().filter(|(_, f)| !f.child_not_null) {
+        // Writes that bypassed the proxy since the last catch-up.
+        v.push(swap(format!(
+            "UPDATE {c} AS c SET {fu} = {pu} WHERE c.{fu} IS NULL AND c.{fk} IS NOT NULL",
+            c = child(f),
+            fu = quote(&f.uuid_column),
+            pu = parent_uuid(f),
+            fk = quote(&f.child_column),
+        )));
+    }
+    for t in &plan.tables {
+        v.push(swap(format!(
+            "ALTER TABLE {} ALTER COLUMN {} SET NOT NULL",
+            tbl(t),
+            quote(&t.uuid_column)
+        )));
+        v.push(swap(format!(
+            "ALTER TABLE {} DROP CONSTRAINT {}",
+            tbl(t),
+            quote(&t.not_null_check)
+        )));
+    }
+    for (_, f) in plan.foreign_keys() {
+        if let Some(chk) = &f.not_null_check {
+            v.push(swap(format!(
+                "ALTER TABLE {} ALTER COLUMN {} SET NOT NULL",
+                child(f),
+                quote(&f.uuid_column)
+            )));
+            v.push(swap(format!(
+                "ALTER TABLE {} DROP CONSTRAINT {}",
+                child(f),
+                quote(chk)
+            )));
+        }
+        v.push(swap(format!(
+            "ALTER TABLE {} DROP CONSTRAINT {}",
+            child(f),
+            quote(&f.constraint)
+        )));
+    }
+    for t in &plan.tables {
+        v.push(swap(format!(
+            "ALTER TABLE {} DROP CONSTRAINT {}",
+            tbl(t),
+            quote(&t.pk_constraint)
+        )));
+        v.push(swap(format!(
+            "ALTER TABLE {} ADD CONSTRAINT {} PRIMARY KEY USING INDEX {}",
+            tbl(t),
+            quote(&t.pk_constraint),
+            quote(&t.uuid_index)
+        )));
+        v.push(swap(format!(
+            "ALTER TABLE {} RENAME COLUMN {} TO {}",
+            tbl(t),
+            quote(&t.key),
+            quote(&t.legacy_column)
+        )));
+        v.push(swap(format!(
+            "ALTER TABLE {} RENAME COLUMN {} TO {}",
+            tbl(t),
+            quote(&t.uuid_column),
+            quote(&t.key)
+        )));
+    }
+    for (_, f) in plan.foreign_keys() {
+        let c = child(f);
+        if f.child_not_null {
+            // New rows written in the UUID shape need not carry the legacy integer.
+            v.push(swap(format!(
+                "ALTER TABLE {c} ALTER COLUMN {} DROP NOT NULL",
+                quote(&f.child_column)
+            )));
+        }
+        v.push(swap(format!(
+            "ALTER TABLE {c} RENAME COLUMN {} TO {}",
+            quote(&f.child_column),
+            quote(&f.legacy_column)
+        )));
+        v.push(swap(format!(
+            "ALTER TABLE {c} RENAME COLUMN {} TO {}",
+            quote(&f.uuid_column),
+            quote(&f.child_column)
+        )));
+        v.push(swap(format!(
+            "ALTER TABLE {c} RENAME CONSTRAINT {} TO {}",
+            quote(&f.shadow_constraint),
+            quote(&f.constraint)
+        )));
+        for i in &f.indexes {
+            let s = quote(&f.child_schema);
+            v.push(swap(format!(
+                "ALTER INDEX {s}.{} RENAME TO {}",
+                quote(&i.name),
+                quote(&i.legacy_name)
+            )));
+            v.push(swap(format!(
+                "ALTER INDEX {s}.{} RENAME TO {}",
+                quote(&i.uuid_name),
+                quote(&i.name)
+            )));
+        }
+    }
+    v.push(swap(state::set_phase_sql(state::Phase::CutOver)));
+    v.push(swap("COMMIT".into()));
+    v
+}
+
+fn legacy_key_index(t: &PlanTable) -> String {
+    super::ident::suffixed(&format!("{}_{}", t.name, t.legacy_column), "_key")
+}
+
+fn legacy_fk_name(plan: &Plan, f: &PlanFk) -> String {
+    super::ident::suffixed(&f.constraint, &plan.legacy_suffix)
+}
+
+/// rollback: the inverse swap. Online first: a unique index on each legacy key and the
+/// legacy FKs (NOT VALID, then VALIDATE), since cutover dropped them; then one transaction.
+/// The uuid columns stay, filled, under their twin names; `harden` rebuilds what the swap drops.
+pub fn rollback(plan: &Plan) -> Vec<Step> {
+    let mut v = Vec::new();
+    for t in &plan.tables {
+        let name = legacy_key_index(t);
+        v.push(Step::new(
+            format!(
+                "CREATE UNIQUE INDEX CONCURRENTLY {} ON {} ({})",
+                quote(&name),
+                tbl(t),
+                quote(&t.legacy_column)
+            ),
+            Mode::Online,
+            When::IndexNotValid {
+                schema: t.schema.clone(),
+                name,
+            },
+        ));
+    }
+    for (_, f) in plan.foreign_keys() {
+        let name = legacy_fk_name(plan, f);
+        let (s, n) = (f.child_schema.clone(), f.child_table.clone());
+        v.push(Step::new(
+            format!(
+                "ALTER TABLE {} ADD CONSTRAINT {} {} NOT VALID",
+                child(f),
+                quote(&name),
+                fk_clause(f, &f.legacy_column, &legacy_of(plan, f))
+            ),
+            Mode::Brief,
+            When::ConstraintMissing {
+                schema: s.clone(),
+                table: n.clone(),
+                name: name.clone(),
+            },
+        ));
+        v.push(Step::new(
+            format!(
+                "ALTER TABLE {} VALIDATE CONSTRAINT {}",
+                child(f),
+                quote(&name)
+            ),
+            Mode::Online,
+            When::ConstraintNotValidated {
+                schema: s,
+                table: n,
+                name,
+            },
+        ));
+    }
+    v.push(swap("BEGIN".into()));
+    for (_, f) in plan.foreign_keys() {
+        let c = child(f);
+        v.push(swap(format!(
+            "ALTER TABLE {c} DROP CONSTRAINT {}",
+            quote(&f.constraint)
+        )));
+        v.push(swap(format!(
+            "ALTER TABLE {c} RENAME CONSTRAINT {} TO {}",
+            quote(&legacy_fk_name(plan, f)),
+            quote(&f.constraint)
+        )));
+        v.push(swap(format!(
+            "ALTER TABLE {c} RENAME COLUMN {} TO {}",
+            quote(&f.child_column),
+            quote(&f.uuid_column)
+        )));
+        v.push(swap(format!(
+            "ALTER TABLE {c} RENAME COLUMN {} TO {}",
+            quote(&f.legacy_column),
+            quote(&f.child_column)
+        )));
+        if f.child_not_null {
+            v.push(swap(format!(
+                "ALTER TABLE {c} ALTER COLUMN {} DROP NOT NULL",
+                quote(&f.uuid_column)
+            )));
+        }
+        for i in &f.indexes {
+            let s = quote(&f.child_schema);
+            v.push(swap(format!(
+                "ALTER INDEX {s}.{} RENAME TO {}",
+                quote(&i.name),
+                quote(&i.uuid_name)
+            )));
+            v.push(swap(format!(
+                "ALTER INDEX {s}.{} RENAME TO {}",
+                quote(&i.legacy_name),
+                quote(&i.name)
+            )));
+        }
+    }
+    for t in &plan.tables {
+        v.push(swap(format!(
+            "ALTER TABLE {} DROP CONSTRAINT {}",
+            tbl(t),
+            quote(&t.pk_constraint)
+        )));
+        v.push(swap(format!(
+            "ALTER TABLE {} RENAME COLUMN {} TO {}",
+            tbl(t),
+            quote(&t.key),
+            quote(&t.uuid_column)
+        )));
+        v.push(swap(format!(
+            "ALTER TABLE {} RENAME COLUMN {} TO {}",
+            tbl(t),
+            quote(&t.legacy_column),
+            quote(&t.key)
+        )));
+        v.push(swap(format!(
+            "ALTER TABLE {} ADD CONSTRAINT {} PRIMARY KEY USING INDEX {}",
+            tbl(t),
+            quote(&t.pk_constraint),
+            quote(&legacy_key_index(t))
+        )));
+        v.push(swap(format!(
+            "ALTER TABLE {} ALTER COLUMN {} DROP NOT NULL",
+            tbl(t),
+            quote(&t.uuid_column)
+        )));
+    }
+    v.push(swap(state::set_phase_sql(state::Phase::Backfilled)));
+    v.push(swap("COMMIT".into()));
+    // Each NOT NULL FK column gets its constraint back without a scan under the swap's lock.
+    for (_, f) in plan.foreign_keys().filter(|(_, f)| f.child_not_null) {
+        v.push(Step::new(
+            format!(
+                "ALTER TABLE {} ALTER COLUMN {} SET NOT NULL",
+                child(f),
+                quote(&f.child_column)
+            ),
+            Mode::Brief,
+            When::Always,
+        ));
+    }
+    v
+}
+
+fn legacy_of(plan: &Plan, f: &PlanFk) -> String {
+    plan.table(&f.parent_schema, &f.parent_table)
+        .map(|t| t.legacy_column.clone())
+        .unwrap_or_else(|| super::ident::suffixed(&f.parent_key, &plan.legacy_suffix))
+}
+
+/// finalize: the contract step after cutover: legacy columns go (with their indexes and the
+/// sequences they own), then keyshift's state. With uuid v7 the function stays, since the
+/// key defaults call it.
+pub fn finalize(plan: &Plan) -> Vec<Step> {
+    let mut v = Vec::new();
+    for (_, f) in plan.foreign_keys() {
+        v.push(Step::new(
+            format!(
+                "ALTER TABLE {} DROP COLUMN {}",
+                child(f),
+                quote(&f.legacy_column)
+            ),
+            Mode::Brief,
+            When::ColumnPresent {
+                schema: f.child_schema.clone(),
+                table: f.child_table.clone(),
+                column: f.legacy_column.clone(),
+            },
+        ));
+    }
+    for t in &plan.tables {
+        v.push(Step::new(
+            format!(
+                "ALTER TABLE {} DROP COLUMN {}",
+                tbl(t),
+                quote(&t.legacy_column)
+            ),
+            Mode::Brief,
+            When::ColumnPresent {
+                schema: t.schema.clone(),
+                table: t.name.clone(),
+                column: t.legacy_column.clone(),
+            },
+        ));
+    }
+    v.push(Step::new(
+        state::drop_state_sql(plan.uuid_version == 4),
+        Mode::State,
+        When::Always,
+    ));
+    v
+}
+
+/// abort (before cutover): everything expand and harden added, in reverse, then the schema.
+pub fn abort(plan: &Plan) -> Vec<Step> {
+    let mut v = vec![Step::new(
+        state::set_phase_sql(state::Phase::Aborting),
+        Mode::State,
+        When::Always,
+    )];
+    for (_, f) in plan.foreign_keys() {
+        let (s, n) = (f.child_schema.clone(), f.child_table.clone());
+        for name in std::iter::once(&f.shadow_constraint).chain(f.not_null_check.as_ref()) {
+            v.push(Step::new(
+                format!("ALTER TABLE {} DROP CONSTRAINT {}", child(f), quote(name)),
+                Mode::Brief,
+                When::ConstraintPresent {
+                    schema: s.clone(),
+                    table: n.clone(),
+                    name: name.clone(),
+                },
+            ));
+        }
+        for i in &f.indexes {
+            v.push(Step::new(
+                format!(
+                    "DROP INDEX CONCURRENTLY {}.{}",
+                    quote(&f.child_schema),
+                    quote(&i.uuid_name)
+                ),
+                Mode::Online,
+                When::IndexPresent {
+                    schema: s.clone(),
+                    name: i.uuid_name.clone(),
+                },
+            ));
+        }
+    }
+    for t in &plan.tables {
+        v.push(Step::new(
+            format!(
+                "ALTER TABLE {} DROP CONSTRAINT {}",
+                tbl(t),
+                quote(&t.not_null_check)
+            ),
+            Mode::Brief,
+            When::ConstraintPresent {
+                schema: t.schema.clone(),
+                table: t.name.clone(),
+                name: t.not_null_check.clone(),
+            },
+        ));
+        v.push(Step::new(
+            format!(
+                "DROP INDEX CONCURRENTLY {}.{}",
+                quote(&t.schema),
+                quote(&t.uuid_index)
+            ),
+            Mode::Online,
+            When::IndexPresent {
+                schema: t.schema.clone(),
+                name: t.uuid_index.clone(),
+            },
+        ));
+    }
+    for (_, f) in plan.foreign_keys() {
+        v.push(Step::new(
+            format!(
+                "ALTER TABLE {} DROP COLUMN {}",
+                child(f),
+                quote(&f.uuid_column)
+            ),
+            Mode::Brief,
+            When::ColumnPresent {
+                schema: f.child_schema.clone(),
+                table: f.child_table.clone(),
+                column: f.uuid_column.clone(),
+            },
+        ));
+    }
+    for t in &plan.tables {
+        v.push(Step::new(
+            format!(
+                "ALTER TABLE {} DROP COLUMN {}",
+                tbl(t),
+                quote(&t.uuid_column)
+            ),
+            Mode::Brief,
+            When::ColumnPresent {
+                schema: t.schema.clone(),
+                table: t.name.clone(),
+                column: t.uuid_column.clone(),
+            },
+        ));
+    }
+    v.push(Step::new(
+        "DROP SCHEMA IF EXISTS keyshift CASCADE".into(),
+        Mode::State,
+        When::Always,
+    ));
+    v
+}
+
+/// Every phase, in order, as `plan --sql` prints them.
+pub fn all_phases(plan: &Plan) -> Vec<(&'static str, Vec<Step>)> {
+    vec![
+        ("expand", expand(plan)),
+        ("backfill", backfill(plan)),
+        ("harden", harden(plan)),
+        ("cutover", cutover(plan)),
+        ("rollback", rollback(plan)),
+        ("finalize", finalize(plan)),
+        ("abort", abort(plan)),
+    ]
+}
+
+/// The SQL script of every phase, with comments saying how each statement is run.
+pub fn render_sql(plan: &Plan) -> String {
+    let mut s = String::new();
+    for (phase, steps) in all_phases(plan) {
+        let _ = writeln!(s, "-- ===== {phase} =====");
+        if phase == "backfill" {
+            let _ = writeln!(
+                s,
+                "-- repeated per batch: $1 = cursor (last key done), $2 = batch size, $3 = task; until no row is left"
+            );
+        }
+        let mut last = None;
+        for st in steps {
+            if last != Some(st.mode) {
+                let _ = writeln!(s, "-- ({})", st.mode.describe());
+                last = Some(st.mode);
+            }
+            let _ = writeln!(s, "{};", st.sql.trim_end());
+        }
+        s.push('\n');
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::migrate::plan::{PlanOptions, build};
+
+    fn plan() -> Plan {
+        let mut cat = crate::migrate::plan::tests::sample();
+        cat.tables[1].name = "Connectors".into();
+        for f in &mut cat.foreign_keys {
+            if f.parent_table == "connectors" {
+                f.parent_table = "Connectors".into();
+                f.parent_index = "Connectors_pkey".into();
+            }
+        }
+        cat.tables[1].primary_key.as_mut().unwrap().index = "Connectors_pkey".into();
+        cat.tables[1].primary_key.as_mut().unwrap().constraint = "Connectors_pkey".into();
+        build(&cat, &PlanOptions::default())
+    }
+
+    #[test]
+    fn expand_adds_columns_then_defaults() {
+        let p = plan();
+        assert!(p.blockers.is_empty(), "{:?}", p.blockers);
+        let e = expand(&p);
+        let sql: Vec<&str> = e.iter().map(|s| s.sql.as_str()).collect();
+        assert!(
+            sql.contains(&"ALTER TABLE public.\"Connectors\" ADD COLUMN id_uuid uuid"),
+            "{sql:#?}"
+        );
+        assert!(sql.contains(
+            &"ALTER TABLE public.\"Connectors\" ALTER COLUMN id_uuid SET DEFAULT keyshift.uuid_v7()"
+        ));
+        assert!(sql.contains(&"ALTER TABLE public.servers ADD COLUMN connector_id_uuid uuid"));
+        let add = sql
+            .iter()
+            .position(|s| s.contains("\"Connectors\" ADD COLUMN"))
+            .unwrap();
+        let def = sql
+            .iter()
+            .position(|s| s.contains("\"Connectors\" ALTER COLUMN"))
+            .unwrap();
+        assert!(add < def, "the column is added without default first");
+        assert!(
+            e.iter()
+                .filter(|s| s.sql.starts_with("ALTER"))
+                .all(|s| s.mode == Mode::Brief)
+        );
+    }
+
+    #[test]
+    fn v4_uses_gen_random_uuid() {
+        let mut p = plan();
+        p.uuid_version = 4;
+        assert!(
+            expand(&p)
+                .iter()
+                .any(|s| s.sql.ends_with("SET DEFAULT gen_random_uuid()"))
+        );
+        assert!(finalize(&p).last().unwrap().sql.contains("DROP SCHEMA"));
+    }
+
+    #[test]
+    fn harden_keeps_actions_and_is_not_valid_then_validate() {
+        let p = plan();
+        let h = harden(&p);
+        let shadow = h
+            .iter()
+            .find(|s| s.sql.contains("tools_server_id_fkey_uuid FOREIGN KEY"))
+            .unwrap();
+        assert_eq!(
+            shadow.sql,
+            "ALTER TABLE public.tools ADD CONSTRAINT tools_server_id_fkey_uuid FOREIGN KEY (server_id_uuid) REFERENCES public.servers (id_uuid) ON DELETE SET NULL ON UPDATE NO ACTION NOT VALID"
+        );
+        assert_eq!(shadow.mode, Mode::Brief);
+        assert!(h.iter().any(|s| s.sql
+            == "ALTER TABLE public.tools VALIDATE CONSTRAINT tools_server_id_fkey_uuid"
+            && s.mode == Mode::Online));
+        assert!(h.iter().any(|s| s.sql == "CREATE INDEX CONCURRENTLY tools_server_id_idx_uuid ON public.tools USING btree (server_id_uuid)"));
+        assert!(h.iter().any(|s| s.sql == "CREATE UNIQUE INDEX CONCURRENTLY \"Connectors_id_uuid_key\" ON public.\"Connectors\" (id_uuid)"));
+        assert!(
+            h.iter()
+                .any(|s| s.sql.contains("CHECK (id_uuid IS NOT NULL) NOT VALID"))
+        );
+    }
+
+    #[test]
+    fn cutover_is_one_transaction_with_renames() {
+        let p = plan();
+        let c = cutover(&p);
+        let begin = c.iter().position(|s| s.sql == "BEGIN").unwrap();
+        assert_eq!(c.last().unwrap().sql, "COMMIT");
+        assert!(c[..begin].iter().all(|s| s.mode != Mode::Swap));
+        assert!(c[begin..].iter().all(|s| s.mode == Mode::Swap));
+        let sql: Vec<&str> = c.iter().map(|s| s.sql.as_str()).collect();
+        let drop_fk = sql
+            .iter()
+            .position(|s| {
+                *s == "ALTER TABLE public.servers DROP CONSTRAINT servers_connector_id_fkey"
+            })
+            .unwrap();
+        let drop_pk = sql
+            .iter()
+            .position(|s| {
+                *s == "ALTER TABLE public.\"Connectors\" DROP CONSTRAINT \"Connectors_pkey\""
+            })
+            .unwrap();
+        assert!(drop_fk < drop_pk, "FKs depend on the primary key's index");
+        assert!(sql.contains(&"ALTER TABLE public.\"Connectors\" ADD CONSTRAINT \"Connectors_pkey\" PRIMARY KEY USING INDEX \"Connectors_id_uuid_key\""));
+        assert!(sql.contains(&"ALTER TABLE public.tools RENAME CONSTRAINT tools_server_id_fkey_uuid TO tools_server_id_fkey"));
+        assert!(sql.contains(
+            &"ALTER INDEX public.tools_server_id_idx RENAME TO tools_server_id_idx_legacy"
+        ));
+        assert!(sql.contains(
+            &"ALTER TABLE public.servers RENAME COLUMN connector_id TO connector_id_legacy"
+        ));
+        // NOT NULL FK twin: its CHECK is built online before the swap.
+        assert!(
+            c[..begin]
+                .iter()
+                .any(|s| s.sql.contains("servers_connector_id_uuid_not_null CHECK"))
+        );
+    }
+
+    #[test]
+    fn rollback_and_abort_undo() {
+        let p = plan();
+        let r = rollback(&p);
+        assert!(r.iter().any(|s| s.sql.contains("ADD CONSTRAINT \"Connectors_pkey\" PRIMARY KEY USING INDEX \"Connectors_id_legacy_key\"")));
+        assert!(
+            r.iter()
+                .any(|s| s.sql.contains("REFERENCES public.servers (id_legacy)"))
+        );
+        let a = abort(&p);
+        assert_eq!(
+            a.last().unwrap().sql,
+            "DROP SCHEMA IF EXISTS keyshift CASCADE"
+        );
+        let drop_shadow = a
+            .iter()
+            .position(|s| s.sql.contains("DROP CONSTRAINT tools_server_id_fkey_uuid"))
+            .unwrap();
+        let drop_index = a
+            .iter()
+            .position(|s| {
+                s.sql
+                    .contains("DROP INDEX CONCURRENTLY public.servers_id_uuid_key")
+            })
+            .unwrap();
+        assert!(
+            drop_shadow < drop_index,
+            "the shadow FK needs the parent's unique index"
+        );
+        let text = render_sql(&p);
+        for phase in [
+            "expand", "backfill", "harden", "cutover", "rollback", "finalize", "abort",
+        ] {
+            assert!(text.contains(&format!("-- ===== {phase} =====")));
+        }
+    }
+
+    #[test]
+    fn batches_save_the_cursor_in_the_same_statement() {
+        let p = plan();
+        let t = &p.tables[0];
+        let k = key_batch(&p, t);
+        assert!(k.starts_with("WITH upd AS"));
+        assert!(k.contains("UPDATE keyshift.backfill SET cursor"));
+        let f = &p.tables[1].referenced_by[0];
+        let s = fk_batch(f);
+        assert!(s.contains("IS DISTINCT FROM"), "{s}");
+        let mut nokey = f.clone();
+        nokey.child_batch_key = None;
+        assert!(fk_batch(&nokey).contains("ctid"));
+    }
+}

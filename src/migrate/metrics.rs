@@ -1,0 +1,174 @@
+//! Prometheus metrics for the migration, registry-agnostic: the proxy (or any process) builds
+//! [`MigrateMetrics`], registers it in its own registry, and calls [`MigrateMetrics::observe`]
+//! with a [`Progress`] read from the database (`progress::read`) at each scrape or on a timer.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use prometheus::{Histogram, HistogramOpts, IntGaugeVec, Opts, Registry};
+
+use super::progress::Progress;
+use super::state::Phase;
+
+#[derive(Clone)]
+pub struct MigrateMetrics {
+    /// `keyshift_backfill_rows_done{task,table}`: rows scanned by each backfill task.
+    pub rows_done: IntGaugeVec,
+    /// `keyshift_backfill_rows_remaining{task,table}`: estimate of rows left.
+    pub rows_remaining: IntGaugeVec,
+    /// `keyshift_backfill_last_batch_seconds_milli{task}`: duration of the last batch, ms.
+    pub last_batch_ms: IntGaugeVec,
+    /// `keyshift_backfill_batch_seconds`: durations of the batches seen between observations.
+    pub batch_seconds: Histogram,
+    /// `keyshift_migration_phase{phase}`: 1 for the current phase, 0 for the others.
+    pub phase: IntGaugeVec,
+    /// Batch count per task at the last observation, so that each new batch is counted once.
+    seen: Arc<Mutex<HashMap<String, i64>>>,
+}
+
+impl MigrateMetrics {
+    pub fn new() -> Result<MigrateMetrics, prometheus::Error> {
+        Ok(MigrateMetrics {
+            rows_done: IntGaugeVec::new(
+                Opts::new(
+                    "keyshift_backfill_rows_done",
+                    "Rows scanned by each backfill task",
+                ),
+                &["task", "table"],
+            )?,
+            rows_remaining: IntGaugeVec::new(
+                Opts::new(
+                    "keyshift_backfill_rows_remaining",
+                    "Estimated rows left for each backfill task",
+                ),
+                &["task", "table"],
+            )?,
+            last_batch_ms: IntGaugeVec::new(
+                Opts::new(
+                    "keyshift_backfill_last_batch_milliseconds",
+                    "Duration of each task's last batch",
+                ),
+                &["task"],
+            )?,
+            batch_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "keyshift_backfill_batch_seconds",
+                    "Backfill batch durations",
+                )
+                .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
+            )?,
+            phase: IntGaugeVec::new(
+                Opts::new(
+                    "keyshift_migration_phase",
+                    "1 for the migration's current phase",
+                ),
+                &["phase"],
+            )?,
+            seen: Arc::default(),
+        })
+    }
+
+    pub fn register(&self, r: &Registry) -> Result<(), prometheus::Error> {
+        r.register(Box::new(self.rows_done.clone()))?;
+        r.register(Box::new(self.rows_remaining.clone()))?;
+        r.register(Box::new(self.last_batch_ms.clone()))?;
+        r.register(Box::new(self.batch_seconds.clone()))?;
+        r.register(Box::new(self.phase.clone()))?;
+        Ok(())
+    }
+
+    pub fn observe(&self, p: &Progress) {
+        for ph in Phase::ALL {
+            self.phase
+                .with_label_values(&[ph.as_str()])
+                .set(i64::from(p.phase == Some(ph)));
+        }
+        for t in &p.tasks {
+            let table = format!("{}.{}", t.schema, t.table);
+            self.rows_done
+                .with_label_values(&[&t.task, &table])
+                .set(t.rows_done);
+            self.rows_remaining
+                .with_label_values(&[&t.task, &table])
+                .set(t.rows_remaining());
+            if let Some(ms) = t.last_batch_ms {
+                self.last_batch_ms
+                    .with_label_values(&[&t.task])
+                    .set(ms.round() as i64);
+                // Only the last batch's duration is stored: observe it once per new batch count
+                // (a sample of the durations when scrapes are rarer than batches).
+                if let Ok(mut seen) = self.seen.lock() {
+                    let prev = seen.insert(t.task.clone(), t.batches);
+                    if prev.is_some_and(|p| p != t.batches) {
+                        self.batch_seconds.observe(ms / 1000.0);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::migrate::progress::TaskProgress;
+
+    #[test]
+    fn observes_progress() {
+        let m = MigrateMetrics::new().unwrap();
+        let r = Registry::new();
+        m.register(&r).unwrap();
+        m.observe(&Progress {
+            phase: Some(Phase::Backfilling),
+            rules_version: 3,
+            tasks: vec![TaskProgress {
+                task: "key:public.t".into(),
+                kind: "key".into(),
+                schema: "public".into(),
+                table: "t".into(),
+                column: "id_uuid".into(),
+                done: false,
+                rows_estimate: 100,
+                rows_done: 40,
+                rows_updated: 40,
+                batches: 4,
+                last_batch_ms: Some(12.4),
+            }],
+        });
+        assert_eq!(
+            m.rows_remaining
+                .with_label_values(&["key:public.t", "public.t"])
+                .get(),
+            60
+        );
+        assert_eq!(m.phase.with_label_values(&["backfilling"]).get(), 1);
+        assert_eq!(m.phase.with_label_values(&["expanded"]).get(), 0);
+        assert!(!r.gather().is_empty());
+        let mut p = Progress {
+            phase: Some(Phase::Backfilling),
+            rules_version: 3,
+            tasks: Vec::new(),
+        };
+        let t = TaskProgress {
+            task: "key:public.t".into(),
+            kind: "key".into(),
+            schema: "public".into(),
+            table: "t".into(),
+            column: "id_uuid".into(),
+            done: false,
+            rows_estimate: 100,
+            rows_done: 50,
+            rows_updated: 50,
+            batches: 5,
+            last_batch_ms: Some(20.0),
+        };
+        p.tasks.push(t);
+        m.observe(&p);
+        m.observe(&p);
+        assert_eq!(
+            m.batch_seconds.get_sample_count(),
+            1,
+            "one new batch, observed once"
+        );
+    }
+}

@@ -1,0 +1,163 @@
+//! `keyshift status`: phase, per-task progress, recent events, registered proxies.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+use tokio_postgres::Client;
+
+use super::progress::{self, TaskProgress};
+use super::state::{Phase, StateError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    pub at: String,
+    pub actor: String,
+    pub kind: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ProxyInfo {
+    pub id: String,
+    pub address: Option<String>,
+    pub version: Option<String>,
+    pub heartbeat_age_s: f64,
+    pub acked_rules_version: Option<i64>,
+    pub paused: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    /// `None`: no migration in this database.
+    pub phase: Option<Phase>,
+    pub rules_version: i64,
+    pub tables: usize,
+    pub foreign_keys: usize,
+    pub tasks: Vec<TaskProgress>,
+    pub events: Vec<Event>,
+    pub proxies: Vec<ProxyInfo>,
+}
+
+pub async fn run(client: &Client) -> Result<Status, StatusError> {
+    let p = progress::read(client).await?;
+    let mut st = Status {
+        phase: p.phase,
+        rules_version: p.rules_version,
+        tables: 0,
+        foreign_keys: 0,
+        tasks: p.tasks,
+        events: Vec::new(),
+        proxies: Vec::new(),
+    };
+    if st.phase.is_none() {
+        return Ok(st);
+    }
+    if let Some((plan, _)) = super::state::load(client).await? {
+        st.tables = plan.tables.len();
+        st.foreign_keys = plan.foreign_keys().count();
+    }
+    let rows = client
+        .query(
+            "SELECT to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), actor, kind, message
+               FROM (SELECT * FROM keyshift.events ORDER BY id DESC LIMIT 15) e ORDER BY id",
+            &[],
+        )
+        .await
+        .map_err(StateError::from)?;
+    st.events = rows
+        .iter()
+        .map(|r| Event {
+            at: r.get(0),
+            actor: r.get(1),
+            kind: r.get(2),
+            message: r.get(3),
+        })
+        .collect();
+    let rows = client
+        .query(
+            "SELECT id, address, version, extract(epoch FROM now() - heartbeat_at)::float8, acked_rules_version, paused
+               FROM keyshift.proxies ORDER BY id",
+            &[],
+        )
+        .await
+        .map_err(StateError::from)?;
+    st.proxies = rows
+        .iter()
+        .map(|r| ProxyInfo {
+            id: r.get(0),
+            address: r.get(1),
+            version: r.get(2),
+            heartbeat_age_s: r.get(3),
+            acked_rules_version: r.get(4),
+            paused: r.get(5),
+        })
+        .collect();
+    Ok(st)
+}
+
+pub fn render_text(st: &Status) -> String {
+    let mut s = String::new();
+    let Some(phase) = st.phase else {
+        let _ = writeln!(
+            s,
+            "no keyshift migration in this database (run `keyshift plan`, then `keyshift expand`)"
+        );
+        return s;
+    };
+    let _ = writeln!(
+        s,
+        "phase: {phase} (rules version {}), {} table(s), {} foreign key(s)",
+        st.rules_version, st.tables, st.foreign_keys
+    );
+    let _ = writeln!(s, "backfill:");
+    for t in &st.tasks {
+        let pct = if t.done {
+            100.0
+        } else {
+            100.0 * t.rows_done as f64 / (t.rows_estimate.max(1) as f64)
+        };
+        let _ = writeln!(
+            s,
+            "  {:<48} {:>5.1}%  {} scanned, {} updated, ~{} remaining{}",
+            t.task,
+            pct.min(100.0),
+            t.rows_done,
+            t.rows_updated,
+            t.rows_remaining(),
+            if t.done { ", done" } else { "" }
+        );
+    }
+    let _ = writeln!(
+        s,
+        "proxies: {}",
+        if st.proxies.is_empty() {
+            "none registered"
+        } else {
+            ""
+        }
+    );
+    for p in &st.proxies {
+        let _ = writeln!(
+            s,
+            "  {} {} heartbeat {:.0}s ago, rules v{}{}",
+            p.id,
+            p.address.as_deref().unwrap_or("-"),
+            p.heartbeat_age_s,
+            p.acked_rules_version
+                .map(|v| v.to_string())
+                .unwrap_or_else(|| "-".into()),
+            if p.paused { ", paused" } else { "" }
+        );
+    }
+    let _ = writeln!(s, "recent events:");
+    for e in &st.events {
+        let _ = writeln!(s, "  {} {:<8} {}", e.at, e.kind, e.message);
+    }
+    s
+}
