@@ -33,6 +33,9 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) -> std::io::Resul
 }
 
 async fn metrics(State(s): State<Arc<Shared>>) -> Response {
+    if let Some(rw) = &*s.rewriter.load() {
+        rw.rewriter.observe_metrics();
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         s.metrics.render(&s.gate),
@@ -91,6 +94,13 @@ async fn status(State(s): State<Arc<Shared>>) -> Response {
         "sessions": by_state,
         "total_sessions": counts.iter().sum::<usize>(),
         "upstream": s.upstream.addr(),
+        "rules_version": s.metrics.rewrite.rules_version.get(),
+        "dual_write": s.rewriter.load().is_some(),
+        "database_link": match (&s.cfg.database_url, s.control_connected.load(std::sync::atomic::Ordering::Relaxed)) {
+            (None, _) => "disabled",
+            (Some(_), true) => "connected",
+            (Some(_), false) => "disconnected",
+        },
         "version": env!("CARGO_PKG_VERSION"),
     }))
     .into_response()

@@ -7,6 +7,7 @@
 //! number of sessions, spawns one task per connection and runs the graceful shutdown.
 
 pub mod cancel;
+pub mod control;
 pub mod frame;
 pub mod gate;
 pub mod messages;
@@ -62,6 +63,8 @@ pub struct Shared {
     /// Bumped after every change of `rewriter`: sessions re-prepare their rewritten
     /// statements when they see a new value.
     pub rules_version: std::sync::atomic::AtomicU64,
+    /// True while the link to the migrated database (`database_url`) is up.
+    pub control_connected: std::sync::atomic::AtomicBool,
     /// Becomes true when sessions must end now (shutdown grace over).
     pub force_shutdown: watch::Receiver<bool>,
     force_tx: watch::Sender<bool>,
@@ -129,6 +132,7 @@ impl Proxy {
             metrics: Metrics::new(),
             rewriter: arc_swap::ArcSwapOption::empty(),
             rules_version: std::sync::atomic::AtomicU64::new(0),
+            control_connected: std::sync::atomic::AtomicBool::new(false),
             force_shutdown: force_rx,
             force_tx,
         });
@@ -197,6 +201,10 @@ impl Proxy {
     ) -> Result<(), ProxyError> {
         let shared = self.shared.clone();
         let admin = tokio::spawn(crate::admin::serve(self.admin, shared.clone()));
+        let control = shared.cfg.database_url.clone().map(|url| {
+            let port = self.listener.local_addr().map(|a| a.port()).unwrap_or(0);
+            tokio::spawn(control::Control::new(shared.clone(), url, port).run())
+        });
         // The runtime running this loop takes sessions too: it is the last "worker".
         let local_load = Arc::new(AtomicUsize::new(0));
         tokio::pin!(shutdown);
@@ -236,6 +244,9 @@ impl Proxy {
             .await;
         }
         admin.abort();
+        if let Some(c) = control {
+            c.abort();
+        }
         info!("keyshift proxy stopped");
         Ok(())
     }

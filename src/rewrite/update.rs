@@ -48,7 +48,7 @@ pub(crate) fn assignments(
         child
             .fills
             .iter()
-            .filter(|f| f.source == col && !assigned.iter().any(|a| *a == f.target))
+            .filter(|f| f.source == col && !assigned.contains(&f.target))
             .collect()
     };
     if !assigned.iter().any(|c| !needs(c).is_empty()) {
