@@ -120,7 +120,7 @@ log "starting PostgreSQL on port $PG_PORT"
 as_pg "$PGBIN/initdb" -D "$TMP/data" -U postgres -A trust --no-sync >"$TMP/initdb.log" 2>&1 ||
     { cat "$TMP/initdb.log" >&2; die "initdb failed"; }
 as_pg "$PGBIN/pg_ctl" -D "$TMP/data" -l "$TMP/postgres.log" -w -t 60 \
-    -o "-p $PG_PORT -k $TMP -c listen_addresses=127.0.0.1 -c max_connections=1100 \
+    -o "-p $PG_PORT -k $TMP -c listen_addresses=127.0.0.1 -c max_connections=$((IDLE_CONNS > 1000 ? IDLE_CONNS + 100 : 1100)) \
         -c shared_buffers=256MB -c fsync=off -c synchronous_commit=off -c full_page_writes=off" \
     start >/dev/null || { cat "$TMP/postgres.log" >&2; die "PostgreSQL did not start"; }
 
