@@ -188,6 +188,9 @@ async fn resume(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response {
         return r;
     }
     let closed_for = s.gate.resume();
+    if let Some(d) = closed_for {
+        s.metrics.pause_duration.observe(d.as_secs_f64());
+    }
     axum::Json(json!({
         "gate": "open",
         "closed_ms": closed_for.map(|d| d.as_millis() as u64),

@@ -94,6 +94,8 @@ pub struct Metrics {
     gate_closed: IntGauge,
     gate_closed_seconds: prometheus::Gauge,
     pub pauses: IntCounterVec,
+    /// How long the gate was closed, per pause (HTTP or cutover protocol).
+    pub pause_duration: Histogram,
     pub rewrite: std::sync::Arc<RewriteMetrics>,
 }
 
@@ -289,10 +291,23 @@ impl Metrics {
             ),
             pauses: counter_vec(
                 "keyshift_pauses_total",
-                "Pause requests, by result (drained, timeout)",
+                "Pauses of the gate, by result (drained, timeout, drain_failed, expired)",
                 &["result"],
             ),
             rewrite: std::sync::Arc::new(RewriteMetrics::new(&r)),
+            pause_duration: reg(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "keyshift_pause_duration_seconds",
+                        "How long this proxy's gate stayed closed, per pause",
+                    )
+                    .buckets(vec![
+                        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                    ]),
+                )
+                .unwrap_or_else(|_| unreachable!()),
+            ),
             client_messages,
             server_messages,
             bytes_client: bytes.with_label_values(&["client_to_server"]),

@@ -247,23 +247,51 @@ fn random_write(g: &mut Gen) -> String {
     let n = g.next() % 1000;
     match g.next() % 14 {
         0 => format!("INSERT INTO mcp_connectors (name) VALUES ('gen{n}')"),
-        1 => format!("INSERT INTO connector_access (connector_id, user_id) VALUES ({c}, 'u{n}'), ({}, 'v{n}')", g.upto(30)),
+        1 => format!(
+            "INSERT INTO connector_access (connector_id, user_id) VALUES ({c}, 'u{n}'), ({}, 'v{n}')",
+            g.upto(30)
+        ),
         2 => format!(
             "INSERT INTO mcp_servers (connector_id, name, status) VALUES ({}, 's{n}', {})",
-            g.pick(&["NULL", &c.to_string(), &format!("{c} * 1"), "(SELECT max(id) FROM mcp_connectors)"]),
+            g.pick(&[
+                "NULL",
+                &c.to_string(),
+                &format!("{c} * 1"),
+                "(SELECT max(id) FROM mcp_connectors)"
+            ]),
             g.pick(&["NULL", "'up'", "DEFAULT"])
         ),
         3 => format!("INSERT INTO mcp_servers VALUES (DEFAULT, {c}, 'pos{n}', 'x')"),
-        4 => format!("INSERT INTO mcp_server_tokens (mcp_server_id, token) SELECT id, 't' || id FROM mcp_servers WHERE id % 7 = {} LIMIT 3", n % 7),
-        5 => format!("INSERT INTO mcp_server_tools (mcp_server_id, tool_name) VALUES ({s}, 'tool{}') ON CONFLICT (mcp_server_id, tool_name) DO UPDATE SET mcp_server_id = {}", n % 5, g.upto(60)),
-        6 => format!("UPDATE mcp_servers SET connector_id = {} WHERE id = {s}", g.pick(&["NULL", &c.to_string(), "connector_id + 1"])),
-        7 => format!("UPDATE mcp_server_tools SET mcp_server_id = mcp_server_id + 1 WHERE id = {s}"),
-        8 => format!("UPDATE connector_access a SET connector_id = c.id FROM mcp_connectors c WHERE c.id = {c} AND a.id = {}", g.upto(40)),
+        4 => format!(
+            "INSERT INTO mcp_server_tokens (mcp_server_id, token) SELECT id, 't' || id FROM mcp_servers WHERE id % 7 = {} LIMIT 3",
+            n % 7
+        ),
+        5 => format!(
+            "INSERT INTO mcp_server_tools (mcp_server_id, tool_name) VALUES ({s}, 'tool{}') ON CONFLICT (mcp_server_id, tool_name) DO UPDATE SET mcp_server_id = {}",
+            n % 5,
+            g.upto(60)
+        ),
+        6 => format!(
+            "UPDATE mcp_servers SET connector_id = {} WHERE id = {s}",
+            g.pick(&["NULL", &c.to_string(), "connector_id + 1"])
+        ),
+        7 => {
+            format!("UPDATE mcp_server_tools SET mcp_server_id = mcp_server_id + 1 WHERE id = {s}")
+        }
+        8 => format!(
+            "UPDATE connector_access a SET connector_id = c.id FROM mcp_connectors c WHERE c.id = {c} AND a.id = {}",
+            g.upto(40)
+        ),
         9 => format!("DELETE FROM mcp_server_tokens WHERE id = {}", g.upto(80)),
         10 => format!("DELETE FROM mcp_server_tools WHERE mcp_server_id = {s}"),
         11 => format!("DELETE FROM mcp_connectors WHERE id = {c}"),
-        12 => format!("WITH x AS (INSERT INTO mcp_servers (connector_id, name) VALUES ({c}, 'w{n}') RETURNING id) INSERT INTO mcp_server_tokens (mcp_server_id, token) SELECT id, 'wt' FROM x"),
-        _ => format!("MERGE INTO mcp_server_tools t USING (VALUES ({s}, 'm{}')) AS v(sid, tool) ON t.tool_name = v.tool WHEN MATCHED THEN UPDATE SET mcp_server_id = v.sid WHEN NOT MATCHED THEN INSERT (mcp_server_id, tool_name) VALUES (v.sid, v.tool)", n % 9),
+        12 => format!(
+            "WITH x AS (INSERT INTO mcp_servers (connector_id, name) VALUES ({c}, 'w{n}') RETURNING id) INSERT INTO mcp_server_tokens (mcp_server_id, token) SELECT id, 'wt' FROM x"
+        ),
+        _ => format!(
+            "MERGE INTO mcp_server_tools t USING (VALUES ({s}, 'm{}')) AS v(sid, tool) ON t.tool_name = v.tool WHEN MATCHED THEN UPDATE SET mcp_server_id = v.sid WHEN NOT MATCHED THEN INSERT (mcp_server_id, tool_name) VALUES (v.sid, v.tool)",
+            n % 9
+        ),
     }
 }
 
@@ -273,7 +301,10 @@ async fn differential_random_writes_direct_versus_through_keyshift() {
     let c = common::connect(&p.url("postgres", &db.name)).await;
     let t = twin.client().await;
     let direct = db.client().await;
-    let seed = std::env::var("KEYSHIFT_DIFF_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed_f00d_u64);
+    let seed = std::env::var("KEYSHIFT_DIFF_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5eed_f00d_u64);
     let mut g = Gen(seed);
     let statements = 2000;
     let mut failed = 0;
@@ -281,10 +312,17 @@ async fn differential_random_writes_direct_versus_through_keyshift() {
         let sql = random_write(&mut g);
         // Half of them as prepared statements (extended protocol), half as simple queries.
         let (a, b) = if i % 2 == 0 {
-            (c.execute(sql.as_str(), &[]).await, t.execute(sql.as_str(), &[]).await)
+            (
+                c.execute(sql.as_str(), &[]).await,
+                t.execute(sql.as_str(), &[]).await,
+            )
         } else {
             let f = |r: Result<Vec<SimpleQueryMessage>, tokio_postgres::Error>| {
-                r.map(|m| m.iter().filter(|x| matches!(x, SimpleQueryMessage::CommandComplete(_))).count() as u64)
+                r.map(|m| {
+                    m.iter()
+                        .filter(|x| matches!(x, SimpleQueryMessage::CommandComplete(_)))
+                        .count() as u64
+                })
             };
             (f(c.simple_query(&sql).await), f(t.simple_query(&sql).await))
         };
@@ -292,7 +330,11 @@ async fn differential_random_writes_direct_versus_through_keyshift() {
             (Ok(x), Ok(y)) => assert_eq!(x, y, "seed {seed} #{i}: {sql}"),
             (Err(x), Err(y)) => {
                 failed += 1;
-                assert_eq!(x.code(), y.code(), "seed {seed} #{i}: {sql}\nkeyshift: {x:?}\ndirect: {y:?}");
+                assert_eq!(
+                    x.code(),
+                    y.code(),
+                    "seed {seed} #{i}: {sql}\nkeyshift: {x:?}\ndirect: {y:?}"
+                );
             }
             _ => panic!("seed {seed} #{i}: {sql}\nthrough keyshift: {a:?}\ndirect: {b:?}"),
         }
@@ -301,7 +343,10 @@ async fn differential_random_writes_direct_versus_through_keyshift() {
             assert!(bad.is_empty(), "seed {seed} after #{i} ({sql}): {bad:?}");
         }
     }
-    assert!(failed < statements / 2, "too many statements failed ({failed}) for the test to mean much");
+    assert!(
+        failed < statements / 2,
+        "too many statements failed ({failed}) for the test to mean much"
+    );
     let bad = inconsistent(&direct).await;
     assert!(bad.is_empty(), "{bad:?}");
     for (table, cols) in [
@@ -311,7 +356,9 @@ async fn differential_random_writes_direct_versus_through_keyshift() {
         ("mcp_server_tokens", "id, mcp_server_id, token"),
         ("mcp_server_tools", "id, mcp_server_id, tool_name"),
     ] {
-        let q = format!("SELECT string_agg(x::text, ';' ORDER BY x.id) FROM (SELECT {cols} FROM {table}) x");
+        let q = format!(
+            "SELECT string_agg(x::text, ';' ORDER BY x.id) FROM (SELECT {cols} FROM {table}) x"
+        );
         let a: Option<String> = direct.query_one(&q, &[]).await.unwrap().get(0);
         let b: Option<String> = t.query_one(&q, &[]).await.unwrap().get(0);
         assert_eq!(a, b, "{table} differs (seed {seed})");

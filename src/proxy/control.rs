@@ -13,10 +13,12 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio_postgres::{AsyncMessage, Client, NoTls};
 use tracing::{info, warn};
 
 use super::Shared;
+use super::gate::PauseOutcome;
 use super::statements::ActiveRewriter;
 use crate::dualwrite::{self, Settings};
 use crate::migrate::metrics::MigrateMetrics;
@@ -45,6 +47,46 @@ pub struct Control {
     migrate_metrics: Option<MigrateMetrics>,
     /// The rules version in force here (0: passthrough).
     version: i64,
+    /// The switch (cutover/rollback) this proxy's gate is closed for, if any.
+    hold: Option<Hold>,
+    /// The last (attempt, round) this proxy took part in, so a refresh never joins it twice.
+    last_round: (i64, i32),
+}
+
+/// A gate closed for one round of a switch attempt (see docs/cutover.md).
+#[derive(Debug, Clone, Copy)]
+struct Hold {
+    attempt: i64,
+    round: i32,
+    /// The gate opens by itself at this instant, whatever the coordinator does.
+    deadline: tokio::time::Instant,
+}
+
+/// A notification on channel `keyshift`.
+#[derive(Debug, PartialEq, Eq)]
+enum Notice {
+    Pause(i64, i32),
+    Resume(i64, i32),
+    /// A phase change or anything else: re-read the state.
+    Changed,
+}
+
+fn parse_notice(payload: &str) -> Notice {
+    let parse = |rest: &str| {
+        let (a, r) = rest.split_once(':')?;
+        Some((a.trim().parse().ok()?, r.trim().parse().ok()?))
+    };
+    if let Some(rest) = payload.strip_prefix("pause ")
+        && let Some((a, r)) = parse(rest)
+    {
+        return Notice::Pause(a, r);
+    }
+    if let Some(rest) = payload.strip_prefix("resume ")
+        && let Some((a, r)) = parse(rest)
+    {
+        return Notice::Resume(a, r);
+    }
+    Notice::Changed
 }
 
 impl Control {
@@ -77,6 +119,8 @@ impl Control {
             settings,
             migrate_metrics,
             version: 0,
+            hold: None,
+            last_round: (0, 0),
         }
     }
 
@@ -134,15 +178,252 @@ impl Control {
         info!(proxy_id = %self.id, rules_version = self.version, "linked to the migrated database");
         let mut tick = tokio::time::interval(HEARTBEAT);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
+        let mut drain: Option<JoinHandle<PauseOutcome>> = None;
+        let result = loop {
+            let deadline = self.hold.map(|h| h.deadline);
+            let step = tokio::select! {
                 m = rx.recv() => match m {
-                    Some(_) => self.refresh(client).await?,
-                    None => return Err(ControlError::Lost),
+                    Some(payload) => match parse_notice(&payload) {
+                        Notice::Pause(a, r) => self.on_pause(client, a, r, &mut drain).await,
+                        Notice::Resume(a, r) => self.on_resume(client, a, r, &mut drain).await,
+                        Notice::Changed => self.refresh_and_join(client, &mut drain).await,
+                    },
+                    None => Err(ControlError::Lost),
                 },
-                _ = tick.tick() => self.refresh(client).await?,
+                _ = tick.tick() => self.refresh_and_join(client, &mut drain).await,
+                out = async { drain.as_mut().expect("guarded").await }, if drain.is_some() => {
+                    drain = None;
+                    match out {
+                        Ok(o) => self.drained(client, o).await,
+                        Err(_) => Ok(()),
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
+                    self.expire(client, &mut drain).await
+                }
+            };
+            if let Err(e) = step {
+                break e;
             }
+        };
+        // Never leave the gate closed behind a lost link: the coordinator cannot reach us.
+        if let Some(h) = self.hold.take() {
+            if let Some(d) = drain.take() {
+                d.abort();
+            }
+            warn!(
+                attempt = h.attempt,
+                "link lost while holding the gate; opening it"
+            );
+            self.open_gate();
         }
+        Err(result)
+    }
+
+    /// Joins a switch attempt: closes the gate and starts draining (docs/cutover.md step 3).
+    async fn on_pause(
+        &mut self,
+        client: &Client,
+        attempt: i64,
+        round: i32,
+        drain: &mut Option<JoinHandle<PauseOutcome>>,
+    ) -> Result<(), ControlError> {
+        if (attempt, round) <= self.last_round {
+            return Ok(());
+        }
+        let row = client
+            .query_opt(
+                "SELECT state, round, drain_timeout_ms,
+                        GREATEST(extract(epoch FROM hold_deadline - clock_timestamp()), 0)::float8
+                 FROM keyshift.switch_attempts WHERE id = $1",
+                &[&attempt],
+            )
+            .await?;
+        let Some(row) = row else { return Ok(()) };
+        let state: String = row.get(0);
+        let current_round: i32 = row.get(1);
+        let remaining: f64 = row.get(3);
+        if !matches!(state.as_str(), "pausing" | "swapping")
+            || current_round != round
+            || remaining <= 0.0
+        {
+            return Ok(());
+        }
+        let drain_timeout = Duration::from_millis(row.get::<_, i32>(2).max(0) as u64);
+        self.last_round = (attempt, round);
+        self.hold = Some(Hold {
+            attempt,
+            round,
+            deadline: tokio::time::Instant::now() + Duration::from_secs_f64(remaining),
+        });
+        info!(
+            attempt,
+            round,
+            ?drain_timeout,
+            "switch: closing the gate and draining"
+        );
+        if let Some(d) = drain.take() {
+            d.abort();
+        }
+        let shared = self.shared.clone();
+        *drain = Some(tokio::spawn(async move {
+            shared.gate.pause(drain_timeout).await
+        }));
+        Ok(())
+    }
+
+    /// The drain finished: report it. A failed drain opens the gate at once (the coordinator
+    /// will abort the attempt; holding clients meanwhile would only add to their wait).
+    async fn drained(&mut self, client: &Client, out: PauseOutcome) -> Result<(), ControlError> {
+        let Some(h) = self.hold else { return Ok(()) };
+        let busy = serde_json::to_string(&out.busy).unwrap_or_else(|_| "[]".into());
+        let state = if out.drained { "held" } else { "drain_failed" };
+        self.shared
+            .metrics
+            .pauses
+            .with_label_values(&[if out.drained {
+                "drained"
+            } else {
+                "drain_failed"
+            }])
+            .inc();
+        let mut pause_ms: Option<f64> = None;
+        if !out.drained {
+            warn!(
+                attempt = h.attempt,
+                busy = out.busy.len(),
+                "switch: sessions stayed busy past the drain timeout"
+            );
+            self.hold = None;
+            pause_ms = self.open_gate();
+        }
+        client
+            .execute(
+                "UPDATE keyshift.proxies SET pause_attempt = $2, pause_round = $3, pause_state = $4,
+                        busy = $5::text::jsonb, pause_ms = COALESCE($6, pause_ms)
+                 WHERE id = $1",
+                &[&self.id, &h.attempt, &h.round, &state, &busy, &pause_ms],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Opens the gate after a switch round (step 8): the rules first, then the gate.
+    async fn on_resume(
+        &mut self,
+        client: &Client,
+        attempt: i64,
+        _round: i32,
+        drain: &mut Option<JoinHandle<PauseOutcome>>,
+    ) -> Result<(), ControlError> {
+        self.refresh(client).await?;
+        let Some(h) = self.hold else { return Ok(()) };
+        if h.attempt != attempt {
+            return Ok(());
+        }
+        self.release(client, "released", drain).await
+    }
+
+    async fn release(
+        &mut self,
+        client: &Client,
+        state: &str,
+        drain: &mut Option<JoinHandle<PauseOutcome>>,
+    ) -> Result<(), ControlError> {
+        let Some(h) = self.hold.take() else {
+            return Ok(());
+        };
+        if let Some(d) = drain.take() {
+            d.abort();
+        }
+        let pause_ms = self.open_gate();
+        info!(
+            attempt = h.attempt,
+            round = h.round,
+            pause_ms,
+            state,
+            "switch: gate open"
+        );
+        client
+            .execute(
+                "UPDATE keyshift.proxies SET pause_state = $2, pause_ms = $3 WHERE id = $1",
+                &[&self.id, &state, &pause_ms],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// The coordinator never came back: open the gate by ourselves.
+    async fn expire(
+        &mut self,
+        client: &Client,
+        drain: &mut Option<JoinHandle<PauseOutcome>>,
+    ) -> Result<(), ControlError> {
+        if let Some(h) = self.hold {
+            warn!(
+                attempt = h.attempt,
+                "switch: hold deadline passed without word from the coordinator; opening the gate"
+            );
+            self.shared
+                .metrics
+                .pauses
+                .with_label_values(&["expired"])
+                .inc();
+        }
+        self.release(client, "expired", drain).await
+    }
+
+    /// Opens the gate; returns how long it was closed, in milliseconds.
+    fn open_gate(&self) -> Option<f64> {
+        let d = self.shared.gate.resume()?;
+        self.shared.metrics.pause_duration.observe(d.as_secs_f64());
+        Some(d.as_secs_f64() * 1000.0)
+    }
+
+    /// A refresh, then the switch bookkeeping a missed notification would have done: release
+    /// a hold whose attempt is over, or join an attempt in progress (a proxy started during a
+    /// cutover must hold its clients too).
+    async fn refresh_and_join(
+        &mut self,
+        client: &Client,
+        drain: &mut Option<JoinHandle<PauseOutcome>>,
+    ) -> Result<(), ControlError> {
+        self.refresh(client).await?;
+        let exists: bool = client
+            .query_one(
+                "SELECT to_regclass('keyshift.switch_attempts') IS NOT NULL",
+                &[],
+            )
+            .await?
+            .get(0);
+        if !exists {
+            return Ok(());
+        }
+        if let Some(h) = self.hold {
+            let state: Option<String> = client
+                .query_opt(
+                    "SELECT state FROM keyshift.switch_attempts WHERE id = $1",
+                    &[&h.attempt],
+                )
+                .await?
+                .map(|r| r.get(0));
+            if !matches!(state.as_deref(), Some("pausing") | Some("swapping")) {
+                return self.release(client, "released", drain).await;
+            }
+            return Ok(());
+        }
+        let active = client
+            .query_opt(
+                "SELECT id, round FROM keyshift.switch_attempts
+                 WHERE state IN ('pausing', 'swapping') AND hold_deadline > clock_timestamp()
+                 ORDER BY id DESC LIMIT 1",
+                &[],
+            )
+            .await?;
+        if let Some(r) = active {
+            self.on_pause(client, r.get(0), r.get(1), drain).await?;
+        }
+        Ok(())
     }
 
     /// Reads the migration; rebuilds the rules when its version moved; heartbeats.
@@ -230,5 +511,19 @@ impl Control {
             )
             .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notices() {
+        assert_eq!(parse_notice("pause 12:3"), Notice::Pause(12, 3));
+        assert_eq!(parse_notice("resume 12:1"), Notice::Resume(12, 1));
+        assert_eq!(parse_notice("cut_over"), Notice::Changed);
+        assert_eq!(parse_notice("pause x:1"), Notice::Changed);
+        assert_eq!(parse_notice(""), Notice::Changed);
     }
 }
