@@ -300,21 +300,46 @@ pub fn main() -> ExitCode {
 }
 
 fn run_proxy(cfg: ProxyConfig) -> anyhow::Result<()> {
-    let mut builder = if cfg.worker_threads == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        if cfg.worker_threads > 1 {
-            b.worker_threads(cfg.worker_threads);
-        }
-        b
+    // One single-threaded runtime per thread, each owning whole sessions (see
+    // `Proxy::with_workers` for why not tokio's work-stealing runtime). The main thread's
+    // runtime also runs the listener, the admin endpoint and the signal handlers.
+    let threads = match cfg.worker_threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
     };
-    let rt = builder.enable_all().build()?;
-    rt.block_on(async move {
-        let proxy = crate::proxy::Proxy::bind(cfg).await?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut handles = Vec::new();
+    let mut threads_running = Vec::new();
+    for i in 1..threads {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        handles.push(rt.handle().clone());
+        let mut stop = stop_rx.clone();
+        threads_running.push(
+            std::thread::Builder::new()
+                .name(format!("keyshift-worker-{i}"))
+                .spawn(move || {
+                    rt.block_on(async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    })
+                })?,
+        );
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let result = rt.block_on(async move {
+        let proxy = crate::proxy::Proxy::bind(cfg).await?.with_workers(handles);
         proxy.run_until_signal().await?;
         Ok(())
-    })
+    });
+    // Sessions have ended (or been closed) by now: stop the workers.
+    let _ = stop_tx.send(true);
+    for t in threads_running {
+        let _ = t.join();
+    }
+    result
 }
 
 /// Resolves the configuration (exit 2 on error), runs the command on a small runtime, and
