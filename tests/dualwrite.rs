@@ -368,3 +368,77 @@ async fn differential_random_writes_direct_versus_through_keyshift() {
     let (_, m) = http(p.admin, "GET", "/metrics", None);
     assert!(!m.contains("keyshift_rewrite_skipped_total{"), "{m}");
 }
+
+#[tokio::test]
+async fn psql_variables_and_pgbench_prepared_inserts_keep_the_twins_right() {
+    let (db, _twin, p) = setup().await;
+    let direct = db.client().await;
+    let port = p.addr.port().to_string();
+    // A person at psql, with variables and \gset.
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("by_hand.sql");
+    std::fs::write(
+        &script,
+        "\\set conn 4\n\
+         INSERT INTO mcp_servers (connector_id, name) VALUES (:conn, 'by hand') RETURNING id AS new_server \\gset\n\
+         INSERT INTO mcp_server_tokens (mcp_server_id, token) VALUES (:new_server, :'conn');\n\
+         UPDATE mcp_servers SET connector_id = :conn + 1 WHERE id = :new_server;\n\
+         SELECT count(*) FROM mcp_server_tokens WHERE mcp_server_id = :new_server;\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(common::pg_tool("psql"))
+        .args(["-X", "-At", "-q", "-v", "ON_ERROR_STOP=1"])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "postgres",
+            "-d",
+            &db.name,
+        ])
+        .arg("-f")
+        .arg(&script)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1");
+    // pgbench with a custom insert script, prepared protocol, several clients.
+    let bench = dir.path().join("inserts.sql");
+    std::fs::write(
+        &bench,
+        "\\set c random(1, 20)\n\\set s random(1, 40)\n\
+         INSERT INTO mcp_servers (connector_id, name) VALUES (:c, 'bench');\n\
+         INSERT INTO mcp_server_tokens (mcp_server_id, token) VALUES (:s, 'tok');\n\
+         UPDATE mcp_server_tools SET mcp_server_id = :s WHERE id = :c;\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(common::pg_tool("pgbench"))
+        .args(["-n", "-M", "prepared", "-c", "4", "-j", "2", "-t", "200"])
+        .args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres"])
+        .arg("-f")
+        .arg(&bench)
+        .arg(&db.name)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("number of failed transactions: 0"), "{text}");
+    let n: i64 = direct
+        .query_one("SELECT count(*) FROM mcp_servers WHERE name = 'bench'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 800);
+    let bad = inconsistent(&direct).await;
+    assert!(bad.is_empty(), "{bad:?}");
+}
