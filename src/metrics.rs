@@ -94,6 +94,8 @@ pub struct Metrics {
     gate_closed: IntGauge,
     gate_closed_seconds: prometheus::Gauge,
     pub pauses: IntCounterVec,
+    /// Cutover and rollback attempts recorded in the database, by action and result.
+    pub switch_attempts: IntGaugeVec,
     /// How long the gate was closed, per pause (HTTP or cutover protocol).
     pub pause_duration: Histogram,
     pub rewrite: std::sync::Arc<RewriteMetrics>,
@@ -295,6 +297,17 @@ impl Metrics {
                 &["result"],
             ),
             rewrite: std::sync::Arc::new(RewriteMetrics::new(&r)),
+            switch_attempts: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "keyshift_cutover_attempts",
+                        "Cutover and rollback attempts in keyshift.switch_attempts, by action and result (committed, aborted, dry_run_done, pausing, swapping)",
+                    ),
+                    &["action", "result"],
+                )
+                .unwrap_or_else(|_| unreachable!()),
+            ),
             pause_duration: reg(
                 &r,
                 Histogram::with_opts(

@@ -445,3 +445,54 @@ async fn a_coordinator_that_dies_never_leaves_the_gate_closed() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn cutover_through_the_admin_endpoint() {
+    let db = migrated_db().await;
+    let p = linked_proxy(&db).await;
+    let admin = p.admin;
+    let post = move |path: &'static str, token: Option<&'static str>| {
+        tokio::task::spawn_blocking(move || http(admin, "POST", path, token))
+    };
+    assert_eq!(post("/v1/cutover", None).await.unwrap().0, 401);
+    assert_eq!(
+        post("/v1/cutover?action=sideways", Some("test-token"))
+            .await
+            .unwrap()
+            .0,
+        400
+    );
+    let (code, body) = post(
+        "/v1/cutover?dry_run=true&drain_timeout=3s",
+        Some("test-token"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["dry_run"], true, "{v}");
+    assert_eq!(v["pauses"].as_array().map(|a| a.len()), Some(1), "{v}");
+    let (code, body) = post("/v1/cutover", Some("test-token")).await.unwrap();
+    assert_eq!(code, 200, "{body}");
+    let direct = db.client().await;
+    assert_eq!(column_type(&direct, "mcp_servers", "id").await, "uuid");
+    // A second cutover is refused, saying why.
+    let (code, body) = post("/v1/cutover", Some("test-token")).await.unwrap();
+    assert_eq!(code, 409, "{body}");
+    assert!(body.contains("rollback"), "{body}");
+    // The attempts and pauses show in /metrics (attempt counts at the next heartbeat).
+    let start = Instant::now();
+    loop {
+        let (_, m) = tokio::task::spawn_blocking(move || http(admin, "GET", "/metrics", None))
+            .await
+            .unwrap();
+        if m.contains("keyshift_cutover_attempts{action=\"cutover\",result=\"committed\"} 1")
+            && m.contains("keyshift_pause_duration_seconds_count 2")
+            && m.contains("keyshift_migration_phase{phase=\"cut_over\"} 1")
+        {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{m}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -399,6 +399,20 @@ impl Control {
         if !exists {
             return Ok(());
         }
+        for r in client
+            .query(
+                "SELECT action, state, count(*) FROM keyshift.switch_attempts GROUP BY 1, 2",
+                &[],
+            )
+            .await?
+        {
+            let (action, state, n): (String, String, i64) = (r.get(0), r.get(1), r.get(2));
+            self.shared
+                .metrics
+                .switch_attempts
+                .with_label_values(&[&action, &state])
+                .set(n);
+        }
         if let Some(h) = self.hold {
             let state: Option<String> = client
                 .query_opt(
