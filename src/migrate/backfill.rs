@@ -27,6 +27,9 @@ pub enum BackfillError {
 }
 
 enum Work<'a> {
+    /// Find every row whose twin differs from its parent's uuid (one read-only hash join),
+    /// then fix those rows in batches.
+    Catchup(&'a PlanFk),
     Key(&'a PlanTable),
     Fk(&'a PlanFk),
 }
@@ -184,11 +187,11 @@ pub async fn run(client: &Client, s: &Settings) -> Result<Summary, BackfillError
         work.push((fk_task("fk", f), Work::Fk(f)));
     }
     for (_, f) in plan.foreign_keys() {
-        work.push((fk_task("catchup", f), Work::Fk(f)));
+        work.push((fk_task("catchup", f), Work::Catchup(f)));
     }
     let mut keys_caught_up = false;
     for (task, w) in &work {
-        if matches!(w, Work::Fk(_)) && !keys_caught_up {
+        if !matches!(w, Work::Key(_)) && !keys_caught_up {
             // Before any FK pass reads the parents' uuids: key uuids still NULL (an explicit
             // NULL, or a path that skipped the default) get one.
             keys_caught_up = true;
@@ -208,13 +211,18 @@ pub async fn run(client: &Client, s: &Settings) -> Result<Summary, BackfillError
         let mut cursor: Option<i64> = row.get(1);
         let rows_done: i64 = row.get(2);
         let estimate: i64 = row.get(3);
+        if let Work::Catchup(f) = w {
+            catchup(client, f, task, s, &mut display, &mut sum).await?;
+            mark_done(client, task).await?;
+            continue;
+        }
         let (bounds, sql, by_ctid) = match w {
             Work::Key(t) => (
                 ddl::key_bounds(&qualified(&t.schema, &t.name), &t.key),
                 ddl::key_batch(&plan, t),
                 false,
             ),
-            Work::Fk(f) => (
+            Work::Fk(f) | Work::Catchup(f) => (
                 ddl::fk_bounds(f),
                 ddl::fk_batch(f),
                 f.child_batch_key.is_none(),
@@ -303,6 +311,65 @@ pub async fn run(client: &Client, s: &Settings) -> Result<Summary, BackfillError
     )
     .await?;
     Ok(sum)
+}
+
+/// The catch-up pass of one FK. Finding the rows is one read-only query (a hash join of
+/// child and parent: far cheaper than a lookup per row, and it takes no lock that blocks
+/// writes); fixing them goes in batches, each re-checking its rows. A kill just means the
+/// next run searches again.
+async fn catchup(
+    client: &Client,
+    f: &PlanFk,
+    task: &str,
+    s: &Settings,
+    display: &mut Display,
+    sum: &mut Summary,
+) -> Result<(), DbError> {
+    // Bounded, so that a huge backlog cannot exhaust memory: searched again until done.
+    const FIND_LIMIT: i64 = 1_000_000;
+    let find = ddl::catchup_find(f);
+    let fix = ddl::catchup_fix(f);
+    let mark = "UPDATE keyshift.backfill SET started_at = COALESCE(started_at, clock_timestamp()), \
+                rows_done = rows_done + $2, rows_updated = rows_updated + $3, batches = batches + $4, \
+                last_batch_ms = $5, updated_at = clock_timestamp() WHERE task = $1";
+    loop {
+        let found: Vec<String> = client
+            .query(&find, &[&FIND_LIMIT])
+            .await
+            .map_err(|e| stmt_error(&find, e))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let mut bar = display.task(task, found.len() as i64, 0);
+        for chunk in found.chunks(s.batch_size.max(1) as usize) {
+            let t0 = Instant::now();
+            let n = client
+                .execute(&fix, &[&chunk])
+                .await
+                .map_err(|e| stmt_error(&fix, e))? as i64;
+            let ms = t0.elapsed().as_secs_f64() * 1000.0;
+            sum.rows_updated += n;
+            client
+                .execute(mark, &[&task, &(chunk.len() as i64), &n, &1i64, &ms])
+                .await
+                .map_err(|e| stmt_error(mark, e))?;
+            display.advance(&mut bar, chunk.len() as u64);
+        }
+        display.finish(&bar);
+        if (found.len() as i64) < FIND_LIMIT {
+            return Ok(());
+        }
+    }
+}
+
+async fn mark_done(client: &Client, task: &str) -> Result<(), DbError> {
+    let sql =
+        "UPDATE keyshift.backfill SET done = true, finished_at = clock_timestamp() WHERE task = $1";
+    client
+        .execute(sql, &[&task])
+        .await
+        .map_err(|e| stmt_error(sql, e))?;
+    Ok(())
 }
 
 async fn key_catchup(

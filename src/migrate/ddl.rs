@@ -307,6 +307,39 @@ SELECT count(*) FROM upd",
     )
 }
 
+/// The catch-up pass's search: keys (as text; ctids for a child without an integer key) of
+/// the rows whose twin differs from the parent's uuid. `$1` caps the count.
+pub fn catchup_find(f: &PlanFk) -> String {
+    let key = match &f.child_batch_key {
+        Some(ck) => format!("c.{}", quote(ck)),
+        None => "c.ctid".into(),
+    };
+    format!(
+        "SELECT {key}::text FROM {c} AS c LEFT JOIN {p} AS p ON p.{pk} = c.{fk} \
+WHERE c.{fu} IS DISTINCT FROM p.{pu} LIMIT $1::bigint",
+        c = child(f),
+        p = parent(f),
+        pk = quote(&f.parent_key),
+        fk = quote(&f.child_column),
+        fu = quote(&f.uuid_column),
+        pu = quote(&f.parent_uuid_column),
+    )
+}
+
+/// The catch-up pass's fix for the rows found (`$1`, keys as text), re-checked row by row.
+pub fn catchup_fix(f: &PlanFk) -> String {
+    let which = match &f.child_batch_key {
+        Some(ck) => format!("c.{} = ANY($1::text[]::bigint[])", quote(ck)),
+        None => "c.ctid = ANY($1::text[]::tid[])".into(),
+    };
+    let fu = quote(&f.uuid_column);
+    let pu = parent_uuid(f);
+    format!(
+        "UPDATE {c} AS c SET {fu} = {pu} WHERE {which} AND c.{fu} IS DISTINCT FROM {pu}",
+        c = child(f)
+    )
+}
+
 /// Key uuids still NULL (written with an explicit NULL, or by a path that skipped the
 /// default): fixed in small batches; `$1` is the batch size.
 pub fn key_catchup(plan: &Plan, t: &PlanTable) -> String {
@@ -331,9 +364,10 @@ pub fn backfill(plan: &Plan) -> Vec<Step> {
     for (_, f) in plan.foreign_keys().filter(|(_, f)| !is_fused(plan, f)) {
         v.push(Step::new(fk_batch(f), Mode::Online, When::Always));
     }
-    // The catch-up pass: the same statement as the FK pass, over every FK.
+    // The catch-up pass: find the rows whose twin differs, then fix them in batches.
     for (_, f) in plan.foreign_keys() {
-        v.push(Step::new(fk_batch(f), Mode::Online, When::Always));
+        v.push(Step::new(catchup_find(f), Mode::Online, When::Always));
+        v.push(Step::new(catchup_fix(f), Mode::Online, When::Always));
     }
     v
 }
