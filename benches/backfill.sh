@@ -141,3 +141,5 @@ echo "pgbench, $CLIENTS clients:      idle    p99 ${IDLE_P99} ms, mean ${IDLE_ME
 echo "                               during  p99 ${DURING_P99} ms, mean ${DURING_MEAN} ms, $(tx 'during*') tx in ${BF_SECONDS}s"
 echo "p99 during / idle:             $RATIO   (target <= 2)"
 echo "verify:                        $(tail -1 "$WORK/verify.out")"
+echo "per task:"
+psql_ -At -F ' ' -c "SELECT '  ' || rpad(task, 46), lpad(rows_done::text, 8) || ' rows', lpad(round(extract(epoch FROM finished_at - started_at)::numeric, 1)::text, 6) || ' s' FROM keyshift.backfill ORDER BY ord"
