@@ -285,10 +285,9 @@ fn parent_uuid_of(f: &PlanFk, alias: &str) -> String {
 
 /// One batch setting `<fk>_uuid` to the parent's uuid, along the child's integer key (or its
 /// ctid pages when it has none), parameters as [`key_batch`]. Only rows whose twin differs are
-/// written, so the same statement is also the catch-up pass: it repairs NULL and stale twins
-/// left by writes that did not go through the proxy (NULL when the FK was set to NULL). The
-/// parent is looked up per row (a SubPlan on its key): a plan that cannot turn into a hash
-/// join over the whole parent.
+/// written, so a rerun writes nothing, and rows already fixed by a concurrent dual-write are
+/// left alone. The parent is looked up per row (a SubPlan on its key): a plan that cannot turn
+/// into a hash join over the whole parent for every batch.
 pub fn fk_batch(f: &PlanFk) -> String {
     let fu = quote(&f.uuid_column);
     let range = match &f.child_batch_key {
