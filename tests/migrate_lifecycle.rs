@@ -44,6 +44,21 @@ async fn expand_and_abort_are_idempotent_and_abort_restores_the_schema() {
     );
     let (_, phase) = state::load(&c).await.unwrap().unwrap();
     assert_eq!(phase, state::Phase::Expanded);
+    // keyshift.uuid_v7(): version 7, RFC variant, time-ordered (the first 48 bits are ms).
+    let r = c
+        .query_one(
+            "SELECT u::text, substr(u::text, 15, 1), substr(u::text, 20, 1),
+                    abs(('x' || lpad(replace(substr(u::text, 1, 13), '-', ''), 16, '0'))::bit(64)::bigint
+                        - (extract(epoch FROM clock_timestamp()) * 1000)::bigint)
+               FROM (SELECT keyshift.uuid_v7() AS u) s",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (u, version, variant, skew): (String, String, String, i64) = (r.get(0), r.get(1), r.get(2), r.get(3));
+    assert_eq!(version, "7", "{u}");
+    assert!(["8", "9", "a", "b"].contains(&variant.as_str()), "{u}");
+    assert!(skew < 5000, "{u}: timestamp {skew} ms off");
 
     ks_expect(&db.url(), &["backfill"], 0);
     ks_expect(&db.url(), &["verify"], 0);
