@@ -55,7 +55,8 @@ async fn expand_and_abort_are_idempotent_and_abort_restores_the_schema() {
         )
         .await
         .unwrap();
-    let (u, version, variant, skew): (String, String, String, i64) = (r.get(0), r.get(1), r.get(2), r.get(3));
+    let (u, version, variant, skew): (String, String, String, i64) =
+        (r.get(0), r.get(1), r.get(2), r.get(3));
     assert_eq!(version, "7", "{u}");
     assert!(["8", "9", "a", "b"].contains(&variant.as_str()), "{u}");
     assert!(skew < 5000, "{u}: timestamp {skew} ms off");
