@@ -6,7 +6,7 @@
 #
 # Usage: benches/backfill.sh            # starts a throwaway cluster (needs PostgreSQL server binaries)
 #        DATABASE_URL=postgres://... benches/backfill.sh   # uses an existing, EMPTY database
-# Knobs: SCALE (connectors, default 200000 -> 2.0 M rows), CLIENTS (default 4), BATCH (default 5000),
+# Knobs: SCALE (connectors, default 200000 -> 2.0 M rows), CLIENTS (default 4), BATCH (default 5000), JOBS (default 1),
 #        IDLE_SECONDS (default 20), KEYSHIFT (binary, default target/release/keyshift).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +14,7 @@ cd "$(dirname "$0")/.."
 SCALE=${SCALE:-200000}
 CLIENTS=${CLIENTS:-4}
 BATCH=${BATCH:-5000}
+JOBS=${JOBS:-1}
 IDLE_SECONDS=${IDLE_SECONDS:-20}
 KEYSHIFT=${KEYSHIFT:-target/release/keyshift}
 WORK=$(mktemp -d /tmp/keyshift-bench.XXXXXX)
@@ -109,7 +110,7 @@ if [[ "${ALONE:-1}" == 1 ]]; then
   echo "== keyshift backfill alone (no other traffic), then abort and VACUUM FULL to start again from the same tables" >&2
   "$KEYSHIFT" expand --database-url "$DATABASE_URL" 2>"$WORK/expand.log"
   a0=$(date +%s.%N)
-  "$KEYSHIFT" backfill --skip-harden --batch-size "$BATCH" --database-url "$DATABASE_URL" 2>"$WORK/backfill-alone.log"
+  "$KEYSHIFT" backfill --skip-harden --batch-size "$BATCH" --jobs "$JOBS" --database-url "$DATABASE_URL" 2>"$WORK/backfill-alone.log"
   ALONE_SECONDS=$(echo "$(date +%s.%N) - $a0" | bc)
   "$KEYSHIFT" abort --database-url "$DATABASE_URL" 2>>"$WORK/expand.log"
   psql_ -c "VACUUM FULL" -c "ANALYZE" -c "CHECKPOINT"
@@ -122,7 +123,7 @@ echo "== ${IDLE_SECONDS}s of the script with keyshift idle" >&2
 run_pgbench idle "$IDLE_SECONDS"
 
 echo "== keyshift backfill, with the script running alongside" >&2
-"$KEYSHIFT" backfill --skip-harden --batch-size "$BATCH" --database-url "$DATABASE_URL" 2>"$WORK/backfill.log" &
+"$KEYSHIFT" backfill --skip-harden --batch-size "$BATCH" --jobs "$JOBS" --database-url "$DATABASE_URL" 2>"$WORK/backfill.log" &
 BF=$!
 bf0=$(date +%s.%N)
 n=0

@@ -135,7 +135,17 @@ async fn direct_writes_during_backfill() {
     }
     let url2 = url.clone();
     let o = tokio::task::spawn_blocking(move || {
-        ks(&url2, &["backfill", "--batch-size", "50", "--skip-harden"])
+        ks(
+            &url2,
+            &[
+                "backfill",
+                "--batch-size",
+                "50",
+                "--skip-harden",
+                "--jobs",
+                "2",
+            ],
+        )
     })
     .await
     .unwrap();

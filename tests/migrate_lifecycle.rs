@@ -113,7 +113,7 @@ async fn edge_schema_full_cycle() {
         "tags has a text key: it only gets a twin"
     );
     ks_expect(&url, &["expand", "--schema", "App"], 0);
-    ks_expect(&url, &["backfill", "--batch-size", "7"], 0);
+    ks_expect(&url, &["backfill", "--batch-size", "7", "--jobs", "2"], 0);
     let o = ks_expect(&url, &["verify", "--format", "json"], 0);
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(r["passed"], true);

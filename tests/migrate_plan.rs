@@ -243,6 +243,7 @@ fn documented_migration_keys() {
         "legacy_suffix",
         "batch_size",
         "max_rows_per_sec",
+        "jobs",
     ];
     let mut uncommented = String::new();
     for key in keys {
