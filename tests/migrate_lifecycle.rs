@@ -387,3 +387,60 @@ async fn ddl_retries_under_lock_timeout() {
     let o = run.await.unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
 }
+
+/// The last statement of a killed backfill can commit after a new run has read the cursor:
+/// the new run's batch must then save nothing (and count nothing twice).
+#[tokio::test]
+async fn a_batch_saves_its_cursor_only_if_nobody_moved_it() {
+    let db = db_with(&format!("{SEED_004}{}", seed_004_rows(20))).await;
+    ks_expect(&db.url(), &["expand"], 0);
+    let c = db.client().await;
+    let (plan, _) = state::load(&c).await.unwrap().unwrap();
+    let t = &plan.tables[0];
+    let sql = ddl::key_batch(&plan, t);
+    let task = "key:public.mcp_connectors";
+    let stale: Option<i64> = Some(5);
+    let r = c
+        .query_one(&sql, &[&i64::MIN, &10i64, &task, &10i64, &stale])
+        .await
+        .unwrap();
+    let (updated, saved): (i64, i64) = (r.get(0), r.get(1));
+    assert_eq!(
+        (updated, saved),
+        (10, 0),
+        "rows filled, cursor not saved: it was not at 5"
+    );
+    assert_eq!(
+        count(
+            &c,
+            "SELECT rows_done FROM keyshift.backfill WHERE task = 'key:public.mcp_connectors'"
+        )
+        .await,
+        0
+    );
+    let none: Option<i64> = None;
+    let r = c
+        .query_one(&sql, &[&i64::MIN, &10i64, &task, &10i64, &none])
+        .await
+        .unwrap();
+    let (updated, saved): (i64, i64) = (r.get(0), r.get(1));
+    assert_eq!((updated, saved), (0, 1), "already filled; the cursor moves");
+    assert_eq!(
+        count(
+            &c,
+            "SELECT cursor FROM keyshift.backfill WHERE task = 'key:public.mcp_connectors'"
+        )
+        .await,
+        10
+    );
+    ks_expect(&db.url(), &["backfill"], 0);
+    assert_eq!(
+        count(
+            &c,
+            "SELECT rows_done FROM keyshift.backfill WHERE task = 'key:public.mcp_connectors'"
+        )
+        .await,
+        20
+    );
+    ks_expect(&db.url(), &["verify"], 0);
+}

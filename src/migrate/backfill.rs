@@ -166,6 +166,25 @@ pub async fn run(
         refresh_estimate(client, schema, table).await?;
     }
 
+    // One backfill at a time. A killed run's session keeps this lock until its backend has
+    // finished its last statement, so a new run also waits for that.
+    let key = "SELECT pg_try_advisory_lock(hashtext('keyshift backfill'))";
+    let got: bool = client
+        .query_one(key, &[])
+        .await
+        .map_err(|e| stmt_error(key, e))?
+        .get(0);
+    if !got {
+        tracing::warn!(
+            "another backfill holds the lock (or a killed one is finishing its last statement); waiting for it"
+        );
+        db::exec(client, "SET lock_timeout = 0").await?;
+        db::exec(
+            client,
+            "SELECT pg_advisory_lock(hashtext('keyshift backfill'))",
+        )
+        .await?;
+    }
     for c in std::iter::once(client).chain(extra) {
         prepare_session(c).await?;
     }
@@ -243,6 +262,11 @@ pub async fn run(
     }
     let mut sum = lock(&shared.sum).clone();
     sum.elapsed = started.elapsed();
+    db::exec(
+        client,
+        "SELECT pg_advisory_unlock(hashtext('keyshift backfill'))",
+    )
+    .await?;
     super::expand::advance(client, Phase::Backfilled).await?;
     state::event(
         client,
@@ -351,12 +375,23 @@ async fn run_task(
         let hi: Option<i64> = r.get(0);
         let scanned: i64 = r.get(1);
         let Some(hi) = hi else { break };
-        let updated: i64 = client
-            .query_one(&stmt, &[&lo, &hi, &task, &scanned])
+        let r = client
+            .query_one(&stmt, &[&lo, &hi, &task, &scanned, &cursor])
             .await
-            .map_err(|e| stmt_error(&sql, e))?
-            .get(0);
+            .map_err(|e| stmt_error(&sql, e))?;
+        let (updated, saved): (i64, i64) = (r.get(0), r.get(1));
         let ms = t0.elapsed().as_secs_f64() * 1000.0;
+        if saved == 0 {
+            // Someone else moved the cursor (the last statement of a killed run committing
+            // late): this batch counted nothing; start again from the stored cursor.
+            let q = "SELECT cursor FROM keyshift.backfill WHERE task = $1";
+            cursor = client
+                .query_one(q, &[&task])
+                .await
+                .map_err(|e| stmt_error(q, e))?
+                .get(0);
+            continue;
+        }
         cursor = Some(hi);
         {
             let mut sum = lock(&shared.sum);
