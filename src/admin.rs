@@ -28,11 +28,15 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) -> std::io::Resul
         .route("/v1/status", get(status))
         .route("/v1/pause", post(pause))
         .route("/v1/resume", post(resume))
+        .route("/v1/cutover", post(cutover))
         .with_state(shared);
     axum::serve(listener, app).await
 }
 
 async fn metrics(State(s): State<Arc<Shared>>) -> Response {
+    if let Some(rw) = &*s.rewriter.load() {
+        rw.rewriter.observe_metrics();
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         s.metrics.render(&s.gate),
@@ -91,6 +95,13 @@ async fn status(State(s): State<Arc<Shared>>) -> Response {
         "sessions": by_state,
         "total_sessions": counts.iter().sum::<usize>(),
         "upstream": s.upstream.addr(),
+        "rules_version": s.metrics.rewrite.rules_version.get(),
+        "dual_write": s.rewriter.load().is_some(),
+        "database_link": match (&s.cfg.database_url, s.control_connected.load(std::sync::atomic::Ordering::Relaxed)) {
+            (None, _) => "disabled",
+            (Some(_), true) => "connected",
+            (Some(_), false) => "disconnected",
+        },
         "version": env!("CARGO_PKG_VERSION"),
     }))
     .into_response()
@@ -178,9 +189,102 @@ async fn resume(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response {
         return r;
     }
     let closed_for = s.gate.resume();
+    if let Some(d) = closed_for {
+        s.metrics.pause_duration.observe(d.as_secs_f64());
+    }
     axum::Json(json!({
         "gate": "open",
         "closed_ms": closed_for.map(|d| d.as_millis() as u64),
     }))
     .into_response()
+}
+
+#[derive(Deserialize)]
+struct SwitchParams {
+    /// `cutover` (default) or `rollback`.
+    action: Option<String>,
+    drain_timeout: Option<String>,
+    lock_timeout: Option<String>,
+    budget: Option<String>,
+    #[serde(default)]
+    terminate_blockers: bool,
+    #[serde(default)]
+    dry_run: bool,
+}
+
+/// `POST /v1/cutover`: runs the coordinator (docs/cutover.md) from this proxy, against its
+/// `database_url`; the same as `keyshift cutover` with the same options as query parameters.
+async fn cutover(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Query(p): Query<SwitchParams>,
+) -> Response {
+    use crate::migrate::switch::{self, Action, SwitchError, SwitchOptions};
+    if let Some(r) = refuse_unauthorized(&s, &headers) {
+        return r;
+    }
+    let bad =
+        |m: String| (StatusCode::BAD_REQUEST, axum::Json(json!({"error": m}))).into_response();
+    let Some(url) = s.cfg.database_url.clone() else {
+        return (
+            StatusCode::CONFLICT,
+            axum::Json(
+                json!({"error": "this proxy has no database_url: it cannot coordinate a cutover"}),
+            ),
+        )
+            .into_response();
+    };
+    let action = match p.action.as_deref() {
+        None | Some("cutover") => Action::Cutover,
+        Some("rollback") => Action::Rollback,
+        Some(other) => return bad(format!("action: {other:?} is neither cutover nor rollback")),
+    };
+    let dur = |v: &Option<String>, key: &str, default: Duration| match v.as_deref() {
+        None => Ok(default),
+        Some(t) => crate::config::parse_duration(t).map_err(|e| format!("{key}: {e}")),
+    };
+    let settings = crate::migrate::Settings::default();
+    let opts = match (
+        dur(&p.drain_timeout, "drain_timeout", Duration::from_secs(2)),
+        dur(&p.lock_timeout, "lock_timeout", settings.lock_timeout),
+        dur(&p.budget, "budget", Duration::from_secs(10)),
+    ) {
+        (Ok(drain_timeout), Ok(lock_timeout), Ok(budget)) => SwitchOptions {
+            action,
+            drain_timeout,
+            lock_timeout,
+            budget,
+            terminate_blockers: p.terminate_blockers,
+            dry_run: p.dry_run,
+        },
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => return bad(e),
+    };
+    let client = match crate::migrate::db::connect(&url).await {
+        Ok(c) => c,
+        Err(e) => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                axum::Json(json!({"error": e.to_string()})),
+            )
+                .into_response();
+        }
+    };
+    match switch::run(&client, &opts, &settings).await {
+        Ok(report) => axum::Json(report).into_response(),
+        Err(SwitchError::Refused(why)) => (
+            StatusCode::CONFLICT,
+            axum::Json(json!({"result": "refused", "error": why})),
+        )
+            .into_response(),
+        Err(SwitchError::Aborted(why)) => (
+            StatusCode::CONFLICT,
+            axum::Json(json!({"result": "aborted", "error": why})),
+        )
+            .into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            axum::Json(json!({"error": e.to_string()})),
+        )
+            .into_response(),
+    }
 }

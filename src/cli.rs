@@ -35,6 +35,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once per process: the size difference between variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the PostgreSQL proxy that applications connect to instead of PostgreSQL
@@ -106,6 +108,24 @@ locks under lock_timeout with retry; indexes are dropped CONCURRENTLY. Idempoten
 it refuses: use `keyshift rollback`."
     )]
     Abort(AbortCmd),
+    /// Make the uuid columns the keys: pause every proxy, swap in one transaction, resume
+    #[command(
+        long_about = "The one step that holds traffic. Refuses unless the phase is \
+hardened, `verify` passes and every registered proxy with a fresh heartbeat applies the current \
+rules. Then: every proxy closes its gate (idle sessions are held, transactions run on until \
+they end, up to --drain-timeout), the swap runs in ONE transaction under --lock-timeout \
+(catalog-only: SET NOT NULL proven by the validated CHECKs, integer FKs and PKs dropped, the \
+uuid unique index promoted to primary key, renames), the proxies switch to reverse dual-write \
+and reopen. A lock timeout reopens the gates and retries within --budget. On any failure \
+everything is rolled back and the gates reopen; the exit code is 1 and the message names the \
+sessions or locks that blocked. Prints how long each proxy held its clients. Protocol: \
+docs/cutover.md."
+    )]
+    Cutover(SwitchCmd),
+    /// Undo a cutover: the inverse swap, same protocol (valid until finalize)
+    Rollback(SwitchCmd),
+    /// Drop the legacy integer columns and keyshift's objects once you are sure (no way back)
+    Finalize(FinalizeCmd),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -172,6 +192,36 @@ pub struct StatusCmd {
 }
 
 #[derive(Debug, clap::Args)]
+pub struct SwitchCmd {
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// How long sessions inside a transaction may run on while the proxies drain
+    #[arg(long, default_value = "2s", value_parser = crate::config::parse_duration)]
+    pub drain_timeout: std::time::Duration,
+    /// Total time allowed for retries after lock timeouts
+    #[arg(long, default_value = "10s", value_parser = crate::config::parse_duration)]
+    pub budget: std::time::Duration,
+    /// End the backends of sessions that keep the drain or the locks from completing
+    #[arg(long)]
+    pub terminate_blockers: bool,
+    /// Run the whole protocol, swap included, then roll the swap back
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Output format
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct FinalizeCmd {
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// Do not ask for confirmation
+    #[arg(long)]
+    pub yes: bool,
+}
+
+#[derive(Debug, clap::Args)]
 pub struct AbortCmd {
     #[command(flatten)]
     pub db: DbArgs,
@@ -233,25 +283,63 @@ pub fn main() -> ExitCode {
             run_status(cfg, c.format)
         }),
         Command::Abort(ref c) => migrate_cmd(&cli.config, &c.db, None, None, "abort", run_abort),
+        Command::Cutover(ref c) => migrate_cmd(&cli.config, &c.db, None, None, "cutover", |cfg| {
+            run_switch(cfg, c, crate::migrate::switch::Action::Cutover)
+        }),
+        Command::Rollback(ref c) => {
+            migrate_cmd(&cli.config, &c.db, None, None, "rollback", |cfg| {
+                run_switch(cfg, c, crate::migrate::switch::Action::Rollback)
+            })
+        }
+        Command::Finalize(ref c) => {
+            migrate_cmd(&cli.config, &c.db, None, None, "finalize", |cfg| {
+                run_finalize(cfg, c.yes)
+            })
+        }
     }
 }
 
 fn run_proxy(cfg: ProxyConfig) -> anyhow::Result<()> {
-    let mut builder = if cfg.worker_threads == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        if cfg.worker_threads > 1 {
-            b.worker_threads(cfg.worker_threads);
-        }
-        b
+    // One single-threaded runtime per thread, each owning whole sessions (see
+    // `Proxy::with_workers` for why not tokio's work-stealing runtime). The main thread's
+    // runtime also runs the listener, the admin endpoint and the signal handlers.
+    let threads = match cfg.worker_threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
     };
-    let rt = builder.enable_all().build()?;
-    rt.block_on(async move {
-        let proxy = crate::proxy::Proxy::bind(cfg).await?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut handles = Vec::new();
+    let mut threads_running = Vec::new();
+    for i in 1..threads {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        handles.push(rt.handle().clone());
+        let mut stop = stop_rx.clone();
+        threads_running.push(
+            std::thread::Builder::new()
+                .name(format!("keyshift-worker-{i}"))
+                .spawn(move || {
+                    rt.block_on(async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    })
+                })?,
+        );
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let result = rt.block_on(async move {
+        let proxy = crate::proxy::Proxy::bind(cfg).await?.with_workers(handles);
         proxy.run_until_signal().await?;
         Ok(())
-    })
+    });
+    // Sessions have ended (or been closed) by now: stop the workers.
+    let _ = stop_tx.send(true);
+    for t in threads_running {
+        let _ = t.join();
+    }
+    result
 }
 
 /// Resolves the configuration (exit 2 on error), runs the command on a small runtime, and
@@ -281,6 +369,82 @@ fn migrate_cmd(
             ExitCode::from(1)
         }
     }
+}
+
+fn run_switch(
+    cfg: MigrateConfig,
+    c: &SwitchCmd,
+    action: crate::migrate::switch::Action,
+) -> anyhow::Result<ExitCode> {
+    use crate::migrate::switch::{self, SwitchError, SwitchOptions};
+    let opts = SwitchOptions {
+        action,
+        drain_timeout: c.drain_timeout,
+        lock_timeout: cfg.settings.lock_timeout,
+        budget: c.budget,
+        terminate_blockers: c.terminate_blockers,
+        dry_run: c.dry_run,
+    };
+    runtime()?.block_on(async {
+        let client = crate::migrate::db::connect(&cfg.database_url).await?;
+        match switch::run(&client, &opts, &cfg.settings).await {
+            Ok(r) => {
+                match c.format {
+                    Format::Json => print_json(&r)?,
+                    Format::Text => print!("{}", switch::render_text(&r)),
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(SwitchError::Refused(why)) => {
+                eprintln!("keyshift {}: refused: {why}", action.as_str());
+                Ok(ExitCode::from(1))
+            }
+            Err(SwitchError::Aborted(why)) => {
+                eprintln!(
+                    "keyshift {}: aborted, nothing changed, traffic resumed: {why}",
+                    action.as_str()
+                );
+                Ok(ExitCode::from(1))
+            }
+            Err(e) => Err(e.into()),
+        }
+    })
+}
+
+fn run_finalize(cfg: MigrateConfig, yes: bool) -> anyhow::Result<ExitCode> {
+    use std::io::{BufRead, IsTerminal, Write};
+    if !yes {
+        if !std::io::stdin().is_terminal() {
+            eprintln!(
+                "keyshift finalize: drops the legacy integer columns for good; pass --yes to confirm when not at a terminal"
+            );
+            return Ok(ExitCode::from(2));
+        }
+        eprint!(
+            "finalize drops the legacy integer columns and keyshift's state: there is no way back. Type 'finalize' to go on: "
+        );
+        std::io::stderr().flush()?;
+        let mut line = String::new();
+        std::io::stdin().lock().read_line(&mut line)?;
+        if line.trim() != "finalize" {
+            eprintln!("keyshift finalize: not confirmed, nothing changed");
+            return Ok(ExitCode::from(1));
+        }
+    }
+    runtime()?.block_on(async {
+        let client = crate::migrate::db::connect(&cfg.database_url).await?;
+        match crate::migrate::switch::finalize(&client, &cfg.settings).await {
+            Ok(()) => {
+                println!("finalized: the legacy columns and keyshift's state are gone; the proxies pass everything through");
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(crate::migrate::switch::SwitchError::Refused(why)) => {
+                eprintln!("keyshift finalize: refused: {why}");
+                Ok(ExitCode::from(1))
+            }
+            Err(e) => Err(e.into()),
+        }
+    })
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

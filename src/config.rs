@@ -66,6 +66,10 @@ pub struct FileConfig {
     pub log_format: Option<LogFormat>,
     pub log_level: Option<String>,
     pub database_url: Option<String>,
+    pub strict: Option<bool>,
+    pub search_path: Option<Vec<String>>,
+    pub proxy_id: Option<String>,
+    pub rewrite_cache_entries: Option<usize>,
     pub lock_timeout: Option<String>,
     pub ddl_retries: Option<u32>,
     pub uuid_version: Option<u8>,
@@ -99,6 +103,33 @@ impl FileConfig {
 /// Flags and environment variables for the proxy; `None` means "not given".
 #[derive(Debug, Default, Clone, clap::Args)]
 pub struct ProxyArgs {
+    /// The migrated database (keyshift's own connection: rules, heartbeats, cutover). Without
+    /// it the proxy is a pure passthrough
+    #[arg(
+        long,
+        env = "KEYSHIFT_DATABASE_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub database_url: Option<String>,
+    /// Refuse writes to migrated tables that keyshift cannot rewrite (SQLSTATE 0A000) instead
+    /// of passing them through [default: false]
+    #[arg(long, env = "KEYSHIFT_STRICT", value_name = "BOOL")]
+    pub strict: Option<bool>,
+    /// Schemas unqualified table names resolve through, comma-separated [default: public]
+    #[arg(
+        long,
+        env = "KEYSHIFT_SEARCH_PATH",
+        value_name = "SCHEMAS",
+        value_delimiter = ','
+    )]
+    pub search_path: Option<Vec<String>>,
+    /// This proxy's name in keyshift.proxies [default: <hostname>:<listen port>]
+    #[arg(long, env = "KEYSHIFT_PROXY_ID", value_name = "ID")]
+    pub proxy_id: Option<String>,
+    /// Statements kept in the rewrite cache [default: 4096]
+    #[arg(long, env = "KEYSHIFT_REWRITE_CACHE_ENTRIES", value_name = "N")]
+    pub rewrite_cache_entries: Option<usize>,
     /// Address clients connect to [default: 127.0.0.1:6432]
     #[arg(long, env = "KEYSHIFT_LISTEN", value_name = "ADDR")]
     pub listen: Option<String>,
@@ -143,7 +174,7 @@ pub struct ProxyArgs {
     /// Time a client has to finish its startup and authentication [default: 60s]
     #[arg(long, env = "KEYSHIFT_STARTUP_TIMEOUT", value_name = "DURATION")]
     pub startup_timeout: Option<String>,
-    /// Runtime worker threads; 0 means one per CPU [default: 0]
+    /// Threads, each running its own single-threaded runtime that owns whole sessions; 0 means one per CPU [default: 0]
     #[arg(long, env = "KEYSHIFT_WORKER_THREADS", value_name = "N")]
     pub worker_threads: Option<usize>,
     /// Log format [default: text]
@@ -174,6 +205,10 @@ pub struct ProxyConfig {
     pub log_format: LogFormat,
     pub log_level: String,
     pub database_url: Option<String>,
+    pub strict: bool,
+    pub search_path: Vec<String>,
+    pub proxy_id: Option<String>,
+    pub rewrite_cache_entries: usize,
 }
 
 impl Default for ProxyConfig {
@@ -196,6 +231,10 @@ impl Default for ProxyConfig {
             log_format: LogFormat::Text,
             log_level: "info".into(),
             database_url: None,
+            strict: false,
+            search_path: vec!["public".into()],
+            proxy_id: None,
+            rewrite_cache_entries: 4096,
         }
     }
 }
@@ -255,7 +294,18 @@ impl ProxyConfig {
                 .unwrap_or(d.worker_threads),
             log_format: args.log_format.or(file.log_format).unwrap_or(d.log_format),
             log_level: pick(&args.log_level, file.log_level).unwrap_or(d.log_level),
-            database_url: file.database_url,
+            database_url: args.database_url.clone().or(file.database_url),
+            strict: args.strict.or(file.strict).unwrap_or(d.strict),
+            search_path: args
+                .search_path
+                .clone()
+                .or(file.search_path)
+                .unwrap_or(d.search_path),
+            proxy_id: pick(&args.proxy_id, file.proxy_id),
+            rewrite_cache_entries: args
+                .rewrite_cache_entries
+                .or(file.rewrite_cache_entries)
+                .unwrap_or(d.rewrite_cache_entries),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -296,6 +346,20 @@ impl ProxyConfig {
             return Err(invalid(
                 "max_message_bytes",
                 "must fit the protocol's 32-bit length (at most 2147483647)",
+            ));
+        }
+        if let Some(url) = &self.database_url
+            && let Err(e) = url.parse::<tokio_postgres::Config>()
+        {
+            return Err(invalid(
+                "database_url",
+                format!("not a PostgreSQL URL or conninfo: {e}"),
+            ));
+        }
+        if self.search_path.is_empty() || self.search_path.iter().any(|s| s.trim().is_empty()) {
+            return Err(invalid(
+                "search_path",
+                "must list at least one schema, without empty names",
             ));
         }
         if self.listen == self.admin_listen {

@@ -4,8 +4,10 @@
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod dualwrite;
 pub mod logging;
 pub mod metrics;
 pub mod migrate;
 pub mod pgcluster;
 pub mod proxy;
+pub mod rewrite;

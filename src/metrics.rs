@@ -94,6 +94,110 @@ pub struct Metrics {
     gate_closed: IntGauge,
     gate_closed_seconds: prometheus::Gauge,
     pub pauses: IntCounterVec,
+    /// Cutover and rollback attempts recorded in the database, by action and result.
+    pub switch_attempts: IntGaugeVec,
+    /// How long the gate was closed, per pause (HTTP or cutover protocol).
+    pub pause_duration: Histogram,
+    pub rewrite: std::sync::Arc<RewriteMetrics>,
+}
+
+/// Dual-write metrics, shared by every rule set a proxy builds.
+pub struct RewriteMetrics {
+    /// `keyshift_rewrites_total{table,kind}`
+    pub rewrites: IntCounterVec,
+    /// `keyshift_rewrite_skipped_total{reason}`: writes to migrated tables left unrewritten.
+    pub skipped: IntCounterVec,
+    pub duration: Histogram,
+    cache_hits: IntCounter,
+    cache_misses: IntCounter,
+    cache_entries: IntGauge,
+    pub rules_version: IntGauge,
+    /// Cache counters at the last scrape, to add only the difference. A new cache (new rule
+    /// set) starts from zero again.
+    last: std::sync::Mutex<(u64, u64)>,
+}
+
+impl RewriteMetrics {
+    fn new(r: &Registry) -> RewriteMetrics {
+        let cv = |name: &str, help: &str, labels: &[&str]| {
+            reg(
+                r,
+                IntCounterVec::new(Opts::new(name, help), labels)
+                    .unwrap_or_else(|_| unreachable!("valid metric name {name}")),
+            )
+        };
+        let c = |name: &str, help: &str| {
+            reg(
+                r,
+                IntCounter::new(name, help)
+                    .unwrap_or_else(|_| unreachable!("valid metric name {name}")),
+            )
+        };
+        let g = |name: &str, help: &str| {
+            reg(
+                r,
+                IntGauge::new(name, help)
+                    .unwrap_or_else(|_| unreachable!("valid metric name {name}")),
+            )
+        };
+        RewriteMetrics {
+            rewrites: cv(
+                "keyshift_rewrites_total",
+                "Writes rewritten to keep the twin columns filled, by child table and statement kind",
+                &["table", "kind"],
+            ),
+            skipped: cv(
+                "keyshift_rewrite_skipped_total",
+                "Writes to migrated tables passed through (or refused, strict) without a rewrite, by reason",
+                &["reason"],
+            ),
+            duration: reg(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "keyshift_rewrite_duration_seconds",
+                        "Time to rewrite a statement that names a migrated table (cache included)",
+                    )
+                    .buckets(vec![1e-6, 2e-6, 5e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 1e-2]),
+                )
+                .unwrap_or_else(|_| unreachable!()),
+            ),
+            cache_hits: c("keyshift_rewrite_cache_hits_total", "Rewrite cache hits"),
+            cache_misses: c(
+                "keyshift_rewrite_cache_misses_total",
+                "Rewrite cache misses",
+            ),
+            cache_entries: g(
+                "keyshift_rewrite_cache_entries",
+                "Statements in the rewrite cache",
+            ),
+            rules_version: g(
+                "keyshift_rules_version",
+                "Version of the rule set in force (keyshift.migration.rules_version; 0: passthrough)",
+            ),
+            last: std::sync::Mutex::new((0, 0)),
+        }
+    }
+
+    /// A new rule set brings a new cache whose counters start at zero.
+    pub fn new_cache(&self) {
+        if let Ok(mut last) = self.last.lock() {
+            *last = (0, 0);
+        }
+    }
+
+    /// Adds the cache's counts since the last call.
+    pub fn observe_cache(&self, hits: u64, misses: u64, entries: usize) {
+        if let Ok(mut last) = self.last.lock() {
+            if hits < last.0 || misses < last.1 {
+                *last = (0, 0);
+            }
+            self.cache_hits.inc_by(hits - last.0);
+            self.cache_misses.inc_by(misses - last.1);
+            *last = (hits, misses);
+        }
+        self.cache_entries.set(entries as i64);
+    }
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -189,8 +293,33 @@ impl Metrics {
             ),
             pauses: counter_vec(
                 "keyshift_pauses_total",
-                "Pause requests, by result (drained, timeout)",
+                "Pauses of the gate, by result (drained, timeout, drain_failed, expired)",
                 &["result"],
+            ),
+            rewrite: std::sync::Arc::new(RewriteMetrics::new(&r)),
+            switch_attempts: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "keyshift_cutover_attempts",
+                        "Cutover and rollback attempts in keyshift.switch_attempts, by action and result (committed, aborted, dry_run_done, pausing, swapping)",
+                    ),
+                    &["action", "result"],
+                )
+                .unwrap_or_else(|_| unreachable!()),
+            ),
+            pause_duration: reg(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "keyshift_pause_duration_seconds",
+                        "How long this proxy's gate stayed closed, per pause",
+                    )
+                    .buckets(vec![
+                        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                    ]),
+                )
+                .unwrap_or_else(|_| unreachable!()),
             ),
             client_messages,
             server_messages,

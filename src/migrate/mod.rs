@@ -19,6 +19,7 @@ pub mod plan;
 pub mod progress;
 pub mod state;
 pub mod status;
+pub mod switch;
 pub mod verify;
 
 use std::time::Duration;

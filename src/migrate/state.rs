@@ -211,7 +211,7 @@ pub fn drop_state_sql(drop_function: bool) -> String {
     if drop_function {
         "DROP SCHEMA IF EXISTS keyshift CASCADE".into()
     } else {
-        "DROP TABLE IF EXISTS keyshift.migration, keyshift.backfill, keyshift.events, keyshift.proxies".into()
+        "DROP TABLE IF EXISTS keyshift.migration, keyshift.backfill, keyshift.events, keyshift.proxies, keyshift.switch_attempts".into()
     }
 }
 

@@ -7,6 +7,7 @@
 //! number of sessions, spawns one task per connection and runs the graceful shutdown.
 
 pub mod cancel;
+pub mod control;
 pub mod frame;
 pub mod gate;
 pub mod messages;
@@ -19,6 +20,7 @@ pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use tokio::net::{TcpListener, TcpStream};
@@ -61,6 +63,8 @@ pub struct Shared {
     /// Bumped after every change of `rewriter`: sessions re-prepare their rewritten
     /// statements when they see a new value.
     pub rules_version: std::sync::atomic::AtomicU64,
+    /// True while the link to the migrated database (`database_url`) is up.
+    pub control_connected: std::sync::atomic::AtomicBool,
     /// Becomes true when sessions must end now (shutdown grace over).
     pub force_shutdown: watch::Receiver<bool>,
     force_tx: watch::Sender<bool>,
@@ -81,6 +85,24 @@ pub struct Proxy {
     listener: TcpListener,
     admin: TcpListener,
     shared: Arc<Shared>,
+    /// Other runtimes that sessions may be placed on (see [`Proxy::with_workers`]).
+    workers: Vec<Worker>,
+}
+
+/// One single-threaded runtime that owns some sessions for their whole life.
+struct Worker {
+    handle: tokio::runtime::Handle,
+    /// Sessions (and startups) currently on this runtime: each new one goes to the least loaded.
+    load: Arc<AtomicUsize>,
+}
+
+/// Decrements a worker's load when its session ends, however it ends.
+struct LoadGuard(Arc<AtomicUsize>);
+
+impl Drop for LoadGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Proxy {
@@ -110,6 +132,7 @@ impl Proxy {
             metrics: Metrics::new(),
             rewriter: arc_swap::ArcSwapOption::empty(),
             rules_version: std::sync::atomic::AtomicU64::new(0),
+            control_connected: std::sync::atomic::AtomicBool::new(false),
             force_shutdown: force_rx,
             force_tx,
         });
@@ -117,7 +140,27 @@ impl Proxy {
             listener,
             admin,
             shared,
+            workers: Vec::new(),
         })
+    }
+
+    /// Spreads sessions over these runtimes as well as the one running [`Proxy::run`]: each
+    /// accepted connection goes, for its whole life, to the runtime with the fewest sessions.
+    ///
+    /// Why not one multi-threaded runtime: a relay is all wake-ups, one per network event, and
+    /// a work-stealing scheduler turns many of them into cross-thread hand-offs (a futex wake of
+    /// an idle worker, the task's state bouncing between cores). Single-threaded runtimes, one
+    /// per core, keep every session's events on one thread and let one `epoll_wait` serve
+    /// several sessions; measured in docs/benchmarks.md ("Proxy passthrough").
+    pub fn with_workers(mut self, handles: Vec<tokio::runtime::Handle>) -> Proxy {
+        self.workers = handles
+            .into_iter()
+            .map(|handle| Worker {
+                handle,
+                load: Arc::new(AtomicUsize::new(0)),
+            })
+            .collect();
+        self
     }
 
     /// The address clients connect to (useful with port 0).
@@ -158,6 +201,12 @@ impl Proxy {
     ) -> Result<(), ProxyError> {
         let shared = self.shared.clone();
         let admin = tokio::spawn(crate::admin::serve(self.admin, shared.clone()));
+        let control = shared.cfg.database_url.clone().map(|url| {
+            let port = self.listener.local_addr().map(|a| a.port()).unwrap_or(0);
+            tokio::spawn(control::Control::new(shared.clone(), url, port).run())
+        });
+        // The runtime running this loop takes sessions too: it is the last "worker".
+        let local_load = Arc::new(AtomicUsize::new(0));
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -165,8 +214,7 @@ impl Proxy {
                 accepted = self.listener.accept() => match accepted {
                     Ok((tcp, addr)) => {
                         shared.metrics.connections_accepted.inc();
-                        let shared = shared.clone();
-                        tokio::spawn(async move { handle(tcp, addr, shared).await });
+                        place(&self.workers, &local_load, tcp, addr, shared.clone());
                     }
                     Err(e) => {
                         // Out of file descriptors and the like: back off instead of spinning.
@@ -196,9 +244,53 @@ impl Proxy {
             .await;
         }
         admin.abort();
+        if let Some(c) = control {
+            c.abort();
+        }
         info!("keyshift proxy stopped");
         Ok(())
     }
+}
+
+/// Spawns the task of a new connection on the least loaded runtime.
+fn place(
+    workers: &[Worker],
+    local_load: &Arc<AtomicUsize>,
+    tcp: TcpStream,
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+) {
+    let least = workers
+        .iter()
+        .min_by_key(|w| w.load.load(Ordering::Relaxed))
+        .filter(|w| w.load.load(Ordering::Relaxed) < local_load.load(Ordering::Relaxed));
+    let Some(w) = least else {
+        local_load.fetch_add(1, Ordering::Relaxed);
+        let guard = LoadGuard(local_load.clone());
+        tokio::spawn(async move {
+            let _guard = guard;
+            handle(tcp, addr, shared).await
+        });
+        return;
+    };
+    // A tokio socket belongs to the reactor of the runtime that created it: hand over the
+    // plain socket and register it again on the chosen runtime.
+    let std = match tcp.into_std() {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "could not hand a connection to a worker");
+            return;
+        }
+    };
+    w.load.fetch_add(1, Ordering::Relaxed);
+    let guard = LoadGuard(w.load.clone());
+    w.handle.spawn(async move {
+        let _guard = guard;
+        match TcpStream::from_std(std) {
+            Ok(tcp) => handle(tcp, addr, shared).await,
+            Err(e) => warn!(error = %e, "could not register a connection on a worker"),
+        }
+    });
 }
 
 /// One client connection, from accept to close.

@@ -26,6 +26,9 @@ pub enum Decision {
 /// Implemented by the rewrite module; must be cheap for SQL that touches no migrated table.
 pub trait StatementRewriter: Send + Sync {
     fn rewrite(&self, sql: &str) -> Decision;
+
+    /// Called when Prometheus scrapes: bring counters the rewriter keeps itself up to date.
+    fn observe_metrics(&self) {}
 }
 
 /// The rewriter in force, swapped atomically by whoever loads rules.

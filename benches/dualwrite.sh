@@ -1,0 +1,189 @@
+#!/usr/bin/env bash
+# Dual-write benchmark: an insert-heavy pgbench script into the child tables of a
+# seed-004-shaped schema, in ONE run, side by side:
+#   direct    PostgreSQL, no dual-write at all (the application today)
+#   keyshift  through keyshift with dual-write on (expanded and backfilled database)
+#   trigger   PostgreSQL with a BEFORE trigger doing the same dual-write (the usual alternative)
+#   passthru  through keyshift on the plain database (no migration: the proxy's own cost)
+# Each target has its own database, identical before the run. Rounds alternate the order.
+# Prints TPS per target and mode, and the ratios keyshift/direct and keyshift/trigger.
+# Targets (DESIGN.md): keyshift ≥ 0.85 × direct; keyshift faster than trigger.
+#
+# Usage: benches/dualwrite.sh                 (DURATION=15 ROUNDS=2)
+#        DURATION=5 ROUNDS=1 benches/dualwrite.sh
+# Environment: DURATION, ROUNDS, CLIENTS=8, JOBS=2, MODES="simple extended prepared",
+#              PARENTS=2000 (connectors; servers = 2 × PARENTS), PGBIN.
+set -euo pipefail
+
+DURATION=${DURATION:-15}
+ROUNDS=${ROUNDS:-2}
+CLIENTS=${CLIENTS:-8}
+JOBS=${JOBS:-2}
+MODES=${MODES:-simple extended prepared}
+PARENTS=${PARENTS:-2000}
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+log() { printf '[%s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+if [[ -z ${PGBIN:-} ]]; then
+    PGBIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
+fi
+for t in postgres initdb pg_ctl pgbench psql; do
+    [[ -x $PGBIN/$t ]] || die "$PGBIN/$t not found: install PostgreSQL server binaries or set PGBIN"
+done
+if [[ $(id -u) -eq 0 ]]; then
+    as_pg() { runuser -u postgres -- "$@"; }
+else
+    as_pg() { "$@"; }
+fi
+
+log "building keyshift (release)"
+cargo build --release --quiet
+KS=$ROOT/target/release/keyshift
+
+TMP=$(mktemp -d -t keyshift-dw.XXXXXX)
+chmod 755 "$TMP"
+PIDS=()
+cleanup() {
+    set +e
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
+    [[ -f $TMP/data/postmaster.pid ]] && as_pg "$PGBIN/pg_ctl" -D "$TMP/data" -m immediate -w stop >/dev/null 2>&1
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() {
+    for _ in $(seq 1 200); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.05
+    done
+    die "nothing listens on port $1"
+}
+
+PG_PORT=$(free_port)
+[[ $(id -u) -eq 0 ]] && chown postgres "$TMP"
+log "starting PostgreSQL on port $PG_PORT"
+as_pg "$PGBIN/initdb" -D "$TMP/data" -U postgres -A trust --no-sync >"$TMP/initdb.log" 2>&1 || die "initdb failed"
+as_pg "$PGBIN/pg_ctl" -D "$TMP/data" -l "$TMP/postgres.log" -w -t 60 \
+    -o "-p $PG_PORT -k $TMP -c listen_addresses=127.0.0.1 -c max_connections=200 \
+        -c shared_buffers=256MB -c fsync=off -c synchronous_commit=off -c full_page_writes=off" \
+    start >/dev/null || die "PostgreSQL did not start"
+PSQL=("$PGBIN/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PG_PORT" -U postgres)
+url() { echo "postgres://postgres@127.0.0.1:$PG_PORT/$1"; }
+
+SCHEMA="
+CREATE TABLE mcp_connectors (id serial PRIMARY KEY, name text NOT NULL, created_at timestamptz NOT NULL DEFAULT now());
+CREATE TABLE connector_access (id serial PRIMARY KEY,
+    connector_id integer NOT NULL REFERENCES mcp_connectors (id) ON DELETE CASCADE, user_id text NOT NULL);
+CREATE INDEX ix_connector_access_connector_id ON connector_access (connector_id);
+CREATE TABLE mcp_servers (id serial PRIMARY KEY,
+    connector_id integer REFERENCES mcp_connectors (id) ON DELETE CASCADE, name text NOT NULL, status text);
+CREATE INDEX ix_mcp_servers_connector_id ON mcp_servers (connector_id);
+CREATE TABLE mcp_server_tokens (id serial PRIMARY KEY,
+    mcp_server_id integer NOT NULL REFERENCES mcp_servers (id), token text NOT NULL);
+CREATE TABLE mcp_server_tools (id serial PRIMARY KEY,
+    mcp_server_id integer NOT NULL REFERENCES mcp_servers (id), tool_name text NOT NULL,
+    UNIQUE (mcp_server_id, tool_name));
+INSERT INTO mcp_connectors (name) SELECT 'c' || g FROM generate_series(1, $PARENTS) g;
+INSERT INTO mcp_servers (connector_id, name) SELECT (g % $PARENTS) + 1, 's' || g FROM generate_series(1, 2 * $PARENTS) g;
+"
+# The trigger the usual hand-made dual-write would use: one lookup per FK per row.
+TRIGGERS="
+CREATE FUNCTION dw_servers() RETURNS trigger LANGUAGE plpgsql AS \$\$
+BEGIN NEW.connector_id_uuid := (SELECT id_uuid FROM mcp_connectors WHERE id = NEW.connector_id); RETURN NEW; END \$\$;
+CREATE TRIGGER dw BEFORE INSERT OR UPDATE OF connector_id ON mcp_servers FOR EACH ROW EXECUTE FUNCTION dw_servers();
+CREATE FUNCTION dw_access() RETURNS trigger LANGUAGE plpgsql AS \$\$
+BEGIN NEW.connector_id_uuid := (SELECT id_uuid FROM mcp_connectors WHERE id = NEW.connector_id); RETURN NEW; END \$\$;
+CREATE TRIGGER dw BEFORE INSERT OR UPDATE OF connector_id ON connector_access FOR EACH ROW EXECUTE FUNCTION dw_access();
+CREATE FUNCTION dw_tokens() RETURNS trigger LANGUAGE plpgsql AS \$\$
+BEGIN NEW.mcp_server_id_uuid := (SELECT id_uuid FROM mcp_servers WHERE id = NEW.mcp_server_id); RETURN NEW; END \$\$;
+CREATE TRIGGER dw BEFORE INSERT OR UPDATE OF mcp_server_id ON mcp_server_tokens FOR EACH ROW EXECUTE FUNCTION dw_tokens();
+CREATE FUNCTION dw_tools() RETURNS trigger LANGUAGE plpgsql AS \$\$
+BEGIN NEW.mcp_server_id_uuid := (SELECT id_uuid FROM mcp_servers WHERE id = NEW.mcp_server_id); RETURN NEW; END \$\$;
+CREATE TRIGGER dw BEFORE INSERT OR UPDATE OF mcp_server_id ON mcp_server_tools FOR EACH ROW EXECUTE FUNCTION dw_tools();
+"
+for db in plain dualwrite trigger; do
+    "${PSQL[@]}" -d postgres -c "CREATE DATABASE $db"
+    "${PSQL[@]}" -d "$db" -c "$SCHEMA"
+done
+log "expanding and backfilling the dualwrite and trigger databases"
+for db in dualwrite trigger; do
+    "$KS" expand --database-url "$(url "$db")" >"$TMP/expand-$db.log" 2>&1 || { cat "$TMP/expand-$db.log" >&2; die "expand $db"; }
+    "$KS" backfill --database-url "$(url "$db")" >"$TMP/backfill-$db.log" 2>&1 || { cat "$TMP/backfill-$db.log" >&2; die "backfill $db"; }
+done
+"${PSQL[@]}" -d trigger -c "$TRIGGERS"
+
+start_proxy() { # name database -> sets PORT_<name>
+    local port admin
+    port=$(free_port)
+    admin=$(free_port)
+    KEYSHIFT_LOG_LEVEL=warn "$KS" proxy --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
+        --upstream "127.0.0.1:$PG_PORT" --upstream-tls disable ${2:+--database-url "$(url "$2")"} \
+        >"$TMP/proxy-$1.log" 2>&1 &
+    PIDS+=($!)
+    wait_port "$port"
+    printf -v "PORT_$1" '%s' "$port"
+    printf -v "ADMIN_$1" '%s' "$admin"
+}
+start_proxy dw dualwrite
+start_proxy pt ""
+# Wait until the dual-write proxy has loaded its rules.
+for _ in $(seq 1 100); do
+    curl -fs "127.0.0.1:$ADMIN_dw/v1/status" | grep -q '"dual_write":true' && break
+    sleep 0.1
+done
+curl -fs "127.0.0.1:$ADMIN_dw/v1/status" | grep -q '"dual_write":true' || die "keyshift did not load its rules"
+
+cat >"$TMP/inserts.sql" <<EOF
+\set c random(1, $PARENTS)
+\set s random(1, 2 * $PARENTS)
+\set n random(1, 1000000000)
+INSERT INTO mcp_servers (connector_id, name) VALUES (:c, 'bench');
+INSERT INTO mcp_server_tokens (mcp_server_id, token) VALUES (:s, 'tok');
+INSERT INTO mcp_server_tools (mcp_server_id, tool_name) VALUES (:s, 'tool' || :n) ON CONFLICT DO NOTHING;
+INSERT INTO connector_access (connector_id, user_id) VALUES (:c, 'user');
+EOF
+
+target_port() { case $1 in direct|trigger) echo "$PG_PORT" ;; keyshift) echo "$PORT_dw" ;; passthru) echo "$PORT_pt" ;; esac; }
+target_db() { case $1 in direct|passthru) echo plain ;; keyshift) echo dualwrite ;; trigger) echo trigger ;; esac; }
+
+declare -A TPS
+TARGETS=(direct keyshift trigger passthru)
+for round in $(seq 1 "$ROUNDS"); do
+    order=("${TARGETS[@]}")
+    if ((round % 2 == 0)); then order=(passthru trigger keyshift direct); fi
+    for mode in $MODES; do
+        for t in "${order[@]}"; do
+            out=$("$PGBIN/pgbench" -n -f "$TMP/inserts.sql" -M "$mode" -c "$CLIENTS" -j "$JOBS" -T "$DURATION" \
+                -h 127.0.0.1 -p "$(target_port "$t")" -U postgres "$(target_db "$t")" 2>&1) ||
+                { echo "$out" >&2; die "pgbench $t $mode failed"; }
+            tps=$(sed -n 's/^tps = \([0-9.]*\) .*/\1/p' <<<"$out")
+            failed=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' <<<"$out")
+            [[ ${failed:-0} == 0 ]] || die "$t $mode: $failed failed transactions"
+            log "round $round $mode $t: $tps tps"
+            TPS[$t,$mode]=$(awk -v a="${TPS[$t,$mode]:-0}" -v b="$tps" 'BEGIN { print a + b }')
+        done
+    done
+done
+
+# Every row written through keyshift has its twins right.
+check=$("${PSQL[@]}" -At -d dualwrite -c "
+SELECT (SELECT count(*) FROM mcp_servers c LEFT JOIN mcp_connectors p ON p.id = c.connector_id WHERE c.connector_id_uuid IS DISTINCT FROM p.id_uuid)
+     + (SELECT count(*) FROM mcp_server_tokens c JOIN mcp_servers p ON p.id = c.mcp_server_id WHERE c.mcp_server_id_uuid IS DISTINCT FROM p.id_uuid)
+     + (SELECT count(*) FROM mcp_server_tools c JOIN mcp_servers p ON p.id = c.mcp_server_id WHERE c.mcp_server_id_uuid IS DISTINCT FROM p.id_uuid)
+     + (SELECT count(*) FROM connector_access c JOIN mcp_connectors p ON p.id = c.connector_id WHERE c.connector_id_uuid IS DISTINCT FROM p.id_uuid)")
+[[ $check == 0 ]] || die "$check rows written through keyshift have a wrong or missing twin"
+
+echo
+echo "Dual-write, insert-heavy (4 inserts per transaction into child tables), $CLIENTS clients, ${DURATION}s x $ROUNDS rounds, $(nproc) cores"
+printf '%-10s %12s %12s %12s %12s %16s %16s\n' mode direct keyshift trigger passthru keyshift/direct keyshift/trigger
+for mode in $MODES; do
+    printf '%-10s' "$mode"
+    for t in "${TARGETS[@]}"; do printf ' %12.0f' "$(awk -v a="${TPS[$t,$mode]}" -v r="$ROUNDS" 'BEGIN { print a / r }')"; done
+    awk -v k="${TPS[keyshift,$mode]}" -v d="${TPS[direct,$mode]}" -v t="${TPS[trigger,$mode]}" \
+        'BEGIN { printf " %16.2f %16.2f\n", k / d, k / t }'
+done
+echo "twins checked: every row inserted through keyshift matches its parent's uuid"

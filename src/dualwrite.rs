@@ -1,0 +1,262 @@
+//! Dual-write: turns the stored migration (plan and phase) into the proxy's statement rewriter.
+//!
+//! Data flows one way: the plan in `keyshift.migration` plus the child tables' column lists
+//! from the catalog become [`PlanRules`] (pure, [`plan_rules`]); the phase picks the direction;
+//! [`RuleSet::build`] makes the immutable rule set; [`DualWrite`] wraps it with the cache, the
+//! metrics and the strict-mode policy, and is what sessions call for every Query and Parse.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use dashmap::DashMap;
+use tokio_postgres::Client;
+use tracing::warn;
+
+use crate::metrics::RewriteMetrics;
+use crate::migrate::plan::Plan;
+use crate::migrate::state::{DualWrite as Mode, Phase};
+use crate::proxy::statements::{Decision, StatementRewriter};
+use crate::rewrite::{
+    ClientView, Direction, FkPlan, Outcome, ParentPlan, PlanRules, RewriteCache, RuleError,
+    RuleSet, Skip, TableColumns, redact,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DualWriteError {
+    #[error("reading the child tables' columns: {0}")]
+    Catalog(#[from] tokio_postgres::Error),
+    #[error("building rewrite rules from the stored plan: {0}")]
+    Rules(#[from] RuleError),
+}
+
+/// Settings that shape the rewriter, from the proxy's configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Refuse writes to migrated tables that cannot be rewritten (SQLSTATE 0A000).
+    pub strict: bool,
+    /// Schemas that unqualified table names resolve through.
+    pub search_path: Vec<String>,
+    /// Rewrite cache entries.
+    pub cache_entries: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            strict: false,
+            search_path: vec!["public".into()],
+            cache_entries: 4096,
+        }
+    }
+}
+
+/// The direction writes are completed in, or `None` when the phase passes writes through.
+pub fn direction(phase: Phase) -> Option<Direction> {
+    match phase.dual_write() {
+        Mode::Off => None,
+        Mode::Forward => Some(Direction::Forward),
+        Mode::Reverse => Some(Direction::Reverse),
+    }
+}
+
+/// The rewriter's view of a plan. Pure.
+pub fn plan_rules(plan: &Plan, columns: Vec<TableColumns>) -> PlanRules {
+    let parents = plan
+        .tables
+        .iter()
+        .map(|t| ParentPlan {
+            schema: t.schema.clone(),
+            table: t.name.clone(),
+            key_column: t.key.clone(),
+            uuid_column: t.uuid_column.clone(),
+        })
+        .collect();
+    let fks = plan
+        .tables
+        .iter()
+        .flat_map(|t| &t.referenced_by)
+        .map(|fk| FkPlan {
+            schema: fk.child_schema.clone(),
+            table: fk.child_table.clone(),
+            column: fk.child_column.clone(),
+            uuid_column: fk.uuid_column.clone(),
+            column_type: fk.child_type.clone(),
+            parent_schema: fk.parent_schema.clone(),
+            parent_table: fk.parent_table.clone(),
+            parent_key_column: fk.parent_key.clone(),
+            parent_uuid_column: fk.parent_uuid_column.clone(),
+        })
+        .collect();
+    PlanRules {
+        parents,
+        fks,
+        columns,
+        legacy_suffix: plan.legacy_suffix.clone(),
+    }
+}
+
+/// The physical column lists of every child table in the plan, in column order.
+pub async fn child_columns(
+    client: &Client,
+    plan: &Plan,
+) -> Result<Vec<TableColumns>, DualWriteError> {
+    let mut schemas = Vec::new();
+    let mut tables = Vec::new();
+    for fk in plan.tables.iter().flat_map(|t| &t.referenced_by) {
+        schemas.push(fk.child_schema.clone());
+        tables.push(fk.child_table.clone());
+    }
+    if tables.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows = client
+        .query(
+            "SELECT n.nspname::text, c.relname::text, array_agg(a.attname::text ORDER BY a.attnum)
+             FROM unnest($1::text[], $2::text[]) AS want(s, t)
+             JOIN pg_namespace n ON n.nspname = want.s
+             JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = want.t
+             JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+             GROUP BY 1, 2",
+            &[&schemas, &tables],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| TableColumns {
+            schema: r.get(0),
+            table: r.get(1),
+            columns: r.get(2),
+        })
+        .collect())
+}
+
+/// Builds the rewriter for a migration in `phase`, or `None` when the phase passes writes
+/// through unchanged.
+pub async fn build(
+    client: &Client,
+    plan: &Plan,
+    phase: Phase,
+    version: u64,
+    settings: &Settings,
+    metrics: Arc<RewriteMetrics>,
+) -> Result<Option<DualWrite>, DualWriteError> {
+    let Some(dir) = direction(phase) else {
+        return Ok(None);
+    };
+    let rules = plan_rules(plan, child_columns(client, plan).await?);
+    let set = RuleSet::build(
+        &rules,
+        dir,
+        ClientView::Physical,
+        settings.search_path.clone(),
+        version,
+    )?;
+    Ok(Some(DualWrite::new(set, settings, metrics)))
+}
+
+/// Statement shapes already logged as skipped; bounded so odd traffic cannot grow it.
+const MAX_LOGGED_SHAPES: usize = 1000;
+
+/// The rewriter sessions call: one rule set, its cache, metrics and the strict policy.
+pub struct DualWrite {
+    rules: RuleSet,
+    cache: RewriteCache,
+    strict: bool,
+    metrics: Arc<RewriteMetrics>,
+    logged: DashMap<String, ()>,
+}
+
+impl DualWrite {
+    pub fn new(rules: RuleSet, settings: &Settings, metrics: Arc<RewriteMetrics>) -> DualWrite {
+        metrics.rules_version.set(rules.version() as i64);
+        metrics.new_cache();
+        DualWrite {
+            rules,
+            cache: RewriteCache::new(settings.cache_entries, 64 * 1024),
+            strict: settings.strict,
+            metrics,
+            logged: DashMap::new(),
+        }
+    }
+
+    /// Counts and logs (once per statement shape, literals removed) writes left unrewritten.
+    fn skipped(&self, sql: &str, skips: &[Skip]) {
+        for s in skips {
+            self.metrics
+                .skipped
+                .with_label_values(&[s.reason.as_str()])
+                .inc();
+        }
+        let shape = redact(sql, 300);
+        if self.logged.len() < MAX_LOGGED_SHAPES && self.logged.insert(shape.clone(), ()).is_none()
+        {
+            for s in skips {
+                warn!(
+                    table = %s.table,
+                    reason = s.reason.as_str(),
+                    statement = %shape,
+                    strict = self.strict,
+                    "a write to a migrated table was not rewritten: {}",
+                    s.reason.describe()
+                );
+            }
+        }
+    }
+
+    fn refusal(skips: &[Skip]) -> Decision {
+        let s = &skips[0];
+        Decision::Refuse(
+            format!(
+                "keyshift refused a write to {}: {} (strict = true; without strict it would pass unchanged and leave the uuid columns for the backfill's catch-up)",
+                s.table,
+                s.reason.describe()
+            )
+            .into(),
+        )
+    }
+}
+
+impl StatementRewriter for DualWrite {
+    fn rewrite(&self, sql: &str) -> Decision {
+        let start = Instant::now();
+        let out = self.cache.rewrite(&self.rules, sql);
+        let decision = match &*out {
+            // The prescan path: no metrics on what is most of the traffic.
+            Outcome::Unchanged => return Decision::Forward,
+            Outcome::Rewritten {
+                sql: new,
+                changes,
+                skipped,
+            } => {
+                for c in changes {
+                    self.metrics
+                        .rewrites
+                        .with_label_values(&[&c.table, c.kind.as_str()])
+                        .inc();
+                }
+                if !skipped.is_empty() {
+                    self.skipped(sql, skipped);
+                    if self.strict {
+                        return Self::refusal(skipped);
+                    }
+                }
+                Decision::Replace(new.as_str().into())
+            }
+            Outcome::Skipped(skips) => {
+                self.skipped(sql, skips);
+                if self.strict {
+                    Self::refusal(skips)
+                } else {
+                    Decision::Forward
+                }
+            }
+        };
+        self.metrics.duration.observe(start.elapsed().as_secs_f64());
+        decision
+    }
+
+    fn observe_metrics(&self) {
+        self.metrics
+            .observe_cache(self.cache.hits(), self.cache.misses(), self.cache.len());
+    }
+}

@@ -1,0 +1,650 @@
+//! The coordinator of cutover and rollback: pause every proxy, swap in one transaction,
+//! resume. The protocol (tables, notifications, who does what when) is `docs/cutover.md`;
+//! the proxies' side is `proxy::control`.
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio_postgres::Client;
+use tokio_postgres::error::SqlState;
+use tracing::{info, warn};
+
+use super::db::{self, DbError};
+use super::ddl::{self, Mode};
+use super::state::{self, Phase};
+use super::{Settings, verify};
+
+/// A proxy is live when its heartbeat is this recent (three heartbeats).
+pub const LIVE_WITHIN: &str = "6 seconds";
+/// A proxy seen more recently than this but not live may be up and unreachable: refuse.
+pub const GONE_AFTER: &str = "60 seconds";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    Cutover,
+    Rollback,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Cutover => "cutover",
+            Action::Rollback => "rollback",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SwitchOptions {
+    pub action: Action,
+    pub drain_timeout: Duration,
+    pub lock_timeout: Duration,
+    pub budget: Duration,
+    pub terminate_blockers: bool,
+    pub dry_run: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SwitchError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("{0}")]
+    State(#[from] state::StateError),
+    #[error("verify: {0}")]
+    Verify(#[from] verify::VerifyError),
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0}")]
+    Aborted(String),
+}
+
+fn q(e: tokio_postgres::Error, what: &str) -> SwitchError {
+    SwitchError::Db(db::stmt_error(what, e))
+}
+
+/// What happened, for the command's output and `POST /v1/cutover`.
+#[derive(Debug, Serialize)]
+pub struct SwitchReport {
+    pub action: Action,
+    pub attempt: i64,
+    pub rounds: i32,
+    pub dry_run: bool,
+    pub committed: bool,
+    /// Milliseconds the swap transaction took, for the round that ended.
+    pub swap_ms: f64,
+    /// Each live proxy and how long its gate was closed.
+    pub pauses: Vec<ProxyPause>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ProxyPause {
+    pub proxy: String,
+    pub pause_ms: Option<f64>,
+    pub state: Option<String>,
+}
+
+/// The switch tables; also created by the coordinator, so that older state works.
+pub fn schema_sql() -> &'static str {
+    "CREATE TABLE IF NOT EXISTS keyshift.switch_attempts (
+    id bigserial PRIMARY KEY,
+    action text NOT NULL,
+    round int NOT NULL DEFAULT 1,
+    state text NOT NULL,
+    dry_run boolean NOT NULL DEFAULT false,
+    drain_timeout_ms int NOT NULL,
+    hold_deadline timestamptz NOT NULL,
+    coordinator text NOT NULL,
+    started_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    finished_at timestamptz,
+    outcome jsonb
+);
+ALTER TABLE keyshift.proxies
+    ADD COLUMN IF NOT EXISTS pause_attempt bigint,
+    ADD COLUMN IF NOT EXISTS pause_round int,
+    ADD COLUMN IF NOT EXISTS pause_state text,
+    ADD COLUMN IF NOT EXISTS pause_ms double precision,
+    ADD COLUMN IF NOT EXISTS busy jsonb"
+}
+
+async fn live_proxies(client: &Client, version: i64) -> Result<Vec<String>, SwitchError> {
+    let rows = client
+        .query(
+            &format!(
+                "SELECT id, coalesce(acked_rules_version, 0), heartbeat_at > now() - interval '{LIVE_WITHIN}'
+                 FROM keyshift.proxies WHERE heartbeat_at > now() - interval '{GONE_AFTER}' ORDER BY id"
+            ),
+            &[],
+        )
+        .await
+        .map_err(|e| q(e, "SELECT … FROM keyshift.proxies"))?;
+    let mut live = Vec::new();
+    let mut problems = Vec::new();
+    for r in rows {
+        let id: String = r.get(0);
+        let acked: i64 = r.get(1);
+        let fresh: bool = r.get(2);
+        if !fresh {
+            problems.push(format!(
+                "proxy {id} has not sent a heartbeat for more than {LIVE_WITHIN}: it may be running and unreachable; wait for it or stop it (it is forgotten after {GONE_AFTER})"
+            ));
+        } else if acked != version {
+            problems.push(format!(
+                "proxy {id} applies rules version {acked}, not the current {version}: it has not caught up yet"
+            ));
+        }
+        live.push(id);
+    }
+    if problems.is_empty() {
+        Ok(live)
+    } else {
+        Err(SwitchError::Refused(problems.join("\n")))
+    }
+}
+
+/// Runs a cutover or rollback to the end. On any failure every gate is open again and the
+/// schema is as it was.
+pub async fn run(
+    client: &Client,
+    opts: &SwitchOptions,
+    settings: &Settings,
+) -> Result<SwitchReport, SwitchError> {
+    let m = state::load_migration(client).await?.ok_or_else(|| {
+        SwitchError::Refused("no migration here: run `keyshift expand` first".into())
+    })?;
+    let (want, steps) = match opts.action {
+        Action::Cutover => (Phase::Hardened, ddl::cutover(&m.plan)),
+        Action::Rollback => (Phase::CutOver, ddl::rollback(&m.plan)),
+    };
+    if m.phase != want {
+        let todo = match (opts.action, m.phase) {
+            (Action::Cutover, p) if p < Phase::Hardened => {
+                "finish `keyshift backfill` (it hardens) or run `keyshift harden`"
+            }
+            (Action::Cutover, _) => "the cutover already happened; `keyshift rollback` goes back",
+            (Action::Rollback, _) => "rollback undoes a cutover, and there is none in force",
+        };
+        return Err(SwitchError::Refused(format!(
+            "{} needs phase {want}, the migration is in phase {}: {todo}",
+            opts.action.as_str(),
+            m.phase
+        )));
+    }
+    if opts.action == Action::Cutover {
+        let report = verify::run(client).await?;
+        if !report.passed {
+            return Err(SwitchError::Refused(format!(
+                "verify does not pass; the cutover would lose or break data. Run `keyshift verify` for details, then `keyshift backfill` to catch up.\n{}",
+                verify::render_text(&report)
+            )));
+        }
+    }
+    db::exec(client, schema_sql()).await?;
+    let live = wait_for_live(client, m.rules_version).await?;
+    info!(proxies = live.len(), "live proxies: {}", live.join(", "));
+
+    let quote = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
+    let mut tables: Vec<String> = Vec::new();
+    for t in &m.plan.tables {
+        tables.push(format!("{}.{}", quote(&t.schema), quote(&t.name)));
+        for f in &t.referenced_by {
+            tables.push(format!(
+                "{}.{}",
+                quote(&f.child_schema),
+                quote(&f.child_table)
+            ));
+        }
+    }
+    tables.sort();
+    tables.dedup();
+    // Online preparation (rollback: legacy unique indexes and FKs; cutover: the NOT NULL
+    // CHECKs of NOT NULL FK twins), before any pause.
+    // They take brief locks themselves: bounded by --budget like the swap.
+    let prepare = async {
+        for st in steps.iter().filter(|s| s.mode != Mode::Swap) {
+            db::run_step(client, st, settings).await?;
+        }
+        Ok::<(), DbError>(())
+    };
+    match tokio::time::timeout(opts.budget, prepare).await {
+        Ok(r) => r?,
+        Err(_) if opts.terminate_blockers => {
+            terminate_lock_holders(client, &tables, opts.lock_timeout).await;
+            for st in steps.iter().filter(|s| s.mode != Mode::Swap) {
+                db::run_step(client, st, settings).await?;
+            }
+        }
+        Err(_) => {
+            return Err(SwitchError::Aborted(format!(
+                "the preparation before the pause could not take its locks within --budget {:?}; blocked by: {}\n  what to do: end or wait out those transactions, or retry with --terminate-blockers",
+                opts.budget,
+                blockers(client, &tables).await
+            )));
+        }
+    }
+    let swap: Vec<&str> = steps
+        .iter()
+        .filter(|s| s.mode == Mode::Swap && s.sql != "BEGIN" && s.sql != "COMMIT")
+        .map(|s| s.sql.as_str())
+        .collect();
+
+    let attempt: i64 = client
+        .query_one(
+            "INSERT INTO keyshift.switch_attempts (action, state, dry_run, drain_timeout_ms, hold_deadline, coordinator)
+             VALUES ($1, 'pausing', $2, $3, clock_timestamp() + $4 * interval '1 millisecond', $5) RETURNING id",
+            &[
+                &opts.action.as_str(),
+                &opts.dry_run,
+                &(opts.drain_timeout.as_millis() as i32),
+                &(hold_ms(opts) as f64),
+                &coordinator(),
+            ],
+        )
+        .await
+        .map_err(|e| q(e, "INSERT INTO keyshift.switch_attempts"))?
+        .get(0);
+    let started = Instant::now();
+    let mut round = 0;
+    let mut delay = Duration::from_millis(100);
+    loop {
+        round += 1;
+        match one_round(client, opts, attempt, round, &live, &swap, &tables).await {
+            Ok(swap_ms) => {
+                let pauses = collect_pauses(client, &live, attempt).await?;
+                let detail = serde_json::json!({"attempt": attempt, "rounds": round, "swap_ms": swap_ms, "dry_run": opts.dry_run, "pauses": &pauses});
+                let what = if opts.dry_run { "dry run" } else { "done" };
+                let _ = state::event(
+                    client,
+                    opts.action.as_str(),
+                    &format!("{} {what}", opts.action.as_str()),
+                    Some(detail),
+                )
+                .await;
+                return Ok(SwitchReport {
+                    action: opts.action,
+                    attempt,
+                    rounds: round,
+                    dry_run: opts.dry_run,
+                    committed: !opts.dry_run,
+                    swap_ms,
+                    pauses,
+                });
+            }
+            Err(RoundError::LockTimeout(blockers)) if started.elapsed() + delay < opts.budget => {
+                warn!(
+                    round,
+                    "the swap did not get its locks within lock_timeout; gates reopened, retrying in {delay:?}: {blockers}"
+                );
+                if opts.terminate_blockers {
+                    terminate_lock_holders(client, &tables, opts.lock_timeout).await;
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => {
+                let why = match e {
+                    RoundError::LockTimeout(b) => format!(
+                        "the swap could not take its locks within --budget {:?}; blocked by: {b}\n  what to do: end or wait out those transactions, or retry with --terminate-blockers",
+                        opts.budget
+                    ),
+                    RoundError::Drain(b) => format!(
+                        "sessions stayed inside transactions past --drain-timeout {:?}: {b}\n  what to do: retry when they are done, raise --drain-timeout, or use --terminate-blockers",
+                        opts.drain_timeout
+                    ),
+                    RoundError::Other(e) => e.to_string(),
+                };
+                finish(client, attempt, round, "aborted", &why).await;
+                let _ = state::event(
+                    client,
+                    opts.action.as_str(),
+                    &format!("{} aborted", opts.action.as_str()),
+                    Some(serde_json::json!({"attempt": attempt, "why": &why})),
+                )
+                .await;
+                return Err(SwitchError::Aborted(why));
+            }
+        }
+    }
+}
+
+fn hold_ms(opts: &SwitchOptions) -> u128 {
+    (opts.drain_timeout + opts.lock_timeout + Duration::from_secs(5)).as_millis()
+}
+
+fn coordinator() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "?".into());
+    format!("{host}:{}", std::process::id())
+}
+
+/// Live proxies, waiting a few heartbeats for any that has not applied the current rules.
+async fn wait_for_live(client: &Client, version: i64) -> Result<Vec<String>, SwitchError> {
+    let start = Instant::now();
+    loop {
+        match live_proxies(client, version).await {
+            Ok(l) => return Ok(l),
+            Err(e) if start.elapsed() > Duration::from_secs(7) => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+}
+
+enum RoundError {
+    LockTimeout(String),
+    Drain(String),
+    Other(SwitchError),
+}
+
+impl From<SwitchError> for RoundError {
+    fn from(e: SwitchError) -> Self {
+        RoundError::Other(e)
+    }
+}
+
+/// One pause–swap–resume round. Returns the swap transaction's duration in ms.
+async fn one_round(
+    client: &Client,
+    opts: &SwitchOptions,
+    attempt: i64,
+    round: i32,
+    live: &[String],
+    swap: &[&str],
+    tables: &[String],
+) -> Result<f64, RoundError> {
+    let notify = |what: &str| format!("NOTIFY keyshift, '{what} {attempt}:{round}'");
+    let sql = format!(
+        "UPDATE keyshift.switch_attempts SET round = {round}, state = 'pausing',
+             hold_deadline = clock_timestamp() + interval '{} milliseconds' WHERE id = {attempt};
+         {}",
+        hold_ms(opts),
+        notify("pause")
+    );
+    db::exec(client, &sql).await.map_err(SwitchError::from)?;
+    let drained = wait_drained(client, opts, attempt, round, live).await;
+    if let Err(e) = drained {
+        resume(client, attempt, round).await;
+        return Err(e);
+    }
+    let mut txn = format!(
+        "BEGIN;\nSET LOCAL lock_timeout = '{}ms';\nUPDATE keyshift.switch_attempts SET state = 'swapping' WHERE id = {attempt};\n",
+        opts.lock_timeout.as_millis()
+    );
+    for s in swap {
+        txn.push_str(s);
+        txn.push_str(";\n");
+    }
+    let final_state = if opts.dry_run {
+        "dry_run_done"
+    } else {
+        "committed"
+    };
+    txn.push_str(&format!(
+        "UPDATE keyshift.switch_attempts SET state = '{final_state}', finished_at = clock_timestamp() WHERE id = {attempt};\n{};\n{}",
+        notify("resume"),
+        if opts.dry_run { "ROLLBACK" } else { "COMMIT" }
+    ));
+    let t = Instant::now();
+    let result = client.batch_execute(&txn).await;
+    let swap_ms = t.elapsed().as_secs_f64() * 1000.0;
+    match result {
+        Ok(()) => {
+            if opts.dry_run {
+                // The rollback took the NOTIFY and the state with it.
+                finish(
+                    client,
+                    attempt,
+                    round,
+                    "dry_run_done",
+                    "dry run: the swap ran and was rolled back",
+                )
+                .await;
+            }
+            info!(attempt, round, swap_ms, "swap {}", final_state);
+            Ok(swap_ms)
+        }
+        Err(e) => {
+            let _ = client.batch_execute("ROLLBACK").await;
+            let lock = e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE);
+            let blockers = if lock {
+                blockers(client, tables).await
+            } else {
+                String::new()
+            };
+            resume(client, attempt, round).await;
+            if lock {
+                Err(RoundError::LockTimeout(blockers))
+            } else {
+                Err(RoundError::Other(q(e, "the swap transaction")))
+            }
+        }
+    }
+}
+
+async fn resume(client: &Client, attempt: i64, round: i32) {
+    if let Err(e) = client
+        .batch_execute(&format!("NOTIFY keyshift, 'resume {attempt}:{round}'"))
+        .await
+    {
+        warn!(
+            "could not tell the proxies to resume ({e}); they reopen by themselves at the hold deadline"
+        );
+    }
+}
+
+async fn finish(client: &Client, attempt: i64, round: i32, state: &str, why: &str) {
+    let _ = client
+        .execute(
+            "UPDATE keyshift.switch_attempts SET state = $2, finished_at = clock_timestamp(),
+                 outcome = jsonb_build_object('why', $3::text) WHERE id = $1",
+            &[&attempt, &state, &why],
+        )
+        .await;
+    resume(client, attempt, round).await;
+}
+
+/// Waits until every live proxy reports its drain for this round.
+async fn wait_drained(
+    client: &Client,
+    opts: &SwitchOptions,
+    attempt: i64,
+    round: i32,
+    live: &[String],
+) -> Result<(), RoundError> {
+    let deadline = Instant::now() + opts.drain_timeout + Duration::from_secs(1);
+    loop {
+        let rows = client
+            .query(
+                "SELECT id, pause_state, coalesce(busy::text, '[]') FROM keyshift.proxies
+                 WHERE id = ANY($1) AND pause_attempt = $2 AND pause_round = $3",
+                &[&live, &attempt, &round],
+            )
+            .await
+            .map_err(|e| q(e, "SELECT … FROM keyshift.proxies"))?;
+        let failed: Vec<String> = rows
+            .iter()
+            .filter(|r| r.get::<_, Option<String>>(1).as_deref() == Some("drain_failed"))
+            .map(|r| format!("proxy {}: {}", r.get::<_, String>(0), r.get::<_, String>(2)))
+            .collect();
+        if !failed.is_empty() {
+            if opts.terminate_blockers {
+                terminate_busy(client, &rows).await;
+            }
+            return Err(RoundError::Drain(failed.join("; ")));
+        }
+        if rows.len() == live.len() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            let answered: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+            let silent: Vec<&String> = live.iter().filter(|p| !answered.contains(p)).collect();
+            return Err(RoundError::Other(SwitchError::Aborted(format!(
+                "proxies did not answer the pause: {silent:?}"
+            ))));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// `--terminate-blockers`: end the backends of sessions that kept a proxy from draining.
+async fn terminate_busy(client: &Client, rows: &[tokio_postgres::Row]) {
+    for r in rows {
+        let busy: String = r.get(2);
+        let Ok(v) = serde_json::from_str::<Vec<serde_json::Value>>(&busy) else {
+            continue;
+        };
+        for s in v {
+            if let Some(pid) = s["backend_pid"].as_i64().filter(|p| *p > 0) {
+                warn!(
+                    pid,
+                    "terminating a backend that kept the cutover from draining"
+                );
+                let _ = client
+                    .execute("SELECT pg_terminate_backend($1)", &[&(pid as i32)])
+                    .await;
+            }
+        }
+    }
+}
+
+/// `--terminate-blockers`: end the backends whose transactions, older than one lock timeout,
+/// hold locks on the migrated tables (ordinary short statements are left alone).
+async fn terminate_lock_holders(client: &Client, tables: &[String], older_than: Duration) {
+    let r = client
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM (SELECT DISTINCT l.pid FROM pg_locks l
+               JOIN pg_stat_activity a ON a.pid = l.pid
+               WHERE l.granted AND l.pid <> pg_backend_pid()
+                 AND a.xact_start < clock_timestamp() - $2 * interval '1 millisecond'
+                 AND l.relation IN (SELECT to_regclass(t) FROM unnest($1::text[]) AS t)) AS b",
+            &[&tables, &(older_than.as_millis() as f64)],
+        )
+        .await;
+    if let Ok(rows) = r {
+        warn!(
+            terminated = rows.len(),
+            "terminated backends holding locks on the migrated tables"
+        );
+    }
+}
+
+/// The sessions holding locks on the migrated tables: what the swap had to wait for.
+async fn blockers(client: &Client, tables: &[String]) -> String {
+    let rows = client
+        .query(
+            "SELECT DISTINCT a.pid, coalesce(a.application_name, ''), coalesce(a.state, ''),
+                    coalesce(a.query_start::text, '')
+             FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+             WHERE l.granted AND l.pid <> pg_backend_pid()
+               AND l.relation IN (SELECT to_regclass(t) FROM unnest($1::text[]) AS t)",
+            &[&tables],
+        )
+        .await;
+    match rows {
+        Ok(rows) if !rows.is_empty() => rows
+            .iter()
+            .map(|r| {
+                format!(
+                    "pid {} (application_name {:?}, {}, since {})",
+                    r.get::<_, i32>(0),
+                    r.get::<_, String>(1),
+                    r.get::<_, String>(2),
+                    r.get::<_, String>(3)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; "),
+        _ => "no blocking session found any more".into(),
+    }
+}
+
+async fn collect_pauses(
+    client: &Client,
+    live: &[String],
+    attempt: i64,
+) -> Result<Vec<ProxyPause>, SwitchError> {
+    // The proxies write their pause once their gate is open again: give them a moment.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let rows = client
+            .query(
+                "SELECT id, pause_ms, pause_state FROM keyshift.proxies WHERE id = ANY($1) AND pause_attempt = $2 ORDER BY id",
+                &[&live, &attempt],
+            )
+            .await
+            .map_err(|e| q(e, "SELECT … FROM keyshift.proxies"))?;
+        let done = rows
+            .iter()
+            .all(|r| r.get::<_, Option<String>>(2).as_deref() != Some("held"));
+        if done || Instant::now() > deadline {
+            return Ok(rows
+                .iter()
+                .map(|r| ProxyPause {
+                    proxy: r.get(0),
+                    pause_ms: r.get(1),
+                    state: r.get(2),
+                })
+                .collect());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// finalize: dual-write off everywhere first (so no proxy still writes the legacy columns),
+/// then the legacy columns and keyshift's state go. See docs/cutover.md.
+pub async fn finalize(client: &Client, settings: &Settings) -> Result<(), SwitchError> {
+    let m = state::load_migration(client)
+        .await?
+        .ok_or_else(|| SwitchError::Refused("no migration here".into()))?;
+    if !matches!(m.phase, Phase::CutOver | Phase::Finalizing) {
+        return Err(SwitchError::Refused(format!(
+            "finalize needs phase cut_over, the migration is in phase {}: finalize comes after a successful `keyshift cutover`",
+            m.phase
+        )));
+    }
+    if m.phase != Phase::Finalizing {
+        db::exec(client, &state::set_phase_sql(Phase::Finalizing)).await?;
+    }
+    let version: i64 = client
+        .query_one("SELECT rules_version FROM keyshift.migration", &[])
+        .await
+        .map_err(|e| q(e, "SELECT rules_version FROM keyshift.migration"))?
+        .get(0);
+    // Every live proxy must stop filling the legacy columns before they are dropped.
+    wait_for_live(client, version).await?;
+    for st in ddl::finalize(&m.plan) {
+        db::run_step(client, &st, settings).await?;
+    }
+    info!("finalized");
+    Ok(())
+}
+
+/// Renders a report for the terminal.
+pub fn render_text(r: &SwitchReport) -> String {
+    let mut s = format!(
+        "{} {} (attempt {}, {} round{}): swap transaction {:.1} ms\n",
+        r.action.as_str(),
+        if r.dry_run {
+            "dry run complete, rolled back"
+        } else {
+            "committed"
+        },
+        r.attempt,
+        r.rounds,
+        if r.rounds == 1 { "" } else { "s" },
+        r.swap_ms
+    );
+    if r.pauses.is_empty() {
+        s.push_str("no proxy was registered: no client traffic was held\n");
+    }
+    for p in &r.pauses {
+        s.push_str(&format!(
+            "  proxy {}: gate closed {}\n",
+            p.proxy,
+            p.pause_ms
+                .map(|m| format!("{m:.1} ms"))
+                .unwrap_or_else(|| "(not reported)".into())
+        ));
+    }
+    s
+}

@@ -1,0 +1,543 @@
+//! The proxy's own link to the migrated database (`database_url`): it LISTENs on channel
+//! `keyshift`, reads the migration's plan and phase whenever they change, builds the rewriter
+//! for that phase and puts it in force, registers the proxy in `keyshift.proxies` with a
+//! heartbeat, and feeds the migration's progress to `/metrics`.
+//!
+//! The link is advisory for the relay: if it drops, sessions keep the rules they have and the
+//! link reconnects with backoff. The heartbeat stops meanwhile, which is what makes a cutover
+//! refuse to start while this proxy cannot be reached.
+
+use std::future::poll_fn;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_postgres::{AsyncMessage, Client, NoTls};
+use tracing::{info, warn};
+
+use super::Shared;
+use super::gate::PauseOutcome;
+use super::statements::ActiveRewriter;
+use crate::dualwrite::{self, Settings};
+use crate::migrate::metrics::MigrateMetrics;
+use crate::migrate::{progress, state};
+
+/// How often the proxy proves it is alive and re-reads the state (a backstop for a missed
+/// notification).
+pub const HEARTBEAT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("{0}")]
+    Db(#[from] tokio_postgres::Error),
+    #[error("{0}")]
+    State(#[from] state::StateError),
+    #[error("the connection to the migrated database was lost")]
+    Lost,
+}
+
+pub struct Control {
+    shared: Arc<Shared>,
+    url: String,
+    database: Option<String>,
+    id: String,
+    settings: Settings,
+    migrate_metrics: Option<MigrateMetrics>,
+    /// The rules version in force here (0: passthrough).
+    version: i64,
+    /// The switch (cutover/rollback) this proxy's gate is closed for, if any.
+    hold: Option<Hold>,
+    /// The last (attempt, round) this proxy took part in, so a refresh never joins it twice.
+    last_round: (i64, i32),
+}
+
+/// A gate closed for one round of a switch attempt (see docs/cutover.md).
+#[derive(Debug, Clone, Copy)]
+struct Hold {
+    attempt: i64,
+    round: i32,
+    /// The gate opens by itself at this instant, whatever the coordinator does.
+    deadline: tokio::time::Instant,
+}
+
+/// A notification on channel `keyshift`.
+#[derive(Debug, PartialEq, Eq)]
+enum Notice {
+    Pause(i64, i32),
+    Resume(i64, i32),
+    /// A phase change or anything else: re-read the state.
+    Changed,
+}
+
+fn parse_notice(payload: &str) -> Notice {
+    let parse = |rest: &str| {
+        let (a, r) = rest.split_once(':')?;
+        Some((a.trim().parse().ok()?, r.trim().parse().ok()?))
+    };
+    if let Some(rest) = payload.strip_prefix("pause ")
+        && let Some((a, r)) = parse(rest)
+    {
+        return Notice::Pause(a, r);
+    }
+    if let Some(rest) = payload.strip_prefix("resume ")
+        && let Some((a, r)) = parse(rest)
+    {
+        return Notice::Resume(a, r);
+    }
+    Notice::Changed
+}
+
+impl Control {
+    pub fn new(shared: Arc<Shared>, url: String, listen_port: u16) -> Control {
+        let database = url
+            .parse::<tokio_postgres::Config>()
+            .ok()
+            .and_then(|c| c.get_dbname().map(str::to_string));
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "keyshift".into());
+        let id = shared
+            .cfg
+            .proxy_id
+            .clone()
+            .unwrap_or_else(|| format!("{host}:{listen_port}"));
+        let settings = Settings {
+            strict: shared.cfg.strict,
+            search_path: shared.cfg.search_path.clone(),
+            cache_entries: shared.cfg.rewrite_cache_entries,
+        };
+        let migrate_metrics = MigrateMetrics::new()
+            .ok()
+            .filter(|m| m.register(&shared.metrics.registry).is_ok());
+        Control {
+            shared,
+            url,
+            database,
+            id,
+            settings,
+            migrate_metrics,
+            version: 0,
+            hold: None,
+            last_round: (0, 0),
+        }
+    }
+
+    /// Runs for the life of the proxy, reconnecting with backoff.
+    pub async fn run(mut self) {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let result = self.connected().await;
+            self.shared
+                .control_connected
+                .store(false, Ordering::Relaxed);
+            match result {
+                Ok(()) => backoff = Duration::from_millis(200),
+                Err(e) => {
+                    warn!(error = %e, retry_in = ?backoff, "link to the migrated database down; sessions keep their current rules");
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    async fn connected(&mut self) -> Result<(), ControlError> {
+        let (client, mut conn) = tokio_postgres::connect(&self.url, NoTls).await?;
+        let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+        let driver = tokio::spawn(async move {
+            // Drives the connection; ends (dropping `tx`) when it closes.
+            while let Some(msg) = poll_fn(|cx| conn.poll_message(cx)).await {
+                match msg {
+                    Ok(AsyncMessage::Notification(n)) => {
+                        if tx.send(n.payload().to_string()).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+        });
+        let result = self.listen(&client, &mut rx).await;
+        driver.abort();
+        result
+    }
+
+    async fn listen(
+        &mut self,
+        client: &Client,
+        rx: &mut mpsc::UnboundedReceiver<String>,
+    ) -> Result<(), ControlError> {
+        client
+            .batch_execute("SET application_name = 'keyshift proxy'; LISTEN keyshift")
+            .await?;
+        self.refresh(client).await?;
+        self.shared.control_connected.store(true, Ordering::Relaxed);
+        info!(proxy_id = %self.id, rules_version = self.version, "linked to the migrated database");
+        let mut tick = tokio::time::interval(HEARTBEAT);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut drain: Option<JoinHandle<PauseOutcome>> = None;
+        let result = loop {
+            let deadline = self.hold.map(|h| h.deadline);
+            let step = tokio::select! {
+                m = rx.recv() => match m {
+                    Some(payload) => match parse_notice(&payload) {
+                        Notice::Pause(a, r) => self.on_pause(client, a, r, &mut drain).await,
+                        Notice::Resume(a, r) => self.on_resume(client, a, r, &mut drain).await,
+                        Notice::Changed => self.refresh_and_join(client, &mut drain).await,
+                    },
+                    None => Err(ControlError::Lost),
+                },
+                _ = tick.tick() => self.refresh_and_join(client, &mut drain).await,
+                out = async { drain.as_mut().expect("guarded").await }, if drain.is_some() => {
+                    drain = None;
+                    match out {
+                        Ok(o) => self.drained(client, o).await,
+                        Err(_) => Ok(()),
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
+                    self.expire(client, &mut drain).await
+                }
+            };
+            if let Err(e) = step {
+                break e;
+            }
+        };
+        // Never leave the gate closed behind a lost link: the coordinator cannot reach us.
+        if let Some(h) = self.hold.take() {
+            if let Some(d) = drain.take() {
+                d.abort();
+            }
+            warn!(
+                attempt = h.attempt,
+                "link lost while holding the gate; opening it"
+            );
+            self.open_gate();
+        }
+        Err(result)
+    }
+
+    /// Joins a switch attempt: closes the gate and starts draining (docs/cutover.md step 3).
+    async fn on_pause(
+        &mut self,
+        client: &Client,
+        attempt: i64,
+        round: i32,
+        drain: &mut Option<JoinHandle<PauseOutcome>>,
+    ) -> Result<(), ControlError> {
+        if (attempt, round) <= self.last_round {
+            return Ok(());
+        }
+        let row = client
+            .query_opt(
+                "SELECT state, round, drain_timeout_ms,
+                        GREATEST(extract(epoch FROM hold_deadline - clock_timestamp()), 0)::float8
+                 FROM keyshift.switch_attempts WHERE id = $1",
+                &[&attempt],
+            )
+            .await?;
+        let Some(row) = row else { return Ok(()) };
+        let state: String = row.get(0);
+        let current_round: i32 = row.get(1);
+        let remaining: f64 = row.get(3);
+        if !matches!(state.as_str(), "pausing" | "swapping")
+            || current_round != round
+            || remaining <= 0.0
+        {
+            return Ok(());
+        }
+        let drain_timeout = Duration::from_millis(row.get::<_, i32>(2).max(0) as u64);
+        self.last_round = (attempt, round);
+        self.hold = Some(Hold {
+            attempt,
+            round,
+            deadline: tokio::time::Instant::now() + Duration::from_secs_f64(remaining),
+        });
+        info!(
+            attempt,
+            round,
+            ?drain_timeout,
+            "switch: closing the gate and draining"
+        );
+        if let Some(d) = drain.take() {
+            d.abort();
+        }
+        let shared = self.shared.clone();
+        *drain = Some(tokio::spawn(async move {
+            shared.gate.pause(drain_timeout).await
+        }));
+        Ok(())
+    }
+
+    /// The drain finished: report it. A failed drain opens the gate at once (the coordinator
+    /// will abort the attempt; holding clients meanwhile would only add to their wait).
+    async fn drained(&mut self, client: &Client, out: PauseOutcome) -> Result<(), ControlError> {
+        let Some(h) = self.hold else { return Ok(()) };
+        let busy = serde_json::to_string(&out.busy).unwrap_or_else(|_| "[]".into());
+        let state = if out.drained { "held" } else { "drain_failed" };
+        self.shared
+            .metrics
+            .pauses
+            .with_label_values(&[if out.drained {
+                "drained"
+            } else {
+                "drain_failed"
+            }])
+            .inc();
+        let mut pause_ms: Option<f64> = None;
+        if !out.drained {
+            warn!(
+                attempt = h.attempt,
+                busy = out.busy.len(),
+                "switch: sessions stayed busy past the drain timeout"
+            );
+            self.hold = None;
+            pause_ms = self.open_gate();
+        }
+        client
+            .execute(
+                "UPDATE keyshift.proxies SET pause_attempt = $2, pause_round = $3, pause_state = $4,
+                        busy = $5::text::jsonb, pause_ms = COALESCE($6, pause_ms)
+                 WHERE id = $1",
+                &[&self.id, &h.attempt, &h.round, &state, &busy, &pause_ms],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Opens the gate after a switch round (step 8): the rules first, then the gate.
+    async fn on_resume(
+        &mut self,
+        client: &Client,
+        attempt: i64,
+        _round: i32,
+        drain: &mut Option<JoinHandle<PauseOutcome>>,
+    ) -> Result<(), ControlError> {
+        self.refresh(client).await?;
+        let Some(h) = self.hold else { return Ok(()) };
+        if h.attempt != attempt {
+            return Ok(());
+        }
+        self.release(client, "released", drain).await
+    }
+
+    async fn release(
+        &mut self,
+        client: &Client,
+        state: &str,
+        drain: &mut Option<JoinHandle<PauseOutcome>>,
+    ) -> Result<(), ControlError> {
+        let Some(h) = self.hold.take() else {
+            return Ok(());
+        };
+        if let Some(d) = drain.take() {
+            d.abort();
+        }
+        let pause_ms = self.open_gate();
+        info!(
+            attempt = h.attempt,
+            round = h.round,
+            pause_ms,
+            state,
+            "switch: gate open"
+        );
+        client
+            .execute(
+                "UPDATE keyshift.proxies SET pause_state = $2, pause_ms = $3 WHERE id = $1",
+                &[&self.id, &state, &pause_ms],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// The coordinator never came back: open the gate by ourselves.
+    async fn expire(
+        &mut self,
+        client: &Client,
+        drain: &mut Option<JoinHandle<PauseOutcome>>,
+    ) -> Result<(), ControlError> {
+        if let Some(h) = self.hold {
+            warn!(
+                attempt = h.attempt,
+                "switch: hold deadline passed without word from the coordinator; opening the gate"
+            );
+            self.shared
+                .metrics
+                .pauses
+                .with_label_values(&["expired"])
+                .inc();
+        }
+        self.release(client, "expired", drain).await
+    }
+
+    /// Opens the gate; returns how long it was closed, in milliseconds.
+    fn open_gate(&self) -> Option<f64> {
+        let d = self.shared.gate.resume()?;
+        self.shared.metrics.pause_duration.observe(d.as_secs_f64());
+        Some(d.as_secs_f64() * 1000.0)
+    }
+
+    /// A refresh, then the switch bookkeeping a missed notification would have done: release
+    /// a hold whose attempt is over, or join an attempt in progress (a proxy started during a
+    /// cutover must hold its clients too).
+    async fn refresh_and_join(
+        &mut self,
+        client: &Client,
+        drain: &mut Option<JoinHandle<PauseOutcome>>,
+    ) -> Result<(), ControlError> {
+        self.refresh(client).await?;
+        let exists: bool = client
+            .query_one(
+                "SELECT to_regclass('keyshift.switch_attempts') IS NOT NULL",
+                &[],
+            )
+            .await?
+            .get(0);
+        if !exists {
+            return Ok(());
+        }
+        for r in client
+            .query(
+                "SELECT action, state, count(*) FROM keyshift.switch_attempts GROUP BY 1, 2",
+                &[],
+            )
+            .await?
+        {
+            let (action, state, n): (String, String, i64) = (r.get(0), r.get(1), r.get(2));
+            self.shared
+                .metrics
+                .switch_attempts
+                .with_label_values(&[&action, &state])
+                .set(n);
+        }
+        if let Some(h) = self.hold {
+            let state: Option<String> = client
+                .query_opt(
+                    "SELECT state FROM keyshift.switch_attempts WHERE id = $1",
+                    &[&h.attempt],
+                )
+                .await?
+                .map(|r| r.get(0));
+            if !matches!(state.as_deref(), Some("pausing") | Some("swapping")) {
+                return self.release(client, "released", drain).await;
+            }
+            return Ok(());
+        }
+        let active = client
+            .query_opt(
+                "SELECT id, round FROM keyshift.switch_attempts
+                 WHERE state IN ('pausing', 'swapping') AND hold_deadline > clock_timestamp()
+                 ORDER BY id DESC LIMIT 1",
+                &[],
+            )
+            .await?;
+        if let Some(r) = active {
+            self.on_pause(client, r.get(0), r.get(1), drain).await?;
+        }
+        Ok(())
+    }
+
+    /// Reads the migration; rebuilds the rules when its version moved; heartbeats.
+    async fn refresh(&mut self, client: &Client) -> Result<(), ControlError> {
+        let migration = match state::load_migration(client).await {
+            Ok(m) => m,
+            // An unreadable plan must not take the rules away from running sessions.
+            Err(state::StateError::Db(e)) => return Err(e.into()),
+            Err(e) => {
+                warn!(error = %e, "cannot read keyshift's state; keeping the current rules");
+                return Ok(());
+            }
+        };
+        match &migration {
+            None if self.version != 0 => {
+                info!("no migration in the database any more; passing every statement through");
+                self.shared.set_rewriter(None);
+                self.shared.metrics.rewrite.rules_version.set(0);
+                self.version = 0;
+            }
+            None => {}
+            Some(m) if m.rules_version != self.version => {
+                match dualwrite::build(
+                    client,
+                    &m.plan,
+                    m.phase,
+                    m.rules_version as u64,
+                    &self.settings,
+                    self.shared.metrics.rewrite.clone(),
+                )
+                .await
+                {
+                    Ok(rw) => {
+                        let mode = if rw.is_some() {
+                            "dual-write"
+                        } else {
+                            "passthrough"
+                        };
+                        info!(phase = %m.phase, rules_version = m.rules_version, mode, "new rules in force");
+                        self.shared.set_rewriter(rw.map(|r| ActiveRewriter {
+                            database: self.database.clone(),
+                            rewriter: Box::new(r),
+                        }));
+                        self.shared
+                            .metrics
+                            .rewrite
+                            .rules_version
+                            .set(m.rules_version);
+                        self.version = m.rules_version;
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "cannot build rewrite rules; keeping the current ones")
+                    }
+                }
+            }
+            Some(_) => {}
+        }
+        if migration.is_some() {
+            self.heartbeat(client).await?;
+            if let Some(mm) = &self.migrate_metrics
+                && let Ok(p) = progress::read(client).await
+            {
+                mm.observe(&p);
+            }
+        }
+        Ok(())
+    }
+
+    async fn heartbeat(&self, client: &Client) -> Result<(), ControlError> {
+        let address = self.shared.cfg.listen.to_string();
+        client
+            .execute(
+                "INSERT INTO keyshift.proxies (id, address, pid, version, heartbeat_at, acked_rules_version)
+                 VALUES ($1, $2, $3, $4, now(), $5)
+                 ON CONFLICT (id) DO UPDATE SET address = EXCLUDED.address, pid = EXCLUDED.pid,
+                   version = EXCLUDED.version, heartbeat_at = now(),
+                   acked_rules_version = EXCLUDED.acked_rules_version",
+                &[
+                    &self.id,
+                    &address,
+                    &(std::process::id() as i32),
+                    &env!("CARGO_PKG_VERSION"),
+                    &self.version,
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notices() {
+        assert_eq!(parse_notice("pause 12:3"), Notice::Pause(12, 3));
+        assert_eq!(parse_notice("resume 12:1"), Notice::Resume(12, 1));
+        assert_eq!(parse_notice("cut_over"), Notice::Changed);
+        assert_eq!(parse_notice("pause x:1"), Notice::Changed);
+        assert_eq!(parse_notice(""), Notice::Changed);
+    }
+}

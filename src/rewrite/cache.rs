@@ -1,0 +1,109 @@
+//! Rewrites cached by SQL text, per rule-set version, in bounded memory.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use dashmap::DashMap;
+
+use super::{Outcome, RuleSet, rewrite, rewrite_verified};
+
+/// Applications send a small, fixed set of statement shapes (ORMs and prepared statements
+/// repeat the same text), so a cache of a few thousand entries holds the whole working set.
+/// Applications that inline literals send unbounded distinct texts; for those the cache must
+/// not grow without limit. Policy: when full, clear it entirely. A real LRU would need a
+/// shared recency list (a lock or per-entry atomics touched on every hit, the hot path); a
+/// clear costs at most one re-rewrite per live shape (tens of µs each) and keeps hits
+/// lock-free. Texts longer than `max_sql_bytes` are not cached, bounding memory at about
+/// `capacity × (max_sql_bytes × 2 + overhead)`. A new rule-set version empties the cache;
+/// each entry also carries the version it was computed under and is used only under that
+/// version, so a session still finishing a statement under the old rules at cutover cannot
+/// leave an old rewrite behind for the new rules.
+pub struct RewriteCache {
+    map: DashMap<Arc<str>, (u64, Arc<Outcome>)>,
+    capacity: usize,
+    max_sql_bytes: usize,
+    version: AtomicU64,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    verify: bool,
+}
+
+impl RewriteCache {
+    /// `capacity` entries, each for a text of at most `max_sql_bytes`.
+    pub fn new(capacity: usize, max_sql_bytes: usize) -> RewriteCache {
+        RewriteCache {
+            map: DashMap::new(),
+            capacity: capacity.max(1),
+            max_sql_bytes,
+            version: AtomicU64::new(u64::MAX),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            verify: false,
+        }
+    }
+
+    /// Re-parse every rewrite before caching it ([`super::rewrite_verified`]): safer, at about
+    /// 3 times the cost of a cache miss (docs/benchmarks.md).
+    pub fn verifying(mut self, on: bool) -> RewriteCache {
+        self.verify = on;
+        self
+    }
+
+    /// The outcome of rewriting `sql` under `rules`, from the cache when possible.
+    /// Statements that touch no migrated table are answered by the prescan and not stored:
+    /// the scan is as cheap as a lookup, and they would crowd out the ones worth keeping.
+    pub fn rewrite(&self, rules: &RuleSet, sql: &str) -> Arc<Outcome> {
+        if rules.prescan.find(sql).is_none() {
+            return unchanged();
+        }
+        let version = rules.version();
+        // Load before swapping: a store on every call would bounce the cache line between
+        // cores on the hot path.
+        if self.version.load(Ordering::Acquire) != version
+            && self.version.swap(version, Ordering::AcqRel) != version
+        {
+            self.map.clear();
+        }
+        if let Some(hit) = self.map.get(sql)
+            && hit.0 == version
+        {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            return Arc::clone(&hit.1);
+        }
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        let outcome = Arc::new(if self.verify {
+            rewrite_verified(rules, sql)
+        } else {
+            rewrite(rules, sql)
+        });
+        if sql.len() <= self.max_sql_bytes {
+            if self.map.len() >= self.capacity {
+                self.map.clear();
+            }
+            self.map
+                .insert(Arc::from(sql), (version, Arc::clone(&outcome)));
+        }
+        outcome
+    }
+
+    pub fn hits(&self) -> u64 {
+        self.hits.load(Ordering::Relaxed)
+    }
+
+    pub fn misses(&self) -> u64 {
+        self.misses.load(Ordering::Relaxed)
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+fn unchanged() -> Arc<Outcome> {
+    static UNCHANGED: std::sync::OnceLock<Arc<Outcome>> = std::sync::OnceLock::new();
+    Arc::clone(UNCHANGED.get_or_init(|| Arc::new(Outcome::Unchanged)))
+}

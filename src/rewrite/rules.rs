@@ -1,0 +1,321 @@
+//! The rule set: what the rewriter must keep filled, derived from the migration plan.
+//!
+//! A `RuleSet` is immutable and built by one pure function of (plan, phase, client view), so
+//! that the proxy can build a new one on every `NOTIFY keyshift` and swap it atomically, and so
+//! that adding client views later is a new input rather than a redesign.
+
+use std::collections::HashMap;
+
+use super::prescan::Prescan;
+
+/// Which way the dual-write runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// Before cutover: `<fk>_uuid` is filled from the parent's `id_uuid`, looked up by integer id.
+    Forward,
+    /// After cutover: the uuid columns carry the original names; `<fk>_legacy` is filled from
+    /// the parent's `<key>_legacy`, looked up by uuid.
+    Reverse,
+}
+
+/// The shape of the schema a client sees. Only the physical shape exists today; the variant
+/// is here so that per-client views (integer or uuid shape in any phase) become a new value of
+/// this input, not a new signature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum ClientView {
+    #[default]
+    Physical,
+}
+
+/// A migrated parent table, as the plan names it before `expand` (original names).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParentPlan {
+    pub schema: String,
+    pub table: String,
+    /// The integer primary key column, e.g. `id`.
+    pub key_column: String,
+    /// Its uuid twin added by `expand`, e.g. `id_uuid`.
+    pub uuid_column: String,
+}
+
+/// One integer FK column of a child table, as the plan names it before `expand`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FkPlan {
+    pub schema: String,
+    pub table: String,
+    /// The integer FK column, e.g. `p_id`.
+    pub column: String,
+    /// Its uuid twin added by `expand`, e.g. `p_id_uuid`.
+    pub uuid_column: String,
+    /// The FK column's SQL type (`bigint`, `integer`, `smallint`): the copied expression is
+    /// cast to it so that a reused parameter keeps the type PostgreSQL deduces today.
+    pub column_type: String,
+    pub parent_schema: String,
+    pub parent_table: String,
+    pub parent_key_column: String,
+    pub parent_uuid_column: String,
+}
+
+/// The physical column list of a child table, in order, as the catalog shows it (keyshift's
+/// own added columns may be included; they are filtered out).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableColumns {
+    pub schema: String,
+    pub table: String,
+    pub columns: Vec<String>,
+}
+
+/// Everything the rewriter needs from the migration plan, as plain data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanRules {
+    pub parents: Vec<ParentPlan>,
+    pub fks: Vec<FkPlan>,
+    pub columns: Vec<TableColumns>,
+    /// Suffix the integer columns take at cutover (DESIGN: `_legacy`).
+    pub legacy_suffix: String,
+}
+
+impl Default for PlanRules {
+    fn default() -> Self {
+        PlanRules {
+            parents: Vec::new(),
+            fks: Vec::new(),
+            columns: Vec::new(),
+            legacy_suffix: "_legacy".to_string(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RuleError {
+    #[error("FK {schema}.{table}.{column} references {parent}, which is not a migrated parent")]
+    UnknownParent {
+        schema: String,
+        table: String,
+        column: String,
+        parent: String,
+    },
+    #[error("an empty name in the plan ({0})")]
+    EmptyName(&'static str),
+    #[error("the search path is empty")]
+    EmptySearchPath,
+}
+
+/// When `source` is written with expression E, also write `target` =
+/// `(SELECT parent_value FROM parent WHERE parent_key = (E)::cast)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Fill {
+    pub source: String,
+    pub target: String,
+    pub cast: String,
+    pub parent_schema: String,
+    pub parent_table: String,
+    pub parent_key: String,
+    pub parent_value: String,
+}
+
+/// What the rewriter does for one child table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ChildRules {
+    /// `schema.table`, as reported in outcomes and metrics labels.
+    pub label: String,
+    pub fills: Vec<Fill>,
+    /// The columns an unchanged application's positional `INSERT INTO c VALUES (…)` supplies,
+    /// in order; `None` when positional inserts cannot be mapped in this phase.
+    pub positional: Option<Vec<String>>,
+}
+
+/// The immutable, versioned rules one statement is rewritten under.
+#[derive(Debug, Clone)]
+pub struct RuleSet {
+    version: u64,
+    direction: Direction,
+    view: ClientView,
+    search_path: Vec<String>,
+    children: HashMap<(String, String), ChildRules>,
+    /// Parent tables some fill looks up, as (schema, table).
+    parents: Vec<(String, String)>,
+    pub(crate) prescan: Prescan,
+}
+
+impl RuleSet {
+    /// Builds the rules of one phase. Pure: the same inputs give the same rules.
+    pub fn build(
+        plan: &PlanRules,
+        direction: Direction,
+        view: ClientView,
+        search_path: Vec<String>,
+        version: u64,
+    ) -> Result<RuleSet, RuleError> {
+        if search_path.is_empty() {
+            return Err(RuleError::EmptySearchPath);
+        }
+        for p in &plan.parents {
+            if p.schema.is_empty() || p.table.is_empty() {
+                return Err(RuleError::EmptyName("parent table"));
+            }
+            if p.key_column.is_empty() || p.uuid_column.is_empty() {
+                return Err(RuleError::EmptyName("parent column"));
+            }
+        }
+        let mut children: HashMap<(String, String), ChildRules> = HashMap::new();
+        for fk in &plan.fks {
+            if fk.schema.is_empty() || fk.table.is_empty() || fk.column.is_empty() {
+                return Err(RuleError::EmptyName("fk"));
+            }
+            if fk.uuid_column.is_empty() || fk.column_type.is_empty() {
+                return Err(RuleError::EmptyName("fk twin or type"));
+            }
+            let known = plan
+                .parents
+                .iter()
+                .any(|p| p.schema == fk.parent_schema && p.table == fk.parent_table);
+            if !known {
+                return Err(RuleError::UnknownParent {
+                    schema: fk.schema.clone(),
+                    table: fk.table.clone(),
+                    column: fk.column.clone(),
+                    parent: format!("{}.{}", fk.parent_schema, fk.parent_table),
+                });
+            }
+            let fill = match direction {
+                Direction::Forward => Fill {
+                    source: fk.column.clone(),
+                    target: fk.uuid_column.clone(),
+                    cast: fk.column_type.clone(),
+                    parent_schema: fk.parent_schema.clone(),
+                    parent_table: fk.parent_table.clone(),
+                    parent_key: fk.parent_key_column.clone(),
+                    parent_value: fk.parent_uuid_column.clone(),
+                },
+                Direction::Reverse => Fill {
+                    source: fk.column.clone(),
+                    target: format!("{}{}", fk.column, plan.legacy_suffix),
+                    cast: "uuid".to_string(),
+                    parent_schema: fk.parent_schema.clone(),
+                    parent_table: fk.parent_table.clone(),
+                    parent_key: fk.parent_key_column.clone(),
+                    parent_value: format!("{}{}", fk.parent_key_column, plan.legacy_suffix),
+                },
+            };
+            children
+                .entry((fk.schema.clone(), fk.table.clone()))
+                .or_insert_with(|| ChildRules {
+                    label: format!("{}.{}", fk.schema, fk.table),
+                    fills: Vec::new(),
+                    positional: None,
+                })
+                .fills
+                .push(fill);
+        }
+        // Positional inserts: before cutover keyshift's columns sit after the application's,
+        // so an unchanged application's values map onto its original columns in order. After
+        // cutover the integer columns keep their positions under new names, so positional
+        // values land in the legacy columns: no mapping is right without a client view.
+        if direction == Direction::Forward {
+            for tc in &plan.columns {
+                let key = (tc.schema.clone(), tc.table.clone());
+                let Some(child) = children.get_mut(&key) else {
+                    continue;
+                };
+                let added: Vec<&str> = plan
+                    .fks
+                    .iter()
+                    .filter(|f| f.schema == tc.schema && f.table == tc.table)
+                    .map(|f| f.uuid_column.as_str())
+                    .chain(
+                        plan.parents
+                            .iter()
+                            .filter(|p| p.schema == tc.schema && p.table == tc.table)
+                            .map(|p| p.uuid_column.as_str()),
+                    )
+                    .collect();
+                child.positional = Some(
+                    tc.columns
+                        .iter()
+                        .filter(|c| !added.contains(&c.as_str()))
+                        .cloned()
+                        .collect(),
+                );
+            }
+        }
+        let prescan = Prescan::new(children.keys().map(|(_, t)| t.as_str()));
+        let mut parents: Vec<(String, String)> = plan
+            .fks
+            .iter()
+            .map(|f| (f.parent_schema.clone(), f.parent_table.clone()))
+            .collect();
+        parents.sort();
+        parents.dedup();
+        Ok(RuleSet {
+            version,
+            direction,
+            view,
+            search_path,
+            children,
+            parents,
+            prescan,
+        })
+    }
+
+    /// A rule set with nothing to rewrite: pure passthrough.
+    pub fn empty(version: u64) -> RuleSet {
+        RuleSet {
+            version,
+            direction: Direction::Forward,
+            view: ClientView::Physical,
+            search_path: vec!["public".to_string()],
+            children: HashMap::new(),
+            parents: Vec::new(),
+            prescan: Prescan::new(std::iter::empty()),
+        }
+    }
+
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    pub fn direction(&self) -> Direction {
+        self.direction
+    }
+
+    pub fn view(&self) -> ClientView {
+        self.view
+    }
+
+    pub fn search_path(&self) -> &[String] {
+        &self.search_path
+    }
+
+    /// True when no table needs rewriting, so the proxy can skip the rewriter entirely.
+    pub fn is_empty(&self) -> bool {
+        self.children.is_empty()
+    }
+
+    /// Resolves a name (case-folded per quoting) to a parent some fill looks up.
+    pub(crate) fn parent(&self, schema: Option<&str>, table: &str) -> Option<(String, String)> {
+        let has = |s: &str| self.parents.iter().any(|(ps, pt)| ps == s && pt == table);
+        match schema {
+            Some(s) => has(s).then(|| (s.to_string(), table.to_string())),
+            None => self
+                .search_path
+                .iter()
+                .find(|s| has(s))
+                .map(|s| (s.clone(), table.to_string())),
+        }
+    }
+
+    /// Resolves a name as written (already case-folded per quoting) to a migrated child.
+    /// An unqualified name takes the first search-path schema that holds a migrated child of
+    /// that name: keyshift knows only migrated tables, so a same-named unmigrated table
+    /// earlier in the path would be misattributed (documented limitation).
+    pub(crate) fn child(&self, schema: Option<&str>, table: &str) -> Option<&ChildRules> {
+        match schema {
+            Some(s) => self.children.get(&(s.to_string(), table.to_string())),
+            None => self
+                .search_path
+                .iter()
+                .find_map(|s| self.children.get(&(s.clone(), table.to_string()))),
+        }
+    }
+}

@@ -1,0 +1,498 @@
+//! Cutover, rollback and finalize under live traffic through the proxy: clients keep
+//! writing (simple and prepared, in transactions) and see no error; a statement prepared
+//! before the cutover keeps working after it; the end state is the seeds' (UUID keys, FKs on
+//! them); rollback brings the integer keys back with every row written in between.
+mod common;
+mod migrate_support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::proxy::{TestProxy, http, test_config};
+use migrate_support::{SEED_004, count, ks, ks_expect, seed_004_rows, stdout, text};
+
+async fn migrated_db() -> common::TestDb {
+    let db = common::TestDb::new().await;
+    db.client()
+        .await
+        .batch_execute(&format!("{SEED_004}{}", seed_004_rows(30)))
+        .await
+        .unwrap();
+    ks_expect(&db.url(), &["expand"], 0);
+    ks_expect(&db.url(), &["backfill"], 0);
+    db
+}
+
+async fn linked_proxy(db: &common::TestDb) -> TestProxy {
+    let mut cfg = test_config();
+    cfg.database_url = Some(db.url());
+    let p = TestProxy::start_with(cfg);
+    wait_status(&p, |v| {
+        v["dual_write"] == true && v["database_link"] == "connected"
+    })
+    .await;
+    // The proxy's heartbeat row is written at its first refresh.
+    p
+}
+
+async fn wait_status(p: &TestProxy, ok: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let start = Instant::now();
+    loop {
+        let admin = p.admin;
+        let (_, body) = tokio::task::spawn_blocking(move || http(admin, "GET", "/v1/status", None))
+            .await
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if ok(&v) {
+            return v;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "proxy status never matched: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Application-like clients through the proxy until `stop`: counts operations and errors.
+struct Workload {
+    stop: Arc<AtomicBool>,
+    ops: Arc<AtomicU64>,
+    errors: Arc<std::sync::Mutex<Vec<String>>>,
+    max_latency_us: Arc<AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Workload {
+    async fn start(url: &str, clients: usize) -> Workload {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ops = Arc::new(AtomicU64::new(0));
+        let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let max_latency_us = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for i in 0..clients {
+            let mut c = common::connect(url).await;
+            let (stop, ops, errors, max_lat) = (
+                stop.clone(),
+                ops.clone(),
+                errors.clone(),
+                max_latency_us.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                let mut n = 0i64;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let t = Instant::now();
+                    // Reads and writes in whatever shape the keys have: the workload only names
+                    // columns that exist before and after cutover.
+                    let r: Result<(), tokio_postgres::Error> = async {
+                        if i % 2 == 0 {
+                            let tx = c.transaction().await?;
+                            tx.execute(
+                                "INSERT INTO mcp_connectors (name) VALUES ($1)",
+                                &[&format!("w{i}-{n}")],
+                            )
+                            .await?;
+                            tx.execute(
+                                "UPDATE mcp_servers SET status = $1 WHERE name = $2",
+                                &[&format!("s{n}"), &format!("s{}", n % 20 + 1)],
+                            )
+                            .await?;
+                            tx.commit().await?;
+                        } else {
+                            c.simple_query(&format!(
+                                "INSERT INTO mcp_servers (name, status) VALUES ('ws{i}-{n}', 'new')"
+                            ))
+                            .await?;
+                            c.query("SELECT count(*) FROM mcp_server_tools", &[])
+                                .await?;
+                        }
+                        Ok(())
+                    }
+                    .await;
+                    let us = t.elapsed().as_micros() as u64;
+                    max_lat.fetch_max(us, Ordering::Relaxed);
+                    match r {
+                        Ok(()) => {
+                            ops.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => errors.lock().unwrap().push(format!("{e:?}")),
+                    }
+                }
+            }));
+        }
+        Workload {
+            stop,
+            ops,
+            errors,
+            max_latency_us,
+            tasks,
+        }
+    }
+
+    async fn stop(self) -> (u64, Vec<String>, Duration) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        let errs = self.errors.lock().unwrap().clone();
+        (
+            self.ops.load(Ordering::Relaxed),
+            errs,
+            Duration::from_micros(self.max_latency_us.load(Ordering::Relaxed)),
+        )
+    }
+}
+
+async fn column_type(c: &tokio_postgres::Client, table: &str, column: &str) -> String {
+    c.query_one(
+        "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = $1::text::regclass AND attname = $2",
+        &[&table, &column],
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{table}.{column}: {e}"))
+    .get(0)
+}
+
+async fn pk_column(c: &tokio_postgres::Client, table: &str) -> String {
+    c.query_one(
+        "SELECT a.attname::text FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+         WHERE i.indrelid = $1::text::regclass AND i.indisprimary",
+        &[&table],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+#[tokio::test]
+async fn cutover_rollback_and_finalize_under_traffic() {
+    let db = migrated_db().await;
+    let p = linked_proxy(&db).await;
+    let url = p.url("postgres", &db.name);
+    let direct = db.client().await;
+
+    // A client that prepared its statement before the cutover and uses it after.
+    let early = common::connect(&url).await;
+    let early_insert = early
+        .prepare("INSERT INTO mcp_server_tokens (mcp_server_id, token) SELECT id, $1 FROM mcp_servers WHERE name = $2")
+        .await
+        .unwrap();
+    assert_eq!(
+        early
+            .execute(&early_insert, &[&"before", &"s1"])
+            .await
+            .unwrap(),
+        1
+    );
+
+    let load = Workload::start(&url, 6).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let url2 = db.url();
+    let out = tokio::task::spawn_blocking(move || ks(&url2, &["cutover", "--drain-timeout", "5s"]))
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let report = stdout(&out);
+    assert!(
+        report.contains("committed") && report.contains("gate closed"),
+        "{report}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (ops, errors, max_latency) = load.stop().await;
+    assert!(
+        errors.is_empty(),
+        "clients saw errors across the cutover: {errors:?}"
+    );
+    assert!(ops > 20, "the workload barely ran ({ops} operations)");
+    println!(
+        "cutover under load: {ops} operations, 0 errors, longest operation {max_latency:?}\n{report}"
+    );
+
+    // The end state of the seeds: uuid primary keys, FKs on them, legacy integers beside.
+    for t in ["mcp_connectors", "mcp_servers", "mcp_server_tokens"] {
+        assert_eq!(column_type(&direct, t, "id").await, "uuid");
+        assert_eq!(pk_column(&direct, t).await, "id");
+        assert_eq!(column_type(&direct, t, "id_legacy").await, "integer");
+    }
+    assert_eq!(
+        column_type(&direct, "mcp_servers", "connector_id").await,
+        "uuid"
+    );
+    assert_eq!(
+        column_type(&direct, "mcp_servers", "connector_id_legacy").await,
+        "integer"
+    );
+    assert_eq!(count(&direct, "SELECT count(*) FROM pg_constraint WHERE conname = 'mcp_servers_connector_id_fkey' AND contype = 'f'").await, 1);
+
+    // The statement prepared before the cutover still works after it, through the same session.
+    assert_eq!(
+        early
+            .execute(&early_insert, &[&"after", &"s2"])
+            .await
+            .unwrap(),
+        1
+    );
+    // Reverse dual-write: rows written after cutover have their legacy integers.
+    let c = common::connect(&url).await;
+    c.batch_execute("INSERT INTO mcp_servers (name, connector_id) SELECT 'post-cutover', id FROM mcp_connectors WHERE name = 'c3'")
+        .await
+        .unwrap();
+    assert_eq!(
+        count(&direct, "SELECT count(*) FROM mcp_servers s JOIN mcp_connectors c ON c.id = s.connector_id
+                        WHERE s.name = 'post-cutover' AND s.id_legacy IS NOT NULL AND s.connector_id_legacy = c.id_legacy").await,
+        1
+    );
+    assert_eq!(
+        count(
+            &direct,
+            "SELECT count(*) FROM mcp_server_tokens t JOIN mcp_servers s ON s.id = t.mcp_server_id
+                        WHERE t.mcp_server_id_legacy IS DISTINCT FROM s.id_legacy"
+        )
+        .await,
+        0,
+        "a token's legacy FK disagrees with its server"
+    );
+    ks_expect(&db.url(), &["verify"], 0);
+
+    // Rollback: the integer keys are primary again, every row written in between included.
+    let url2 = db.url();
+    let out = tokio::task::spawn_blocking(move || ks(&url2, &["rollback"]))
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    wait_status(&p, |v| v["dual_write"] == true).await;
+    for t in ["mcp_connectors", "mcp_servers"] {
+        assert_eq!(column_type(&direct, t, "id").await, "integer");
+        assert_eq!(pk_column(&direct, t).await, "id");
+    }
+    assert_eq!(count(&direct, "SELECT count(*) FROM mcp_servers WHERE name = 'post-cutover' AND connector_id IS NOT NULL").await, 1);
+    assert_eq!(
+        early
+            .execute(&early_insert, &[&"after-rollback", &"s3"])
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        count(
+            &direct,
+            "SELECT count(*) FROM mcp_server_tokens WHERE token LIKE 'after%' OR token = 'before'"
+        )
+        .await,
+        3
+    );
+
+    // Harden again, cut over again, finalize.
+    ks_expect(&db.url(), &["harden"], 0);
+    let url2 = db.url();
+    let out = tokio::task::spawn_blocking(move || ks(&url2, &["cutover"]))
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let url2 = db.url();
+    let out = tokio::task::spawn_blocking(move || ks(&url2, &["finalize", "--yes"]))
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    wait_status(&p, |v| v["dual_write"] == false).await;
+    assert_eq!(count(&direct, "SELECT count(*) FROM pg_attribute WHERE attname LIKE '%_legacy' AND attnum > 0 AND NOT attisdropped AND attrelid = 'mcp_servers'::regclass").await, 0);
+    // After finalize the proxy passes everything through, and the early statement still runs.
+    assert_eq!(
+        early
+            .execute(&early_insert, &[&"final", &"s4"])
+            .await
+            .unwrap(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_drain_that_times_out_aborts_and_reopens_the_gates() {
+    let db = migrated_db().await;
+    let p = linked_proxy(&db).await;
+    let url = p.url("postgres", &db.name);
+    let mut busy = common::connect(&url).await;
+    let tx = busy.transaction().await.unwrap();
+    tx.execute("UPDATE mcp_servers SET status = 'held' WHERE id = 1", &[])
+        .await
+        .unwrap();
+    let other = common::connect(&url).await;
+    let url2 = db.url();
+    let out =
+        tokio::task::spawn_blocking(move || ks(&url2, &["cutover", "--drain-timeout", "300ms"]))
+            .await
+            .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        err.contains("drain") && err.contains("backend_pid"),
+        "{err}"
+    );
+    // Nothing changed, and traffic flows.
+    let direct = db.client().await;
+    assert_eq!(column_type(&direct, "mcp_servers", "id").await, "integer");
+    wait_status(&p, |v| v["gate"] == "open").await;
+    other.simple_query("SELECT 1").await.unwrap();
+    tx.commit().await.unwrap();
+    // A dry run goes through the whole protocol and changes nothing.
+    let url2 = db.url();
+    let out = tokio::task::spawn_blocking(move || ks(&url2, &["cutover", "--dry-run"]))
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(stdout(&out).contains("dry run"), "{}", text(&out));
+    assert_eq!(column_type(&direct, "mcp_servers", "id").await, "integer");
+    wait_status(&p, |v| v["gate"] == "open").await;
+    other.simple_query("SELECT 1").await.unwrap();
+}
+
+#[tokio::test]
+async fn a_lock_held_elsewhere_exhausts_the_budget_and_names_the_blocker() {
+    let db = migrated_db().await;
+    let p = linked_proxy(&db).await;
+    let direct = db.client().await;
+    let mut blocker = db.client().await;
+    blocker
+        .batch_execute("SET application_name = 'the_blocker'")
+        .await
+        .unwrap();
+    let tx = blocker.transaction().await.unwrap();
+    tx.batch_execute("LOCK TABLE mcp_server_tools IN ACCESS SHARE MODE")
+        .await
+        .unwrap();
+    let url2 = db.url();
+    let out = tokio::task::spawn_blocking(move || {
+        ks(
+            &url2,
+            &["cutover", "--lock-timeout", "100ms", "--budget", "1s"],
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("the_blocker"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(column_type(&direct, "mcp_servers", "id").await, "integer");
+    wait_status(&p, |v| v["gate"] == "open").await;
+    // With --terminate-blockers it goes through.
+    let url2 = db.url();
+    let out = tokio::task::spawn_blocking(move || {
+        ks(
+            &url2,
+            &[
+                "cutover",
+                "--lock-timeout",
+                "200ms",
+                "--budget",
+                "10s",
+                "--terminate-blockers",
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(column_type(&direct, "mcp_servers", "id").await, "uuid");
+    drop(tx);
+}
+
+#[tokio::test]
+async fn a_coordinator_that_dies_never_leaves_the_gate_closed() {
+    let db = migrated_db().await;
+    let p = linked_proxy(&db).await;
+    let direct = db.client().await;
+    direct
+        .batch_execute(keyshift::migrate::switch::schema_sql())
+        .await
+        .unwrap();
+    // A coordinator that asked for a pause and died: nobody will ever say resume.
+    direct
+        .batch_execute(
+            "INSERT INTO keyshift.switch_attempts (id, action, state, drain_timeout_ms, hold_deadline, coordinator)
+             VALUES (99, 'cutover', 'pausing', 500, clock_timestamp() + interval '1500 milliseconds', 'dead');
+             NOTIFY keyshift, 'pause 99:1'",
+        )
+        .await
+        .unwrap();
+    wait_status(&p, |v| v["gate"] == "closed").await;
+    let c = common::connect(&p.url("postgres", &db.name)).await;
+    let t = Instant::now();
+    c.simple_query("SELECT 1").await.unwrap();
+    // Held until the deadline, then released by the proxy itself.
+    assert!(
+        t.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        t.elapsed()
+    );
+    wait_status(&p, |v| v["gate"] == "open").await;
+    let start = Instant::now();
+    while count(
+        &direct,
+        "SELECT count(*) FROM keyshift.proxies WHERE pause_state = 'expired'",
+    )
+    .await
+        != 1
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the proxy never reported its expired hold"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn cutover_through_the_admin_endpoint() {
+    let db = migrated_db().await;
+    let p = linked_proxy(&db).await;
+    let admin = p.admin;
+    let post = move |path: &'static str, token: Option<&'static str>| {
+        tokio::task::spawn_blocking(move || http(admin, "POST", path, token))
+    };
+    assert_eq!(post("/v1/cutover", None).await.unwrap().0, 401);
+    assert_eq!(
+        post("/v1/cutover?action=sideways", Some("test-token"))
+            .await
+            .unwrap()
+            .0,
+        400
+    );
+    let (code, body) = post(
+        "/v1/cutover?dry_run=true&drain_timeout=3s",
+        Some("test-token"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["dry_run"], true, "{v}");
+    assert_eq!(v["pauses"].as_array().map(|a| a.len()), Some(1), "{v}");
+    let (code, body) = post("/v1/cutover", Some("test-token")).await.unwrap();
+    assert_eq!(code, 200, "{body}");
+    let direct = db.client().await;
+    assert_eq!(column_type(&direct, "mcp_servers", "id").await, "uuid");
+    // A second cutover is refused, saying why.
+    let (code, body) = post("/v1/cutover", Some("test-token")).await.unwrap();
+    assert_eq!(code, 409, "{body}");
+    assert!(body.contains("rollback"), "{body}");
+    // The attempts and pauses show in /metrics (attempt counts at the next heartbeat).
+    let start = Instant::now();
+    loop {
+        let (_, m) = tokio::task::spawn_blocking(move || http(admin, "GET", "/metrics", None))
+            .await
+            .unwrap();
+        if m.contains("keyshift_cutover_attempts{action=\"cutover\",result=\"committed\"} 1")
+            && m.contains("keyshift_pause_duration_seconds_count 2")
+            && m.contains("keyshift_migration_phase{phase=\"cut_over\"} 1")
+        {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{m}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
