@@ -528,7 +528,11 @@ fn run_backfill(cfg: MigrateConfig, skip_harden: bool) -> anyhow::Result<ExitCod
     use crate::migrate::{backfill, harden};
     runtime()?.block_on(async {
         let client = crate::migrate::db::connect(&cfg.database_url).await?;
-        let sum = backfill::run(&client, &cfg.settings).await?;
+        let mut extra = Vec::new();
+        for _ in 1..cfg.settings.jobs {
+            extra.push(crate::migrate::db::connect(&cfg.database_url).await?);
+        }
+        let sum = backfill::run(&client, &extra, &cfg.settings).await?;
         let secs = sum.elapsed.as_secs_f64();
         eprintln!(
             "keyshift backfill: {} rows scanned, {} updated in {:.1}s ({:.0} rows/s)",

@@ -80,6 +80,7 @@ pub struct FileConfig {
     pub legacy_suffix: Option<String>,
     pub batch_size: Option<i64>,
     pub max_rows_per_sec: Option<u64>,
+    pub jobs: Option<usize>,
 }
 
 impl FileConfig {
@@ -436,6 +437,9 @@ pub struct BackfillArgs {
     /// Throttle: at most this many rows per second; 0 means no limit [default: 0]
     #[arg(long, env = "KEYSHIFT_MAX_ROWS_PER_SEC", value_name = "N")]
     pub max_rows_per_sec: Option<u64>,
+    /// Connections filling tables side by side (tables of one dependency level; FKs) [default: 1]
+    #[arg(long, env = "KEYSHIFT_JOBS", value_name = "N")]
+    pub jobs: Option<usize>,
 }
 
 /// The migration commands' resolved configuration.
@@ -493,6 +497,10 @@ impl MigrateConfig {
         if !(1..=1_000_000).contains(&batch_size) {
             return Err(invalid("batch_size", "must be between 1 and 1000000"));
         }
+        let jobs = bf.jobs.or(file.jobs).unwrap_or(d.jobs);
+        if !(1..=32).contains(&jobs) {
+            return Err(invalid("jobs", "must be between 1 and 32"));
+        }
         let uuid_suffix = sel
             .uuid_suffix
             .or(file.uuid_suffix)
@@ -532,6 +540,7 @@ impl MigrateConfig {
                 lock_timeout,
                 ddl_retries: db.ddl_retries.or(file.ddl_retries).unwrap_or(d.ddl_retries),
                 batch_size,
+                jobs,
                 max_rows_per_sec: bf
                     .max_rows_per_sec
                     .or(file.max_rows_per_sec)

@@ -25,15 +25,25 @@ async fn sigkill_at_random_points_then_resume() {
     let mut kills = 0;
     let mut finished = false;
     let start = Instant::now();
-    while kills < 8 && start.elapsed() < Duration::from_secs(60) {
+    while kills < 12 && start.elapsed() < Duration::from_secs(60) {
         let mut child = Command::new(bin())
-            .args(["backfill", "--batch-size", "97", "--database-url", &url])
+            // Throttled so that each run does at most ~3,000 of the 10,500 rows before it
+            // is killed: at least 3 kills land inside the key passes, whatever the machine.
+            .args([
+                "backfill",
+                "--batch-size",
+                "97",
+                "--max-rows-per-sec",
+                "5000",
+                "--database-url",
+                &url,
+            ])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn keyshift");
-        let wait = Duration::from_millis(rng.random_range(30..400));
+        let wait = Duration::from_millis(rng.random_range(30..600));
         tokio::time::sleep(wait).await;
         if let Some(status) = child.try_wait().expect("try_wait") {
             assert!(status.success(), "backfill failed on its own: {status}");
@@ -45,7 +55,10 @@ async fn sigkill_at_random_points_then_resume() {
         let _ = child.wait();
         kills += 1;
     }
-    assert!(kills >= 2 || finished, "the backfill was never interrupted");
+    assert!(
+        kills >= 3,
+        "the backfill was interrupted only {kills} time(s)"
+    );
     // Resume to the end.
     ks_expect(&url, &["backfill", "--batch-size", "97"], 0);
     ks_expect(&url, &["verify"], 0);
@@ -73,24 +86,16 @@ async fn sigkill_at_random_points_then_resume() {
         .await;
         assert_eq!(updated, want, "key pass of {t} updated");
     }
-    for (t, want) in [
-        ("connector_access", n),
-        ("mcp_servers", 2 * n),
-        ("mcp_server_tokens", 2 * n),
-        ("mcp_server_tools", 2 * n),
-    ] {
-        let done = count(
+    // The FK twins were filled by the key passes (parents first): the catch-up found nothing
+    // to repair, so no batch was lost between kills.
+    assert_eq!(
+        count(
             &c,
-            &format!(
-                "SELECT rows_done FROM keyshift.backfill WHERE kind = 'catchup' AND table_name = '{t}'"
-            ),
+            "SELECT sum(rows_updated)::bigint FROM keyshift.backfill WHERE kind = 'catchup'"
         )
-        .await;
-        assert_eq!(
-            done, want,
-            "catch-up pass (FK twins were filled by the key pass, parents first) of {t}"
-        );
-    }
+        .await,
+        0
+    );
     assert_eq!(
         count(&c, "SELECT count(*) FROM keyshift.backfill WHERE NOT done").await,
         0
@@ -143,7 +148,20 @@ async fn direct_writes_during_backfill() {
     }
     let url2 = url.clone();
     let o = tokio::task::spawn_blocking(move || {
-        ks(&url2, &["backfill", "--batch-size", "50", "--skip-harden"])
+        ks(
+            &url2,
+            &[
+                "backfill",
+                "--batch-size",
+                "50",
+                "--skip-harden",
+                "--jobs",
+                "2",
+                // At least ~0.7 s of backfill for the writers to run beside, on any machine.
+                "--max-rows-per-sec",
+                "10000",
+            ],
+        )
     })
     .await
     .unwrap();

@@ -44,6 +44,22 @@ async fn expand_and_abort_are_idempotent_and_abort_restores_the_schema() {
     );
     let (_, phase) = state::load(&c).await.unwrap().unwrap();
     assert_eq!(phase, state::Phase::Expanded);
+    // keyshift.uuid_v7(): version 7, RFC variant, time-ordered (the first 48 bits are ms).
+    let r = c
+        .query_one(
+            "SELECT u::text, substr(u::text, 15, 1), substr(u::text, 20, 1),
+                    abs(('x' || lpad(replace(substr(u::text, 1, 13), '-', ''), 16, '0'))::bit(64)::bigint
+                        - (extract(epoch FROM clock_timestamp()) * 1000)::bigint)
+               FROM (SELECT keyshift.uuid_v7() AS u) s",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (u, version, variant, skew): (String, String, String, i64) =
+        (r.get(0), r.get(1), r.get(2), r.get(3));
+    assert_eq!(version, "7", "{u}");
+    assert!(["8", "9", "a", "b"].contains(&variant.as_str()), "{u}");
+    assert!(skew < 5000, "{u}: timestamp {skew} ms off");
 
     ks_expect(&db.url(), &["backfill"], 0);
     ks_expect(&db.url(), &["verify"], 0);
@@ -97,7 +113,7 @@ async fn edge_schema_full_cycle() {
         "tags has a text key: it only gets a twin"
     );
     ks_expect(&url, &["expand", "--schema", "App"], 0);
-    ks_expect(&url, &["backfill", "--batch-size", "7"], 0);
+    ks_expect(&url, &["backfill", "--batch-size", "7", "--jobs", "2"], 0);
     let o = ks_expect(&url, &["verify", "--format", "json"], 0);
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(r["passed"], true);
@@ -370,4 +386,61 @@ async fn ddl_retries_under_lock_timeout() {
     holder.batch_execute("COMMIT").await.unwrap();
     let o = run.await.unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}
+
+/// The last statement of a killed backfill can commit after a new run has read the cursor:
+/// the new run's batch must then save nothing (and count nothing twice).
+#[tokio::test]
+async fn a_batch_saves_its_cursor_only_if_nobody_moved_it() {
+    let db = db_with(&format!("{SEED_004}{}", seed_004_rows(20))).await;
+    ks_expect(&db.url(), &["expand"], 0);
+    let c = db.client().await;
+    let (plan, _) = state::load(&c).await.unwrap().unwrap();
+    let t = &plan.tables[0];
+    let sql = ddl::key_batch(&plan, t);
+    let task = "key:public.mcp_connectors";
+    let stale: Option<i64> = Some(5);
+    let r = c
+        .query_one(&sql, &[&i64::MIN, &10i64, &task, &10i64, &stale])
+        .await
+        .unwrap();
+    let (updated, saved): (i64, i64) = (r.get(0), r.get(1));
+    assert_eq!(
+        (updated, saved),
+        (10, 0),
+        "rows filled, cursor not saved: it was not at 5"
+    );
+    assert_eq!(
+        count(
+            &c,
+            "SELECT rows_done FROM keyshift.backfill WHERE task = 'key:public.mcp_connectors'"
+        )
+        .await,
+        0
+    );
+    let none: Option<i64> = None;
+    let r = c
+        .query_one(&sql, &[&i64::MIN, &10i64, &task, &10i64, &none])
+        .await
+        .unwrap();
+    let (updated, saved): (i64, i64) = (r.get(0), r.get(1));
+    assert_eq!((updated, saved), (0, 1), "already filled; the cursor moves");
+    assert_eq!(
+        count(
+            &c,
+            "SELECT cursor FROM keyshift.backfill WHERE task = 'key:public.mcp_connectors'"
+        )
+        .await,
+        10
+    );
+    ks_expect(&db.url(), &["backfill"], 0);
+    assert_eq!(
+        count(
+            &c,
+            "SELECT rows_done FROM keyshift.backfill WHERE task = 'key:public.mcp_connectors'"
+        )
+        .await,
+        20
+    );
+    ks_expect(&db.url(), &["verify"], 0);
 }

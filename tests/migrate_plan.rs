@@ -222,3 +222,49 @@ fn bad_configuration_exits_2_naming_the_key() {
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(stderr(&o).contains("batchsize"), "{}", text(&o));
 }
+
+/// deploy/keyshift.toml documents every migration key, and its documented defaults parse
+/// and resolve to the same values as no file at all.
+#[test]
+fn documented_migration_keys() {
+    use keyshift::config::{DbArgs, FileConfig, MigrateConfig};
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/keyshift.toml"))
+            .unwrap();
+    let keys = [
+        "database_url",
+        "lock_timeout",
+        "ddl_retries",
+        "uuid_version",
+        "schemas",
+        "tables",
+        "exclude",
+        "uuid_suffix",
+        "legacy_suffix",
+        "batch_size",
+        "max_rows_per_sec",
+        "jobs",
+    ];
+    let mut uncommented = String::new();
+    for key in keys {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("# {key} = ")))
+            .unwrap_or_else(|| panic!("{key} is not documented in deploy/keyshift.toml"));
+        uncommented.push_str(&line[2..]);
+        uncommented.push('\n');
+    }
+    let file = FileConfig::parse(&uncommented).unwrap();
+    let cfg = MigrateConfig::resolve(file, &DbArgs::default(), None, None).unwrap();
+    let dflt = MigrateConfig::resolve(
+        FileConfig::parse("database_url = \"postgres://postgres@127.0.0.1:5432/app\"").unwrap(),
+        &DbArgs::default(),
+        None,
+        None,
+    )
+    .unwrap();
+    assert_eq!(cfg.plan, dflt.plan);
+    assert_eq!(cfg.settings.lock_timeout, dflt.settings.lock_timeout);
+    assert_eq!(cfg.settings.batch_size, dflt.settings.batch_size);
+    assert_eq!(cfg.settings.ddl_retries, dflt.settings.ddl_retries);
+}

@@ -3,6 +3,7 @@
 //! integer key; each batch is ONE statement that also saves the cursor, so a `kill -9` at any
 //! moment loses or repeats nothing.
 
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
@@ -27,6 +28,9 @@ pub enum BackfillError {
 }
 
 enum Work<'a> {
+    /// Find every row whose twin differs from its parent's uuid (one read-only hash join),
+    /// then fix those rows in batches.
+    Catchup(&'a PlanFk),
     Key(&'a PlanTable),
     Fk(&'a PlanFk),
 }
@@ -102,20 +106,22 @@ struct Limiter {
 }
 
 impl Limiter {
-    async fn after(&mut self, rows: u64) {
+    /// How long to wait so that the rows so far stay under the limit.
+    fn after(&mut self, rows: u64) -> Option<Duration> {
         self.rows += rows;
-        if let Some(max) = self.max.filter(|m| *m > 0) {
-            let due = Duration::from_secs_f64(self.rows as f64 / max as f64);
-            let spent = self.start.elapsed();
-            if due > spent {
-                tokio::time::sleep(due - spent).await;
-            }
-        }
+        let max = self.max.filter(|m| *m > 0)?;
+        let due = Duration::from_secs_f64(self.rows as f64 / max as f64);
+        due.checked_sub(self.start.elapsed())
     }
 }
 
-/// Runs (or resumes) the backfill. Does not harden; the CLI chains `harden::run`.
-pub async fn run(client: &Client, s: &Settings) -> Result<Summary, BackfillError> {
+/// Runs (or resumes) the backfill on `client` and the `extra` connections (up to one task
+/// each at a time). Does not harden; the CLI chains `harden::run`.
+pub async fn run(
+    client: &Client,
+    extra: &[Client],
+    s: &Settings,
+) -> Result<Summary, BackfillError> {
     let Some((plan, phase)) = state::load(client).await? else {
         return Err(BackfillError::NotExpanded);
     };
@@ -160,135 +166,107 @@ pub async fn run(client: &Client, s: &Settings) -> Result<Summary, BackfillError
         refresh_estimate(client, schema, table).await?;
     }
 
-    // A crash can lose the last commits, but each one holds its rows AND its cursor: a lost
-    // batch is simply redone. So the batches need not wait for the WAL flush.
-    db::exec(client, "SET synchronous_commit = off").await?;
-    // Plans for the bounds actually passed: a generic plan would guess the range's size.
-    db::exec(client, "SET plan_cache_mode = force_custom_plan").await?;
-    let mut display = Display::new();
-    let mut limiter = Limiter {
-        max: s.max_rows_per_sec,
-        start: Instant::now(),
-        rows: 0,
-    };
-    let started = Instant::now();
-    let mut sum = Summary::default();
-    let mut work: Vec<(String, Work)> = Vec::new();
-    for t in &plan.tables {
-        work.push((key_task(t), Work::Key(t)));
-    }
-    for (_, f) in plan
-        .foreign_keys()
-        .filter(|(_, f)| !ddl::is_fused(&plan, f))
-    {
-        work.push((fk_task("fk", f), Work::Fk(f)));
-    }
-    for (_, f) in plan.foreign_keys() {
-        work.push((fk_task("catchup", f), Work::Fk(f)));
-    }
-    let mut keys_caught_up = false;
-    for (task, w) in &work {
-        if matches!(w, Work::Fk(_)) && !keys_caught_up {
-            // Before any FK pass reads the parents' uuids: key uuids still NULL (an explicit
-            // NULL, or a path that skipped the default) get one.
-            keys_caught_up = true;
-            key_catchup(client, &plan, s, &mut sum).await?;
-        }
-        let row = client
-            .query_one(
-                "SELECT done, cursor, rows_done, rows_estimate FROM keyshift.backfill WHERE task = $1",
-                &[task],
-            )
-            .await
-            .map_err(|e| stmt_error("SELECT ... FROM keyshift.backfill", e))?;
-        let done: bool = row.get(0);
-        if done {
-            continue;
-        }
-        let mut cursor: Option<i64> = row.get(1);
-        let rows_done: i64 = row.get(2);
-        let estimate: i64 = row.get(3);
-        let (bounds, sql, by_ctid) = match w {
-            Work::Key(t) => (
-                ddl::key_bounds(&qualified(&t.schema, &t.name), &t.key),
-                ddl::key_batch(&plan, t),
-                false,
-            ),
-            Work::Fk(f) => (
-                ddl::fk_bounds(f),
-                ddl::fk_batch(f),
-                f.child_batch_key.is_none(),
-            ),
-        };
+    // One backfill at a time. A killed run's session keeps this lock until its backend has
+    // finished its last statement, so a new run also waits for that.
+    let key = "SELECT pg_try_advisory_lock(hashtext('keyshift backfill'))";
+    let got: bool = client
+        .query_one(key, &[])
+        .await
+        .map_err(|e| stmt_error(key, e))?
+        .get(0);
+    if !got {
+        tracing::warn!(
+            "another backfill holds the lock (or a killed one is finishing its last statement); waiting for it"
+        );
+        db::exec(client, "SET lock_timeout = 0").await?;
         db::exec(
             client,
-            &format!(
-                "UPDATE keyshift.backfill SET started_at = COALESCE(started_at, clock_timestamp()) WHERE task = {}",
-                super::ident::literal(task)
-            ),
+            "SELECT pg_advisory_lock(hashtext('keyshift backfill'))",
         )
         .await?;
-        let bounds_stmt = client
-            .prepare(&bounds)
-            .await
-            .map_err(|e| stmt_error(&bounds, e))?;
-        let stmt = client
-            .prepare(&sql)
-            .await
-            .map_err(|e| stmt_error(&sql, e))?;
-        // With ctid batches, $2 is pages per batch: about batch_size rows at ~50 rows a page.
-        let size = if by_ctid {
-            (s.batch_size / 50).max(1)
-        } else {
-            s.batch_size
-        };
-        let mut bar = display.task(task, estimate, rows_done);
-        loop {
-            let lo = if by_ctid {
-                cursor.map(|c| c + 1).unwrap_or(0)
-            } else {
-                cursor.unwrap_or(i64::MIN)
-            };
-            let t0 = Instant::now();
-            let r = client
-                .query_one(&bounds_stmt, &[&lo, &size])
-                .await
-                .map_err(|e| stmt_error(&bounds, e))?;
-            let hi: Option<i64> = r.get(0);
-            let scanned: i64 = r.get(1);
-            let Some(hi) = hi else { break };
-            let updated: i64 = client
-                .query_one(&stmt, &[&lo, &hi, task, &scanned])
-                .await
-                .map_err(|e| stmt_error(&sql, e))?
-                .get(0);
-            let ms = t0.elapsed().as_secs_f64() * 1000.0;
-            cursor = Some(hi);
-            sum.rows_scanned += scanned;
-            sum.rows_updated += updated;
-            // Best effort, outside the batch: only for display and metrics.
-            let _ = client
-                .execute(
-                    "UPDATE keyshift.backfill SET last_batch_ms = $2 WHERE task = $1",
-                    &[task, &ms],
-                )
-                .await;
-            display.advance(&mut bar, scanned.max(0) as u64);
-            limiter.after(scanned.max(0) as u64).await;
+    }
+    for c in std::iter::once(client).chain(extra) {
+        prepare_session(c).await?;
+    }
+    let shared = Shared {
+        display: Mutex::new(Display::new()),
+        limiter: Mutex::new(Limiter {
+            max: s.max_rows_per_sec,
+            start: Instant::now(),
+            rows: 0,
+        }),
+        sum: Mutex::new(Summary::default()),
+    };
+    let started = Instant::now();
+    // Stages run one after the other; the tasks of a stage run side by side (`jobs`).
+    // Key passes by dependency level: a child's key pass reads its earlier parents' uuids.
+    let mut level: Vec<usize> = Vec::new();
+    for t in &plan.tables {
+        let l = ddl::fused_fks(&plan, t)
+            .iter()
+            .filter_map(|f| {
+                plan.tables
+                    .iter()
+                    .position(|x| x.schema == f.parent_schema && x.name == f.parent_table)
+            })
+            .map(|p| level.get(p).copied().unwrap_or(0) + 1)
+            .max()
+            .unwrap_or(0);
+        level.push(l);
+    }
+    let mut stages: Vec<Vec<(String, Work)>> = Vec::new();
+    for l in 0..=level.iter().copied().max().unwrap_or(0) {
+        stages.push(
+            plan.tables
+                .iter()
+                .zip(&level)
+                .filter(|(_, x)| **x == l)
+                .map(|(t, _)| (key_task(t), Work::Key(t)))
+                .collect(),
+        );
+    }
+    let key_stages = stages.len();
+    stages.push(
+        plan.foreign_keys()
+            .filter(|(_, f)| !ddl::is_fused(&plan, f))
+            .map(|(_, f)| (fk_task("fk", f), Work::Fk(f)))
+            .collect(),
+    );
+    stages.push(
+        plan.foreign_keys()
+            .map(|(_, f)| (fk_task("catchup", f), Work::Catchup(f)))
+            .collect(),
+    );
+    let clients: Vec<&Client> = std::iter::once(client).chain(extra).collect();
+    for (i, stage) in stages.iter().enumerate() {
+        if i == key_stages {
+            // Before any FK pass reads the parents' uuids: key uuids still NULL (an explicit
+            // NULL, or a path that skipped the default) get one.
+            let mut sum = Summary::default();
+            key_catchup(client, &plan, s, &mut sum).await?;
+            lock(&shared.sum).rows_updated += sum.rows_updated;
         }
-        display.finish(&bar);
-        client
-            .execute(
-                "UPDATE keyshift.backfill SET done = true, finished_at = clock_timestamp() WHERE task = $1",
-                &[task],
-            )
-            .await
-            .map_err(|e| stmt_error("UPDATE keyshift.backfill SET done = true", e))?;
+        let queue = Mutex::new(stage.iter().collect::<std::collections::VecDeque<_>>());
+        let workers = clients.iter().map(|c| async {
+            loop {
+                let next = lock(&queue).pop_front();
+                let Some((task, w)) = next else {
+                    return Ok::<(), DbError>(());
+                };
+                run_task(c, &plan, task, w, s, &shared).await?;
+            }
+        });
+        for r in futures_util::future::join_all(workers).await {
+            r?;
+        }
     }
-    if !keys_caught_up {
-        key_catchup(client, &plan, s, &mut sum).await?;
-    }
+    let mut sum = lock(&shared.sum).clone();
     sum.elapsed = started.elapsed();
+    db::exec(
+        client,
+        "SELECT pg_advisory_unlock(hashtext('keyshift backfill'))",
+    )
+    .await?;
     super::expand::advance(client, Phase::Backfilled).await?;
     state::event(
         client,
@@ -303,6 +281,196 @@ pub async fn run(client: &Client, s: &Settings) -> Result<Summary, BackfillError
     )
     .await?;
     Ok(sum)
+}
+
+struct Shared {
+    display: Mutex<Display>,
+    limiter: Mutex<Limiter>,
+    sum: Mutex<Summary>,
+}
+
+/// A poisoned lock only means another worker panicked; its data is still usable here.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+async fn prepare_session(c: &Client) -> Result<(), DbError> {
+    // A crash can lose the last commits, but each one holds its rows AND its cursor: a lost
+    // batch is simply redone. So the batches need not wait for the WAL flush.
+    db::exec(c, "SET synchronous_commit = off").await?;
+    // Plans for the bounds actually passed: a generic plan would guess the range's size.
+    db::exec(c, "SET plan_cache_mode = force_custom_plan").await
+}
+
+/// Runs one task to its end (or resumes it).
+async fn run_task(
+    client: &Client,
+    plan: &Plan,
+    task: &str,
+    w: &Work<'_>,
+    s: &Settings,
+    shared: &Shared,
+) -> Result<(), DbError> {
+    let row = client
+        .query_one(
+            "SELECT done, cursor, rows_done, rows_estimate FROM keyshift.backfill WHERE task = $1",
+            &[&task],
+        )
+        .await
+        .map_err(|e| stmt_error("SELECT ... FROM keyshift.backfill", e))?;
+    let done: bool = row.get(0);
+    if done {
+        return Ok(());
+    }
+    let mut cursor: Option<i64> = row.get(1);
+    let rows_done: i64 = row.get(2);
+    let estimate: i64 = row.get(3);
+    if let Work::Catchup(f) = w {
+        catchup(client, f, task, s, shared).await?;
+        return mark_done(client, task).await;
+    }
+    let (bounds, sql, by_ctid) = match w {
+        Work::Key(t) => (
+            ddl::key_bounds(&qualified(&t.schema, &t.name), &t.key),
+            ddl::key_batch(plan, t),
+            false,
+        ),
+        Work::Fk(f) | Work::Catchup(f) => (
+            ddl::fk_bounds(f),
+            ddl::fk_batch(f),
+            f.child_batch_key.is_none(),
+        ),
+    };
+    let start = "UPDATE keyshift.backfill SET started_at = COALESCE(started_at, clock_timestamp()) WHERE task = $1";
+    client
+        .execute(start, &[&task])
+        .await
+        .map_err(|e| stmt_error(start, e))?;
+    let bounds_stmt = client
+        .prepare(&bounds)
+        .await
+        .map_err(|e| stmt_error(&bounds, e))?;
+    let stmt = client
+        .prepare(&sql)
+        .await
+        .map_err(|e| stmt_error(&sql, e))?;
+    // With ctid batches, $2 is pages per batch: about batch_size rows at ~50 rows a page.
+    let size = if by_ctid {
+        (s.batch_size / 50).max(1)
+    } else {
+        s.batch_size
+    };
+    let mut bar = lock(&shared.display).task(task, estimate, rows_done);
+    loop {
+        let lo = if by_ctid {
+            cursor.map(|c| c + 1).unwrap_or(0)
+        } else {
+            cursor.unwrap_or(i64::MIN)
+        };
+        let t0 = Instant::now();
+        let r = client
+            .query_one(&bounds_stmt, &[&lo, &size])
+            .await
+            .map_err(|e| stmt_error(&bounds, e))?;
+        let hi: Option<i64> = r.get(0);
+        let scanned: i64 = r.get(1);
+        let Some(hi) = hi else { break };
+        let r = client
+            .query_one(&stmt, &[&lo, &hi, &task, &scanned, &cursor])
+            .await
+            .map_err(|e| stmt_error(&sql, e))?;
+        let (updated, saved): (i64, i64) = (r.get(0), r.get(1));
+        let ms = t0.elapsed().as_secs_f64() * 1000.0;
+        if saved == 0 {
+            // Someone else moved the cursor (the last statement of a killed run committing
+            // late): this batch counted nothing; start again from the stored cursor.
+            let q = "SELECT cursor FROM keyshift.backfill WHERE task = $1";
+            cursor = client
+                .query_one(q, &[&task])
+                .await
+                .map_err(|e| stmt_error(q, e))?
+                .get(0);
+            continue;
+        }
+        cursor = Some(hi);
+        {
+            let mut sum = lock(&shared.sum);
+            sum.rows_scanned += scanned;
+            sum.rows_updated += updated;
+        }
+        // Best effort, outside the batch: only for display and metrics.
+        let _ = client
+            .execute(
+                "UPDATE keyshift.backfill SET last_batch_ms = $2 WHERE task = $1",
+                &[&task, &ms],
+            )
+            .await;
+        lock(&shared.display).advance(&mut bar, scanned.max(0) as u64);
+        let pause = lock(&shared.limiter).after(scanned.max(0) as u64);
+        if let Some(p) = pause {
+            tokio::time::sleep(p).await;
+        }
+    }
+    lock(&shared.display).finish(&bar);
+    mark_done(client, task).await
+}
+
+/// The catch-up pass of one FK. Finding the rows is one read-only query (a hash join of
+/// child and parent: far cheaper than a lookup per row, and it takes no lock that blocks
+/// writes); fixing them goes in batches, each re-checking its rows. A kill just means the
+/// next run searches again.
+async fn catchup(
+    client: &Client,
+    f: &PlanFk,
+    task: &str,
+    s: &Settings,
+    shared: &Shared,
+) -> Result<(), DbError> {
+    // Bounded, so that a huge backlog cannot exhaust memory: searched again until done.
+    const FIND_LIMIT: i64 = 1_000_000;
+    let find = ddl::catchup_find(f);
+    let fix = ddl::catchup_fix(f);
+    let mark = "UPDATE keyshift.backfill SET started_at = COALESCE(started_at, clock_timestamp()), \
+                rows_done = rows_done + $2, rows_updated = rows_updated + $3, batches = batches + $4, \
+                last_batch_ms = $5, updated_at = clock_timestamp() WHERE task = $1";
+    loop {
+        let found: Vec<String> = client
+            .query(&find, &[&FIND_LIMIT])
+            .await
+            .map_err(|e| stmt_error(&find, e))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let mut bar = lock(&shared.display).task(task, found.len() as i64, 0);
+        for chunk in found.chunks(s.batch_size.max(1) as usize) {
+            let t0 = Instant::now();
+            let n = client
+                .execute(&fix, &[&chunk])
+                .await
+                .map_err(|e| stmt_error(&fix, e))? as i64;
+            let ms = t0.elapsed().as_secs_f64() * 1000.0;
+            lock(&shared.sum).rows_updated += n;
+            client
+                .execute(mark, &[&task, &(chunk.len() as i64), &n, &1i64, &ms])
+                .await
+                .map_err(|e| stmt_error(mark, e))?;
+            lock(&shared.display).advance(&mut bar, chunk.len() as u64);
+        }
+        lock(&shared.display).finish(&bar);
+        if (found.len() as i64) < FIND_LIMIT {
+            return Ok(());
+        }
+    }
+}
+
+async fn mark_done(client: &Client, task: &str) -> Result<(), DbError> {
+    let sql =
+        "UPDATE keyshift.backfill SET done = true, finished_at = clock_timestamp() WHERE task = $1";
+    client
+        .execute(sql, &[&task])
+        .await
+        .map_err(|e| stmt_error(sql, e))?;
+    Ok(())
 }
 
 async fn key_catchup(

@@ -229,15 +229,17 @@ pub fn key_batch(plan: &Plan, t: &PlanTable) -> String {
     format!(
         "WITH upd AS (UPDATE {tb} AS t SET {set} WHERE t.{k} > $1::bigint AND t.{k} <= $2::bigint AND t.{u} IS NULL RETURNING 1), \
 {CURSOR_CTE} \
-SELECT count(*) FROM upd",
+SELECT (SELECT count(*) FROM upd), (SELECT count(*) FROM cur)",
         tb = tbl(t),
     )
 }
 
-/// Saves the cursor in the batch's own statement.
+/// Saves the cursor in the batch's own statement, only if it is still the one the batch started
+/// from (`$5`): the last statement of a killed run can still commit after a new run read the
+/// cursor; the new run's batch then counts nothing and re-reads the cursor.
 const CURSOR_CTE: &str = "cur AS (UPDATE keyshift.backfill SET cursor = $2::bigint, \
 rows_done = rows_done + $4::bigint, rows_updated = rows_updated + (SELECT count(*) FROM upd), \
-batches = batches + 1, updated_at = clock_timestamp() WHERE task = $3 RETURNING 1)";
+batches = batches + 1, updated_at = clock_timestamp() WHERE task = $3 AND cursor IS NOT DISTINCT FROM $5::bigint RETURNING 1)";
 
 /// FKs of `t` whose parent comes strictly earlier in the plan: the parent's key pass is done
 /// by the time `t`'s runs, so `t`'s key pass fills their twins in the same write. One row
@@ -285,10 +287,9 @@ fn parent_uuid_of(f: &PlanFk, alias: &str) -> String {
 
 /// One batch setting `<fk>_uuid` to the parent's uuid, along the child's integer key (or its
 /// ctid pages when it has none), parameters as [`key_batch`]. Only rows whose twin differs are
-/// written, so the same statement is also the catch-up pass: it repairs NULL and stale twins
-/// left by writes that did not go through the proxy (NULL when the FK was set to NULL). The
-/// parent is looked up per row (a SubPlan on its key): a plan that cannot turn into a hash
-/// join over the whole parent.
+/// written, so a rerun writes nothing, and rows already fixed by a concurrent dual-write are
+/// left alone. The parent is looked up per row (a SubPlan on its key): a plan that cannot turn
+/// into a hash join over the whole parent for every batch.
 pub fn fk_batch(f: &PlanFk) -> String {
     let fu = quote(&f.uuid_column);
     let range = match &f.child_batch_key {
@@ -302,8 +303,41 @@ pub fn fk_batch(f: &PlanFk) -> String {
     format!(
         "WITH upd AS (UPDATE {c} AS c SET {fu} = {pu} WHERE {range} AND c.{fu} IS DISTINCT FROM {pu} RETURNING 1), \
 {CURSOR_CTE} \
-SELECT count(*) FROM upd",
+SELECT (SELECT count(*) FROM upd), (SELECT count(*) FROM cur)",
         c = child(f),
+    )
+}
+
+/// The catch-up pass's search: keys (as text; ctids for a child without an integer key) of
+/// the rows whose twin differs from the parent's uuid. `$1` caps the count.
+pub fn catchup_find(f: &PlanFk) -> String {
+    let key = match &f.child_batch_key {
+        Some(ck) => format!("c.{}", quote(ck)),
+        None => "c.ctid".into(),
+    };
+    format!(
+        "SELECT {key}::text FROM {c} AS c LEFT JOIN {p} AS p ON p.{pk} = c.{fk} \
+WHERE c.{fu} IS DISTINCT FROM p.{pu} LIMIT $1::bigint",
+        c = child(f),
+        p = parent(f),
+        pk = quote(&f.parent_key),
+        fk = quote(&f.child_column),
+        fu = quote(&f.uuid_column),
+        pu = quote(&f.parent_uuid_column),
+    )
+}
+
+/// The catch-up pass's fix for the rows found (`$1`, keys as text), re-checked row by row.
+pub fn catchup_fix(f: &PlanFk) -> String {
+    let which = match &f.child_batch_key {
+        Some(ck) => format!("c.{} = ANY($1::text[]::bigint[])", quote(ck)),
+        None => "c.ctid = ANY($1::text[]::tid[])".into(),
+    };
+    let fu = quote(&f.uuid_column);
+    let pu = parent_uuid(f);
+    format!(
+        "UPDATE {c} AS c SET {fu} = {pu} WHERE {which} AND c.{fu} IS DISTINCT FROM {pu}",
+        c = child(f)
     )
 }
 
@@ -323,17 +357,24 @@ pub fn key_catchup(plan: &Plan, t: &PlanTable) -> String {
 pub fn backfill(plan: &Plan) -> Vec<Step> {
     let mut v = Vec::new();
     for t in &plan.tables {
+        v.push(Step::new(
+            key_bounds(&tbl(t), &t.key),
+            Mode::Online,
+            When::Always,
+        ));
         v.push(Step::new(key_batch(plan, t), Mode::Online, When::Always));
     }
     for t in &plan.tables {
         v.push(Step::new(key_catchup(plan, t), Mode::Online, When::Always));
     }
     for (_, f) in plan.foreign_keys().filter(|(_, f)| !is_fused(plan, f)) {
+        v.push(Step::new(fk_bounds(f), Mode::Online, When::Always));
         v.push(Step::new(fk_batch(f), Mode::Online, When::Always));
     }
-    // The catch-up pass: the same statement as the FK pass, over every FK.
+    // The catch-up pass: find the rows whose twin differs, then fix them in batches.
     for (_, f) in plan.foreign_keys() {
-        v.push(Step::new(fk_batch(f), Mode::Online, When::Always));
+        v.push(Step::new(catchup_find(f), Mode::Online, When::Always));
+        v.push(Step::new(catchup_fix(f), Mode::Online, When::Always));
     }
     v
 }
@@ -941,7 +982,7 @@ pub fn render_sql(plan: &Plan) -> String {
         if phase == "backfill" {
             let _ = writeln!(
                 s,
-                "-- repeated per batch: $1 = cursor (last key done), $2 = batch size, $3 = task; until no row is left"
+                "-- per batch: the bounds ($1 = cursor, $2 = batch size) give the last key and the row count; then the batch ($1 = cursor, $2 = last key, $3 = task, $4 = row count, $5 = the cursor as read); until no row is left"
             );
         }
         let mut last = None;

@@ -32,6 +32,8 @@ pub struct Settings {
     pub ddl_retries: u32,
     pub batch_size: i64,
     pub max_rows_per_sec: Option<u64>,
+    /// Backfill connections working at once (tables of the same dependency level, FKs).
+    pub jobs: usize,
 }
 
 impl Default for Settings {
@@ -41,6 +43,7 @@ impl Default for Settings {
             ddl_retries: 30,
             batch_size: 5000,
             max_rows_per_sec: None,
+            jobs: 1,
         }
     }
 }
