@@ -68,6 +68,28 @@ async fn setup() -> (common::TestDb, common::TestDb, TestProxy) {
     (db, twin, p)
 }
 
+/// The columns the application knows are identical in both databases, table by table.
+async fn assert_same_application_columns(
+    a: &tokio_postgres::Client,
+    b: &tokio_postgres::Client,
+    context: &str,
+) {
+    for (table, cols) in [
+        ("mcp_connectors", "id, name"),
+        ("connector_access", "id, connector_id, user_id"),
+        ("mcp_servers", "id, connector_id, name, status"),
+        ("mcp_server_tokens", "id, mcp_server_id, token"),
+        ("mcp_server_tools", "id, mcp_server_id, tool_name"),
+    ] {
+        let q = format!(
+            "SELECT string_agg(x::text, ';' ORDER BY x.id) FROM (SELECT {cols} FROM {table}) x"
+        );
+        let x: Option<String> = a.query_one(&q, &[]).await.unwrap().get(0);
+        let y: Option<String> = b.query_one(&q, &[]).await.unwrap().get(0);
+        assert_eq!(x, y, "{table} differs{context}");
+    }
+}
+
 fn rows_text(msgs: &[SimpleQueryMessage]) -> Vec<String> {
     msgs.iter()
         .map(|m| match m {
@@ -137,20 +159,7 @@ async fn every_write_form_keeps_the_twins_right_simple_protocol() {
         assert!(bad.is_empty(), "after {sql}:\n{bad:?}");
     }
     // The application's columns of both databases are identical.
-    for (table, cols) in [
-        ("mcp_connectors", "id, name"),
-        ("connector_access", "id, connector_id, user_id"),
-        ("mcp_servers", "id, connector_id, name, status"),
-        ("mcp_server_tokens", "id, mcp_server_id, token"),
-        ("mcp_server_tools", "id, mcp_server_id, tool_name"),
-    ] {
-        let q = format!(
-            "SELECT string_agg(x::text, ';' ORDER BY x.id) FROM (SELECT {cols} FROM {table}) x"
-        );
-        let a: Option<String> = direct.query_one(&q, &[]).await.unwrap().get(0);
-        let b: Option<String> = t.query_one(&q, &[]).await.unwrap().get(0);
-        assert_eq!(a, b, "{table}");
-    }
+    assert_same_application_columns(&direct, &t, "").await;
     // The rewrites were counted per table and kind.
     let (_, m) = http(p.admin, "GET", "/metrics", None);
     assert!(
@@ -349,20 +358,7 @@ async fn differential_random_writes_direct_versus_through_keyshift() {
     );
     let bad = inconsistent(&direct).await;
     assert!(bad.is_empty(), "{bad:?}");
-    for (table, cols) in [
-        ("mcp_connectors", "id, name"),
-        ("connector_access", "id, connector_id, user_id"),
-        ("mcp_servers", "id, connector_id, name, status"),
-        ("mcp_server_tokens", "id, mcp_server_id, token"),
-        ("mcp_server_tools", "id, mcp_server_id, tool_name"),
-    ] {
-        let q = format!(
-            "SELECT string_agg(x::text, ';' ORDER BY x.id) FROM (SELECT {cols} FROM {table}) x"
-        );
-        let a: Option<String> = direct.query_one(&q, &[]).await.unwrap().get(0);
-        let b: Option<String> = t.query_one(&q, &[]).await.unwrap().get(0);
-        assert_eq!(a, b, "{table} differs (seed {seed})");
-    }
+    assert_same_application_columns(&direct, &t, &format!(" (seed {seed})")).await;
     ks_expect(&db.url(), &["verify"], 0);
     // Nothing was passed through unrewritten.
     let (_, m) = http(p.admin, "GET", "/metrics", None);

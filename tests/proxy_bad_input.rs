@@ -6,21 +6,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::proxy::{TestProxy, test_config};
-
-fn startup_packet(user: &str, db: &str) -> Vec<u8> {
-    let mut body = 196608u32.to_be_bytes().to_vec();
-    for (k, v) in [("user", user), ("database", db)] {
-        body.extend_from_slice(k.as_bytes());
-        body.push(0);
-        body.extend_from_slice(v.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    let mut pkt = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-    pkt.extend(body);
-    pkt
-}
+use common::proxy::{TestProxy, raw_session, startup_packet, test_config};
 
 /// Reads everything until the proxy closes; returns the bytes.
 fn read_to_close(s: &mut TcpStream) -> Vec<u8> {
@@ -54,19 +40,7 @@ fn error_code(bytes: &[u8]) -> Option<String> {
 }
 
 fn authenticated(p: &TestProxy, db: &str) -> TcpStream {
-    let mut s = TcpStream::connect(p.addr).unwrap();
-    s.write_all(&startup_packet("postgres", db)).unwrap();
-    // Read until ReadyForQuery.
-    loop {
-        let mut hdr = [0u8; 5];
-        s.read_exact(&mut hdr).unwrap();
-        let len = u32::from_be_bytes([hdr[1], hdr[2], hdr[3], hdr[4]]) as usize;
-        let mut body = vec![0u8; len - 4];
-        s.read_exact(&mut body).unwrap();
-        if hdr[0] == b'Z' {
-            return s;
-        }
-    }
+    raw_session(p.addr, db)
 }
 
 #[tokio::test]
@@ -113,7 +87,8 @@ async fn each_bad_input_ends_only_its_connection() {
     let mut b = [0u8; 1];
     s.read_exact(&mut b).unwrap();
     assert_eq!(&b, b"N");
-    s.write_all(&startup_packet("postgres", &db.name)).unwrap();
+    s.write_all(&startup_packet("postgres", &db.name, "bad_input"))
+        .unwrap();
     let mut b = [0u8; 1];
     s.read_exact(&mut b).unwrap();
     assert_eq!(b[0], b'R');

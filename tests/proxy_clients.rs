@@ -2,10 +2,10 @@
 //! parameters, pipelining, errors mid-pipeline, notifications, cancel, and a client that dies.
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::time::{Duration, Instant};
 
-use common::proxy::TestProxy;
+use common::proxy::{TestProxy, read_until_ready, startup_packet};
 use futures_util::{StreamExt, TryStreamExt, future};
 use tokio_postgres::{AsyncMessage, NoTls, SimpleQueryMessage};
 
@@ -247,35 +247,6 @@ async fn cancel_with_a_wrong_key_cancels_nothing() {
     };
     let (r, ()) = tokio::join!(sleeper, bogus);
     assert!(r.is_ok());
-}
-
-fn startup_packet(user: &str, db: &str, app: &str) -> Vec<u8> {
-    let mut body = Vec::new();
-    body.extend_from_slice(&196608u32.to_be_bytes());
-    for (k, v) in [("user", user), ("database", db), ("application_name", app)] {
-        body.extend_from_slice(k.as_bytes());
-        body.push(0);
-        body.extend_from_slice(v.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    let mut pkt = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-    pkt.extend(body);
-    pkt
-}
-
-/// Reads messages until a ReadyForQuery; returns its status byte.
-fn read_until_ready(s: &mut std::net::TcpStream) -> u8 {
-    loop {
-        let mut hdr = [0u8; 5];
-        s.read_exact(&mut hdr).unwrap();
-        let len = u32::from_be_bytes([hdr[1], hdr[2], hdr[3], hdr[4]]) as usize;
-        let mut body = vec![0u8; len - 4];
-        s.read_exact(&mut body).unwrap();
-        if hdr[0] == b'Z' {
-            return body[0];
-        }
-    }
 }
 
 #[tokio::test]

@@ -2,11 +2,11 @@
 //! connection limit, graceful shutdown, and memory while streaming a large COPY.
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::proxy::{ProxyProcess, free_port, http};
+use common::proxy::{ProxyProcess, free_port, http, raw_session};
 use futures_util::{SinkExt, StreamExt};
 
 fn keyshift() -> Command {
@@ -232,25 +232,6 @@ async fn client_limit_answers_too_many_connections() {
         }
     }
     b.simple_query("SELECT 1").await.unwrap();
-}
-
-fn raw_session(addr: std::net::SocketAddr, db: &str) -> std::net::TcpStream {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    let mut body = 196608u32.to_be_bytes().to_vec();
-    body.extend_from_slice(format!("user\0postgres\0database\0{db}\0\0").as_bytes());
-    let mut pkt = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-    pkt.extend(body);
-    s.write_all(&pkt).unwrap();
-    loop {
-        let mut hdr = [0u8; 5];
-        s.read_exact(&mut hdr).unwrap();
-        let len = u32::from_be_bytes([hdr[1], hdr[2], hdr[3], hdr[4]]) as usize;
-        let mut b = vec![0u8; len - 4];
-        s.read_exact(&mut b).unwrap();
-        if hdr[0] == b'Z' {
-            return s;
-        }
-    }
 }
 
 #[tokio::test]

@@ -209,3 +209,42 @@ pub fn http(admin: SocketAddr, method: &str, path: &str, token: Option<&str>) ->
         .unwrap_or_default();
     (code, body)
 }
+
+/// A protocol 3.0 StartupMessage, as a raw client sends it.
+pub fn startup_packet(user: &str, db: &str, app: &str) -> Vec<u8> {
+    let mut body = 196608u32.to_be_bytes().to_vec();
+    for (k, v) in [("user", user), ("database", db), ("application_name", app)] {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut pkt = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    pkt.extend(body);
+    pkt
+}
+
+/// Reads messages until a ReadyForQuery; returns its status byte.
+pub fn read_until_ready(s: &mut std::net::TcpStream) -> u8 {
+    use std::io::Read;
+    loop {
+        let mut hdr = [0u8; 5];
+        s.read_exact(&mut hdr).unwrap();
+        let len = u32::from_be_bytes([hdr[1], hdr[2], hdr[3], hdr[4]]) as usize;
+        let mut body = vec![0u8; len - 4];
+        s.read_exact(&mut body).unwrap();
+        if hdr[0] == b'Z' {
+            return body[0];
+        }
+    }
+}
+
+/// A raw, authenticated (trust) session through `addr`, ready for a query.
+pub fn raw_session(addr: SocketAddr, db: &str) -> std::net::TcpStream {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(&startup_packet("postgres", db, "raw")).unwrap();
+    read_until_ready(&mut s);
+    s
+}
