@@ -729,6 +729,10 @@ impl Load {
         let errors = Arc::new(Mutex::new(Vec::new()));
         let net = Arc::new(Mutex::new(Net::new()));
         let max_stall_us = Arc::new(AtomicU64::new(0));
+        // Rows are tagged with (client, iteration): a later load on the same database
+        // starts its iterations elsewhere.
+        static GENERATION: AtomicU64 = AtomicU64::new(0);
+        let first = GENERATION.fetch_add(1, Ordering::Relaxed) as i64 * 100_000;
         let mut tasks = Vec::new();
         for i in 0..clients {
             let mut c = common::connect(&urls[i % urls.len()]).await;
@@ -746,7 +750,7 @@ impl Load {
             );
             tasks.push(tokio::spawn(async move {
                 let mut mem = Memory::default();
-                let mut n = 0i64;
+                let mut n = first;
                 while !stop.load(Ordering::Relaxed) {
                     n += 1;
                     let mut d = Net::new();
