@@ -654,9 +654,15 @@ pub fn rollback(plan: &Plan) -> Vec<Step> {
     for (_, f) in plan.foreign_keys() {
         let name = legacy_fk_name(plan, f);
         let (s, n) = (f.child_schema.clone(), f.child_table.clone());
+        // The parent's lock first, as the applications take them (a parent row, then its
+        // children, in one transaction): ADD FOREIGN KEY alone locks the child, then waits
+        // for the parent while such a transaction waits for the child, a cycle that
+        // lock_timeout breaks at every retry under steady traffic. (Sent as one query: one
+        // implicit transaction, so the LOCK lasts until the ALTER is done.)
         v.push(Step::new(
             format!(
-                "ALTER TABLE {} ADD CONSTRAINT {} {} NOT VALID",
+                "LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE; ALTER TABLE {} ADD CONSTRAINT {} {} NOT VALID",
+                parent(f),
                 child(f),
                 quote(&name),
                 fk_clause(f, &f.legacy_column, &legacy_of(plan, f))
