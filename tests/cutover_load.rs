@@ -969,8 +969,10 @@ async fn rollback_after_writes_made_after_cutover_then_cutover_again() {
     // what the swap back dropped (shadow FKs, checks), under that traffic.
     let load = Load::start(std::slice::from_ref(&url), 16).await;
     load.run_for(100, Duration::from_secs(60)).await;
+    let t = Instant::now();
     let out = ks_async(&db.url(), &["harden"]).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    println!("harden under load: {:?}\n{}", t.elapsed(), stderr(&out));
     load.run_for(100, Duration::from_secs(60)).await;
     let after_rollback = load.stop().await;
     assert!(after_rollback.errors.is_empty(), "{:#?}", after_rollback.errors);
@@ -1232,4 +1234,105 @@ async fn kill_9_of_a_proxy_holding_its_gate_then_restart_and_stale_heartbeat() {
         2
     );
     kill9(&mut pa);
+}
+
+#[tokio::test]
+async fn kill_9_of_the_coordinator_during_the_drain_and_after_sending_the_swap() {
+    let db = migrated_004().await;
+    let direct = db.client().await;
+    let mut px = spawn_proxy(&db, "px");
+    wait_linked(px.admin).await;
+    let url = px.url("postgres", &db.name);
+
+    // 1. While the proxy drains: a client is inside a transaction when the pause comes.
+    let mut busy = common::connect(&url).await;
+    let tx = busy.transaction().await.unwrap();
+    tx.execute(
+        "UPDATE mcp_servers SET status = 'draining' WHERE name = 's1'",
+        &[],
+    )
+    .await
+    .unwrap();
+    let mut coord = spawn_ks(
+        &db.url(),
+        &["cutover", "--drain-timeout", "1s", "--lock-timeout", "500ms"],
+    );
+    wait_status(px.admin, Duration::from_secs(15), |v| v["gate"] == "closed").await;
+    coord.kill().unwrap();
+    let _ = coord.wait();
+    // The transaction runs on and commits; nobody will say resume: the gate reopens by
+    // itself by the hold deadline (drain + lock timeout + 5 s).
+    tx.commit().await.unwrap();
+    wait_status(px.admin, Duration::from_secs(15), |v| v["gate"] == "open").await;
+    busy.simple_query("SELECT 1").await.unwrap();
+    assert_eq!(shape(&direct, &TABLES_004).await, "before");
+    assert_eq!(
+        count(
+            &direct,
+            "SELECT count(*) FROM mcp_servers WHERE name = 's1' AND status = 'draining'"
+        )
+        .await,
+        1
+    );
+
+    // 2. After the swap transaction was sent (it waits for a lock): the coordinator dies,
+    // then the lock goes. Whatever PostgreSQL does with the orphaned swap (it rolls it back
+    // when it finds its client gone), the database ends fully before or fully after, the
+    // gate reopens by the hold deadline at the latest, and the client held meanwhile is
+    // served under the rules of the side the database is on.
+    let blocker = lock_blocker(&db).await;
+    let mut coord = spawn_ks(
+        &db.url(),
+        &[
+            "cutover",
+            "--drain-timeout",
+            "1s",
+            "--lock-timeout",
+            "3s",
+            "--budget",
+            "60s",
+        ],
+    );
+    wait_true(&direct, &held_and_swap_waiting("px"), Duration::from_secs(20)).await;
+    coord.kill().unwrap();
+    let _ = coord.wait();
+    let held = tokio::spawn(async move {
+        busy.execute("INSERT INTO mcp_servers (name, connector_id) SELECT 'held-across', id FROM mcp_connectors WHERE name = 'c5'", &[])
+            .await
+    });
+    blocker.batch_execute("COMMIT").await.unwrap();
+    wait_status(px.admin, Duration::from_secs(20), |v| v["gate"] == "open").await;
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(10), held)
+            .await
+            .expect("the held client was released")
+            .unwrap()
+            .expect("the held client saw no error"),
+        1
+    );
+    let side = shape(&direct, &TABLES_004).await;
+    println!("coordinator killed after sending the swap: the database is {side}");
+    let twin = if side == "after" { "_legacy" } else { "_uuid" };
+    assert_eq!(
+        count(
+            &direct,
+            &format!(
+                "SELECT count(*) FROM mcp_servers s JOIN mcp_connectors c ON c.id = s.connector_id
+                 WHERE s.name = 'held-across' AND c.name = 'c5' AND s.connector_id{twin} = c.id{twin}"
+            )
+        )
+        .await,
+        1,
+        "the held client's write went through the wrong rules for the {side} side"
+    );
+    // And the operator carries on from there.
+    let (next, want) = if side == "after" {
+        ("rollback", "before")
+    } else {
+        ("cutover", "after")
+    };
+    let out = ks_async(&db.url(), &[next, "--drain-timeout", "2s"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(shape(&direct, &TABLES_004).await, want);
+    kill9(&mut px);
 }
