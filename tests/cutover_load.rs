@@ -221,7 +221,11 @@ async fn assert_rolled_back(c: &Client, tables: &[&str], fks_before: &[Fk], pks_
     );
     for t in tables {
         assert_eq!(
-            count(c, &format!("SELECT count(*) FROM {t} WHERE id_uuid IS NULL")).await,
+            count(
+                c,
+                &format!("SELECT count(*) FROM {t} WHERE id_uuid IS NULL")
+            )
+            .await,
             0,
             "{t}: a row without its uuid twin"
         );
@@ -283,7 +287,8 @@ async fn status(admin: SocketAddr) -> Option<serde_json::Value> {
     })
     .await
     .unwrap();
-    r.ok().and_then(|(_, body)| serde_json::from_str(&body).ok())
+    r.ok()
+        .and_then(|(_, body)| serde_json::from_str(&body).ok())
 }
 
 async fn wait_status(
@@ -319,8 +324,8 @@ async fn wait_linked(admin: SocketAddr) {
 fn spawn_proxy(db: &common::TestDb, id: &str) -> ProxyProcess {
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let log = std::fs::File::create(std::env::temp_dir().join(format!("{}-{id}.log", db.name)))
-        .unwrap();
+    let log =
+        std::fs::File::create(std::env::temp_dir().join(format!("{}-{id}.log", db.name))).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_keyshift"))
         .args(["proxy", "--listen", &addr.to_string()])
         .args(["--admin-listen", &admin.to_string()])
@@ -387,7 +392,10 @@ async fn wait_true(c: &Client, sql: &str, within: Duration) {
         {
             return;
         }
-        assert!(start.elapsed() < within, "never true within {within:?}: {sql}");
+        assert!(
+            start.elapsed() < within,
+            "never true within {within:?}: {sql}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -417,7 +425,10 @@ struct LoadResult {
 
 /// Runs a simple-protocol statement; returns the first column of its rows and the rows it
 /// affected.
-async fn simple(c: &Client, sql: &str) -> Result<(Vec<Option<String>>, i64), tokio_postgres::Error> {
+async fn simple(
+    c: &Client,
+    sql: &str,
+) -> Result<(Vec<Option<String>>, i64), tokio_postgres::Error> {
     let mut rows = Vec::new();
     let mut n = 0;
     for m in c.simple_query(sql).await? {
@@ -549,7 +560,10 @@ async fn iteration(
             *d.entry("report_executions").or_default() -= gone * kids_ex;
             *d.entry("report_cache").or_default() -= simple(
                 c,
-                &format!("DELETE FROM report_cache WHERE payload = 'pc-k0-{i}-{}'::bytea", n - 2),
+                &format!(
+                    "DELETE FROM report_cache WHERE payload = 'pc-k0-{i}-{}'::bytea",
+                    n - 2
+                ),
             )
             .await?
             .1;
@@ -573,7 +587,9 @@ async fn iteration(
                 .await? as i64;
             kids[1] = tx.execute(&p.widget, &[&title, &kind]).await? as i64;
             kids[2] = tx.execute(&p.wdc, &[&kind, &title]).await? as i64;
-            kids[3] = tx.execute(&p.share, &[&title, &format!("g-{i}-{n}")]).await? as i64;
+            kids[3] = tx
+                .execute(&p.share, &[&title, &format!("g-{i}-{n}")])
+                .await? as i64;
             kids[4] = tx.execute(&p.snap, &[&title]).await? as i64;
             tx.execute(
                 &p.move_widget,
@@ -663,7 +679,10 @@ async fn iteration(
             .await?;
             *d.entry("scheduler_job_logs").or_default() -= simple(
                 c,
-                &format!("DELETE FROM scheduler_job_logs WHERE line = 'log-k2-{i}-{}'", n - 2),
+                &format!(
+                    "DELETE FROM scheduler_job_logs WHERE line = 'log-k2-{i}-{}'",
+                    n - 2
+                ),
             )
             .await?
             .1;
@@ -908,7 +927,8 @@ async fn cutover_with_two_proxies_each_carrying_half_the_clients() {
     // Both paused for this attempt, both reported their pause.
     for id in ["proxy-a", "proxy-b"] {
         assert!(
-            report.contains(&format!("proxy {id}: gate closed")) && !report.contains("not reported"),
+            report.contains(&format!("proxy {id}: gate closed"))
+                && !report.contains("not reported"),
             "{report}"
         );
     }
@@ -953,7 +973,11 @@ async fn rollback_after_writes_made_after_cutover_then_cutover_again() {
     let load = Load::start(std::slice::from_ref(&url), 16).await;
     load.run_for(300, Duration::from_secs(60)).await;
     let after_cutover = load.stop().await;
-    assert!(after_cutover.errors.is_empty(), "{:#?}", after_cutover.errors);
+    assert!(
+        after_cutover.errors.is_empty(),
+        "{:#?}",
+        after_cutover.errors
+    );
     let want = expected_counts(&before, &after_cutover.net);
     assert_eq!(row_counts(&direct, &TABLES_000).await, want);
 
@@ -975,7 +999,11 @@ async fn rollback_after_writes_made_after_cutover_then_cutover_again() {
     println!("harden under load: {:?}\n{}", t.elapsed(), stderr(&out));
     load.run_for(100, Duration::from_secs(60)).await;
     let after_rollback = load.stop().await;
-    assert!(after_rollback.errors.is_empty(), "{:#?}", after_rollback.errors);
+    assert!(
+        after_rollback.errors.is_empty(),
+        "{:#?}",
+        after_rollback.errors
+    );
     let want = expected_counts(&want, &after_rollback.net);
     assert_rolled_back(&direct, &TABLES_000, &fks_before, &pks_before).await;
     assert_eq!(row_counts(&direct, &TABLES_000).await, want);
@@ -1089,7 +1117,10 @@ async fn kill_9_of_the_coordinator_while_the_gates_are_closed() {
     // The orphaned swap gives up at its lock timeout (the blocker stays), and nobody will
     // say resume: the proxy reopens by itself at the hold deadline (drain + lock timeout + 5 s).
     wait_status(px.admin, Duration::from_secs(20), |v| v["gate"] == "open").await;
-    println!("gate reopened {:?} after the coordinator died", killed_at.elapsed());
+    println!(
+        "gate reopened {:?} after the coordinator died",
+        killed_at.elapsed()
+    );
     let client = tokio::time::timeout(Duration::from_secs(5), held)
         .await
         .expect("the held client was released")
@@ -1112,7 +1143,11 @@ async fn kill_9_of_the_coordinator_while_the_gates_are_closed() {
     blocker.batch_execute("COMMIT").await.unwrap();
     let out = ks_async(&db.url(), &["cutover", "--drain-timeout", "2s"]).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    assert!(stdout(&out).contains("proxy px: gate closed"), "{}", text(&out));
+    assert!(
+        stdout(&out).contains("proxy px: gate closed"),
+        "{}",
+        text(&out)
+    );
     assert_eq!(shape(&direct, &TABLES_004).await, "after");
     assert_eq!(
         count(
@@ -1255,7 +1290,13 @@ async fn kill_9_of_the_coordinator_during_the_drain_and_after_sending_the_swap()
     .unwrap();
     let mut coord = spawn_ks(
         &db.url(),
-        &["cutover", "--drain-timeout", "1s", "--lock-timeout", "500ms"],
+        &[
+            "cutover",
+            "--drain-timeout",
+            "1s",
+            "--lock-timeout",
+            "500ms",
+        ],
     );
     wait_status(px.admin, Duration::from_secs(15), |v| v["gate"] == "closed").await;
     coord.kill().unwrap();
@@ -1293,7 +1334,12 @@ async fn kill_9_of_the_coordinator_during_the_drain_and_after_sending_the_swap()
             "60s",
         ],
     );
-    wait_true(&direct, &held_and_swap_waiting("px"), Duration::from_secs(20)).await;
+    wait_true(
+        &direct,
+        &held_and_swap_waiting("px"),
+        Duration::from_secs(20),
+    )
+    .await;
     coord.kill().unwrap();
     let _ = coord.wait();
     let held = tokio::spawn(async move {
