@@ -882,7 +882,12 @@ async fn cutover_of_15_tables_under_16_clients_loses_nothing() {
     let before = row_counts(&direct, &TABLES_000).await;
 
     let load = Load::start(&[p.url("postgres", &db.name)], 16).await;
-    let report = switch_under_load(&db, &load, &["cutover", "--drain-timeout", "5s"]).await;
+    let report = switch_under_load(
+        &db,
+        &load,
+        &["cutover", "--drain-timeout", "5s", "--budget", "60s"],
+    )
+    .await;
     assert!(report.contains("proxy proxy-1: gate closed"), "{report}");
     let r = load.stop().await;
     assert!(
@@ -922,7 +927,12 @@ async fn cutover_with_two_proxies_each_carrying_half_the_clients() {
         8,
         "proxy-a carries half the clients"
     );
-    let report = switch_under_load(&db, &load, &["cutover", "--drain-timeout", "5s"]).await;
+    let report = switch_under_load(
+        &db,
+        &load,
+        &["cutover", "--drain-timeout", "5s", "--budget", "60s"],
+    )
+    .await;
     let r = load.stop().await;
     assert!(
         r.errors.is_empty(),
@@ -990,7 +1000,11 @@ async fn rollback_after_writes_made_after_cutover_then_cutover_again() {
     let want = expected_counts(&before, &after_cutover.net);
     assert_eq!(row_counts(&direct, &TABLES_000).await, want);
 
-    let out = ks_async(&db.url(), &["rollback", "--drain-timeout", "5s"]).await;
+    let out = ks_async(
+        &db.url(),
+        &["rollback", "--drain-timeout", "5s", "--budget", "60s"],
+    )
+    .await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert_rolled_back(&direct, &TABLES_000, &fks_before, &pks_before).await;
     assert_eq!(
@@ -1020,7 +1034,12 @@ async fn rollback_after_writes_made_after_cutover_then_cutover_again() {
     // And forward again, under load.
     ks_expect(&db.url(), &["verify"], 0);
     let load = Load::start(std::slice::from_ref(&url), 16).await;
-    switch_under_load(&db, &load, &["cutover", "--drain-timeout", "5s"]).await;
+    switch_under_load(
+        &db,
+        &load,
+        &["cutover", "--drain-timeout", "5s", "--budget", "60s"],
+    )
+    .await;
     let r = load.stop().await;
     assert!(r.errors.is_empty(), "{:#?}", r.errors);
     assert_cut_over(&direct, &TABLES_000, &fks_before, &pks_before).await;
@@ -1043,7 +1062,12 @@ async fn rollback_under_continuous_write_load() {
     wait_linked(p.admin).await;
     ks_expect(&db.url(), &["cutover"], 0);
     let load = Load::start(&[p.url("postgres", &db.name)], 16).await;
-    switch_under_load(&db, &load, &["rollback", "--drain-timeout", "5s"]).await;
+    switch_under_load(
+        &db,
+        &load,
+        &["rollback", "--drain-timeout", "5s", "--budget", "60s"],
+    )
+    .await;
     let r = load.stop().await;
     assert!(r.errors.is_empty(), "{:#?}", r.errors);
 }
