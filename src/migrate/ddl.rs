@@ -414,6 +414,22 @@ pub fn mirror_index(f: &PlanFk, i: &PlanIndex) -> String {
     s
 }
 
+/// `ADD CONSTRAINT … FOREIGN KEY … NOT VALID` (a brief step), the parent's lock taken first,
+/// in the order applications take them (a parent row, then its children, in one
+/// transaction). ADD FOREIGN KEY alone locks the child, then waits for the parent while
+/// such a transaction, holding the parent, waits for the child: a lock cycle that
+/// lock_timeout breaks at every retry as long as that traffic flows, so the step never got
+/// through under load. Sent as one query, the two statements are one implicit transaction.
+/// Same lock modes as before: ADD FOREIGN KEY takes SHARE ROW EXCLUSIVE on the parent too.
+fn add_fk_not_valid(f: &PlanFk, name: &str, clause: &str) -> String {
+    format!(
+        "LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE; ALTER TABLE {} ADD CONSTRAINT {} {clause} NOT VALID",
+        parent(f),
+        child(f),
+        quote(name)
+    )
+}
+
 fn fk_clause(f: &PlanFk, column: &str, parent_column: &str) -> String {
     let mut s = format!(
         "FOREIGN KEY ({}) REFERENCES {} ({}) ON DELETE {} ON UPDATE {}",
@@ -474,11 +490,10 @@ pub fn harden(plan: &Plan) -> Vec<Step> {
     for (_, f) in plan.foreign_keys() {
         let (s, n) = (f.child_schema.clone(), f.child_table.clone());
         v.push(Step::new(
-            format!(
-                "ALTER TABLE {} ADD CONSTRAINT {} {} NOT VALID",
-                child(f),
-                quote(&f.shadow_constraint),
-                fk_clause(f, &f.uuid_column, &f.parent_uuid_column)
+            add_fk_not_valid(
+                f,
+                &f.shadow_constraint,
+                &fk_clause(f, &f.uuid_column, &f.parent_uuid_column),
             ),
             Mode::Brief,
             When::ConstraintMissing {
@@ -696,11 +711,10 @@ pub fn rollback(plan: &Plan) -> Vec<Step> {
         let name = legacy_fk_name(plan, f);
         let (s, n) = (f.child_schema.clone(), f.child_table.clone());
         v.push(Step::new(
-            format!(
-                "ALTER TABLE {} ADD CONSTRAINT {} {} NOT VALID",
-                child(f),
-                quote(&name),
-                fk_clause(f, &f.legacy_column, &legacy_of(plan, f))
+            add_fk_not_valid(
+                f,
+                &name,
+                &fk_clause(f, &f.legacy_column, &legacy_of(plan, f)),
             ),
             Mode::Brief,
             When::ConstraintMissing {
@@ -1069,7 +1083,7 @@ mod tests {
             .unwrap();
         assert_eq!(
             shadow.sql,
-            "ALTER TABLE public.tools ADD CONSTRAINT tools_server_id_fkey_uuid FOREIGN KEY (server_id_uuid) REFERENCES public.servers (id_uuid) ON DELETE SET NULL ON UPDATE NO ACTION NOT VALID"
+            "LOCK TABLE public.servers IN SHARE ROW EXCLUSIVE MODE; ALTER TABLE public.tools ADD CONSTRAINT tools_server_id_fkey_uuid FOREIGN KEY (server_id_uuid) REFERENCES public.servers (id_uuid) ON DELETE SET NULL ON UPDATE NO ACTION NOT VALID"
         );
         assert_eq!(shadow.mode, Mode::Brief);
         assert!(h.iter().any(|s| s.sql
