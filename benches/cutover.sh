@@ -4,7 +4,8 @@
 #
 # For each size: a database with the schema and its rows, `keyshift expand` + `keyshift backfill`
 # (which hardens), a keyshift proxy linked to it. Then, one size after the other: CLIENTS pgbench
-# clients run short transactions through the proxy for DURATION seconds with per-transaction
+# clients run short transactions through the proxy for max(DURATION, CUT_AT + 6 × verify + 20) s
+# (verify runs inside cutover, slower under load), with per-transaction
 # latency logging (-l); at CUT_AT seconds `keyshift cutover` runs once. From the logs:
 #   baseline   transactions that ended between 2 s after the start and 0.5 s before the cutover
 #   pause      transactions that overlap the interval in which the proxy's gate was closed (from
@@ -20,7 +21,7 @@
 #                                          backfilling the 2 M rows)
 # Environment: SMALL=1250 LARGE=250000 (n: rows = 8 n: n connectors, n access, 2n servers,
 #              2n tokens, 2n tools), CLIENTS=16, JOBS=2, DURATION=24, CUT_AT=12, MODE=simple,
-#              DRAIN_TIMEOUT=2s, PGBIN.
+#              DRAIN_TIMEOUT=2s, PGBIN, KEEP_TMP=1 (keep the logs in the temp dir).
 set -euo pipefail
 
 SMALL=${SMALL:-1250}
