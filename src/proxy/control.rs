@@ -38,6 +38,40 @@ pub enum ControlError {
     Lost,
 }
 
+/// The control link on a thread and runtime of its own: however busy the sessions keep the
+/// other runtimes, a pause request is answered promptly (a cutover waits on every proxy).
+pub struct ControlThread {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl ControlThread {
+    pub fn spawn(c: Control) -> std::io::Result<ControlThread> {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        std::thread::Builder::new()
+            .name("keyshift-control".into())
+            .spawn(move || {
+                rt.block_on(async move {
+                    // Ends on stop() or when the proxy drops the sender.
+                    tokio::select! {
+                        _ = c.run() => {}
+                        _ = rx => {}
+                    }
+                });
+            })?;
+        Ok(ControlThread { stop: Some(tx) })
+    }
+
+    /// Ends the link (its runtime, tasks and connection go with the thread).
+    pub fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
 pub struct Control {
     shared: Arc<Shared>,
     url: String,

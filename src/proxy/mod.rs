@@ -46,6 +46,8 @@ pub enum ProxyError {
     Tls(#[from] tls::TlsError),
     #[error("admin endpoint: {0}")]
     Admin(std::io::Error),
+    #[error("starting the link to the migrated database: {0}")]
+    Control(std::io::Error),
     #[error("installing signal handlers: {0}")]
     Signal(std::io::Error),
 }
@@ -201,10 +203,14 @@ impl Proxy {
     ) -> Result<(), ProxyError> {
         let shared = self.shared.clone();
         let admin = tokio::spawn(crate::admin::serve(self.admin, shared.clone()));
-        let control = shared.cfg.database_url.clone().map(|url| {
-            let port = self.listener.local_addr().map(|a| a.port()).unwrap_or(0);
-            tokio::spawn(control::Control::new(shared.clone(), url, port).run())
-        });
+        let control = match shared.cfg.database_url.clone() {
+            Some(url) => {
+                let port = self.listener.local_addr().map(|a| a.port()).unwrap_or(0);
+                let c = control::Control::new(shared.clone(), url, port);
+                Some(control::ControlThread::spawn(c).map_err(ProxyError::Control)?)
+            }
+            None => None,
+        };
         // The runtime running this loop takes sessions too: it is the last "worker".
         let local_load = Arc::new(AtomicUsize::new(0));
         tokio::pin!(shutdown);
@@ -245,7 +251,7 @@ impl Proxy {
         }
         admin.abort();
         if let Some(c) = control {
-            c.abort();
+            c.stop();
         }
         info!("keyshift proxy stopped");
         Ok(())
