@@ -70,6 +70,8 @@ pub struct FileConfig {
     pub search_path: Option<Vec<String>>,
     pub proxy_id: Option<String>,
     pub rewrite_cache_entries: Option<usize>,
+    pub map_token: Option<String>,
+    pub map_cache_entries: Option<usize>,
     pub lock_timeout: Option<String>,
     pub ddl_retries: Option<u32>,
     pub uuid_version: Option<u8>,
@@ -130,6 +132,17 @@ pub struct ProxyArgs {
     /// Statements kept in the rewrite cache [default: 4096]
     #[arg(long, env = "KEYSHIFT_REWRITE_CACHE_ENTRIES", value_name = "N")]
     pub rewrite_cache_entries: Option<usize>,
+    /// Bearer token required by the id-mapping endpoints (/v1/map/*); without one they are open
+    #[arg(
+        long,
+        env = "KEYSHIFT_MAP_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub map_token: Option<String>,
+    /// Id mappings kept in the proxy's lookup cache (about 100 bytes each) [default: 1000000]
+    #[arg(long, env = "KEYSHIFT_MAP_CACHE_ENTRIES", value_name = "N")]
+    pub map_cache_entries: Option<usize>,
     /// Address clients connect to [default: 127.0.0.1:6432]
     #[arg(long, env = "KEYSHIFT_LISTEN", value_name = "ADDR")]
     pub listen: Option<String>,
@@ -209,6 +222,8 @@ pub struct ProxyConfig {
     pub search_path: Vec<String>,
     pub proxy_id: Option<String>,
     pub rewrite_cache_entries: usize,
+    pub map_token: Option<String>,
+    pub map_cache_entries: usize,
 }
 
 impl Default for ProxyConfig {
@@ -235,6 +250,8 @@ impl Default for ProxyConfig {
             search_path: vec!["public".into()],
             proxy_id: None,
             rewrite_cache_entries: 4096,
+            map_token: None,
+            map_cache_entries: 1_000_000,
         }
     }
 }
@@ -306,6 +323,11 @@ impl ProxyConfig {
                 .rewrite_cache_entries
                 .or(file.rewrite_cache_entries)
                 .unwrap_or(d.rewrite_cache_entries),
+            map_token: pick(&args.map_token, file.map_token).filter(|t| !t.is_empty()),
+            map_cache_entries: args
+                .map_cache_entries
+                .or(file.map_cache_entries)
+                .unwrap_or(d.map_cache_entries),
         };
         cfg.validate()?;
         Ok(cfg)

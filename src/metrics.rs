@@ -99,6 +99,70 @@ pub struct Metrics {
     /// How long the gate was closed, per pause (HTTP or cutover protocol).
     pub pause_duration: Histogram,
     pub rewrite: std::sync::Arc<RewriteMetrics>,
+    pub map: MapMetrics,
+}
+
+/// Id-mapping lookups served on `/v1/map` (src/map).
+pub struct MapMetrics {
+    /// `keyshift_map_lookups_total{result}`: ids looked up, by result (hit: from the cache,
+    /// miss: from the database, not_found, error: database unreachable or failing).
+    lookups: IntCounterVec,
+    pub hit: IntCounter,
+    pub miss: IntCounter,
+    pub not_found: IntCounter,
+    pub error: IntCounter,
+    /// `keyshift_map_lookup_duration_seconds`: per HTTP request (one id or a batch).
+    pub duration: Histogram,
+    /// `keyshift_map_cache_entries`
+    pub cache_entries: IntGauge,
+}
+
+impl MapMetrics {
+    fn new(r: &Registry) -> MapMetrics {
+        let lookups = reg(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "keyshift_map_lookups_total",
+                    "Ids looked up on /v1/map, by result (hit, miss, not_found, error)",
+                ),
+                &["result"],
+            )
+            .unwrap_or_else(|_| unreachable!()),
+        );
+        MapMetrics {
+            hit: lookups.with_label_values(&["hit"]),
+            miss: lookups.with_label_values(&["miss"]),
+            not_found: lookups.with_label_values(&["not_found"]),
+            error: lookups.with_label_values(&["error"]),
+            lookups,
+            duration: reg(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "keyshift_map_lookup_duration_seconds",
+                        "Time to answer a /v1/map request (one id or a batch)",
+                    )
+                    .buckets(vec![
+                        1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0,
+                    ]),
+                )
+                .unwrap_or_else(|_| unreachable!()),
+            ),
+            cache_entries: reg(
+                r,
+                IntGauge::new(
+                    "keyshift_map_cache_entries",
+                    "Id mappings held in the proxy's lookup cache",
+                )
+                .unwrap_or_else(|_| unreachable!()),
+            ),
+        }
+    }
+
+    pub fn lookups(&self) -> &IntCounterVec {
+        &self.lookups
+    }
 }
 
 /// Dual-write metrics, shared by every rule set a proxy builds.
@@ -297,6 +361,7 @@ impl Metrics {
                 &["result"],
             ),
             rewrite: std::sync::Arc::new(RewriteMetrics::new(&r)),
+            map: MapMetrics::new(&r),
             switch_attempts: reg(
                 &r,
                 IntGaugeVec::new(
