@@ -3,7 +3,8 @@
 //! `GET /metrics`, `GET /healthz` and `GET /readyz` are open (Prometheus and orchestrators
 //! scrape them); `GET /v1/status` is open too and shows no SQL. `POST /v1/pause` and
 //! `POST /v1/resume` change traffic and need `Authorization: Bearer <admin_token>`; without a
-//! configured token they are refused outright.
+//! configured token they are refused outright. `/v1/map/*` (src/map/http.rs) serves the id
+//! mapping, open unless `map_token` is set.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +30,14 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) -> std::io::Resul
         .route("/v1/pause", post(pause))
         .route("/v1/resume", post(resume))
         .route("/v1/cutover", post(cutover))
+        .route(
+            "/v1/map/{table}",
+            get(crate::map::http::by_uuid).post(crate::map::http::batch),
+        )
+        .route(
+            "/v1/map/{table}/{legacy_id}",
+            get(crate::map::http::by_legacy),
+        )
         .with_state(shared);
     axum::serve(listener, app).await
 }
@@ -37,6 +46,7 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
     if let Some(rw) = &*s.rewriter.load() {
         rw.rewriter.observe_metrics();
     }
+    s.metrics.map.cache_entries.set(s.map.cache_len() as i64);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         s.metrics.render(&s.gate),
@@ -135,7 +145,7 @@ fn refuse_unauthorized(s: &Shared, headers: &HeaderMap) -> Option<Response> {
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

@@ -126,6 +126,66 @@ docs/cutover.md."
     Rollback(SwitchCmd),
     /// Drop the legacy integer columns and keyshift's objects once you are sure (no way back)
     Finalize(FinalizeCmd),
+    /// Look up the id mapping (integer id <-> uuid), or export all of it
+    #[command(
+        long_about = "Look up the id mapping that external systems (caches, search indexes, URLs, \
+a warehouse) need while they still hold integer ids: `keyshift map TABLE ID` prints the uuid of \
+an integer id, or the integer id of a uuid. `keyshift map export` streams the whole mapping as \
+CSV or JSON lines, with COPY, in constant memory.\n\n\
+Works from `expand` (rows get their uuid as backfill reaches them) until `finalize`, and after \
+`finalize --keep-map` from keyshift.id_map_archive. The same mapping is in SQL as the view \
+keyshift.id_map (table_name, legacy_id, uuid) and over HTTP on every proxy: GET \
+/v1/map/{table}/{legacy_id}, GET /v1/map/{table}?uuid=..., POST /v1/map/{table}. \
+Exit code 1 when the id has no row.",
+        args_conflicts_with_subcommands = true,
+        subcommand_negates_reqs = true
+    )]
+    Map(MapCmd),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct MapCmd {
+    #[command(subcommand)]
+    pub export: Option<MapSub>,
+    /// The table: `schema.table`, or its name
+    #[arg(required = true)]
+    pub table: Option<String>,
+    /// An integer id (prints its uuid) or a uuid (prints its integer id)
+    #[arg(required = true)]
+    pub id: Option<String>,
+    /// Output format
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+    #[command(flatten)]
+    pub db: DbArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MapSub {
+    /// Stream the whole mapping (every table, or --table ...) as CSV or JSON lines
+    #[command(
+        long_about = "Stream the whole mapping with COPY, in constant memory, for bulk updates of \
+external systems: CSV (`table_name,legacy_id,uuid`, with a header) or JSON lines. A progress bar \
+shows on a terminal. With --output, the file is written as FILE.partial and renamed when \
+complete, so an interrupted export never looks finished. Reads only; takes no lock that blocks \
+the application."
+    )]
+    Export(MapExportCmd),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct MapExportCmd {
+    /// Export only this table (`schema.table` or name); repeatable [default: every mapped table]
+    #[arg(long = "table", value_name = "TABLE")]
+    pub tables: Vec<String>,
+    /// Output format
+    #[arg(long, value_enum, default_value_t = crate::map::export::ExportFormat::Csv)]
+    pub format: crate::map::export::ExportFormat,
+    /// Write to this file instead of stdout
+    #[arg(long, short = 'o', value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    #[command(flatten)]
+    pub db: DbArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -219,6 +279,10 @@ pub struct FinalizeCmd {
     /// Do not ask for confirmation
     #[arg(long)]
     pub yes: bool,
+    /// Keep the id mapping in keyshift.id_map_archive (table_name, legacy_id, uuid), so old
+    /// integer links can still be resolved (SQL view keyshift.id_map, /v1/map, `keyshift map`)
+    #[arg(long)]
+    pub keep_map: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -293,9 +357,17 @@ pub fn main() -> ExitCode {
         }
         Command::Finalize(ref c) => {
             migrate_cmd(&cli.config, &c.db, None, None, "finalize", |cfg| {
-                run_finalize(cfg, c.yes)
+                run_finalize(cfg, c.yes, c.keep_map)
             })
         }
+        Command::Map(ref c) => match &c.export {
+            Some(MapSub::Export(e)) => {
+                migrate_cmd(&cli.config, &e.db, None, None, "map export", |cfg| {
+                    run_map_export(cfg, e)
+                })
+            }
+            None => migrate_cmd(&cli.config, &c.db, None, None, "map", |cfg| run_map(cfg, c)),
+        },
     }
 }
 
@@ -411,7 +483,7 @@ fn run_switch(
     })
 }
 
-fn run_finalize(cfg: MigrateConfig, yes: bool) -> anyhow::Result<ExitCode> {
+fn run_finalize(cfg: MigrateConfig, yes: bool, keep_map: bool) -> anyhow::Result<ExitCode> {
     use std::io::{BufRead, IsTerminal, Write};
     if !yes {
         if !std::io::stdin().is_terminal() {
@@ -433,7 +505,11 @@ fn run_finalize(cfg: MigrateConfig, yes: bool) -> anyhow::Result<ExitCode> {
     }
     runtime()?.block_on(async {
         let client = crate::migrate::db::connect(&cfg.database_url).await?;
-        match crate::migrate::switch::finalize(&client, &cfg.settings).await {
+        match crate::migrate::switch::finalize(&client, &cfg.settings, keep_map).await {
+            Ok(()) if keep_map => {
+                println!("finalized: the legacy columns and keyshift's state are gone; the proxies pass everything through; the id mapping stays in keyshift.id_map_archive");
+                Ok(ExitCode::SUCCESS)
+            }
             Ok(()) => {
                 println!("finalized: the legacy columns and keyshift's state are gone; the proxies pass everything through");
                 Ok(ExitCode::SUCCESS)
@@ -441,6 +517,79 @@ fn run_finalize(cfg: MigrateConfig, yes: bool) -> anyhow::Result<ExitCode> {
             Err(crate::migrate::switch::SwitchError::Refused(why)) => {
                 eprintln!("keyshift finalize: refused: {why}");
                 Ok(ExitCode::from(1))
+            }
+            Err(e) => Err(e.into()),
+        }
+    })
+}
+
+fn run_map(cfg: MigrateConfig, c: &MapCmd) -> anyhow::Result<ExitCode> {
+    use crate::map::export;
+    let (Some(table), Some(id)) = (&c.table, &c.id) else {
+        eprintln!("keyshift map: give TABLE and ID (or `keyshift map export`)");
+        return Ok(ExitCode::from(2));
+    };
+    runtime()?.block_on(async {
+        let client = crate::migrate::db::connect(&cfg.database_url).await?;
+        let cat = match export::catalog(&client).await {
+            Ok(cat) => cat,
+            Err(e @ export::ExportError::NoMapping) => {
+                eprintln!("keyshift map: {e}");
+                return Ok(ExitCode::from(1));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let t = match export::resolve(&cat, table) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("keyshift map: {e}");
+                return Ok(ExitCode::from(2));
+            }
+        };
+        match export::lookup_one(&client, &cat, t, id).await {
+            Ok(Some((legacy, uuid))) => {
+                match c.format {
+                    Format::Json => print_json(&serde_json::json!({
+                        "table": t.name, "legacy_id": legacy, "uuid": uuid
+                    }))?,
+                    Format::Text if id.trim().parse::<i64>().is_ok() => println!("{uuid}"),
+                    Format::Text => println!("{legacy}"),
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            Ok(None) => {
+                eprintln!("keyshift map: {} has no row with id {}", t.name, id.trim());
+                Ok(ExitCode::from(1))
+            }
+            Err(e @ export::LookupError::BadId(_)) => {
+                eprintln!("keyshift map: {e}");
+                Ok(ExitCode::from(2))
+            }
+            Err(e) => Err(e.into()),
+        }
+    })
+}
+
+fn run_map_export(cfg: MigrateConfig, c: &MapExportCmd) -> anyhow::Result<ExitCode> {
+    use crate::map::export::{self, ExportError};
+    runtime()?.block_on(async {
+        let client = crate::migrate::db::connect(&cfg.database_url).await?;
+        let started = std::time::Instant::now();
+        match export::export(&client, &c.tables, c.format, c.output.as_deref()).await {
+            Ok(rows) => {
+                let secs = started.elapsed().as_secs_f64();
+                eprintln!(
+                    "keyshift map export: {rows} rows in {secs:.1}s{}",
+                    c.output
+                        .as_ref()
+                        .map(|p| format!(" to {}", p.display()))
+                        .unwrap_or_default()
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e @ (ExportError::NoMapping | ExportError::UnknownTable { .. })) => {
+                eprintln!("keyshift map export: {e}");
+                Ok(ExitCode::from(2))
             }
             Err(e) => Err(e.into()),
         }

@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod dualwrite;
 pub mod logging;
+pub mod map;
 pub mod metrics;
 pub mod migrate;
 pub mod pgcluster;

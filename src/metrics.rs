@@ -103,6 +103,7 @@ pub struct Metrics {
 }
 
 /// Id-mapping lookups served on `/v1/map` (src/map).
+#[derive(Clone)]
 pub struct MapMetrics {
     /// `keyshift_map_lookups_total{result}`: ids looked up, by result (hit: from the cache,
     /// miss: from the database, not_found, error: database unreachable or failing).

@@ -21,7 +21,10 @@ async fn expand_and_abort_are_idempotent_and_abort_restores_the_schema() {
     let c = db.client().await;
     let ddl_events = "SELECT count(*) FROM keyshift.events WHERE kind = 'ddl'";
     let n1 = count(&c, ddl_events).await;
-    assert_eq!(n1, 14, "5 key columns, 5 defaults, 4 FK twins");
+    assert_eq!(
+        n1, 15,
+        "5 key columns, 5 defaults, 4 FK twins, the id_map view"
+    );
     ks_expect(&db.url(), &["expand"], 0);
     assert_eq!(
         count(&c, ddl_events).await,
@@ -236,7 +239,7 @@ async fn edge_schema_full_cycle() {
             .await
             .unwrap_or_else(|e| panic!("second cutover: {e}"));
     }
-    for st in ddl::finalize(&plan) {
+    for st in ddl::finalize(&plan, false) {
         db::run_step(&c, &st, &s)
             .await
             .unwrap_or_else(|e| panic!("finalize: {e}"));

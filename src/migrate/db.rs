@@ -187,6 +187,11 @@ pub async fn needed(client: &Client, when: &When) -> Result<bool, DbError> {
             let r = one(client.query_one(CON, &[schema, table, name]).await, CON)?;
             r.get::<_, Option<bool>>(0) == Some(false)
         }
+        When::RelationMissing { name } => {
+            const REL: &str = "SELECT to_regclass($1) IS NULL";
+            let r = one(client.query_one(REL, &[name]).await, REL)?;
+            r.get::<_, bool>(0)
+        }
         When::IndexPresent { schema, name } => {
             let r = one(client.query_one(IDX, &[schema, name]).await, IDX)?;
             r.get::<_, Option<bool>>(0).is_some()

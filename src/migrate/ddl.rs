@@ -71,6 +71,10 @@ pub enum When {
         schema: String,
         name: String,
     },
+    /// A table or view (`schema.name`, as `to_regclass` reads it) does not exist.
+    RelationMissing {
+        name: String,
+    },
     ConstraintMissing {
         schema: String,
         table: String,
@@ -116,6 +120,74 @@ pub fn uuid_generator(plan: &Plan) -> &'static str {
 
 fn tbl(t: &PlanTable) -> String {
     qualified(&t.schema, &t.name)
+}
+
+/// How `keyshift.id_map` and the mapping endpoints name a table: `schema.name`, unquoted.
+pub fn map_name(t: &PlanTable) -> String {
+    format!("{}.{}", t.schema, t.name)
+}
+
+/// The type of `keyshift.id_map.legacy_id`: the key type when every table shares it, so that
+/// `legacy_id = $1` reaches each table's key index; `bigint` for a mix (a cast of an `integer`
+/// key cannot use its index: docs/limitations.md).
+fn map_legacy_type(plan: &Plan) -> Option<&str> {
+    let first = plan.tables.first()?.key_type.as_str();
+    plan.tables
+        .iter()
+        .all(|t| t.key_type == first)
+        .then_some(first)
+}
+
+/// `keyshift.id_map (table_name, legacy_id, uuid)` over every migrated table: before cutover
+/// from (`{key}`, `{key}_uuid`), after it from (`{key}_legacy`, `{key}`). One branch per table
+/// with a constant `table_name`, so that a lookup naming the table plans only that branch.
+pub fn id_map_view(plan: &Plan, after_cutover: bool) -> String {
+    let uniform = map_legacy_type(plan).is_some();
+    let branches: Vec<String> = plan
+        .tables
+        .iter()
+        .map(|t| {
+            let (legacy, uuid) = if after_cutover {
+                (&t.legacy_column, &t.key)
+            } else {
+                (&t.key, &t.uuid_column)
+            };
+            let legacy = if uniform {
+                quote(legacy)
+            } else {
+                format!("{}::bigint", quote(legacy))
+            };
+            format!(
+                "SELECT {}::text AS table_name, {legacy} AS legacy_id, {} AS uuid FROM {}",
+                literal(&map_name(t)),
+                quote(uuid),
+                tbl(t)
+            )
+        })
+        .collect();
+    if branches.is_empty() {
+        return String::new();
+    }
+    format!(
+        "CREATE OR REPLACE VIEW keyshift.id_map AS\n{}",
+        branches.join("\nUNION ALL\n")
+    )
+}
+
+fn id_map_step(plan: &Plan, after_cutover: bool) -> Option<Step> {
+    let sql = id_map_view(plan, after_cutover);
+    // Online, not State: it runs after the columns it reads exist (expand runs State steps
+    // first); creating a view takes only ACCESS SHARE on the tables. Inside the swaps it is
+    // run unconditionally (only the SQL of swap steps is used).
+    (!sql.is_empty()).then(|| {
+        Step::new(
+            sql,
+            Mode::Online,
+            When::RelationMissing {
+                name: "keyshift.id_map".into(),
+            },
+        )
+    })
 }
 
 fn child(f: &PlanFk) -> String {
@@ -176,6 +248,7 @@ pub fn expand(plan: &Plan) -> Vec<Step> {
             },
         ));
     }
+    v.extend(id_map_step(plan, false));
     v
 }
 
@@ -448,8 +521,9 @@ fn fk_clause(f: &PlanFk, column: &str, parent_column: &str) -> String {
     s
 }
 
-/// harden: unique index on each key uuid, mirrored FK indexes, NOT NULL CHECKs and shadow FKs,
-/// each constraint added NOT VALID (brief) then VALIDATEd (online).
+/// harden: unique index on each key uuid and a spare one on each integer key, mirrored FK
+/// indexes, NOT NULL CHECKs and shadow FKs, each constraint added NOT VALID (brief) then
+/// VALIDATEd (online).
 pub fn harden(plan: &Plan) -> Vec<Step> {
     let mut v = Vec::new();
     for t in &plan.tables {
@@ -464,6 +538,24 @@ pub fn harden(plan: &Plan) -> Vec<Step> {
             When::IndexNotValid {
                 schema: t.schema.clone(),
                 name: t.uuid_index.clone(),
+            },
+        ));
+    }
+    // A second unique index on the integer key: the swap drops the primary key's index, and
+    // this one keeps the legacy column indexed after cutover, for the id mapping
+    // (keyshift.id_map, /v1/map) and for a rollback, which promotes it back to primary key.
+    for t in &plan.tables {
+        v.push(Step::new(
+            format!(
+                "CREATE UNIQUE INDEX CONCURRENTLY {} ON {} ({})",
+                quote(&legacy_key_index(t)),
+                tbl(t),
+                quote(&t.key)
+            ),
+            Mode::Online,
+            When::IndexNotValid {
+                schema: t.schema.clone(),
+                name: legacy_key_index(t),
             },
         ));
     }
@@ -673,6 +765,7 @@ pub fn cutover(plan: &Plan) -> Vec<Step> {
             )));
         }
     }
+    v.extend(id_map_step(plan, true).map(|st| swap(st.sql)));
     v.push(swap(state::set_phase_sql(state::Phase::CutOver)));
     v.push(swap("COMMIT".into()));
     v
@@ -809,6 +902,7 @@ pub fn rollback(plan: &Plan) -> Vec<Step> {
             quote(&t.uuid_column)
         )));
     }
+    v.extend(id_map_step(plan, false).map(|st| swap(st.sql)));
     v.push(swap(state::set_phase_sql(state::Phase::Backfilled)));
     v.push(swap("COMMIT".into()));
     // Each NOT NULL FK column gets its constraint back without a scan under the swap's lock.
@@ -834,9 +928,50 @@ fn legacy_of(plan: &Plan, f: &PlanFk) -> String {
 
 /// finalize: the contract step after cutover: legacy columns go (with their indexes and the
 /// sequences they own), then keyshift's state. With uuid v7 the function stays, since the
-/// key defaults call it.
-pub fn finalize(plan: &Plan) -> Vec<Step> {
+/// key defaults call it. With `keep_map`, the mapping is first copied into
+/// `keyshift.id_map_archive` (which stays, with `keyshift.id_map` now reading it), while the
+/// legacy columns still exist; the copy reads the tables without blocking writes.
+pub fn finalize(plan: &Plan, keep_map: bool) -> Vec<Step> {
     let mut v = Vec::new();
+    if keep_map {
+        v.push(Step::new(
+            "CREATE TABLE IF NOT EXISTS keyshift.id_map_archive (
+    table_name text NOT NULL,
+    legacy_id bigint NOT NULL,
+    uuid uuid NOT NULL,
+    PRIMARY KEY (table_name, legacy_id)
+)"
+            .into(),
+            Mode::State,
+            When::Always,
+        ));
+        // Guarded so that a finalize rerun after the view is gone does not fail here.
+        v.push(Step::new(
+            "DO $$ BEGIN
+  IF to_regclass('keyshift.id_map') IS NOT NULL THEN
+    INSERT INTO keyshift.id_map_archive (table_name, legacy_id, uuid)
+    SELECT table_name, legacy_id, uuid FROM keyshift.id_map WHERE legacy_id IS NOT NULL
+    ON CONFLICT DO NOTHING;
+  END IF;
+END $$"
+                .into(),
+            Mode::State,
+            When::Always,
+        ));
+        // Old links are resolved by legacy id; the uuid index serves the reverse lookup.
+        v.push(Step::new(
+            "CREATE INDEX IF NOT EXISTS id_map_archive_uuid ON keyshift.id_map_archive (uuid)"
+                .into(),
+            Mode::State,
+            When::Always,
+        ));
+    }
+    // The view depends on the legacy columns.
+    v.push(Step::new(
+        "DROP VIEW IF EXISTS keyshift.id_map".into(),
+        Mode::State,
+        When::Always,
+    ));
     for (_, f) in plan.foreign_keys() {
         v.push(Step::new(
             format!(
@@ -868,20 +1003,36 @@ pub fn finalize(plan: &Plan) -> Vec<Step> {
         ));
     }
     v.push(Step::new(
-        state::drop_state_sql(plan.uuid_version == 4),
+        state::drop_state_sql(plan.uuid_version == 4, keep_map),
         Mode::State,
         When::Always,
     ));
+    if keep_map {
+        v.push(Step::new(
+            "CREATE OR REPLACE VIEW keyshift.id_map AS SELECT table_name, legacy_id, uuid FROM keyshift.id_map_archive"
+                .into(),
+            Mode::State,
+            When::Always,
+        ));
+    }
     v
 }
 
 /// abort (before cutover): everything expand and harden added, in reverse, then the schema.
 pub fn abort(plan: &Plan) -> Vec<Step> {
-    let mut v = vec![Step::new(
-        state::set_phase_sql(state::Phase::Aborting),
-        Mode::State,
-        When::Always,
-    )];
+    let mut v = vec![
+        Step::new(
+            state::set_phase_sql(state::Phase::Aborting),
+            Mode::State,
+            When::Always,
+        ),
+        // The view depends on the uuid columns.
+        Step::new(
+            "DROP VIEW IF EXISTS keyshift.id_map".into(),
+            Mode::State,
+            When::Always,
+        ),
+    ];
     for (_, f) in plan.foreign_keys() {
         let (s, n) = (f.child_schema.clone(), f.child_table.clone());
         for name in std::iter::once(&f.shadow_constraint).chain(f.not_null_check.as_ref()) {
@@ -936,6 +1087,18 @@ pub fn abort(plan: &Plan) -> Vec<Step> {
                 name: t.uuid_index.clone(),
             },
         ));
+        v.push(Step::new(
+            format!(
+                "DROP INDEX CONCURRENTLY {}.{}",
+                quote(&t.schema),
+                quote(&legacy_key_index(t))
+            ),
+            Mode::Online,
+            When::IndexPresent {
+                schema: t.schema.clone(),
+                name: legacy_key_index(t),
+            },
+        ));
     }
     for (_, f) in plan.foreign_keys() {
         v.push(Step::new(
@@ -983,7 +1146,7 @@ pub fn all_phases(plan: &Plan) -> Vec<(&'static str, Vec<Step>)> {
         ("harden", harden(plan)),
         ("cutover", cutover(plan)),
         ("rollback", rollback(plan)),
-        ("finalize", finalize(plan)),
+        ("finalize", finalize(plan, false)),
         ("abort", abort(plan)),
     ]
 }
@@ -1070,7 +1233,13 @@ mod tests {
                 .iter()
                 .any(|s| s.sql.ends_with("SET DEFAULT gen_random_uuid()"))
         );
-        assert!(finalize(&p).last().unwrap().sql.contains("DROP SCHEMA"));
+        assert!(
+            finalize(&p, false)
+                .last()
+                .unwrap()
+                .sql
+                .contains("DROP SCHEMA")
+        );
     }
 
     #[test]

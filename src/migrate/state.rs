@@ -206,13 +206,17 @@ NOTIFY keyshift, '{p}'"
     )
 }
 
-/// After finalize: keyshift's state goes; with uuid v7 the function stays (key defaults call it).
-pub fn drop_state_sql(drop_function: bool) -> String {
-    if drop_function {
-        "DROP SCHEMA IF EXISTS keyshift CASCADE".into()
-    } else {
-        "DROP TABLE IF EXISTS keyshift.migration, keyshift.backfill, keyshift.events, keyshift.proxies, keyshift.switch_attempts".into()
+/// After finalize: keyshift's state goes. With uuid v7 the function stays (key defaults call
+/// it); with `keep_map` the schema stays too, for `keyshift.id_map_archive`.
+pub fn drop_state_sql(drop_function: bool, keep_map: bool) -> String {
+    if drop_function && !keep_map {
+        return "DROP SCHEMA IF EXISTS keyshift CASCADE".into();
     }
+    let mut sql = "DROP TABLE IF EXISTS keyshift.migration, keyshift.backfill, keyshift.events, keyshift.proxies, keyshift.switch_attempts".to_string();
+    if drop_function {
+        sql.push_str("; DROP FUNCTION IF EXISTS keyshift.uuid_v7()");
+    }
+    sql
 }
 
 /// Plan and phase, or `None` when no migration was started (no schema `keyshift`).

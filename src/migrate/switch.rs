@@ -593,7 +593,11 @@ async fn collect_pauses(
 
 /// finalize: dual-write off everywhere first (so no proxy still writes the legacy columns),
 /// then the legacy columns and keyshift's state go. See docs/cutover.md.
-pub async fn finalize(client: &Client, settings: &Settings) -> Result<(), SwitchError> {
+pub async fn finalize(
+    client: &Client,
+    settings: &Settings,
+    keep_map: bool,
+) -> Result<(), SwitchError> {
     let m = state::load_migration(client)
         .await?
         .ok_or_else(|| SwitchError::Refused("no migration here".into()))?;
@@ -613,7 +617,7 @@ pub async fn finalize(client: &Client, settings: &Settings) -> Result<(), Switch
         .get(0);
     // Every live proxy must stop filling the legacy columns before they are dropped.
     wait_for_live(client, version).await?;
-    for st in ddl::finalize(&m.plan) {
+    for st in ddl::finalize(&m.plan, keep_map) {
         db::run_step(client, &st, settings).await?;
     }
     info!("finalized");

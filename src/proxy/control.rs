@@ -81,6 +81,8 @@ pub struct Control {
     migrate_metrics: Option<MigrateMetrics>,
     /// The rules version in force here (0: passthrough).
     version: i64,
+    /// The rules version the mapping catalog was read at (`Some(None)`: no migration).
+    map_version: Option<Option<i64>>,
     /// The switch (cutover/rollback) this proxy's gate is closed for, if any.
     hold: Option<Hold>,
     /// The last (attempt, round) this proxy took part in, so a refresh never joins it twice.
@@ -153,6 +155,7 @@ impl Control {
             settings,
             migrate_metrics,
             version: 0,
+            map_version: None,
             hold: None,
             last_round: (0, 0),
         }
@@ -528,6 +531,16 @@ impl Control {
                 }
             }
             Some(_) => {}
+        }
+        // The mapping's columns move with the phase; with no migration an archive may remain.
+        if Some(migration.as_ref().map(|m| m.rules_version)) != self.map_version {
+            match crate::map::catalog::load(client).await {
+                Ok(cat) => {
+                    self.map_version = Some(migration.as_ref().map(|m| m.rules_version));
+                    self.shared.map.set_catalog(cat);
+                }
+                Err(e) => warn!(error = %e, "cannot read the id mapping catalog"),
+            }
         }
         if migration.is_some() {
             self.heartbeat(client).await?;

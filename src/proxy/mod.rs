@@ -67,6 +67,8 @@ pub struct Shared {
     pub rules_version: std::sync::atomic::AtomicU64,
     /// True while the link to the migrated database (`database_url`) is up.
     pub control_connected: std::sync::atomic::AtomicBool,
+    /// The id mapping served on `/v1/map` (src/map).
+    pub map: crate::map::MapService,
     /// Becomes true when sessions must end now (shutdown grace over).
     pub force_shutdown: watch::Receiver<bool>,
     force_tx: watch::Sender<bool>,
@@ -124,6 +126,13 @@ impl Proxy {
                 source,
             })?;
         let (force_tx, force_rx) = watch::channel(false);
+        let metrics = Metrics::new();
+        let map = crate::map::MapService::new(
+            cfg.database_url.clone(),
+            cfg.search_path.clone(),
+            cfg.map_cache_entries,
+            metrics.map.clone(),
+        );
         let shared = Arc::new(Shared {
             sessions: Arc::new(Semaphore::new(cfg.max_client_connections)),
             cfg,
@@ -131,7 +140,8 @@ impl Proxy {
             acceptor,
             cancels: Default::default(),
             gate: Default::default(),
-            metrics: Metrics::new(),
+            metrics,
+            map,
             rewriter: arc_swap::ArcSwapOption::empty(),
             rules_version: std::sync::atomic::AtomicU64::new(0),
             control_connected: std::sync::atomic::AtomicBool::new(false),

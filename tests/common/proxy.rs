@@ -189,13 +189,29 @@ impl Drop for ProxyProcess {
 
 /// A tiny blocking HTTP/1.1 client for the admin endpoint (status, body).
 pub fn http(admin: SocketAddr, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    http_with_body(admin, method, path, token, "")
+}
+
+/// [`http`] with a JSON request body.
+pub fn http_with_body(
+    admin: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> (u16, String) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(admin).expect("connect admin");
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
     let mut resp = String::new();
     s.read_to_string(&mut resp).unwrap();
     let code = resp
