@@ -75,8 +75,9 @@ fn json_strings(v: &serde_json::Value, out: &mut Vec<String>) {
 }
 
 fn dashboard_metrics() -> BTreeSet<String> {
-    let d: serde_json::Value = serde_json::from_str(&read("deploy/grafana/keyshift-dashboard.json"))
-        .expect("the dashboard is valid JSON");
+    let d: serde_json::Value =
+        serde_json::from_str(&read("deploy/grafana/keyshift-dashboard.json"))
+            .expect("the dashboard is valid JSON");
     let mut strings = Vec::new();
     json_strings(&d, &mut strings);
     let mut names = BTreeSet::new();
@@ -125,7 +126,10 @@ async fn dashboard_and_alerts_name_only_exported_metrics() {
     let mut wanted = dashboard_metrics();
     let from_alerts = alert_metrics();
     // The extraction itself works: a few names each file must use.
-    for n in ["keyshift_map_lookups_total", "keyshift_backfill_rows_remaining"] {
+    for n in [
+        "keyshift_map_lookups_total",
+        "keyshift_backfill_rows_remaining",
+    ] {
         assert!(wanted.contains(n), "dashboard does not use {n}: {wanted:?}");
     }
     for n in [
@@ -134,7 +138,10 @@ async fn dashboard_and_alerts_name_only_exported_metrics() {
         "keyshift_map_lookups_total",
         "keyshift_backfill_rows_done",
     ] {
-        assert!(from_alerts.contains(n), "alerts do not use {n}: {from_alerts:?}");
+        assert!(
+            from_alerts.contains(n),
+            "alerts do not use {n}: {from_alerts:?}"
+        );
     }
     wanted.extend(from_alerts);
 
@@ -254,7 +261,9 @@ fn promtool_accepts_rules_and_config() {
         let name = r["alert"].as_str().expect("alert name");
         for key in ["summary", "description"] {
             assert!(
-                r["annotations"][key].as_str().is_some_and(|s| !s.is_empty()),
+                r["annotations"][key]
+                    .as_str()
+                    .is_some_and(|s| !s.is_empty()),
                 "alert {name} has no {key}"
             );
         }
@@ -264,7 +273,10 @@ fn promtool_accepts_rules_and_config() {
                 .is_some_and(|d| d.contains("docs/runbook.md#")),
             "alert {name} does not point to a docs/runbook.md section"
         );
-        assert!(r["labels"]["severity"].is_string(), "alert {name}: severity");
+        assert!(
+            r["labels"]["severity"].is_string(),
+            "alert {name}: severity"
+        );
     }
 }
 
@@ -316,7 +328,10 @@ fn compose_is_wired() {
     let dockerfile = Path::new("deploy")
         .join(ks["build"]["context"].as_str().expect("build context"))
         .join(ks["build"]["dockerfile"].as_str().expect("dockerfile"));
-    assert!(repo(dockerfile.to_str().unwrap()).is_file(), "{dockerfile:?}");
+    assert!(
+        repo(dockerfile.to_str().unwrap()).is_file(),
+        "{dockerfile:?}"
+    );
 
     // The environment resolves to a valid configuration with the image's config file.
     let env: Vec<(String, String)> = ks["environment"]
@@ -350,7 +365,10 @@ fn compose_is_wired() {
         "KEYSHIFT_ADMIN_TOKEN",
         "KEYSHIFT_MAP_TOKEN",
     ] {
-        assert!(env.iter().any(|(n, _)| n == k), "keyshift service lacks {k}");
+        assert!(
+            env.iter().any(|(n, _)| n == k),
+            "keyshift service lacks {k}"
+        );
     }
     let env_ref: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let cfg = resolve(&image_config(), &env_ref);
@@ -385,7 +403,9 @@ fn compose_is_wired() {
         }
     }
     let providers = yaml("deploy/grafana/provisioning/dashboards/keyshift.yml");
-    let path = providers["providers"][0]["options"]["path"].as_str().unwrap();
+    let path = providers["providers"][0]["options"]["path"]
+        .as_str()
+        .unwrap();
     assert!(
         services["grafana"]["volumes"]
             .as_sequence()
@@ -435,7 +455,11 @@ fn dockerfile_runs_keyshift_unprivileged() {
         .last()
         .expect("a USER line");
     assert!(
-        user.split(':').next().unwrap().parse::<u32>().is_ok_and(|u| u > 0),
+        user.split(':')
+            .next()
+            .unwrap()
+            .parse::<u32>()
+            .is_ok_and(|u| u > 0),
         "USER {user}: a numeric non-root uid (Kubernetes' runAsNonRoot checks it)"
     );
     let cfg = resolve(&image_config(), &[]);
@@ -565,12 +589,16 @@ fn kubernetes_manifests_are_wired() {
         .find(|v| v["name"] == mount["name"])
         .expect("the mounted volume");
     assert_eq!(volume["configMap"]["name"], cm["metadata"]["name"]);
-    let toml = cm["data"][file].as_str().expect("the config file in the ConfigMap");
+    let toml = cm["data"][file]
+        .as_str()
+        .expect("the config file in the ConfigMap");
     let cfg = resolve(
         toml,
         &[(
             "KEYSHIFT_DATABASE_URL",
-            secret["stringData"]["KEYSHIFT_DATABASE_URL"].as_str().unwrap(),
+            secret["stringData"]["KEYSHIFT_DATABASE_URL"]
+                .as_str()
+                .unwrap(),
         )],
     );
     assert_eq!(cfg.admin_listen.port(), 9187);
@@ -591,7 +619,12 @@ fn kubernetes_manifests_are_wired() {
         .as_sequence()
         .unwrap()
         .iter()
-        .map(|p| (p["port"].as_u64().unwrap(), p["targetPort"].as_str().unwrap()))
+        .map(|p| {
+            (
+                p["port"].as_u64().unwrap(),
+                p["targetPort"].as_str().unwrap(),
+            )
+        })
         .collect();
     assert_eq!(ports, BTreeSet::from([(6432, "postgres"), (9187, "admin")]));
     let pdb = k8s("PodDisruptionBudget");
@@ -612,7 +645,10 @@ fn kubernetes_manifests_are_wired() {
     for e in std::fs::read_dir(repo("deploy/k8s")).unwrap() {
         let name = e.unwrap().file_name().into_string().unwrap();
         if name != "kustomization.yaml" {
-            assert!(listed.contains(name.as_str()), "kustomization.yaml lacks {name}");
+            assert!(
+                listed.contains(name.as_str()),
+                "kustomization.yaml lacks {name}"
+            );
         }
     }
 }
@@ -650,7 +686,10 @@ fn file_config_keys() -> Vec<String> {
         .step_by(2)
         .map(str::to_string)
         .collect();
-    assert!(keys.len() > 20 && keys.iter().any(|k| k == "listen"), "{keys:?}");
+    assert!(
+        keys.len() > 20 && keys.iter().any(|k| k == "listen"),
+        "{keys:?}"
+    );
     keys
 }
 
