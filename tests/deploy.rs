@@ -451,8 +451,8 @@ fn dockerfile_runs_keyshift_unprivileged() {
     }
     let user = d
         .lines()
-        .filter_map(|l| l.strip_prefix("USER "))
-        .last()
+        .rev()
+        .find_map(|l| l.strip_prefix("USER "))
         .expect("a USER line");
     assert!(
         user.split(':')
