@@ -152,7 +152,8 @@ pub struct ProxyArgs {
     /// Address of the admin HTTP endpoint (/metrics, /healthz, /readyz, /v1/*) [default: 127.0.0.1:9187]
     #[arg(long, env = "KEYSHIFT_ADMIN_LISTEN", value_name = "ADDR")]
     pub admin_listen: Option<String>,
-    /// Bearer token required by the admin endpoints that change state (/v1/pause, /v1/resume)
+    /// Bearer token required by the admin endpoints that change state (/v1/pause, /v1/resume,
+    /// /v1/cutover); without one they are refused
     #[arg(
         long,
         env = "KEYSHIFT_ADMIN_TOKEN",

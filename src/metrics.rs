@@ -321,7 +321,7 @@ impl Metrics {
             )
             .unwrap_or_else(|_| unreachable!()),
         );
-        Metrics {
+        let m = Metrics {
             connections_accepted: counter(
                 "keyshift_client_connections_accepted_total",
                 "Client connections accepted",
@@ -414,7 +414,9 @@ impl Metrics {
                 .unwrap_or_else(|_| unreachable!()),
             ),
             registry: r,
-        }
+        };
+        m.zero_fixed_labels();
+        m
     }
 
     /// Prometheus text exposition, with session gauges read from the registry now.
@@ -433,6 +435,39 @@ impl Metrics {
         let mut out = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Label values known in advance, exported at 0 from the start (deploy/, docs/metrics.md).
+//
+// A labelled counter prints nothing until its first event, so an alert such as
+// `increase(keyshift_rewrite_skipped_total[5m]) > 0` would miss that first event (a series
+// that appears at 1 has no increase) and a dashboard would show "no data" instead of 0.
+impl Metrics {
+    fn zero_fixed_labels(&self) {
+        use crate::rewrite::SkipReason;
+        for reason in [
+            SkipReason::ParseError,
+            SkipReason::Unsupported,
+            SkipReason::Volatile,
+            SkipReason::TooLong,
+            SkipReason::Invalid,
+            SkipReason::Internal,
+        ] {
+            self.rewrite.skipped.with_label_values(&[reason.as_str()]);
+        }
+        // The results written by src/admin.rs (drained, timeout) and src/proxy/control.rs.
+        for result in ["drained", "timeout", "drain_failed", "expired"] {
+            self.pauses.with_label_values(&[result]);
+        }
+        // The outcomes an alert compares with their value some minutes ago; the link to the
+        // database overwrites them with the counts in keyshift.switch_attempts.
+        for action in ["cutover", "rollback"] {
+            for result in ["committed", "aborted"] {
+                self.switch_attempts.with_label_values(&[action, result]);
+            }
+        }
     }
 }
 
