@@ -358,7 +358,7 @@ impl Metrics {
             ),
             pauses: counter_vec(
                 "keyshift_pauses_total",
-                "Pauses of the gate, by result (drained, timeout, drain_failed, expired)",
+                "Pauses of the gate, by result (drained, timeout, drain_failed, expired, coordinator_gone)",
                 &["result"],
             ),
             rewrite: std::sync::Arc::new(RewriteMetrics::new(&r)),
@@ -458,7 +458,13 @@ impl Metrics {
             self.rewrite.skipped.with_label_values(&[reason.as_str()]);
         }
         // The results written by src/admin.rs (drained, timeout) and src/proxy/control.rs.
-        for result in ["drained", "timeout", "drain_failed", "expired"] {
+        for result in [
+            "drained",
+            "timeout",
+            "drain_failed",
+            "expired",
+            "coordinator_gone",
+        ] {
             self.pauses.with_label_values(&[result]);
         }
         // The outcomes an alert compares with their value some minutes ago; the link to the

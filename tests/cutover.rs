@@ -446,6 +446,87 @@ async fn a_coordinator_that_dies_never_leaves_the_gate_closed() {
     }
 }
 
+/// A coordinator whose database session ends while the gate is held: the proxy notices the
+/// session is gone and reopens long before the hold deadline.
+#[tokio::test]
+async fn a_coordinator_session_that_ends_releases_the_gate_early() {
+    let db = migrated_db().await;
+    let p = linked_proxy(&db).await;
+    let direct = db.client().await;
+    direct
+        .batch_execute(keyshift::migrate::switch::schema_sql())
+        .await
+        .unwrap();
+    let coordinator = db.client().await;
+    let pid: i32 = coordinator
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    direct
+        .batch_execute(&format!(
+            "INSERT INTO keyshift.switch_attempts (id, action, state, drain_timeout_ms, hold_deadline, coordinator, coordinator_pid)
+             VALUES (98, 'cutover', 'pausing', 500, clock_timestamp() + interval '60 seconds', 'test', {pid});
+             NOTIFY keyshift, 'pause 98:1'"
+        ))
+        .await
+        .unwrap();
+    wait_status(&p, |v| v["gate"] == "closed").await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(
+        wait_status(&p, |_| true).await["gate"],
+        "closed",
+        "held while the coordinator's session lives"
+    );
+    let t = Instant::now();
+    drop(coordinator);
+    wait_status(&p, |v| v["gate"] == "open").await;
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "released {:?} after the session ended (deadline was 60 s)",
+        t.elapsed()
+    );
+    let state: String = direct
+        .query_one(
+            "SELECT pause_state FROM keyshift.proxies WHERE pause_attempt = 98",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(state, "coordinator_gone");
+}
+
+/// A proxy that stops cleanly takes itself out of keyshift.proxies: a cutover right after a
+/// restart does not have to wait for its heartbeat to age.
+#[tokio::test]
+async fn a_proxy_stopped_cleanly_does_not_block_a_cutover() {
+    let db = migrated_db().await;
+    let p = linked_proxy(&db).await;
+    let direct = db.client().await;
+    let start = Instant::now();
+    while count(&direct, "SELECT count(*) FROM keyshift.proxies").await != 1 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "never registered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::task::spawn_blocking(move || p.shutdown())
+        .await
+        .unwrap();
+    assert_eq!(
+        count(&direct, "SELECT count(*) FROM keyshift.proxies").await,
+        0,
+        "the stopped proxy is still registered"
+    );
+    let url = db.url();
+    let out = tokio::task::spawn_blocking(move || ks(&url, &["cutover"]))
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+}
+
 #[tokio::test]
 async fn cutover_through_the_admin_endpoint() {
     let db = migrated_db().await;

@@ -104,7 +104,8 @@ ALTER TABLE keyshift.proxies
     ADD COLUMN IF NOT EXISTS pause_round int,
     ADD COLUMN IF NOT EXISTS pause_state text,
     ADD COLUMN IF NOT EXISTS pause_ms double precision,
-    ADD COLUMN IF NOT EXISTS busy jsonb"
+    ADD COLUMN IF NOT EXISTS busy jsonb;
+ALTER TABLE keyshift.switch_attempts ADD COLUMN IF NOT EXISTS coordinator_pid int"
 }
 
 async fn live_proxies(client: &Client, version: i64) -> Result<Vec<String>, SwitchError> {
@@ -180,6 +181,12 @@ pub async fn run(
         }
     }
     db::exec(client, schema_sql()).await?;
+    // The proxies release their clients as soon as this session's backend is gone (its
+    // pid is in the attempt). For a backend waiting on a lock to notice that this process
+    // died, it must poll its socket (PostgreSQL 14+; older servers wait for the deadline).
+    let _ = client
+        .batch_execute("SET client_connection_check_interval = '250ms'")
+        .await;
     let live = wait_for_live(client, m.rules_version).await?;
     info!(proxies = live.len(), "live proxies: {}", live.join(", "));
 
@@ -230,8 +237,8 @@ pub async fn run(
 
     let attempt: i64 = client
         .query_one(
-            "INSERT INTO keyshift.switch_attempts (action, state, dry_run, drain_timeout_ms, hold_deadline, coordinator)
-             VALUES ($1, 'pausing', $2, $3, clock_timestamp() + $4 * interval '1 millisecond', $5) RETURNING id",
+            "INSERT INTO keyshift.switch_attempts (action, state, dry_run, drain_timeout_ms, hold_deadline, coordinator, coordinator_pid)
+             VALUES ($1, 'pausing', $2, $3, clock_timestamp() + $4 * interval '1 millisecond', $5, pg_backend_pid()) RETURNING id",
             &[
                 &opts.action.as_str(),
                 &opts.dry_run,

@@ -27,6 +27,8 @@ use crate::migrate::{progress, state};
 /// How often the proxy proves it is alive and re-reads the state (a backstop for a missed
 /// notification).
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
+/// While the gate is held, how often the coordinator's session is checked for life.
+const COORDINATOR_CHECK: Duration = Duration::from_millis(250);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -42,11 +44,13 @@ pub enum ControlError {
 /// other runtimes, a pause request is answered promptly (a cutover waits on every proxy).
 pub struct ControlThread {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
+    done: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
 impl ControlThread {
     pub fn spawn(c: Control) -> std::io::Result<ControlThread> {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -54,21 +58,55 @@ impl ControlThread {
             .name("keyshift-control".into())
             .spawn(move || {
                 rt.block_on(async move {
+                    let (url, id) = (c.url.clone(), c.id.clone());
                     // Ends on stop() or when the proxy drops the sender.
                     tokio::select! {
                         _ = c.run() => {}
-                        _ = rx => {}
+                        _ = rx => deregister(&url, &id).await,
                     }
+                    let _ = done_tx.send(());
                 });
             })?;
-        Ok(ControlThread { stop: Some(tx) })
+        Ok(ControlThread {
+            stop: Some(tx),
+            done: Some(done_rx),
+        })
     }
 
-    /// Ends the link (its runtime, tasks and connection go with the thread).
-    pub fn stop(mut self) {
+    /// Ends the link (its runtime, tasks and connection go with the thread), after taking
+    /// this proxy out of keyshift.proxies, so that a cutover right after a clean restart does
+    /// not wait for its heartbeat to age.
+    pub async fn stop(mut self) {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
+        if let Some(done) = self.done.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(3), done).await;
+        }
+    }
+}
+
+/// Removes this proxy's row; best effort, bounded (the database may be why we stop).
+async fn deregister(url: &str, id: &str) {
+    let work = async {
+        let (client, conn) = tokio_postgres::connect(url, NoTls).await?;
+        let driver = tokio::spawn(conn);
+        let r = client
+            .execute(
+                "DELETE FROM keyshift.proxies WHERE id = $1 AND pid = $2",
+                &[&id, &(std::process::id() as i32)],
+            )
+            .await;
+        drop(client);
+        let _ = driver.await;
+        r
+    };
+    match tokio::time::timeout(Duration::from_secs(2), work).await {
+        Ok(Ok(n)) if n > 0 => info!(proxy_id = %id, "removed from keyshift.proxies"),
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => {}
+        Ok(Err(e)) => warn!(error = %e, "could not remove this proxy from keyshift.proxies"),
+        Err(_) => warn!("could not remove this proxy from keyshift.proxies within 2s"),
     }
 }
 
@@ -96,6 +134,9 @@ struct Hold {
     round: i32,
     /// The gate opens by itself at this instant, whatever the coordinator does.
     deadline: tokio::time::Instant,
+    /// The coordinator's backend: once it is gone its swap has committed or rolled back, and
+    /// nobody will say resume, so the gate opens without waiting for the deadline.
+    coordinator_pid: Option<i32>,
 }
 
 /// A notification on channel `keyshift`.
@@ -216,8 +257,11 @@ impl Control {
         let mut tick = tokio::time::interval(HEARTBEAT);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut drain: Option<JoinHandle<PauseOutcome>> = None;
+        let mut watch = tokio::time::interval(COORDINATOR_CHECK);
+        watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let result = loop {
             let deadline = self.hold.map(|h| h.deadline);
+            let watched = self.hold.and_then(|h| h.coordinator_pid);
             let step = tokio::select! {
                 m = rx.recv() => match m {
                     Some(payload) => match parse_notice(&payload) {
@@ -237,6 +281,9 @@ impl Control {
                 }
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
                     self.expire(client, &mut drain).await
+                }
+                _ = watch.tick(), if watched.is_some() => {
+                    self.check_coordinator(client, watched.unwrap_or_default(), &mut drain).await
                 }
             };
             if let Err(e) = step {
@@ -271,7 +318,8 @@ impl Control {
         let row = client
             .query_opt(
                 "SELECT state, round, drain_timeout_ms,
-                        GREATEST(extract(epoch FROM hold_deadline - clock_timestamp()), 0)::float8
+                        GREATEST(extract(epoch FROM hold_deadline - clock_timestamp()), 0)::float8,
+                        coordinator_pid
                  FROM keyshift.switch_attempts WHERE id = $1",
                 &[&attempt],
             )
@@ -292,6 +340,7 @@ impl Control {
             attempt,
             round,
             deadline: tokio::time::Instant::now() + Duration::from_secs_f64(remaining),
+            coordinator_pid: row.get(4),
         });
         info!(
             attempt,
@@ -408,6 +457,37 @@ impl Control {
                 .inc();
         }
         self.release(client, "expired", drain).await
+    }
+
+    /// Opens the gate early when the coordinator's backend has gone: its swap transaction is
+    /// over either way (committed or rolled back), so the rules are re-read first.
+    async fn check_coordinator(
+        &mut self,
+        client: &Client,
+        pid: i32,
+        drain: &mut Option<JoinHandle<PauseOutcome>>,
+    ) -> Result<(), ControlError> {
+        let alive: bool = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)",
+                &[&pid],
+            )
+            .await?
+            .get(0);
+        if alive || self.hold.is_none() {
+            return Ok(());
+        }
+        warn!(
+            coordinator_pid = pid,
+            "switch: the coordinator's session is gone; opening the gate"
+        );
+        self.shared
+            .metrics
+            .pauses
+            .with_label_values(&["coordinator_gone"])
+            .inc();
+        self.refresh(client).await?;
+        self.release(client, "coordinator_gone", drain).await
     }
 
     /// Opens the gate; returns how long it was closed, in milliseconds.

@@ -261,7 +261,7 @@ impl Proxy {
         }
         admin.abort();
         if let Some(c) = control {
-            c.stop();
+            c.stop().await;
         }
         info!("keyshift proxy stopped");
         Ok(())
