@@ -268,6 +268,31 @@ async fn cutover_rollback_and_finalize_under_traffic() {
         assert_eq!(pk_column(&direct, t).await, "id");
     }
     assert_eq!(count(&direct, "SELECT count(*) FROM mcp_servers WHERE name = 'post-cutover' AND connector_id IS NOT NULL").await, 1);
+    // The NOT NULL integer FK columns are NOT NULL again (cutover had dropped it), and the
+    // CHECK that proved it online is gone.
+    for (t, c) in [
+        ("connector_access", "connector_id"),
+        ("mcp_server_tokens", "mcp_server_id"),
+        ("mcp_server_tools", "mcp_server_id"),
+    ] {
+        let notnull: bool = direct
+            .query_one(
+                "SELECT attnotnull FROM pg_attribute WHERE attrelid = $1::text::regclass AND attname = $2",
+                &[&t, &c],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(notnull, "{t}.{c} is nullable after rollback");
+    }
+    assert_eq!(
+        count(
+            &direct,
+            "SELECT count(*) FROM pg_constraint WHERE conname LIKE '%legacy_not_null'"
+        )
+        .await,
+        0
+    );
     assert_eq!(
         early
             .execute(&early_insert, &[&"after-rollback", &"s3"])

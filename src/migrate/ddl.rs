@@ -775,6 +775,13 @@ fn legacy_key_index(t: &PlanTable) -> String {
     super::ident::suffixed(&format!("{}_{}", t.name, t.legacy_column), "_key")
 }
 
+fn legacy_not_null_check(f: &PlanFk) -> String {
+    super::ident::suffixed(
+        &format!("{}_{}", f.child_table, f.legacy_column),
+        "_not_null",
+    )
+}
+
 fn legacy_fk_name(plan: &Plan, f: &PlanFk) -> String {
     super::ident::suffixed(&f.constraint, &plan.legacy_suffix)
 }
@@ -830,6 +837,16 @@ pub fn rollback(plan: &Plan) -> Vec<Step> {
             },
         ));
     }
+    // The NOT NULL of NOT NULL integer FK columns, which cutover dropped: proven online by a
+    // validated CHECK now, so that the swap's SET NOT NULL needs no scan under its lock.
+    for (_, f) in plan.foreign_keys().filter(|(_, f)| f.child_not_null) {
+        v.extend(check_not_null(
+            &f.child_schema,
+            &f.child_table,
+            &legacy_not_null_check(f),
+            &f.legacy_column,
+        ));
+    }
     v.push(swap("BEGIN".into()));
     for (_, f) in plan.foreign_keys() {
         let c = child(f);
@@ -856,6 +873,14 @@ pub fn rollback(plan: &Plan) -> Vec<Step> {
             v.push(swap(format!(
                 "ALTER TABLE {c} ALTER COLUMN {} DROP NOT NULL",
                 quote(&f.uuid_column)
+            )));
+            v.push(swap(format!(
+                "ALTER TABLE {c} ALTER COLUMN {} SET NOT NULL",
+                quote(&f.child_column)
+            )));
+            v.push(swap(format!(
+                "ALTER TABLE {c} DROP CONSTRAINT {}",
+                quote(&legacy_not_null_check(f))
             )));
         }
         for i in &f.indexes {
@@ -905,18 +930,6 @@ pub fn rollback(plan: &Plan) -> Vec<Step> {
     v.extend(id_map_step(plan, false).map(|st| swap(st.sql)));
     v.push(swap(state::set_phase_sql(state::Phase::Backfilled)));
     v.push(swap("COMMIT".into()));
-    // Each NOT NULL FK column gets its constraint back without a scan under the swap's lock.
-    for (_, f) in plan.foreign_keys().filter(|(_, f)| f.child_not_null) {
-        v.push(Step::new(
-            format!(
-                "ALTER TABLE {} ALTER COLUMN {} SET NOT NULL",
-                child(f),
-                quote(&f.child_column)
-            ),
-            Mode::Brief,
-            When::Always,
-        ));
-    }
     v
 }
 

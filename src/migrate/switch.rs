@@ -187,6 +187,18 @@ pub async fn run(
     let _ = client
         .batch_execute("SET client_connection_check_interval = '250ms'")
         .await;
+    // Attempts whose coordinator died are over (their transaction ended with their session,
+    // or their hold deadline passed): close them so that status and alerts stop showing them.
+    db::exec(
+        client,
+        "UPDATE keyshift.switch_attempts SET state = 'aborted', finished_at = clock_timestamp(),
+           outcome = jsonb_build_object('error', 'the coordinator stopped before finishing')
+         WHERE state IN ('pausing', 'swapping')
+           AND (hold_deadline < clock_timestamp()
+                OR (coordinator_pid IS NOT NULL
+                    AND NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = coordinator_pid)))",
+    )
+    .await?;
     let live = wait_for_live(client, m.rules_version).await?;
     info!(proxies = live.len(), "live proxies: {}", live.join(", "));
 

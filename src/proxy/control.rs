@@ -27,8 +27,10 @@ use crate::migrate::{progress, state};
 /// How often the proxy proves it is alive and re-reads the state (a backstop for a missed
 /// notification).
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
-/// While the gate is held, how often the coordinator's session is checked for life.
-const COORDINATOR_CHECK: Duration = Duration::from_millis(250);
+/// While the gate is held, how often the attempt is read: its commit is visible here before
+/// the NOTIFY that announces it, which PostgreSQL sends only after the committing backend
+/// has unlinked the dropped indexes' files (time that grows with table size).
+const HOLD_POLL: Duration = Duration::from_millis(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -134,9 +136,6 @@ struct Hold {
     round: i32,
     /// The gate opens by itself at this instant, whatever the coordinator does.
     deadline: tokio::time::Instant,
-    /// The coordinator's backend: once it is gone its swap has committed or rolled back, and
-    /// nobody will say resume, so the gate opens without waiting for the deadline.
-    coordinator_pid: Option<i32>,
 }
 
 /// A notification on channel `keyshift`.
@@ -257,11 +256,11 @@ impl Control {
         let mut tick = tokio::time::interval(HEARTBEAT);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut drain: Option<JoinHandle<PauseOutcome>> = None;
-        let mut watch = tokio::time::interval(COORDINATOR_CHECK);
+        let mut watch = tokio::time::interval(HOLD_POLL);
         watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let result = loop {
             let deadline = self.hold.map(|h| h.deadline);
-            let watched = self.hold.and_then(|h| h.coordinator_pid);
+            let holding = self.hold.is_some();
             let step = tokio::select! {
                 m = rx.recv() => match m {
                     Some(payload) => match parse_notice(&payload) {
@@ -282,9 +281,7 @@ impl Control {
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
                     self.expire(client, &mut drain).await
                 }
-                _ = watch.tick(), if watched.is_some() => {
-                    self.check_coordinator(client, watched.unwrap_or_default(), &mut drain).await
-                }
+                _ = watch.tick(), if holding => self.check_hold(client, &mut drain).await,
             };
             if let Err(e) = step {
                 break e;
@@ -318,8 +315,7 @@ impl Control {
         let row = client
             .query_opt(
                 "SELECT state, round, drain_timeout_ms,
-                        GREATEST(extract(epoch FROM hold_deadline - clock_timestamp()), 0)::float8,
-                        coordinator_pid
+                        GREATEST(extract(epoch FROM hold_deadline - clock_timestamp()), 0)::float8
                  FROM keyshift.switch_attempts WHERE id = $1",
                 &[&attempt],
             )
@@ -340,7 +336,6 @@ impl Control {
             attempt,
             round,
             deadline: tokio::time::Instant::now() + Duration::from_secs_f64(remaining),
-            coordinator_pid: row.get(4),
         });
         info!(
             attempt,
@@ -459,35 +454,58 @@ impl Control {
         self.release(client, "expired", drain).await
     }
 
-    /// Opens the gate early when the coordinator's backend has gone: its swap transaction is
-    /// over either way (committed or rolled back), so the rules are re-read first.
-    async fn check_coordinator(
+    /// While holding: opens the gate as soon as the attempt is over (committed, aborted), or
+    /// when the coordinator's backend has gone (its swap transaction is then over either way,
+    /// committed or rolled back). The rules are re-read first, so that no held message runs
+    /// under the old ones after a commit.
+    async fn check_hold(
         &mut self,
         client: &Client,
-        pid: i32,
         drain: &mut Option<JoinHandle<PauseOutcome>>,
     ) -> Result<(), ControlError> {
-        let alive: bool = client
-            .query_one(
-                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)",
-                &[&pid],
+        let Some(h) = self.hold else { return Ok(()) };
+        let row = client
+            .query_opt(
+                "SELECT state, round,
+                        coordinator_pid IS NOT NULL
+                        AND NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = coordinator_pid)
+                 FROM keyshift.switch_attempts WHERE id = $1",
+                &[&h.attempt],
             )
-            .await?
-            .get(0);
-        if alive || self.hold.is_none() {
+            .await?;
+        let Some(row) = row else { return Ok(()) };
+        let (state, round, gone): (String, i32, bool) = (row.get(0), row.get(1), row.get(2));
+        let result = if !matches!(state.as_str(), "pausing" | "swapping") {
+            "released"
+        } else if gone {
+            warn!(
+                attempt = h.attempt,
+                "switch: the coordinator's session is gone; opening the gate"
+            );
+            self.shared
+                .metrics
+                .pauses
+                .with_label_values(&["coordinator_gone"])
+                .inc();
+            // Its transaction is over, and a commit would have set `committed` in it: the
+            // attempt is dead, say so (several proxies may race here; the WHERE makes it once).
+            client
+                .execute(
+                    "UPDATE keyshift.switch_attempts SET state = 'aborted', finished_at = clock_timestamp(),
+                       outcome = jsonb_build_object('error', 'the coordinator''s session ended')
+                     WHERE id = $1 AND state IN ('pausing', 'swapping')",
+                    &[&h.attempt],
+                )
+                .await?;
+            "coordinator_gone"
+        } else if round != h.round {
+            // A retry after a lock timeout: its own pause notice will follow.
+            "released"
+        } else {
             return Ok(());
-        }
-        warn!(
-            coordinator_pid = pid,
-            "switch: the coordinator's session is gone; opening the gate"
-        );
-        self.shared
-            .metrics
-            .pauses
-            .with_label_values(&["coordinator_gone"])
-            .inc();
+        };
         self.refresh(client).await?;
-        self.release(client, "coordinator_gone", drain).await
+        self.release(client, result, drain).await
     }
 
     /// Opens the gate; returns how long it was closed, in milliseconds.
