@@ -126,6 +126,10 @@ docs/cutover.md."
     Rollback(SwitchCmd),
     /// Drop the legacy integer columns and keyshift's objects once you are sure (no way back)
     Finalize(FinalizeCmd),
+    // --- demo: its flags and everything it does live in src/demo ---
+    /// See keyshift work: migrate seed 004's five tables under live traffic, start to finish
+    #[command(long_about = crate::demo::LONG_ABOUT)]
+    Demo(crate::demo::DemoArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -296,6 +300,8 @@ pub fn main() -> ExitCode {
                 run_finalize(cfg, c.yes)
             })
         }
+        // The demo takes no config file: it builds its own server, proxy and settings.
+        Command::Demo(ref c) => crate::demo::main(c),
     }
 }
 
