@@ -6,6 +6,17 @@ mod common;
 
 use std::process::{Command, Output, Stdio};
 
+/// Small enough for a debug build on two cores; the JSON report on stdout.
+const SMALL: [&str; 7] = [
+    "--rows",
+    "20000",
+    "--clients",
+    "6",
+    "--yes",
+    "--format",
+    "json",
+];
+
 fn demo(args: &[&str]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyshift"));
     for (k, _) in std::env::vars() {
@@ -103,17 +114,9 @@ async fn demo_with_database_url_runs_in_its_own_database_and_drops_it() {
     let srv = common::server();
     let url = srv.url("postgres");
     let o = tokio::task::spawn_blocking(move || {
-        demo(&[
-            "--database-url",
-            &url,
-            "--rows",
-            "20000",
-            "--clients",
-            "6",
-            "--yes",
-            "--format",
-            "json",
-        ])
+        let mut args = vec!["--database-url", &url];
+        args.extend(SMALL);
+        demo(&args)
     })
     .await
     .unwrap();
