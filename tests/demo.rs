@@ -84,15 +84,7 @@ fn assert_report(o: &Output) -> serde_json::Value {
 
 #[test]
 fn demo_on_a_throwaway_cluster_passes_its_own_report() {
-    let o = demo(&[
-        "--rows",
-        "20000",
-        "--clients",
-        "6",
-        "--yes",
-        "--format",
-        "json",
-    ]);
+    let o = demo(&SMALL);
     let r = assert_report(&o);
     assert_eq!(r["database"], "keyshift_demo");
     // The narration went to stderr, one line a step.
