@@ -111,7 +111,7 @@ pub struct DemoArgs {
 }
 
 /// About a minute for the whole demo in release mode on a 2-core machine.
-pub const DEFAULT_ROWS: u64 = 1_000_000;
+pub const DEFAULT_ROWS: u64 = 600_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
@@ -383,7 +383,9 @@ async fn cleanup(run: &mut Running) {
         for problem in t.teardown().await {
             eprintln!("keyshift demo: cleaning up: {problem}");
         }
-        if !throwaway {
+        if throwaway {
+            eprintln!("keyshift demo: stopped the throwaway PostgreSQL and removed its files");
+        } else {
             eprintln!("keyshift demo: dropped database {name}");
         }
     }
