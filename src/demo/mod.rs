@@ -291,6 +291,8 @@ pub async fn run(args: DemoArgs, target: Option<Target>) -> u8 {
     let passed = run.report.passed;
     if !interrupted_early {
         match args.format {
+            // Nothing ran: the error said it all.
+            Format::Text if run.report.server.is_empty() => {}
             Format::Text => print!("{}", run.report.render_text()),
             Format::Json => match serde_json::to_string_pretty(&run.report) {
                 Ok(s) => println!("{s}"),
@@ -407,7 +409,7 @@ fn end(run: &mut Running, name: &str, t: Instant, idx: Option<usize>) {
 async fn body(args: &DemoArgs, run: &mut Running) -> Result<(), DemoError> {
     // The server.
     let t = begin(run, None);
-    let mut target = match run.target.take() {
+    let target = match run.target.take() {
         Some(t) => {
             say(&format!(
                 "Creating database {} on {}:{} for the demo; it is dropped at the end.",
@@ -423,16 +425,16 @@ async fn body(args: &DemoArgs, run: &mut Running) -> Result<(), DemoError> {
                     .display()
                     .to_string())
             ));
-            Target::throwaway().await?
+            Target::throwaway()?
         }
     };
-    // Kept in `run` before anything can fail, so that cleanup finds it.
-    let created = target.create_database().await;
+    // In `run` before anything can fail or be interrupted, so that cleanup finds it.
+    let target = run.target.insert(target);
+    target.ready().await?;
+    target.create_database().await?;
     let ep = target.ep.clone();
     run.report.server = format!("{}:{}", ep.host, ep.port);
     run.report.database = ep.dbname.clone();
-    run.target = Some(target);
-    created?;
     let url = ep.url();
     end(run, "server", t, None);
 

@@ -60,28 +60,41 @@ pub struct Target {
 }
 
 impl Target {
-    /// Starts a throwaway cluster from the local server binaries.
-    pub async fn throwaway() -> Result<Target, SetupError> {
-        let (cluster, port) = ClusterThread::start().await?;
-        let mut admin = Config::new();
-        admin
-            .host("127.0.0.1")
-            .port(port)
-            .user("postgres")
-            .dbname("postgres");
+    /// Starts a throwaway cluster from the local server binaries, on a thread of its own;
+    /// [`Target::ready`] waits for it. Kept by the caller from now on, so that an interrupt
+    /// during initdb still stops the server and removes its files.
+    pub fn throwaway() -> Result<Target, SetupError> {
+        let cluster = ClusterThread::spawn()?;
         Ok(Target {
             ep: Endpoint {
-                admin,
+                admin: Config::new(),
                 dbname: "keyshift_demo".into(),
-                upstream: format!("127.0.0.1:{port}"),
+                upstream: String::new(),
                 host: "127.0.0.1".into(),
-                port,
+                port: 0,
                 user: "postgres".into(),
                 has_password: false,
             },
             cluster: Some(cluster),
             created: false,
         })
+    }
+
+    /// Waits until the throwaway server accepts connections (nothing to wait for otherwise).
+    pub async fn ready(&mut self) -> Result<(), SetupError> {
+        let Some(rx) = self.cluster.as_mut().and_then(|c| c.ready.take()) else {
+            return Ok(());
+        };
+        let port = rx.await.map_err(|_| SetupError::ClusterThread)??;
+        let ep = &mut self.ep;
+        ep.admin
+            .host("127.0.0.1")
+            .port(port)
+            .user("postgres")
+            .dbname("postgres");
+        ep.upstream = format!("127.0.0.1:{port}");
+        ep.port = port;
+        Ok(())
     }
 
     /// An existing server, reached through `url`; the demo's database gets a random name.
@@ -264,38 +277,32 @@ async fn sql(c: &Client, sql: &str, what: &str) -> Result<(), SetupError> {
 struct ClusterThread {
     stop: std::sync::mpsc::Sender<()>,
     thread: std::thread::JoinHandle<()>,
+    ready: Option<tokio::sync::oneshot::Receiver<Result<u16, ClusterError>>>,
 }
 
 impl ClusterThread {
-    async fn start() -> Result<(ClusterThread, u16), SetupError> {
+    fn spawn() -> Result<ClusterThread, SetupError> {
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let (stop, stop_rx) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("keyshift-demo-pg".into())
-            .spawn(move || {
-                let opts = ClusterOptions::default();
-                match Cluster::start(&opts) {
-                    Ok(c) => {
-                        let _ = ready_tx.send(Ok(c.port()));
-                        // Until told to stop, or until the demo drops its handle.
-                        let _ = stop_rx.recv();
-                        drop(c);
-                    }
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                    }
+            .spawn(move || match Cluster::start(&ClusterOptions::default()) {
+                Ok(c) => {
+                    let _ = ready_tx.send(Ok(c.port()));
+                    // Until told to stop, or until the demo drops its handle.
+                    let _ = stop_rx.recv();
+                    drop(c);
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
                 }
             })
             .map_err(|e| ClusterError::Io("starting the cluster thread", e))?;
-        let handle = ClusterThread { stop, thread };
-        match ready_rx.await {
-            Ok(Ok(port)) => Ok((handle, port)),
-            Ok(Err(e)) => {
-                let _ = handle.stop().await;
-                Err(e.into())
-            }
-            Err(_) => Err(SetupError::ClusterThread),
-        }
+        Ok(ClusterThread {
+            stop,
+            thread,
+            ready: Some(ready_rx),
+        })
     }
 
     /// Stops the server and removes its directory; returns when that is done.
