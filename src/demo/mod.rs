@@ -587,10 +587,11 @@ async fn body(args: &DemoArgs, run: &mut Running) -> Result<(), DemoError> {
     say(
         "Verify again: the seeds' success criteria, one by one, on the migrated schema and against what the clients committed.",
     );
-    if let Some(w) = run.workload.take() {
-        run.report.clients = Some(w.stop().await);
-    }
-    let work = run.report.clients.clone().ok_or(DemoError::Interrupted)?;
+    let Some(w) = run.workload.take() else {
+        unreachable!("the clients run from the warm-up to here")
+    };
+    let work = w.stop().await;
+    run.report.clients = Some(work.clone());
     let (mut criteria, after) = report::check(&direct, &before, &before.counts, &work)
         .await
         .map_err(sql_err("checking the success criteria"))?;
