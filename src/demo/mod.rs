@@ -282,10 +282,15 @@ pub async fn run(args: DemoArgs, target: Option<Target>) -> u8 {
         }
         run.report.error = Some(e.to_string());
     }
-    // Clients still running after a failure: stop them and keep what they saw.
-    if let Some(w) = run.workload.take() {
-        let r = w.stop().await;
-        run.report.clients = Some(r);
+    // Clients still running after a failure: stop them and keep what they saw. After an
+    // interrupt nobody reads the report: they are just dropped (aborted).
+    if let Some(w) = run.workload.take()
+        && !interrupted_early
+    {
+        match tokio::time::timeout(Duration::from_secs(15), w.stop()).await {
+            Ok(r) => run.report.clients = Some(r),
+            Err(_) => eprintln!("keyshift demo: the clients did not stop within 15 s"),
+        }
     }
     finish_report(&mut run, started);
     let passed = run.report.passed;
