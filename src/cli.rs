@@ -141,6 +141,10 @@ Exit code 1 when the id has no row.",
         subcommand_negates_reqs = true
     )]
     Map(MapCmd),
+    // --- demo: its flags and everything it does live in src/demo ---
+    /// See keyshift work: migrate seed 004's five tables under live traffic, start to finish
+    #[command(long_about = crate::demo::LONG_ABOUT)]
+    Demo(crate::demo::DemoArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -368,6 +372,8 @@ pub fn main() -> ExitCode {
             }
             None => migrate_cmd(&cli.config, &c.db, None, None, "map", |cfg| run_map(cfg, c)),
         },
+        // The demo takes no config file: it builds its own server, proxy and settings.
+        Command::Demo(ref c) => crate::demo::main(c),
     }
 }
 

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
     #[error(
-        "no PostgreSQL server binaries found (looked for `initdb` and `postgres` in $KEYSHIFT_PG_BIN, on PATH and under /usr/lib/postgresql/*/bin); install them, e.g. `apt-get install postgresql` (13 or newer)"
+        "no PostgreSQL server binaries found (looked for `initdb` and `postgres` in $KEYSHIFT_PG_BIN, on PATH and under /usr/lib/postgresql/*/bin); install PostgreSQL 13 or newer: `apt-get install postgresql` (Debian, Ubuntu), `dnf install postgresql-server` (Fedora, RHEL), `brew install postgresql@16` (macOS), or point $KEYSHIFT_PG_BIN at a directory holding `initdb` and `postgres`"
     )]
     NoBinaries,
     #[error(

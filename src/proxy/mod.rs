@@ -62,8 +62,8 @@ pub struct Shared {
     pub metrics: Metrics,
     /// The SQL rewriter in force; `None` means pure passthrough (no migration running).
     pub rewriter: arc_swap::ArcSwapOption<statements::ActiveRewriter>,
-    /// Bumped after every change of `rewriter`: sessions re-prepare their rewritten
-    /// statements when they see a new value.
+    /// Bumped after every change of `rewriter`: sessions prepare again the named statements
+    /// whose text the new rules change (see `Session::reprepare`) when they see a new value.
     pub rules_version: std::sync::atomic::AtomicU64,
     /// True while the link to the migrated database (`database_url`) is up.
     pub control_connected: std::sync::atomic::AtomicBool,

@@ -346,7 +346,14 @@ impl Session {
         let rewriting = rewriter
             .as_ref()
             .is_some_and(|r| r.applies_to(&self.info.database));
-        let want = |t: u8| t == b'X' || (rewriting && matches!(t, b'Q' | b'P' | b'C'));
+        // Linked to a migration but no rules yet: named statements are tracked (not
+        // rewritten) so that they are prepared again, rewritten, once rules arrive.
+        let tracking = !rewriting && rewriter.is_none() && self.shared.cfg.database_url.is_some();
+        let want = |t: u8| {
+            t == b'X'
+                || (rewriting && matches!(t, b'Q' | b'P' | b'C'))
+                || (tracking && matches!(t, b'P' | b'C'))
+        };
         let mut fwd = 0;
         let mut event = None;
         loop {
@@ -420,7 +427,12 @@ impl Session {
                             }
                             r
                         }
-                        None => None,
+                        None => {
+                            if tracking {
+                                track_message(&mut self.prepared, msg);
+                            }
+                            None
+                        }
                     };
                     match replacement {
                         None => fwd += len,
@@ -440,35 +452,41 @@ impl Session {
         Ok(event)
     }
 
-    /// The rules changed (cutover, rollback, finalize): prepare every named statement keyshift
-    /// had rewritten again, from the client's original SQL under the new rules, before the
-    /// client's next message. PostgreSQL would otherwise re-analyse the old rewritten text,
-    /// which names columns the cutover renamed. The answers are swallowed (`swallow_ready`).
+    /// The rules changed (expand, cutover, rollback, finalize): prepare again every tracked
+    /// named statement whose text under the new rules differs from the one the server has,
+    /// from the client's original SQL, before the client's next message. PostgreSQL would
+    /// otherwise go on running the old text: without the twins' columns when the statement
+    /// was prepared before expand, or naming columns the cutover renamed. The answers are
+    /// swallowed (`swallow_ready`).
     fn reprepare(&mut self) {
         let rw = self.shared.rewriter.load();
         let active = rw.as_ref().filter(|r| r.applies_to(&self.info.database));
-        let mut n = 0;
-        for (name, sql, rest) in self.prepared.iter() {
-            let new_sql: std::borrow::Cow<'_, str> = match active.map(|r| r.rewriter.rewrite(sql)) {
-                Some(Decision::Replace(s)) => s.to_string().into(),
-                _ => sql.into(),
-            };
-            let close_len = 4 + 1 + name.len() + 1;
+        let changed = self
+            .prepared
+            .changed(|sql| match active.map(|r| r.rewriter.rewrite(sql)) {
+                Some(Decision::Replace(s)) => Some(s.to_string()),
+                _ => None,
+            });
+        if changed.is_empty() {
+            return;
+        }
+        let n = changed.len();
+        for r in &changed {
+            let close_len = 4 + 1 + r.name.len() + 1;
             self.c_out.reserve(1 + close_len);
             self.c_out.extend_from_slice(b"C");
             self.c_out
                 .extend_from_slice(&(close_len as u32).to_be_bytes());
             self.c_out.extend_from_slice(b"S");
-            self.c_out.extend_from_slice(name);
+            self.c_out.extend_from_slice(&r.name);
             self.c_out.extend_from_slice(&[0]);
             let m = statements::SqlMessage {
                 tag: b'P',
-                name,
-                sql: sql.as_bytes(),
-                rest,
+                name: &r.name,
+                sql: r.sql.as_bytes(),
+                rest: &r.rest,
             };
-            statements::rebuild(&m, &new_sql, &mut self.c_out);
-            n += 1;
+            statements::rebuild(&m, &r.text, &mut self.c_out);
         }
         self.c_out.extend_from_slice(&[b'S', 0, 0, 0, 4]);
         self.swallow_ready += 1;
@@ -621,8 +639,8 @@ fn rewrite_message(
     let new_sql = match rw.rewrite(sql) {
         Decision::Forward => {
             if m.tag == b'P' {
-                // Re-using a name for an untouched statement replaces a rewritten one.
-                prepared.forget(m.name);
+                // Untouched under these rules, maybe not under the next ones (cutover).
+                prepared.remember(m.name, sql, m.rest, None);
             }
             return None;
         }
@@ -634,11 +652,27 @@ fn rewrite_message(
         }
     };
     if m.tag == b'P' && refusal.message.is_empty() {
-        prepared.remember(m.name, sql, m.rest);
+        prepared.remember(m.name, sql, m.rest, Some(&new_sql));
     }
     let mut out = BytesMut::with_capacity(new_sql.len() + 16);
     statements::rebuild(&m, &new_sql, &mut out);
     Some(out)
+}
+
+/// Before any rule exists: remembers a named Parse as it is (Close forgets it).
+fn track_message(prepared: &mut Prepared, msg: &[u8]) {
+    if msg[0] == b'C' {
+        if msg.get(5) == Some(&b'S') {
+            prepared.forget(&msg[6..msg.len().saturating_sub(1)]);
+        }
+        return;
+    }
+    if let Some(m) = statements::split(msg)
+        && m.tag == b'P'
+        && let Ok(sql) = std::str::from_utf8(m.sql)
+    {
+        prepared.remember(m.name, sql, m.rest, None);
+    }
 }
 
 /// Completes when the proxy orders every session closed.

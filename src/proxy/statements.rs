@@ -142,28 +142,43 @@ pub fn error_message(msg: &[u8]) -> Option<&[u8]> {
     None
 }
 
-/// Named prepared statements whose SQL keyshift rewrote, by name, with the client's original
-/// SQL and parameter types: cutover prepares them again under the new rules.
+/// Named prepared statements keyshift may have to prepare again when the rules change, by
+/// name: those it rewrote, and, on a proxy linked to a migration, those it passed through
+/// before any rule existed (an application prepares its statements when it connects, often
+/// long before `expand`). Each with the client's original SQL, the parameter-type tail of its
+/// Parse message, and the text the server prepared when keyshift rewrote it.
 #[derive(Default, Debug)]
 pub struct Prepared {
     map: HashMap<Box<[u8]>, PreparedSql>,
 }
 
-/// A rewritten statement's original SQL and the parameter-type tail of its Parse message.
+/// A statement to prepare again: its name, original SQL, Parse tail, and the text to prepare.
+#[derive(Debug)]
+pub struct Reprepare {
+    pub name: Box<[u8]>,
+    pub sql: Arc<str>,
+    pub rest: Box<[u8]>,
+    pub text: Arc<str>,
+}
+
 #[derive(Debug)]
 struct PreparedSql {
     sql: Arc<str>,
     rest: Box<[u8]>,
+    /// What the server has, when it is not `sql` itself.
+    sent: Option<Arc<str>>,
 }
 
 impl Prepared {
-    pub fn remember(&mut self, name: &[u8], original: &str, rest: &[u8]) {
+    /// `sent` is the rewritten text forwarded instead of `original`, if any.
+    pub fn remember(&mut self, name: &[u8], original: &str, rest: &[u8], sent: Option<&str>) {
         if !name.is_empty() {
             self.map.insert(
                 name.into(),
                 PreparedSql {
                     sql: original.into(),
                     rest: rest.into(),
+                    sent: sent.map(Into::into),
                 },
             );
         }
@@ -183,10 +198,24 @@ impl Prepared {
         self.map.is_empty()
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &str, &[u8])> {
-        self.map
-            .iter()
-            .map(|(k, p)| (&k[..], &p.sql[..], &p.rest[..]))
+    /// The statements whose text on the server differs from what `rewrite` makes of their
+    /// original SQL now. Records that text as the server's, since the caller prepares it.
+    pub fn changed(&mut self, mut rewrite: impl FnMut(&str) -> Option<String>) -> Vec<Reprepare> {
+        let mut out = Vec::new();
+        for (name, p) in self.map.iter_mut() {
+            let now: Option<Arc<str>> = rewrite(&p.sql).map(Into::into);
+            if now != p.sent {
+                let text = now.clone().unwrap_or_else(|| p.sql.clone());
+                p.sent = now;
+                out.push(Reprepare {
+                    name: name.clone(),
+                    sql: p.sql.clone(),
+                    rest: p.rest.clone(),
+                    text,
+                });
+            }
+        }
+        out
     }
 }
 
@@ -259,10 +288,19 @@ mod tests {
     #[test]
     fn prepared_tracking() {
         let mut p = Prepared::default();
-        p.remember(b"", "ignored", b"");
-        p.remember(b"a", "INSERT 1", b"\0\0");
+        p.remember(b"", "ignored", b"", None);
+        p.remember(b"a", "INSERT 1", b"\0\0", Some("INSERT 1, 2"));
         assert_eq!(p.len(), 1);
         p.forget(b"a");
         assert!(p.is_empty());
+        // Prepared before any rule: prepared again once a rule rewrites it, and only then.
+        p.remember(b"b", "INSERT b", b"", None);
+        assert!(p.changed(|_| None).is_empty());
+        let c = p.changed(|s| Some(format!("{s} rewritten")));
+        assert_eq!(c.len(), 1);
+        assert_eq!(&*c[0].text, "INSERT b rewritten");
+        assert!(p.changed(|s| Some(format!("{s} rewritten"))).is_empty());
+        // Back to passthrough: the original text again.
+        assert_eq!(&*p.changed(|_| None)[0].text, "INSERT b");
     }
 }

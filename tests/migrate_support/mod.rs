@@ -7,21 +7,8 @@ use std::process::{Command, Output};
 
 use crate::common;
 
-/// Shaped like seed 004: 5 tables, the dependency tree of its guide.
-pub const SEED_004: &str = "
-CREATE TABLE mcp_connectors (id serial PRIMARY KEY, name text NOT NULL, created_at timestamptz NOT NULL DEFAULT now());
-CREATE TABLE connector_access (id serial PRIMARY KEY,
-    connector_id integer NOT NULL REFERENCES mcp_connectors (id) ON DELETE CASCADE, user_id text NOT NULL);
-CREATE INDEX ix_connector_access_connector_id ON connector_access (connector_id);
-CREATE TABLE mcp_servers (id serial PRIMARY KEY,
-    connector_id integer REFERENCES mcp_connectors (id) ON DELETE CASCADE, name text NOT NULL, status text);
-CREATE INDEX ix_mcp_servers_connector_id ON mcp_servers (connector_id);
-CREATE TABLE mcp_server_tokens (id serial PRIMARY KEY,
-    mcp_server_id integer NOT NULL REFERENCES mcp_servers (id), token text NOT NULL);
-CREATE TABLE mcp_server_tools (id serial PRIMARY KEY,
-    mcp_server_id integer NOT NULL REFERENCES mcp_servers (id), tool_name text NOT NULL,
-    UNIQUE (mcp_server_id, tool_name));
-";
+/// Shaped like seed 004: 5 tables, the dependency tree of its guide (shared with the demo).
+pub use keyshift::demo::seed::SEED_004;
 
 /// Rows for SEED_004: `n` connectors, 2n servers, 2n tokens, 2n tools, n access rows.
 pub fn seed_004_rows(n: i64) -> String {
