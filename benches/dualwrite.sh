@@ -12,7 +12,10 @@
 # Usage: benches/dualwrite.sh                 (DURATION=15 ROUNDS=2)
 #        DURATION=5 ROUNDS=1 benches/dualwrite.sh
 # Environment: DURATION, ROUNDS, CLIENTS=8, JOBS=2, MODES="simple extended prepared",
-#              PARENTS=2000 (connectors; servers = 2 × PARENTS), PGBIN.
+#              PARENTS=2000 (connectors; servers = 2 × PARENTS), PGBIN,
+#              PIN=1: PostgreSQL on CPU 1, pgbench and the proxies on CPU 0 (taskset), as when
+#              the database has a host of its own and the proxy runs beside the application:
+#              then the proxy's CPU is not taken from PostgreSQL's.
 set -euo pipefail
 
 DURATION=${DURATION:-15}
@@ -21,6 +24,14 @@ CLIENTS=${CLIENTS:-8}
 JOBS=${JOBS:-2}
 MODES=${MODES:-simple extended prepared}
 PARENTS=${PARENTS:-2000}
+if [[ -n ${PIN:-} ]]; then
+    command -v taskset >/dev/null || { echo "PIN=1 needs taskset (util-linux)" >&2; exit 1; }
+    ON_DB=(taskset -c 1)
+    ON_APP=(taskset -c 0)
+else
+    ON_DB=()
+    ON_APP=()
+fi
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -67,7 +78,13 @@ PG_PORT=$(free_port)
 [[ $(id -u) -eq 0 ]] && chown postgres "$TMP"
 log "starting PostgreSQL on port $PG_PORT"
 as_pg "$PGBIN/initdb" -D "$TMP/data" -U postgres -A trust --no-sync >"$TMP/initdb.log" 2>&1 || die "initdb failed"
-as_pg "$PGBIN/pg_ctl" -D "$TMP/data" -l "$TMP/postgres.log" -w -t 60 \
+# The postmaster and every backend it forks inherit the CPU affinity of pg_ctl.
+if [[ $(id -u) -eq 0 ]]; then
+    as_pg_db() { ${ON_DB[@]+"${ON_DB[@]}"} runuser -u postgres -- "$@"; }
+else
+    as_pg_db() { ${ON_DB[@]+"${ON_DB[@]}"} "$@"; }
+fi
+as_pg_db "$PGBIN/pg_ctl" -D "$TMP/data" -l "$TMP/postgres.log" -w -t 60 \
     -o "-p $PG_PORT -k $TMP -c listen_addresses=127.0.0.1 -c max_connections=200 \
         -c shared_buffers=256MB -c fsync=off -c synchronous_commit=off -c full_page_writes=off" \
     start >/dev/null || die "PostgreSQL did not start"
@@ -120,7 +137,7 @@ start_proxy() { # name database -> sets PORT_<name>
     local port admin
     port=$(free_port)
     admin=$(free_port)
-    KEYSHIFT_LOG_LEVEL=warn "$KS" proxy --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
+    KEYSHIFT_LOG_LEVEL=warn ${ON_APP[@]+"${ON_APP[@]}"} "$KS" proxy --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
         --upstream "127.0.0.1:$PG_PORT" --upstream-tls disable ${2:+--database-url "$(url "$2")"} \
         >"$TMP/proxy-$1.log" 2>&1 &
     PIDS+=($!)
@@ -157,7 +174,7 @@ for round in $(seq 1 "$ROUNDS"); do
     if ((round % 2 == 0)); then order=(passthru trigger keyshift direct); fi
     for mode in $MODES; do
         for t in "${order[@]}"; do
-            out=$("$PGBIN/pgbench" -n -f "$TMP/inserts.sql" -M "$mode" -c "$CLIENTS" -j "$JOBS" -T "$DURATION" \
+            out=$(${ON_APP[@]+"${ON_APP[@]}"} "$PGBIN/pgbench" -n -f "$TMP/inserts.sql" -M "$mode" -c "$CLIENTS" -j "$JOBS" -T "$DURATION" \
                 -h 127.0.0.1 -p "$(target_port "$t")" -U postgres "$(target_db "$t")" 2>&1) ||
                 { echo "$out" >&2; die "pgbench $t $mode failed"; }
             tps=$(sed -n 's/^tps = \([0-9.]*\) .*/\1/p' <<<"$out")

@@ -43,7 +43,8 @@ pub enum Command {
     #[command(
         long_about = "Run the PostgreSQL proxy. Applications connect to it exactly as \
 they would to PostgreSQL (session mode: one server connection per client connection). \
-The admin HTTP endpoint serves /metrics (Prometheus), /healthz, /readyz and /v1/{status,pause,resume}.\n\n\
+The admin HTTP endpoint serves /metrics (Prometheus), /healthz, /readyz, /v1/status, \
+/v1/pause, /v1/resume and /v1/cutover (admin_token), and the id mapping on /v1/map (map_token).\n\n\
 Every option can also be set in the config file (see deploy/keyshift.toml) or as a KEYSHIFT_* \
 environment variable; flags win over the environment, which wins over the file."
     )]

@@ -371,6 +371,34 @@ async fn a_drain_that_times_out_aborts_and_reopens_the_gates() {
     assert_eq!(column_type(&direct, "mcp_servers", "id").await, "integer");
     wait_status(&p, |v| v["gate"] == "open").await;
     other.simple_query("SELECT 1").await.unwrap();
+    // With --terminate-blockers, a session idling in its transaction is ended and the
+    // cutover goes through.
+    let tx = busy.transaction().await.unwrap();
+    tx.execute("UPDATE mcp_servers SET status = 'held' WHERE id = 1", &[])
+        .await
+        .unwrap();
+    let url2 = db.url();
+    let out = tokio::task::spawn_blocking(move || {
+        ks(
+            &url2,
+            &[
+                "cutover",
+                "--drain-timeout",
+                "300ms",
+                "--terminate-blockers",
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(column_type(&direct, "mcp_servers", "id").await, "uuid");
+    let err = tx.commit().await.unwrap_err();
+    assert!(
+        err.is_closed() || err.code() == Some(&tokio_postgres::error::SqlState::ADMIN_SHUTDOWN),
+        "the blocker's session was ended: {err:?}"
+    );
+    other.simple_query("SELECT 1").await.unwrap();
 }
 
 #[tokio::test]

@@ -289,6 +289,14 @@ pub async fn run(
                     pauses,
                 });
             }
+            Err(RoundError::DrainTerminated(busy)) if started.elapsed() + delay < opts.budget => {
+                warn!(
+                    round,
+                    "sessions stayed inside transactions past the drain timeout; ended them (--terminate-blockers), gates reopened, retrying in {delay:?}: {busy}"
+                );
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
             Err(RoundError::LockTimeout(blockers)) if started.elapsed() + delay < opts.budget => {
                 warn!(
                     round,
@@ -306,7 +314,7 @@ pub async fn run(
                         "the swap could not take its locks within --budget {:?}; blocked by: {b}\n  what to do: end or wait out those transactions, or retry with --terminate-blockers",
                         opts.budget
                     ),
-                    RoundError::Drain(b) => format!(
+                    RoundError::Drain(b) | RoundError::DrainTerminated(b) => format!(
                         "sessions stayed inside transactions past --drain-timeout {:?}: {b}\n  what to do: retry when they are done, raise --drain-timeout, or use --terminate-blockers",
                         opts.drain_timeout
                     ),
@@ -352,6 +360,8 @@ async fn wait_for_live(client: &Client, version: i64) -> Result<Vec<String>, Swi
 enum RoundError {
     LockTimeout(String),
     Drain(String),
+    /// The drain failed and `--terminate-blockers` ended the busy backends: try again.
+    DrainTerminated(String),
     Other(SwitchError),
 }
 
@@ -489,6 +499,7 @@ async fn wait_drained(
         if !failed.is_empty() {
             if opts.terminate_blockers {
                 terminate_busy(client, &rows).await;
+                return Err(RoundError::DrainTerminated(failed.join("; ")));
             }
             return Err(RoundError::Drain(failed.join("; ")));
         }
