@@ -1,11 +1,21 @@
-//! Rewrites cached by SQL text, per rule-set version, in bounded memory.
+//! Rewrites cached by SQL text, and by statement shape (literals taken out), per rule-set
+//! version, in bounded memory.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use dashmap::DashMap;
 
+use super::shape::{self, Shape};
 use super::{Outcome, RuleSet, rewrite, rewrite_verified};
+
+/// What the cache knows of a statement shape.
+enum ShapeEntry {
+    /// The outcome of rewriting the shape itself: substitute the literals into its SQL.
+    Template(Arc<Outcome>),
+    /// Rewriting the shape did not give the rewrite of its first text: rewrite each text.
+    NotCacheable,
+}
 
 /// Applications send a small, fixed set of statement shapes (ORMs and prepared statements
 /// repeat the same text), so a cache of a few thousand entries holds the whole working set.
@@ -20,6 +30,8 @@ use super::{Outcome, RuleSet, rewrite, rewrite_verified};
 /// leave an old rewrite behind for the new rules.
 pub struct RewriteCache {
     map: DashMap<Arc<str>, (u64, Arc<Outcome>)>,
+    /// By shape ([`shape::normalize`]), for texts with inlined literals, which rarely repeat.
+    shapes: DashMap<Box<str>, (u64, ShapeEntry)>,
     capacity: usize,
     max_sql_bytes: usize,
     version: AtomicU64,
@@ -33,6 +45,7 @@ impl RewriteCache {
     pub fn new(capacity: usize, max_sql_bytes: usize) -> RewriteCache {
         RewriteCache {
             map: DashMap::new(),
+            shapes: DashMap::new(),
             capacity: capacity.max(1),
             max_sql_bytes,
             version: AtomicU64::new(u64::MAX),
@@ -63,6 +76,7 @@ impl RewriteCache {
             && self.version.swap(version, Ordering::AcqRel) != version
         {
             self.map.clear();
+            self.shapes.clear();
         }
         if let Some(hit) = self.map.get(sql)
             && hit.0 == version
@@ -70,12 +84,20 @@ impl RewriteCache {
             self.hits.fetch_add(1, Ordering::Relaxed);
             return Arc::clone(&hit.1);
         }
-        self.misses.fetch_add(1, Ordering::Relaxed);
-        let outcome = Arc::new(if self.verify {
-            rewrite_verified(rules, sql)
+        let shape = if sql.len() <= self.max_sql_bytes {
+            shape::normalize(sql)
         } else {
-            rewrite(rules, sql)
-        });
+            None
+        };
+        let outcome = match shape {
+            Some(shape) => self.by_shape(rules, version, sql, shape),
+            None => {
+                self.misses.fetch_add(1, Ordering::Relaxed);
+                self.rewrite_text(rules, sql)
+            }
+        };
+        // Texts are kept too, shapes or not: a text that repeats (an application sending the
+        // same literals) then skips even the normalization.
         if sql.len() <= self.max_sql_bytes {
             if self.map.len() >= self.capacity {
                 self.map.clear();
@@ -86,6 +108,45 @@ impl RewriteCache {
         outcome
     }
 
+    fn rewrite_text(&self, rules: &RuleSet, sql: &str) -> Arc<Outcome> {
+        Arc::new(if self.verify {
+            rewrite_verified(rules, sql)
+        } else {
+            rewrite(rules, sql)
+        })
+    }
+
+    /// A text with literals: its shape's template when known, else the text's own rewrite,
+    /// and on a shape's first text, the check that decides whether the shape can be trusted.
+    fn by_shape(&self, rules: &RuleSet, version: u64, sql: &str, shape: Shape) -> Arc<Outcome> {
+        if let Some(hit) = self.shapes.get(shape.text.as_str())
+            && hit.0 == version
+        {
+            if let ShapeEntry::Template(t) = &hit.1
+                && let Some(out) = instantiate(t, &shape.literals)
+            {
+                self.hits.fetch_add(1, Ordering::Relaxed);
+                return out;
+            }
+            drop(hit);
+            self.misses.fetch_add(1, Ordering::Relaxed);
+            return self.rewrite_text(rules, sql);
+        }
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        let actual = self.rewrite_text(rules, sql);
+        let template = self.rewrite_text(rules, &shape.text);
+        let entry = match instantiate(&template, &shape.literals) {
+            Some(out) if *out == *actual => ShapeEntry::Template(template),
+            _ => ShapeEntry::NotCacheable,
+        };
+        if self.shapes.len() >= self.capacity {
+            self.shapes.clear();
+        }
+        self.shapes
+            .insert(shape.text.into_boxed_str(), (version, entry));
+        actual
+    }
+
     pub fn hits(&self) -> u64 {
         self.hits.load(Ordering::Relaxed)
     }
@@ -94,12 +155,30 @@ impl RewriteCache {
         self.misses.load(Ordering::Relaxed)
     }
 
+    /// Entries, texts and shapes together.
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.map.len() + self.shapes.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.len() == 0
+    }
+}
+
+/// The outcome for one text of a shape: the template's SQL with the literals put back.
+/// Outcomes that send the original text need no substitution.
+fn instantiate(template: &Arc<Outcome>, literals: &[&str]) -> Option<Arc<Outcome>> {
+    match &**template {
+        Outcome::Rewritten {
+            sql,
+            changes,
+            skipped,
+        } => Some(Arc::new(Outcome::Rewritten {
+            sql: shape::substitute(sql, literals)?,
+            changes: changes.clone(),
+            skipped: skipped.clone(),
+        })),
+        Outcome::Unchanged | Outcome::Skipped(_) => Some(Arc::clone(template)),
     }
 }
 

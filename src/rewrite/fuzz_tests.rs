@@ -327,3 +327,44 @@ fn deep_nesting_and_huge_input_are_refused_not_crashed() {
     );
     assert_eq!(check(&r, &huge).skipped()[0].reason, SkipReason::TooLong);
 }
+
+/// Through the shape cache, every text gets exactly its own rewrite: literal-only variants of
+/// well-formed writes (which hit shapes), and soups and arbitrary strings (which mostly do
+/// not normalize, or whose shapes are marked not cacheable).
+#[test]
+fn the_shape_cache_answers_exactly_what_the_rewriter_would() {
+    let r = forward();
+    let cache = super::RewriteCache::new(4096, 64 * 1024);
+    let mut rng = StdRng::seed_from_u64(0x5348_4150);
+    let with_literals = |rng: &mut StdRng| {
+        // Well-formed writes without parameters, with fresh literals each time.
+        let sql = well_formed(rng);
+        let mut out = String::new();
+        for part in sql.split('$') {
+            if out.is_empty() && !sql.starts_with('$') {
+                out.push_str(part);
+                continue;
+            }
+            let digits = part.chars().take_while(char::is_ascii_digit).count();
+            out.push_str(&rng.random_range(0..100_000).to_string());
+            out.push_str(&part[digits..]);
+        }
+        out.replace("'n'", &format!("'n{}'", rng.random_range(0..9)))
+    };
+    let mut hits_before = 0;
+    for i in 0..6_000 {
+        let sql = match i % 3 {
+            0 => with_literals(&mut rng),
+            1 => soup(&mut rng),
+            _ => mutated(&mut rng),
+        };
+        assert_eq!(*cache.rewrite(&r, &sql), super::rewrite(&r, &sql), "{sql}");
+        if i == 5_999 {
+            hits_before = cache.hits();
+        }
+    }
+    assert!(
+        hits_before > 500,
+        "the shapes were hardly used: {hits_before} hits"
+    );
+}

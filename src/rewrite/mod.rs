@@ -31,6 +31,7 @@ mod merge;
 mod prescan;
 mod redact;
 mod rules;
+mod shape;
 mod statement;
 mod update;
 

@@ -766,7 +766,7 @@ fn rule_set_construction() {
 fn cache_hits_and_bounds() {
     let r = forward();
     let cache = RewriteCache::new(2, 1000);
-    let sql = "INSERT INTO c (p_id) VALUES (1)";
+    let sql = "INSERT INTO c (p_id) SELECT id FROM p";
     let a = cache.rewrite(&r, sql);
     let b = cache.rewrite(&r, sql);
     assert!(std::sync::Arc::ptr_eq(&a, &b));
@@ -775,7 +775,10 @@ fn cache_hits_and_bounds() {
     assert_eq!(*cache.rewrite(&r, "SELECT 1"), Outcome::Unchanged);
     assert_eq!(cache.len(), 1);
     for i in 0..5 {
-        cache.rewrite(&r, &format!("INSERT INTO c (p_id) VALUES ({i})"));
+        cache.rewrite(
+            &r,
+            &format!("INSERT INTO c (p_id, a) VALUES ({i}, 'x{i}') -- {i}"),
+        );
         assert!(cache.len() <= 2);
     }
     // A new rule-set version starts afresh.
@@ -785,4 +788,43 @@ fn cache_hits_and_bounds() {
         other => panic!("{other:?}"),
     }
     assert_eq!(cache.len(), 1);
+}
+
+/// Texts that differ only in their literals share one cached shape, and what the cache
+/// answers for each is exactly the text's own rewrite.
+#[test]
+fn cache_by_shape_answers_what_the_rewriter_would() {
+    let r = forward();
+    let cache = RewriteCache::new(100, 10_000);
+    let texts: Vec<String> = (0..50)
+        .map(|i| {
+            format!(
+                "INSERT INTO c (p_id, a) VALUES ({i}, 'it''s {i}'), ({}, 'b'); UPDATE c SET p_id = {i} WHERE a = 'z{i}'",
+                i * 7 + 1
+            )
+        })
+        .collect();
+    for t in &texts {
+        assert_eq!(*cache.rewrite(&r, t), super::rewrite(&r, t), "{t}");
+    }
+    assert_eq!(cache.misses(), 1, "one shape, rewritten once");
+    assert_eq!(cache.hits(), 49);
+    match &*cache.rewrite(&r, &texts[3]) {
+        Outcome::Rewritten { sql, .. } => {
+            assert!(
+                sql.contains("'it''s 3'") && sql.contains("p_id_uuid"),
+                "{sql}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    // Typed literals do not survive the placeholder: the shape is marked and every text is
+    // rewritten on its own, still correctly.
+    for i in 0..5 {
+        let t = format!(
+            "INSERT INTO c (p_id, a) VALUES ({i}, DATE '2020-01-0{}'::text)",
+            i + 1
+        );
+        assert_eq!(*cache.rewrite(&r, &t), super::rewrite(&r, &t), "{t}");
+    }
 }
