@@ -342,18 +342,7 @@ impl Session {
     /// ReadyForQuery and, when a rewriter is active, handing it the SQL of Query and Parse.
     fn scan_client(&mut self) -> Result<Option<Event>, FrameError> {
         let max = self.shared.cfg.max_message_bytes;
-        let rewriter = self.shared.rewriter.load();
-        let rewriting = rewriter
-            .as_ref()
-            .is_some_and(|r| r.applies_to(&self.info.database));
-        // Linked to a migration but no rules yet: named statements are tracked (not
-        // rewritten) so that they are prepared again, rewritten, once rules arrive.
-        let tracking = !rewriting && rewriter.is_none() && self.shared.cfg.database_url.is_some();
-        let want = |t: u8| {
-            t == b'X'
-                || (rewriting && matches!(t, b'Q' | b'P' | b'C'))
-                || (tracking && matches!(t, b'P' | b'C'))
-        };
+        let mut rewriter = self.shared.rewriter.load();
         let mut fwd = 0;
         let mut event = None;
         loop {
@@ -367,6 +356,11 @@ impl Session {
                         event = Some(Event::Hold);
                         break;
                     }
+                    // Read the rules only once admitted: the control link puts new rules in
+                    // force before it opens the gate, so a statement admitted after a cutover
+                    // can never be rewritten under the rules from before it (the gate's
+                    // SeqCst operations order the two).
+                    rewriter = self.shared.rewriter.load();
                     let version = self.shared.rules_version.load(Ordering::Acquire);
                     if version != self.rules_seen {
                         self.rules_seen = version;
@@ -380,6 +374,18 @@ impl Session {
                     self.shared.gate.set_state(&self.info, SessionState::Active);
                 }
             }
+            let rewriting = rewriter
+                .as_ref()
+                .is_some_and(|r| r.applies_to(&self.info.database));
+            // Linked to a migration but no rules yet: named statements are tracked (not
+            // rewritten) so that they are prepared again, rewritten, once rules arrive.
+            let tracking =
+                !rewriting && rewriter.is_none() && self.shared.cfg.database_url.is_some();
+            let want = |t: u8| {
+                t == b'X'
+                    || (rewriting && matches!(t, b'Q' | b'P' | b'C'))
+                    || (tracking && matches!(t, b'P' | b'C'))
+            };
             let rest = &self.c_in[fwd..];
             match self.c_scan.next(rest, max, want)? {
                 Scan::NeedMore => break,
