@@ -83,7 +83,8 @@ log "loading $ROWS rows, expand, backfill"
 
 # Two proxies: one with a cache big enough for the hot set, one whose cache cannot hold
 # anything useful (2 entries), so that every lookup on it is a miss.
-start_proxy() { # name cache_entries
+# Not in a $(...) subshell: PIDS must reach the cleanup, or the proxies outlive the script.
+start_proxy() { # name cache_entries result_variable
     local port admin
     port=$(free_port); admin=$(free_port)
     KEYSHIFT_LOG_LEVEL=warn "$KS" proxy --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
@@ -91,10 +92,10 @@ start_proxy() { # name cache_entries
         --proxy-id "$1" --map-cache-entries "$2" >"$TMP/proxy-$1.log" 2>&1 &
     PIDS+=($!)
     wait_port "$admin"
-    echo "$admin"
+    printf -v "$3" '%s' "$admin"
 }
-HOT_ADMIN=$(start_proxy hot 1000000)
-COLD_ADMIN=$(start_proxy cold 2)
+start_proxy hot 1000000 HOT_ADMIN
+start_proxy cold 2 COLD_ADMIN
 for a in $HOT_ADMIN $COLD_ADMIN; do
     for _ in $(seq 1 100); do
         curl -sf "127.0.0.1:$a/v1/map/accounts/1" >/dev/null && break
