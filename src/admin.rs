@@ -112,6 +112,7 @@ async fn status(State(s): State<Arc<Shared>>) -> Response {
             (Some(_), true) => "connected",
             (Some(_), false) => "disconnected",
         },
+        "id_map": s.map.status(),
         "version": env!("CARGO_PKG_VERSION"),
     }))
     .into_response()

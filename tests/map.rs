@@ -272,6 +272,10 @@ async fn mapping_before_and_after_cutover_and_after_finalize_keep_map() {
         assert_eq!(code, 400, "{bad}: {v}");
     }
     assert!(metric(&p, "keyshift_map_cache_entries") >= 80.0);
+    let (_, status) = common::proxy::http(p.admin, "GET", "/v1/status", None);
+    let status: Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["id_map"]["source"], "live", "{status}");
+    assert_eq!(status["id_map"]["tables"], 5, "{status}");
     assert!(metric(&p, "keyshift_map_lookup_duration_seconds_count") > 5.0);
     assert!(metric(&p, "keyshift_map_lookups_total{result=\"not_found\"}") >= 4.0);
 
@@ -382,6 +386,9 @@ async fn mapping_before_and_after_cutover_and_after_finalize_keep_map() {
     }
     let out = ks_expect(&db.url(), &["map", "mcp_servers", "7"], 0);
     assert_eq!(stdout(&out).trim(), u7);
+    let (_, status) = common::proxy::http(p.admin, "GET", "/v1/status", None);
+    let status: Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["id_map"]["source"], "archive", "{status}");
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("map.jsonl");
     ks_expect(

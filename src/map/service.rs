@@ -123,6 +123,22 @@ impl MapService {
         Ok(())
     }
 
+    /// For `/v1/status`: where the mapping is read from, how many tables, cached ids.
+    pub fn status(&self) -> serde_json::Value {
+        match self.state.load().as_ref() {
+            None if self.url.is_none() => serde_json::json!({"source": "disabled"}),
+            None => serde_json::json!({"source": "none"}),
+            Some(s) => serde_json::json!({
+                "source": match s.catalog.source {
+                    super::catalog::Source::Live => "live",
+                    super::catalog::Source::Archive => "archive",
+                },
+                "tables": s.catalog.tables.len(),
+                "cache_entries": s.cache.len(),
+            }),
+        }
+    }
+
     pub fn cache_len(&self) -> usize {
         self.state.load().as_ref().map_or(0, |s| s.cache.len())
     }
