@@ -131,22 +131,34 @@ fn refuse_unauthorized(s: &Shared, headers: &HeaderMap) -> Option<Response> {
                 .into_response(),
         );
     };
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match given {
-        Some(g) if constant_time_eq(g.as_bytes(), token.as_bytes()) => None,
-        _ => Some((
-            StatusCode::UNAUTHORIZED,
-            [(header::WWW_AUTHENTICATE, "Bearer")],
-            axum::Json(json!({"error": "missing or wrong bearer token (Authorization: Bearer <admin_token>)"})),
-        )
-            .into_response()),
-    }
+    require_bearer(headers, token, "admin_token")
 }
 
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+/// `None` when the request carries `Authorization: Bearer <token>`, else the 401 that names
+/// the configuration key holding the token.
+pub fn require_bearer(headers: &HeaderMap, token: &str, key: &str) -> Option<Response> {
+    (!bearer_matches(headers, token)).then(|| {
+        (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            axum::Json(json!({
+                "error": format!("missing or wrong bearer token (Authorization: Bearer <{key}>)")
+            })),
+        )
+            .into_response()
+    })
+}
+
+/// Whether the request carries `Authorization: Bearer <token>`, compared in constant time.
+fn bearer_matches(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes()))
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

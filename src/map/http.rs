@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -23,23 +23,7 @@ fn error(code: StatusCode, msg: impl Into<String>) -> Response {
 
 fn refuse(s: &Shared, headers: &HeaderMap) -> Option<Response> {
     let token = s.cfg.map_token.as_ref()?;
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match given {
-        Some(g) if crate::admin::constant_time_eq(g.as_bytes(), token.as_bytes()) => None,
-        _ => Some(
-            (
-                StatusCode::UNAUTHORIZED,
-                [(header::WWW_AUTHENTICATE, "Bearer")],
-                axum::Json(
-                    json!({"error": "missing or wrong bearer token (Authorization: Bearer <map_token>)"}),
-                ),
-            )
-                .into_response(),
-        ),
-    }
+    crate::admin::require_bearer(headers, token, "map_token")
 }
 
 fn map_error(e: MapError) -> Response {
