@@ -33,63 +33,13 @@ CUT_AT=${CUT_AT:-12}
 MODE=${MODE:-simple}
 DRAIN_TIMEOUT=${DRAIN_TIMEOUT:-2s}
 
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$ROOT"
-log() { printf '[%s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
-die() { log "error: $*"; exit 1; }
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 now() { date +%s.%N; }
 secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }
-
-if [[ -z ${PGBIN:-} ]]; then
-    PGBIN=$(ls -d /usr/lib/postgresql/15/bin 2>/dev/null || ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
-fi
-for t in postgres initdb pg_ctl pgbench psql; do
-    [[ -x $PGBIN/$t ]] || die "$PGBIN/$t not found: install PostgreSQL server binaries or set PGBIN"
-done
-command -v python3 >/dev/null || die "python3 is needed to analyse the pgbench logs"
 command -v curl >/dev/null || die "curl is needed to read the proxies' /v1/status"
-if [[ $(id -u) -eq 0 ]]; then
-    as_pg() { runuser -u postgres -- "$@"; }
-else
-    as_pg() { "$@"; }
-fi
-
-log "building keyshift (release)"
-cargo build --release --quiet
-KS=$ROOT/target/release/keyshift
-LOADAVG_START=$(cut -d" " -f1-3 /proc/loadavg)
-
-TMP=$(mktemp -d -t keyshift-cut.XXXXXX)
-chmod 755 "$TMP"
-PIDS=()
-cleanup() {
-    set +e
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
-    [[ -f $TMP/data/postmaster.pid ]] && as_pg "$PGBIN/pg_ctl" -D "$TMP/data" -m immediate -w stop >/dev/null 2>&1
-    if [[ -n ${KEEP_TMP:-} ]]; then log "kept $TMP"; else rm -rf "$TMP"; fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() {
-    for _ in $(seq 1 200); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.05
-    done
-    die "nothing listens on port $1"
-}
-
-PG_PORT=$(free_port)
-[[ $(id -u) -eq 0 ]] && chown postgres "$TMP"
-log "starting PostgreSQL on port $PG_PORT"
-as_pg "$PGBIN/initdb" -D "$TMP/data" -U postgres -A trust --no-sync >"$TMP/initdb.log" 2>&1 || die "initdb failed"
-as_pg "$PGBIN/pg_ctl" -D "$TMP/data" -l "$TMP/postgres.log" -w -t 60 \
-    -o "-p $PG_PORT -k $TMP -c listen_addresses=127.0.0.1 -c max_connections=200 \
-        -c shared_buffers=256MB -c max_wal_size=8GB -c fsync=off -c synchronous_commit=off \
-        -c full_page_writes=off" \
-    start >/dev/null || die "PostgreSQL did not start"
-PSQL=("$PGBIN/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PG_PORT" -U postgres)
-url() { echo "postgres://postgres@127.0.0.1:$PG_PORT/$1"; }
+bench_setup cut
+start_postgres "-c max_connections=200 -c shared_buffers=256MB -c max_wal_size=8GB -c fsync=off \
+    -c synchronous_commit=off -c full_page_writes=off"
 
 # The seed-004 shape (tests/migrate_support/mod.rs SEED_004 and seed_004_rows), plus an index on
 # mcp_servers.name: the load looks servers up by name (a column that exists before and after
