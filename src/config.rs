@@ -70,6 +70,7 @@ pub struct FileConfig {
     pub search_path: Option<Vec<String>>,
     pub proxy_id: Option<String>,
     pub rewrite_cache_entries: Option<usize>,
+    pub server_statements: Option<usize>,
     pub map_token: Option<String>,
     pub map_cache_entries: Option<usize>,
     pub lock_timeout: Option<String>,
@@ -132,6 +133,10 @@ pub struct ProxyArgs {
     /// Statements kept in the rewrite cache [default: 4096]
     #[arg(long, env = "KEYSHIFT_REWRITE_CACHE_ENTRIES", value_name = "N")]
     pub rewrite_cache_entries: Option<usize>,
+    /// Rewritten statements keyshift prepares on the server per session for unnamed Parse
+    /// messages, so they are planned once; 0 turns this off [default: 64]
+    #[arg(long, env = "KEYSHIFT_SERVER_STATEMENTS", value_name = "N")]
+    pub server_statements: Option<usize>,
     /// Bearer token required by the id-mapping endpoints (/v1/map/*); without one they are open
     #[arg(
         long,
@@ -223,6 +228,7 @@ pub struct ProxyConfig {
     pub search_path: Vec<String>,
     pub proxy_id: Option<String>,
     pub rewrite_cache_entries: usize,
+    pub server_statements: usize,
     pub map_token: Option<String>,
     pub map_cache_entries: usize,
 }
@@ -251,6 +257,7 @@ impl Default for ProxyConfig {
             search_path: vec!["public".into()],
             proxy_id: None,
             rewrite_cache_entries: 4096,
+            server_statements: 64,
             map_token: None,
             map_cache_entries: 1_000_000,
         }
@@ -324,6 +331,10 @@ impl ProxyConfig {
                 .rewrite_cache_entries
                 .or(file.rewrite_cache_entries)
                 .unwrap_or(d.rewrite_cache_entries),
+            server_statements: args
+                .server_statements
+                .or(file.server_statements)
+                .unwrap_or(d.server_statements),
             map_token: pick(&args.map_token, file.map_token).filter(|t| !t.is_empty()),
             map_cache_entries: args
                 .map_cache_entries

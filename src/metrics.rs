@@ -87,6 +87,10 @@ pub struct Metrics {
     pub cancel_requests: IntCounterVec,
     client_messages: Vec<IntCounter>,
     server_messages: Vec<IntCounter>,
+    /// `keyshift_server_statements_total{event}`: statements keyshift prepared for unnamed
+    /// Parse messages, and executions that reused one (src/proxy/server_statements.rs).
+    statements_prepared: IntCounter,
+    statements_reused: IntCounter,
     bytes_client: IntCounter,
     bytes_server: IntCounter,
     connections: IntGaugeVec,
@@ -321,6 +325,11 @@ impl Metrics {
             )
             .unwrap_or_else(|_| unreachable!()),
         );
+        let statements = counter_vec(
+            "keyshift_server_statements_total",
+            "Server-side statements keyshift prepared for rewritten unnamed Parse messages (prepared), and executions that reused one instead of planning again (reused)",
+            &["event"],
+        );
         let m = Metrics {
             connections_accepted: counter(
                 "keyshift_client_connections_accepted_total",
@@ -389,6 +398,8 @@ impl Metrics {
             ),
             client_messages,
             server_messages,
+            statements_prepared: statements.with_label_values(&["prepared"]),
+            statements_reused: statements.with_label_values(&["reused"]),
             bytes_client: bytes.with_label_values(&["client_to_server"]),
             bytes_server: bytes.with_label_values(&["server_to_client"]),
             connections,
@@ -489,6 +500,8 @@ pub struct SessionCounters {
     server: [u32; SERVER_SLOTS],
     bytes_client: u64,
     bytes_server: u64,
+    pub statements_prepared: u32,
+    pub statements_reused: u32,
     last_flush: Instant,
 }
 
@@ -501,6 +514,8 @@ impl Default for SessionCounters {
             server: [0; SERVER_SLOTS],
             bytes_client: 0,
             bytes_server: 0,
+            statements_prepared: 0,
+            statements_reused: 0,
             last_flush: Instant::now(),
         }
     }
@@ -552,6 +567,10 @@ impl SessionCounters {
             .inc_by(std::mem::take(&mut self.bytes_client));
         m.bytes_server
             .inc_by(std::mem::take(&mut self.bytes_server));
+        m.statements_prepared
+            .inc_by(u64::from(std::mem::take(&mut self.statements_prepared)));
+        m.statements_reused
+            .inc_by(u64::from(std::mem::take(&mut self.statements_reused)));
         self.last_flush = Instant::now();
     }
 }

@@ -692,8 +692,9 @@ async fn iteration(
             .await?;
             simple(c, "COMMIT").await?;
         }
-        // Extended protocol, statements prepared at each use: autocommit writes, then reads
-        // and writes on seeded parents in a transaction.
+        // Extended protocol, statements prepared at each use or sent through the unnamed
+        // statement: autocommit writes, then reads and writes on seeded parents in a
+        // transaction.
         _ => {
             *d.entry("report_templates").or_default() += c
                 .execute(
@@ -721,10 +722,13 @@ async fn iteration(
             )
             .await?;
             let dash = format!("d{}", n % 30 + 1);
+            // Through the unnamed statement (Parse "", as libpq's PQexecParams and psycopg
+            // do): keyshift prepares it under a name of its own after the second use, and
+            // must prepare it again under the new rules after the cutover.
             *d.entry("dashboard_snapshots").or_default() += tx
-                .execute(
+                .execute_typed(
                     "INSERT INTO dashboard_snapshots (dashboard_id, taken_at) SELECT id, now() FROM dashboards WHERE title = $1",
-                    &[&dash],
+                    &[(&dash, tokio_postgres::types::Type::TEXT)],
                 )
                 .await? as i64;
             *d.entry("dashboard_snapshots").or_default() -= tx

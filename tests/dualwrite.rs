@@ -418,27 +418,297 @@ async fn psql_variables_and_pgbench_prepared_inserts_keep_the_twins_right() {
          UPDATE mcp_server_tools SET mcp_server_id = :s WHERE id = :c;\n",
     )
     .unwrap();
-    let out = std::process::Command::new(common::pg_tool("pgbench"))
-        .args(["-n", "-M", "prepared", "-c", "4", "-j", "2", "-t", "200"])
-        .args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres"])
-        .arg("-f")
-        .arg(&bench)
-        .arg(&db.name)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{text}");
-    assert!(text.contains("number of failed transactions: 0"), "{text}");
-    let n: i64 = direct
-        .query_one("SELECT count(*) FROM mcp_servers WHERE name = 'bench'", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(n, 800);
+    // Prepared statements, then the unnamed statement of `-M extended`, which keyshift
+    // prepares for each session itself after the second use.
+    for (round, mode) in ["prepared", "extended"].iter().enumerate() {
+        let bench = bench.to_string_lossy();
+        let text = common::pgbench(
+            p.addr.port(),
+            &db.name,
+            &[
+                "-n", "-M", mode, "-c", "4", "-j", "2", "-t", "200", "-f", &bench,
+            ],
+        );
+        assert!(
+            text.contains("number of failed transactions: 0"),
+            "{mode}: {text}"
+        );
+        let n: i64 = direct
+            .query_one("SELECT count(*) FROM mcp_servers WHERE name = 'bench'", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 800 * (round as i64 + 1), "{mode}");
+    }
     let bad = inconsistent(&direct).await;
     assert!(bad.is_empty(), "{bad:?}");
+}
+
+// ------------------------------------------------------------------------------------------
+// Unnamed statements (src/proxy/server_statements.rs): keyshift prepares a rewritten text that
+// a session sends again under a name of its own. The client must not be able to tell: the
+// same script of raw extended-protocol messages gets the same answers through keyshift as
+// from PostgreSQL directly on the twin.
+
+mod wire {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+
+    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = vec![tag];
+        v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    fn cstr(v: &mut Vec<u8>, s: &str) {
+        v.extend_from_slice(s.as_bytes());
+        v.push(0);
+    }
+
+    pub fn parse(name: &str, sql: &str) -> Vec<u8> {
+        let mut b = Vec::new();
+        cstr(&mut b, name);
+        cstr(&mut b, sql);
+        b.extend_from_slice(&0u16.to_be_bytes());
+        msg(b'P', &b)
+    }
+
+    /// Bind of the unnamed portal to `stmt`, text parameters, text results.
+    pub fn bind(stmt: &str, params: &[&str]) -> Vec<u8> {
+        let mut b = Vec::new();
+        cstr(&mut b, "");
+        cstr(&mut b, stmt);
+        b.extend_from_slice(&0u16.to_be_bytes());
+        b.extend_from_slice(&(params.len() as u16).to_be_bytes());
+        for p in params {
+            b.extend_from_slice(&(p.len() as u32).to_be_bytes());
+            b.extend_from_slice(p.as_bytes());
+        }
+        b.extend_from_slice(&0u16.to_be_bytes());
+        msg(b'B', &b)
+    }
+
+    pub fn describe(kind: u8, name: &str) -> Vec<u8> {
+        let mut b = vec![kind];
+        cstr(&mut b, name);
+        msg(b'D', &b)
+    }
+
+    pub fn execute() -> Vec<u8> {
+        msg(b'E', &[0, 0, 0, 0, 0])
+    }
+
+    pub fn sync() -> Vec<u8> {
+        msg(b'S', &[])
+    }
+
+    pub fn query(sql: &str) -> Vec<u8> {
+        let mut b = Vec::new();
+        cstr(&mut b, sql);
+        msg(b'Q', &b)
+    }
+
+    /// Parse, Bind, Describe, Execute, Sync of `sql` through the unnamed statement.
+    pub fn unnamed(sql: &str, params: &[&str]) -> Vec<u8> {
+        [
+            parse("", sql),
+            bind("", params),
+            describe(b'P', ""),
+            execute(),
+            sync(),
+        ]
+        .concat()
+    }
+
+    /// Sends `bytes`, then reads until `readies` ReadyForQuery messages came back; returns
+    /// what the client saw, one line per message: the tag, and what a driver acts on
+    /// (SQLSTATE, command tag, row values, column names, parameter types, status).
+    pub fn exchange(s: &mut TcpStream, bytes: &[u8], readies: usize) -> Vec<String> {
+        s.write_all(bytes).unwrap();
+        let mut out = Vec::new();
+        let mut seen = 0;
+        while seen < readies {
+            let mut hdr = [0u8; 5];
+            s.read_exact(&mut hdr).unwrap();
+            let len = u32::from_be_bytes([hdr[1], hdr[2], hdr[3], hdr[4]]) as usize;
+            let mut body = vec![0u8; len - 4];
+            s.read_exact(&mut body).unwrap();
+            let tag = hdr[0] as char;
+            let line = match hdr[0] {
+                b'E' => {
+                    let code = body
+                        .split(|&b| b == 0)
+                        .find(|f| f.first() == Some(&b'C'))
+                        .map(|f| String::from_utf8_lossy(&f[1..]).into_owned());
+                    format!("E {}", code.unwrap_or_default())
+                }
+                b'C' | b'D' | b't' => format!("{tag} {:?}", String::from_utf8_lossy(&body)),
+                b'T' => {
+                    // Column names only: table OIDs differ between the two databases.
+                    let n = u16::from_be_bytes([body[0], body[1]]) as usize;
+                    let mut names = Vec::new();
+                    let mut f = &body[2..];
+                    for _ in 0..n {
+                        let end = f.iter().position(|&b| b == 0).unwrap();
+                        names.push(String::from_utf8_lossy(&f[..end]).into_owned());
+                        f = &f[end + 1 + 18..];
+                    }
+                    format!("T {}", names.join(","))
+                }
+                b'Z' => {
+                    seen += 1;
+                    format!("Z {}", body[0] as char)
+                }
+                b'N' | b'S' => continue,
+                _ => tag.to_string(),
+            };
+            out.push(line);
+        }
+        out
+    }
+}
+
+#[tokio::test]
+async fn unnamed_statements_are_prepared_once_and_answer_as_postgresql() {
+    let (db, twin, p) = setup().await;
+    let direct = db.client().await;
+    let server = common::server();
+    let twin_addr: std::net::SocketAddr = format!("127.0.0.1:{}", server.port).parse().unwrap();
+    let mut via = common::proxy::raw_session(p.addr, &db.name);
+    let mut plain = common::proxy::raw_session(twin_addr, &twin.name);
+    let insert =
+        "INSERT INTO mcp_server_tokens (mcp_server_id, token) VALUES ($1, $2) RETURNING id, token";
+    let bad_column = "INSERT INTO mcp_server_tokens (mcp_server_id, no_such) VALUES ($1, $2)";
+    // (step, messages, ReadyForQuery count)
+    let mut script: Vec<(String, Vec<u8>, usize)> = Vec::new();
+    for i in 1..=6 {
+        let sid = i.to_string();
+        script.push((
+            format!("insert {i}"),
+            wire::unnamed(insert, &[&sid, "tok"]),
+            1,
+        ));
+    }
+    script.push((
+        "describe the unnamed statement".into(),
+        [
+            wire::parse("", insert),
+            wire::describe(b'S', ""),
+            wire::sync(),
+        ]
+        .concat(),
+        1,
+    ));
+    for i in 0..3 {
+        script.push((
+            format!("fk violation {i}"),
+            wire::unnamed(insert, &["99999", "tok"]),
+            1,
+        ));
+        script.push((
+            format!("parse error {i}"),
+            wire::unnamed(bad_column, &["1", "x"]),
+            1,
+        ));
+    }
+    script.push((
+        "a pipeline of three".into(),
+        [
+            wire::unnamed(insert, &["7", "p1"]),
+            wire::unnamed(insert, &["8", "p2"]),
+            wire::unnamed(insert, &["9", "p3"]),
+        ]
+        .concat(),
+        3,
+    ));
+    script.push((
+        "bind after a simple query dropped the unnamed statement".into(),
+        [
+            wire::parse("", insert),
+            wire::sync(),
+            wire::query("SELECT 1"),
+            wire::bind("", &["1", "x"]),
+            wire::execute(),
+            wire::sync(),
+        ]
+        .concat(),
+        3,
+    ));
+    script.push((
+        "a failed transaction".into(),
+        [
+            wire::query("BEGIN"),
+            wire::unnamed(insert, &["10", "tx"]),
+            wire::unnamed(insert, &["99999", "tx"]),
+            wire::unnamed(insert, &["11", "tx"]),
+            wire::query("ROLLBACK"),
+        ]
+        .concat(),
+        5,
+    ));
+    script.push((
+        "deallocate all".into(),
+        [
+            wire::query("DEALLOCATE ALL"),
+            wire::unnamed(insert, &["12", "after"]),
+            wire::unnamed(insert, &["13", "after"]),
+            wire::unnamed(insert, &["14", "after"]),
+        ]
+        .concat(),
+        4,
+    ));
+    let mut prepared_seen = 0i64;
+    for (step, bytes, readies) in &script {
+        let a = wire::exchange(&mut via, bytes, *readies);
+        let b = wire::exchange(&mut plain, bytes, *readies);
+        assert_eq!(
+            a, b,
+            "step {step:?}: keyshift (left) and PostgreSQL (right) differ"
+        );
+        if step == "insert 6" {
+            let n = wire::exchange(
+                &mut via,
+                &wire::query(
+                    "SELECT 'n=' || count(*) || ';' FROM pg_prepared_statements WHERE name LIKE 'keyshift_s%'",
+                ),
+                1,
+            );
+            prepared_seen = n
+                .iter()
+                .find_map(|l| l.split("n=").nth(1)?.split(';').next()?.parse().ok())
+                .unwrap_or(-1);
+            // The same on the twin, to keep both sessions in step.
+            wire::exchange(&mut plain, &wire::query("SELECT 1"), 1);
+        }
+    }
+    assert_eq!(
+        prepared_seen, 1,
+        "one statement of keyshift's on the server after six executions of one text"
+    );
+    // A session's counters reach the registry when it ends (or every 500 ms).
+    drop(via);
+    drop(plain);
+    let start = Instant::now();
+    loop {
+        let (_, metrics) = http(p.admin, "GET", "/metrics", None);
+        let reused = metrics
+            .lines()
+            .find(|l| l.starts_with("keyshift_server_statements_total{event=\"reused\"}"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if reused >= 4.0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "executions reusing a statement: {reused}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let bad = inconsistent(&direct).await;
+    assert!(bad.is_empty(), "{bad:?}");
+    assert_same_application_columns(&direct, &twin.client().await, " after unnamed statements")
+        .await;
 }

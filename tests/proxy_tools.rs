@@ -283,30 +283,14 @@ async fn client_tls_is_terminated_with_rustls() {
     assert_eq!(ok(out).trim(), "1");
 }
 
-fn pgbench(port: u16, db: &str, args: &[&str]) -> String {
-    let out = Command::new(common::pg_tool("pgbench"))
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
-        .args(args)
-        .arg(db)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "pgbench {args:?}: {text}");
-    text
-}
-
 #[tokio::test]
 async fn pgbench_in_every_query_mode_without_failures() {
     let db = common::TestDb::new().await;
     let p = TestProxy::start();
     let port = p.addr.port();
-    pgbench(port, &db.name, &["-i", "-s", "1", "-q"]);
+    common::pgbench(port, &db.name, &["-i", "-s", "1", "-q"]);
     for mode in ["simple", "extended", "prepared"] {
-        let out = pgbench(
+        let out = common::pgbench(
             port,
             &db.name,
             &["-T", "5", "-c", "4", "-j", "2", "-M", mode],

@@ -11,6 +11,7 @@ pub mod control;
 pub mod frame;
 pub mod gate;
 pub mod messages;
+pub mod server_statements;
 pub mod session;
 pub mod startup;
 pub mod statements;

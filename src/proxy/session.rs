@@ -30,6 +30,7 @@ use super::gate::{SessionInfo, SessionState};
 use super::messages::{self, sqlstate};
 use std::collections::VecDeque;
 
+use super::server_statements::{self, ParseAction, ServerStatements};
 use super::statements::{self, Decision, Prepared, Refusal};
 use super::stream::Stream;
 use crate::metrics::SessionCounters;
@@ -74,6 +75,8 @@ pub struct Session {
     terminating: bool,
     /// Named statements whose SQL was rewritten, for re-preparing at cutover.
     prepared: Prepared,
+    /// Statements keyshift prepared itself for the client's rewritten unnamed Parse messages.
+    stmts: ServerStatements,
     /// Refused statements whose marker error is still to come back from PostgreSQL.
     refusals: VecDeque<Refusal>,
     next_refusal: u64,
@@ -132,6 +135,7 @@ impl Session {
             held: false,
             terminating: false,
             prepared: Prepared::default(),
+            stmts: ServerStatements::new(shared.cfg.server_statements),
             refusals: VecDeque::new(),
             next_refusal: 0,
             rules_seen: shared.rules_version.load(Ordering::Acquire),
@@ -362,13 +366,15 @@ impl Session {
                     // SeqCst operations order the two).
                     rewriter = self.shared.rewriter.load();
                     let version = self.shared.rules_version.load(Ordering::Acquire);
-                    if version != self.rules_seen {
+                    let rules_changed = version != self.rules_seen;
+                    if rules_changed {
                         self.rules_seen = version;
-                        if !self.prepared.is_empty() {
-                            move_prefix(&mut self.c_in, &mut self.c_out, fwd);
-                            fwd = 0;
-                            self.reprepare();
-                        }
+                        self.stmts.retire_all();
+                    }
+                    if (rules_changed && !self.prepared.is_empty()) || self.stmts.has_closes() {
+                        move_prefix(&mut self.c_in, &mut self.c_out, fwd);
+                        fwd = 0;
+                        self.own_sequence(rules_changed);
                     }
                 } else {
                     self.shared.gate.set_state(&self.info, SessionState::Active);
@@ -381,10 +387,15 @@ impl Session {
             // rewritten) so that they are prepared again, rewritten, once rules arrive.
             let tracking =
                 !rewriting && rewriter.is_none() && self.shared.cfg.database_url.is_some();
+            // keyshift's own statements: Bind and Describe of the unnamed statement are pointed
+            // at them, and whatever ends the unnamed statement must be seen.
+            let aliasing = self.stmts.alias().is_some();
+            let stmts_active = self.stmts.active();
             let want = |t: u8| {
                 t == b'X'
-                    || (rewriting && matches!(t, b'Q' | b'P' | b'C'))
+                    || ((rewriting || stmts_active) && matches!(t, b'Q' | b'P' | b'C'))
                     || (tracking && matches!(t, b'P' | b'C'))
+                    || (aliasing && matches!(t, b'B' | b'D'))
             };
             let rest = &self.c_in[fwd..];
             match self.c_scan.next(rest, max, want)? {
@@ -414,30 +425,44 @@ impl Session {
                         break;
                     }
                     let msg = &rest[..len];
-                    // ReadyForQuery messages owed before the one this statement's sequence
-                    // ends with (a Query's own was counted above).
-                    let ready_before = self.pending_z - u32::from(tag == b'Q');
-                    let replacement = match rewriter.as_ref().filter(|_| rewriting) {
-                        Some(rw) => {
-                            let mut refusal =
-                                Refusal::new(self.next_refusal, "".into(), ready_before);
-                            let r = rewrite_message(
-                                &mut self.prepared,
-                                &*rw.rewriter,
-                                msg,
-                                &mut refusal,
-                            );
-                            if !refusal.message.is_empty() {
-                                self.next_refusal += 1;
-                                self.refusals.push_back(refusal);
+                    let replacement = if matches!(tag, b'B' | b'D') {
+                        // Only inspected while the unnamed statement is keyshift's.
+                        self.stmts
+                            .alias()
+                            .and_then(|a| server_statements::rename_unnamed(msg, a))
+                    } else {
+                        observe_for_statements(&mut self.stmts, msg);
+                        // ReadyForQuery messages owed before the one this statement's
+                        // sequence ends with (a Query's own was counted above).
+                        let ready_before = self.pending_z - u32::from(tag == b'Q');
+                        match rewriter.as_ref().filter(|_| rewriting) {
+                            Some(rw) => {
+                                let mut refusal =
+                                    Refusal::new(self.next_refusal, "".into(), ready_before);
+                                let mut unnamed = Unnamed {
+                                    stmts: &mut self.stmts,
+                                    failed_tx: self.status == b'E',
+                                    counters: &mut self.counters,
+                                };
+                                let r = rewrite_message(
+                                    &mut self.prepared,
+                                    &*rw.rewriter,
+                                    msg,
+                                    &mut refusal,
+                                    &mut unnamed,
+                                );
+                                if !refusal.message.is_empty() {
+                                    self.next_refusal += 1;
+                                    self.refusals.push_back(refusal);
+                                }
+                                r
                             }
-                            r
-                        }
-                        None => {
-                            if tracking {
-                                track_message(&mut self.prepared, msg);
+                            None => {
+                                if tracking {
+                                    track_message(&mut self.prepared, msg);
+                                }
+                                None
                             }
-                            None
                         }
                     };
                     match replacement {
@@ -458,34 +483,35 @@ impl Session {
         Ok(event)
     }
 
-    /// The rules changed (expand, cutover, rollback, finalize): prepare again every tracked
-    /// named statement whose text under the new rules differs from the one the server has,
-    /// from the client's original SQL, before the client's next message. PostgreSQL would
-    /// otherwise go on running the old text: without the twins' columns when the statement
-    /// was prepared before expand, or naming columns the cutover renamed. The answers are
-    /// swallowed (`swallow_ready`).
-    fn reprepare(&mut self) {
-        let rw = self.shared.rewriter.load();
-        let active = rw.as_ref().filter(|r| r.applies_to(&self.info.database));
-        let changed = self
-            .prepared
-            .changed(|sql| match active.map(|r| r.rewriter.rewrite(sql)) {
-                Some(Decision::Replace(s)) => Some(s.to_string()),
-                _ => None,
-            });
-        if changed.is_empty() {
+    /// A sequence of keyshift's own, sent while the session is idle, before the client's next
+    /// message; its answers are swallowed (`swallow_ready`). It closes the statements
+    /// keyshift prepared and no longer uses, and, when the rules changed (expand, cutover,
+    /// rollback, finalize), prepares again every tracked named statement whose text under the
+    /// new rules differs from the one the server has, from the client's original SQL.
+    /// PostgreSQL would otherwise go on running the old text: without the twins' columns when
+    /// the statement was prepared before expand, or naming columns the cutover renamed.
+    fn own_sequence(&mut self, rules_changed: bool) {
+        let closes = self.stmts.take_closes();
+        for name in &closes {
+            close_statement(&mut self.c_out, name);
+        }
+        let changed = if rules_changed {
+            let rw = self.shared.rewriter.load();
+            let active = rw.as_ref().filter(|r| r.applies_to(&self.info.database));
+            self.prepared
+                .changed(|sql| match active.map(|r| r.rewriter.rewrite(sql)) {
+                    Some(Decision::Replace(s)) => Some(s.to_string()),
+                    _ => None,
+                })
+        } else {
+            Vec::new()
+        };
+        if changed.is_empty() && closes.is_empty() {
             return;
         }
         let n = changed.len();
         for r in &changed {
-            let close_len = 4 + 1 + r.name.len() + 1;
-            self.c_out.reserve(1 + close_len);
-            self.c_out.extend_from_slice(b"C");
-            self.c_out
-                .extend_from_slice(&(close_len as u32).to_be_bytes());
-            self.c_out.extend_from_slice(b"S");
-            self.c_out.extend_from_slice(&r.name);
-            self.c_out.extend_from_slice(&[0]);
+            close_statement(&mut self.c_out, &r.name);
             let m = statements::SqlMessage {
                 tag: b'P',
                 name: &r.name,
@@ -499,7 +525,8 @@ impl Session {
         debug!(
             session = self.info.id,
             statements = n,
-            "re-preparing rewritten statements under new rules"
+            closed = closes.len(),
+            "re-preparing rewritten statements under new rules, closing keyshift's own"
         );
     }
 
@@ -509,10 +536,11 @@ impl Session {
         let mut fwd = 0;
         loop {
             let refusing = !self.refusals.is_empty();
+            let awaiting = self.stmts.awaiting();
             let swallowing = self.swallow_ready > 0;
             let rest = &self.s_in[fwd..];
             match self.s_scan.next(rest, MAX_SERVER_MESSAGE, |t| {
-                t == b'Z' || (refusing && t == b'E') || swallowing
+                t == b'Z' || ((refusing || awaiting) && t == b'E') || swallowing
             })? {
                 Scan::NeedMore => break,
                 Scan::Forward { n } => fwd += n,
@@ -540,6 +568,9 @@ impl Session {
                         continue;
                     }
                     if tag == b'E' {
+                        if awaiting {
+                            self.stmts.server_error();
+                        }
                         let ours = self.refusals.front().filter(|r| {
                             r.ready_before == 0
                                 && statements::error_message(&rest[..len]).is_some_and(|m| {
@@ -572,6 +603,7 @@ impl Session {
                     }
                     self.status = rest[5];
                     self.pending_z = self.pending_z.saturating_sub(1);
+                    self.stmts.server_ready();
                     fwd += len;
                     if refusing {
                         // A refusal whose sequence just ended without its error (an earlier
@@ -623,13 +655,24 @@ impl Session {
     }
 }
 
+/// What an unnamed Parse needs beyond the rewriter: the session's own statements.
+struct Unnamed<'a> {
+    stmts: &'a mut ServerStatements,
+    /// The session is in a failed transaction (the Parse must reach PostgreSQL as it is).
+    failed_tx: bool,
+    counters: &'a mut SessionCounters,
+}
+
 /// The message to send instead of `msg` (a whole Query, Parse or Close), if any.
 /// A refused statement is replaced by `refusal.marker`, and `refusal.message` is filled in.
+/// A rewritten unnamed Parse may become a named Parse of keyshift's, or an empty one when that
+/// statement is already prepared (src/proxy/server_statements.rs).
 fn rewrite_message(
     prepared: &mut Prepared,
     rw: &dyn statements::StatementRewriter,
     msg: &[u8],
     refusal: &mut Refusal,
+    unnamed: &mut Unnamed<'_>,
 ) -> Option<BytesMut> {
     if msg[0] == b'C' {
         // Close of a statement: forget it.
@@ -650,6 +693,28 @@ fn rewrite_message(
             }
             return None;
         }
+        Decision::Replace(new) if m.tag == b'P' && m.name.is_empty() => {
+            let ready_before = refusal.ready_before;
+            let action = unnamed
+                .stmts
+                .unnamed_parse(&new, m.rest, ready_before, unnamed.failed_tx);
+            let mut out = BytesMut::with_capacity(new.len() + 32);
+            match action {
+                ParseAction::Forward => statements::rebuild(&m, &new, &mut out),
+                ParseAction::Prepare(name) => {
+                    unnamed.counters.statements_prepared += 1;
+                    let named = statements::SqlMessage { name: &name, ..m };
+                    statements::rebuild(&named, &new, &mut out);
+                }
+                ParseAction::Reuse(_) => {
+                    unnamed.counters.statements_reused += 1;
+                    // Parse("", "") with no parameter types: PostgreSQL answers
+                    // ParseComplete without planning anything.
+                    out.extend_from_slice(&[b'P', 0, 0, 0, 8, 0, 0, 0, 0]);
+                }
+            }
+            return Some(out);
+        }
         Decision::Replace(new) => new.to_string(),
         Decision::Refuse(message) => {
             refusal.message = message;
@@ -663,6 +728,40 @@ fn rewrite_message(
     let mut out = BytesMut::with_capacity(new_sql.len() + 16);
     statements::rebuild(&m, &new_sql, &mut out);
     Some(out)
+}
+
+/// Ends the client's unnamed statement as PostgreSQL would (a simple Query, an unnamed Parse,
+/// a Close of it), and forgets keyshift's statements when the client's SQL may have dropped them.
+fn observe_for_statements(stmts: &mut ServerStatements, msg: &[u8]) {
+    if !stmts.active() {
+        return;
+    }
+    match msg[0] {
+        b'C' if msg.get(5..7) == Some(&b"S\0"[..]) => stmts.end_alias(),
+        b'Q' | b'P' => {
+            let Some(m) = statements::split(msg) else {
+                return;
+            };
+            if m.tag == b'Q' || m.name.is_empty() {
+                stmts.end_alias();
+            }
+            if server_statements::may_drop_statements(m.sql) {
+                stmts.forget_all();
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Appends a Close of the prepared statement `name`.
+fn close_statement(out: &mut BytesMut, name: &[u8]) {
+    let len = 4 + 1 + name.len() + 1;
+    out.reserve(1 + len);
+    out.extend_from_slice(b"C");
+    out.extend_from_slice(&(len as u32).to_be_bytes());
+    out.extend_from_slice(b"S");
+    out.extend_from_slice(name);
+    out.extend_from_slice(&[0]);
 }
 
 /// Before any rule exists: remembers a named Parse as it is (Close forgets it).

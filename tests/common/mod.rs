@@ -185,3 +185,21 @@ pub async fn connect(url: &str) -> tokio_postgres::Client {
     });
     client
 }
+
+/// Runs pgbench against `127.0.0.1:port`, database `db`; panics with its output unless it
+/// succeeds. Returns stdout and stderr together (pgbench reports on both).
+pub fn pgbench(port: u16, db: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(pg_tool("pgbench"))
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
+        .args(args)
+        .arg(db)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "pgbench {args:?}: {text}");
+    text
+}

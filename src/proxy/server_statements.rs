@@ -1,0 +1,473 @@
+//! Server-side statements keyshift prepares for a session's unnamed Parse messages.
+//!
+//! Drivers that use the extended protocol without naming their statements (pgbench
+//! `-M extended`, libpq's `PQexecParams`, psycopg 3 and JDBC before their prepare thresholds)
+//! send `Parse("", sql)`, Bind, Execute, Sync for every execution, so PostgreSQL parses,
+//! analyses and plans the text every time. A text keyshift rewrote is longer (a scalar
+//! subquery per FK twin), and planning it at every execution is most of what dual-write costs
+//! beyond a trigger, whose lookup plpgsql plans once per session (docs/benchmarks.md,
+//! "Dual-write cost").
+//!
+//! So when a session sends the same rewritten text a second time, keyshift prepares it under a
+//! name of its own (`keyshift_s<N>`) and points the client's unnamed statement at that name:
+//! later Parse messages of the text become `Parse("", "")` (PostgreSQL answers the same
+//! ParseComplete, at no planning cost), and Bind and Describe of the unnamed statement name
+//! keyshift's statement instead. The server's answers are those of the unnamed statement, so
+//! nothing is synthesised and nothing is swallowed on the hot path.
+//!
+//! Where this could differ from what PostgreSQL would have done, it steps aside:
+//! - A statement is used only after the sequence that prepared it ended without an error, so
+//!   a text that fails to prepare keeps failing with its own error, never with "prepared
+//!   statement does not exist".
+//! - In a failed transaction, or behind sequences still running (a pipeline, where an earlier
+//!   one may fail the transaction), the Parse goes as it came: PostgreSQL must refuse the Parse
+//!   itself, not answer ParseComplete and refuse the Bind.
+//! - A simple Query, a Close of the unnamed statement or another unnamed Parse ends the alias,
+//!   as they end the unnamed statement in PostgreSQL.
+//! - New rules (cutover, rollback) retire every statement; a text that mentions DISCARD or
+//!   DEALLOCATE makes keyshift forget them, since the client may just have dropped them.
+//! - At most `limit` statements per session; past it, texts are sent as before.
+
+use std::collections::hash_map::RandomState;
+use std::collections::{HashMap, HashSet};
+use std::hash::BuildHasher;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+
+/// What to send for one unnamed Parse of a rewritten text.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ParseAction {
+    /// The rewritten text as the unnamed statement, as without this module.
+    Forward,
+    /// `Parse(name, text, types)`: prepare keyshift's statement (the client's unnamed
+    /// statement now means it).
+    Prepare(Arc<[u8]>),
+    /// `Parse("", "")`: the statement is already prepared under `name`.
+    Reuse(Arc<[u8]>),
+}
+
+/// One session's statements.
+#[derive(Debug)]
+pub struct ServerStatements {
+    limit: usize,
+    next_id: u64,
+    /// By rewritten text, then by the Parse's parameter-type tail.
+    by_text: HashMap<Arc<str>, Vec<Typed>>,
+    count: usize,
+    /// Hashes of texts seen once: a text is prepared the second time it comes, so one-off
+    /// texts do not use up the session's statements.
+    seen_once: HashSet<u64>,
+    hasher: RandomState,
+    /// What the client's unnamed statement currently is on the server, when keyshift's.
+    alias: Option<Alias>,
+    /// Statements prepared in sequences that have not ended yet.
+    unconfirmed: Vec<Unconfirmed>,
+    /// Names of statements to close when the session is next idle.
+    to_close: Vec<Arc<[u8]>>,
+}
+
+/// A Parse's parameter-type tail and the statement prepared with it.
+type Typed = (Box<[u8]>, Entry);
+
+#[derive(Debug)]
+struct Entry {
+    name: Arc<[u8]>,
+    /// Its sequence ended without an error: the server has it.
+    ready: bool,
+}
+
+#[derive(Debug)]
+struct Alias {
+    name: Arc<[u8]>,
+    /// False once the statement left `by_text` (new rules): closed when the alias ends.
+    owned: bool,
+}
+
+#[derive(Debug)]
+struct Unconfirmed {
+    sql: Arc<str>,
+    types: Box<[u8]>,
+    /// ReadyForQuery messages due before the one that ends its sequence.
+    ready_before: u32,
+    failed: bool,
+}
+
+impl ServerStatements {
+    /// Up to `limit` statements per session; 0 turns this off.
+    pub fn new(limit: usize) -> ServerStatements {
+        ServerStatements {
+            limit,
+            next_id: 0,
+            by_text: HashMap::new(),
+            count: 0,
+            seen_once: HashSet::new(),
+            hasher: RandomState::new(),
+            alias: None,
+            unconfirmed: Vec::new(),
+            to_close: Vec::new(),
+        }
+    }
+
+    /// Something of keyshift's is prepared on the server (or about to be).
+    pub fn active(&self) -> bool {
+        self.count > 0 || self.alias.is_some()
+    }
+
+    /// The name Bind and Describe of the unnamed statement must use instead.
+    pub fn alias(&self) -> Option<&[u8]> {
+        self.alias.as_ref().map(|a| &*a.name)
+    }
+
+    /// Errors and ReadyForQuery must be reported: a statement awaits its sequence's end.
+    pub fn awaiting(&self) -> bool {
+        !self.unconfirmed.is_empty()
+    }
+
+    /// An unnamed Parse whose text keyshift rewrote to `sql`. `ready_before`: ReadyForQuery
+    /// messages due before the one ending this Parse's sequence; `failed_tx`: the session is
+    /// in a failed transaction.
+    pub fn unnamed_parse(
+        &mut self,
+        sql: &Arc<str>,
+        types: &[u8],
+        ready_before: u32,
+        failed_tx: bool,
+    ) -> ParseAction {
+        self.end_alias();
+        if self.limit == 0 || failed_tx || ready_before > 0 {
+            return ParseAction::Forward;
+        }
+        if let Some(e) = self
+            .by_text
+            .get(&**sql)
+            .and_then(|v| v.iter().find(|(t, _)| **t == *types))
+            .map(|(_, e)| e)
+        {
+            if !e.ready {
+                // Its sequence is still running: the server may not have it yet.
+                return ParseAction::Forward;
+            }
+            let name = Arc::clone(&e.name);
+            self.alias = Some(Alias {
+                name: Arc::clone(&name),
+                owned: true,
+            });
+            return ParseAction::Reuse(name);
+        }
+        if self.count >= self.limit {
+            return ParseAction::Forward;
+        }
+        let h = self.hasher.hash_one((&**sql, types));
+        if self.seen_once.len() >= self.limit.saturating_mul(8).max(64) {
+            self.seen_once.clear();
+        }
+        if self.seen_once.insert(h) {
+            return ParseAction::Forward;
+        }
+        self.seen_once.remove(&h);
+        self.next_id += 1;
+        let name: Arc<[u8]> = format!("keyshift_s{}", self.next_id).into_bytes().into();
+        self.by_text.entry(Arc::clone(sql)).or_default().push((
+            types.into(),
+            Entry {
+                name: Arc::clone(&name),
+                ready: false,
+            },
+        ));
+        self.count += 1;
+        self.unconfirmed.push(Unconfirmed {
+            sql: Arc::clone(sql),
+            types: types.into(),
+            ready_before,
+            failed: false,
+        });
+        self.alias = Some(Alias {
+            name: Arc::clone(&name),
+            owned: true,
+        });
+        ParseAction::Prepare(name)
+    }
+
+    /// The client's unnamed statement is no longer keyshift's: an unnamed Parse sent as it
+    /// came, a Close of the unnamed statement, or a simple Query (which drops it in PostgreSQL).
+    pub fn end_alias(&mut self) {
+        if let Some(a) = self.alias.take()
+            && !a.owned
+        {
+            self.to_close.push(a.name);
+        }
+    }
+
+    /// PostgreSQL sent an ErrorResponse to the client.
+    pub fn server_error(&mut self) {
+        for u in &mut self.unconfirmed {
+            if u.ready_before == 0 {
+                u.failed = true;
+            }
+        }
+    }
+
+    /// PostgreSQL sent the client a ReadyForQuery: sequences that ended settle their statements.
+    pub fn server_ready(&mut self) {
+        if self.unconfirmed.is_empty() {
+            return;
+        }
+        let mut settled = Vec::new();
+        self.unconfirmed.retain_mut(|u| {
+            if u.ready_before == 0 {
+                settled.push((Arc::clone(&u.sql), std::mem::take(&mut u.types), u.failed));
+                false
+            } else {
+                u.ready_before -= 1;
+                true
+            }
+        });
+        for (sql, types, failed) in settled {
+            let Some(v) = self.by_text.get_mut(&*sql) else {
+                continue;
+            };
+            let Some(i) = v.iter().position(|(t, _)| *t == types) else {
+                continue;
+            };
+            if !failed {
+                v[i].1.ready = true;
+                continue;
+            }
+            // The Parse may have failed (or something after it did): never rely on it. The
+            // server may have it anyway, so it is closed, and the name is never used again.
+            let (_, e) = v.swap_remove(i);
+            if v.is_empty() {
+                self.by_text.remove(&*sql);
+            }
+            self.count -= 1;
+            self.retire(e.name);
+        }
+    }
+
+    /// New rules: every statement was rewritten under the old ones. Called when the session is
+    /// idle, so no sequence is running.
+    pub fn retire_all(&mut self) {
+        self.unconfirmed.clear();
+        let names: Vec<Arc<[u8]>> = self
+            .by_text
+            .drain()
+            .flat_map(|(_, v)| v.into_iter().map(|(_, e)| e.name))
+            .collect();
+        self.count = 0;
+        for name in names {
+            self.retire(name);
+        }
+    }
+
+    /// The client's SQL may have dropped prepared statements (DISCARD, DEALLOCATE): forget them
+    /// all. Names are never reused, so one that still exists cannot collide; at worst it stays
+    /// until the session ends.
+    pub fn forget_all(&mut self) {
+        self.by_text.clear();
+        self.unconfirmed.clear();
+        self.count = 0;
+        if let Some(a) = &mut self.alias {
+            a.owned = true;
+        }
+        self.to_close.clear();
+    }
+
+    /// Statements to close now (the session is idle).
+    pub fn take_closes(&mut self) -> Vec<Arc<[u8]>> {
+        std::mem::take(&mut self.to_close)
+    }
+
+    pub fn has_closes(&self) -> bool {
+        !self.to_close.is_empty()
+    }
+
+    fn retire(&mut self, name: Arc<[u8]>) {
+        match &mut self.alias {
+            // The client's unnamed statement still means it: close it when that ends.
+            Some(a) if a.name == name => a.owned = false,
+            _ => self.to_close.push(name),
+        }
+    }
+}
+
+/// Whether `sql` mentions DISCARD or DEALLOCATE (any case), which can drop prepared statements.
+pub fn may_drop_statements(sql: &[u8]) -> bool {
+    sql.windows(7).any(|w| {
+        (w[0] | 0x20) == b'd'
+            && (w.eq_ignore_ascii_case(b"discard") || w.eq_ignore_ascii_case(b"dealloc"))
+    })
+}
+
+/// `Bind` (`tag` B) or `Describe`/`Close` of a statement (`tag` D/C with kind `S`) with the
+/// unnamed statement replaced by `name`; `None` when `msg` does not name the unnamed statement.
+pub fn rename_unnamed(msg: &[u8], name: &[u8]) -> Option<BytesMut> {
+    let body = msg.get(5..)?;
+    let at = match msg[0] {
+        // Bind: portal name, then statement name.
+        b'B' => body.iter().position(|&c| c == 0)? + 1,
+        // Describe: kind byte, then name.
+        b'D' if body.first() == Some(&b'S') => 1,
+        _ => return None,
+    };
+    if body.get(at) != Some(&0) {
+        return None;
+    }
+    let len = msg.len() - 1 + name.len();
+    let mut out = BytesMut::with_capacity(1 + len);
+    out.extend_from_slice(&msg[..1]);
+    out.extend_from_slice(&(len as u32).to_be_bytes());
+    out.extend_from_slice(&body[..at]);
+    out.extend_from_slice(name);
+    out.extend_from_slice(&body[at..]);
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sql(s: &str) -> Arc<str> {
+        Arc::from(s)
+    }
+
+    const T: &[u8] = &[0, 0];
+
+    /// Sends `text` as an unnamed Parse whose sequence ends with the next ReadyForQuery.
+    fn parse(s: &mut ServerStatements, text: &Arc<str>) -> ParseAction {
+        s.unnamed_parse(text, T, 0, false)
+    }
+
+    #[test]
+    fn prepares_on_second_sight_and_reuses_once_confirmed() {
+        let mut s = ServerStatements::new(4);
+        let a = sql("INSERT a");
+        assert_eq!(parse(&mut s, &a), ParseAction::Forward);
+        s.server_ready();
+        let ParseAction::Prepare(name) = parse(&mut s, &a) else {
+            panic!("second sight prepares")
+        };
+        assert_eq!(s.alias(), Some(&*name));
+        // Before its sequence ends the statement is not relied on.
+        assert_eq!(s.unnamed_parse(&a, T, 1, false), ParseAction::Forward);
+        assert_eq!(s.alias(), None);
+        s.server_ready();
+        assert_eq!(parse(&mut s, &a), ParseAction::Reuse(name.clone()));
+        assert_eq!(s.alias(), Some(&*name));
+        // Other parameter types are another statement.
+        assert_eq!(
+            s.unnamed_parse(&a, &[0, 1, 0, 0, 0, 23], 0, false),
+            ParseAction::Forward
+        );
+        assert_eq!(s.alias(), None);
+        assert!(!s.has_closes());
+    }
+
+    #[test]
+    fn a_failed_sequence_retires_the_statement() {
+        let mut s = ServerStatements::new(4);
+        let a = sql("INSERT a");
+        parse(&mut s, &a);
+        s.server_ready();
+        let ParseAction::Prepare(name) = parse(&mut s, &a) else {
+            panic!()
+        };
+        s.server_error();
+        s.end_alias();
+        s.server_ready();
+        assert!(!s.active());
+        assert_eq!(s.take_closes(), vec![name]);
+        // Seen again from the start: once forwarded, then prepared under a new name.
+        assert_eq!(parse(&mut s, &a), ParseAction::Forward);
+        s.server_ready();
+        assert!(matches!(parse(&mut s, &a), ParseAction::Prepare(n) if &*n == b"keyshift_s2"));
+    }
+
+    #[test]
+    fn behind_running_sequences_nothing_is_prepared_or_reused() {
+        let mut s = ServerStatements::new(4);
+        let a = sql("INSERT a");
+        for _ in 0..3 {
+            assert_eq!(s.unnamed_parse(&a, T, 1, false), ParseAction::Forward);
+        }
+        parse(&mut s, &a);
+        s.server_ready();
+        assert!(matches!(parse(&mut s, &a), ParseAction::Prepare(_)));
+        s.server_ready();
+        assert!(matches!(parse(&mut s, &a), ParseAction::Reuse(_)));
+        assert_eq!(s.unnamed_parse(&a, T, 2, false), ParseAction::Forward);
+    }
+
+    #[test]
+    fn new_rules_retire_statements_but_not_the_one_in_use() {
+        let mut s = ServerStatements::new(4);
+        let (a, b) = (sql("INSERT a"), sql("INSERT b"));
+        for text in [&a, &b, &a, &b] {
+            parse(&mut s, text);
+            s.server_ready();
+        }
+        let ParseAction::Reuse(in_use) = parse(&mut s, &a) else {
+            panic!()
+        };
+        s.retire_all();
+        let closes = s.take_closes();
+        assert_eq!(closes.len(), 1);
+        assert_ne!(closes[0], in_use);
+        assert_eq!(s.alias(), Some(&*in_use));
+        s.end_alias();
+        assert_eq!(s.take_closes(), vec![in_use]);
+    }
+
+    #[test]
+    fn limit_and_failed_transactions_forward() {
+        let mut s = ServerStatements::new(1);
+        let (a, b) = (sql("INSERT a"), sql("INSERT b"));
+        for _ in 0..2 {
+            parse(&mut s, &a);
+            s.server_ready();
+        }
+        for _ in 0..3 {
+            assert_eq!(parse(&mut s, &b), ParseAction::Forward);
+            s.server_ready();
+        }
+        assert_eq!(s.unnamed_parse(&a, T, 0, true), ParseAction::Forward);
+        let mut off = ServerStatements::new(0);
+        for _ in 0..3 {
+            assert_eq!(parse(&mut off, &a), ParseAction::Forward);
+            off.server_ready();
+        }
+        assert!(!off.active());
+    }
+
+    #[test]
+    fn recognises_statements_that_drop_prepared_statements() {
+        assert!(may_drop_statements(b"DISCARD ALL"));
+        assert!(may_drop_statements(b"deallocate prepare keyshift_s1"));
+        assert!(may_drop_statements(b"select 1; DeAlLoCaTe all"));
+        assert!(!may_drop_statements(b"INSERT INTO t VALUES (1)"));
+        assert!(!may_drop_statements(b"disc"));
+    }
+
+    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = vec![tag];
+        v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    #[test]
+    fn renames_the_unnamed_statement_in_bind_and_describe() {
+        let bind = msg(b'B', b"portal\0\0\0\0\0\0\0\0");
+        assert_eq!(
+            &rename_unnamed(&bind, b"ks").unwrap()[..],
+            &msg(b'B', b"portal\0ks\0\0\0\0\0\0\0")[..]
+        );
+        assert_eq!(
+            &rename_unnamed(&msg(b'D', b"S\0"), b"ks").unwrap()[..],
+            &msg(b'D', b"Sks\0")[..]
+        );
+        assert_eq!(rename_unnamed(&msg(b'D', b"P\0"), b"ks"), None);
+        assert_eq!(rename_unnamed(&msg(b'B', b"\0named\0\0\0"), b"ks"), None);
+        assert_eq!(rename_unnamed(&msg(b'B', b"no-nul"), b"ks"), None);
+    }
+}
