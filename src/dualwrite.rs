@@ -15,7 +15,7 @@ use tracing::warn;
 use crate::metrics::RewriteMetrics;
 use crate::migrate::plan::Plan;
 use crate::migrate::state::{DualWrite as Mode, Phase};
-use crate::proxy::statements::{Decision, StatementRewriter};
+use crate::proxy::statements::{Decision, QueryTemplate, StatementRewriter};
 use crate::rewrite::{
     ClientView, Direction, FkPlan, Outcome, ParentPlan, PlanRules, RewriteCache, RuleError,
     RuleSet, Skip, TableColumns, redact,
@@ -220,7 +220,33 @@ impl StatementRewriter for DualWrite {
     fn rewrite(&self, sql: &str) -> Decision {
         let start = Instant::now();
         let out = self.cache.rewrite(&self.rules, sql);
-        let decision = match &*out {
+        self.decide(sql, &out, start)
+    }
+
+    fn rewrite_query(&self, sql: &str) -> (Decision, Option<QueryTemplate>) {
+        let start = Instant::now();
+        let (out, prepare) = self.cache.rewrite_query(&self.rules, sql);
+        let decision = self.decide(sql, &out, start);
+        let template = match (&decision, prepare) {
+            (Decision::Replace(_), Some(p)) => Some(QueryTemplate {
+                template: p.template,
+                args: p.literals.join(", "),
+            }),
+            _ => None,
+        };
+        (decision, template)
+    }
+
+    fn observe_metrics(&self) {
+        self.metrics
+            .observe_cache(self.cache.hits(), self.cache.misses(), self.cache.len());
+    }
+}
+
+impl DualWrite {
+    /// The decision for `sql` given its rewrite, counted in the metrics.
+    fn decide(&self, sql: &str, out: &Outcome, start: Instant) -> Decision {
+        let decision = match out {
             // The prescan path: no metrics on what is most of the traffic.
             Outcome::Unchanged => return Decision::Forward,
             Outcome::Rewritten {
@@ -253,10 +279,5 @@ impl StatementRewriter for DualWrite {
         };
         self.metrics.duration.observe(start.elapsed().as_secs_f64());
         decision
-    }
-
-    fn observe_metrics(&self) {
-        self.metrics
-            .observe_cache(self.cache.hits(), self.cache.misses(), self.cache.len());
     }
 }

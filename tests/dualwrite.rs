@@ -569,6 +569,65 @@ mod wire {
     }
 }
 
+/// Steps of raw messages: (name, bytes, ReadyForQuery messages they end with).
+type Script = Vec<(String, Vec<u8>, usize)>;
+
+/// Runs `script` through keyshift (`via`) and directly on the twin (`plain`), asserting that
+/// the client sees the same at every step. After the step named "insert 6", counts the
+/// statements named `prefix%` that keyshift prepared in its session, and returns that count.
+fn side_by_side(
+    via: &mut std::net::TcpStream,
+    plain: &mut std::net::TcpStream,
+    script: &Script,
+    prefix: &str,
+) -> i64 {
+    let count = format!(
+        "SELECT 'n=' || count(*) || ';' FROM pg_prepared_statements WHERE name LIKE '{prefix}%'"
+    );
+    let mut prepared = -1;
+    for (step, bytes, readies) in script {
+        let a = wire::exchange(via, bytes, *readies);
+        let b = wire::exchange(plain, bytes, *readies);
+        assert_eq!(
+            a, b,
+            "step {step:?}: keyshift (left) and PostgreSQL (right) differ"
+        );
+        if step == "insert 6" {
+            let n = wire::exchange(via, &wire::query(&count), 1);
+            prepared = n
+                .iter()
+                .find_map(|l| l.split("n=").nth(1)?.split(';').next()?.parse().ok())
+                .unwrap_or(-1);
+            // The same round trip on the twin keeps both sessions in step.
+            wire::exchange(plain, &wire::query("SELECT 1"), 1);
+        }
+    }
+    prepared
+}
+
+/// Waits until the proxy's metrics count at least `n` executions that reused a statement.
+/// A session's counters reach the registry when it ends (or every 500 ms).
+async fn wait_reused(admin: std::net::SocketAddr, n: f64) {
+    let start = Instant::now();
+    loop {
+        let (_, metrics) = http(admin, "GET", "/metrics", None);
+        let reused = metrics
+            .lines()
+            .find(|l| l.starts_with("keyshift_server_statements_total{event=\"reused\"}"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if reused >= n {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "executions reusing a statement: {reused}, expected {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn unnamed_statements_are_prepared_once_and_answer_as_postgresql() {
     let (db, twin, p) = setup().await;
@@ -580,8 +639,7 @@ async fn unnamed_statements_are_prepared_once_and_answer_as_postgresql() {
     let insert =
         "INSERT INTO mcp_server_tokens (mcp_server_id, token) VALUES ($1, $2) RETURNING id, token";
     let bad_column = "INSERT INTO mcp_server_tokens (mcp_server_id, no_such) VALUES ($1, $2)";
-    // (step, messages, ReadyForQuery count)
-    let mut script: Vec<(String, Vec<u8>, usize)> = Vec::new();
+    let mut script: Script = Vec::new();
     for i in 1..=6 {
         let sid = i.to_string();
         script.push((
@@ -658,57 +716,110 @@ async fn unnamed_statements_are_prepared_once_and_answer_as_postgresql() {
         .concat(),
         4,
     ));
-    let mut prepared_seen = 0i64;
-    for (step, bytes, readies) in &script {
-        let a = wire::exchange(&mut via, bytes, *readies);
-        let b = wire::exchange(&mut plain, bytes, *readies);
-        assert_eq!(
-            a, b,
-            "step {step:?}: keyshift (left) and PostgreSQL (right) differ"
-        );
-        if step == "insert 6" {
-            let n = wire::exchange(
-                &mut via,
-                &wire::query(
-                    "SELECT 'n=' || count(*) || ';' FROM pg_prepared_statements WHERE name LIKE 'keyshift_s%'",
-                ),
-                1,
-            );
-            prepared_seen = n
-                .iter()
-                .find_map(|l| l.split("n=").nth(1)?.split(';').next()?.parse().ok())
-                .unwrap_or(-1);
-            // The same on the twin, to keep both sessions in step.
-            wire::exchange(&mut plain, &wire::query("SELECT 1"), 1);
-        }
-    }
+    let prepared_seen = side_by_side(&mut via, &mut plain, &script, "keyshift_s");
     assert_eq!(
         prepared_seen, 1,
         "one statement of keyshift's on the server after six executions of one text"
     );
-    // A session's counters reach the registry when it ends (or every 500 ms).
     drop(via);
     drop(plain);
-    let start = Instant::now();
-    loop {
-        let (_, metrics) = http(p.admin, "GET", "/metrics", None);
-        let reused = metrics
-            .lines()
-            .find(|l| l.starts_with("keyshift_server_statements_total{event=\"reused\"}"))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0);
-        if reused >= 4.0 {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "executions reusing a statement: {reused}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_reused(p.admin, 4.0).await;
     let bad = inconsistent(&direct).await;
     assert!(bad.is_empty(), "{bad:?}");
     assert_same_application_columns(&direct, &twin.client().await, " after unnamed statements")
         .await;
+}
+
+#[tokio::test]
+async fn simple_query_shapes_are_prepared_once_and_answer_as_postgresql() {
+    let (db, twin, p) = setup().await;
+    let direct = db.client().await;
+    let server = common::server();
+    let twin_addr: std::net::SocketAddr = format!("127.0.0.1:{}", server.port).parse().unwrap();
+    let mut via = common::proxy::raw_session(p.addr, &db.name);
+    let mut plain = common::proxy::raw_session(twin_addr, &twin.name);
+    let insert = |sid: &str, token: &str| {
+        wire::query(&format!(
+            "INSERT INTO mcp_server_tokens (mcp_server_id, token) VALUES ({sid}, {token}) RETURNING id, mcp_server_id, token"
+        ))
+    };
+    let mut script: Script = Vec::new();
+    for i in 1..=6 {
+        script.push((format!("insert {i}"), insert(&i.to_string(), "'tok'"), 1));
+    }
+    // Once the shape runs as EXECUTE: literals that are not the column's type, and errors.
+    for (step, sid, token) in [
+        ("a numeric literal into the integer FK", "7.6", "'x'"),
+        ("a quoted number into the integer FK", "'9'", "'y'"),
+        ("a number into the text column", "10", "11"),
+        ("a quote inside a string", "12", "'it''s'"),
+        ("fk violation", "99999", "'x'"),
+        ("invalid input", "'abc'", "'x'"),
+        ("integer out of range", "99999999999", "'x'"),
+        ("null into a not-null column", "13", "NULL"),
+    ] {
+        script.push((step.into(), insert(sid, token), 1));
+    }
+    script.push((
+        "three rows".into(),
+        wire::query(
+            "INSERT INTO mcp_server_tokens (mcp_server_id, token) VALUES (14, 'a'), (15, 'b'), (16, 'c')",
+        ),
+        1,
+    ));
+    script.push((
+        "a pipeline of three".into(),
+        [
+            insert("17", "'p'"),
+            insert("99999", "'p'"),
+            insert("18", "'p'"),
+        ]
+        .concat(),
+        3,
+    ));
+    script.push((
+        "a failed transaction".into(),
+        [
+            wire::query("BEGIN"),
+            insert("19", "'tx'"),
+            insert("99999", "'tx'"),
+            insert("20", "'tx'"),
+            wire::query("ROLLBACK"),
+        ]
+        .concat(),
+        5,
+    ));
+    script.push((
+        "a committed transaction".into(),
+        [
+            wire::query("BEGIN"),
+            insert("21", "'tx'"),
+            insert("22", "'tx'"),
+            wire::query("COMMIT"),
+        ]
+        .concat(),
+        4,
+    ));
+    script.push((
+        "deallocate all".into(),
+        [
+            wire::query("DEALLOCATE ALL"),
+            insert("23", "'after'"),
+            insert("24", "'after'"),
+            insert("25", "'after'"),
+        ]
+        .concat(),
+        4,
+    ));
+    let prepared_seen = side_by_side(&mut via, &mut plain, &script, "keyshift_q");
+    assert_eq!(
+        prepared_seen, 1,
+        "one statement of keyshift's on the server after six texts of one shape"
+    );
+    drop(via);
+    drop(plain);
+    wait_reused(p.admin, 10.0).await;
+    let bad = inconsistent(&direct).await;
+    assert!(bad.is_empty(), "{bad:?}");
+    assert_same_application_columns(&direct, &twin.client().await, " after simple queries").await;
 }

@@ -27,6 +27,12 @@
 //! - New rules (cutover, rollback) retire every statement; a text that mentions DISCARD or
 //!   DEALLOCATE makes keyshift forget them, since the client may just have dropped them.
 //! - At most `limit` statements per session; past it, texts are sent as before.
+//!
+//! Simple Query messages get the same treatment where it is exact: a text whose shape is an
+//! INSERT … VALUES of literals (src/rewrite/preparable.rs) is prepared from the rewritten
+//! shape with a `PREPARE` keyshift sends after the client's Query (its answers swallowed),
+//! and once that succeeded, later texts of the shape run as `EXECUTE keyshift_q<N>(literals)`,
+//! which answers with the INSERT's own command tag and rows.
 
 use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, HashSet};
@@ -65,6 +71,45 @@ pub struct ServerStatements {
     unconfirmed: Vec<Unconfirmed>,
     /// Names of statements to close when the session is next idle.
     to_close: Vec<Arc<[u8]>>,
+    /// Statements prepared from simple-Query shapes, by template.
+    queries: HashMap<Arc<str>, QueryEntry>,
+    /// Moves when every statement is retired or forgotten: a PREPARE still running then is
+    /// closed when it ends.
+    generation: u64,
+}
+
+/// What to do with a simple Query whose rewrite may run as `EXECUTE`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum QueryAction {
+    /// Send the rewritten text.
+    Forward,
+    /// Send the rewritten text, then `PREPARE name AS template` as keyshift's own Query; report
+    /// its end with [`ServerStatements::query_prepared`].
+    Prepare(PendingPrepare),
+    /// Send `EXECUTE name(args)` instead.
+    Execute(Arc<[u8]>),
+}
+
+/// A PREPARE of keyshift's in flight.
+#[derive(Debug, PartialEq, Eq)]
+pub struct PendingPrepare {
+    pub template: Arc<str>,
+    pub name: Arc<[u8]>,
+    generation: u64,
+}
+
+#[derive(Debug)]
+struct QueryEntry {
+    name: Arc<[u8]>,
+    state: QueryState,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum QueryState {
+    Preparing,
+    Ready,
+    /// PostgreSQL refused the PREPARE: this session sends the texts.
+    Failed,
 }
 
 /// A Parse's parameter-type tail and the statement prepared with it.
@@ -106,12 +151,14 @@ impl ServerStatements {
             alias: None,
             unconfirmed: Vec::new(),
             to_close: Vec::new(),
+            queries: HashMap::new(),
+            generation: 0,
         }
     }
 
     /// Something of keyshift's is prepared on the server (or about to be).
     pub fn active(&self) -> bool {
-        self.count > 0 || self.alias.is_some()
+        self.count > 0 || self.alias.is_some() || !self.queries.is_empty()
     }
 
     /// The name Bind and Describe of the unnamed statement must use instead.
@@ -155,19 +202,10 @@ impl ServerStatements {
             });
             return ParseAction::Reuse(name);
         }
-        if self.count >= self.limit {
+        if !self.room(self.hasher.hash_one((&**sql, types))) {
             return ParseAction::Forward;
         }
-        let h = self.hasher.hash_one((&**sql, types));
-        if self.seen_once.len() >= self.limit.saturating_mul(8).max(64) {
-            self.seen_once.clear();
-        }
-        if self.seen_once.insert(h) {
-            return ParseAction::Forward;
-        }
-        self.seen_once.remove(&h);
-        self.next_id += 1;
-        let name: Arc<[u8]> = format!("keyshift_s{}", self.next_id).into_bytes().into();
+        let name = self.new_name("keyshift_s");
         self.by_text.entry(Arc::clone(sql)).or_default().push((
             types.into(),
             Entry {
@@ -187,6 +225,83 @@ impl ServerStatements {
             owned: true,
         });
         ParseAction::Prepare(name)
+    }
+
+    /// A simple Query rewritten to an instance of `template`. `quiet`: nothing runs before it
+    /// (no sequence in flight, no extended-protocol sequence open) and the transaction is not
+    /// failed, so that keyshift's PREPARE cannot fail for a reason of the client's.
+    pub fn query(&mut self, template: &Arc<str>, quiet: bool) -> QueryAction {
+        if self.limit == 0 || !quiet {
+            return QueryAction::Forward;
+        }
+        if let Some(e) = self.queries.get(template) {
+            return match e.state {
+                QueryState::Ready => QueryAction::Execute(Arc::clone(&e.name)),
+                QueryState::Preparing | QueryState::Failed => QueryAction::Forward,
+            };
+        }
+        if !self.room(self.hasher.hash_one(&**template)) {
+            return QueryAction::Forward;
+        }
+        let name = self.new_name("keyshift_q");
+        self.queries.insert(
+            Arc::clone(template),
+            QueryEntry {
+                name: Arc::clone(&name),
+                state: QueryState::Preparing,
+            },
+        );
+        self.count += 1;
+        QueryAction::Prepare(PendingPrepare {
+            template: Arc::clone(template),
+            name,
+            generation: self.generation,
+        })
+    }
+
+    /// keyshift's PREPARE ended; `sqlstate` is its error's when it failed.
+    pub fn query_prepared(&mut self, p: PendingPrepare, sqlstate: Option<&[u8]>) {
+        if p.generation != self.generation {
+            // Retired or forgotten while it ran.
+            if sqlstate.is_none() {
+                self.to_close.push(p.name);
+            }
+            return;
+        }
+        let Some(e) = self.queries.get_mut(&p.template) else {
+            return;
+        };
+        match sqlstate {
+            None => e.state = QueryState::Ready,
+            // In a failed transaction: nothing wrong with the statement, try another time.
+            Some(b"25P02") => {
+                self.queries.remove(&p.template);
+                self.count -= 1;
+                self.seen_once.insert(self.hasher.hash_one(&*p.template));
+            }
+            Some(_) => e.state = QueryState::Failed,
+        }
+    }
+
+    /// Under the limit, and the second time this hash comes: one-off texts do not use up the
+    /// session's statements.
+    fn room(&mut self, h: u64) -> bool {
+        if self.count >= self.limit {
+            return false;
+        }
+        if self.seen_once.len() >= self.limit.saturating_mul(8).max(64) {
+            self.seen_once.clear();
+        }
+        if self.seen_once.insert(h) {
+            return false;
+        }
+        self.seen_once.remove(&h);
+        true
+    }
+
+    fn new_name(&mut self, prefix: &str) -> Arc<[u8]> {
+        self.next_id += 1;
+        format!("{prefix}{}", self.next_id).into_bytes().into()
     }
 
     /// The client's unnamed statement is no longer keyshift's: an unnamed Parse sent as it
@@ -249,6 +364,15 @@ impl ServerStatements {
     /// idle, so no sequence is running.
     pub fn retire_all(&mut self) {
         self.unconfirmed.clear();
+        self.generation += 1;
+        // A PREPARE still running is closed when it ends (`query_prepared`).
+        let ready: Vec<Arc<[u8]>> = self
+            .queries
+            .drain()
+            .filter(|(_, e)| e.state == QueryState::Ready)
+            .map(|(_, e)| e.name)
+            .collect();
+        self.to_close.extend(ready);
         let names: Vec<Arc<[u8]>> = self
             .by_text
             .drain()
@@ -264,6 +388,8 @@ impl ServerStatements {
     /// all. Names are never reused, so one that still exists cannot collide; at worst it stays
     /// until the session ends.
     pub fn forget_all(&mut self) {
+        self.generation += 1;
+        self.queries.clear();
         self.by_text.clear();
         self.unconfirmed.clear();
         self.count = 0;
@@ -437,6 +563,60 @@ mod tests {
             off.server_ready();
         }
         assert!(!off.active());
+    }
+
+    #[test]
+    fn query_shapes_prepare_then_execute() {
+        let mut s = ServerStatements::new(4);
+        let t = sql("INSERT t VALUES ($1)");
+        assert_eq!(s.query(&t, true), QueryAction::Forward);
+        let QueryAction::Prepare(p) = s.query(&t, true) else {
+            panic!("second sight prepares")
+        };
+        let name = p.name.clone();
+        // Still running: the text goes as it is.
+        assert_eq!(s.query(&t, true), QueryAction::Forward);
+        s.query_prepared(p, None);
+        assert_eq!(s.query(&t, true), QueryAction::Execute(name.clone()));
+        assert_eq!(s.query(&t, false), QueryAction::Forward);
+        // New rules: closed, and prepared again from the new template.
+        s.retire_all();
+        assert_eq!(s.take_closes(), vec![name]);
+        assert_eq!(s.query(&t, true), QueryAction::Forward);
+        assert!(matches!(s.query(&t, true), QueryAction::Prepare(_)));
+    }
+
+    #[test]
+    fn a_refused_prepare_is_not_retried_unless_the_transaction_was_failed() {
+        let mut s = ServerStatements::new(4);
+        let (a, b) = (sql("a"), sql("b"));
+        for (t, state) in [(&a, &b"42P18"[..]), (&b, &b"25P02"[..])] {
+            s.query(t, true);
+            let QueryAction::Prepare(p) = s.query(t, true) else {
+                panic!()
+            };
+            s.query_prepared(p, Some(state));
+        }
+        for _ in 0..3 {
+            assert_eq!(s.query(&a, true), QueryAction::Forward);
+        }
+        assert!(matches!(s.query(&b, true), QueryAction::Prepare(_)));
+    }
+
+    #[test]
+    fn a_prepare_that_ends_after_new_rules_is_closed() {
+        let mut s = ServerStatements::new(4);
+        let t = sql("INSERT t VALUES ($1)");
+        s.query(&t, true);
+        let QueryAction::Prepare(p) = s.query(&t, true) else {
+            panic!()
+        };
+        let name = p.name.clone();
+        s.retire_all();
+        assert!(s.take_closes().is_empty());
+        s.query_prepared(p, None);
+        assert_eq!(s.take_closes(), vec![name]);
+        assert_eq!(s.query(&t, true), QueryAction::Forward);
     }
 
     #[test]

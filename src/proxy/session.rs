@@ -30,7 +30,7 @@ use super::gate::{SessionInfo, SessionState};
 use super::messages::{self, sqlstate};
 use std::collections::VecDeque;
 
-use super::server_statements::{self, ParseAction, ServerStatements};
+use super::server_statements::{self, ParseAction, PendingPrepare, QueryAction, ServerStatements};
 use super::statements::{self, Decision, Prepared, Refusal};
 use super::stream::Stream;
 use crate::metrics::SessionCounters;
@@ -82,9 +82,10 @@ pub struct Session {
     next_refusal: u64,
     /// The rules version this session's prepared statements were rewritten under.
     rules_seen: u64,
-    /// ReadyForQuery messages (and everything before them) that answer keyshift's own
-    /// re-preparing, not the client: dropped.
-    swallow_ready: u32,
+    /// Sequences of keyshift's own in flight (re-preparing, closing, preparing a Query
+    /// shape), in the order sent: their answers, up to and including their ReadyForQuery, are
+    /// dropped.
+    own: VecDeque<OwnSequence>,
     counters: SessionCounters,
     info: Arc<SessionInfo>,
     shared: Arc<Shared>,
@@ -139,7 +140,7 @@ impl Session {
             refusals: VecDeque::new(),
             next_refusal: 0,
             rules_seen: shared.rules_version.load(Ordering::Acquire),
-            swallow_ready: 0,
+            own: VecDeque::new(),
             counters: SessionCounters::default(),
             info,
             shared,
@@ -442,7 +443,9 @@ impl Session {
                                 let mut unnamed = Unnamed {
                                     stmts: &mut self.stmts,
                                     failed_tx: self.status == b'E',
+                                    open_seq: self.open_seq,
                                     counters: &mut self.counters,
+                                    prepare: None,
                                 };
                                 let r = rewrite_message(
                                     &mut self.prepared,
@@ -451,6 +454,14 @@ impl Session {
                                     &mut refusal,
                                     &mut unnamed,
                                 );
+                                if let Some(p) = unnamed.prepare {
+                                    // Its answer follows the Query's own ReadyForQuery.
+                                    self.own.push_back(OwnSequence {
+                                        after: self.pending_z,
+                                        prepare: Some(p),
+                                        error: None,
+                                    });
+                                }
                                 if !refusal.message.is_empty() {
                                     self.next_refusal += 1;
                                     self.refusals.push_back(refusal);
@@ -484,7 +495,7 @@ impl Session {
     }
 
     /// A sequence of keyshift's own, sent while the session is idle, before the client's next
-    /// message; its answers are swallowed (`swallow_ready`). It closes the statements
+    /// message; its answers are swallowed (`own`). It closes the statements
     /// keyshift prepared and no longer uses, and, when the rules changed (expand, cutover,
     /// rollback, finalize), prepares again every tracked named statement whose text under the
     /// new rules differs from the one the server has, from the client's original SQL.
@@ -521,7 +532,11 @@ impl Session {
             statements::rebuild(&m, &r.text, &mut self.c_out);
         }
         self.c_out.extend_from_slice(&[b'S', 0, 0, 0, 4]);
-        self.swallow_ready += 1;
+        self.own.push_back(OwnSequence {
+            after: self.pending_z,
+            prepare: None,
+            error: None,
+        });
         debug!(
             session = self.info.id,
             statements = n,
@@ -537,7 +552,7 @@ impl Session {
         loop {
             let refusing = !self.refusals.is_empty();
             let awaiting = self.stmts.awaiting();
-            let swallowing = self.swallow_ready > 0;
+            let swallowing = self.own.front().is_some_and(|o| o.after == 0);
             let rest = &self.s_in[fwd..];
             match self.s_scan.next(rest, MAX_SERVER_MESSAGE, |t| {
                 t == b'Z' || ((refusing || awaiting) && t == b'E') || swallowing
@@ -550,16 +565,28 @@ impl Session {
                         continue;
                     }
                     if swallowing && !matches!(tag, b'A' | b'N' | b'S') {
-                        // An answer to keyshift's re-prepare; notifications, notices and
+                        // An answer to keyshift's own sequence; notifications, notices and
                         // parameter changes still belong to the client.
-                        if tag == b'E' {
-                            warn!(
-                                session = self.info.id,
-                                "re-preparing a statement under the new rules failed; the client will see an error when it uses it"
+                        if tag == b'E'
+                            && let Some(o) = self.own.front_mut()
+                        {
+                            o.error = Some(
+                                statements::error_field(&rest[..len], b'C')
+                                    .unwrap_or_default()
+                                    .into(),
                             );
+                            if o.prepare.is_none() {
+                                warn!(
+                                    session = self.info.id,
+                                    "re-preparing a statement under the new rules failed; the client will see an error when it uses it"
+                                );
+                            }
                         }
-                        if tag == b'Z' {
-                            self.swallow_ready -= 1;
+                        if tag == b'Z'
+                            && let Some(o) = self.own.pop_front()
+                            && let Some(p) = o.prepare
+                        {
+                            self.stmts.query_prepared(p, o.error.as_deref());
                         }
                         self.counters.server_bytes(fwd);
                         move_prefix(&mut self.s_in, &mut self.s_out, fwd);
@@ -604,6 +631,9 @@ impl Session {
                     self.status = rest[5];
                     self.pending_z = self.pending_z.saturating_sub(1);
                     self.stmts.server_ready();
+                    for o in &mut self.own {
+                        o.after = o.after.saturating_sub(1);
+                    }
                     fwd += len;
                     if refusing {
                         // A refusal whose sequence just ended without its error (an earlier
@@ -655,12 +685,27 @@ impl Session {
     }
 }
 
-/// What an unnamed Parse needs beyond the rewriter: the session's own statements.
+/// A sequence keyshift sent on its own behalf.
+struct OwnSequence {
+    /// The client's ReadyForQuery messages due before this sequence's own.
+    after: u32,
+    /// A PREPARE of a Query shape, reported to `stmts` when it ends.
+    prepare: Option<PendingPrepare>,
+    /// The SQLSTATE of the error it met, if any.
+    error: Option<Box<[u8]>>,
+}
+
+/// What an unnamed Parse or a simple Query needs beyond the rewriter: the session's own
+/// statements (src/proxy/server_statements.rs).
 struct Unnamed<'a> {
     stmts: &'a mut ServerStatements,
     /// The session is in a failed transaction (the Parse must reach PostgreSQL as it is).
     failed_tx: bool,
+    /// An extended-protocol sequence is open (a Query in its middle is left alone).
+    open_seq: bool,
     counters: &'a mut SessionCounters,
+    /// Set when a PREPARE of keyshift's was appended after the Query.
+    prepare: Option<PendingPrepare>,
 }
 
 /// The message to send instead of `msg` (a whole Query, Parse or Close), if any.
@@ -685,7 +730,33 @@ fn rewrite_message(
     let m = statements::split(msg)?;
     // Only valid UTF-8 is rewritten; anything else passes exactly as it came.
     let sql = std::str::from_utf8(m.sql).ok()?;
-    let new_sql = match rw.rewrite(sql) {
+    let (decision, template) = if m.tag == b'Q' {
+        rw.rewrite_query(sql)
+    } else {
+        (rw.rewrite(sql), None)
+    };
+    if let (Decision::Replace(new), Some(t)) = (&decision, template) {
+        let quiet = !unnamed.failed_tx && !unnamed.open_seq && refusal.ready_before == 0;
+        let mut out = BytesMut::new();
+        match unnamed.stmts.query(&t.template, quiet) {
+            QueryAction::Forward => statements::rebuild(&m, new, &mut out),
+            QueryAction::Execute(name) => {
+                unnamed.counters.statements_reused += 1;
+                let name = String::from_utf8_lossy(&name);
+                statements::rebuild(&m, &format!("EXECUTE {name}({})", t.args), &mut out);
+            }
+            QueryAction::Prepare(p) => {
+                unnamed.counters.statements_prepared += 1;
+                statements::rebuild(&m, new, &mut out);
+                let name = String::from_utf8_lossy(&p.name);
+                let prepare = format!("PREPARE {name} AS {}", p.template);
+                statements::rebuild(&m, &prepare, &mut out);
+                unnamed.prepare = Some(p);
+            }
+        }
+        return Some(out);
+    }
+    let new_sql = match decision {
         Decision::Forward => {
             if m.tag == b'P' {
                 // Untouched under these rules, maybe not under the next ones (cutover).

@@ -27,8 +27,23 @@ pub enum Decision {
 pub trait StatementRewriter: Send + Sync {
     fn rewrite(&self, sql: &str) -> Decision;
 
+    /// For the SQL of a simple Query: the decision, and with a `Replace`, when the statement
+    /// may equally run as `EXECUTE` of a statement prepared from a template, that template.
+    fn rewrite_query(&self, sql: &str) -> (Decision, Option<QueryTemplate>) {
+        (self.rewrite(sql), None)
+    }
+
     /// Called when Prometheus scrapes: bring counters the rewriter keeps itself up to date.
     fn observe_metrics(&self) {}
+}
+
+/// A simple Query that may run as `EXECUTE name(args)` of a statement prepared as
+/// `PREPARE name AS template`, to the same effect (src/rewrite/preparable.rs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueryTemplate {
+    pub template: Arc<str>,
+    /// The arguments, as SQL: the Query's literals, comma-separated.
+    pub args: String,
 }
 
 /// The rewriter in force, swapped atomically by whoever loads rules.
@@ -128,13 +143,18 @@ impl Refusal {
 
 /// The `M` (message) field of an ErrorResponse.
 pub fn error_message(msg: &[u8]) -> Option<&[u8]> {
+    error_field(msg, b'M')
+}
+
+/// A field of an ErrorResponse (`C`: SQLSTATE, `M`: message, …).
+pub fn error_field(msg: &[u8], field: u8) -> Option<&[u8]> {
     let mut f = msg.get(5..)?;
     while let Some((&code, rest)) = f.split_first() {
         if code == 0 {
             return None;
         }
         let nul = rest.iter().position(|&b| b == 0)?;
-        if code == b'M' {
+        if code == field {
             return Some(&rest[..nul]);
         }
         f = &rest[nul + 1..];

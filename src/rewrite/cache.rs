@@ -6,13 +6,27 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use dashmap::DashMap;
 
+use super::preparable::preparable;
 use super::shape::{self, Shape};
 use super::{Outcome, RuleSet, rewrite, rewrite_verified};
+
+/// A text whose shape may run as `EXECUTE` of a prepared statement: the statement's SQL (the
+/// rewritten shape, placeholders `$1`…) and the text's literals, the arguments.
+#[derive(Debug)]
+pub struct Prepare<'a> {
+    pub template: Arc<str>,
+    pub literals: Vec<&'a str>,
+}
 
 /// What the cache knows of a statement shape.
 enum ShapeEntry {
     /// The outcome of rewriting the shape itself: substitute the literals into its SQL.
-    Template(Arc<Outcome>),
+    /// `prepare`: that SQL, with its placeholders, when the shape may run as `EXECUTE` of a
+    /// statement prepared from it ([`super::preparable`]).
+    Template {
+        outcome: Arc<Outcome>,
+        prepare: Option<Arc<str>>,
+    },
     /// Rewriting the shape did not give the rewrite of its first text: rewrite each text.
     NotCacheable,
 }
@@ -69,15 +83,7 @@ impl RewriteCache {
         if rules.prescan.find(sql).is_none() {
             return unchanged();
         }
-        let version = rules.version();
-        // Load before swapping: a store on every call would bounce the cache line between
-        // cores on the hot path.
-        if self.version.load(Ordering::Acquire) != version
-            && self.version.swap(version, Ordering::AcqRel) != version
-        {
-            self.map.clear();
-            self.shapes.clear();
-        }
+        let version = self.sync_version(rules);
         if let Some(hit) = self.map.get(sql)
             && hit.0 == version
         {
@@ -108,6 +114,56 @@ impl RewriteCache {
         outcome
     }
 
+    /// For a simple Query: the outcome, and when the text's shape may run as `EXECUTE` of a
+    /// statement prepared from its rewrite ([`super::preparable`]), that rewrite (with
+    /// placeholders `$1`…) and the text's literals, in order.
+    pub fn rewrite_query<'a>(
+        &self,
+        rules: &RuleSet,
+        sql: &'a str,
+    ) -> (Arc<Outcome>, Option<Prepare<'a>>) {
+        if rules.prescan.find(sql).is_none() {
+            return (unchanged(), None);
+        }
+        let version = self.sync_version(rules);
+        if sql.len() <= self.max_sql_bytes
+            && let Some(shape) = shape::normalize(sql)
+            && let Some(hit) = self.shapes.get(shape.text.as_str())
+            && hit.0 == version
+            && let ShapeEntry::Template {
+                outcome,
+                prepare: Some(template),
+            } = &hit.1
+            && let Some(out) = instantiate(outcome, &shape.literals)
+        {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            let template = Arc::clone(template);
+            drop(hit);
+            return (
+                out,
+                Some(Prepare {
+                    template,
+                    literals: shape.literals,
+                }),
+            );
+        }
+        (self.rewrite(rules, sql), None)
+    }
+
+    /// The rules' version, emptying the cache when it moved.
+    fn sync_version(&self, rules: &RuleSet) -> u64 {
+        let version = rules.version();
+        // Load before swapping: a store on every call would bounce the cache line between
+        // cores on the hot path.
+        if self.version.load(Ordering::Acquire) != version
+            && self.version.swap(version, Ordering::AcqRel) != version
+        {
+            self.map.clear();
+            self.shapes.clear();
+        }
+        version
+    }
+
     fn rewrite_text(&self, rules: &RuleSet, sql: &str) -> Arc<Outcome> {
         Arc::new(if self.verify {
             rewrite_verified(rules, sql)
@@ -122,8 +178,8 @@ impl RewriteCache {
         if let Some(hit) = self.shapes.get(shape.text.as_str())
             && hit.0 == version
         {
-            if let ShapeEntry::Template(t) = &hit.1
-                && let Some(out) = instantiate(t, &shape.literals)
+            if let ShapeEntry::Template { outcome, .. } = &hit.1
+                && let Some(out) = instantiate(outcome, &shape.literals)
             {
                 self.hits.fetch_add(1, Ordering::Relaxed);
                 return out;
@@ -136,7 +192,20 @@ impl RewriteCache {
         let actual = self.rewrite_text(rules, sql);
         let template = self.rewrite_text(rules, &shape.text);
         let entry = match instantiate(&template, &shape.literals) {
-            Some(out) if *out == *actual => ShapeEntry::Template(template),
+            Some(out) if *out == *actual => {
+                let prepare = match &*template {
+                    Outcome::Rewritten { sql, skipped, .. }
+                        if skipped.is_empty() && preparable(&shape.text, shape.literals.len()) =>
+                    {
+                        Some(Arc::from(sql.as_str()))
+                    }
+                    _ => None,
+                };
+                ShapeEntry::Template {
+                    outcome: template,
+                    prepare,
+                }
+            }
             _ => ShapeEntry::NotCacheable,
         };
         if self.shapes.len() >= self.capacity {

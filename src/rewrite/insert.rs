@@ -127,7 +127,7 @@ pub(crate) fn values_rows(
     Ok(())
 }
 
-fn plain_values(q: &Query) -> Option<&sqlparser::ast::Values> {
+pub(crate) fn plain_values(q: &Query) -> Option<&sqlparser::ast::Values> {
     match &*q.body {
         SetExpr::Values(v)
             if q.with.is_none()

@@ -28,6 +28,7 @@ mod edit;
 mod insert;
 mod lookup;
 mod merge;
+mod preparable;
 mod prescan;
 mod redact;
 mod rules;
@@ -40,7 +41,7 @@ mod fuzz_tests;
 #[cfg(test)]
 mod tests;
 
-pub use cache::RewriteCache;
+pub use cache::{Prepare, RewriteCache};
 pub use redact::redact;
 pub use rules::{
     ClientView, Direction, FkPlan, ParentPlan, PlanRules, RuleError, RuleSet, TableColumns,
