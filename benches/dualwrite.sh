@@ -2,11 +2,17 @@
 # Dual-write benchmark: an insert-heavy pgbench script into the child tables of a
 # seed-004-shaped schema, in ONE run, side by side:
 #   direct    PostgreSQL, no dual-write at all (the application today)
-#   keyshift  through keyshift with dual-write on (expanded and backfilled database)
-#   trigger   PostgreSQL with a BEFORE trigger doing the same dual-write (the usual alternative)
+#   keyshift  through keyshift with dual-write on (expanded, backfilled and hardened database)
+#   trigger   PostgreSQL with a BEFORE trigger doing the same dual-write (the usual alternative),
+#             on a database prepared as keyshift's
 #   passthru  through keyshift on the plain database (no migration: the proxy's own cost)
+#   hardened  PostgreSQL on a copy of the keyshift database (expanded, backfilled and hardened:
+#             uuid columns and defaults, uuid unique indexes and FKs, the spare integer-key
+#             index), with no dual-write at all (twins left NULL): what that schema costs by
+#             itself, which any dual-write pays
 # Each target has its own database, identical before the run. Rounds alternate the order.
-# Prints TPS per target and mode, and the ratios keyshift/direct and keyshift/trigger.
+# Prints TPS per target and mode, and the ratios keyshift/direct, keyshift/trigger and
+# keyshift/hardened (the dual-write's own cost, proxy included).
 # Targets (DESIGN.md): keyshift ≥ 0.85 × direct; keyshift faster than trigger.
 #
 # Usage: benches/dualwrite.sh                 (DURATION=15 ROUNDS=2)
@@ -80,6 +86,13 @@ for db in dualwrite trigger; do
     "$KS" backfill --database-url "$(url "$db")" >"$TMP/backfill-$db.log" 2>&1 || { cat "$TMP/backfill-$db.log" >&2; die "backfill $db"; }
 done
 "${PSQL[@]}" -d trigger -c "$TRIGGERS"
+"${PSQL[@]}" -d postgres -c "CREATE DATABASE hardened TEMPLATE dualwrite"
+# The backfill rewrote every row: vacuum and analyze every database, as autovacuum would
+# soon after, so that no target runs on dead rows that another does not have (and none is
+# vacuumed in the middle of its measurement).
+for db in plain dualwrite trigger hardened; do
+    "${PSQL[@]}" -d "$db" -c "VACUUM ANALYZE" >/dev/null
+done
 
 start_proxy() { # name database -> sets PORT_<name>
     local port admin
@@ -112,14 +125,14 @@ INSERT INTO mcp_server_tools (mcp_server_id, tool_name) VALUES (:s, 'tool' || :n
 INSERT INTO connector_access (connector_id, user_id) VALUES (:c, 'user');
 EOF
 
-target_port() { case $1 in direct|trigger) echo "$PG_PORT" ;; keyshift) echo "$PORT_dw" ;; passthru) echo "$PORT_pt" ;; esac; }
-target_db() { case $1 in direct|passthru) echo plain ;; keyshift) echo dualwrite ;; trigger) echo trigger ;; esac; }
+target_port() { case $1 in direct|trigger|hardened) echo "$PG_PORT" ;; keyshift) echo "$PORT_dw" ;; passthru) echo "$PORT_pt" ;; esac; }
+target_db() { case $1 in direct|passthru) echo plain ;; keyshift) echo dualwrite ;; trigger) echo trigger ;; hardened) echo hardened ;; esac; }
 
 declare -A TPS
-TARGETS=(direct keyshift trigger passthru)
+TARGETS=(direct keyshift trigger passthru hardened)
 for round in $(seq 1 "$ROUNDS"); do
     order=("${TARGETS[@]}")
-    if ((round % 2 == 0)); then order=(passthru trigger keyshift direct); fi
+    if ((round % 2 == 0)); then order=(hardened passthru trigger keyshift direct); fi
     for mode in $MODES; do
         for t in "${order[@]}"; do
             out=$(${ON_APP[@]+"${ON_APP[@]}"} "$PGBIN/pgbench" -n -f "$TMP/inserts.sql" -M "$mode" -c "$CLIENTS" -j "$JOBS" -T "$DURATION" \
@@ -144,11 +157,11 @@ SELECT (SELECT count(*) FROM mcp_servers c LEFT JOIN mcp_connectors p ON p.id = 
 
 echo
 echo "Dual-write, insert-heavy (4 inserts per transaction into child tables), $CLIENTS clients, ${DURATION}s x $ROUNDS rounds, $(nproc) cores"
-printf '%-10s %12s %12s %12s %12s %16s %16s\n' mode direct keyshift trigger passthru keyshift/direct keyshift/trigger
+printf '%-10s %10s %10s %10s %10s %10s %16s %16s %17s\n' mode direct keyshift trigger passthru hardened keyshift/direct keyshift/trigger keyshift/hardened
 for mode in $MODES; do
     printf '%-10s' "$mode"
-    for t in "${TARGETS[@]}"; do printf ' %12.0f' "$(awk -v a="${TPS[$t,$mode]}" -v r="$ROUNDS" 'BEGIN { print a / r }')"; done
-    awk -v k="${TPS[keyshift,$mode]}" -v d="${TPS[direct,$mode]}" -v t="${TPS[trigger,$mode]}" \
-        'BEGIN { printf " %16.2f %16.2f\n", k / d, k / t }'
+    for t in "${TARGETS[@]}"; do printf ' %10.0f' "$(awk -v a="${TPS[$t,$mode]}" -v r="$ROUNDS" 'BEGIN { print a / r }')"; done
+    awk -v k="${TPS[keyshift,$mode]}" -v d="${TPS[direct,$mode]}" -v t="${TPS[trigger,$mode]}" -v e="${TPS[hardened,$mode]}" \
+        'BEGIN { printf " %16.2f %16.2f %17.2f\n", k / d, k / t, k / e }'
 done
 echo "twins checked: every row inserted through keyshift matches its parent's uuid"
