@@ -80,38 +80,7 @@ impl RewriteCache {
     /// Statements that touch no migrated table are answered by the prescan and not stored:
     /// the scan is as cheap as a lookup, and they would crowd out the ones worth keeping.
     pub fn rewrite(&self, rules: &RuleSet, sql: &str) -> Arc<Outcome> {
-        if rules.prescan.find(sql).is_none() {
-            return unchanged();
-        }
-        let version = self.sync_version(rules);
-        if let Some(hit) = self.map.get(sql)
-            && hit.0 == version
-        {
-            self.hits.fetch_add(1, Ordering::Relaxed);
-            return Arc::clone(&hit.1);
-        }
-        let shape = if sql.len() <= self.max_sql_bytes {
-            shape::normalize(sql)
-        } else {
-            None
-        };
-        let outcome = match shape {
-            Some(shape) => self.by_shape(rules, version, sql, shape),
-            None => {
-                self.misses.fetch_add(1, Ordering::Relaxed);
-                self.rewrite_text(rules, sql)
-            }
-        };
-        // Texts are kept too, shapes or not: a text that repeats (an application sending the
-        // same literals) then skips even the normalization.
-        if sql.len() <= self.max_sql_bytes {
-            if self.map.len() >= self.capacity {
-                self.map.clear();
-            }
-            self.map
-                .insert(Arc::from(sql), (version, Arc::clone(&outcome)));
-        }
-        outcome
+        self.lookup(rules, sql, false).0
     }
 
     /// For a simple Query: the outcome, and when the text's shape may run as `EXECUTE` of a
@@ -122,32 +91,54 @@ impl RewriteCache {
         rules: &RuleSet,
         sql: &'a str,
     ) -> (Arc<Outcome>, Option<Prepare<'a>>) {
+        self.lookup(rules, sql, true)
+    }
+
+    fn lookup<'a>(
+        &self,
+        rules: &RuleSet,
+        sql: &'a str,
+        query: bool,
+    ) -> (Arc<Outcome>, Option<Prepare<'a>>) {
         if rules.prescan.find(sql).is_none() {
             return (unchanged(), None);
         }
         let version = self.sync_version(rules);
-        if sql.len() <= self.max_sql_bytes
-            && let Some(shape) = shape::normalize(sql)
-            && let Some(hit) = self.shapes.get(shape.text.as_str())
+        let cacheable = sql.len() <= self.max_sql_bytes;
+        // A text that repeats (an application sending the same literals) skips even the
+        // normalization. A simple Query normalizes first: when its shape can be prepared, its
+        // literals are the EXECUTE arguments.
+        let mut shape = if query && cacheable {
+            shape::normalize(sql)
+        } else {
+            None
+        };
+        if shape.is_none()
+            && let Some(hit) = self.map.get(sql)
             && hit.0 == version
-            && let ShapeEntry::Template {
-                outcome,
-                prepare: Some(template),
-            } = &hit.1
-            && let Some(out) = instantiate(outcome, &shape.literals)
         {
             self.hits.fetch_add(1, Ordering::Relaxed);
-            let template = Arc::clone(template);
-            drop(hit);
-            return (
-                out,
-                Some(Prepare {
-                    template,
-                    literals: shape.literals,
-                }),
-            );
+            return (Arc::clone(&hit.1), None);
         }
-        (self.rewrite(rules, sql), None)
+        if !query && cacheable {
+            shape = shape::normalize(sql);
+        }
+        let (outcome, prepare) = match shape {
+            Some(shape) => self.by_shape(rules, version, sql, shape),
+            None => {
+                self.misses.fetch_add(1, Ordering::Relaxed);
+                (self.rewrite_text(rules, sql), None)
+            }
+        };
+        // Texts are kept too, shapes or not.
+        if cacheable {
+            if self.map.len() >= self.capacity {
+                self.map.clear();
+            }
+            self.map
+                .insert(Arc::from(sql), (version, Arc::clone(&outcome)));
+        }
+        (outcome, prepare)
     }
 
     /// The rules' version, emptying the cache when it moved.
@@ -172,21 +163,32 @@ impl RewriteCache {
         })
     }
 
-    /// A text with literals: its shape's template when known, else the text's own rewrite,
-    /// and on a shape's first text, the check that decides whether the shape can be trusted.
-    fn by_shape(&self, rules: &RuleSet, version: u64, sql: &str, shape: Shape) -> Arc<Outcome> {
+    /// A text with literals: its shape's template when known (and the statement to prepare,
+    /// when the shape may run as `EXECUTE`), else the text's own rewrite, and on a shape's
+    /// first text, the check that decides whether the shape can be trusted.
+    fn by_shape<'a>(
+        &self,
+        rules: &RuleSet,
+        version: u64,
+        sql: &str,
+        shape: Shape<'a>,
+    ) -> (Arc<Outcome>, Option<Prepare<'a>>) {
         if let Some(hit) = self.shapes.get(shape.text.as_str())
             && hit.0 == version
         {
-            if let ShapeEntry::Template { outcome, .. } = &hit.1
+            if let ShapeEntry::Template { outcome, prepare } = &hit.1
                 && let Some(out) = instantiate(outcome, &shape.literals)
             {
                 self.hits.fetch_add(1, Ordering::Relaxed);
-                return out;
+                let prepare = prepare.as_ref().map(|t| Prepare {
+                    template: Arc::clone(t),
+                    literals: shape.literals,
+                });
+                return (out, prepare);
             }
             drop(hit);
             self.misses.fetch_add(1, Ordering::Relaxed);
-            return self.rewrite_text(rules, sql);
+            return (self.rewrite_text(rules, sql), None);
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
         let actual = self.rewrite_text(rules, sql);
@@ -213,7 +215,7 @@ impl RewriteCache {
         }
         self.shapes
             .insert(shape.text.into_boxed_str(), (version, entry));
-        actual
+        (actual, None)
     }
 
     pub fn hits(&self) -> u64 {
