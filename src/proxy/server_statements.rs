@@ -129,12 +129,12 @@ struct Alias {
     owned: bool,
 }
 
+/// A statement prepared in the sequence now running: the only one, since keyshift prepares
+/// nothing behind a sequence in flight, so its end is the next ReadyForQuery.
 #[derive(Debug)]
 struct Unconfirmed {
     sql: Arc<str>,
     types: Box<[u8]>,
-    /// ReadyForQuery messages due before the one that ends its sequence.
-    ready_before: u32,
     failed: bool,
 }
 
@@ -171,18 +171,12 @@ impl ServerStatements {
         !self.unconfirmed.is_empty()
     }
 
-    /// An unnamed Parse whose text keyshift rewrote to `sql`. `ready_before`: ReadyForQuery
-    /// messages due before the one ending this Parse's sequence; `failed_tx`: the session is
-    /// in a failed transaction.
-    pub fn unnamed_parse(
-        &mut self,
-        sql: &Arc<str>,
-        types: &[u8],
-        ready_before: u32,
-        failed_tx: bool,
-    ) -> ParseAction {
+    /// An unnamed Parse whose text keyshift rewrote to `sql`. `quiet`: no sequence runs
+    /// before this Parse's and the transaction is not failed, so PostgreSQL cannot refuse the
+    /// Parse for a reason of the client's.
+    pub fn unnamed_parse(&mut self, sql: &Arc<str>, types: &[u8], quiet: bool) -> ParseAction {
         self.end_alias();
-        if self.limit == 0 || failed_tx || ready_before > 0 {
+        if self.limit == 0 || !quiet {
             return ParseAction::Forward;
         }
         if let Some(e) = self
@@ -217,7 +211,6 @@ impl ServerStatements {
         self.unconfirmed.push(Unconfirmed {
             sql: Arc::clone(sql),
             types: types.into(),
-            ready_before,
             failed: false,
         });
         self.alias = Some(Alias {
@@ -317,28 +310,17 @@ impl ServerStatements {
     /// PostgreSQL sent an ErrorResponse to the client.
     pub fn server_error(&mut self) {
         for u in &mut self.unconfirmed {
-            if u.ready_before == 0 {
-                u.failed = true;
-            }
+            u.failed = true;
         }
     }
 
-    /// PostgreSQL sent the client a ReadyForQuery: sequences that ended settle their statements.
+    /// PostgreSQL sent the client a ReadyForQuery: the sequence ended, its statements settle.
     pub fn server_ready(&mut self) {
         if self.unconfirmed.is_empty() {
             return;
         }
-        let mut settled = Vec::new();
-        self.unconfirmed.retain_mut(|u| {
-            if u.ready_before == 0 {
-                settled.push((Arc::clone(&u.sql), std::mem::take(&mut u.types), u.failed));
-                false
-            } else {
-                u.ready_before -= 1;
-                true
-            }
-        });
-        for (sql, types, failed) in settled {
+        let settled = std::mem::take(&mut self.unconfirmed);
+        for Unconfirmed { sql, types, failed } in settled {
             let Some(v) = self.by_text.get_mut(&*sql) else {
                 continue;
             };
@@ -461,7 +443,7 @@ mod tests {
 
     /// Sends `text` as an unnamed Parse whose sequence ends with the next ReadyForQuery.
     fn parse(s: &mut ServerStatements, text: &Arc<str>) -> ParseAction {
-        s.unnamed_parse(text, T, 0, false)
+        s.unnamed_parse(text, T, true)
     }
 
     #[test]
@@ -475,14 +457,14 @@ mod tests {
         };
         assert_eq!(s.alias(), Some(&*name));
         // Before its sequence ends the statement is not relied on.
-        assert_eq!(s.unnamed_parse(&a, T, 1, false), ParseAction::Forward);
+        assert_eq!(s.unnamed_parse(&a, T, false), ParseAction::Forward);
         assert_eq!(s.alias(), None);
         s.server_ready();
         assert_eq!(parse(&mut s, &a), ParseAction::Reuse(name.clone()));
         assert_eq!(s.alias(), Some(&*name));
         // Other parameter types are another statement.
         assert_eq!(
-            s.unnamed_parse(&a, &[0, 1, 0, 0, 0, 23], 0, false),
+            s.unnamed_parse(&a, &[0, 1, 0, 0, 0, 23], true),
             ParseAction::Forward
         );
         assert_eq!(s.alias(), None);
@@ -514,14 +496,14 @@ mod tests {
         let mut s = ServerStatements::new(4);
         let a = sql("INSERT a");
         for _ in 0..3 {
-            assert_eq!(s.unnamed_parse(&a, T, 1, false), ParseAction::Forward);
+            assert_eq!(s.unnamed_parse(&a, T, false), ParseAction::Forward);
         }
         parse(&mut s, &a);
         s.server_ready();
         assert!(matches!(parse(&mut s, &a), ParseAction::Prepare(_)));
         s.server_ready();
         assert!(matches!(parse(&mut s, &a), ParseAction::Reuse(_)));
-        assert_eq!(s.unnamed_parse(&a, T, 2, false), ParseAction::Forward);
+        assert_eq!(s.unnamed_parse(&a, T, false), ParseAction::Forward);
     }
 
     #[test]
@@ -556,7 +538,7 @@ mod tests {
             assert_eq!(parse(&mut s, &b), ParseAction::Forward);
             s.server_ready();
         }
-        assert_eq!(s.unnamed_parse(&a, T, 0, true), ParseAction::Forward);
+        assert_eq!(s.unnamed_parse(&a, T, false), ParseAction::Forward);
         let mut off = ServerStatements::new(0);
         for _ in 0..3 {
             assert_eq!(parse(&mut off, &a), ParseAction::Forward);

@@ -765,10 +765,8 @@ fn rewrite_message(
             return None;
         }
         Decision::Replace(new) if m.tag == b'P' && m.name.is_empty() => {
-            let ready_before = refusal.ready_before;
-            let action = unnamed
-                .stmts
-                .unnamed_parse(&new, m.rest, ready_before, unnamed.failed_tx);
+            let quiet = !unnamed.failed_tx && refusal.ready_before == 0;
+            let action = unnamed.stmts.unnamed_parse(&new, m.rest, quiet);
             let mut out = BytesMut::with_capacity(new.len() + 32);
             match action {
                 ParseAction::Forward => statements::rebuild(&m, &new, &mut out),
