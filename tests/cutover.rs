@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::proxy::{TestProxy, http, test_config};
-use migrate_support::{SEED_004, count, ks, ks_expect, seed_004_rows, stdout, text};
+use migrate_support::{SEED_004, count, ks_async, ks_expect, seed_004_rows, stdout, text};
 
 async fn migrated_db() -> common::TestDb {
     let db = common::TestDb::new().await;
@@ -189,10 +189,7 @@ async fn cutover_rollback_and_finalize_under_traffic() {
 
     let load = Workload::start(&url, 6).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let url2 = db.url();
-    let out = tokio::task::spawn_blocking(move || ks(&url2, &["cutover", "--drain-timeout", "5s"]))
-        .await
-        .unwrap();
+    let out = ks_async(&db.url(), &["cutover", "--drain-timeout", "5s"]).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let report = stdout(&out);
     assert!(
@@ -257,10 +254,7 @@ async fn cutover_rollback_and_finalize_under_traffic() {
     ks_expect(&db.url(), &["verify"], 0);
 
     // Rollback: the integer keys are primary again, every row written in between included.
-    let url2 = db.url();
-    let out = tokio::task::spawn_blocking(move || ks(&url2, &["rollback"]))
-        .await
-        .unwrap();
+    let out = ks_async(&db.url(), &["rollback"]).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     wait_status(&p, |v| v["dual_write"] == true).await;
     for t in ["mcp_connectors", "mcp_servers"] {
@@ -311,15 +305,9 @@ async fn cutover_rollback_and_finalize_under_traffic() {
 
     // Harden again, cut over again, finalize.
     ks_expect(&db.url(), &["harden"], 0);
-    let url2 = db.url();
-    let out = tokio::task::spawn_blocking(move || ks(&url2, &["cutover"]))
-        .await
-        .unwrap();
+    let out = ks_async(&db.url(), &["cutover"]).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    let url2 = db.url();
-    let out = tokio::task::spawn_blocking(move || ks(&url2, &["finalize", "--yes"]))
-        .await
-        .unwrap();
+    let out = ks_async(&db.url(), &["finalize", "--yes"]).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     wait_status(&p, |v| v["dual_write"] == false).await;
     assert_eq!(count(&direct, "SELECT count(*) FROM pg_attribute WHERE attname LIKE '%_legacy' AND attnum > 0 AND NOT attisdropped AND attrelid = 'mcp_servers'::regclass").await, 0);
@@ -344,11 +332,7 @@ async fn a_drain_that_times_out_aborts_and_reopens_the_gates() {
         .await
         .unwrap();
     let other = common::connect(&url).await;
-    let url2 = db.url();
-    let out =
-        tokio::task::spawn_blocking(move || ks(&url2, &["cutover", "--drain-timeout", "300ms"]))
-            .await
-            .unwrap();
+    let out = ks_async(&db.url(), &["cutover", "--drain-timeout", "300ms"]).await;
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(
@@ -362,10 +346,7 @@ async fn a_drain_that_times_out_aborts_and_reopens_the_gates() {
     other.simple_query("SELECT 1").await.unwrap();
     tx.commit().await.unwrap();
     // A dry run goes through the whole protocol and changes nothing.
-    let url2 = db.url();
-    let out = tokio::task::spawn_blocking(move || ks(&url2, &["cutover", "--dry-run"]))
-        .await
-        .unwrap();
+    let out = ks_async(&db.url(), &["cutover", "--dry-run"]).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert!(stdout(&out).contains("dry run"), "{}", text(&out));
     assert_eq!(column_type(&direct, "mcp_servers", "id").await, "integer");
@@ -377,20 +358,16 @@ async fn a_drain_that_times_out_aborts_and_reopens_the_gates() {
     tx.execute("UPDATE mcp_servers SET status = 'held' WHERE id = 1", &[])
         .await
         .unwrap();
-    let url2 = db.url();
-    let out = tokio::task::spawn_blocking(move || {
-        ks(
-            &url2,
-            &[
-                "cutover",
-                "--drain-timeout",
-                "300ms",
-                "--terminate-blockers",
-            ],
-        )
-    })
-    .await
-    .unwrap();
+    let out = ks_async(
+        &db.url(),
+        &[
+            "cutover",
+            "--drain-timeout",
+            "300ms",
+            "--terminate-blockers",
+        ],
+    )
+    .await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert_eq!(column_type(&direct, "mcp_servers", "id").await, "uuid");
     let err = tx.commit().await.unwrap_err();
@@ -415,15 +392,11 @@ async fn a_lock_held_elsewhere_exhausts_the_budget_and_names_the_blocker() {
     tx.batch_execute("LOCK TABLE mcp_server_tools IN ACCESS SHARE MODE")
         .await
         .unwrap();
-    let url2 = db.url();
-    let out = tokio::task::spawn_blocking(move || {
-        ks(
-            &url2,
-            &["cutover", "--lock-timeout", "100ms", "--budget", "1s"],
-        )
-    })
-    .await
-    .unwrap();
+    let out = ks_async(
+        &db.url(),
+        &["cutover", "--lock-timeout", "100ms", "--budget", "1s"],
+    )
+    .await;
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("the_blocker"),
@@ -433,22 +406,18 @@ async fn a_lock_held_elsewhere_exhausts_the_budget_and_names_the_blocker() {
     assert_eq!(column_type(&direct, "mcp_servers", "id").await, "integer");
     wait_status(&p, |v| v["gate"] == "open").await;
     // With --terminate-blockers it goes through.
-    let url2 = db.url();
-    let out = tokio::task::spawn_blocking(move || {
-        ks(
-            &url2,
-            &[
-                "cutover",
-                "--lock-timeout",
-                "200ms",
-                "--budget",
-                "10s",
-                "--terminate-blockers",
-            ],
-        )
-    })
-    .await
-    .unwrap();
+    let out = ks_async(
+        &db.url(),
+        &[
+            "cutover",
+            "--lock-timeout",
+            "200ms",
+            "--budget",
+            "10s",
+            "--terminate-blockers",
+        ],
+    )
+    .await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert_eq!(column_type(&direct, "mcp_servers", "id").await, "uuid");
     drop(tx);
@@ -573,10 +542,7 @@ async fn a_proxy_stopped_cleanly_does_not_block_a_cutover() {
         0,
         "the stopped proxy is still registered"
     );
-    let url = db.url();
-    let out = tokio::task::spawn_blocking(move || ks(&url, &["cutover"]))
-        .await
-        .unwrap();
+    let out = ks_async(&db.url(), &["cutover"]).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
 }
 

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use common::proxy::{ProxyProcess, TestProxy, free_port, http, test_config};
 use migrate_support::{
-    SEED_000, SEED_004, bin, count, ks, ks_expect, seed_004_rows, stderr, stdout, text,
+    SEED_000, SEED_004, bin, count, ks_async, ks_expect, seed_004_rows, stderr, stdout, text,
 };
 use tokio_postgres::{Client, SimpleQueryMessage};
 
@@ -369,17 +369,6 @@ fn spawn_ks(url: &str, args: &[&str]) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn keyshift")
-}
-
-async fn ks_async(url: &str, args: &[&str]) -> std::process::Output {
-    let url = url.to_string();
-    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    tokio::task::spawn_blocking(move || {
-        let a: Vec<&str> = args.iter().map(String::as_str).collect();
-        ks(&url, &a)
-    })
-    .await
-    .unwrap()
 }
 
 /// Polls `sql` (one boolean) until it is true.

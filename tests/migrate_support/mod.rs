@@ -78,6 +78,19 @@ pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_keyshift"))
 }
 
+/// [`ks`] from async tests, on the blocking pool, so that the test's own runtime keeps
+/// driving the clients and proxies the command waits for.
+pub async fn ks_async(url: &str, args: &[&str]) -> Output {
+    let url = url.to_string();
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        ks(&url, &a)
+    })
+    .await
+    .expect("keyshift runner")
+}
+
 /// Runs `keyshift <args>` against `url`, with no config file or KEYSHIFT_* from the outside.
 pub fn ks(url: &str, args: &[&str]) -> Output {
     let mut cmd = Command::new(bin());
