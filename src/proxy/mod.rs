@@ -11,6 +11,7 @@ pub mod control;
 pub mod frame;
 pub mod gate;
 pub mod messages;
+pub mod replies;
 pub mod server_statements;
 pub mod session;
 pub mod startup;
@@ -18,6 +19,7 @@ pub mod statements;
 pub mod stream;
 pub mod tls;
 pub mod upstream;
+pub mod wire;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
