@@ -105,15 +105,28 @@ async fn each_bad_input_ends_only_its_connection() {
     s.write_all(&[b'Q', 0x10, 0, 0, 0]).unwrap();
     assert_eq!(error_code(&read_to_close(&mut s)).as_deref(), Some("08P01"));
 
-    // A length shorter than the header.
-    let mut s = authenticated(&p, &db.name);
-    s.write_all(&[b'Q', 0, 0, 0, 1]).unwrap();
-    assert_eq!(error_code(&read_to_close(&mut s)).as_deref(), Some("08P01"));
-
-    // An unknown message type.
-    let mut s = authenticated(&p, &db.name);
-    s.write_all(&[b'!', 0, 0, 0, 4]).unwrap();
-    assert_eq!(error_code(&read_to_close(&mut s)).as_deref(), Some("08P01"));
+    // What PostgreSQL itself ends the session for gets PostgreSQL's own answer, byte for
+    // byte: a length shorter than the header (closed without a word), a small message longer
+    // than PostgreSQL reads (10,000 bytes for Sync), an unknown type (FATAL 08P01), and a
+    // valid message followed by an unknown type in the same write (answered, then FATAL).
+    let direct: std::net::SocketAddr = common::server().addr().parse().unwrap();
+    let mut select = vec![b'Q', 0, 0, 0, 13];
+    select.extend_from_slice(b"SELECT 1\0");
+    let bad_after_good = [&select[..], &[b'!', 0, 0, 0, 4]].concat();
+    for bytes in [
+        &[b'Q', 0, 0, 0, 1][..],
+        &[b'S', 0, 0, 0x30, 0],
+        &[b'!', 0, 0, 0, 4],
+        &[b'!'],
+        &bad_after_good,
+    ] {
+        let mut d = raw_session(direct, &db.name);
+        d.write_all(bytes).unwrap();
+        let expected = read_to_close(&mut d);
+        let mut s = authenticated(&p, &db.name);
+        s.write_all(bytes).unwrap();
+        assert_eq!(read_to_close(&mut s), expected, "{bytes:?}");
+    }
 
     // Random garbage after authentication.
     let mut s = authenticated(&p, &db.name);

@@ -160,6 +160,11 @@ impl<T> Replies<T> {
         self.queue.front().and_then(|e| e.token.as_ref())
     }
 
+    /// Some message with a token has finished.
+    pub fn has_outcomes(&self) -> bool {
+        !self.outcomes.is_empty()
+    }
+
     /// Outcomes of messages with tokens, in the order PostgreSQL finished them.
     pub fn take_outcomes(&mut self) -> std::vec::Drain<'_, (T, Outcome)> {
         self.outcomes.drain(..)

@@ -16,16 +16,22 @@
 //! nothing is synthesised and nothing is swallowed on the hot path.
 //!
 //! Where this could differ from what PostgreSQL would have done, it steps aside:
-//! - A statement is used only after the sequence that prepared it ended without an error, so
-//!   a text that fails to prepare keeps failing with its own error, never with "prepared
-//!   statement does not exist".
+//! - A statement is used only after PostgreSQL answered its own Parse with ParseComplete (the
+//!   session's reply queue reports it, src/proxy/replies.rs), so a text that fails to prepare,
+//!   or whose Parse PostgreSQL skipped after an earlier error, keeps its own answer, never
+//!   "prepared statement does not exist".
 //! - In a failed transaction, or behind sequences still running (a pipeline, where an earlier
 //!   one may fail the transaction), the Parse goes as it came: PostgreSQL must refuse the Parse
 //!   itself, not answer ParseComplete and refuse the Bind.
 //! - A simple Query, a Close of the unnamed statement or another unnamed Parse ends the alias,
 //!   as they end the unnamed statement in PostgreSQL.
 //! - New rules (cutover, rollback) retire every statement; a text that mentions DISCARD or
-//!   DEALLOCATE makes keyshift forget them, since the client may just have dropped them.
+//!   DEALLOCATE makes keyshift forget them, since the client may just have dropped them. If
+//!   the client's unnamed statement was one of them, the session prepares the client's text
+//!   as the unnamed statement again before the client next binds it ([`Self::take_restore`]).
+//! - Names carry a random part drawn per session (`keyshift_<hex>_s1`): a client that names
+//!   `keyshift_s1` in a Parse, a `DEALLOCATE` or an `EXECUTE` meets its own statement, as on
+//!   PostgreSQL. (They do show in `pg_prepared_statements`.)
 //! - At most `limit` statements per session; past it, texts are sent as before.
 //!
 //! Simple Query messages get the same treatment where it is exact: a text whose shape is an
@@ -38,8 +44,6 @@ use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, HashSet};
 use std::hash::BuildHasher;
 use std::sync::Arc;
-
-use bytes::BytesMut;
 
 /// What to send for one unnamed Parse of a rewritten text.
 #[derive(Debug, PartialEq, Eq)]
@@ -67,8 +71,13 @@ pub struct ServerStatements {
     hasher: RandomState,
     /// What the client's unnamed statement currently is on the server, when keyshift's.
     alias: Option<Alias>,
-    /// Statements prepared in sequences that have not ended yet.
+    /// Statements whose Parse PostgreSQL has not answered yet.
     unconfirmed: Vec<Unconfirmed>,
+    /// The client's unnamed statement, when keyshift's statement standing for it was dropped
+    /// (DEALLOCATE ALL, DISCARD ALL): to prepare again before the client binds it.
+    restore: Option<Restore>,
+    /// Per-session part of keyshift's statement names.
+    prefix: String,
     /// Names of statements to close when the session is next idle.
     to_close: Vec<Arc<[u8]>>,
     /// Statements prepared from simple-Query shapes, by template.
@@ -127,15 +136,24 @@ struct Alias {
     name: Arc<[u8]>,
     /// False once the statement left `by_text` (new rules): closed when the alias ends.
     owned: bool,
-}
-
-/// A statement prepared in the sequence now running: the only one, since keyshift prepares
-/// nothing behind a sequence in flight, so its end is the next ReadyForQuery.
-#[derive(Debug)]
-struct Unconfirmed {
+    /// What the client's unnamed statement is: the rewritten text and parameter types.
     sql: Arc<str>,
     types: Box<[u8]>,
-    failed: bool,
+}
+
+/// The client's unnamed statement to prepare again: rewritten text, parameter types.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Restore {
+    pub sql: Arc<str>,
+    pub types: Box<[u8]>,
+}
+
+/// A statement whose Parse PostgreSQL has not answered yet.
+#[derive(Debug)]
+struct Unconfirmed {
+    name: Arc<[u8]>,
+    sql: Arc<str>,
+    types: Box<[u8]>,
 }
 
 impl ServerStatements {
@@ -150,6 +168,8 @@ impl ServerStatements {
             hasher: RandomState::new(),
             alias: None,
             unconfirmed: Vec::new(),
+            restore: None,
+            prefix: format!("keyshift_{:08x}_", rand::random::<u32>()),
             to_close: Vec::new(),
             queries: HashMap::new(),
             generation: 0,
@@ -158,17 +178,12 @@ impl ServerStatements {
 
     /// Something of keyshift's is prepared on the server (or about to be).
     pub fn active(&self) -> bool {
-        self.count > 0 || self.alias.is_some() || !self.queries.is_empty()
+        self.count > 0 || self.alias.is_some() || !self.queries.is_empty() || self.restore.is_some()
     }
 
     /// The name Bind and Describe of the unnamed statement must use instead.
     pub fn alias(&self) -> Option<&[u8]> {
         self.alias.as_ref().map(|a| &*a.name)
-    }
-
-    /// Errors and ReadyForQuery must be reported: a statement awaits its sequence's end.
-    pub fn awaiting(&self) -> bool {
-        !self.unconfirmed.is_empty()
     }
 
     /// An unnamed Parse whose text keyshift rewrote to `sql`. `quiet`: no sequence runs
@@ -193,13 +208,15 @@ impl ServerStatements {
             self.alias = Some(Alias {
                 name: Arc::clone(&name),
                 owned: true,
+                sql: Arc::clone(sql),
+                types: types.into(),
             });
             return ParseAction::Reuse(name);
         }
         if !self.room(self.hasher.hash_one((&**sql, types))) {
             return ParseAction::Forward;
         }
-        let name = self.new_name("keyshift_s");
+        let name = self.new_name("s");
         self.by_text.entry(Arc::clone(sql)).or_default().push((
             types.into(),
             Entry {
@@ -209,13 +226,15 @@ impl ServerStatements {
         ));
         self.count += 1;
         self.unconfirmed.push(Unconfirmed {
+            name: Arc::clone(&name),
             sql: Arc::clone(sql),
             types: types.into(),
-            failed: false,
         });
         self.alias = Some(Alias {
             name: Arc::clone(&name),
             owned: true,
+            sql: Arc::clone(sql),
+            types: types.into(),
         });
         ParseAction::Prepare(name)
     }
@@ -236,7 +255,7 @@ impl ServerStatements {
         if !self.room(self.hasher.hash_one(&**template)) {
             return QueryAction::Forward;
         }
-        let name = self.new_name("keyshift_q");
+        let name = self.new_name("q");
         self.queries.insert(
             Arc::clone(template),
             QueryEntry {
@@ -292,9 +311,11 @@ impl ServerStatements {
         true
     }
 
-    fn new_name(&mut self, prefix: &str) -> Arc<[u8]> {
+    fn new_name(&mut self, kind: &str) -> Arc<[u8]> {
         self.next_id += 1;
-        format!("{prefix}{}", self.next_id).into_bytes().into()
+        format!("{}{kind}{}", self.prefix, self.next_id)
+            .into_bytes()
+            .into()
     }
 
     /// The client's unnamed statement is no longer keyshift's: an unnamed Parse sent as it
@@ -307,39 +328,31 @@ impl ServerStatements {
         }
     }
 
-    /// PostgreSQL sent an ErrorResponse to the client.
-    pub fn server_error(&mut self) {
-        for u in &mut self.unconfirmed {
-            u.failed = true;
-        }
-    }
-
-    /// PostgreSQL sent the client a ReadyForQuery: the sequence ended, its statements settle.
-    pub fn server_ready(&mut self) {
-        if self.unconfirmed.is_empty() {
+    /// PostgreSQL answered keyshift's Parse of `name`: `done` when with ParseComplete.
+    pub fn parse_outcome(&mut self, name: &[u8], done: bool) {
+        let Some(i) = self.unconfirmed.iter().position(|u| &*u.name == name) else {
+            // Retired or forgotten meanwhile.
+            return;
+        };
+        let Unconfirmed { sql, types, .. } = self.unconfirmed.swap_remove(i);
+        let Some(v) = self.by_text.get_mut(&*sql) else {
+            return;
+        };
+        let Some(i) = v.iter().position(|(t, _)| *t == types) else {
+            return;
+        };
+        if done {
+            v[i].1.ready = true;
             return;
         }
-        let settled = std::mem::take(&mut self.unconfirmed);
-        for Unconfirmed { sql, types, failed } in settled {
-            let Some(v) = self.by_text.get_mut(&*sql) else {
-                continue;
-            };
-            let Some(i) = v.iter().position(|(t, _)| *t == types) else {
-                continue;
-            };
-            if !failed {
-                v[i].1.ready = true;
-                continue;
-            }
-            // The Parse may have failed (or something after it did): never rely on it. The
-            // server may have it anyway, so it is closed, and the name is never used again.
-            let (_, e) = v.swap_remove(i);
-            if v.is_empty() {
-                self.by_text.remove(&*sql);
-            }
-            self.count -= 1;
-            self.retire(e.name);
+        // Refused or skipped: never rely on it. The server may have it anyway (an error
+        // after the Parse), so it is closed, and the name is never used again.
+        let (_, e) = v.swap_remove(i);
+        if v.is_empty() {
+            self.by_text.remove(&*sql);
         }
+        self.count -= 1;
+        self.retire(e.name);
     }
 
     /// New rules: every statement was rewritten under the old ones. Called when the session is
@@ -375,10 +388,30 @@ impl ServerStatements {
         self.by_text.clear();
         self.unconfirmed.clear();
         self.count = 0;
-        if let Some(a) = &mut self.alias {
-            a.owned = true;
+        if let Some(a) = self.alias.take() {
+            // The client's unnamed statement may have gone with keyshift's: prepare it again
+            // before the client next uses it.
+            self.restore = Some(Restore {
+                sql: a.sql,
+                types: a.types,
+            });
         }
         self.to_close.clear();
+    }
+
+    /// The client's unnamed statement to prepare again now, before a Bind or Describe of it.
+    pub fn take_restore(&mut self) -> Option<Restore> {
+        self.restore.take()
+    }
+
+    pub fn has_restore(&self) -> bool {
+        self.restore.is_some()
+    }
+
+    /// The client replaced or dropped its unnamed statement: nothing to restore.
+    pub fn unnamed_replaced(&mut self) {
+        self.restore = None;
+        self.end_alias();
     }
 
     /// Statements to close now (the session is idle).
@@ -407,30 +440,6 @@ pub fn may_drop_statements(sql: &[u8]) -> bool {
     })
 }
 
-/// `Bind` (`tag` B) or `Describe`/`Close` of a statement (`tag` D/C with kind `S`) with the
-/// unnamed statement replaced by `name`; `None` when `msg` does not name the unnamed statement.
-pub fn rename_unnamed(msg: &[u8], name: &[u8]) -> Option<BytesMut> {
-    let body = msg.get(5..)?;
-    let at = match msg[0] {
-        // Bind: portal name, then statement name.
-        b'B' => body.iter().position(|&c| c == 0)? + 1,
-        // Describe: kind byte, then name.
-        b'D' if body.first() == Some(&b'S') => 1,
-        _ => return None,
-    };
-    if body.get(at) != Some(&0) {
-        return None;
-    }
-    let len = msg.len() - 1 + name.len();
-    let mut out = BytesMut::with_capacity(1 + len);
-    out.extend_from_slice(&msg[..1]);
-    out.extend_from_slice(&(len as u32).to_be_bytes());
-    out.extend_from_slice(&body[..at]);
-    out.extend_from_slice(name);
-    out.extend_from_slice(&body[at..]);
-    Some(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -440,6 +449,48 @@ mod tests {
     }
 
     const T: &[u8] = &[0, 0];
+
+    impl ServerStatements {
+        /// PostgreSQL answered every Parse of keyshift's with ParseComplete.
+        fn confirm_all(&mut self) {
+            let names: Vec<_> = self.unconfirmed.iter().map(|u| u.name.clone()).collect();
+            for n in names {
+                self.parse_outcome(&n, true);
+            }
+        }
+    }
+
+    #[test]
+    fn names_are_per_session_and_dropped_aliases_are_restored() {
+        let (mut s, mut t) = (ServerStatements::new(4), ServerStatements::new(4));
+        let a = sql("INSERT a");
+        for st in [&mut s, &mut t] {
+            parse(st, &a);
+        }
+        let (ParseAction::Prepare(n1), ParseAction::Prepare(n2)) =
+            (parse(&mut s, &a), parse(&mut t, &a))
+        else {
+            panic!()
+        };
+        assert_ne!(n1, n2, "{n1:?}");
+        assert!(n1.starts_with(b"keyshift_"));
+        // DEALLOCATE ALL while the client's unnamed statement is keyshift's.
+        s.forget_all();
+        assert_eq!(s.alias(), None);
+        assert_eq!(
+            s.take_restore(),
+            Some(Restore {
+                sql: a.clone(),
+                types: T.into()
+            })
+        );
+        assert_eq!(s.take_restore(), None);
+        // A skipped Parse is never relied on.
+        t.parse_outcome(&n2, false);
+        assert_eq!(t.take_closes(), Vec::<Arc<[u8]>>::new());
+        t.end_alias();
+        assert_eq!(t.take_closes(), vec![n2]);
+    }
 
     /// Sends `text` as an unnamed Parse whose sequence ends with the next ReadyForQuery.
     fn parse(s: &mut ServerStatements, text: &Arc<str>) -> ParseAction {
@@ -451,7 +502,7 @@ mod tests {
         let mut s = ServerStatements::new(4);
         let a = sql("INSERT a");
         assert_eq!(parse(&mut s, &a), ParseAction::Forward);
-        s.server_ready();
+        s.confirm_all();
         let ParseAction::Prepare(name) = parse(&mut s, &a) else {
             panic!("second sight prepares")
         };
@@ -459,7 +510,7 @@ mod tests {
         // Before its sequence ends the statement is not relied on.
         assert_eq!(s.unnamed_parse(&a, T, false), ParseAction::Forward);
         assert_eq!(s.alias(), None);
-        s.server_ready();
+        s.confirm_all();
         assert_eq!(parse(&mut s, &a), ParseAction::Reuse(name.clone()));
         assert_eq!(s.alias(), Some(&*name));
         // Other parameter types are another statement.
@@ -476,19 +527,18 @@ mod tests {
         let mut s = ServerStatements::new(4);
         let a = sql("INSERT a");
         parse(&mut s, &a);
-        s.server_ready();
+        s.confirm_all();
         let ParseAction::Prepare(name) = parse(&mut s, &a) else {
             panic!()
         };
-        s.server_error();
+        s.parse_outcome(&name, false);
         s.end_alias();
-        s.server_ready();
         assert!(!s.active());
         assert_eq!(s.take_closes(), vec![name]);
         // Seen again from the start: once forwarded, then prepared under a new name.
         assert_eq!(parse(&mut s, &a), ParseAction::Forward);
-        s.server_ready();
-        assert!(matches!(parse(&mut s, &a), ParseAction::Prepare(n) if &*n == b"keyshift_s2"));
+        s.confirm_all();
+        assert!(matches!(parse(&mut s, &a), ParseAction::Prepare(n) if n.ends_with(b"_s2")));
     }
 
     #[test]
@@ -499,9 +549,9 @@ mod tests {
             assert_eq!(s.unnamed_parse(&a, T, false), ParseAction::Forward);
         }
         parse(&mut s, &a);
-        s.server_ready();
+        s.confirm_all();
         assert!(matches!(parse(&mut s, &a), ParseAction::Prepare(_)));
-        s.server_ready();
+        s.confirm_all();
         assert!(matches!(parse(&mut s, &a), ParseAction::Reuse(_)));
         assert_eq!(s.unnamed_parse(&a, T, false), ParseAction::Forward);
     }
@@ -512,7 +562,7 @@ mod tests {
         let (a, b) = (sql("INSERT a"), sql("INSERT b"));
         for text in [&a, &b, &a, &b] {
             parse(&mut s, text);
-            s.server_ready();
+            s.confirm_all();
         }
         let ParseAction::Reuse(in_use) = parse(&mut s, &a) else {
             panic!()
@@ -532,17 +582,17 @@ mod tests {
         let (a, b) = (sql("INSERT a"), sql("INSERT b"));
         for _ in 0..2 {
             parse(&mut s, &a);
-            s.server_ready();
+            s.confirm_all();
         }
         for _ in 0..3 {
             assert_eq!(parse(&mut s, &b), ParseAction::Forward);
-            s.server_ready();
+            s.confirm_all();
         }
         assert_eq!(s.unnamed_parse(&a, T, false), ParseAction::Forward);
         let mut off = ServerStatements::new(0);
         for _ in 0..3 {
             assert_eq!(parse(&mut off, &a), ParseAction::Forward);
-            off.server_ready();
+            off.confirm_all();
         }
         assert!(!off.active());
     }
@@ -608,28 +658,5 @@ mod tests {
         assert!(may_drop_statements(b"select 1; DeAlLoCaTe all"));
         assert!(!may_drop_statements(b"INSERT INTO t VALUES (1)"));
         assert!(!may_drop_statements(b"disc"));
-    }
-
-    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
-        let mut v = vec![tag];
-        v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-        v.extend_from_slice(body);
-        v
-    }
-
-    #[test]
-    fn renames_the_unnamed_statement_in_bind_and_describe() {
-        let bind = msg(b'B', b"portal\0\0\0\0\0\0\0\0");
-        assert_eq!(
-            &rename_unnamed(&bind, b"ks").unwrap()[..],
-            &msg(b'B', b"portal\0ks\0\0\0\0\0\0\0")[..]
-        );
-        assert_eq!(
-            &rename_unnamed(&msg(b'D', b"S\0"), b"ks").unwrap()[..],
-            &msg(b'D', b"Sks\0")[..]
-        );
-        assert_eq!(rename_unnamed(&msg(b'D', b"P\0"), b"ks"), None);
-        assert_eq!(rename_unnamed(&msg(b'B', b"\0named\0\0\0"), b"ks"), None);
-        assert_eq!(rename_unnamed(&msg(b'B', b"no-nul"), b"ks"), None);
     }
 }

@@ -7,10 +7,22 @@
 //! blocking one direction on the other (a server busy writing results is always read, even
 //! while the client's next pipeline is waiting to be written), which would deadlock.
 //!
-//! Bytes are forwarded as they came. Only three things are looked at: the tag and length of
-//! every message (to stay in frame and count), the status byte of ReadyForQuery (transaction
-//! state for the pause gate), and the kind of client message (to know when the session is
-//! idle: nothing forwarded since the last ReadyForQuery).
+//! Bytes are forwarded as they came. The relay reads the tag and length of every message (to
+//! stay in frame), tells its reply queue (src/proxy/replies.rs) what went to PostgreSQL and
+//! what came back, and reads whole, through the typed views of src/proxy/wire, only the
+//! messages it acts on:
+//! - from the client, Query and Parse when a rewriter or keyshift's own statements are in
+//!   play (src/proxy/statements.rs, server_statements.rs), Close to forget statements, Bind
+//!   and Describe of the unnamed statement when keyshift's statement stands for it, Flush and
+//!   Terminate;
+//! - from the server, ReadyForQuery (transaction status), ErrorResponse (FATAL, strict-mode
+//!   refusals, failures of keyshift's own statements), and whatever answers keyshift's own
+//!   messages, which is dropped.
+//!
+//! A message keyshift cannot read is one PostgreSQL refuses too: it goes on unchanged and
+//! PostgreSQL answers it. An unknown type byte or an impossible length makes PostgreSQL end
+//! the session; keyshift forwards up to that point and stops reading the client, so the client
+//! gets PostgreSQL's own last words.
 
 use std::future::poll_fn;
 use std::io;
@@ -25,20 +37,26 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tracing::{debug, warn};
 
 use super::Shared;
-use super::frame::{FrameError, Scan, Scanner};
 use super::gate::{SessionInfo, SessionState};
 use super::messages::{self, sqlstate};
-use std::collections::VecDeque;
-
-use super::server_statements::{self, ParseAction, PendingPrepare, QueryAction, ServerStatements};
-use super::statements::{self, Decision, Prepared, Refusal};
-use super::stream::Stream;
+use super::replies::{Kind, Outcome, Owner, Replies, Route};
+use super::server_statements::{ParseAction, PendingPrepare, QueryAction, ServerStatements};
+use super::statements::{self, Decision, Dropped, Prepared, StatementRewriter};
+use super::wire::backend::{self, Fields, TxStatus};
+use super::wire::frontend::{self, Bind, Named, Parse, Query, Target};
+use super::wire::tag::{backend as sb, frontend as cf};
+use super::wire::{self, WireError, build};
 use crate::metrics::SessionCounters;
 
 /// Read buffers grow to this much free space before each read.
 const READ_CHUNK: usize = 16 * 1024;
 /// Largest message PostgreSQL itself sends (1 GB) plus room: a sanity bound on server frames.
 const MAX_SERVER_MESSAGE: usize = (1 << 30) + 1024;
+/// Messages sent and not yet answered past which the client is not read until PostgreSQL
+/// catches up: a client pipelining without reading cannot grow the queue without bound.
+const MAX_UNANSWERED: usize = 64 * 1024;
+/// How keyshift's refusal (strict mode) says where to look.
+const REFUSAL_HINT: &str = "keyshift runs with strict = true; see docs/limitations.md";
 
 /// Why the relay stopped polling.
 #[derive(Debug)]
@@ -46,79 +64,109 @@ enum Event {
     /// The session is idle and the gate is closed: its next message waits in `c_in`.
     Hold,
     ClientEof,
-    ClientTerminated,
     ServerEof,
-    ClientProtocol(FrameError),
-    ServerProtocol(FrameError),
+    /// A message keyshift must read whole is larger than `max_message_bytes`.
+    TooLarge(usize),
+    ServerProtocol(ServerError),
     ClientIo(io::Error),
     ServerIo(io::Error),
 }
 
-pub struct Session {
-    client: Stream,
-    server: Stream,
+/// Why the server's bytes could not be followed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("message length {0} is shorter than its own header")]
+    TooShort(u32),
+    #[error("message of {0} bytes is larger than PostgreSQL sends")]
+    TooLarge(usize),
+    #[error(transparent)]
+    Wire(#[from] WireError),
+}
+
+/// What keyshift attaches to a message sent to PostgreSQL to learn how it ended.
+#[derive(Debug)]
+enum Token {
+    /// keyshift's Parse of its own statement for the client's unnamed Parse.
+    Statement(Arc<[u8]>),
+    /// keyshift's `PREPARE` of a simple-Query shape.
+    QueryPrepare(PendingPrepare),
+    /// A statement refused in strict mode: PostgreSQL's syntax error for the marker becomes
+    /// keyshift's 0A000 with this message.
+    Refusal(Arc<str>),
+    /// A named Parse keyshift started remembering: forgotten if PostgreSQL does not take it.
+    Named(Box<[u8]>),
+    /// keyshift's Parse of a client's statement again, under new rules.
+    Reprepare,
+}
+
+/// The relay, generic over its two byte streams so that tests drive it in memory.
+pub struct Session<C, S> {
+    client: C,
+    server: S,
     c_in: BytesMut,
     c_out: BytesMut,
     s_in: BytesMut,
     s_out: BytesMut,
-    c_scan: Scanner,
-    s_scan: Scanner,
+    /// Bytes of the client message being streamed through that are still to come.
+    c_left: usize,
+    /// The same for the server message being streamed through.
+    s_left: usize,
     client_dirty: bool,
     server_dirty: bool,
-    /// Last ReadyForQuery status: `I`, `T` or `E`.
-    status: u8,
-    /// ReadyForQuery messages still owed for Query, Sync and FunctionCall messages sent.
-    pending_z: u32,
-    /// Extended-protocol messages were sent since the last Sync.
-    open_seq: bool,
+    /// The last ReadyForQuery's transaction status.
+    status: TxStatus,
+    /// What PostgreSQL still owes for what was sent to it.
+    replies: Replies<Token>,
     held: bool,
-    terminating: bool,
-    /// Named statements whose SQL was rewritten, for re-preparing at cutover.
+    /// Nothing more is read from the client: it sent Terminate, or bytes after which
+    /// PostgreSQL ends the session. The relay goes on until PostgreSQL closes.
+    client_done: bool,
+    /// PostgreSQL sent a FATAL: the end of the connection that follows is its own doing.
+    server_fatal: bool,
+    /// SQLSTATE of the last error that answered one of keyshift's own messages.
+    own_error: Option<Box<[u8]>>,
+    /// Named statements to prepare again when the rules change.
     prepared: Prepared,
-    /// Statements keyshift prepared itself for the client's rewritten unnamed Parse messages.
+    /// Statements keyshift prepared itself for the client's rewritten statements.
     stmts: ServerStatements,
-    /// Refused statements whose marker error is still to come back from PostgreSQL.
-    refusals: VecDeque<Refusal>,
-    next_refusal: u64,
-    /// The rules version this session's prepared statements were rewritten under.
+    /// The rules version this session's statements were rewritten under.
     rules_seen: u64,
-    /// Sequences of keyshift's own in flight (re-preparing, closing, preparing a Query
-    /// shape), in the order sent: their answers, up to and including their ReadyForQuery, are
-    /// dropped.
-    own: VecDeque<OwnSequence>,
+    /// A copy of the client message being looked at, and its replacement.
+    scratch: Vec<u8>,
+    replacement: BytesMut,
     counters: SessionCounters,
     info: Arc<SessionInfo>,
     shared: Arc<Shared>,
 }
 
-#[inline]
-fn is_frontend_tag(tag: u8) -> bool {
-    matches!(
-        tag,
-        b'Q' | b'P'
-            | b'B'
-            | b'E'
-            | b'D'
-            | b'C'
-            | b'S'
-            | b'H'
-            | b'X'
-            | b'F'
-            | b'd'
-            | b'c'
-            | b'f'
-            | b'p'
-    )
+/// What the session may do with the SQL of the client's messages now.
+#[derive(Clone, Copy)]
+struct Rules<'a> {
+    /// The rewriter in force for this session's database.
+    rewriter: Option<&'a dyn StatementRewriter>,
+    /// Linked to a migration that has no rules yet: named statements are remembered, so that
+    /// they are prepared again, rewritten, once rules arrive.
+    tracking: bool,
 }
 
-impl Session {
+impl<C, S> Drop for Session<C, S> {
+    fn drop(&mut self) {
+        self.counters.flush(&self.shared.metrics);
+    }
+}
+
+impl<C, S> Session<C, S>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     pub fn new(
-        client: Stream,
-        server: Stream,
+        client: C,
+        server: S,
         status: u8,
         info: Arc<SessionInfo>,
         shared: Arc<Shared>,
-    ) -> Session {
+    ) -> Session<C, S> {
         Session {
             client,
             server,
@@ -126,21 +174,21 @@ impl Session {
             c_out: BytesMut::new(),
             s_in: BytesMut::with_capacity(READ_CHUNK),
             s_out: BytesMut::new(),
-            c_scan: Scanner::default(),
-            s_scan: Scanner::default(),
+            c_left: 0,
+            s_left: 0,
             client_dirty: false,
             server_dirty: false,
-            status,
-            pending_z: 0,
-            open_seq: false,
+            status: TxStatus::from_byte(status).unwrap_or(TxStatus::Idle),
+            replies: Replies::default(),
             held: false,
-            terminating: false,
+            client_done: false,
+            server_fatal: false,
+            own_error: None,
             prepared: Prepared::default(),
             stmts: ServerStatements::new(shared.cfg.server_statements),
-            refusals: VecDeque::new(),
-            next_refusal: 0,
             rules_seen: shared.rules_version.load(Ordering::Acquire),
-            own: VecDeque::new(),
+            scratch: Vec::new(),
+            replacement: BytesMut::new(),
             counters: SessionCounters::default(),
             info,
             shared,
@@ -174,23 +222,29 @@ impl Session {
                     }
                     self.held = false;
                 }
-                Event::ClientEof | Event::ClientTerminated => break,
+                Event::ClientEof => break,
                 Event::ServerEof => {
                     // PostgreSQL usually says why before it closes (FATAL ErrorResponse):
                     // make sure the client gets it.
                     self.flush_to_client().await;
                     break;
                 }
-                Event::ClientProtocol(e) => {
-                    debug!(session = self.info.id, error = %e, "client protocol violation");
+                Event::TooLarge(len) => {
+                    debug!(
+                        session = self.info.id,
+                        len, "client message over max_message_bytes"
+                    );
                     shared
                         .metrics
                         .protocol_errors
                         .with_label_values(&["client"])
                         .inc();
+                    let max = shared.cfg.max_message_bytes;
                     self.fatal_to_client(
                         sqlstate::PROTOCOL_VIOLATION,
-                        &format!("invalid message from client: {e}"),
+                        &format!(
+                            "keyshift: message of {len} bytes is larger than max_message_bytes ({max})"
+                        ),
                     )
                     .await;
                     break;
@@ -215,30 +269,35 @@ impl Session {
                 }
                 Event::ServerIo(e) => {
                     debug!(session = self.info.id, error = %e, "server connection lost");
-                    self.fatal_to_client(
-                        sqlstate::CONNECTION_FAILURE,
-                        "connection to PostgreSQL lost",
-                    )
-                    .await;
+                    if self.server_fatal {
+                        // PostgreSQL already said why; a reset after its FATAL adds nothing.
+                        self.flush_to_client().await;
+                    } else {
+                        self.fatal_to_client(
+                            sqlstate::CONNECTION_FAILURE,
+                            "connection to PostgreSQL lost",
+                        )
+                        .await;
+                    }
                     break;
                 }
             }
         }
-        self.counters.flush(&shared.metrics);
+        if self.replies.surprises > 0 {
+            debug!(
+                session = self.info.id,
+                surprises = self.replies.surprises,
+                "server messages the reply queue did not expect"
+            );
+        }
     }
 
     fn state_after_ready(&self) -> SessionState {
-        if self.status == b'I' {
+        if self.status == TxStatus::Idle {
             SessionState::Idle
         } else {
             SessionState::IdleInTransaction
         }
-    }
-
-    /// Waiting for the client with nothing in flight: the moment the gate applies.
-    #[inline]
-    fn waiting_for_client(&self) -> bool {
-        self.pending_z == 0 && !self.open_seq
     }
 
     fn poll_io(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
@@ -266,9 +325,6 @@ impl Session {
                     Poll::Ready(Err(e)) => return Poll::Ready(Event::ServerIo(e)),
                     Poll::Pending => {}
                 }
-            }
-            if self.terminating && self.c_out.is_empty() && !self.server_dirty {
-                return Poll::Ready(Event::ClientTerminated);
             }
 
             // Server → client: write what is pending.
@@ -310,13 +366,15 @@ impl Session {
             }
 
             // Client → server: bytes held at the gate are scanned first, then more are read.
-            if self.c_out.is_empty() && !self.held && !self.terminating {
-                if !self.c_in.is_empty() && self.c_scan.at_boundary() && self.waiting_for_client() {
+            if self.c_out.is_empty()
+                && !self.held
+                && !self.client_done
+                && self.replies.len() < MAX_UNANSWERED
+            {
+                if !self.c_in.is_empty() && self.c_left == 0 && self.replies.idle() {
                     // Data left from before a hold, or a partial message: scan it again.
-                    match self.scan_client() {
-                        Ok(Some(ev)) => return Poll::Ready(ev),
-                        Ok(None) => {}
-                        Err(e) => return Poll::Ready(Event::ClientProtocol(e)),
+                    if let Some(ev) = self.scan_client() {
+                        return Poll::Ready(ev);
                     }
                     if !self.c_out.is_empty() {
                         continue;
@@ -325,10 +383,8 @@ impl Session {
                 match poll_read(&mut self.client, cx, &mut self.c_in) {
                     Poll::Ready(Ok(0)) => return Poll::Ready(Event::ClientEof),
                     Poll::Ready(Ok(_)) => {
-                        match self.scan_client() {
-                            Ok(Some(ev)) => return Poll::Ready(ev),
-                            Ok(None) => {}
-                            Err(e) => return Poll::Ready(Event::ClientProtocol(e)),
+                        if let Some(ev) = self.scan_client() {
+                            return Poll::Ready(ev);
                         }
                         progress = true;
                     }
@@ -344,18 +400,30 @@ impl Session {
     }
 
     /// Scans client bytes into `c_out`, applying the gate at the first message after a
-    /// ReadyForQuery and, when a rewriter is active, handing it the SQL of Query and Parse.
-    fn scan_client(&mut self) -> Result<Option<Event>, FrameError> {
-        let max = self.shared.cfg.max_message_bytes;
+    /// ReadyForQuery and, when rules or keyshift's statements are in play, handing the
+    /// messages that matter to [`Self::client_message`].
+    fn scan_client(&mut self) -> Option<Event> {
         let mut rewriter = self.shared.rewriter.load();
         let mut fwd = 0;
         let mut event = None;
+        let mut consumed = false;
         loop {
-            if self.c_in.len() == fwd {
+            let rest = self.c_in.get(fwd..).unwrap_or_default();
+            if rest.is_empty() || self.client_done {
                 break;
             }
-            if self.c_scan.at_boundary() && self.waiting_for_client() {
-                if self.status == b'I' {
+            if self.c_left > 0 {
+                let n = self.c_left.min(rest.len());
+                self.c_left -= n;
+                fwd += n;
+                continue;
+            }
+            let Some(&tag) = rest.first() else { break };
+            if rest.len() < 5 && frontend::is_known_tag(tag) {
+                break;
+            }
+            if self.replies.idle() {
+                if self.status == TxStatus::Idle {
                     if !self.shared.gate.admit(&self.info) {
                         self.held = true;
                         event = Some(Event::Hold);
@@ -373,6 +441,7 @@ impl Session {
                         self.stmts.retire_all();
                     }
                     if (rules_changed && !self.prepared.is_empty()) || self.stmts.has_closes() {
+                        self.counters.client_bytes(fwd);
                         move_prefix(&mut self.c_in, &mut self.c_out, fwd);
                         fwd = 0;
                         self.own_sequence(rules_changed);
@@ -381,130 +450,364 @@ impl Session {
                     self.shared.gate.set_state(&self.info, SessionState::Active);
                 }
             }
-            let rewriting = rewriter
-                .as_ref()
-                .is_some_and(|r| r.applies_to(&self.info.database));
-            // Linked to a migration but no rules yet: named statements are tracked (not
-            // rewritten) so that they are prepared again, rewritten, once rules arrive.
-            let tracking =
-                !rewriting && rewriter.is_none() && self.shared.cfg.database_url.is_some();
-            // keyshift's own statements: Bind and Describe of the unnamed statement are pointed
-            // at them, and whatever ends the unnamed statement must be seen.
-            let aliasing = self.stmts.alias().is_some();
-            let stmts_active = self.stmts.active();
-            let want = |t: u8| {
-                t == b'X'
-                    || ((rewriting || stmts_active) && matches!(t, b'Q' | b'P' | b'C'))
-                    || (tracking && matches!(t, b'P' | b'C'))
-                    || (aliasing && matches!(t, b'B' | b'D'))
+            let rest = self.c_in.get(fwd..).unwrap_or_default();
+            let Some((_, len_word)) = wire::header(rest) else {
+                // An unknown type byte: PostgreSQL reads it first and ends the session
+                // ("invalid frontend message type"). It gets the byte and says so itself.
+                fwd += 1;
+                self.client_done = true;
+                break;
             };
-            let rest = &self.c_in[fwd..];
-            match self.c_scan.next(rest, max, want)? {
-                Scan::NeedMore => break,
-                Scan::Forward { n } => fwd += n,
-                Scan::Message { tag, len, inspect } => {
-                    if !is_frontend_tag(tag) {
-                        return Err(FrameError::BadTag(tag));
-                    }
-                    self.counters.client_message(tag);
-                    match tag {
-                        b'Q' | b'F' => self.pending_z += 1,
-                        b'S' => {
-                            self.pending_z += 1;
-                            self.open_seq = false;
-                        }
-                        b'P' | b'B' | b'E' | b'D' | b'C' | b'H' => self.open_seq = true,
-                        _ => {}
-                    }
-                    if !inspect {
-                        continue;
-                    }
-                    if tag == b'X' {
-                        // Terminate: forward it, then close once it is written.
-                        fwd += len;
-                        self.terminating = true;
-                        break;
-                    }
-                    let msg = &rest[..len];
-                    let replacement = if matches!(tag, b'B' | b'D') {
-                        // Only inspected while the unnamed statement is keyshift's.
-                        self.stmts
-                            .alias()
-                            .and_then(|a| server_statements::rename_unnamed(msg, a))
-                    } else {
-                        observe_for_statements(&mut self.stmts, msg);
-                        // ReadyForQuery messages owed before the one this statement's
-                        // sequence ends with (a Query's own was counted above).
-                        let ready_before = self.pending_z - u32::from(tag == b'Q');
-                        match rewriter.as_ref().filter(|_| rewriting) {
-                            Some(rw) => {
-                                let mut refusal =
-                                    Refusal::new(self.next_refusal, "".into(), ready_before);
-                                let mut unnamed = Unnamed {
-                                    stmts: &mut self.stmts,
-                                    failed_tx: self.status == b'E',
-                                    open_seq: self.open_seq,
-                                    counters: &mut self.counters,
-                                    prepare: None,
-                                };
-                                let r = rewrite_message(
-                                    &mut self.prepared,
-                                    &*rw.rewriter,
-                                    msg,
-                                    &mut refusal,
-                                    &mut unnamed,
-                                );
-                                if let Some(p) = unnamed.prepare {
-                                    // Its answer follows the Query's own ReadyForQuery.
-                                    self.own.push_back(OwnSequence {
-                                        after: self.pending_z,
-                                        prepare: Some(p),
-                                        error: None,
-                                    });
-                                }
-                                if !refusal.message.is_empty() {
-                                    self.next_refusal += 1;
-                                    self.refusals.push_back(refusal);
-                                }
-                                r
-                            }
-                            None => {
-                                if tracking {
-                                    track_message(&mut self.prepared, msg);
-                                }
-                                None
-                            }
-                        }
-                    };
-                    match replacement {
-                        None => fwd += len,
-                        Some(new) => {
-                            self.counters.client_bytes(fwd);
-                            move_prefix(&mut self.c_in, &mut self.c_out, fwd);
-                            fwd = 0;
-                            self.c_out.extend_from_slice(&new);
-                            self.c_in.advance(len);
-                        }
-                    }
-                }
+            if !frontend::is_known_tag(tag)
+                || len_word < 4
+                || len_word as usize > frontend::max_len(tag)
+            {
+                // An unknown type, or a length PostgreSQL refuses: it ends the session, with
+                // a FATAL for the type and without a word for the length. Either way the
+                // client hears it from PostgreSQL; nothing after this is in frame.
+                fwd += if frontend::is_known_tag(tag) { 5 } else { 1 };
+                self.client_done = true;
+                break;
             }
+            let len = 1 + len_word as usize;
+            consumed = true;
+            let active = rewriter
+                .as_deref()
+                .filter(|r| r.applies_to(&self.info.database));
+            let rules = Rules {
+                rewriter: active.map(|a| &*a.rewriter),
+                tracking: active.is_none()
+                    && rewriter.is_none()
+                    && self.shared.cfg.database_url.is_some(),
+            };
+            if len > self.shared.cfg.max_message_bytes {
+                // keyshift's own limit (documented): it may have to hold the message whole.
+                event = Some(Event::TooLarge(len));
+                break;
+            }
+            if !self.inspects(tag, &rules) {
+                self.counters.client_message(tag);
+                self.note_sent(tag);
+                self.c_left = len;
+                continue;
+            }
+            if rest.len() < len {
+                break;
+            }
+            self.counters.client_message(tag);
+            if tag == cf::TERMINATE {
+                // PostgreSQL answers what came before and closes: the relay goes on until it
+                // does, so the client still gets those answers.
+                fwd += len;
+                self.client_done = true;
+                break;
+            }
+            let mut scratch = std::mem::take(&mut self.scratch);
+            scratch.clear();
+            scratch.extend_from_slice(&rest[..len]);
+            let mut out = std::mem::take(&mut self.replacement);
+            out.clear();
+            if self.client_message(tag, &scratch, rules, &mut out) {
+                self.counters.client_bytes(fwd);
+                move_prefix(&mut self.c_in, &mut self.c_out, fwd);
+                fwd = 0;
+                self.c_out.extend_from_slice(&out);
+                self.c_in.advance(len);
+            } else {
+                fwd += len;
+            }
+            self.scratch = scratch;
+            self.replacement = out;
         }
         self.counters.client_bytes(fwd);
         move_prefix(&mut self.c_in, &mut self.c_out, fwd);
-        Ok(event)
+        self.settle_outcomes();
+        if consumed && !self.held && self.replies.idle() {
+            // Only messages nothing answers went (a CopyData after a failed COPY, say): the
+            // session still waits for its client.
+            self.shared
+                .gate
+                .set_state(&self.info, self.state_after_ready());
+        }
+        event
+    }
+
+    /// Whether the client message with this tag must be read whole.
+    fn inspects(&self, tag: u8, rules: &Rules<'_>) -> bool {
+        match tag {
+            cf::QUERY | cf::PARSE | cf::CLOSE => {
+                rules.rewriter.is_some()
+                    || rules.tracking
+                    || self.stmts.active()
+                    || !self.prepared.is_empty()
+            }
+            cf::BIND | cf::DESCRIBE => self.stmts.alias().is_some() || self.stmts.has_restore(),
+            cf::FLUSH | cf::TERMINATE => true,
+            _ => false,
+        }
+    }
+
+    /// Tells the reply queue about a client message forwarded as it came.
+    fn note_sent(&mut self, tag: u8) {
+        let kind = match tag {
+            cf::QUERY => Kind::Query,
+            cf::PARSE => Kind::Parse,
+            cf::BIND => Kind::Bind,
+            cf::DESCRIBE => Kind::Describe,
+            cf::EXECUTE => Kind::Execute,
+            cf::CLOSE => Kind::Close,
+            cf::SYNC => Kind::Sync,
+            cf::FUNCTION_CALL => Kind::FunctionCall,
+            cf::COPY_DONE => Kind::CopyDone,
+            cf::COPY_FAIL => Kind::CopyFail,
+            cf::FLUSH => return self.replies.sent_unanswered(true),
+            _ => return self.replies.sent_unanswered(false),
+        };
+        self.replies.sent(kind, Owner::Client, None);
+    }
+
+    /// One whole client message: returns true when `out` holds what to send instead.
+    fn client_message(
+        &mut self,
+        tag: u8,
+        msg: &[u8],
+        rules: Rules<'_>,
+        out: &mut BytesMut,
+    ) -> bool {
+        match tag {
+            cf::QUERY => self.on_query(msg, rules, out),
+            cf::PARSE => self.on_parse(msg, rules, out),
+            cf::BIND | cf::DESCRIBE => self.on_unnamed_use(tag, msg, out),
+            cf::CLOSE => {
+                if let Ok(c) = Named::read(msg)
+                    && c.target == Target::Statement
+                {
+                    if c.name.is_empty() {
+                        self.stmts.unnamed_replaced();
+                    } else {
+                        self.prepared.forget(c.name);
+                    }
+                }
+                self.note_sent(tag);
+                false
+            }
+            cf::FLUSH if !frontend::is_empty_body(msg) => {
+                // PostgreSQL refuses a Flush with a body ("invalid message format").
+                self.replies.sent(Kind::Refused, Owner::Client, None);
+                false
+            }
+            _ => {
+                self.note_sent(tag);
+                false
+            }
+        }
+    }
+
+    /// The client's SQL may drop prepared statements: forget what it drops.
+    fn observe_drops(&mut self, sql: &[u8]) {
+        if !super::server_statements::may_drop_statements(sql) {
+            return;
+        }
+        // keyshift's own may be among them whatever the text names exactly.
+        self.stmts.forget_all();
+        match statements::dropped_statements(sql) {
+            Some(Dropped::All) => self.prepared.clear(),
+            Some(Dropped::Names(names)) => {
+                for n in names {
+                    self.prepared.forget(&n);
+                }
+            }
+            None => {}
+        }
+    }
+
+    fn on_query(&mut self, msg: &[u8], rules: Rules<'_>, out: &mut BytesMut) -> bool {
+        let Ok(q) = Query::read(msg) else {
+            // PostgreSQL refuses it as it is ("invalid message format"): nothing runs.
+            self.note_sent(cf::QUERY);
+            return false;
+        };
+        // A simple Query drops the unnamed statement.
+        self.stmts.unnamed_replaced();
+        self.observe_drops(q.sql);
+        // Only valid UTF-8 is rewritten; anything else passes exactly as it came.
+        let (Some(rw), Ok(sql)) = (rules.rewriter, std::str::from_utf8(q.sql)) else {
+            self.note_sent(cf::QUERY);
+            return false;
+        };
+        let quiet = self.status != TxStatus::Failed && self.replies.idle();
+        let (decision, template) = rw.rewrite_query(sql);
+        match decision {
+            Decision::Forward => {
+                self.note_sent(cf::QUERY);
+                false
+            }
+            Decision::Refuse(message) => {
+                build::query(out, statements::REFUSAL_MARKER.as_bytes());
+                self.replies
+                    .sent(Kind::Query, Owner::Client, Some(Token::Refusal(message)));
+                true
+            }
+            Decision::Replace(new) => {
+                let action = match &template {
+                    Some(t) => self.stmts.query(&t.template, quiet),
+                    None => QueryAction::Forward,
+                };
+                match action {
+                    QueryAction::Forward => {
+                        build::query(out, new.as_bytes());
+                        self.replies.sent(Kind::Query, Owner::Client, None);
+                    }
+                    QueryAction::Execute(name) => {
+                        self.counters.statements_reused += 1;
+                        let args = template.as_ref().map(|t| t.args.as_str()).unwrap_or("");
+                        let name = String::from_utf8_lossy(&name);
+                        build::query(out, format!("EXECUTE {name}({args})").as_bytes());
+                        self.replies.sent(Kind::Query, Owner::Client, None);
+                    }
+                    QueryAction::Prepare(p) => {
+                        self.counters.statements_prepared += 1;
+                        build::query(out, new.as_bytes());
+                        self.replies.sent(Kind::Query, Owner::Client, None);
+                        let name = String::from_utf8_lossy(&p.name);
+                        let prepare = format!("PREPARE {name} AS {}", p.template);
+                        build::query(out, prepare.as_bytes());
+                        self.replies
+                            .sent(Kind::Query, Owner::Own, Some(Token::QueryPrepare(p)));
+                    }
+                }
+                true
+            }
+        }
+    }
+
+    fn on_parse(&mut self, msg: &[u8], rules: Rules<'_>, out: &mut BytesMut) -> bool {
+        let Ok(p) = Parse::read(msg) else {
+            // PostgreSQL refuses it before it replaces any statement.
+            self.note_sent(cf::PARSE);
+            return false;
+        };
+        if p.name.is_empty() {
+            self.stmts.unnamed_replaced();
+        }
+        self.observe_drops(p.sql);
+        let sql = std::str::from_utf8(p.sql).ok();
+        let decision = match (rules.rewriter, sql) {
+            (Some(rw), Some(sql)) => rw.rewrite(sql),
+            _ => Decision::Forward,
+        };
+        match decision {
+            Decision::Forward => {
+                let token = match sql {
+                    Some(sql) if rules.rewriter.is_some() || rules.tracking => {
+                        self.remember(&p, sql, None)
+                    }
+                    _ => None,
+                };
+                self.replies.sent(Kind::Parse, Owner::Client, token);
+                false
+            }
+            Decision::Refuse(message) => {
+                self.prepared.forget(p.name);
+                build::parse_with(out, &p, p.name, statements::REFUSAL_MARKER.as_bytes());
+                self.replies
+                    .sent(Kind::Parse, Owner::Client, Some(Token::Refusal(message)));
+                true
+            }
+            Decision::Replace(new) if p.name.is_empty() => {
+                let quiet = self.status != TxStatus::Failed && self.replies.no_ready_due();
+                match self.stmts.unnamed_parse(&new, p.types, quiet) {
+                    ParseAction::Forward => {
+                        build::parse_with(out, &p, b"", new.as_bytes());
+                        self.replies.sent(Kind::Parse, Owner::Client, None);
+                    }
+                    ParseAction::Prepare(name) => {
+                        self.counters.statements_prepared += 1;
+                        build::parse_with(out, &p, &name, new.as_bytes());
+                        self.replies
+                            .sent(Kind::Parse, Owner::Client, Some(Token::Statement(name)));
+                    }
+                    ParseAction::Reuse(_) => {
+                        self.counters.statements_reused += 1;
+                        // Parse("", "") with no parameter types: PostgreSQL answers
+                        // ParseComplete without planning anything.
+                        build::parse(out, b"", b"", b"");
+                        self.replies.sent(Kind::Parse, Owner::Client, None);
+                    }
+                }
+                true
+            }
+            Decision::Replace(new) => {
+                let token = sql.and_then(|sql| self.remember(&p, sql, Some(&new)));
+                build::parse_with(out, &p, p.name, new.as_bytes());
+                self.replies.sent(Kind::Parse, Owner::Client, token);
+                true
+            }
+        }
+    }
+
+    /// Remembers a named statement for the next rules change; the token forgets it if
+    /// PostgreSQL does not take the Parse. A name already taken is left alone: PostgreSQL
+    /// refuses to prepare it again (42P05).
+    fn remember(&mut self, p: &Parse<'_>, sql: &str, sent: Option<&str>) -> Option<Token> {
+        if p.name.is_empty() || self.prepared.contains(p.name) {
+            return None;
+        }
+        self.prepared.remember(p.name, sql, p.types, sent);
+        Some(Token::Named(p.name.into()))
+    }
+
+    /// A Bind or Describe: when it uses the client's unnamed statement and keyshift's
+    /// statement stands for it, it names keyshift's; when keyshift's was dropped, the
+    /// client's text is prepared again as the unnamed statement first.
+    fn on_unnamed_use(&mut self, tag: u8, msg: &[u8], out: &mut BytesMut) -> bool {
+        let bind = (tag == cf::BIND)
+            .then(|| Bind::read(msg).ok())
+            .flatten()
+            .filter(|b| b.statement.is_empty());
+        let describe = (tag == cf::DESCRIBE)
+            .then(|| Named::read(msg).ok())
+            .flatten()
+            .filter(|d| d.is_unnamed_statement());
+        if bind.is_none() && describe.is_none() {
+            self.note_sent(tag);
+            return false;
+        }
+        if let Some(r) = self.stmts.take_restore() {
+            build::parse(out, b"", r.sql.as_bytes(), &r.types);
+            // In a failed transaction PostgreSQL refuses this Parse with the error it would
+            // have given the client's Bind or Describe: that error is the client's.
+            self.replies
+                .sent(Kind::Parse, Owner::OwnErrorsToClient, None);
+            out.extend_from_slice(msg);
+            self.note_sent(tag);
+            return true;
+        }
+        let Some(alias) = self.stmts.alias() else {
+            self.note_sent(tag);
+            return false;
+        };
+        match (bind, describe) {
+            (Some(b), _) => build::bind_with(out, &b, alias),
+            (_, Some(d)) => build::named_with(out, &d, alias),
+            _ => {}
+        }
+        self.note_sent(tag);
+        true
     }
 
     /// A sequence of keyshift's own, sent while the session is idle, before the client's next
-    /// message; its answers are swallowed (`own`). It closes the statements
-    /// keyshift prepared and no longer uses, and, when the rules changed (expand, cutover,
-    /// rollback, finalize), prepares again every tracked named statement whose text under the
-    /// new rules differs from the one the server has, from the client's original SQL.
-    /// PostgreSQL would otherwise go on running the old text: without the twins' columns when
-    /// the statement was prepared before expand, or naming columns the cutover renamed.
+    /// message; its answers are dropped. It closes the statements keyshift prepared and no
+    /// longer uses, and, when the rules changed (expand, cutover, rollback, finalize),
+    /// prepares again every tracked named statement whose text under the new rules differs
+    /// from the one the server has, from the client's original SQL. PostgreSQL would otherwise
+    /// go on running the old text: without the twins' columns when the statement was prepared
+    /// before expand, or naming columns the cutover renamed.
     fn own_sequence(&mut self, rules_changed: bool) {
         let closes = self.stmts.take_closes();
         for name in &closes {
-            close_statement(&mut self.c_out, name);
+            build::close_statement(&mut self.c_out, name);
+            self.replies.sent(Kind::Close, Owner::Own, None);
         }
         let changed = if rules_changed {
             let rw = self.shared.rewriter.load();
@@ -520,141 +823,154 @@ impl Session {
         if changed.is_empty() && closes.is_empty() {
             return;
         }
-        let n = changed.len();
         for r in &changed {
-            close_statement(&mut self.c_out, &r.name);
-            let m = statements::SqlMessage {
-                tag: b'P',
-                name: &r.name,
-                sql: r.sql.as_bytes(),
-                rest: &r.rest,
-            };
-            statements::rebuild(&m, &r.text, &mut self.c_out);
+            build::close_statement(&mut self.c_out, &r.name);
+            self.replies.sent(Kind::Close, Owner::Own, None);
+            build::parse(&mut self.c_out, &r.name, r.text.as_bytes(), &r.rest);
+            self.replies
+                .sent(Kind::Parse, Owner::Own, Some(Token::Reprepare));
         }
-        self.c_out.extend_from_slice(&[b'S', 0, 0, 0, 4]);
-        self.own.push_back(OwnSequence {
-            after: self.pending_z,
-            prepare: None,
-            error: None,
-        });
+        build::sync(&mut self.c_out);
+        self.replies.sent(Kind::Sync, Owner::Own, None);
         debug!(
             session = self.info.id,
-            statements = n,
+            statements = changed.len(),
             closed = closes.len(),
             "re-preparing rewritten statements under new rules, closing keyshift's own"
         );
     }
 
-    /// Scans server bytes into `s_out`, tracking ReadyForQuery, and putting keyshift's own
-    /// error in place of PostgreSQL's answer to a refusal marker.
-    fn scan_server(&mut self) -> Result<(), FrameError> {
+    /// Scans server bytes into `s_out`: the client's messages stream through; ReadyForQuery
+    /// and ErrorResponse are read whole; answers to keyshift's own messages are dropped; the
+    /// syntax error of a refusal marker becomes keyshift's refusal.
+    fn scan_server(&mut self) -> Result<(), ServerError> {
         let mut fwd = 0;
         loop {
-            let refusing = !self.refusals.is_empty();
-            let awaiting = self.stmts.awaiting();
-            let swallowing = self.own.front().is_some_and(|o| o.after == 0);
-            let rest = &self.s_in[fwd..];
-            match self.s_scan.next(rest, MAX_SERVER_MESSAGE, |t| {
-                t == b'Z' || ((refusing || awaiting) && t == b'E') || swallowing
-            })? {
-                Scan::NeedMore => break,
-                Scan::Forward { n } => fwd += n,
-                Scan::Message { tag, len, inspect } => {
-                    self.counters.server_message(tag);
-                    if !inspect {
-                        continue;
-                    }
-                    if swallowing && !matches!(tag, b'A' | b'N' | b'S') {
-                        // An answer to keyshift's own sequence; notifications, notices and
-                        // parameter changes still belong to the client.
-                        if tag == b'E'
-                            && let Some(o) = self.own.front_mut()
-                        {
-                            o.error = Some(
-                                statements::error_field(&rest[..len], b'C')
-                                    .unwrap_or_default()
-                                    .into(),
-                            );
-                            if o.prepare.is_none() {
-                                warn!(
-                                    session = self.info.id,
-                                    "re-preparing a statement under the new rules failed; the client will see an error when it uses it"
-                                );
-                            }
+            let rest = self.s_in.get(fwd..).unwrap_or_default();
+            if rest.is_empty() {
+                break;
+            }
+            if self.s_left > 0 {
+                let n = self.s_left.min(rest.len());
+                self.s_left -= n;
+                fwd += n;
+                continue;
+            }
+            let Some((tag, len_word)) = wire::header(rest) else {
+                break;
+            };
+            if len_word < 4 {
+                return Err(ServerError::TooShort(len_word));
+            }
+            let len = 1 + len_word as usize;
+            if len > MAX_SERVER_MESSAGE {
+                return Err(ServerError::TooLarge(len));
+            }
+            let route = self.replies.route(tag);
+            let whole =
+                route == Route::Drop || matches!(tag, sb::READY_FOR_QUERY | sb::ERROR_RESPONSE);
+            if !whole {
+                self.counters.server_message(tag);
+                self.replies.server(tag, b"");
+                self.s_left = len;
+                if self.replies.has_outcomes() {
+                    self.settle_outcomes();
+                }
+                continue;
+            }
+            let Some(msg) = rest.get(..len) else {
+                break;
+            };
+            self.counters.server_message(tag);
+            let mut code = [0u8; 5];
+            let mut replacement = None;
+            match tag {
+                sb::READY_FOR_QUERY => self.status = backend::ready_for_query(msg)?,
+                sb::ERROR_RESPONSE => {
+                    // A malformed ErrorResponse still goes to the client as it came.
+                    if let Ok(f) = Fields::read(msg) {
+                        if let Some(c) = f.sqlstate().filter(|c| c.len() == 5) {
+                            code.copy_from_slice(c);
                         }
-                        if tag == b'Z'
-                            && let Some(o) = self.own.pop_front()
-                            && let Some(p) = o.prepare
-                        {
-                            self.stmts.query_prepared(p, o.error.as_deref());
-                        }
-                        self.counters.server_bytes(fwd);
-                        move_prefix(&mut self.s_in, &mut self.s_out, fwd);
-                        fwd = 0;
-                        self.s_in.advance(len);
-                        continue;
+                        self.server_fatal |= f.ends_session();
                     }
-                    if tag == b'E' {
-                        if awaiting {
-                            self.stmts.server_error();
-                        }
-                        let ours = self.refusals.front().filter(|r| {
-                            r.ready_before == 0
-                                && statements::error_message(&rest[..len]).is_some_and(|m| {
-                                    m.windows(r.marker.len()).any(|w| w == r.marker.as_bytes())
-                                })
-                        });
-                        match ours {
-                            Some(r) => {
-                                let err = messages::error(
-                                    sqlstate::FEATURE_NOT_SUPPORTED,
-                                    &r.message,
-                                    Some(
-                                        "keyshift runs with strict = true; see docs/limitations.md",
-                                    ),
-                                );
-                                self.refusals.pop_front();
-                                self.counters.server_bytes(fwd);
-                                move_prefix(&mut self.s_in, &mut self.s_out, fwd);
-                                fwd = 0;
-                                self.s_out.extend_from_slice(&err);
-                                self.s_in.advance(len);
-                            }
-                            None => fwd += len,
-                        }
-                        continue;
-                    }
-                    // ReadyForQuery: tag, length 5, status.
-                    if len != 6 {
-                        return Err(FrameError::Malformed("ReadyForQuery"));
-                    }
-                    self.status = rest[5];
-                    self.pending_z = self.pending_z.saturating_sub(1);
-                    self.stmts.server_ready();
-                    for o in &mut self.own {
-                        o.after = o.after.saturating_sub(1);
-                    }
-                    fwd += len;
-                    if refusing {
-                        // A refusal whose sequence just ended without its error (an earlier
-                        // error made PostgreSQL skip it) is dropped; the others move closer.
-                        self.refusals.retain_mut(|r| {
-                            let keep = r.ready_before > 0;
-                            r.ready_before = r.ready_before.saturating_sub(1);
-                            keep
-                        });
-                    }
-                    if self.waiting_for_client() {
-                        let st = self.state_after_ready();
-                        self.shared.gate.set_state(&self.info, st);
-                        self.counters.flush_if_due(&self.shared.metrics);
+                    if route == Route::Drop {
+                        self.own_error = Some(code.into());
+                    } else if &code == b"42601"
+                        && let Some(Token::Refusal(m)) = self.replies.front_token()
+                    {
+                        replacement = Some(messages::error(
+                            sqlstate::FEATURE_NOT_SUPPORTED,
+                            m,
+                            Some(REFUSAL_HINT),
+                        ));
                     }
                 }
+                _ => {}
+            }
+            let sqlstate = if tag == sb::ERROR_RESPONSE {
+                &code[..]
+            } else {
+                b""
+            };
+            self.replies.server(tag, sqlstate);
+            if route == Route::Drop || replacement.is_some() {
+                self.counters.server_bytes(fwd);
+                move_prefix(&mut self.s_in, &mut self.s_out, fwd);
+                fwd = 0;
+                if let Some(r) = replacement {
+                    self.s_out.extend_from_slice(&r);
+                }
+                self.s_in.advance(len);
+            } else {
+                fwd += len;
+            }
+            self.settle_outcomes();
+            if tag == sb::READY_FOR_QUERY && self.replies.idle() {
+                let st = self.state_after_ready();
+                self.shared.gate.set_state(&self.info, st);
+                self.counters.flush_if_due(&self.shared.metrics);
             }
         }
         self.counters.server_bytes(fwd);
         move_prefix(&mut self.s_in, &mut self.s_out, fwd);
         Ok(())
+    }
+
+    /// Acts on how PostgreSQL finished the messages that carried tokens.
+    fn settle_outcomes(&mut self) {
+        if !self.replies.has_outcomes() {
+            return;
+        }
+        let done: Vec<(Token, Outcome)> = self.replies.take_outcomes().collect();
+        for (token, outcome) in done {
+            match token {
+                Token::Statement(name) => self.stmts.parse_outcome(&name, outcome == Outcome::Done),
+                Token::QueryPrepare(p) => {
+                    let error = match outcome {
+                        Outcome::Done => None,
+                        // Skipped: nothing wrong with the statement, try another time.
+                        Outcome::Skipped => Some(Box::from(&b"25P02"[..])),
+                        Outcome::Failed => self.own_error.take(),
+                    };
+                    self.stmts.query_prepared(p, error.as_deref());
+                }
+                Token::Named(name) => {
+                    if outcome != Outcome::Done {
+                        self.prepared.forget(&name);
+                    }
+                }
+                Token::Reprepare => {
+                    if outcome != Outcome::Done {
+                        warn!(
+                            session = self.info.id,
+                            "re-preparing a statement under the new rules failed; the client will see an error when it uses it"
+                        );
+                    }
+                }
+                Token::Refusal(_) => {}
+            }
+        }
     }
 
     async fn flush_to_client(&mut self) {
@@ -673,7 +989,7 @@ impl Session {
     /// already half-sent to it.
     async fn fatal_to_client(&mut self, code: &str, msg: &str) {
         self.flush_to_client().await;
-        if !self.s_scan.at_boundary() {
+        if self.s_left > 0 {
             return;
         }
         let err = messages::fatal(code, msg);
@@ -682,170 +998,6 @@ impl Session {
             self.client.flush().await
         };
         let _ = tokio::time::timeout(Duration::from_secs(2), fut).await;
-    }
-}
-
-/// A sequence keyshift sent on its own behalf.
-struct OwnSequence {
-    /// The client's ReadyForQuery messages due before this sequence's own.
-    after: u32,
-    /// A PREPARE of a Query shape, reported to `stmts` when it ends.
-    prepare: Option<PendingPrepare>,
-    /// The SQLSTATE of the error it met, if any.
-    error: Option<Box<[u8]>>,
-}
-
-/// What an unnamed Parse or a simple Query needs beyond the rewriter: the session's own
-/// statements (src/proxy/server_statements.rs).
-struct Unnamed<'a> {
-    stmts: &'a mut ServerStatements,
-    /// The session is in a failed transaction (the Parse must reach PostgreSQL as it is).
-    failed_tx: bool,
-    /// An extended-protocol sequence is open (a Query in its middle is left alone).
-    open_seq: bool,
-    counters: &'a mut SessionCounters,
-    /// Set when a PREPARE of keyshift's was appended after the Query.
-    prepare: Option<PendingPrepare>,
-}
-
-/// The message to send instead of `msg` (a whole Query, Parse or Close), if any.
-/// A refused statement is replaced by `refusal.marker`, and `refusal.message` is filled in.
-/// A rewritten unnamed Parse may become a named Parse of keyshift's, or an empty one when that
-/// statement is already prepared (src/proxy/server_statements.rs).
-fn rewrite_message(
-    prepared: &mut Prepared,
-    rw: &dyn statements::StatementRewriter,
-    msg: &[u8],
-    refusal: &mut Refusal,
-    unnamed: &mut Unnamed<'_>,
-) -> Option<BytesMut> {
-    if msg[0] == b'C' {
-        // Close of a statement: forget it.
-        if msg.get(5) == Some(&b'S') {
-            let name = &msg[6..msg.len().saturating_sub(1)];
-            prepared.forget(name);
-        }
-        return None;
-    }
-    let m = statements::split(msg)?;
-    // Only valid UTF-8 is rewritten; anything else passes exactly as it came.
-    let sql = std::str::from_utf8(m.sql).ok()?;
-    let (decision, template) = if m.tag == b'Q' {
-        rw.rewrite_query(sql)
-    } else {
-        (rw.rewrite(sql), None)
-    };
-    if let (Decision::Replace(new), Some(t)) = (&decision, template) {
-        let quiet = !unnamed.failed_tx && !unnamed.open_seq && refusal.ready_before == 0;
-        let mut out = BytesMut::new();
-        match unnamed.stmts.query(&t.template, quiet) {
-            QueryAction::Forward => statements::rebuild(&m, new, &mut out),
-            QueryAction::Execute(name) => {
-                unnamed.counters.statements_reused += 1;
-                let name = String::from_utf8_lossy(&name);
-                statements::rebuild(&m, &format!("EXECUTE {name}({})", t.args), &mut out);
-            }
-            QueryAction::Prepare(p) => {
-                unnamed.counters.statements_prepared += 1;
-                statements::rebuild(&m, new, &mut out);
-                let name = String::from_utf8_lossy(&p.name);
-                let prepare = format!("PREPARE {name} AS {}", p.template);
-                statements::rebuild(&m, &prepare, &mut out);
-                unnamed.prepare = Some(p);
-            }
-        }
-        return Some(out);
-    }
-    let new_sql = match decision {
-        Decision::Forward => {
-            if m.tag == b'P' {
-                // Untouched under these rules, maybe not under the next ones (cutover).
-                prepared.remember(m.name, sql, m.rest, None);
-            }
-            return None;
-        }
-        Decision::Replace(new) if m.tag == b'P' && m.name.is_empty() => {
-            let quiet = !unnamed.failed_tx && refusal.ready_before == 0;
-            let action = unnamed.stmts.unnamed_parse(&new, m.rest, quiet);
-            let mut out = BytesMut::with_capacity(new.len() + 32);
-            match action {
-                ParseAction::Forward => statements::rebuild(&m, &new, &mut out),
-                ParseAction::Prepare(name) => {
-                    unnamed.counters.statements_prepared += 1;
-                    let named = statements::SqlMessage { name: &name, ..m };
-                    statements::rebuild(&named, &new, &mut out);
-                }
-                ParseAction::Reuse(_) => {
-                    unnamed.counters.statements_reused += 1;
-                    // Parse("", "") with no parameter types: PostgreSQL answers
-                    // ParseComplete without planning anything.
-                    out.extend_from_slice(&[b'P', 0, 0, 0, 8, 0, 0, 0, 0]);
-                }
-            }
-            return Some(out);
-        }
-        Decision::Replace(new) => new.to_string(),
-        Decision::Refuse(message) => {
-            refusal.message = message;
-            prepared.forget(m.name);
-            refusal.marker.clone()
-        }
-    };
-    if m.tag == b'P' && refusal.message.is_empty() {
-        prepared.remember(m.name, sql, m.rest, Some(&new_sql));
-    }
-    let mut out = BytesMut::with_capacity(new_sql.len() + 16);
-    statements::rebuild(&m, &new_sql, &mut out);
-    Some(out)
-}
-
-/// Ends the client's unnamed statement as PostgreSQL would (a simple Query, an unnamed Parse,
-/// a Close of it), and forgets keyshift's statements when the client's SQL may have dropped them.
-fn observe_for_statements(stmts: &mut ServerStatements, msg: &[u8]) {
-    if !stmts.active() {
-        return;
-    }
-    match msg[0] {
-        b'C' if msg.get(5..7) == Some(&b"S\0"[..]) => stmts.end_alias(),
-        b'Q' | b'P' => {
-            let Some(m) = statements::split(msg) else {
-                return;
-            };
-            if m.tag == b'Q' || m.name.is_empty() {
-                stmts.end_alias();
-            }
-            if server_statements::may_drop_statements(m.sql) {
-                stmts.forget_all();
-            }
-        }
-        _ => {}
-    }
-}
-
-/// Appends a Close of the prepared statement `name`.
-fn close_statement(out: &mut BytesMut, name: &[u8]) {
-    let len = 4 + 1 + name.len() + 1;
-    out.reserve(1 + len);
-    out.extend_from_slice(b"C");
-    out.extend_from_slice(&(len as u32).to_be_bytes());
-    out.extend_from_slice(b"S");
-    out.extend_from_slice(name);
-    out.extend_from_slice(&[0]);
-}
-
-/// Before any rule exists: remembers a named Parse as it is (Close forgets it).
-fn track_message(prepared: &mut Prepared, msg: &[u8]) {
-    if msg[0] == b'C' {
-        if msg.get(5) == Some(&b'S') {
-            prepared.forget(&msg[6..msg.len().saturating_sub(1)]);
-        }
-        return;
-    }
-    if let Some(m) = statements::split(msg)
-        && m.tag == b'P'
-        && let Ok(sql) = std::str::from_utf8(m.sql)
-    {
-        prepared.remember(m.name, sql, m.rest, None);
     }
 }
 
@@ -872,7 +1024,11 @@ fn move_prefix(src: &mut BytesMut, dst: &mut BytesMut, n: usize) {
 
 /// Reads into the spare capacity of `buf`, growing it to at least `READ_CHUNK` free bytes.
 #[inline]
-fn poll_read(s: &mut Stream, cx: &mut Context<'_>, buf: &mut BytesMut) -> Poll<io::Result<usize>> {
+fn poll_read<R: AsyncRead + Unpin>(
+    s: &mut R,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+) -> Poll<io::Result<usize>> {
     if buf.capacity() - buf.len() < READ_CHUNK / 4 {
         buf.reserve(READ_CHUNK);
     }

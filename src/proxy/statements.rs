@@ -9,8 +9,6 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use bytes::{BufMut, BytesMut};
-
 /// The rewriter's answer for one SQL string.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
@@ -60,106 +58,110 @@ impl ActiveRewriter {
     }
 }
 
-/// A `Query` or `Parse` message taken apart.
-pub struct SqlMessage<'a> {
-    pub tag: u8,
-    /// Parse only: the statement name ("" = unnamed).
-    pub name: &'a [u8],
-    pub sql: &'a [u8],
-    /// Parse only: everything after the SQL (parameter type count and OIDs).
-    pub rest: &'a [u8],
+/// The SQL a refused statement is replaced with: PostgreSQL rejects it in its raw parser
+/// (42601), so PostgreSQL itself fails the statement at the right place in the stream: it
+/// skips the rest of an extended-protocol sequence, marks an open transaction failed, and
+/// answers ReadyForQuery with the true status. The relay knows which ErrorResponse answers it
+/// (its reply queue) and sends keyshift's own (0A000, naming the table) in its place.
+pub const REFUSAL_MARKER: &str = "keyshift_refused";
+
+/// Prepared statements a client's SQL drops when it runs.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Dropped {
+    /// `DEALLOCATE ALL`, `DISCARD ALL`.
+    All,
+    /// `DEALLOCATE [PREPARE] name`, in PostgreSQL's case folding.
+    Names(Vec<Vec<u8>>),
 }
 
-/// Splits a whole `Query` or `Parse` message (tag and length included). `None` if malformed;
-/// the caller forwards it and lets PostgreSQL complain.
-pub fn split(msg: &[u8]) -> Option<SqlMessage<'_>> {
-    let body = msg.get(5..)?;
-    let nul = |b: &[u8]| b.iter().position(|&c| c == 0);
-    match msg.first()? {
-        b'Q' => {
-            let end = nul(body)?;
-            Some(SqlMessage {
-                tag: b'Q',
-                name: &[],
-                sql: &body[..end],
-                rest: &[],
-            })
-        }
-        b'P' => {
-            let n = nul(body)?;
-            let after = &body[n + 1..];
-            let s = nul(after)?;
-            Some(SqlMessage {
-                tag: b'P',
-                name: &body[..n],
-                sql: &after[..s],
-                rest: &after[s + 1..],
-            })
-        }
-        _ => None,
+/// What `DEALLOCATE` and `DISCARD ALL` statements in `sql` drop; `None` when there are none
+/// (the usual case, decided by one pass over the bytes).
+pub fn dropped_statements(sql: &[u8]) -> Option<Dropped> {
+    if !crate::proxy::server_statements::may_drop_statements(sql) {
+        return None;
     }
-}
-
-/// Builds the message again with `sql` in place of the original.
-pub fn rebuild(m: &SqlMessage<'_>, sql: &str, out: &mut BytesMut) {
-    let len = 4 + match m.tag {
-        b'P' => m.name.len() + 1 + sql.len() + 1 + m.rest.len(),
-        _ => sql.len() + 1,
-    };
-    out.reserve(1 + len);
-    out.put_u8(m.tag);
-    out.put_u32(len as u32);
-    if m.tag == b'P' {
-        out.put_slice(m.name);
-        out.put_u8(0);
-    }
-    out.put_slice(sql.as_bytes());
-    out.put_u8(0);
-    out.put_slice(m.rest);
-}
-
-/// A refusal in flight. The refused statement is replaced by `marker`, SQL that PostgreSQL
-/// rejects in its raw parser, so PostgreSQL itself fails the statement at the right place in
-/// the stream: it skips the rest of the extended-protocol sequence, marks an open transaction
-/// failed, and answers ReadyForQuery with the true status. The relay then swaps PostgreSQL's
-/// syntax error for keyshift's own ErrorResponse (0A000, `message`).
-#[derive(Debug)]
-pub struct Refusal {
-    pub marker: String,
-    pub message: Arc<str>,
-    /// ReadyForQuery messages due before the one that ends this statement's sequence.
-    pub ready_before: u32,
-}
-
-impl Refusal {
-    pub fn new(id: u64, message: Arc<str>, ready_before: u32) -> Refusal {
-        Refusal {
-            marker: format!("keyshift_refused_{id:x}"),
-            message,
-            ready_before,
+    let mut names = Vec::new();
+    for stmt in split_statements(sql) {
+        let words = words(stmt);
+        let w = |i: usize| words.get(i).map(|w| w.to_ascii_lowercase());
+        match (w(0).as_deref(), w(1).as_deref(), w(2).as_deref()) {
+            (Some(b"discard"), Some(b"all"), None) => return Some(Dropped::All),
+            (Some(b"deallocate"), Some(b"all"), None)
+            | (Some(b"deallocate"), Some(b"prepare"), Some(b"all")) => return Some(Dropped::All),
+            (Some(b"deallocate"), Some(b"prepare"), Some(_)) => names.push(ident(words[2])),
+            (Some(b"deallocate"), Some(_), None) => names.push(ident(words[1])),
+            _ => {}
         }
     }
+    (!names.is_empty()).then_some(Dropped::Names(names))
 }
 
-/// The `M` (message) field of an ErrorResponse.
-pub fn error_message(msg: &[u8]) -> Option<&[u8]> {
-    error_field(msg, b'M')
-}
-
-/// A field of an ErrorResponse (`C`: SQLSTATE, `M`: message, …).
-pub fn error_field(msg: &[u8], field: u8) -> Option<&[u8]> {
-    let mut f = msg.get(5..)?;
-    while let Some((&code, rest)) = f.split_first() {
-        if code == 0 {
-            return None;
+/// Statements of a multi-statement text, split at `;` outside quotes and comments.
+fn split_statements(sql: &[u8]) -> Vec<&[u8]> {
+    let mut out = Vec::new();
+    let (mut start, mut i) = (0, 0);
+    while i < sql.len() {
+        match sql[i] {
+            q @ (b'\'' | b'"') => {
+                i += 1;
+                while i < sql.len() && sql[i] != q {
+                    i += 1;
+                }
+            }
+            b'-' if sql.get(i + 1) == Some(&b'-') => {
+                while i < sql.len() && sql[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b';' => {
+                out.push(&sql[start..i]);
+                start = i + 1;
+            }
+            _ => {}
         }
-        let nul = rest.iter().position(|&b| b == 0)?;
-        if code == field {
-            return Some(&rest[..nul]);
-        }
-        f = &rest[nul + 1..];
+        i += 1;
     }
-    None
+    out.push(sql.get(start..).unwrap_or_default());
+    out
+}
+
+/// Words and quoted identifiers of one statement.
+fn words(stmt: &[u8]) -> Vec<&[u8]> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < stmt.len() {
+        let c = stmt[i];
+        if c == b'"' {
+            let start = i;
+            i += 1;
+            while i < stmt.len() && stmt[i] != b'"' {
+                i += 1;
+            }
+            out.push(&stmt[start..(i + 1).min(stmt.len())]);
+            i += 1;
+        } else if c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80 {
+            let start = i;
+            while i < stmt.len()
+                && (stmt[i].is_ascii_alphanumeric()
+                    || matches!(stmt[i], b'_' | b'$')
+                    || stmt[i] >= 0x80)
+            {
+                i += 1;
+            }
+            out.push(&stmt[start..i]);
+        } else {
+            i += 1;
+        }
+    }
+    out
+}
+
+/// A statement name as PostgreSQL resolves it: quoted as written, unquoted folded to lower case.
+fn ident(word: &[u8]) -> Vec<u8> {
+    match word.strip_prefix(b"\"") {
+        Some(q) => q.strip_suffix(b"\"").unwrap_or(q).to_vec(),
+        None => word.to_ascii_lowercase(),
+    }
 }
 
 /// Named prepared statements keyshift may have to prepare again when the rules change, by
@@ -214,6 +216,15 @@ impl Prepared {
         self.map.len()
     }
 
+    pub fn contains(&self, name: &[u8]) -> bool {
+        self.map.contains_key(name)
+    }
+
+    /// `DEALLOCATE ALL`, `DISCARD ALL`.
+    pub fn clear(&mut self) {
+        self.map.clear();
+    }
+
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
     }
@@ -243,66 +254,21 @@ impl Prepared {
 mod tests {
     use super::*;
 
-    fn parse_msg(name: &str, sql: &str, types: &[u32]) -> Vec<u8> {
-        let mut body = Vec::new();
-        body.extend_from_slice(name.as_bytes());
-        body.push(0);
-        body.extend_from_slice(sql.as_bytes());
-        body.push(0);
-        body.extend_from_slice(&(types.len() as i16).to_be_bytes());
-        for t in types {
-            body.extend_from_slice(&t.to_be_bytes());
-        }
-        let mut m = vec![b'P'];
-        m.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-        m.extend(body);
-        m
-    }
-
     #[test]
-    fn parse_round_trips_with_new_sql() {
-        let m = parse_msg("s1", "INSERT INTO c VALUES ($1)", &[23]);
-        let s = split(&m).unwrap();
-        assert_eq!(s.name, b"s1");
-        assert_eq!(s.sql, b"INSERT INTO c VALUES ($1)");
-        let mut out = BytesMut::new();
-        rebuild(&s, "INSERT INTO c (a, b) VALUES ($1, 2)", &mut out);
+    fn finds_dropped_statements() {
+        assert_eq!(dropped_statements(b"INSERT INTO t VALUES (1)"), None);
+        assert_eq!(dropped_statements(b"DEALLOCATE ALL"), Some(Dropped::All));
+        assert_eq!(dropped_statements(b"discard all"), Some(Dropped::All));
         assert_eq!(
-            &out[..],
-            &parse_msg("s1", "INSERT INTO c (a, b) VALUES ($1, 2)", &[23])[..]
-        );
-        let mut same = BytesMut::new();
-        rebuild(&s, "INSERT INTO c VALUES ($1)", &mut same);
-        assert_eq!(&same[..], &m[..]);
-    }
-
-    #[test]
-    fn query_round_trips() {
-        let mut m = vec![b'Q', 0, 0, 0, 13];
-        m.extend_from_slice(b"SELECT 1\0");
-        let s = split(&m).unwrap();
-        assert_eq!(s.sql, b"SELECT 1");
-        let mut out = BytesMut::new();
-        rebuild(&s, "SELECT 1", &mut out);
-        assert_eq!(&out[..], &m[..]);
-        assert!(split(&[b'Q', 0, 0, 0, 5, b'x']).is_none());
-    }
-
-    #[test]
-    fn finds_error_message() {
-        let mut m = vec![b'E', 0, 0, 0, 0];
-        m.extend_from_slice(
-            b"SERROR\0C42601\0Msyntax error at or near \"keyshift_refused_1f\"\0\0",
+            dropped_statements(b"deallocate prepare all"),
+            Some(Dropped::All)
         );
         assert_eq!(
-            error_message(&m),
-            Some(&b"syntax error at or near \"keyshift_refused_1f\""[..])
+            dropped_statements(b"DEALLOCATE S1; select 1; DEALLOCATE PREPARE \"Q;x\""),
+            Some(Dropped::Names(vec![b"s1".to_vec(), b"Q;x".to_vec()]))
         );
-        assert_eq!(error_message(b"E\0\0\0\x05\0"), None);
-        assert_eq!(
-            Refusal::new(31, "x".into(), 0).marker,
-            "keyshift_refused_1f"
-        );
+        assert_eq!(dropped_statements(b"SELECT 'deallocate all'"), None);
+        assert_eq!(dropped_statements(b"DISCARD PLANS"), None);
     }
 
     #[test]

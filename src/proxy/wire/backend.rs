@@ -50,7 +50,7 @@ pub struct Fields<'a> {
 
 impl<'a> Fields<'a> {
     /// An ErrorResponse (`E`) or NoticeResponse (`N`), checked to be well formed.
-    pub fn parse(msg: &'a [u8]) -> Result<Self, WireError> {
+    pub fn read(msg: &'a [u8]) -> Result<Self, WireError> {
         let tag = match msg.first() {
             Some(&t::ERROR_RESPONSE) => t::ERROR_RESPONSE,
             Some(&t::NOTICE_RESPONSE) => t::NOTICE_RESPONSE,
@@ -168,15 +168,15 @@ mod tests {
     #[test]
     fn error_fields() {
         let e = msg(b'E', b"SFATAL\0VFATAL\0C08P01\0Mbad\0\0");
-        let f = Fields::parse(&e).unwrap();
+        let f = Fields::read(&e).unwrap();
         assert_eq!(f.sqlstate(), Some(&b"08P01"[..]));
         assert_eq!(f.message(), Some(&b"bad"[..]));
         assert!(f.ends_session());
         let e = msg(b'E', b"SERROR\0C42601\0\0");
-        assert!(!Fields::parse(&e).unwrap().ends_session());
-        assert!(Fields::parse(&msg(b'E', b"SERROR\0C4")).is_err());
-        assert!(Fields::parse(&msg(b'E', b"SERROR\0\0x")).is_err());
-        assert!(Fields::parse(&msg(b'E', b"")).is_err());
+        assert!(!Fields::read(&e).unwrap().ends_session());
+        assert!(Fields::read(&msg(b'E', b"SERROR\0C4")).is_err());
+        assert!(Fields::read(&msg(b'E', b"SERROR\0\0x")).is_err());
+        assert!(Fields::read(&msg(b'E', b"")).is_err());
     }
 
     #[test]

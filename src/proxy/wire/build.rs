@@ -92,10 +92,10 @@ mod tests {
     fn round_trips() {
         let mut out = BytesMut::new();
         query(&mut out, b"SELECT 1");
-        assert_eq!(Query::parse(&out).unwrap().sql, b"SELECT 1");
+        assert_eq!(Query::read(&out).unwrap().sql, b"SELECT 1");
 
         let m = msg(b'P', b"s1\0INSERT\0\0\x01\0\0\0\x17");
-        let p = Parse::parse(&m).unwrap();
+        let p = Parse::read(&m).unwrap();
         let mut out = BytesMut::new();
         parse_with(&mut out, &p, b"s1", b"INSERT");
         assert_eq!(&out[..], &m[..]);
@@ -105,13 +105,13 @@ mod tests {
 
         let m = msg(b'B', b"p\0\0\0\0\0\0\0\0");
         let mut out = BytesMut::new();
-        bind_with(&mut out, &Bind::parse(&m).unwrap(), b"ks");
+        bind_with(&mut out, &Bind::read(&m).unwrap(), b"ks");
         assert_eq!(&out[..], &msg(b'B', b"p\0ks\0\0\0\0\0\0\0")[..]);
-        Bind::parse(&out).unwrap();
+        Bind::read(&out).unwrap();
 
         let m = msg(b'D', b"S\0");
         let mut out = BytesMut::new();
-        named_with(&mut out, &Named::parse(&m).unwrap(), b"ks");
+        named_with(&mut out, &Named::read(&m).unwrap(), b"ks");
         assert_eq!(&out[..], &msg(b'D', b"Sks\0")[..]);
 
         let mut out = BytesMut::new();

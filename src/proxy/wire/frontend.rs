@@ -52,7 +52,7 @@ pub struct Query<'a> {
 }
 
 impl<'a> Query<'a> {
-    pub fn parse(msg: &'a [u8]) -> Result<Self, WireError> {
+    pub fn read(msg: &'a [u8]) -> Result<Self, WireError> {
         let mut r = Reader::body(msg, t::QUERY, "Query")?;
         let sql = r.cstr()?;
         r.end()?;
@@ -72,7 +72,7 @@ pub struct Parse<'a> {
 }
 
 impl<'a> Parse<'a> {
-    pub fn parse(msg: &'a [u8]) -> Result<Self, WireError> {
+    pub fn read(msg: &'a [u8]) -> Result<Self, WireError> {
         let mut r = Reader::body(msg, t::PARSE, "Parse")?;
         let name = r.cstr()?;
         let sql = r.cstr()?;
@@ -102,7 +102,7 @@ pub struct Bind<'a> {
 }
 
 impl<'a> Bind<'a> {
-    pub fn parse(msg: &'a [u8]) -> Result<Self, WireError> {
+    pub fn read(msg: &'a [u8]) -> Result<Self, WireError> {
         let mut r = Reader::body(msg, t::BIND, "Bind")?;
         let portal = r.cstr()?;
         let statement = r.cstr()?;
@@ -147,7 +147,7 @@ pub struct Named<'a> {
 
 impl<'a> Named<'a> {
     /// A `Describe` (`tag` D) or `Close` (`tag` C).
-    pub fn parse(msg: &'a [u8]) -> Result<Self, WireError> {
+    pub fn read(msg: &'a [u8]) -> Result<Self, WireError> {
         let (tag, what) = match msg.first() {
             Some(&t::DESCRIBE) => (t::DESCRIBE, "Describe"),
             Some(&t::CLOSE) => (t::CLOSE, "Close"),
@@ -179,7 +179,7 @@ pub struct Execute<'a> {
 }
 
 impl<'a> Execute<'a> {
-    pub fn parse(msg: &'a [u8]) -> Result<Self, WireError> {
+    pub fn read(msg: &'a [u8]) -> Result<Self, WireError> {
         let mut r = Reader::body(msg, t::EXECUTE, "Execute")?;
         let portal = r.cstr()?;
         let max_rows = r.i32()?;
@@ -202,86 +202,86 @@ mod tests {
     #[test]
     fn query() {
         assert_eq!(
-            Query::parse(&msg(b'Q', b"SELECT 1\0")).unwrap().sql,
+            Query::read(&msg(b'Q', b"SELECT 1\0")).unwrap().sql,
             b"SELECT 1"
         );
         // The issue's case: bytes after the terminator are refused, as PostgreSQL refuses them.
         assert_eq!(
-            Query::parse(&msg(b'Q', b"INSERT 1\0garbage\0")),
+            Query::read(&msg(b'Q', b"INSERT 1\0garbage\0")),
             Err(WireError::Trailing("Query"))
         );
         assert_eq!(
-            Query::parse(&msg(b'Q', b"no nul")),
+            Query::read(&msg(b'Q', b"no nul")),
             Err(WireError::BadString("Query"))
         );
-        assert!(Query::parse(&msg(b'P', b"x\0")).is_err());
+        assert!(Query::read(&msg(b'P', b"x\0")).is_err());
         // A length word that disagrees with the bytes.
         let mut m = msg(b'Q', b"SELECT 1\0");
         m.pop();
-        assert!(Query::parse(&m).is_err());
-        assert!(Query::parse(&[b'Q', 0, 0, 0, 3]).is_err());
-        assert!(Query::parse(&[]).is_err());
+        assert!(Query::read(&m).is_err());
+        assert!(Query::read(&[b'Q', 0, 0, 0, 3]).is_err());
+        assert!(Query::read(&[]).is_err());
     }
 
     #[test]
     fn parse() {
         let p_msg = msg(b'P', b"s1\0INSERT\0\0\x01\0\0\0\x17");
-        let p = Parse::parse(&p_msg).unwrap();
+        let p = Parse::read(&p_msg).unwrap();
         assert_eq!(
             (p.name, p.sql, p.type_count()),
             (&b"s1"[..], &b"INSERT"[..], 1)
         );
         assert_eq!(p.types, b"\0\x01\0\0\0\x17");
-        assert!(Parse::parse(&msg(b'P', b"s1\0INSERT\0\0\x02\0\0\0\x17")).is_err());
-        assert!(Parse::parse(&msg(b'P', b"s1\0INSERT\0\0\0\0")).is_err());
-        assert!(Parse::parse(&msg(b'P', b"s1\0INSERT")).is_err());
-        assert!(Parse::parse(&msg(b'P', b"s1\0INSERT\0")).is_err());
+        assert!(Parse::read(&msg(b'P', b"s1\0INSERT\0\0\x02\0\0\0\x17")).is_err());
+        assert!(Parse::read(&msg(b'P', b"s1\0INSERT\0\0\0\0")).is_err());
+        assert!(Parse::read(&msg(b'P', b"s1\0INSERT")).is_err());
+        assert!(Parse::read(&msg(b'P', b"s1\0INSERT\0")).is_err());
         // A count of 0xffff is 65535 types, as PostgreSQL reads it, not -1.
-        assert!(Parse::parse(&msg(b'P', b"\0x\0\xff\xff")).is_err());
+        assert!(Parse::read(&msg(b'P', b"\0x\0\xff\xff")).is_err());
     }
 
     #[test]
     fn bind() {
         let body = b"portal\0stmt\0\0\x01\0\x01\0\x02\0\0\0\x02hi\xff\xff\xff\xff\0\0";
         let b_msg = msg(b'B', body);
-        let b = Bind::parse(&b_msg).unwrap();
+        let b = Bind::read(&b_msg).unwrap();
         assert_eq!((b.portal, b.statement), (&b"portal"[..], &b"stmt"[..]));
         assert_eq!(b.rest, &body[12..]);
         // Bogus counts and lengths.
-        assert!(Bind::parse(&msg(b'B', b"\0\0\0\x05\0\0\0\0")).is_err());
-        assert!(Bind::parse(&msg(b'B', b"\0\0\0\0\0\x01\xff\xff\xff\xfe\0\0")).is_err());
-        assert!(Bind::parse(&msg(b'B', b"\0\0\0\0\0\x01\0\0\0\x09ab\0\0")).is_err());
-        assert!(Bind::parse(&msg(b'B', b"\0\0\0\0\0\0\0\0x")).is_err());
-        assert!(Bind::parse(&msg(b'B', b"no-nul")).is_err());
+        assert!(Bind::read(&msg(b'B', b"\0\0\0\x05\0\0\0\0")).is_err());
+        assert!(Bind::read(&msg(b'B', b"\0\0\0\0\0\x01\xff\xff\xff\xfe\0\0")).is_err());
+        assert!(Bind::read(&msg(b'B', b"\0\0\0\0\0\x01\0\0\0\x09ab\0\0")).is_err());
+        assert!(Bind::read(&msg(b'B', b"\0\0\0\0\0\0\0\0x")).is_err());
+        assert!(Bind::read(&msg(b'B', b"no-nul")).is_err());
     }
 
     #[test]
     fn describe_and_close() {
         let d_msg = msg(b'D', b"S\0");
-        let d = Named::parse(&d_msg).unwrap();
+        let d = Named::read(&d_msg).unwrap();
         assert!(d.is_unnamed_statement());
         let c_msg = msg(b'C', b"Pcur\0");
-        let c = Named::parse(&c_msg).unwrap();
+        let c = Named::read(&c_msg).unwrap();
         assert_eq!(
             (c.tag, c.target, c.name),
             (b'C', Target::Portal, &b"cur"[..])
         );
         // The five bytes from the issue: a Close whose body is just `S`.
         assert_eq!(
-            Named::parse(&[b'C', 0, 0, 0, 5, b'S']),
+            Named::read(&[b'C', 0, 0, 0, 5, b'S']),
             Err(WireError::BadString("Close"))
         );
-        assert!(Named::parse(&msg(b'C', b"")).is_err());
-        assert!(Named::parse(&msg(b'D', b"X\0")).is_err());
-        assert!(Named::parse(&msg(b'D', b"S\0\0")).is_err());
+        assert!(Named::read(&msg(b'C', b"")).is_err());
+        assert!(Named::read(&msg(b'D', b"X\0")).is_err());
+        assert!(Named::read(&msg(b'D', b"S\0\0")).is_err());
     }
 
     #[test]
     fn execute_and_empty() {
         let e_msg = msg(b'E', b"\0\0\0\0\x05");
-        let e = Execute::parse(&e_msg).unwrap();
+        let e = Execute::read(&e_msg).unwrap();
         assert_eq!((e.portal, e.max_rows), (&b""[..], 5));
-        assert!(Execute::parse(&msg(b'E', b"\0\0\0")).is_err());
+        assert!(Execute::read(&msg(b'E', b"\0\0\0")).is_err());
         assert!(is_empty_body(&msg(b'S', b"")));
         assert!(!is_empty_body(&msg(b'H', b"x")));
         assert!(is_known_tag(b'F') && !is_known_tag(b'Z') && !is_known_tag(0));
