@@ -83,6 +83,8 @@ pub struct Metrics {
     pub connections_rejected: IntCounterVec,
     pub upstream_connect_failures: IntCounter,
     pub protocol_errors: IntCounterVec,
+    /// Sessions ended by a panic in keyshift (each one a bug; the proxy goes on).
+    pub session_panics: IntCounter,
     pub session_duration: Histogram,
     pub cancel_requests: IntCounterVec,
     client_messages: Vec<IntCounter>,
@@ -348,6 +350,10 @@ impl Metrics {
                 "keyshift_protocol_errors_total",
                 "Connections ended for a protocol violation, by side",
                 &["side"],
+            ),
+            session_panics: counter(
+                "keyshift_session_panics_total",
+                "Sessions ended by a panic inside keyshift (a bug: please report it); other sessions go on",
             ),
             session_duration: reg(
                 &r,

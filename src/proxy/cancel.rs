@@ -2,6 +2,8 @@
 //! CancelRequest carrying it is forwarded, on a new upstream connection, with the upstream
 //! backend's real key. Upstream keys never reach clients, and a guessed key cancels nothing.
 
+use std::sync::Arc;
+
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 
@@ -37,6 +39,33 @@ impl CancelMap {
     pub fn remove(&self, key: (u32, u32)) {
         self.keys.remove(&key);
     }
+
+    /// Registers an upstream key; the client-facing key stays valid until the guard is
+    /// dropped, however the session ends.
+    pub fn register_guarded(self: &Arc<Self>, upstream: UpstreamKey) -> CancelKey {
+        CancelKey {
+            key: self.register(upstream),
+            map: Arc::clone(self),
+        }
+    }
+}
+
+/// A client-facing cancel key, removed from the map on drop.
+pub struct CancelKey {
+    map: Arc<CancelMap>,
+    key: (u32, u32),
+}
+
+impl CancelKey {
+    pub fn key(&self) -> (u32, u32) {
+        self.key
+    }
+}
+
+impl Drop for CancelKey {
+    fn drop(&mut self) {
+        self.map.remove(self.key);
+    }
 }
 
 #[cfg(test)]
@@ -51,6 +80,12 @@ mod tests {
         assert_eq!(m.lookup(k.0, k.1), Some(up));
         assert_eq!(m.lookup(k.0, k.1.wrapping_add(1)), None);
         m.remove(k);
+        assert_eq!(m.lookup(k.0, k.1), None);
+        let m = Arc::new(m);
+        let g = m.register_guarded(up);
+        let k = g.key();
+        assert_eq!(m.lookup(k.0, k.1), Some(up));
+        drop(g);
         assert_eq!(m.lookup(k.0, k.1), None);
     }
 }

@@ -60,7 +60,7 @@ pub struct Shared {
     pub cfg: ProxyConfig,
     pub upstream: Upstream,
     pub acceptor: Option<TlsAcceptor>,
-    pub cancels: cancel::CancelMap,
+    pub cancels: Arc<cancel::CancelMap>,
     pub gate: gate::Gate,
     pub metrics: Metrics,
     /// The SQL rewriter in force; `None` means pure passthrough (no migration running).
@@ -114,6 +114,7 @@ impl Drop for LoadGuard {
 
 impl Proxy {
     pub async fn bind(cfg: ProxyConfig) -> Result<Proxy, ProxyError> {
+        install_panic_hook();
         let acceptor = tls::server_config(&cfg)?.map(TlsAcceptor::from);
         let upstream = Upstream::new(&cfg, tls::client_config(&cfg)?);
         let listener = TcpListener::bind(cfg.listen)
@@ -312,8 +313,76 @@ fn place(
     });
 }
 
+thread_local! {
+    /// The session whose task this thread is polling, for the panic hook.
+    static CURRENT_SESSION: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+}
+
+/// Routes panics inside a session to the log, once, with the session's id; panics
+/// elsewhere keep the default report.
+fn install_panic_hook() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            match CURRENT_SESSION.with(|c| c.get()) {
+                Some(id) => tracing::error!(
+                    session = id,
+                    panic = %info,
+                    "keyshift bug: a session panicked; ending that session only"
+                ),
+                None => previous(info),
+            }
+        }));
+    });
+}
+
+/// Polls `fut` as session `id` (None before the session is known): a panic inside it ends
+/// only this future, is counted, and is logged once by the panic hook. Whatever the session
+/// holds is released by its guards as the panic unwinds.
+async fn contained<F: std::future::Future<Output = ()>>(shared: &Shared, id: Option<u64>, fut: F) {
+    let mut fut = std::pin::pin!(fut);
+    let outcome = std::future::poll_fn(|cx| {
+        let previous = CURRENT_SESSION.with(|c| c.replace(id));
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fut.as_mut().poll(cx)));
+        CURRENT_SESSION.with(|c| c.set(previous));
+        match r {
+            Ok(p) => p.map(Ok),
+            Err(e) => std::task::Poll::Ready(Err(e)),
+        }
+    })
+    .await;
+    if outcome.is_err() {
+        shared.metrics.session_panics.inc();
+    }
+}
+
+/// A session's place in the gate's registry and its lifetime metric, given up on drop
+/// whatever the exit path (error, early return, panic): a session that is gone can never
+/// keep a pause from draining.
+struct Registered {
+    shared: Arc<Shared>,
+    info: Arc<gate::SessionInfo>,
+    started: Instant,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.shared.gate.unregister(self.info.id);
+        self.shared
+            .metrics
+            .session_duration
+            .observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
 /// One client connection, from accept to close.
 async fn handle(tcp: TcpStream, addr: SocketAddr, shared: Arc<Shared>) {
+    let s = shared.clone();
+    contained(&s, None, connection(tcp, addr, shared)).await;
+}
+
+async fn connection(tcp: TcpStream, addr: SocketAddr, shared: Arc<Shared>) {
     let _ = tcp.set_nodelay(true);
     let deadline = tokio::time::Instant::now() + shared.cfg.startup_timeout;
     let req = match startup::negotiate(tcp, shared.acceptor.as_ref(), deadline).await {
@@ -424,8 +493,22 @@ async fn session(
     let info = shared
         .gate
         .register(Some(addr), user, database, param("application_name"));
-    let started = Instant::now();
+    let registered = Registered {
+        shared: shared.clone(),
+        info: info.clone(),
+        started: Instant::now(),
+    };
+    contained(
+        &shared,
+        Some(info.id),
+        serve(client, packet, addr, registered),
+    )
+    .await;
+}
 
+/// A registered session: upstream connection, the relayed authentication, then the relay.
+async fn serve(mut client: Stream, packet: bytes::BytesMut, addr: SocketAddr, reg: Registered) {
+    let (shared, info) = (&reg.shared, &reg.info);
     let mut server = match shared.upstream.connect().await {
         Ok(s) => s,
         Err(e) => {
@@ -436,7 +519,6 @@ async fn session(
                 &messages::fatal(sqlstate::UNABLE_TO_CONNECT, &format!("keyshift {e}")),
             )
             .await;
-            shared.gate.unregister(info.id);
             return;
         }
     };
@@ -459,12 +541,11 @@ async fn session(
                 info.backend_pid
                     .store(k.pid, std::sync::atomic::Ordering::Relaxed);
             }
+            // The cancel key lives exactly as long as the relay.
+            let _cancel_key = a.client_key;
             session::Session::new(client, server, a.status, info.clone(), shared.clone())
                 .run()
                 .await;
-            if let Some(k) = a.client_key {
-                shared.cancels.remove(k);
-            }
         }
         Ok(Err(StartupError::Refused)) => {}
         Ok(Err(e)) => {
@@ -495,9 +576,4 @@ async fn session(
             .await;
         }
     }
-    shared.gate.unregister(info.id);
-    shared
-        .metrics
-        .session_duration
-        .observe(started.elapsed().as_secs_f64());
 }

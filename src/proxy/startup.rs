@@ -13,12 +13,13 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
-use super::cancel::{CancelMap, UpstreamKey};
+use super::cancel::{CancelKey, CancelMap, UpstreamKey};
 use super::frame::{
     self, CANCEL_REQUEST_CODE, FrameError, GSSENC_REQUEST_CODE, PROTOCOL_3_0, SSL_REQUEST_CODE,
 };
 use super::messages::{self, sqlstate};
 use super::stream::Stream;
+use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -145,7 +146,8 @@ pub async fn negotiate(
 /// and the transaction status of the first ReadyForQuery.
 pub struct Authenticated {
     pub upstream_key: Option<UpstreamKey>,
-    pub client_key: Option<(u32, u32)>,
+    /// Removed from the cancel map when dropped.
+    pub client_key: Option<CancelKey>,
     pub status: u8,
 }
 
@@ -156,7 +158,7 @@ pub async fn authenticate(
     client: &mut Stream,
     server: &mut Stream,
     packet: &[u8],
-    cancels: &CancelMap,
+    cancels: &Arc<CancelMap>,
     max_message: usize,
     first_reply: std::time::Duration,
 ) -> Result<Authenticated, StartupError> {
@@ -216,9 +218,10 @@ pub async fn authenticate(
                     )));
                 };
                 let up = UpstreamKey { pid, secret };
-                let key = cancels.register(up);
+                let guard = cancels.register_guarded(up);
+                let key = guard.key();
                 out.upstream_key = Some(up);
-                out.client_key = Some(key);
+                out.client_key = Some(guard);
                 send(
                     client,
                     &messages::backend_key_data(key.0 as i32, key.1 as i32),
@@ -233,9 +236,6 @@ pub async fn authenticate(
             }
             b'E' => {
                 let _ = send(client, &smsg).await;
-                if let Some(k) = out.client_key {
-                    cancels.remove(k);
-                }
                 return Err(StartupError::Refused);
             }
             _ => send(client, &smsg).await.map_err(StartupError::Client)?,
