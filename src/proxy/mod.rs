@@ -79,6 +79,33 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// The state of a proxy that has no sessions yet.
+    pub fn new(cfg: ProxyConfig, upstream: Upstream, acceptor: Option<TlsAcceptor>) -> Shared {
+        let (force_tx, force_rx) = watch::channel(false);
+        let metrics = Metrics::new();
+        let map = crate::map::MapService::new(
+            cfg.database_url.clone(),
+            cfg.search_path.clone(),
+            cfg.map_cache_entries,
+            metrics.map.clone(),
+        );
+        Shared {
+            sessions: Arc::new(Semaphore::new(cfg.max_client_connections)),
+            cfg,
+            upstream,
+            acceptor,
+            cancels: Default::default(),
+            gate: Default::default(),
+            metrics,
+            map,
+            rewriter: arc_swap::ArcSwapOption::empty(),
+            rules_version: std::sync::atomic::AtomicU64::new(0),
+            control_connected: std::sync::atomic::AtomicBool::new(false),
+            force_shutdown: force_rx,
+            force_tx,
+        }
+    }
+
     /// Puts a new rewriter (or none: passthrough) in force for every session.
     pub fn set_rewriter(&self, rw: Option<statements::ActiveRewriter>) {
         self.rewriter.store(rw.map(Arc::new));
@@ -129,29 +156,7 @@ impl Proxy {
                 addr: cfg.admin_listen,
                 source,
             })?;
-        let (force_tx, force_rx) = watch::channel(false);
-        let metrics = Metrics::new();
-        let map = crate::map::MapService::new(
-            cfg.database_url.clone(),
-            cfg.search_path.clone(),
-            cfg.map_cache_entries,
-            metrics.map.clone(),
-        );
-        let shared = Arc::new(Shared {
-            sessions: Arc::new(Semaphore::new(cfg.max_client_connections)),
-            cfg,
-            upstream,
-            acceptor,
-            cancels: Default::default(),
-            gate: Default::default(),
-            metrics,
-            map,
-            rewriter: arc_swap::ArcSwapOption::empty(),
-            rules_version: std::sync::atomic::AtomicU64::new(0),
-            control_connected: std::sync::atomic::AtomicBool::new(false),
-            force_shutdown: force_rx,
-            force_tx,
-        });
+        let shared = Arc::new(Shared::new(cfg, upstream, acceptor));
         Ok(Proxy {
             listener,
             admin,

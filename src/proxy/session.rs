@@ -1040,3 +1040,7 @@ fn poll_read<R: AsyncRead + Unpin>(
     unsafe { buf.set_len(buf.len() + n) };
     Poll::Ready(Ok(n))
 }
+
+#[cfg(test)]
+#[path = "session_tests.rs"]
+mod tests;
