@@ -60,9 +60,8 @@ async fn readyz(State(s): State<Arc<Shared>>) -> Response {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let probe = async {
         let mut tcp = tokio::net::TcpStream::connect(s.upstream.addr()).await?;
-        let mut req = [0u8; 8];
-        req[..4].copy_from_slice(&8u32.to_be_bytes());
-        req[4..].copy_from_slice(&crate::proxy::frame::SSL_REQUEST_CODE.to_be_bytes());
+        use crate::proxy::wire::startup::{SSL_REQUEST_CODE, build_request};
+        let req = build_request(SSL_REQUEST_CODE, &[]);
         tcp.write_all(&req).await?;
         let b = tcp.read_u8().await?;
         if b == b'S' || b == b'N' {

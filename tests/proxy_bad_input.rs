@@ -117,7 +117,7 @@ async fn each_bad_input_ends_only_its_connection() {
         &[b'Q', 0, 0, 0, 1][..],
         &[b'S', 0, 0, 0x30, 0],
         &[b'!', 0, 0, 0, 4],
-        &[b'!'],
+        &b"!"[..],
         &bad_after_good,
     ] {
         let mut d = raw_session(direct, &db.name);

@@ -8,7 +8,6 @@
 
 pub mod cancel;
 pub mod control;
-pub mod frame;
 pub mod gate;
 pub mod messages;
 pub mod replies;
@@ -400,7 +399,7 @@ async fn connection(tcp: TcpStream, addr: SocketAddr, shared: Arc<Shared>) {
                     .connections_rejected
                     .with_label_values(&["startup_timeout"])
                     .inc(),
-                StartupError::Client(frame::FrameError::Closed) => {}
+                StartupError::Client(wire::startup::FrameError::Closed) => {}
                 _ => shared
                     .metrics
                     .protocol_errors
@@ -448,7 +447,7 @@ async fn session(
     addr: SocketAddr,
     shared: Arc<Shared>,
 ) {
-    let params = match frame::startup_params(&packet) {
+    let params = match wire::startup::startup_params(&packet) {
         Ok(p) => p,
         Err(e) => {
             shared

@@ -8,17 +8,15 @@
 //! the way: the SASL mechanism list loses `SCRAM-SHA-256-PLUS` (channel binding cannot cross
 //! a TLS-terminating proxy), and BackendKeyData carries keyshift's own cancel key.
 
-use bytes::{BufMut, BytesMut};
+use bytes::BytesMut;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
 use super::cancel::{CancelKey, CancelMap, UpstreamKey};
-use super::frame::{
-    self, CANCEL_REQUEST_CODE, FrameError, GSSENC_REQUEST_CODE, PROTOCOL_3_0, SSL_REQUEST_CODE,
-};
 use super::messages::{self, sqlstate};
 use super::stream::Stream;
+use super::wire::startup::{self as frame, FrameError, PROTOCOL_3_0, StartupRequest};
 use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
@@ -85,14 +83,17 @@ pub async fn negotiate(
                 return Err(StartupError::Timeout);
             }
         };
-        let code = u32::from_be_bytes([pkt[4], pkt[5], pkt[6], pkt[7]]);
-        match code {
-            SSL_REQUEST_CODE | GSSENC_REQUEST_CODE => {
+        let request = match frame::startup_request(&pkt) {
+            Ok(r) => r,
+            Err(e) => return Err(StartupError::Client(e)),
+        };
+        match request {
+            StartupRequest::Ssl | StartupRequest::GssEnc => {
                 if stream.is_tls() {
                     return Err(StartupError::DoubleEncryption);
                 }
-                match (code, acceptor, stream) {
-                    (SSL_REQUEST_CODE, Some(acc), Stream::Plain(mut tcp)) => {
+                match (request, acceptor, stream) {
+                    (StartupRequest::Ssl, Some(acc), Stream::Plain(mut tcp)) => {
                         tcp.write_all(b"S")
                             .await
                             .map_err(|e| StartupError::Client(e.into()))?;
@@ -110,21 +111,16 @@ pub async fn negotiate(
                     }
                 }
             }
-            CANCEL_REQUEST_CODE => {
-                if pkt.len() != 16 {
-                    return Err(StartupError::Client(FrameError::Malformed("CancelRequest")));
-                }
-                let pid = u32::from_be_bytes([pkt[8], pkt[9], pkt[10], pkt[11]]);
-                let secret = u32::from_be_bytes([pkt[12], pkt[13], pkt[14], pkt[15]]);
+            StartupRequest::Cancel { pid, secret } => {
                 return Ok(Request::Cancel { pid, secret });
             }
-            PROTOCOL_3_0 => {
+            StartupRequest::Startup(PROTOCOL_3_0) => {
                 return Ok(Request::Session {
                     stream,
                     packet: pkt,
                 });
             }
-            other => {
+            StartupRequest::Startup(other) => {
                 let err = StartupError::Protocol {
                     major: (other >> 16) as u16,
                     minor: (other & 0xffff) as u16,
@@ -185,9 +181,7 @@ pub async fn authenticate(
         .map_err(StartupError::Server)?;
         match tag {
             b'R' => {
-                let code = be_u32(&smsg, 5).ok_or(StartupError::Server(FrameError::Malformed(
-                    "Authentication",
-                )))?;
+                let code = frame::authentication_code(&smsg).map_err(StartupError::Server)?;
                 match code {
                     0 => send(client, &smsg).await.map_err(StartupError::Client)?,
                     10 => {
@@ -212,11 +206,7 @@ pub async fn authenticate(
                 }
             }
             b'K' => {
-                let (Some(pid), Some(secret)) = (be_u32(&smsg, 5), be_u32(&smsg, 9)) else {
-                    return Err(StartupError::Server(FrameError::Malformed(
-                        "BackendKeyData",
-                    )));
-                };
+                let (pid, secret) = frame::backend_key_data(&smsg).map_err(StartupError::Server)?;
                 let up = UpstreamKey { pid, secret };
                 let guard = cancels.register_guarded(up);
                 let key = guard.key();
@@ -230,7 +220,9 @@ pub async fn authenticate(
                 .map_err(StartupError::Client)?;
             }
             b'Z' => {
-                out.status = smsg.get(5).copied().unwrap_or(b'I');
+                out.status = super::wire::backend::ready_for_query(&smsg)
+                    .map_err(|_| StartupError::Server(FrameError::Malformed("ReadyForQuery")))?
+                    .byte();
                 send(client, &smsg).await.map_err(StartupError::Client)?;
                 return Ok(out);
             }
@@ -243,35 +235,14 @@ pub async fn authenticate(
     }
 }
 
-fn be_u32(b: &[u8], at: usize) -> Option<u32> {
-    b.get(at..at + 4)
-        .map(|s| u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
-}
-
 /// Rebuilds AuthenticationSASL without `SCRAM-SHA-256-PLUS`. `None` if malformed.
 fn strip_scram_plus(msg: &[u8]) -> Option<BytesMut> {
-    let mut rest = msg.get(9..)?;
-    let mut mechs = Vec::new();
-    loop {
-        let m = frame::take_cstr(&mut rest)?;
-        if m.is_empty() {
-            break;
-        }
-        if m != b"SCRAM-SHA-256-PLUS" {
-            mechs.push(m);
-        }
-    }
-    let body_len: usize = 4 + 4 + mechs.iter().map(|m| m.len() + 1).sum::<usize>() + 1;
-    let mut out = BytesMut::with_capacity(1 + body_len);
-    out.put_u8(b'R');
-    out.put_u32(body_len as u32);
-    out.put_u32(10);
-    for m in mechs {
-        out.put_slice(m);
-        out.put_u8(0);
-    }
-    out.put_u8(0);
-    Some(out)
+    let mechs = frame::sasl_mechanisms(msg).ok()?;
+    let kept: Vec<&[u8]> = mechs
+        .into_iter()
+        .filter(|m| *m != b"SCRAM-SHA-256-PLUS")
+        .collect();
+    Some(frame::build_authentication_sasl(&kept))
 }
 
 pub async fn send<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> Result<(), FrameError> {

@@ -8,8 +8,8 @@ use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::frame::SSL_REQUEST_CODE;
 use super::stream::Stream;
+use super::wire::startup::{self as frame, CANCEL_REQUEST_CODE, SSL_REQUEST_CODE};
 use crate::config::{ProxyConfig, UpstreamTls};
 
 #[derive(Debug, thiserror::Error)]
@@ -87,9 +87,7 @@ impl Upstream {
         let Some(tls) = &self.tls else {
             return Ok(Stream::Plain(tcp));
         };
-        let mut req = [0u8; 8];
-        req[..4].copy_from_slice(&8u32.to_be_bytes());
-        req[4..].copy_from_slice(&SSL_REQUEST_CODE.to_be_bytes());
+        let req = frame::build_request(SSL_REQUEST_CODE, &[]);
         tcp.write_all(&req).await.map_err(connect_err)?;
         let answer = tcp.read_u8().await.map_err(connect_err)?;
         match answer {
@@ -114,11 +112,7 @@ impl Upstream {
     /// Sends a CancelRequest for an upstream backend on a new connection, as libpq does.
     pub async fn cancel(&self, pid: u32, secret: u32) -> Result<(), UpstreamError> {
         let mut s = self.connect().await?;
-        let mut pkt = [0u8; 16];
-        pkt[..4].copy_from_slice(&16u32.to_be_bytes());
-        pkt[4..8].copy_from_slice(&super::frame::CANCEL_REQUEST_CODE.to_be_bytes());
-        pkt[8..12].copy_from_slice(&pid.to_be_bytes());
-        pkt[12..].copy_from_slice(&secret.to_be_bytes());
+        let pkt = frame::build_request(CANCEL_REQUEST_CODE, &[pid, secret]);
         let io_err = |source| UpstreamError::Connect {
             addr: self.addr.to_string(),
             source,

@@ -19,6 +19,7 @@
 pub mod backend;
 pub mod build;
 pub mod frontend;
+pub mod startup;
 
 /// Tags of messages the client sends (after startup).
 pub mod tag {
