@@ -9,7 +9,7 @@
 //! "Dual-write cost").
 //!
 //! So when a session sends the same rewritten text a second time, keyshift prepares it under a
-//! name of its own (`keyshift_s<N>`) and points the client's unnamed statement at that name:
+//! name of its own (`keyshift_<random>_s<N>`) and points the client's unnamed statement at that name:
 //! later Parse messages of the text become `Parse("", "")` (PostgreSQL answers the same
 //! ParseComplete, at no planning cost), and Bind and Describe of the unnamed statement name
 //! keyshift's statement instead. The server's answers are those of the unnamed statement, so
@@ -37,7 +37,7 @@
 //! Simple Query messages get the same treatment where it is exact: a text whose shape is an
 //! INSERT … VALUES of literals (src/rewrite/preparable.rs) is prepared from the rewritten
 //! shape with a `PREPARE` keyshift sends after the client's Query (its answers swallowed),
-//! and once that succeeded, later texts of the shape run as `EXECUTE keyshift_q<N>(literals)`,
+//! and once that succeeded, later texts of the shape run as `EXECUTE keyshift_<random>_q<N>(literals)`,
 //! which answers with the INSERT's own command tag and rows.
 
 use std::collections::hash_map::RandomState;

@@ -456,6 +456,7 @@ where
                 // ("invalid frontend message type"). It gets the byte and says so itself.
                 fwd += 1;
                 self.client_done = true;
+                self.client_protocol_error();
                 break;
             };
             if !frontend::is_known_tag(tag)
@@ -467,6 +468,7 @@ where
                 // client hears it from PostgreSQL; nothing after this is in frame.
                 fwd += if frontend::is_known_tag(tag) { 5 } else { 1 };
                 self.client_done = true;
+                self.client_protocol_error();
                 break;
             }
             let len = 1 + len_word as usize;
@@ -530,6 +532,19 @@ where
                 .set_state(&self.info, self.state_after_ready());
         }
         event
+    }
+
+    /// The client sent what PostgreSQL ends the session for (PostgreSQL says so itself).
+    fn client_protocol_error(&self) {
+        debug!(
+            session = self.info.id,
+            "client protocol violation, left to PostgreSQL to answer"
+        );
+        self.shared
+            .metrics
+            .protocol_errors
+            .with_label_values(&["client"])
+            .inc();
     }
 
     /// Whether the client message with this tag must be read whole.
