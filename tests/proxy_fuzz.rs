@@ -167,8 +167,8 @@ fn named_cases() -> Vec<Case> {
         Case::new(
             "EXECUTE keyshift_q1 after a repeated INSERT",
             vec![
-                query("INSERT INTO mcp_servers (connector_id, name) VALUES (1, 'a')"),
-                query("INSERT INTO mcp_servers (connector_id, name) VALUES (2, 'b')"),
+                query("INSERT INTO mcp_servers (connector_id, name) VALUES (1, 'a')").then_wait(),
+                query("INSERT INTO mcp_servers (connector_id, name) VALUES (2, 'b')").then_wait(),
                 query("EXECUTE keyshift_q1(3, 'c')"),
             ],
         ),
@@ -182,6 +182,76 @@ fn named_cases() -> Vec<Case> {
             }],
         ),
         Case::new("unknown tag", vec![Msg::new(b'!', b"junk".to_vec())]),
+        Case::new(
+            "EXECUTE keyshift_s1",
+            after_aliasing(vec![query("EXECUTE keyshift_s1(1, 'own')")]),
+        ),
+        Case::new(
+            "Describe keyshift_s1",
+            after_aliasing(vec![describe(b'S', "keyshift_s1"), sync()]),
+        ),
+        Case::new(
+            "error position in a rewritten UPDATE",
+            vec![query(
+                "UPDATE mcp_servers SET connector_id = 'abc' WHERE id = 4",
+            )],
+        ),
+        Case::new(
+            "UPDATE with garbage after its NUL",
+            vec![{
+                let mut m = query("UPDATE mcp_servers SET connector_id = 3 WHERE id = 4");
+                m.body.extend_from_slice(b"garbage\0");
+                m
+            }],
+        ),
+        Case::new(
+            "Terminate right after a FunctionCall",
+            vec![function_call(177, 2, &["1", "2"]), terminate()],
+        ),
+        Case::new(
+            "Terminate right after a failing COPY row",
+            vec![
+                query(copy_in).then_wait(),
+                copy_data("abc\tx\n"),
+                terminate(),
+            ],
+        ),
+        Case::new(
+            "Describe whose length covers the next message's first bytes",
+            vec![
+                query("SELECT 1").then_wait(),
+                Msg {
+                    tag: b'D',
+                    body: b"P".to_vec(),
+                    len: Some(7),
+                    wait: false,
+                },
+            ],
+        ),
+        Case::new(
+            "Close longer than PostgreSQL's limit for it",
+            vec![Msg {
+                tag: b'C',
+                body: b"Xs1\0".to_vec(),
+                len: Some(100_008),
+                wait: false,
+            }],
+        ),
+        Case::new(
+            "FunctionCall with a bogus argument count",
+            vec![{
+                let mut m = function_call(177, 2, &["1", "2"]);
+                m.body[6..8].copy_from_slice(&5i16.to_be_bytes());
+                m
+            }],
+        ),
+        Case::new(
+            "Bind with a bogus parameter count, then a Query while skipping",
+            vec![
+                bind_counted("", "", (0, &[]), (-1, &[Some("1")]), (0, &[])),
+                query("SELECT 1").then_wait(),
+            ],
+        ),
     ]
 }
 
@@ -195,7 +265,7 @@ fn run(default_cases: u64) {
     let ran = f.cases_run;
     let took = start.elapsed();
     eprintln!(
-        "fuzz: seed {} , {ran} cases ({} named), {took:.1?} (setup {setup:.1?}), {} distinct failure(s)",
+        "fuzz: seed {}: {ran} cases ({} named), {took:.1?} (setup {setup:.1?}), {} distinct failure(s)",
         plan.seed,
         named.len(),
         findings.by_sig.len()

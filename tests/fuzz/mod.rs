@@ -302,6 +302,7 @@ impl Fuzzer {
             .find(|&i| direct.msgs.get(i) != proxied.msgs.get(i))
         {
             problems.push(Problem::Mismatch {
+                terminated: case.ends_with_terminate(),
                 at: i,
                 direct: direct.msgs.get(i).cloned().unwrap_or("<nothing>".into()),
                 proxied: proxied.msgs.get(i).cloned().unwrap_or("<nothing>".into()),
@@ -593,6 +594,8 @@ fn pause_drains(p: &TestProxy) -> Option<String> {
 pub enum Problem {
     Panic(String),
     Mismatch {
+        /// The case ended with its own Terminate.
+        terminated: bool,
         at: usize,
         direct: String,
         proxied: String,
@@ -612,9 +615,33 @@ impl Problem {
                 format!("panic at {}", loc.trim_end_matches(':'))
             }
             Problem::Mismatch {
-                direct, proxied, ..
+                direct,
+                proxied,
+                terminated,
+                ..
             } => {
                 let (a, b) = (short(direct), short(proxied));
+                if *terminated && proxied == "<EOF>" {
+                    return "reply: keyshift closes without the answers to what came before Terminate".into();
+                }
+                if let Some(m) =
+                    proxied.strip_prefix("E FATAL 08P01 M=\"invalid message from client: ")
+                {
+                    // keyshift's own framing errors, one group per kind (numbers blanked).
+                    let kind: String = m
+                        .trim_end_matches('"')
+                        .split_whitespace()
+                        .map(|w| {
+                            if w.bytes().any(|c| c.is_ascii_digit()) {
+                                "N"
+                            } else {
+                                w
+                            }
+                        })
+                        .collect::<Vec<_>>()
+                        .join(" ");
+                    return format!("reply: keyshift ends the session itself: {kind}");
+                }
                 if a == b && (a.starts_with("E ") || a.starts_with("N ")) {
                     let (fa, fb) = (fields(direct), fields(proxied));
                     let keys: std::collections::BTreeSet<char> =
@@ -641,6 +668,7 @@ impl Problem {
                 at,
                 direct,
                 proxied,
+                ..
             } => format!(
                 "answers differ at message {at}:\n    PostgreSQL: {direct}\n    keyshift:   {proxied}"
             ),
@@ -779,9 +807,14 @@ impl Findings {
     }
 
     /// Minimises each generated group's smallest case, then prints every group.
-    pub fn render(&mut self, mut f: Option<&mut Fuzzer>) -> String {
-        if let Some(f) = f.as_deref_mut() {
+    pub fn render(&mut self, f: Option<&mut Fuzzer>) -> String {
+        if let Some(f) = f {
+            // Bounded: a run that found many things still ends in reasonable time.
+            let until = Instant::now() + Duration::from_secs(90);
             for (sig, e) in self.by_sig.iter_mut().filter(|(_, e)| e.generated) {
+                if Instant::now() > until {
+                    break;
+                }
                 let (c, o) = minimise(f, &e.case, sig);
                 if o.signature().as_deref() == Some(sig.as_str()) {
                     e.case = c;
