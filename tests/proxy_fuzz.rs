@@ -157,6 +157,14 @@ fn named_cases() -> Vec<Case> {
             vec![Msg::new(b'p', b"junk\0".to_vec())],
         ),
         Case::new(
+            "Parse during simple COPY: PostgreSQL's FATAL, then keyshift's",
+            vec![
+                query(copy_in).then_wait(),
+                parse("", "SELECT 1", &[]),
+                sync(),
+            ],
+        ),
+        Case::new(
             "DEALLOCATE keyshift_s1",
             after_aliasing(vec![query("DEALLOCATE keyshift_s1")]),
         ),

@@ -139,6 +139,29 @@ SELECT setval(pg_get_serial_sequence(t, 'id'), 1, false) FROM unnest(ARRAY['mcp_
 INSERT INTO mcp_connectors (name) SELECT 'c' || g FROM generate_series(1, 5) g;
 INSERT INTO mcp_servers (connector_id, name) SELECT g, 's' || g FROM generate_series(1, 5) g;";
 
+/// Waits until the case's backends are gone (a backend whose client left still runs what it
+/// had received, and commits it), then resets.
+fn reset_one(c: &mut RawConn, side: &str) {
+    let start = Instant::now();
+    loop {
+        let out = c.exec(LEFT_OVER).expect("count backends");
+        if out.iter().any(|m| m == "D [\"0\"]") {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{side}: a case's backend is still running 10 s after its client left"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    c.exec(RESET)
+        .unwrap_or_else(|e| panic!("reset {side}: {e}"));
+}
+
+const LEFT_OVER: &str = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
+    AND pid <> pg_backend_pid() AND backend_type = 'client backend'
+    AND application_name NOT IN ('fuzz-reset', 'keyshift proxy')";
+
 /// The two databases, the proxy in front of one, and what the cases need to know.
 pub struct Fuzzer {
     pub direct_db: common::TestDb,
@@ -241,8 +264,8 @@ impl Fuzzer {
     fn reset(&mut self) {
         let (a, b) = (&mut self.direct_reset, &mut self.proxied_reset);
         std::thread::scope(|s| {
-            s.spawn(|| a.exec(RESET).expect("reset direct"));
-            b.exec(RESET).expect("reset proxied");
+            s.spawn(|| reset_one(a, "direct"));
+            reset_one(b, "proxied");
         });
     }
 
