@@ -1,0 +1,303 @@
+//! The session under a differential protocol fuzzer (tests/fuzz/): every case goes to
+//! PostgreSQL directly and through keyshift (with a migration's rewriter live), and must get
+//! the same answer; after each, no panic, the session has left the gate, a fresh client works
+//! and `/v1/pause` drains.
+//!
+//! First a fixed list of named cases (each a failure the fuzzer found once), then generated
+//! ones: `KEYSHIFT_FUZZ_SEED` (a number, or `random`), `KEYSHIFT_FUZZ_CASES` (how many),
+//! `KEYSHIFT_FUZZ_CASE` (only that one, to reproduce), `KEYSHIFT_FUZZ_MINIMISE=0` (report
+//! failures as found). `benches/fuzz.sh` runs long ones.
+mod common;
+mod fuzz;
+mod migrate_support;
+
+use std::time::Instant;
+
+use fuzz::generate::Case;
+use fuzz::wire::*;
+
+const INS: &str = "INSERT INTO mcp_servers (connector_id, name) VALUES ($1, $2)";
+
+/// Parse, Bind, Execute, Sync of the unnamed statement `INS`.
+fn unnamed_insert(name: &str) -> Vec<Msg> {
+    vec![
+        parse("", INS, &[]),
+        bind("", "", &[Some("1"), Some(name)]),
+        execute("", 0),
+        sync().then_wait(),
+    ]
+}
+
+/// The same INSERT twice, so that keyshift prepares it as `keyshift_s1`, then `rest`.
+fn after_aliasing(rest: Vec<Msg>) -> Vec<Msg> {
+    let mut v = unnamed_insert("a");
+    v.extend(unnamed_insert("b"));
+    v.extend(rest);
+    v
+}
+
+/// Failures found on the relay before its rewrite (issue 12), as minimal sequences.
+fn named_cases() -> Vec<Case> {
+    let copy_in = "COPY mcp_servers (connector_id, name) FROM STDIN";
+    vec![
+        Case::new(
+            "close with body just S",
+            vec![Msg::new(b'C', b"S".to_vec())],
+        ),
+        Case::new(
+            "describe with body just P",
+            vec![Msg::new(b'D', b"P".to_vec())],
+        ),
+        Case::new(
+            "extended COPY, then Sync",
+            vec![
+                parse("", copy_in, &[]),
+                bind("", "", &[]),
+                describe(b'P', ""),
+                execute("", 0),
+                sync(),
+                copy_data("1\tx\n"),
+                copy_done(),
+                sync(),
+            ],
+        ),
+        Case::new(
+            "Sync inside simple COPY",
+            vec![
+                query(copy_in),
+                copy_data("1\tx\n"),
+                sync(),
+                flush(),
+                copy_done(),
+            ],
+        ),
+        Case::new(
+            "Query while skipping to Sync",
+            vec![
+                parse("", "SELEC 1", &[]),
+                bind("", "", &[]),
+                execute("", 0),
+                query("SELECT 1"),
+                sync(),
+            ],
+        ),
+        Case::new(
+            "FunctionCall while skipping to Sync",
+            vec![
+                parse("", "SELEC 1", &[]),
+                function_call(177, 2, &["1", "2"]),
+                sync(),
+            ],
+        ),
+        Case::new(
+            "CopyData after a failed COPY",
+            vec![
+                query(copy_in),
+                copy_data("abc\tx\n"),
+                copy_done(),
+                copy_data("1\ty\n"),
+                copy_done(),
+                query("SELECT 1"),
+            ],
+        ),
+        Case::new(
+            "error in flight while keyshift prepares keyshift_s1",
+            [
+                unnamed_insert("a"),
+                vec![
+                    parse("", "SELECT 1/0", &[]),
+                    bind("", "", &[]),
+                    execute("", 0),
+                ],
+                unnamed_insert("b"),
+                unnamed_insert("c"),
+            ]
+            .concat(),
+        ),
+        Case::new(
+            "DEALLOCATE ALL through a named statement, then Bind of the unnamed",
+            after_aliasing(vec![
+                parse("s3", "DEALLOCATE ALL", &[]),
+                bind("", "s3", &[]),
+                execute("", 0),
+                sync(),
+                bind("", "", &[Some("1"), Some("c")]),
+                execute("", 0),
+                sync(),
+            ]),
+        ),
+        Case::new(
+            "unnamed Parse rejected before replacing, then Bind",
+            after_aliasing(vec![
+                parse_counted("", INS, 3, &[23]),
+                sync(),
+                bind("", "", &[Some("1"), Some("c")]),
+                execute("", 0),
+                sync(),
+            ]),
+        ),
+        Case::new(
+            "Query with garbage after its NUL",
+            vec![{
+                let mut m = query("INSERT INTO mcp_servers (connector_id, name) VALUES (1, 'x')");
+                m.body.extend_from_slice(b"garbage\0");
+                m
+            }],
+        ),
+        Case::new(
+            "Terminate right after a Query",
+            vec![query("SELECT 1"), terminate()],
+        ),
+        Case::new(
+            "bad tag after a valid message",
+            vec![query("SELECT 1"), Msg::new(b'!', b"junk".to_vec())],
+        ),
+        Case::new(
+            "PostgreSQL's own FATAL",
+            vec![Msg::new(b'p', b"junk\0".to_vec())],
+        ),
+        Case::new(
+            "Parse during simple COPY: PostgreSQL's FATAL, then keyshift's",
+            vec![
+                query(copy_in).then_wait(),
+                parse("", "SELECT 1", &[]),
+                sync(),
+            ],
+        ),
+        Case::new(
+            "DEALLOCATE keyshift_s1",
+            after_aliasing(vec![query("DEALLOCATE keyshift_s1")]),
+        ),
+        Case::new(
+            "Parse keyshift_s1",
+            after_aliasing(vec![parse("keyshift_s1", "SELECT 1", &[]), sync()]),
+        ),
+        Case::new(
+            "EXECUTE keyshift_q1 after a repeated INSERT",
+            vec![
+                query("INSERT INTO mcp_servers (connector_id, name) VALUES (1, 'a')").then_wait(),
+                query("INSERT INTO mcp_servers (connector_id, name) VALUES (2, 'b')").then_wait(),
+                query("EXECUTE keyshift_q1(3, 'c')"),
+            ],
+        ),
+        Case::new(
+            "length shorter than the header",
+            vec![Msg {
+                tag: b'Q',
+                body: vec![],
+                len: Some(1),
+                wait: false,
+            }],
+        ),
+        Case::new("unknown tag", vec![Msg::new(b'!', b"junk".to_vec())]),
+        Case::new(
+            "EXECUTE keyshift_s1",
+            after_aliasing(vec![query("EXECUTE keyshift_s1(1, 'own')")]),
+        ),
+        Case::new(
+            "Describe keyshift_s1",
+            after_aliasing(vec![describe(b'S', "keyshift_s1"), sync()]),
+        ),
+        Case::new(
+            "error position in a rewritten UPDATE",
+            vec![query(
+                "UPDATE mcp_servers SET connector_id = 'abc' WHERE id = 4",
+            )],
+        ),
+        Case::new(
+            "UPDATE with garbage after its NUL",
+            vec![{
+                let mut m = query("UPDATE mcp_servers SET connector_id = 3 WHERE id = 4");
+                m.body.extend_from_slice(b"garbage\0");
+                m
+            }],
+        ),
+        Case::new(
+            "Terminate right after a FunctionCall",
+            vec![function_call(177, 2, &["1", "2"]), terminate()],
+        ),
+        Case::new(
+            "Terminate right after a failing COPY row",
+            vec![
+                query(copy_in).then_wait(),
+                copy_data("abc\tx\n"),
+                terminate(),
+            ],
+        ),
+        Case::new(
+            "Describe whose length covers the next message's first bytes",
+            vec![
+                query("SELECT 1").then_wait(),
+                Msg {
+                    tag: b'D',
+                    body: b"P".to_vec(),
+                    len: Some(7),
+                    wait: false,
+                },
+            ],
+        ),
+        Case::new(
+            "Close longer than PostgreSQL's limit for it",
+            vec![Msg {
+                tag: b'C',
+                body: b"Xs1\0".to_vec(),
+                len: Some(100_008),
+                wait: false,
+            }],
+        ),
+        Case::new(
+            "FunctionCall with a bogus argument count",
+            vec![{
+                let mut m = function_call(177, 2, &["1", "2"]);
+                m.body[6..8].copy_from_slice(&5i16.to_be_bytes());
+                m
+            }],
+        ),
+        Case::new(
+            "Bind with a bogus parameter count, then a Query while skipping",
+            vec![
+                bind_counted("", "", (0, &[]), (-1, &[Some("1")]), (0, &[])),
+                query("SELECT 1").then_wait(),
+            ],
+        ),
+    ]
+}
+
+fn run(default_cases: u64) {
+    let plan = fuzz::Plan::from_env(default_cases);
+    let start = Instant::now();
+    let mut f = fuzz::Fuzzer::new();
+    let setup = start.elapsed();
+    let named = named_cases();
+    let mut findings = fuzz::run_all(&mut f, &named, &plan);
+    let ran = f.cases_run;
+    let took = start.elapsed();
+    eprintln!(
+        "fuzz: seed {}: {ran} cases ({} named), {took:.1?} (setup {setup:.1?}), {} distinct failure(s)",
+        plan.seed,
+        named.len(),
+        findings.by_sig.len()
+    );
+    if findings.is_empty() {
+        return;
+    }
+    eprint!("fuzz summary:\n{}", findings.summary());
+    let report = findings.render(plan.minimise.then_some(&mut f));
+    panic!(
+        "{} distinct failure(s) (seed {}):\n{report}",
+        findings.by_sig.len(),
+        plan.seed
+    );
+}
+
+#[test]
+fn fuzz_session() {
+    run(300);
+}
+
+/// A long run (`benches/fuzz.sh`): thousands of cases.
+#[test]
+#[ignore]
+fn fuzz_session_long() {
+    run(3000);
+}
