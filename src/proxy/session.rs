@@ -83,18 +83,40 @@ pub enum ServerError {
     Wire(#[from] WireError),
 }
 
+/// A statement's text as the client sent it and as keyshift sent it: an error position in
+/// the second is mapped back into the first.
+#[derive(Debug)]
+struct Texts {
+    original: Arc<str>,
+    sent: Arc<str>,
+    /// `sent` is `original` with text inserted (a rewrite), not an `EXECUTE` in its place.
+    insert_only: bool,
+}
+
+impl Texts {
+    fn new(original: &str, sent: &Arc<str>) -> Box<Texts> {
+        Box::new(Texts {
+            original: original.into(),
+            sent: Arc::clone(sent),
+            insert_only: true,
+        })
+    }
+}
+
 /// What keyshift attaches to a message sent to PostgreSQL to learn how it ended.
 #[derive(Debug)]
 enum Token {
+    /// A rewritten statement.
+    Rewritten(Box<Texts>),
     /// keyshift's Parse of its own statement for the client's unnamed Parse.
-    Statement(Arc<[u8]>),
+    Statement(Arc<[u8]>, Box<Texts>),
     /// keyshift's `PREPARE` of a simple-Query shape.
     QueryPrepare(PendingPrepare),
     /// A statement refused in strict mode: PostgreSQL's syntax error for the marker becomes
     /// keyshift's 0A000 with this message.
     Refusal(Arc<str>),
     /// A named Parse keyshift started remembering: forgotten if PostgreSQL does not take it.
-    Named(Box<[u8]>),
+    Named(Box<[u8]>, Option<Box<Texts>>),
     /// keyshift's Parse of a client's statement again, under new rules.
     Reprepare,
 }
@@ -147,6 +169,15 @@ struct Rules<'a> {
     /// Linked to a migration that has no rules yet: named statements are remembered, so that
     /// they are prepared again, rewritten, once rules arrive.
     tracking: bool,
+}
+
+impl Token {
+    fn texts(&self) -> Option<&Texts> {
+        match self {
+            Token::Rewritten(t) | Token::Statement(_, t) | Token::Named(_, Some(t)) => Some(t),
+            _ => None,
+        }
+    }
 }
 
 impl<C, S> Drop for Session<C, S> {
@@ -668,22 +699,33 @@ where
                     Some(t) => self.stmts.query(&t.template, quiet),
                     None => QueryAction::Forward,
                 };
+                let texts = Some(Token::Rewritten(Texts::new(sql, &new)));
                 match action {
                     QueryAction::Forward => {
                         build::query(out, new.as_bytes());
-                        self.replies.sent(Kind::Query, Owner::Client, None);
+                        self.replies.sent(Kind::Query, Owner::Client, texts);
                     }
                     QueryAction::Execute(name) => {
                         self.counters.statements_reused += 1;
                         let args = template.as_ref().map(|t| t.args.as_str()).unwrap_or("");
                         let name = String::from_utf8_lossy(&name);
-                        build::query(out, format!("EXECUTE {name}({args})").as_bytes());
-                        self.replies.sent(Kind::Query, Owner::Client, None);
+                        let execute: Arc<str> = format!("EXECUTE {name}({args})").into();
+                        build::query(out, execute.as_bytes());
+                        let texts = Box::new(Texts {
+                            original: sql.into(),
+                            sent: execute,
+                            insert_only: false,
+                        });
+                        self.replies.sent(
+                            Kind::Query,
+                            Owner::Client,
+                            Some(Token::Rewritten(texts)),
+                        );
                     }
                     QueryAction::Prepare(p) => {
                         self.counters.statements_prepared += 1;
                         build::query(out, new.as_bytes());
-                        self.replies.sent(Kind::Query, Owner::Client, None);
+                        self.replies.sent(Kind::Query, Owner::Client, texts);
                         let name = String::from_utf8_lossy(&p.name);
                         let prepare = format!("PREPARE {name} AS {}", p.template);
                         build::query(out, prepare.as_bytes());
@@ -734,13 +776,18 @@ where
                 match self.stmts.unnamed_parse(&new, p.types, quiet) {
                     ParseAction::Forward => {
                         build::parse_with(out, &p, b"", new.as_bytes());
-                        self.replies.sent(Kind::Parse, Owner::Client, None);
+                        let texts = sql.map(|sql| Token::Rewritten(Texts::new(sql, &new)));
+                        self.replies.sent(Kind::Parse, Owner::Client, texts);
                     }
                     ParseAction::Prepare(name) => {
                         self.counters.statements_prepared += 1;
                         build::parse_with(out, &p, &name, new.as_bytes());
-                        self.replies
-                            .sent(Kind::Parse, Owner::Client, Some(Token::Statement(name)));
+                        let texts = Texts::new(sql.unwrap_or_default(), &new);
+                        self.replies.sent(
+                            Kind::Parse,
+                            Owner::Client,
+                            Some(Token::Statement(name, texts)),
+                        );
                     }
                     ParseAction::Reuse(_) => {
                         self.counters.statements_reused += 1;
@@ -753,7 +800,10 @@ where
                 true
             }
             Decision::Replace(new) => {
-                let token = sql.and_then(|sql| self.remember(&p, sql, Some(&new)));
+                let token = sql.map(|sql| match self.remember(&p, sql, Some(&new)) {
+                    Some(Token::Named(name, _)) => Token::Named(name, Some(Texts::new(sql, &new))),
+                    _ => Token::Rewritten(Texts::new(sql, &new)),
+                });
                 build::parse_with(out, &p, p.name, new.as_bytes());
                 self.replies.sent(Kind::Parse, Owner::Client, token);
                 true
@@ -769,7 +819,7 @@ where
             return None;
         }
         self.prepared.remember(p.name, sql, p.types, sent);
-        Some(Token::Named(p.name.into()))
+        Some(Token::Named(p.name.into(), None))
     }
 
     /// A Bind or Describe: when it uses the client's unnamed statement and keyshift's
@@ -919,6 +969,8 @@ where
                             m,
                             Some(REFUSAL_HINT),
                         ));
+                    } else if let Some(t) = self.replies.front_token().and_then(Token::texts) {
+                        replacement = mapped_position(msg, t);
                     }
                 }
                 _ => {}
@@ -960,7 +1012,9 @@ where
         let done: Vec<(Token, Outcome)> = self.replies.take_outcomes().collect();
         for (token, outcome) in done {
             match token {
-                Token::Statement(name) => self.stmts.parse_outcome(&name, outcome == Outcome::Done),
+                Token::Statement(name, _) => {
+                    self.stmts.parse_outcome(&name, outcome == Outcome::Done)
+                }
                 Token::QueryPrepare(p) => {
                     let error = match outcome {
                         Outcome::Done => None,
@@ -970,7 +1024,7 @@ where
                     };
                     self.stmts.query_prepared(p, error.as_deref());
                 }
-                Token::Named(name) => {
+                Token::Named(name, _) => {
                     if outcome != Outcome::Done {
                         self.prepared.forget(&name);
                     }
@@ -983,7 +1037,7 @@ where
                         );
                     }
                 }
-                Token::Refusal(_) => {}
+                Token::Refusal(_) | Token::Rewritten(_) => {}
             }
         }
     }
@@ -1014,6 +1068,26 @@ where
         };
         let _ = tokio::time::timeout(Duration::from_secs(2), fut).await;
     }
+}
+
+/// The ErrorResponse `msg` with its position (`P`) moved from the text keyshift sent into the
+/// client's; `None` when it has none (or it is already right).
+fn mapped_position(msg: &[u8], texts: &Texts) -> Option<BytesMut> {
+    let fields = Fields::read(msg).ok()?;
+    let p: usize = std::str::from_utf8(fields.get(b'P')?).ok()?.parse().ok()?;
+    let mapped = statements::map_error_position(&texts.original, &texts.sent, p, texts.insert_only);
+    if mapped == p {
+        return None;
+    }
+    let mut out = BytesMut::with_capacity(msg.len());
+    build::fields_with(
+        &mut out,
+        sb::ERROR_RESPONSE,
+        &fields,
+        b'P',
+        mapped.to_string().as_bytes(),
+    );
+    Some(out)
 }
 
 /// Completes when the proxy orders every session closed.

@@ -96,6 +96,85 @@ pub fn dropped_statements(sql: &[u8]) -> Option<Dropped> {
     (!names.is_empty()).then_some(Dropped::Names(names))
 }
 
+/// Where an error position (`P`, 1-based, in characters) in the text keyshift sent lies in
+/// the client's text. The rewriter only inserts text, so the two align: the common prefix and
+/// suffix exactly, what lies between them greedily. A position inside inserted text points
+/// at a copy of one of the client's expressions (the FK value copied into the twin's lookup):
+/// it maps to where that token first appears in the client's text, else to the insertion.
+///
+/// `insert_only` is false for an `EXECUTE name(literals)` keyshift ran instead of the client's
+/// INSERT: only the token search applies there.
+pub fn map_error_position(original: &str, sent: &str, p: usize, insert_only: bool) -> usize {
+    let o: Vec<char> = original.chars().collect();
+    let s: Vec<char> = sent.chars().collect();
+    let Some(target) = p.checked_sub(1).filter(|&t| t < s.len()) else {
+        return p.min(o.len() + 1);
+    };
+    if !insert_only {
+        return find_token(&o, &s, target).map_or(1, |at| at + 1);
+    }
+    let prefix = o.iter().zip(&s).take_while(|(a, b)| a == b).count();
+    let suffix = o[prefix..]
+        .iter()
+        .rev()
+        .zip(s[prefix..].iter().rev())
+        .take_while(|(a, b)| a == b)
+        .count();
+    if target < prefix {
+        return p;
+    }
+    if target >= s.len() - suffix {
+        return o.len() - (s.len() - target) + 1;
+    }
+    // Between: walk the middle, matching the client's characters in order.
+    let (mut i, mut j) = (prefix, prefix);
+    let o_end = o.len() - suffix;
+    let mut insertion_at = prefix;
+    while j < s.len() - suffix {
+        let matched = i < o_end && o[i] == s[j];
+        if j == target {
+            if matched {
+                return i + 1;
+            }
+            break;
+        }
+        if matched {
+            i += 1;
+        } else if i > 0 && o.get(i - 1) == s.get(j.saturating_sub(1)) {
+            insertion_at = i;
+        }
+        j += 1;
+    }
+    // Inside inserted text: the token there, found in the client's text.
+    if let Some(at) = find_token(&o, &s, target) {
+        return at + 1;
+    }
+    insertion_at.max(i).min(o.len()) + 1
+}
+
+/// Where the token that starts at `s[target]` (a quoted literal or a word) first appears in
+/// `o`.
+fn find_token(o: &[char], s: &[char], target: usize) -> Option<usize> {
+    let token: Vec<char> = match *s.get(target)? {
+        q @ ('\'' | '"') => {
+            let end = s[target + 1..]
+                .iter()
+                .position(|&c| c == q)
+                .map_or(s.len(), |e| target + e + 2);
+            s[target..end].to_vec()
+        }
+        _ => s[target..]
+            .iter()
+            .take_while(|c| c.is_alphanumeric() || matches!(c, '_' | '$' | '.'))
+            .copied()
+            .collect(),
+    };
+    if token.is_empty() {
+        return None;
+    }
+    o.windows(token.len()).position(|w| w == token.as_slice())
+}
+
 /// Statements of a multi-statement text, split at `;` outside quotes and comments.
 fn split_statements(sql: &[u8]) -> Vec<&[u8]> {
     let mut out = Vec::new();
@@ -253,6 +332,40 @@ impl Prepared {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_positions_map_back_to_the_client_text() {
+        let o = "UPDATE mcp_servers SET connector_id = 'abc' WHERE id = 4";
+        let s = "UPDATE mcp_servers SET connector_id = 'abc', connector_id_uuid = (SELECT id_uuid FROM public.connectors WHERE id = ('abc')::integer) WHERE id = 4";
+        // The copied literal maps to the client's own.
+        let at = s.find("('abc')").unwrap() + 2;
+        assert_eq!(map_error_position(o, s, at, true), 39);
+        // Before and after the insertion, exactly.
+        assert_eq!(map_error_position(o, s, 39, true), 39);
+        let id = s.rfind("id = 4").unwrap() + 1;
+        assert_eq!(
+            map_error_position(o, s, id, true),
+            o.rfind("id = 4").unwrap() + 1
+        );
+        // Two insertions (column list, value), multibyte text before them.
+        let o = "INSERT INTO c (é, p_id) VALUES ('x', 7) RETURNING zz";
+        let s = "INSERT INTO c (é, p_id, p_id_uuid) VALUES ('x', 7, (SELECT id_uuid FROM p WHERE id = (7)::integer)) RETURNING zz";
+        let zz = s.chars().count() - 1;
+        assert_eq!(map_error_position(o, s, zz, true), o.chars().count() - 1);
+        let x = s.find("'x'").unwrap() + 1;
+        assert_eq!(
+            map_error_position(o, s, x - 1, true),
+            o.find("'x'").unwrap()
+        );
+        // EXECUTE of keyshift's statement in place of an INSERT of literals.
+        let o = "INSERT INTO c (a, p_id) VALUES ('abc', 'q2')";
+        assert_eq!(
+            map_error_position(o, "EXECUTE ks_q1('abc', 'q2')", 15, false),
+            33
+        );
+        // Out of range stays in range.
+        assert_eq!(map_error_position("ab", "abc", 9, true), 3);
+    }
 
     #[test]
     fn finds_dropped_statements() {

@@ -87,6 +87,18 @@ impl<'a> Fields<'a> {
         }
     }
 
+    /// Every field, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (u8, &'a [u8])> + 'a {
+        let mut r = Reader {
+            buf: self.body,
+            what: "ErrorResponse",
+        };
+        std::iter::from_fn(move || {
+            let c = r.u8().ok().filter(|&c| c != 0)?;
+            Some((c, r.cstr().ok()?))
+        })
+    }
+
     pub fn sqlstate(&self) -> Option<&'a [u8]> {
         self.get(b'C')
     }

@@ -77,6 +77,25 @@ pub fn close_statement(out: &mut BytesMut, name: &[u8]) {
     });
 }
 
+/// The ErrorResponse or NoticeResponse `fields` came from (tag `tag`), with field `code`
+/// set to `value`.
+pub fn fields_with(
+    out: &mut BytesMut,
+    tag: u8,
+    fields: &super::backend::Fields<'_>,
+    code: u8,
+    value: &[u8],
+) {
+    message(out, tag, |b| {
+        for (c, v) in fields.iter() {
+            b.put_u8(c);
+            b.put_slice(if c == code { value } else { v });
+            b.put_u8(0);
+        }
+        b.put_u8(0);
+    });
+}
+
 /// `Sync`.
 pub fn sync(out: &mut BytesMut) {
     message(out, t::SYNC, |_| {});
@@ -113,6 +132,12 @@ mod tests {
         let mut out = BytesMut::new();
         named_with(&mut out, &Named::read(&m).unwrap(), b"ks");
         assert_eq!(&out[..], &msg(b'D', b"Sks\0")[..]);
+
+        let e = msg(b'E', b"SERROR\0C22P02\0P121\0Mbad\0\0");
+        let f = super::super::backend::Fields::read(&e).unwrap();
+        let mut out = BytesMut::new();
+        fields_with(&mut out, b'E', &f, b'P', b"39");
+        assert_eq!(&out[..], &msg(b'E', b"SERROR\0C22P02\0P39\0Mbad\0\0")[..]);
 
         let mut out = BytesMut::new();
         close_statement(&mut out, b"ks");
