@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod dualwrite;
+pub mod ident;
 pub mod logging;
 pub mod map;
 pub mod metrics;
