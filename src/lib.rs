@@ -5,7 +5,6 @@ pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod demo;
-pub mod dualwrite;
 pub mod ident;
 pub mod logging;
 pub mod map;

@@ -8,6 +8,7 @@
 
 pub mod cancel;
 pub mod control;
+pub mod dualwrite;
 pub mod gate;
 pub mod messages;
 pub mod replies;
