@@ -1,7 +1,6 @@
 //! keyshift: move the integer primary keys of a live PostgreSQL database to UUIDs with no
 //! downtime. See `docs/architecture.md` for a walk through the code.
 
-pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod demo;

@@ -6,6 +6,7 @@
 //! `messages` (what keyshift itself sends). This file is the listener: it accepts, caps the
 //! number of sessions, spawns one task per connection and runs the graceful shutdown.
 
+pub mod admin;
 pub mod cancel;
 pub mod control;
 pub mod dualwrite;
@@ -221,7 +222,7 @@ impl Proxy {
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<(), ProxyError> {
         let shared = self.shared.clone();
-        let admin = tokio::spawn(crate::admin::serve(self.admin, shared.clone()));
+        let admin = tokio::spawn(admin::serve(self.admin, shared.clone()));
         let control = match shared.cfg.database_url.clone() {
             Some(url) => {
                 let port = self.listener.local_addr().map(|a| a.port()).unwrap_or(0);
