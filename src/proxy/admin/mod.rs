@@ -51,7 +51,7 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
     s.metrics.map.cache_entries.set(s.map.cache_len() as i64);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        s.metrics.render(&s.gate),
+        s.metrics.render(&s.gate.reading()),
     )
         .into_response()
 }
