@@ -21,7 +21,8 @@ use std::borrow::Cow;
 ///
 /// ```sh
 /// for f in kwlist-*.h; do
-///   grep -o 'PG_KEYWORD("[a-z_]*", [A-Z_0-9]*, [A-Z_]*' "$f" | grep -v UNRESERVED_KEYWORD | cut -d'"' -f2
+///   grep -o 'PG_KEYWORD("[a-z_]*", [A-Z_0-9]*, [A-Z_]*' "$f" |
+///     grep -v UNRESERVED_KEYWORD | cut -d'"' -f2
 /// done | LC_ALL=C sort -u
 /// ```
 const KEYWORDS_NEEDING_QUOTES: &[&str] = &[

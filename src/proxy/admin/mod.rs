@@ -5,8 +5,8 @@
 //! scrape them); `GET /v1/status` is open too and shows no SQL. `POST /v1/pause`,
 //! `POST /v1/resume` and `POST /v1/cutover` change traffic and need
 //! `Authorization: Bearer <admin_token>`; without a configured token they are refused outright.
-//! `/v1/map/*` ([`map`]) serves the id mapping, open unless `map_token` is set. Both token
-//! checks are in [`auth`].
+//! `/v1/map/*` (`map.rs`) serves the id mapping, open unless `map_token` is set. Both token
+//! checks are in `auth.rs`.
 //!
 //! It is part of the proxy because it reads and drives the proxy's [`Shared`] state (gate,
 //! metrics, rewriter, id-mapping service); the proxy spawns [`serve`] next to its listener.
