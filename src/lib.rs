@@ -1,11 +1,10 @@
 //! keyshift: move the integer primary keys of a live PostgreSQL database to UUIDs with no
 //! downtime. See `docs/architecture.md` for a walk through the code.
 
-pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod demo;
-pub mod dualwrite;
+pub mod ident;
 pub mod logging;
 pub mod map;
 pub mod metrics;

@@ -13,7 +13,19 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-use crate::proxy::gate::{Gate, SessionState};
+/// The pause gate and its sessions as the proxy read them for one scrape. The gate belongs to
+/// the proxy, which depends on this module, so it is handed over as numbers rather than read
+/// here (`proxy::gate::Gate::reading`).
+#[derive(Debug, Clone, Default)]
+pub struct GateReading {
+    /// Live sessions per state, by the state's label value (`idle`, `active`, …).
+    pub sessions: Vec<(&'static str, usize)>,
+    /// Sessions whose next message the closed gate is holding.
+    pub held: usize,
+    pub closed: bool,
+    /// How long the gate has been closed; `None` while it is open.
+    pub closed_for: Option<Duration>,
+}
 
 /// Frontend (client → server) message types, by tag.
 pub const CLIENT_TAGS: &[(u8, &str)] = &[
@@ -436,19 +448,15 @@ impl Metrics {
         m
     }
 
-    /// Prometheus text exposition, with session gauges read from the registry now.
-    pub fn render(&self, gate: &Gate) -> String {
-        let counts = gate.counts();
-        for (state, n) in SessionState::ALL.iter().zip(counts) {
-            self.connections
-                .with_label_values(&[state.as_str()])
-                .set(n as i64);
+    /// Prometheus text exposition, with the session gauges set from `gate`, read just now.
+    pub fn render(&self, gate: &GateReading) -> String {
+        for (state, n) in &gate.sessions {
+            self.connections.with_label_values(&[state]).set(*n as i64);
         }
-        self.held_sessions
-            .set(counts[SessionState::Held as usize] as i64);
-        self.gate_closed.set(gate.is_closed() as i64);
+        self.held_sessions.set(gate.held as i64);
+        self.gate_closed.set(gate.closed as i64);
         self.gate_closed_seconds
-            .set(gate.closed_for().map(|d| d.as_secs_f64()).unwrap_or(0.0));
+            .set(gate.closed_for.map(|d| d.as_secs_f64()).unwrap_or(0.0));
         let mut out = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()
@@ -594,7 +602,11 @@ mod tests {
         c.server_message(0xff);
         c.client_bytes(10);
         c.flush(&m);
-        let text = m.render(&Gate::default());
+        let reading = GateReading {
+            sessions: vec![("idle", 0)],
+            ..Default::default()
+        };
+        let text = m.render(&reading);
         assert!(
             text.contains(
                 "keyshift_messages_total{direction=\"client_to_server\",type=\"Query\"} 1"

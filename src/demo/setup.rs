@@ -141,7 +141,7 @@ impl Target {
     /// Creates the demo database (dropping a leftover of the same name in throwaway mode).
     pub async fn create_database(&mut self) -> Result<(), SetupError> {
         let admin = connect(&self.ep.admin, "the server").await?;
-        let name = crate::migrate::ident::quote(&self.ep.dbname);
+        let name = crate::ident::quote(&self.ep.dbname);
         sql(
             &admin,
             &format!("DROP DATABASE IF EXISTS {name}"),
@@ -165,7 +165,7 @@ impl Target {
         if self.created && self.cluster.is_none() {
             let r = async {
                 let admin = connect(&self.ep.admin, "the server").await?;
-                let name = crate::migrate::ident::quote(&self.ep.dbname);
+                let name = crate::ident::quote(&self.ep.dbname);
                 // WITH (FORCE): PostgreSQL 13+, the oldest keyshift supports.
                 sql(
                     &admin,

@@ -8,8 +8,8 @@
 
 use tokio_postgres::Client;
 
+use crate::ident::{literal, qualified, quote};
 use crate::migrate::ddl::map_name;
-use crate::migrate::ident::{literal, qualified, quote};
 use crate::migrate::state;
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -10,7 +10,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio_postgres::Client;
 
 use super::catalog::{self, MapCatalog, MapTable, Source};
-use crate::migrate::ident::{literal, qualified, quote};
+use crate::ident::{literal, qualified, quote};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ExportFormat {

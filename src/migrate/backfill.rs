@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 
 use super::db::{self, DbError, stmt_error};
-use super::ident::qualified;
 use super::plan::{Plan, PlanFk, PlanTable};
 use super::progress::Display;
 use super::state::{self, Phase, StateError};
 use super::{Settings, ddl};
+use crate::ident::qualified;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackfillError {

@@ -205,7 +205,7 @@ pub async fn needed(client: &Client, when: &When) -> Result<bool, DbError> {
                     // maintained by every write but useless; drop it and build it again.
                     let drop = format!(
                         "DROP INDEX CONCURRENTLY IF EXISTS {}",
-                        super::ident::qualified(schema, name)
+                        crate::ident::qualified(schema, name)
                     );
                     tracing::warn!(
                         "index {schema}.{name} is INVALID (an interrupted build); dropping and rebuilding it"

@@ -9,9 +9,9 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use super::ident::{literal, qualified, quote};
 use super::plan::{Plan, PlanFk, PlanIndex, PlanTable};
 use super::state;
+use crate::ident::{literal, qualified, quote};
 
 /// How a step is run, which is also what it locks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -153,7 +153,7 @@ pub fn id_map_view(plan: &Plan, after_cutover: bool) -> String {
                 (&t.key, &t.uuid_column)
             };
             let legacy = if uniform {
-                quote(legacy)
+                quote(legacy).into_owned()
             } else {
                 format!("{}::bigint", quote(legacy))
             };
@@ -460,7 +460,7 @@ pub fn mirror_index(f: &PlanFk, i: &PlanIndex) -> String {
         .enumerate()
         .map(|(n, c)| {
             let c = if n == i.fk_position {
-                quote(&f.uuid_column)
+                quote(&f.uuid_column).into_owned()
             } else {
                 c.clone()
             };
@@ -772,18 +772,18 @@ pub fn cutover(plan: &Plan) -> Vec<Step> {
 }
 
 fn legacy_key_index(t: &PlanTable) -> String {
-    super::ident::suffixed(&format!("{}_{}", t.name, t.legacy_column), "_key")
+    crate::ident::suffixed(&format!("{}_{}", t.name, t.legacy_column), "_key")
 }
 
 fn legacy_not_null_check(f: &PlanFk) -> String {
-    super::ident::suffixed(
+    crate::ident::suffixed(
         &format!("{}_{}", f.child_table, f.legacy_column),
         "_not_null",
     )
 }
 
 fn legacy_fk_name(plan: &Plan, f: &PlanFk) -> String {
-    super::ident::suffixed(&f.constraint, &plan.legacy_suffix)
+    crate::ident::suffixed(&f.constraint, &plan.legacy_suffix)
 }
 
 /// rollback: the inverse swap. Online first: a unique index on each legacy key and the
@@ -936,7 +936,7 @@ pub fn rollback(plan: &Plan) -> Vec<Step> {
 fn legacy_of(plan: &Plan, f: &PlanFk) -> String {
     plan.table(&f.parent_schema, &f.parent_table)
         .map(|t| t.legacy_column.clone())
-        .unwrap_or_else(|| super::ident::suffixed(&f.parent_key, &plan.legacy_suffix))
+        .unwrap_or_else(|| crate::ident::suffixed(&f.parent_key, &plan.legacy_suffix))
 }
 
 /// finalize: the contract step after cutover: legacy columns go (with their indexes and the

@@ -13,7 +13,6 @@ pub mod db;
 pub mod ddl;
 pub mod expand;
 pub mod harden;
-pub mod ident;
 pub mod metrics;
 pub mod plan;
 pub mod progress;

@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use serde::{Deserialize, Serialize};
 
 use super::catalog::{Catalog, Table};
-use super::ident::{qualified, suffixed};
+use crate::ident::{qualified, suffixed};
 
 /// Bumped when the stored JSON changes shape; `state::load` refuses plans it does not know.
 pub const PLAN_FORMAT: u32 = 1;

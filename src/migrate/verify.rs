@@ -7,9 +7,9 @@ use serde::Serialize;
 use tokio_postgres::Client;
 
 use super::db::{DbError, stmt_error};
-use super::ident::{literal, qualified, quote};
 use super::plan::{Plan, PlanFk, PlanTable};
 use super::state::{self, Phase, StateError};
+use crate::ident::{literal, qualified, quote};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {

@@ -18,9 +18,9 @@ use tokio_postgres::{AsyncMessage, Client, NoTls};
 use tracing::{info, warn};
 
 use super::Shared;
+use super::dualwrite::{self, Settings};
 use super::gate::PauseOutcome;
 use super::statements::ActiveRewriter;
-use crate::dualwrite::{self, Settings};
 use crate::migrate::metrics::MigrateMetrics;
 use crate::migrate::{progress, state};
 

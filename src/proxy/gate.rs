@@ -18,6 +18,8 @@ use dashmap::DashMap;
 use serde::Serialize;
 use tokio::sync::Notify;
 
+use crate::metrics::GateReading;
+
 /// What a session is doing, as the gate and `/v1/status` see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -283,6 +285,21 @@ impl Gate {
 
     pub fn sessions(&self) -> Vec<SessionView> {
         self.sessions.iter().map(|e| view(e.value())).collect()
+    }
+
+    /// The gate and the sessions' states now, for the metrics scrape.
+    pub fn reading(&self) -> GateReading {
+        let counts = self.counts();
+        GateReading {
+            sessions: SessionState::ALL
+                .iter()
+                .zip(counts)
+                .map(|(st, n)| (st.as_str(), n))
+                .collect(),
+            held: counts[SessionState::Held as usize],
+            closed: self.is_closed(),
+            closed_for: self.closed_for(),
+        }
     }
 
     /// Number of sessions in each state, in the order of [`SessionState::ALL`].

@@ -1,13 +1,23 @@
 //! The PostgreSQL wire-protocol proxy.
 //!
-//! Client-facing and server-facing concerns live in separate files: `startup` (TLS,
-//! StartupMessage, the relayed auth exchange), `session` (the relay), `upstream` (reaching
-//! PostgreSQL), `cancel` (cancel keys), `gate` (the pause gate), `frame` (framing) and
-//! `messages` (what keyshift itself sends). This file is the listener: it accepts, caps the
-//! number of sessions, spawns one task per connection and runs the graceful shutdown.
+//! Client-facing and server-facing concerns live in separate files: `startup` (TLS, StartupMessage,
+//! the relayed auth exchange), `session` (the relay), `replies` (what the session still expects
+//! from PostgreSQL), `upstream` (reaching PostgreSQL), `cancel` (cancel keys), `gate` (the pause
+//! gate), `wire` (the messages, read through checked views and built) and `messages` (what keyshift
+//! itself sends). The rewrite side: `statements` (the hook sessions call for Query and Parse, and
+//! the statements they changed), `server_statements` (statements keyshift prepares for a session),
+//! `dualwrite` (the stored plan and phase as that hook's implementation) and `control` (the link to
+//! the migrated database that puts it in force). `admin` is the HTTP listener beside it. This file
+//! is the listener: it accepts, caps the number of sessions, spawns one task per connection and
+//! runs the graceful shutdown.
+//!
+//! Everything the proxy uses sits below it (`config`, `metrics`, `map`, `migrate`, `rewrite`,
+//! `ident`); none of those imports the proxy.
 
+pub mod admin;
 pub mod cancel;
 pub mod control;
+pub mod dualwrite;
 pub mod gate;
 pub mod messages;
 pub mod replies;
@@ -64,8 +74,9 @@ pub struct Shared {
     pub metrics: Metrics,
     /// The SQL rewriter in force; `None` means pure passthrough (no migration running).
     pub rewriter: arc_swap::ArcSwapOption<statements::ActiveRewriter>,
-    /// Bumped after every change of `rewriter`: sessions prepare again the named statements
-    /// whose text the new rules change (see `Session::reprepare`) when they see a new value.
+    /// Bumped after every change of `rewriter`: a session that sees a new value prepares again,
+    /// once idle, the named statements whose text the new rules change
+    /// (`Session::own_sequence`).
     pub rules_version: std::sync::atomic::AtomicU64,
     /// True while the link to the migrated database (`database_url`) is up.
     pub control_connected: std::sync::atomic::AtomicBool,
@@ -220,7 +231,7 @@ impl Proxy {
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<(), ProxyError> {
         let shared = self.shared.clone();
-        let admin = tokio::spawn(crate::admin::serve(self.admin, shared.clone()));
+        let admin = tokio::spawn(admin::serve(self.admin, shared.clone()));
         let control = match shared.cfg.database_url.clone() {
             Some(url) => {
                 let port = self.listener.local_addr().map(|a| a.port()).unwrap_or(0);

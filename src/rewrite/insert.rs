@@ -7,11 +7,12 @@ use sqlparser::ast::{
 use sqlparser::keywords::Keyword;
 use sqlparser::tokenizer::Token;
 
-use super::edit::{Source, quote_ident};
+use super::edit::Source;
 use super::lookup::lookup;
 use super::rules::{ChildRules, Fill};
 use super::statement::{Ctx, clause_from, column, column_list, find_top, name_end, skip};
 use super::{Kind, Skip, SkipReason};
+use crate::ident::quote;
 
 /// The fills an insert into `columns` needs: the source column is written and its twin is not
 /// (an application that already writes the twin is left alone). With the source's position.
@@ -61,7 +62,7 @@ pub(crate) fn target_columns<'c>(
             let mut add = String::new();
             for (_, f) in &fills {
                 add.push_str(", ");
-                add.push_str(&quote_ident(&f.target));
+                add.push_str(&quote(&f.target));
             }
             ctx.edits.insert(ctx.src.end(last), add);
             Ok(Some(fills))

@@ -5,8 +5,9 @@ use sqlparser::keywords::Keyword;
 use sqlparser::tokenizer::Token;
 
 use super::SkipReason;
-use super::edit::{Source, quote_ident};
+use super::edit::Source;
 use super::rules::Fill;
+use crate::ident::quote;
 
 /// Functions whose second evaluation would give a different value than the first, so the
 /// copied expression would compute the twin of some other row. Only the common built-ins are
@@ -88,10 +89,10 @@ pub(crate) fn lookup(fill: &Fill, expr: &str, refers_to_columns: bool, ctes: &[S
 }
 
 fn parent_lookup(fill: &Fill, expr: &str, refers_to_columns: bool) -> String {
-    let schema = quote_ident(&fill.parent_schema);
-    let table = quote_ident(&fill.parent_table);
-    let key = quote_ident(&fill.parent_key);
-    let value = quote_ident(&fill.parent_value);
+    let schema = quote(&fill.parent_schema);
+    let table = quote(&fill.parent_table);
+    let key = quote(&fill.parent_key);
+    let value = quote(&fill.parent_value);
     let cast = &fill.cast;
     if refers_to_columns {
         format!(

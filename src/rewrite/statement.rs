@@ -7,9 +7,10 @@ use sqlparser::ast::{
 use sqlparser::keywords::Keyword;
 use sqlparser::tokenizer::Token;
 
-use super::edit::{Edits, Source, folded, quote_ident};
+use super::edit::{Edits, Source, folded};
 use super::rules::{ChildRules, Fill, RuleSet};
 use super::{Change, Kind, Skip, SkipReason};
+use crate::ident::quote;
 
 pub(crate) struct Ctx<'s, 'a> {
     pub rules: &'s RuleSet,
@@ -49,7 +50,7 @@ impl Ctx<'_, '_> {
                 && c.parent.1 == fill.parent_table
             {
                 c.used = Some((fill.parent_key.clone(), fill.parent_value.clone()));
-                out.push(quote_ident(&c.name).into_owned());
+                out.push(quote(&c.name).into_owned());
             }
         }
         out
@@ -72,11 +73,7 @@ impl Ctx<'_, '_> {
             if let Some((key, value)) = &c.used {
                 self.edits.insert(
                     self.src.end(c.close - 1),
-                    format!(
-                        ", {} AS _ks_k, {} AS _ks_u",
-                        quote_ident(key),
-                        quote_ident(value)
-                    ),
+                    format!(", {} AS _ks_k, {} AS _ks_u", quote(key), quote(value)),
                 );
             }
         }
@@ -264,7 +261,7 @@ pub(crate) fn column_list(columns: &[String], twins: &[&str]) -> String {
         if i > 0 {
             s.push_str(", ");
         }
-        s.push_str(&quote_ident(c));
+        s.push_str(&quote(c));
     }
     s.push(')');
     s

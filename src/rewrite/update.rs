@@ -4,10 +4,11 @@ use sqlparser::ast::{Assignment, AssignmentTarget, Update};
 use sqlparser::keywords::Keyword;
 use sqlparser::tokenizer::Token;
 
-use super::edit::{Source, quote_ident};
+use super::edit::Source;
 use super::rules::{ChildRules, Fill};
 use super::statement::{Ctx, clause_from, column, find_top, resolve_factor, skip};
 use super::{Kind, Skip, SkipReason};
+use crate::ident::quote;
 
 fn ends_set_list(src: &Source, i: usize) -> bool {
     clause_from(src, i)
@@ -75,12 +76,12 @@ pub(crate) fn assignments(
             let v = if excluded.contains(&fill.target.as_str())
                 && is_excluded(src, eq + 1, b, &fill.source)
             {
-                format!("EXCLUDED.{}", quote_ident(&fill.target))
+                format!("EXCLUDED.{}", quote(&fill.target))
             } else {
                 ctx.twin_value(eq + 1, b, fill)
                     .map_err(|r| skip(child, r))?
             };
-            add.push_str(&format!(", {} = {}", quote_ident(&fill.target), v));
+            add.push_str(&format!(", {} = {}", quote(&fill.target), v));
         }
         if !add.is_empty() {
             ctx.edits.insert(src.end(b - 1), add);

@@ -1,10 +1,15 @@
-//! The admin HTTP endpoint: Prometheus metrics, health, and the pause gate.
+//! The admin HTTP endpoint, on `admin_listen`: Prometheus metrics, health, the pause gate,
+//! the cutover coordinator and the id mapping.
 //!
 //! `GET /metrics`, `GET /healthz` and `GET /readyz` are open (Prometheus and orchestrators
-//! scrape them); `GET /v1/status` is open too and shows no SQL. `POST /v1/pause` and
-//! `POST /v1/resume` change traffic and need `Authorization: Bearer <admin_token>`; without a
-//! configured token they are refused outright. `/v1/map/*` (src/map/http.rs) serves the id
-//! mapping, open unless `map_token` is set.
+//! scrape them); `GET /v1/status` is open too and shows no SQL. `POST /v1/pause`,
+//! `POST /v1/resume` and `POST /v1/cutover` change traffic and need
+//! `Authorization: Bearer <admin_token>`; without a configured token they are refused outright.
+//! `/v1/map/*` (`map.rs`) serves the id mapping, open unless `map_token` is set. Both token
+//! checks are in `auth.rs`.
+//!
+//! It is part of the proxy because it reads and drives the proxy's [`Shared`] state (gate,
+//! metrics, rewriter, id-mapping service); the proxy spawns [`serve`] next to its listener.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +26,9 @@ use tokio::net::TcpListener;
 use crate::proxy::Shared;
 use crate::proxy::gate::SessionState;
 
+mod auth;
+mod map;
+
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) -> std::io::Result<()> {
     let app = Router::new()
         .route("/metrics", get(metrics))
@@ -30,14 +38,8 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) -> std::io::Resul
         .route("/v1/pause", post(pause))
         .route("/v1/resume", post(resume))
         .route("/v1/cutover", post(cutover))
-        .route(
-            "/v1/map/{table}",
-            get(crate::map::http::by_uuid).post(crate::map::http::batch),
-        )
-        .route(
-            "/v1/map/{table}/{legacy_id}",
-            get(crate::map::http::by_legacy),
-        )
+        .route("/v1/map/{table}", get(map::by_uuid).post(map::batch))
+        .route("/v1/map/{table}/{legacy_id}", get(map::by_legacy))
         .with_state(shared);
     axum::serve(listener, app).await
 }
@@ -49,7 +51,7 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
     s.metrics.map.cache_entries.set(s.map.cache_len() as i64);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        s.metrics.render(&s.gate),
+        s.metrics.render(&s.gate.reading()),
     )
         .into_response()
 }
@@ -117,50 +119,6 @@ async fn status(State(s): State<Arc<Shared>>) -> Response {
     .into_response()
 }
 
-/// `None` when the request carries the admin token, else the response refusing it.
-fn refuse_unauthorized(s: &Shared, headers: &HeaderMap) -> Option<Response> {
-    let Some(token) = &s.cfg.admin_token else {
-        return Some(
-            (
-                StatusCode::FORBIDDEN,
-                axum::Json(
-                    json!({"error": "admin_token is not configured; set it to use this endpoint"}),
-                ),
-            )
-                .into_response(),
-        );
-    };
-    require_bearer(headers, token, "admin_token")
-}
-
-/// `None` when the request carries `Authorization: Bearer <token>`, else the 401 that names
-/// the configuration key holding the token.
-pub fn require_bearer(headers: &HeaderMap, token: &str, key: &str) -> Option<Response> {
-    (!bearer_matches(headers, token)).then(|| {
-        (
-            StatusCode::UNAUTHORIZED,
-            [(header::WWW_AUTHENTICATE, "Bearer")],
-            axum::Json(json!({
-                "error": format!("missing or wrong bearer token (Authorization: Bearer <{key}>)")
-            })),
-        )
-            .into_response()
-    })
-}
-
-/// Whether the request carries `Authorization: Bearer <token>`, compared in constant time.
-fn bearer_matches(headers: &HeaderMap, token: &str) -> bool {
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes()))
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 #[derive(Deserialize)]
 struct PauseParams {
     /// How long to wait for busy sessions, e.g. `2s` (default 5s).
@@ -172,7 +130,7 @@ async fn pause(
     headers: HeaderMap,
     Query(p): Query<PauseParams>,
 ) -> Response {
-    if let Some(r) = refuse_unauthorized(&s, &headers) {
+    if let Some(r) = auth::admin(&s, &headers) {
         return r;
     }
     let timeout = match p.timeout.as_deref().map(crate::config::parse_duration) {
@@ -207,7 +165,7 @@ async fn pause(
 }
 
 async fn resume(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response {
-    if let Some(r) = refuse_unauthorized(&s, &headers) {
+    if let Some(r) = auth::admin(&s, &headers) {
         return r;
     }
     let closed_for = s.gate.resume();
@@ -242,7 +200,7 @@ async fn cutover(
     Query(p): Query<SwitchParams>,
 ) -> Response {
     use crate::migrate::switch::{self, Action, SwitchError, SwitchOptions};
-    if let Some(r) = refuse_unauthorized(&s, &headers) {
+    if let Some(r) = auth::admin(&s, &headers) {
         return r;
     }
     let bad =

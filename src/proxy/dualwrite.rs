@@ -1,4 +1,7 @@
-//! Dual-write: turns the stored migration (plan and phase) into the proxy's statement rewriter.
+//! Dual-write: turns the stored migration (plan and phase) into the proxy's statement rewriter,
+//! the implementation of [`StatementRewriter`] that `control` puts in force. It lives in the
+//! proxy because it implements the proxy's hook; it reads the plan and the rewriter below it
+//! and nothing above.
 //!
 //! Data flows one way: the plan in `keyshift.migration` plus the child tables' column lists
 //! from the catalog become [`PlanRules`] (pure, [`plan_rules`]); the phase picks the direction;
@@ -12,10 +15,10 @@ use dashmap::DashMap;
 use tokio_postgres::Client;
 use tracing::warn;
 
+use super::statements::{Decision, QueryTemplate, StatementRewriter};
 use crate::metrics::RewriteMetrics;
 use crate::migrate::plan::Plan;
 use crate::migrate::state::{DualWrite as Mode, Phase};
-use crate::proxy::statements::{Decision, QueryTemplate, StatementRewriter};
 use crate::rewrite::{
     ClientView, Direction, FkPlan, Outcome, ParentPlan, PlanRules, RewriteCache, RuleError,
     RuleSet, Skip, TableColumns, redact,
@@ -191,7 +194,10 @@ impl DualWrite {
         if self.logged.len() < MAX_LOGGED_SHAPES && self.logged.insert(shape.clone(), ()).is_none()
         {
             for s in skips {
+                // The target predates the move under proxy/: the runbook and the
+                // KeyshiftWritesNotRewritten alert tell operators to filter on it.
                 warn!(
+                    target: "keyshift::dualwrite",
                     table = %s.table,
                     reason = s.reason.as_str(),
                     statement = %shape,

@@ -1,9 +1,10 @@
-//! `/v1/map` on the admin listener: the id mapping for systems outside the database.
+//! `/v1/map` on the admin listener: the id mapping ([`crate::map::MapService`]) over HTTP, for
+//! systems outside the database.
 //!
 //! `GET /v1/map/{table}/{legacy_id}`, `GET /v1/map/{table}?uuid=…` and
 //! `POST /v1/map/{table}` with `{"legacy_ids": [...]}` or `{"uuids": [...]}` (at most
 //! [`MAX_BATCH`]). `{table}` is `schema.table`, or a bare name found through `search_path`.
-//! With `map_token` configured, requests need `Authorization: Bearer <map_token>`.
+//! With `map_token` configured, requests need `Authorization: Bearer <map_token>` ([`auth::map`]).
 
 use std::sync::Arc;
 
@@ -13,17 +14,13 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::cache::Id;
-use super::service::{MAX_BATCH, MapError};
+use super::auth;
+use crate::map::cache::Id;
+use crate::map::service::{MAX_BATCH, MapError};
 use crate::proxy::Shared;
 
 fn error(code: StatusCode, msg: impl Into<String>) -> Response {
     (code, axum::Json(json!({"error": msg.into()}))).into_response()
-}
-
-fn refuse(s: &Shared, headers: &HeaderMap) -> Option<Response> {
-    let token = s.cfg.map_token.as_ref()?;
-    crate::admin::require_bearer(headers, token, "map_token")
 }
 
 fn map_error(e: MapError) -> Response {
@@ -95,7 +92,7 @@ pub async fn by_legacy(
     headers: HeaderMap,
     Path((table, id)): Path<(String, String)>,
 ) -> Response {
-    if let Some(r) = refuse(&s, &headers) {
+    if let Some(r) = auth::map(&s, &headers) {
         return r;
     }
     match parse_legacy(&Value::String(id)) {
@@ -116,7 +113,7 @@ pub async fn by_uuid(
     Path(table): Path<String>,
     Query(p): Query<UuidParam>,
 ) -> Response {
-    if let Some(r) = refuse(&s, &headers) {
+    if let Some(r) = auth::map(&s, &headers) {
         return r;
     }
     let Some(u) = p.uuid else {
@@ -140,7 +137,7 @@ pub async fn batch(
     Path(table): Path<String>,
     body: axum::body::Bytes,
 ) -> Response {
-    if let Some(r) = refuse(&s, &headers) {
+    if let Some(r) = auth::map(&s, &headers) {
         return r;
     }
     let body: Value = match serde_json::from_slice(&body) {
