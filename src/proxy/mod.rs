@@ -592,3 +592,47 @@ async fn serve(mut client: Stream, packet: bytes::BytesMut, addr: SocketAddr, re
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_session_releases_what_it_holds_and_is_counted() {
+        install_panic_hook();
+        let cfg = ProxyConfig::default();
+        let upstream = Upstream::new(&cfg, None);
+        let shared = Arc::new(Shared::new(cfg, upstream, None));
+        let info = shared
+            .gate
+            .register(None, "u".into(), "db".into(), "panics".into());
+        let registered = Registered {
+            shared: shared.clone(),
+            info: info.clone(),
+            started: Instant::now(),
+        };
+        let key = shared
+            .cancels
+            .register_guarded(cancel::UpstreamKey { pid: 1, secret: 2 });
+        let (pid, secret) = key.key();
+        assert_eq!(shared.gate.sessions().len(), 1);
+        contained(&shared, Some(info.id), async move {
+            let _held = (registered, key);
+            tokio::task::yield_now().await;
+            panic!("a bug in a session");
+        })
+        .await;
+        // The panic ended only that future: its registration and cancel key are gone, so a
+        // pause drains, and the proxy counted it.
+        assert!(shared.gate.sessions().is_empty());
+        assert!(shared.cancels.lookup(pid, secret).is_none());
+        assert_eq!(shared.metrics.session_panics.get(), 1);
+        assert!(
+            shared
+                .gate
+                .pause(std::time::Duration::from_secs(1))
+                .await
+                .drained
+        );
+    }
+}
