@@ -95,8 +95,9 @@ if [[ ! -f $("$PGBIN/pg_config" --includedir-server)/postgres.h || ! -f $("$PGBI
     # Pinned to the server's own version: the newest one would also upgrade the server binaries
     # under whatever else runs on this machine, and regress.so must match the server it loads in.
     log "the server headers are missing (regress.c is built against them): installing postgresql-server-dev-15=$PG_VERSION_DEB"
-    if ! (apt_update && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        "postgresql-server-dev-15=$PG_VERSION_DEB" >/dev/null); then
+    apt_update
+    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        "postgresql-server-dev-15=$PG_VERSION_DEB" >/dev/null; then
         log "postgresql-server-dev-15=$PG_VERSION_DEB is not in the archive any more: installing the newest postgresql-server-dev-15, which upgrades the server to the same version"
         apt_install postgresql-server-dev-15
     fi
@@ -365,15 +366,40 @@ for r in "${RUNS[@]}"; do
         grep -E '^keyshift_(rewrite_skipped|rewrites)_total\{' "$OUT/$r.metrics" | sed 's/^/metric: /' || true
         echo "proxy log: $(grep -c 'was not rewritten' "$OUT/$r.keyshift.log" || true) warnings 'a write to a migrated table was not rewritten'" 
     fi
-    if [[ -s $OUT/$r.diffs ]]; then
-        lines=$(wc -l <"$OUT/$r.diffs")
-        if ((lines > 400)); then
-            head -400 "$OUT/$r.diffs"
-            echo "... $((lines - 400)) more lines in $OUT/$r.diffs"
-        else
-            cat "$OUT/$r.diffs"
-        fi
-    fi
+    # Statements keyshift itself answered with an error (a refusal, a protocol error), with the
+    # statement they answer: the short list to read first.
+    python3 - "$OUT/direct.results" "$OUT/$r.results" "${differ[@]}" "${excluded[@]}" <<'PY'
+import re, sys
+direct, mode, tests = sys.argv[1], sys.argv[2], sys.argv[3:]
+stop = re.compile(r"^(ERROR|HINT|DETAIL|NOTICE|WARNING|CONTEXT|INFO|QUERY|LINE \d+|FATAL|server closed|connection to server)|^\(\d+ rows?\)$|^--|^\s*$")
+n, last = 0, None
+for t in tests:
+    try:
+        lines = open(f"{mode}/{t}.out", errors="replace").read().split("\n")
+    except OSError:
+        continue
+    for i, l in enumerate(lines):
+        if re.match(r"^(ERROR|FATAL):.*keyshift", l):
+            j, stmt = i - 1, []
+            while j >= 0 and not stop.search(lines[j]) and not (stmt and lines[j].rstrip().endswith(";")):
+                stmt.insert(0, lines[j].strip())
+                j -= 1
+            n += 1
+            text = " ".join(stmt)
+            print(f"  {t}.out:{i + 1}: {text[:240]}{' ...' if len(text) > 240 else ''}")
+            if l != last:
+                print(f"      {l}")
+            last = l
+if n:
+    print(f"keyshift's own errors above: {n}")
+PY
+    # Each differing test's diff, the first 60 lines of each here, all of them in the file.
+    for t in "${differ[@]}" "${excluded[@]}"; do
+        d=$(diff -u --label "direct/$t.out" --label "$r/$t.out" "$OUT/direct.results/$t.out" "$OUT/$r.results/$t.out" 2>&1 || true)
+        lines=$(printf '%s\n' "$d" | wc -l)
+        printf '%s\n' "$d" | sed -n 1,60p
+        if ((lines > 60)); then echo "... $((lines - 60)) more lines of $t in $OUT/$r.diffs"; fi
+    done
 done
 missing=0
 for t in "${TESTS[@]}"; do [[ -f $OUT/direct.results/$t.out ]] || missing=$((missing + 1)); done
