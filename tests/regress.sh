@@ -162,6 +162,11 @@ else
     KS=$ROOT/target/release/keyshift
 fi
 
+# keyshift runs with the flags below and nothing else: no KEYSHIFT_* variable of the caller's
+# (a KEYSHIFT_DATABASE_URL would turn the relay run into a linked one).
+KS_ENV=(env)
+for v in $(compgen -e); do if [[ $v == KEYSHIFT_* ]]; then KS_ENV+=(-u "$v"); fi; done
+
 # ---------------------------------------------------------------------------------------------
 # 2. A work dir the postgres user owns: the server reads data/*.data and writes results/*.data
 #    under the input and output dirs (COPY FROM/TO a file), and loads the three libraries.
@@ -253,7 +258,7 @@ INSERT INTO keyshift_regress.c SELECT g, 1 + g % 10, 'c' || g FROM generate_seri
 EOF
 DB_URL_TEMPLATE="postgres://postgres@127.0.0.1:%s/regression"
 # shellcheck disable=SC2059
-"$KS" expand --database-url "$(printf "$DB_URL_TEMPLATE" "$PG_PORT")" --schema keyshift_regress >"$TMP/expand.log" 2>&1 ||
+"${KS_ENV[@]}" "$KS" expand --database-url "$(printf "$DB_URL_TEMPLATE" "$PG_PORT")" --schema keyshift_regress >"$TMP/expand.log" 2>&1 ||
     { cat "$TMP/expand.log" >&2; die "keyshift expand failed"; }
 PHASE=$(psql_pg -d regression -At -c "SELECT phase FROM keyshift.migration")
 log "migration of keyshift_regress.p and keyshift_regress.c: phase $PHASE"
@@ -286,7 +291,7 @@ run_suite() { # name mode
                 --proxy-id "regress-$name")
         fi
         [[ $mode == strict ]] && args+=(--strict true)
-        env -u KEYSHIFT_CONFIG RUST_LOG=info "$KS" "${args[@]}" >"$OUT/$name.keyshift.log" 2>&1 &
+        "${KS_ENV[@]}" RUST_LOG=info "$KS" "${args[@]}" >"$OUT/$name.keyshift.log" 2>&1 &
         ks_pid=$!
         PIDS+=("$ks_pid")
         wait_port "$listen"
