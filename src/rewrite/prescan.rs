@@ -728,3 +728,83 @@ mod tests {
         assert_eq!(p.written(sql, 0..24), Some("c"));
     }
 }
+
+/// Runs every statement of PostgreSQL's regression suite (`KEYSHIFT_REGRESS_SQL`: the
+/// directory of `src/test/regress/sql`) through the rewriter with `p` and `c` migrated and
+/// prints what would be skipped: only writes to `c` should be.
+#[cfg(test)]
+#[test]
+#[ignore = "needs the PostgreSQL sources: KEYSHIFT_REGRESS_SQL=…/src/test/regress/sql"]
+fn regression_suite_skips() {
+    let Ok(dir) = std::env::var("KEYSHIFT_REGRESS_SQL") else {
+        return;
+    };
+    let rules = super::tests::forward();
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .expect("a directory")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    files.sort();
+    let (mut total, mut skipped, mut old_skips) = (0, 0, 0);
+    for path in files {
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        // psql's meta-commands are not SQL.
+        let text: String = text
+            .lines()
+            .filter(|l| !l.trim_start().starts_with('\\'))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let toks: Vec<Token> = Lexer::new(&text).collect();
+        for stmt in statements(&text, &toks) {
+            let (Some(a), Some(b)) = (stmt.first(), stmt.last()) else {
+                continue;
+            };
+            let sql = &text[a.start..b.end];
+            total += 1;
+            if old_judgement(sql) {
+                old_skips += 1;
+                if std::env::var("KEYSHIFT_REGRESS_VERBOSE").is_ok() {
+                    println!("previously skipped: {}", sql.replace('\n', " "));
+                }
+            }
+            let out = super::rewrite(&rules, sql);
+            if !out.skipped().is_empty() {
+                skipped += 1;
+                println!(
+                    "{}: {:?}: {}",
+                    path.file_name().unwrap_or_default().to_string_lossy(),
+                    out.skipped(),
+                    sql.replace('\n', " ")
+                );
+            }
+        }
+    }
+    println!("{skipped} of {total} statements skipped ({old_skips} by the previous prescan)");
+}
+
+/// The previous judgement, approximated: `c` as a word anywhere (strings, comments and `"C"`
+/// included), and sqlparser failing to tokenize, or to parse a text with a DML keyword.
+#[cfg(test)]
+fn old_judgement(sql: &str) -> bool {
+    use sqlparser::dialect::PostgreSqlDialect;
+    use sqlparser::keywords::Keyword;
+    use sqlparser::tokenizer::{Token, Tokenizer};
+    let word = |w: &str| w.eq_ignore_ascii_case("c") || w.eq_ignore_ascii_case("orders");
+    let mentions = sql
+        .split(|ch: char| !(ch.is_alphanumeric() || ch == '_' || ch == '$'))
+        .any(word);
+    if !mentions {
+        return false;
+    }
+    let Ok(toks) = Tokenizer::new(&PostgreSqlDialect {}, sql).tokenize() else {
+        return true;
+    };
+    sqlparser::parser::Parser::parse_sql(&PostgreSqlDialect {}, sql).is_err()
+        && toks.iter().any(|t| {
+            matches!(t, Token::Word(w) if w.quote_style.is_none()
+                && matches!(w.keyword, Keyword::INSERT | Keyword::UPDATE | Keyword::MERGE))
+        })
+}
