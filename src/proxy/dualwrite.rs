@@ -287,3 +287,99 @@ impl DualWrite {
         decision
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+
+    /// `public.c` with an FK `p_id` to `public.p`, the tables of issue 12's regression run.
+    fn dual_write(strict: bool) -> (DualWrite, Arc<RewriteMetrics>) {
+        let plan = PlanRules {
+            parents: vec![ParentPlan {
+                schema: "public".into(),
+                table: "p".into(),
+                key_column: "id".into(),
+                uuid_column: "id_uuid".into(),
+            }],
+            fks: vec![FkPlan {
+                schema: "public".into(),
+                table: "c".into(),
+                column: "p_id".into(),
+                uuid_column: "p_id_uuid".into(),
+                column_type: "integer".into(),
+                parent_schema: "public".into(),
+                parent_table: "p".into(),
+                parent_key_column: "id".into(),
+                parent_uuid_column: "id_uuid".into(),
+            }],
+            ..PlanRules::default()
+        };
+        let rules = RuleSet::build(
+            &plan,
+            Direction::Forward,
+            ClientView::Physical,
+            vec!["public".into()],
+            1,
+        )
+        .expect("valid plan");
+        let metrics = Metrics::new().rewrite.clone();
+        let settings = Settings {
+            strict,
+            ..Settings::default()
+        };
+        (DualWrite::new(rules, &settings, metrics.clone()), metrics)
+    }
+
+    fn skipped_total(m: &RewriteMetrics) -> u64 {
+        ["parse_error", "unsupported", "too_long"]
+            .iter()
+            .map(|r| m.skipped.with_label_values(&[*r]).get())
+            .sum()
+    }
+
+    #[test]
+    fn statements_that_do_not_write_a_migrated_table_are_neither_refused_nor_counted() {
+        let not_writes = [
+            "UPDATE js SET j['a']['c'] = '1'",
+            "SELECT 'abc' COLLATE \"C\"",
+            "CREATE TABLE t (c int)",
+            "DECLARE c CURSOR FOR SELECT 1",
+            "FETCH 1 FROM c",
+            "CLOSE c",
+            "UPDATE t SET c[1] = 2 OVERRIDING",
+            "SELECT c FROM t WHERE a = 'unterminated",
+            "CREATE RULE r AS ON INSERT TO t DO INSTEAD (INSERT INTO c VALUES (1); NOTIFY c)",
+        ];
+        for strict in [true, false] {
+            let (dw, metrics) = dual_write(strict);
+            for sql in not_writes {
+                assert!(
+                    matches!(dw.rewrite(sql), Decision::Forward),
+                    "strict = {strict}: {sql}"
+                );
+            }
+            assert_eq!(skipped_total(&metrics), 0, "strict = {strict}");
+            assert!(dw.logged.is_empty(), "strict = {strict}");
+        }
+    }
+
+    #[test]
+    fn unparseable_writes_to_a_migrated_table_are_refused_or_counted() {
+        let writes = [
+            "insert into C (id, p_id) overriding system value values (1, 2)",
+            "WITH x AS (UPDATE ONLY public.\"c\" AS y SET p_id = 1 RETURNING *) SELECT * FROM x",
+        ];
+        let (dw, metrics) = dual_write(true);
+        for sql in writes {
+            assert!(matches!(dw.rewrite(sql), Decision::Refuse(_)), "{sql}");
+        }
+        assert_eq!(skipped_total(&metrics), 2);
+        let (dw, metrics) = dual_write(false);
+        for sql in writes {
+            assert!(matches!(dw.rewrite(sql), Decision::Forward), "{sql}");
+        }
+        assert_eq!(skipped_total(&metrics), 2);
+        assert_eq!(dw.logged.len(), 2);
+    }
+}

@@ -368,3 +368,52 @@ fn the_shape_cache_answers_exactly_what_the_rewriter_would() {
         "the shapes were hardly used: {hits_before} hits"
     );
 }
+
+/// The prescan never hides a statement the parser would rewrite or skip: with every statement
+/// parsed, whatever its tokens, the outcome is the same.
+#[test]
+fn the_prescan_never_hides_what_the_parser_finds() {
+    let r = forward();
+    let mut rng = StdRng::seed_from_u64(0x7072_6573);
+    let mut found = 0;
+    for i in 0..20_000 {
+        let sql = match i % 3 {
+            0 => soup(&mut rng),
+            1 => mutated(&mut rng),
+            _ => arbitrary(&mut rng),
+        };
+        let unscanned = super::rewrite_unscanned(&r, &sql);
+        if unscanned == Outcome::Unchanged {
+            continue;
+        }
+        found += 1;
+        let scanned = rewrite(&r, &sql);
+        if let Outcome::Rewritten {
+            sql: new, changes, ..
+        } = &unscanned
+        {
+            assert!(
+                matches!(&scanned, Outcome::Rewritten { sql: s, changes: c, .. } if s == new && c == changes),
+                "{sql}\nscanned: {scanned:?}\nunscanned: {unscanned:?}"
+            );
+        }
+        // The same skips, each counted once: where sqlparser splits a text PostgreSQL reads
+        // as one statement, every piece of it may report it.
+        let distinct = |o: &Outcome| {
+            let mut v: Vec<_> = o
+                .skipped()
+                .iter()
+                .map(|s| (s.table.clone(), s.reason))
+                .collect();
+            v.sort_by(|a, b| (&a.0, a.1.as_str()).cmp(&(&b.0, b.1.as_str())));
+            v.dedup();
+            v
+        };
+        assert_eq!(
+            distinct(&scanned),
+            distinct(&unscanned),
+            "{sql}\nscanned: {scanned:?}\nunscanned: {unscanned:?}"
+        );
+    }
+    assert!(found > 1_000, "only {found} found");
+}

@@ -239,7 +239,7 @@ impl RuleSet {
                 );
             }
         }
-        let prescan = Prescan::new(children.keys().map(|(_, t)| t.as_str()));
+        let prescan = Prescan::new(children.keys().map(|(s, t)| (s.as_str(), t.as_str())));
         let mut parents: Vec<(String, String)> = plan
             .fks
             .iter()

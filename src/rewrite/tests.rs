@@ -701,6 +701,78 @@ fn what_cannot_be_rewritten_is_skipped() {
     }
 }
 
+/// Through the PostgreSQL regression suite with `p` and `c` migrated, strict mode refused
+/// statements that never write `c` (issue 12): `c` as a column, a cursor, the collation `"C"`,
+/// inside a literal. Statements keyshift does not parse are judged by their write targets.
+#[test]
+fn only_writes_to_migrated_tables_are_skipped() {
+    let r = forward();
+    let not_writes = [
+        "UPDATE js SET j['a']['c'] = '1'",
+        "SELECT 'abc' COLLATE \"C\"",
+        "CREATE TABLE t (c int)",
+        "SELECT c FROM t",
+        "UPDATE t SET c = 1",
+        "INSERT INTO t (c) VALUES (1)",
+        "DECLARE c CURSOR FOR SELECT 1",
+        "FETCH 1 FROM c",
+        "MOVE BACKWARD ALL IN c",
+        "CLOSE c",
+        "SELECT 1 -- insert into c",
+        "SELECT 1 /* insert into c */",
+        "CREATE FUNCTION f() RETURNS void LANGUAGE sql AS $$insert into c values (1)$$",
+        // Unparseable by sqlparser 0.63, and not writes of c.
+        "UPDATE t SET c[1] = 2, d = c OVERRIDING",
+        "INSERT INTO t (c) OVERRIDING SYSTEM VALUE VALUES (1)",
+        "SELECT c FROM t WHERE a = 'unterminated",
+        "CREATE RULE r AS ON INSERT TO t DO INSTEAD (INSERT INTO c VALUES (new.a); NOTIFY c)",
+        "CREATE FUNCTION f() RETURNS int LANGUAGE sql BEGIN ATOMIC INSERT INTO c VALUES (1); SELECT 1; END",
+        "EXPLAIN INSERT INTO c (id, p_id) OVERRIDING SYSTEM VALUE VALUES (1, 2)",
+        "SELECT * FROM c FOR UPDATE OF c SKIP LOCKED NOWAIT ((",
+        "DELETE FROM c WHERE ((",
+    ];
+    for sql in not_writes {
+        assert_eq!(rewrite(&r, sql), Outcome::Unchanged, "{sql}");
+    }
+    // Real writes keyshift cannot parse are still skipped, however the table is spelled.
+    for (sql, table) in [
+        (
+            "insert into C (id, p_id) overriding system value values (1, 2)",
+            "c",
+        ),
+        (
+            "INSERT INTO public.\"c\" (id) OVERRIDING USER VALUE VALUES (1)",
+            "c",
+        ),
+        (
+            "WITH x AS (UPDATE ONLY public.c AS y SET p_id = 1 RETURNING *) SELECT * FROM x",
+            "c",
+        ),
+        ("INSERT INTO c VALUES ('unterminated", "c"),
+        (
+            "EXPLAIN ANALYZE INSERT INTO c (id) OVERRIDING SYSTEM VALUE VALUES (1)",
+            "c",
+        ),
+        (
+            "INSERT INTO app.\"Orders\" (id) OVERRIDING SYSTEM VALUE VALUES (1)",
+            "Orders",
+        ),
+    ] {
+        assert_skipped(&r, sql, table, SkipReason::ParseError);
+    }
+    // A statement too long to parse is judged the same way.
+    let long_read = format!(
+        "SELECT c FROM t WHERE a IN ({})",
+        vec!["1"; MAX_SQL_BYTES / 2].join(",")
+    );
+    assert_eq!(rewrite(&r, &long_read), Outcome::Unchanged);
+    let long_write = format!(
+        "INSERT INTO c (p_id) VALUES {}",
+        vec!["(1)"; MAX_SQL_BYTES / 3].join(",")
+    );
+    assert_skipped(&r, &long_write, "c", SkipReason::TooLong);
+}
+
 #[test]
 fn outcomes_name_the_table_and_kind() {
     let r = forward();
