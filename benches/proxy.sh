@@ -143,7 +143,8 @@ if [[ -n ${BASELINE_BIN:-} ]]; then
     # shellcheck disable=SC2086 # BASELINE_ARGS is a list of flags
     KEYSHIFT_LOG_LEVEL=${KEYSHIFT_LOG_LEVEL:-warn} "$BASELINE_BIN" proxy \
         --listen "127.0.0.1:$BL_PORT" --admin-listen "127.0.0.1:$BL_ADMIN_PORT" \
-        --upstream "127.0.0.1:$PG_PORT" --upstream-tls disable ${BASELINE_ARGS:-} >"$TMP/baseline.log" 2>&1 &
+        --upstream "127.0.0.1:$PG_PORT" --upstream-tls disable \
+        --max-client-connections $((IDLE_CONNS + 100)) ${BASELINE_ARGS:-} >"$TMP/baseline.log" 2>&1 &
     BL_PID=$!
     wait_port "$BL_PORT" "baseline keyshift" "$BL_PID"
     TARGETS+=(baseline)
@@ -245,11 +246,20 @@ done
 
 # --- idle connections ---------------------------------------------------------------------
 IDLE_RESULT=
+BL_IDLE_RESULT=
 if ((IDLE_CONNS > 0)); then
     log "opening $IDLE_CONNS idle connections through keyshift"
     IDLE_RESULT=$(python3 "$ROOT/benches/idle_conns.py" 127.0.0.1 "$KS_PORT" postgres postgres \
         "$IDLE_CONNS" "$KS_PID") || die "idle connection measurement failed"
     log "$IDLE_RESULT"
+    if [[ -n $BL_PID ]]; then
+        # The same for the baseline, once keyshift's connections are closed (max_connections).
+        sleep 2
+        log "opening $IDLE_CONNS idle connections through the baseline"
+        BL_IDLE_RESULT=$(python3 "$ROOT/benches/idle_conns.py" 127.0.0.1 "$BL_PORT" postgres postgres \
+            "$IDLE_CONNS" "$BL_PID") || die "idle connection measurement (baseline) failed"
+        log "$BL_IDLE_RESULT"
+    fi
 fi
 
 # --- report -------------------------------------------------------------------------------
@@ -287,6 +297,7 @@ fi
 if [[ -n $IDLE_RESULT ]]; then
     echo
     echo "idle connections through keyshift: $IDLE_RESULT"
+    [[ -z $BL_IDLE_RESULT ]] || echo "idle connections through the baseline: $BL_IDLE_RESULT"
 fi
 echo
 echo "targets: keyshift/PgBouncer >= 1.10, keyshift CPU <= 6 µs/txn, <= 64 KiB per idle connection"
