@@ -30,6 +30,7 @@ pub mod tls;
 pub mod upstream;
 pub mod wire;
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -355,20 +356,30 @@ fn install_panic_hook() {
 /// Polls `fut` as session `id` (None before the session is known): a panic inside it ends
 /// only this future, is counted, and is logged once by the panic hook. Whatever the session
 /// holds is released by its guards as the panic unwinds.
-async fn contained<F: std::future::Future<Output = ()>>(shared: &Shared, id: Option<u64>, fut: F) {
-    let mut fut = std::pin::pin!(fut);
-    let outcome = std::future::poll_fn(|cx| {
-        let previous = CURRENT_SESSION.with(|c| c.replace(id));
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fut.as_mut().poll(cx)));
-        CURRENT_SESSION.with(|c| c.set(previous));
-        match r {
-            Ok(p) => p.map(Ok),
-            Err(e) => std::task::Poll::Ready(Err(e)),
+///
+/// The future is boxed as it comes in: an `async fn` taking it by value would keep its
+/// argument's slot beside the pinned copy, doubling the size of every connection's task
+/// (measured: 22.5 KiB per idle connection instead of 12.3, benches/proxy.sh).
+fn contained<'a, F>(shared: &'a Shared, id: Option<u64>, fut: F) -> impl Future<Output = ()> + 'a
+where
+    F: Future<Output = ()> + 'a,
+{
+    let mut fut = Box::pin(fut);
+    async move {
+        let outcome = std::future::poll_fn(|cx| {
+            let previous = CURRENT_SESSION.with(|c| c.replace(id));
+            let r =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fut.as_mut().poll(cx)));
+            CURRENT_SESSION.with(|c| c.set(previous));
+            match r {
+                Ok(p) => p.map(Ok),
+                Err(e) => std::task::Poll::Ready(Err(e)),
+            }
+        })
+        .await;
+        if outcome.is_err() {
+            shared.metrics.session_panics.inc();
         }
-    })
-    .await;
-    if outcome.is_err() {
-        shared.metrics.session_panics.inc();
     }
 }
 
