@@ -193,11 +193,7 @@ pub struct MapExportCmd {
     pub db: DbArgs,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Format {
-    Text,
-    Json,
-}
+pub use crate::output::Format;
 
 #[derive(Debug, clap::Args)]
 pub struct PlanCmd {

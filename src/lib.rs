@@ -9,6 +9,7 @@ pub mod logging;
 pub mod map;
 pub mod metrics;
 pub mod migrate;
+pub mod output;
 pub mod pgcluster;
 pub mod proxy;
 pub mod rewrite;

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::cli::Format;
+use crate::output::Format;
 use report::{Report, Snapshot, StepTime};
 use setup::{ProxyThread, SetupError, Target};
 use steps::StepError;
