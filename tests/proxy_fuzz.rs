@@ -199,6 +199,48 @@ fn named_cases() -> Vec<Case> {
             after_aliasing(vec![describe(b'S', "keyshift_s1"), sync()]),
         ),
         Case::new(
+            "an error naming keyshift's statement in place of the unnamed one",
+            vec![
+                parse(
+                    "",
+                    "INSERT INTO mcp_servers (connector_id, name) VALUES ($1, $2)",
+                    &[],
+                ),
+                parse(
+                    "",
+                    "INSERT INTO mcp_servers (connector_id, name) VALUES ($1, $2)",
+                    &[],
+                ),
+                sync().then_wait(),
+                bind("", "", &[]),
+            ],
+        ),
+        Case::new(
+            "an unnamed Parse skipped after an error leaves keyshift's statement the unnamed one",
+            vec![
+                parse(
+                    "",
+                    "UPDATE mcp_servers SET connector_id = $1 WHERE id = $2",
+                    &[],
+                ),
+                parse(
+                    "",
+                    "UPDATE mcp_servers SET connector_id = $1 WHERE id = $2",
+                    &[],
+                ),
+                sync().then_wait(),
+                parse(
+                    "",
+                    "UPDATE mcp_servers SET connector_id = $1 WHERE id = $2",
+                    &[],
+                ),
+                bind("", "", &[Some("5"), Some("abc")]),
+                parse("", "SELEC 1", &[]),
+                sync(),
+                bind("", "", &[Some("1"), Some("x")]),
+            ],
+        ),
+        Case::new(
             "error position in a rewritten UPDATE",
             vec![query(
                 "UPDATE mcp_servers SET connector_id = 'abc' WHERE id = 4",

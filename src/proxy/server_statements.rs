@@ -404,6 +404,26 @@ impl ServerStatements {
         self.restore.take()
     }
 
+    /// The client's unnamed statement as keyshift's alias stands for it, if one does: what to
+    /// restore if the message about to end the alias turns out never to run.
+    pub fn alias_restore(&self) -> Option<Restore> {
+        self.alias.as_ref().map(|a| Restore {
+            sql: Arc::clone(&a.sql),
+            types: a.types.clone(),
+        })
+    }
+
+    /// The client's unnamed statement is still `r` after all (the message that would have
+    /// replaced it was skipped): prepare it again before the client next uses it.
+    pub fn set_restore(&mut self, r: Restore) {
+        self.restore = Some(r);
+    }
+
+    /// The per-session part of keyshift's statement names (`keyshift_<hex>_`).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     pub fn has_restore(&self) -> bool {
         self.restore.is_some()
     }

@@ -119,6 +119,10 @@ enum Token {
     Named(Box<[u8]>, Option<Box<Texts>>),
     /// keyshift's Parse of a client's statement again, under new rules.
     Reprepare,
+    /// An unnamed Parse (the client's, or keyshift's restoring one) that ended the alias
+    /// standing for this statement in unnamed-statement generation `u64`: if PostgreSQL skips
+    /// it, the client's unnamed statement is still that one, so it is restored.
+    Restore(super::server_statements::Restore, u64),
 }
 
 /// The relay, generic over its two byte streams so that tests drive it in memory.
@@ -153,6 +157,15 @@ pub struct Session<C, S> {
     stmts: ServerStatements,
     /// The rules version this session's statements were rewritten under.
     rules_seen: u64,
+    /// Moves whenever the client's unnamed statement is replaced or dropped (Query, unnamed
+    /// Parse, Close of it): a skipped Parse restores only if nothing replaced it since.
+    unnamed_gen: u64,
+    /// Restore-token Parses still unanswered, and whether a Sync went after one: a Bind or
+    /// Describe in a later sequence waits (`restore_hold`) until PostgreSQL says whether it
+    /// skipped that Parse, since that decides which statement the client's unnamed one is.
+    restore_inflight: u32,
+    restore_sync_passed: bool,
+    restore_hold: bool,
     /// A copy of the client message being looked at, and its replacement.
     scratch: Vec<u8>,
     replacement: BytesMut,
@@ -218,6 +231,10 @@ where
             prepared: Prepared::default(),
             stmts: ServerStatements::new(shared.cfg.server_statements),
             rules_seen: shared.rules_version.load(Ordering::Acquire),
+            unnamed_gen: 0,
+            restore_inflight: 0,
+            restore_sync_passed: false,
+            restore_hold: false,
             scratch: Vec::new(),
             replacement: BytesMut::new(),
             counters: SessionCounters::default(),
@@ -402,7 +419,9 @@ where
                 && !self.client_done
                 && self.replies.len() < MAX_UNANSWERED
             {
-                if !self.c_in.is_empty() && self.c_left == 0 && self.replies.idle() {
+                let unheld = self.restore_hold && !self.restore_sync_passed;
+                if !self.c_in.is_empty() && self.c_left == 0 && (self.replies.idle() || unheld) {
+                    self.restore_hold = false;
                     // Data left from before a hold, or a partial message: scan it again.
                     if let Some(ev) = self.scan_client() {
                         return Poll::Ready(ev);
@@ -518,6 +537,12 @@ where
                 event = Some(Event::TooLarge(len));
                 break;
             }
+            if self.restore_sync_passed && matches!(tag, cf::BIND | cf::DESCRIBE) {
+                // A later sequence's Bind or Describe: wait until the Parse's fate is known.
+                // The Sync already sent makes PostgreSQL answer, so this cannot deadlock.
+                self.restore_hold = true;
+                break;
+            }
             if !self.inspects(tag, &rules) {
                 self.counters.client_message(tag);
                 self.note_sent(tag);
@@ -551,6 +576,8 @@ where
             }
             self.scratch = scratch;
             self.replacement = out;
+            // A message PostgreSQL will skip may change what the next one must be.
+            self.settle_outcomes();
         }
         self.counters.client_bytes(fwd);
         move_prefix(&mut self.c_in, &mut self.c_out, fwd);
@@ -602,7 +629,10 @@ where
             cf::DESCRIBE => Kind::Describe,
             cf::EXECUTE => Kind::Execute,
             cf::CLOSE => Kind::Close,
-            cf::SYNC => Kind::Sync,
+            cf::SYNC => {
+                self.restore_sync_passed |= self.restore_inflight > 0;
+                Kind::Sync
+            }
             cf::FUNCTION_CALL => Kind::FunctionCall,
             cf::COPY_DONE => Kind::CopyDone,
             cf::COPY_FAIL => Kind::CopyFail,
@@ -629,6 +659,7 @@ where
                     && c.target == Target::Statement
                 {
                     if c.name.is_empty() {
+                        self.unnamed_gen += 1;
                         self.stmts.unnamed_replaced();
                     } else {
                         self.prepared.forget(c.name);
@@ -674,6 +705,7 @@ where
             return false;
         };
         // A simple Query drops the unnamed statement.
+        self.unnamed_gen += 1;
         self.stmts.unnamed_replaced();
         self.observe_drops(q.sql);
         // Only valid UTF-8 is rewritten; anything else passes exactly as it came.
@@ -744,9 +776,16 @@ where
             self.note_sent(cf::PARSE);
             return false;
         };
-        if p.name.is_empty() {
+        // PostgreSQL may skip this Parse (an earlier error in its sequence): the alias it ends
+        // is then still the client's unnamed statement.
+        let restore = if p.name.is_empty() {
+            let r = self.stmts.alias_restore();
+            self.unnamed_gen += 1;
             self.stmts.unnamed_replaced();
-        }
+            r.map(|r| Token::Restore(r, self.unnamed_gen))
+        } else {
+            None
+        };
         self.observe_drops(p.sql);
         let sql = std::str::from_utf8(p.sql).ok();
         let decision = match (rules.rewriter, sql) {
@@ -760,7 +799,11 @@ where
                         self.remember(&p, sql, None)
                     }
                     _ => None,
-                };
+                }
+                .or(restore);
+                if matches!(token, Some(Token::Restore(..))) {
+                    self.restore_inflight += 1;
+                }
                 self.replies.sent(Kind::Parse, Owner::Client, token);
                 false
             }
@@ -841,9 +884,12 @@ where
         if let Some(r) = self.stmts.take_restore() {
             build::parse(out, b"", r.sql.as_bytes(), &r.types);
             // In a failed transaction PostgreSQL refuses this Parse with the error it would
-            // have given the client's Bind or Describe: that error is the client's.
+            // have given the client's Bind or Describe: that error is the client's. Skipped
+            // (an earlier error in the sequence), it is armed again for the next use.
+            let token = Token::Restore(r, self.unnamed_gen);
+            self.restore_inflight += 1;
             self.replies
-                .sent(Kind::Parse, Owner::OwnErrorsToClient, None);
+                .sent(Kind::Parse, Owner::OwnErrorsToClient, Some(token));
             out.extend_from_slice(msg);
             self.note_sent(tag);
             return true;
@@ -971,6 +1017,8 @@ where
                         ));
                     } else if let Some(t) = self.replies.front_token().and_then(Token::texts) {
                         replacement = mapped_position(msg, t);
+                    } else if self.stmts.active() {
+                        replacement = unnamed_in_message(msg, self.stmts.prefix());
                     }
                 }
                 _ => {}
@@ -1037,6 +1085,15 @@ where
                         );
                     }
                 }
+                Token::Restore(r, generation) => {
+                    if outcome == Outcome::Skipped && generation == self.unnamed_gen {
+                        self.stmts.set_restore(r);
+                    }
+                    self.restore_inflight = self.restore_inflight.saturating_sub(1);
+                    if self.restore_inflight == 0 {
+                        self.restore_sync_passed = false;
+                    }
+                }
                 Token::Refusal(_) | Token::Rewritten(_) => {}
             }
         }
@@ -1068,6 +1125,25 @@ where
         };
         let _ = tokio::time::timeout(Duration::from_secs(2), fut).await;
     }
+}
+
+/// The ErrorResponse `msg` with keyshift's statement name (`"keyshift_<hex>_s1"`, which a
+/// Bind of the unnamed statement named instead) put back as the client's `""`; `None` when
+/// the message does not name one.
+fn unnamed_in_message(msg: &[u8], prefix: &str) -> Option<BytesMut> {
+    let fields = Fields::read(msg).ok()?;
+    let m = fields.message()?;
+    let quoted = format!("\"{prefix}");
+    let at = m
+        .windows(quoted.len())
+        .position(|w| w == quoted.as_bytes())?;
+    let end = at + 1 + m.get(at + 1..)?.iter().position(|&c| c == b'"')?;
+    let mut text = m[..at].to_vec();
+    text.extend_from_slice(b"\"\"");
+    text.extend_from_slice(m.get(end + 1..)?);
+    let mut out = BytesMut::with_capacity(msg.len());
+    build::fields_with(&mut out, sb::ERROR_RESPONSE, &fields, b'M', &text);
+    Some(out)
 }
 
 /// The ErrorResponse `msg` with its position (`P`) moved from the text keyshift sent into the
