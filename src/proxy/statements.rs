@@ -7,6 +7,8 @@
 //! with `client_encoding = LATIN1`, say) is never handed over: it passes as it came.
 
 use std::collections::HashMap;
+
+use crate::rewrite::lex::Kind;
 use std::sync::Arc;
 
 /// The rewriter's answer for one SQL string.
@@ -80,20 +82,58 @@ pub fn dropped_statements(sql: &[u8]) -> Option<Dropped> {
     if !crate::proxy::server_statements::may_drop_statements(sql) {
         return None;
     }
+    let text = String::from_utf8_lossy(sql);
     let mut names = Vec::new();
-    for stmt in split_statements(sql) {
-        let words = words(stmt);
-        let w = |i: usize| words.get(i).map(|w| w.to_ascii_lowercase());
-        match (w(0).as_deref(), w(1).as_deref(), w(2).as_deref()) {
-            (Some(b"discard"), Some(b"all"), None) => return Some(Dropped::All),
-            (Some(b"deallocate"), Some(b"all"), None)
-            | (Some(b"deallocate"), Some(b"prepare"), Some(b"all")) => return Some(Dropped::All),
-            (Some(b"deallocate"), Some(b"prepare"), Some(_)) => names.push(ident(words[2])),
-            (Some(b"deallocate"), Some(_), None) => names.push(ident(words[1])),
-            _ => {}
+    // Each statement's words and quoted identifiers, through the rewriter's lexer (literals,
+    // comments and dollar quotes are not words), split at `;`.
+    let mut words: Vec<Vec<u8>> = Vec::new();
+    // `None` after the last token ends the last statement as `;` ends the others.
+    let tokens = crate::rewrite::lex::Lexer::new(&text)
+        .map(Some)
+        .chain([None]);
+    for t in tokens {
+        match t.map(|t| {
+            (
+                t.kind,
+                text.as_bytes().get(t.start..t.end).unwrap_or_default(),
+            )
+        }) {
+            Some((Kind::Word, raw)) => words.push(raw.to_ascii_lowercase()),
+            Some((Kind::Quoted, raw)) => words.push(unquoted(raw)),
+            Some((Kind::Punct(b';'), _)) | None => {
+                let w = |i: usize| words.get(i).map(Vec::as_slice);
+                match (w(0), w(1), w(2), w(3)) {
+                    (Some(b"discard"), Some(b"all"), None, _)
+                    | (Some(b"deallocate"), Some(b"all"), None, _)
+                    | (Some(b"deallocate"), Some(b"prepare"), Some(b"all"), None) => {
+                        return Some(Dropped::All);
+                    }
+                    (Some(b"deallocate"), Some(b"prepare"), Some(n), None)
+                    | (Some(b"deallocate"), Some(n), None, _) => names.push(n.to_vec()),
+                    _ => {}
+                }
+                words.clear();
+            }
+            Some(_) => {}
         }
     }
     (!names.is_empty()).then_some(Dropped::Names(names))
+}
+
+/// A quoted identifier's name: between the quotes, `""` standing for `"`.
+fn unquoted(raw: &[u8]) -> Vec<u8> {
+    let inner = crate::rewrite::lex::quoted_inner(raw);
+    let mut out = Vec::with_capacity(inner.len());
+    let mut quote = false;
+    for &c in inner {
+        if c == b'"' && quote {
+            quote = false;
+            continue;
+        }
+        quote = c == b'"';
+        out.push(c);
+    }
+    out
 }
 
 /// Where an error position (`P`, 1-based, in characters) in the text keyshift sent lies in
@@ -173,74 +213,6 @@ fn find_token(o: &[char], s: &[char], target: usize) -> Option<usize> {
         return None;
     }
     o.windows(token.len()).position(|w| w == token.as_slice())
-}
-
-/// Statements of a multi-statement text, split at `;` outside quotes and comments.
-fn split_statements(sql: &[u8]) -> Vec<&[u8]> {
-    let mut out = Vec::new();
-    let (mut start, mut i) = (0, 0);
-    while i < sql.len() {
-        match sql[i] {
-            q @ (b'\'' | b'"') => {
-                i += 1;
-                while i < sql.len() && sql[i] != q {
-                    i += 1;
-                }
-            }
-            b'-' if sql.get(i + 1) == Some(&b'-') => {
-                while i < sql.len() && sql[i] != b'\n' {
-                    i += 1;
-                }
-            }
-            b';' => {
-                out.push(&sql[start..i]);
-                start = i + 1;
-            }
-            _ => {}
-        }
-        i += 1;
-    }
-    out.push(sql.get(start..).unwrap_or_default());
-    out
-}
-
-/// Words and quoted identifiers of one statement.
-fn words(stmt: &[u8]) -> Vec<&[u8]> {
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < stmt.len() {
-        let c = stmt[i];
-        if c == b'"' {
-            let start = i;
-            i += 1;
-            while i < stmt.len() && stmt[i] != b'"' {
-                i += 1;
-            }
-            out.push(&stmt[start..(i + 1).min(stmt.len())]);
-            i += 1;
-        } else if c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80 {
-            let start = i;
-            while i < stmt.len()
-                && (stmt[i].is_ascii_alphanumeric()
-                    || matches!(stmt[i], b'_' | b'$')
-                    || stmt[i] >= 0x80)
-            {
-                i += 1;
-            }
-            out.push(&stmt[start..i]);
-        } else {
-            i += 1;
-        }
-    }
-    out
-}
-
-/// A statement name as PostgreSQL resolves it: quoted as written, unquoted folded to lower case.
-fn ident(word: &[u8]) -> Vec<u8> {
-    match word.strip_prefix(b"\"") {
-        Some(q) => q.strip_suffix(b"\"").unwrap_or(q).to_vec(),
-        None => word.to_ascii_lowercase(),
-    }
 }
 
 /// Named prepared statements keyshift may have to prepare again when the rules change, by

@@ -26,7 +26,7 @@
 mod cache;
 mod edit;
 mod insert;
-mod lex;
+pub(crate) mod lex;
 mod lookup;
 mod merge;
 mod preparable;
