@@ -13,3 +13,4 @@ pub mod output;
 pub mod pgcluster;
 pub mod proxy;
 pub mod rewrite;
+pub mod shape;

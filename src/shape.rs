@@ -1,0 +1,124 @@
+//! Shapes: the two ways a client connection can see the migrated tables (DESIGN "Shapes").
+//!
+//! `integer` is the original shape (`id` integer, its uuid in `id_uuid`, each FK an integer
+//! with a `_uuid` twin); `uuid` is the shape after cutover (`id` uuid, the integer in
+//! `id_legacy`, each FK a uuid with a `_legacy` twin). The *physical* shape (what the tables
+//! look like right now) follows the phase; a session whose shape is not the physical one is
+//! *translated*: the proxy points its table references at keyshift's views of its shape
+//! (`keyshift_<shape>_<schema>.<table>`), created at expand. A view binds its columns by
+//! position, so each view keeps serving its shape through the swap's renames and back.
+
+use std::fmt;
+
+use crate::migrate::state::Phase;
+
+/// A session's shape, for its whole life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Shape {
+    Integer,
+    Uuid,
+}
+
+/// The startup parameter (and `-c` option) a client names its shape with.
+pub const PARAMETER: &str = "keyshift.shape";
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid value for parameter \"keyshift.shape\": \"{0}\" (use integer or uuid)")]
+pub struct UnknownShape(pub String);
+
+impl Shape {
+    pub const ALL: [Shape; 2] = [Shape::Integer, Shape::Uuid];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Shape::Integer => "integer",
+            Shape::Uuid => "uuid",
+        }
+    }
+
+    /// PostgreSQL reads parameter values case-sensitively but enum GUCs case-insensitively;
+    /// this is an enum, so `UUID` is accepted too.
+    pub fn parse(s: &str) -> Result<Shape, UnknownShape> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "integer" => Ok(Shape::Integer),
+            "uuid" => Ok(Shape::Uuid),
+            _ => Err(UnknownShape(s.to_string())),
+        }
+    }
+
+    /// What the migrated tables look like in `phase`: the uuid columns carry the original
+    /// names from the swap's commit (`cut_over`) until a rollback commits.
+    pub fn physical(phase: Phase) -> Shape {
+        match phase {
+            Phase::CutOver | Phase::RollingBack | Phase::Finalizing | Phase::Finalized => {
+                Shape::Uuid
+            }
+            _ => Shape::Integer,
+        }
+    }
+
+    /// Whether a new session may take this shape in `phase`; `Err` says why not and when it
+    /// will work, for the startup refusal.
+    pub fn available(self, phase: Phase) -> Result<(), String> {
+        match (self, phase) {
+            (
+                Shape::Uuid,
+                Phase::Expanding
+                | Phase::Expanded
+                | Phase::Backfilling
+                | Phase::Backfilled
+                | Phase::Hardening
+                | Phase::Aborting,
+            ) => Err(format!(
+                "the uuid shape is served once the uuids are complete and enforced; the \
+                 migration is in phase {phase}: it works after `keyshift harden` (phase hardened)"
+            )),
+            (Shape::Integer, Phase::Finalizing | Phase::Finalized) => Err(format!(
+                "the integer shape is gone: the migration is in phase {phase} and the legacy \
+                 integer columns are dropped; connect with keyshift.shape=uuid"
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The schema of keyshift's views of `schema`'s migrated tables in this shape.
+    pub fn view_schema(self, schema: &str) -> String {
+        format!("keyshift_{}_{}", self.as_str(), schema)
+    }
+}
+
+impl fmt::Display for Shape {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_case_insensitively_and_refuses_the_rest() {
+        assert_eq!(Shape::parse("uuid"), Ok(Shape::Uuid));
+        assert_eq!(Shape::parse(" Integer "), Ok(Shape::Integer));
+        assert_eq!(Shape::parse("int"), Err(UnknownShape("int".into())));
+    }
+
+    #[test]
+    fn physical_shape_turns_at_the_swap_and_back_at_rollback() {
+        assert_eq!(Shape::physical(Phase::CuttingOver), Shape::Integer);
+        assert_eq!(Shape::physical(Phase::CutOver), Shape::Uuid);
+        assert_eq!(Shape::physical(Phase::RollingBack), Shape::Uuid);
+        assert_eq!(Shape::physical(Phase::Hardened), Shape::Integer);
+    }
+
+    #[test]
+    fn uuid_waits_for_harden_and_integer_ends_at_finalize() {
+        assert!(Shape::Uuid.available(Phase::Backfilled).is_err());
+        assert!(Shape::Uuid.available(Phase::Hardened).is_ok());
+        assert!(Shape::Integer.available(Phase::CutOver).is_ok());
+        assert!(Shape::Integer.available(Phase::Finalized).is_err());
+        assert_eq!(Shape::Uuid.view_schema("public"), "keyshift_uuid_public");
+    }
+}
