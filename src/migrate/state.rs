@@ -2,6 +2,7 @@
 //! cursors and counts, an event log, and the registered proxies. Everything durable lives here,
 //! in the target database, so that proxies stay stateless and any operator machine can resume.
 
+use crate::shape::Shape;
 use serde::{Deserialize, Serialize};
 use tokio_postgres::Client;
 
@@ -133,6 +134,8 @@ pub struct Migration {
     pub phase: Phase,
     /// Bumped at every phase change; a proxy swaps its rule set when it sees a new one.
     pub rules_version: i64,
+    /// The shape of sessions that name none and match no rule (`keyshift shape default`).
+    pub default_shape: Shape,
 }
 
 /// The state schema. Idempotent; creating it takes no lock on application tables.
@@ -183,7 +186,10 @@ CREATE TABLE IF NOT EXISTS keyshift.proxies (
     heartbeat_at timestamptz NOT NULL DEFAULT now(),
     acked_rules_version bigint,
     paused boolean NOT NULL DEFAULT false
-)"
+);
+ALTER TABLE keyshift.migration ADD COLUMN IF NOT EXISTS default_shape text NOT NULL DEFAULT 'integer'
+    CHECK (default_shape IN ('integer', 'uuid'));
+ALTER TABLE keyshift.proxies ADD COLUMN IF NOT EXISTS sessions jsonb"
     .into()
 }
 
@@ -234,7 +240,9 @@ pub async fn load_migration(client: &Client) -> Result<Option<Migration>, StateE
     }
     let Some(row) = client
         .query_opt(
-            "SELECT phase, plan::text, plan_format, rules_version FROM keyshift.migration WHERE id = 1",
+            "SELECT phase, plan::text, plan_format, rules_version,
+                    coalesce(to_jsonb(m) ->> 'default_shape', 'integer')
+             FROM keyshift.migration m WHERE id = 1",
             &[],
         )
         .await?
@@ -252,6 +260,8 @@ pub async fn load_migration(client: &Client) -> Result<Option<Migration>, StateE
         plan,
         phase: Phase::parse(&phase).ok_or(StateError::Phase(phase))?,
         rules_version: row.get(3),
+        // A database the CHECK guards; anything else reads as the original shape.
+        default_shape: Shape::parse(row.get::<_, &str>(4)).unwrap_or(Shape::Integer),
     }))
 }
 

@@ -9,6 +9,7 @@
 //! SeqCst). So either the session sees the gate closed and holds, or `pause` sees it active
 //! and waits for it; a message can never slip past a pause that believes all is quiet.
 
+use crate::shape::Shape;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
@@ -79,6 +80,8 @@ pub struct SessionInfo {
     pub user: String,
     pub database: String,
     pub application_name: String,
+    /// The shape this session sees, decided at startup (src/shape.rs).
+    pub shape: Shape,
     pub started: SystemTime,
     state: AtomicU8,
     /// The upstream backend's pid, once known (0 before).
@@ -102,6 +105,7 @@ pub struct SessionView {
     pub user: String,
     pub database: String,
     pub application_name: String,
+    pub shape: Shape,
     /// Seconds the session has been in its current state.
     pub state_seconds: f64,
 }
@@ -157,6 +161,7 @@ impl Gate {
         user: String,
         database: String,
         application_name: String,
+        shape: Shape,
     ) -> Arc<SessionInfo> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let info = Arc::new(SessionInfo {
@@ -165,6 +170,7 @@ impl Gate {
             user,
             database,
             application_name,
+            shape,
             started: SystemTime::now(),
             state: AtomicU8::new(SessionState::Startup as u8),
             backend_pid: AtomicU32::new(0),
@@ -321,6 +327,7 @@ fn view(s: &SessionInfo) -> SessionView {
         user: s.user.clone(),
         database: s.database.clone(),
         application_name: s.application_name.clone(),
+        shape: s.shape,
         state_seconds: now_ms().saturating_sub(s.since_ms.load(Ordering::Relaxed)) as f64 / 1000.0,
     }
 }
@@ -332,7 +339,7 @@ mod tests {
     #[tokio::test]
     async fn pause_waits_for_busy_then_drains() {
         let gate = Arc::new(Gate::default());
-        let s = gate.register(None, "u".into(), "d".into(), "a".into());
+        let s = gate.register(None, "u".into(), "d".into(), "a".into(), Shape::Integer);
         gate.set_state(&s, SessionState::IdleInTransaction);
         let out = gate.pause(Duration::from_millis(30)).await;
         assert!(!out.drained);

@@ -516,9 +516,13 @@ async fn session(
         d if d.is_empty() => user.clone(),
         d => d,
     };
-    let info = shared
-        .gate
-        .register(Some(addr), user, database, param("application_name"));
+    let info = shared.gate.register(
+        Some(addr),
+        user,
+        database,
+        param("application_name"),
+        crate::shape::Shape::Integer,
+    );
     let registered = Registered {
         shared: shared.clone(),
         info: info.clone(),

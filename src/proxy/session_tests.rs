@@ -32,9 +32,13 @@ fn start() -> Harness {
     let cfg = ProxyConfig::default();
     let upstream = Upstream::new(&cfg, None);
     let shared = Arc::new(Shared::new(cfg, upstream, None));
-    let info = shared
-        .gate
-        .register(None, "u".into(), "db".into(), "test".into());
+    let info = shared.gate.register(
+        None,
+        "u".into(),
+        "db".into(),
+        "test".into(),
+        crate::shape::Shape::Integer,
+    );
     let (client, relay_client) = duplex(64 * 1024);
     let (server, relay_server) = duplex(64 * 1024);
     let session = Session::new(
