@@ -618,9 +618,13 @@ mod tests {
         let cfg = ProxyConfig::default();
         let upstream = Upstream::new(&cfg, None);
         let shared = Arc::new(Shared::new(cfg, upstream, None));
-        let info = shared
-            .gate
-            .register(None, "u".into(), "db".into(), "panics".into());
+        let info = shared.gate.register(
+            None,
+            "u".into(),
+            "db".into(),
+            "panics".into(),
+            crate::shape::Shape::Integer,
+        );
         let registered = Registered {
             shared: shared.clone(),
             info: info.clone(),
