@@ -73,6 +73,8 @@ pub struct FileConfig {
     pub server_statements: Option<usize>,
     pub map_token: Option<String>,
     pub map_cache_entries: Option<usize>,
+    /// `[[shape_rules]]`: the shape of sessions that do not name one (src/shape.rs).
+    pub shape_rules: Option<Vec<crate::shape::ShapeRule>>,
     pub lock_timeout: Option<String>,
     pub ddl_retries: Option<u32>,
     pub uuid_version: Option<u8>,
@@ -231,6 +233,8 @@ pub struct ProxyConfig {
     pub server_statements: usize,
     pub map_token: Option<String>,
     pub map_cache_entries: usize,
+    /// The shape of sessions that name none, by user, database and application_name.
+    pub shape_rules: Vec<crate::shape::ShapeRule>,
 }
 
 impl Default for ProxyConfig {
@@ -260,6 +264,7 @@ impl Default for ProxyConfig {
             server_statements: 64,
             map_token: None,
             map_cache_entries: 1_000_000,
+            shape_rules: Vec::new(),
         }
     }
 }
@@ -340,6 +345,7 @@ impl ProxyConfig {
                 .map_cache_entries
                 .or(file.map_cache_entries)
                 .unwrap_or(d.map_cache_entries),
+            shape_rules: file.shape_rules.unwrap_or_default(),
         };
         cfg.validate()?;
         Ok(cfg)

@@ -94,6 +94,37 @@ impl fmt::Display for Shape {
     }
 }
 
+/// A configuration rule giving the sessions it matches a shape (`[[shape_rules]]`): every
+/// field given must match; `application_name` may use `*` for any run of characters.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShapeRule {
+    pub shape: Shape,
+    pub user: Option<String>,
+    pub database: Option<String>,
+    pub application_name: Option<String>,
+}
+
+impl ShapeRule {
+    pub fn matches(&self, user: &str, database: &str, application_name: &str) -> bool {
+        self.user.as_deref().is_none_or(|u| u == user)
+            && self.database.as_deref().is_none_or(|d| d == database)
+            && self
+                .application_name
+                .as_deref()
+                .is_none_or(|p| glob(p.as_bytes(), application_name.as_bytes()))
+    }
+}
+
+/// `*` matches any run of bytes; everything else matches itself.
+fn glob(pattern: &[u8], s: &[u8]) -> bool {
+    match pattern.split_first() {
+        None => s.is_empty(),
+        Some((b'*', rest)) => (0..=s.len()).any(|i| glob(rest, &s[i..])),
+        Some((c, rest)) => s.first() == Some(c) && glob(rest, &s[1..]),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -120,5 +151,21 @@ mod tests {
         assert!(Shape::Integer.available(Phase::CutOver).is_ok());
         assert!(Shape::Integer.available(Phase::Finalized).is_err());
         assert_eq!(Shape::Uuid.view_schema("public"), "keyshift_uuid_public");
+    }
+
+    #[test]
+    fn rules_match_every_field_given() {
+        let r = ShapeRule {
+            shape: Shape::Uuid,
+            user: Some("app".into()),
+            database: None,
+            application_name: Some("billing-v2*".into()),
+        };
+        assert!(r.matches("app", "db", "billing-v2-worker"));
+        assert!(!r.matches("app", "db", "billing-v1"));
+        assert!(!r.matches("other", "db", "billing-v2"));
+        assert!(glob(b"*", b""));
+        assert!(glob(b"a*b*c", b"aXXbYc"));
+        assert!(!glob(b"a*b", b"ac"));
     }
 }

@@ -33,6 +33,7 @@ async fn setup() -> (common::TestDb, TestProxy, tokio_postgres::Client) {
     p.shared.rewriter.store(Some(Arc::new(ActiveRewriter {
         database: Some(db.name.clone()),
         rewriter: Box::new(Swap),
+        translated: None,
     })));
     let c = common::connect(&p.url("postgres", &db.name)).await;
     (db, p, c)
@@ -165,6 +166,7 @@ async fn statements_prepared_before_a_rules_change_are_prepared_again() {
         p.shared.set_rewriter(r.map(|lit| ActiveRewriter {
             database: Some(db.name.clone()),
             rewriter: Box::new(To(lit)),
+            translated: None,
         }))
     };
     set(Some("v1"));

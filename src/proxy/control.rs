@@ -20,7 +20,8 @@ use tracing::{info, warn};
 use super::Shared;
 use super::dualwrite::{self, Settings};
 use super::gate::PauseOutcome;
-use super::statements::ActiveRewriter;
+use super::shapes::LiveMigration;
+use super::statements::{ActiveRewriter, StatementRewriter};
 use crate::migrate::metrics::MigrateMetrics;
 use crate::migrate::{progress, state};
 
@@ -586,6 +587,12 @@ impl Control {
                 return Ok(());
             }
         };
+        self.shared.migration.store(migration.as_ref().map(|m| {
+            Arc::new(LiveMigration {
+                phase: m.phase,
+                default_shape: m.default_shape,
+            })
+        }));
         match &migration {
             None if self.version != 0 => {
                 info!("no migration in the database any more; passing every statement through");
@@ -612,10 +619,14 @@ impl Control {
                             "passthrough"
                         };
                         info!(phase = %m.phase, rules_version = m.rules_version, mode, "new rules in force");
-                        self.shared.set_rewriter(rw.map(|r| ActiveRewriter {
-                            database: self.database.clone(),
-                            rewriter: Box::new(r),
-                        }));
+                        self.shared
+                            .set_rewriter(rw.map(|(r, translated)| ActiveRewriter {
+                                database: self.database.clone(),
+                                rewriter: Box::new(r),
+                                translated: translated.map(|(shape, t)| {
+                                    (shape, Box::new(t) as Box<dyn StatementRewriter>)
+                                }),
+                            }));
                         self.shared
                             .metrics
                             .rewrite

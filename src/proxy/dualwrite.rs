@@ -23,6 +23,7 @@ use crate::rewrite::{
     ClientView, Direction, FkPlan, Outcome, ParentPlan, PlanRules, RewriteCache, RuleError,
     RuleSet, Skip, TableColumns, redact,
 };
+use crate::shape::Shape;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DualWriteError {
@@ -133,8 +134,9 @@ pub async fn child_columns(
         .collect())
 }
 
-/// Builds the rewriter for a migration in `phase`, or `None` when the phase passes writes
-/// through unchanged.
+/// The rewriters for a migration in `phase`: one for sessions in the physical shape, and
+/// one for sessions of the other shape when the phase serves it; `None` when the phase passes
+/// writes through unchanged.
 pub async fn build(
     client: &Client,
     plan: &Plan,
@@ -142,7 +144,7 @@ pub async fn build(
     version: u64,
     settings: &Settings,
     metrics: Arc<RewriteMetrics>,
-) -> Result<Option<DualWrite>, DualWriteError> {
+) -> Result<Option<(DualWrite, Option<(Shape, DualWrite)>)>, DualWriteError> {
     let Some(dir) = direction(phase) else {
         return Ok(None);
     };
@@ -154,7 +156,37 @@ pub async fn build(
         settings.search_path.clone(),
         version,
     )?;
-    Ok(Some(DualWrite::new(set, settings, metrics)))
+    let physical = Shape::physical(phase);
+    let other = Shape::ALL.into_iter().find(|s| *s != physical);
+    let translated = match other.filter(|s| s.available(phase).is_ok()) {
+        Some(shape) => {
+            let set = RuleSet::build(
+                &rules,
+                shape_direction(shape),
+                ClientView::Translated(shape),
+                settings.search_path.clone(),
+                version,
+            )?;
+            // A translated statement that cannot be translated would run against the tables
+            // in the other shape: always refused, strict or not.
+            let strict = Settings {
+                strict: true,
+                ..settings.clone()
+            };
+            Some((shape, DualWrite::new(set, &strict, metrics.clone())))
+        }
+        None => None,
+    };
+    Ok(Some((DualWrite::new(set, settings, metrics), translated)))
+}
+
+/// The dual-write a shape's writes need: an integer-shaped write names the integer columns
+/// and its uuid twins are filled; a uuid-shaped one the other way round.
+pub fn shape_direction(shape: Shape) -> Direction {
+    match shape {
+        Shape::Integer => Direction::Forward,
+        Shape::Uuid => Direction::Reverse,
+    }
 }
 
 /// Statement shapes already logged as skipped; bounded so odd traffic cannot grow it.
@@ -209,8 +241,19 @@ impl DualWrite {
         }
     }
 
-    fn refusal(skips: &[Skip]) -> Decision {
+    fn refusal(&self, skips: &[Skip]) -> Decision {
         let s = &skips[0];
+        if let Some(shape) = self.rules.translated() {
+            return Decision::Refuse(
+                format!(
+                    "keyshift cannot serve this statement to a {shape}-shaped session: {} ({} is \
+                     served to this session through keyshift's view of it)",
+                    s.reason.describe(),
+                    s.table
+                )
+                .into(),
+            );
+        }
         Decision::Refuse(
             format!(
                 "keyshift refused a write to {}: {} (strict = true; without strict it would pass unchanged and leave the uuid columns for the backfill's catch-up)",
@@ -222,14 +265,39 @@ impl DualWrite {
     }
 }
 
+/// A statement that tries to change `keyshift.shape` (a `SET`, `RESET` or `set_config`):
+/// PostgreSQL would accept it as a placeholder setting and nothing would change, so it is
+/// refused with the reason instead.
+fn changes_shape(sql: &str) -> bool {
+    const NAME: &[u8] = b"keyshift.shape";
+    let b = sql.as_bytes();
+    // Most statements have no dot at all: one pass of a byte search before the window scan.
+    if !b.contains(&b'.') || !b.windows(NAME.len()).any(|w| w.eq_ignore_ascii_case(NAME)) {
+        return false;
+    }
+    let lower = sql.to_ascii_lowercase();
+    let first = lower.split_whitespace().next().unwrap_or("");
+    matches!(first, "set" | "reset") || lower.contains("set_config")
+}
+
+const SHAPE_FIXED: &str = "keyshift.shape is fixed for the life of a connection: open a new \
+     connection with keyshift.shape set (startup parameter, or -c keyshift.shape=… in options) \
+     to use another shape";
+
 impl StatementRewriter for DualWrite {
     fn rewrite(&self, sql: &str) -> Decision {
+        if changes_shape(sql) {
+            return Decision::Refuse(SHAPE_FIXED.into());
+        }
         let start = Instant::now();
         let out = self.cache.rewrite(&self.rules, sql);
         self.decide(sql, &out, start)
     }
 
     fn rewrite_query(&self, sql: &str) -> (Decision, Option<QueryTemplate>) {
+        if changes_shape(sql) {
+            return (Decision::Refuse(SHAPE_FIXED.into()), None);
+        }
         let start = Instant::now();
         let (out, prepare) = self.cache.rewrite_query(&self.rules, sql);
         let decision = self.decide(sql, &out, start);
@@ -269,7 +337,7 @@ impl DualWrite {
                 if !skipped.is_empty() {
                     self.skipped(sql, skipped);
                     if self.strict {
-                        return Self::refusal(skipped);
+                        return self.refusal(skipped);
                     }
                 }
                 Decision::Replace(new.as_str().into())
@@ -277,7 +345,7 @@ impl DualWrite {
             Outcome::Skipped(skips) => {
                 self.skipped(sql, skips);
                 if self.strict {
-                    Self::refusal(skips)
+                    self.refusal(skips)
                 } else {
                     Decision::Forward
                 }

@@ -23,6 +23,7 @@ pub mod messages;
 pub mod replies;
 pub mod server_statements;
 pub mod session;
+pub mod shapes;
 pub mod startup;
 pub mod statements;
 pub mod stream;
@@ -79,6 +80,9 @@ pub struct Shared {
     /// once idle, the named statements whose text the new rules change
     /// (`Session::own_sequence`).
     pub rules_version: std::sync::atomic::AtomicU64,
+    /// The migration's phase and default shape, for startup decisions; `None` with no
+    /// migration (or before the control link first read it).
+    pub migration: arc_swap::ArcSwapOption<shapes::LiveMigration>,
     /// True while the link to the migrated database (`database_url`) is up.
     pub control_connected: std::sync::atomic::AtomicBool,
     /// The id mapping served on `/v1/map` (src/map).
@@ -110,6 +114,7 @@ impl Shared {
             metrics,
             map,
             rewriter: arc_swap::ArcSwapOption::empty(),
+            migration: arc_swap::ArcSwapOption::empty(),
             rules_version: std::sync::atomic::AtomicU64::new(0),
             control_connected: std::sync::atomic::AtomicBool::new(false),
             force_shutdown: force_rx,
@@ -516,13 +521,39 @@ async fn session(
         d if d.is_empty() => user.clone(),
         d => d,
     };
-    let info = shared.gate.register(
-        Some(addr),
-        user,
-        database,
-        param("application_name"),
-        crate::shape::Shape::Integer,
-    );
+    let application_name = param("application_name");
+    // The shape, once: before connecting upstream, so a refused client costs no backend.
+    let migration = shared.migration.load();
+    let shape = shapes::requested(&params)
+        .map_err(shapes::Refusal::from)
+        .and_then(|requested| {
+            shapes::decide(
+                requested,
+                &shared.cfg.shape_rules,
+                (&user, &database, &application_name),
+                migration.as_deref(),
+            )
+        });
+    let shape = match shape {
+        Ok(s) => s,
+        Err(refusal) => {
+            let code = match refusal {
+                shapes::Refusal::Unknown(_) => sqlstate::INVALID_PARAMETER_VALUE,
+                shapes::Refusal::Unavailable { .. } => sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE,
+            };
+            shared
+                .metrics
+                .connections_rejected
+                .with_label_values(&["shape"])
+                .inc();
+            let _ = startup::send(&mut client, &messages::fatal(code, &refusal.to_string())).await;
+            return;
+        }
+    };
+    let packet = shapes::strip(&packet, &params).unwrap_or(packet);
+    let info = shared
+        .gate
+        .register(Some(addr), user, database, application_name, shape);
     let registered = Registered {
         shared: shared.clone(),
         info: info.clone(),

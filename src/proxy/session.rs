@@ -160,6 +160,11 @@ pub struct Session<C, S> {
     /// Moves whenever the client's unnamed statement is replaced or dropped (Query, unnamed
     /// Parse, Close of it): a skipped Parse restores only if nothing replaced it since.
     unnamed_gen: u64,
+    /// The client's own SQL and parameter types of its unnamed statement, while rules are in
+    /// force: when they change, a Bind that reuses the statement without a new Parse must run
+    /// it under the new rules, not the text prepared under the old ones (the swap's
+    /// `column "…_uuid" does not exist`).
+    unnamed_sql: Option<(Arc<str>, Box<[u8]>)>,
     /// Restore-token Parses still unanswered, and whether a Sync went after one: a Bind or
     /// Describe in a later sequence waits (`restore_hold`) until PostgreSQL says whether it
     /// skipped that Parse, since that decides which statement the client's unnamed one is.
@@ -232,6 +237,7 @@ where
             stmts: ServerStatements::new(shared.cfg.server_statements),
             rules_seen: shared.rules_version.load(Ordering::Acquire),
             unnamed_gen: 0,
+            unnamed_sql: None,
             restore_inflight: 0,
             restore_sync_passed: false,
             restore_hold: false,
@@ -490,7 +496,8 @@ where
                         self.rules_seen = version;
                         self.stmts.retire_all();
                     }
-                    if (rules_changed && !self.prepared.is_empty()) || self.stmts.has_closes() {
+                    let to_redo = !self.prepared.is_empty() || self.unnamed_sql.is_some();
+                    if (rules_changed && to_redo) || self.stmts.has_closes() {
                         self.counters.client_bytes(fwd);
                         move_prefix(&mut self.c_in, &mut self.c_out, fwd);
                         fwd = 0;
@@ -527,7 +534,7 @@ where
                 .as_deref()
                 .filter(|r| r.applies_to(&self.info.database));
             let rules = Rules {
-                rewriter: active.map(|a| &*a.rewriter),
+                rewriter: active.map(|a| a.for_shape(self.info.shape)),
                 tracking: active.is_none()
                     && rewriter.is_none()
                     && self.shared.cfg.database_url.is_some(),
@@ -660,6 +667,7 @@ where
                 {
                     if c.name.is_empty() {
                         self.unnamed_gen += 1;
+                        self.unnamed_sql = None;
                         self.stmts.unnamed_replaced();
                     } else {
                         self.prepared.forget(c.name);
@@ -706,6 +714,7 @@ where
         };
         // A simple Query drops the unnamed statement.
         self.unnamed_gen += 1;
+        self.unnamed_sql = None;
         self.stmts.unnamed_replaced();
         self.observe_drops(q.sql);
         // Only valid UTF-8 is rewritten; anything else passes exactly as it came.
@@ -788,6 +797,11 @@ where
         };
         self.observe_drops(p.sql);
         let sql = std::str::from_utf8(p.sql).ok();
+        if p.name.is_empty() {
+            self.unnamed_sql = sql
+                .filter(|_| rules.rewriter.is_some())
+                .map(|s| (Arc::from(s), Box::from(p.types)));
+        }
         let decision = match (rules.rewriter, sql) {
             (Some(rw), Some(sql)) => rw.rewrite(sql),
             _ => Decision::Forward,
@@ -923,14 +937,19 @@ where
         let changed = if rules_changed {
             let rw = self.shared.rewriter.load();
             let active = rw.as_ref().filter(|r| r.applies_to(&self.info.database));
-            self.prepared
-                .changed(|sql| match active.map(|r| r.rewriter.rewrite(sql)) {
+            let shape = self.info.shape;
+            self.prepared.changed(
+                |sql| match active.map(|r| r.for_shape(shape).rewrite(sql)) {
                     Some(Decision::Replace(s)) => Some(s.to_string()),
                     _ => None,
-                })
+                },
+            )
         } else {
             Vec::new()
         };
+        if rules_changed {
+            self.restore_unnamed_under_new_rules();
+        }
         if changed.is_empty() && closes.is_empty() {
             return;
         }
@@ -949,6 +968,29 @@ where
             closed = closes.len(),
             "re-preparing rewritten statements under new rules, closing keyshift's own"
         );
+    }
+
+    /// After a rules change, the client's unnamed statement as the new rules make it: if that
+    /// is not what the server has, it is prepared again before the client's next Bind or
+    /// Describe of it (`on_unnamed_use`), and keyshift's alias for it ends.
+    fn restore_unnamed_under_new_rules(&mut self) {
+        let Some((sql, types)) = self.unnamed_sql.clone() else {
+            return;
+        };
+        let rw = self.shared.rewriter.load();
+        let active = rw.as_ref().filter(|r| r.applies_to(&self.info.database));
+        let now: Arc<str> = match active.map(|r| r.for_shape(self.info.shape).rewrite(&sql)) {
+            Some(Decision::Replace(s)) => s,
+            _ => sql,
+        };
+        // Without an alias the server's text is unknown here (the client's own, or a rewrite
+        // forwarded under the old rules): preparing it again costs one Parse, once.
+        if self.stmts.alias_restore().is_some_and(|r| r.sql == now) {
+            return;
+        }
+        self.stmts.end_alias();
+        self.stmts
+            .set_restore(super::server_statements::Restore { sql: now, types });
     }
 
     /// Scans server bytes into `s_out`: the client's messages stream through; ReadyForQuery

@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 
 use crate::rewrite::lex::Kind;
+use crate::shape::Shape;
 use std::sync::Arc;
 
 /// The rewriter's answer for one SQL string.
@@ -51,12 +52,24 @@ pub struct ActiveRewriter {
     /// The database the migration lives in: sessions connected to another database of the
     /// same server are never rewritten. `None` applies to every session (tests).
     pub database: Option<String>,
+    /// For sessions in the physical shape (and any shape the phase does not serve).
     pub rewriter: Box<dyn StatementRewriter>,
+    /// For sessions of the other shape, which it points at keyshift's views of that shape;
+    /// `None` while that shape is not served (the uuid shape before harden).
+    pub translated: Option<(Shape, Box<dyn StatementRewriter>)>,
 }
 
 impl ActiveRewriter {
     pub fn applies_to(&self, database: &str) -> bool {
         self.database.as_deref().is_none_or(|d| d == database)
+    }
+
+    /// The rewriter a session of `shape` uses.
+    pub fn for_shape(&self, shape: Shape) -> &dyn StatementRewriter {
+        match &self.translated {
+            Some((s, rw)) if *s == shape => &**rw,
+            _ => &*self.rewriter,
+        }
     }
 }
 

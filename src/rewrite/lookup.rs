@@ -89,7 +89,7 @@ pub(crate) fn lookup(fill: &Fill, expr: &str, refers_to_columns: bool, ctes: &[S
 }
 
 fn parent_lookup(fill: &Fill, expr: &str, refers_to_columns: bool) -> String {
-    let schema = quote(&fill.parent_schema);
+    let schema = quote(&fill.lookup_schema);
     let table = quote(&fill.parent_table);
     let key = quote(&fill.parent_key);
     let value = quote(&fill.parent_value);

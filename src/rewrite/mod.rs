@@ -35,6 +35,7 @@ mod redact;
 mod rules;
 mod shape;
 mod statement;
+mod translate;
 mod update;
 
 #[cfg(test)]
@@ -76,6 +77,8 @@ pub enum Kind {
     Upsert,
     Update,
     Merge,
+    /// A statement of a translated session pointed at keyshift's views of its shape.
+    Translated,
 }
 
 impl Kind {
@@ -86,6 +89,7 @@ impl Kind {
             Kind::Upsert => "upsert",
             Kind::Update => "update",
             Kind::Merge => "merge",
+            Kind::Translated => "translated",
         }
     }
 }
@@ -107,6 +111,9 @@ pub enum SkipReason {
     Invalid,
     /// The rewriter panicked (a bug), caught.
     Internal,
+    /// A translated session's statement in a form PostgreSQL cannot run through a view
+    /// (src/rewrite/translate.rs): what the form is.
+    ViewLimit(&'static str),
 }
 
 impl SkipReason {
@@ -118,12 +125,13 @@ impl SkipReason {
             SkipReason::TooLong => "too_long",
             SkipReason::Invalid => "rewrite_invalid",
             SkipReason::Internal => "internal_error",
+            SkipReason::ViewLimit(_) => "view_limit",
         }
     }
 
     /// A sentence for the strict-mode ErrorResponse.
-    pub fn describe(self) -> &'static str {
-        match self {
+    pub fn describe(self) -> std::borrow::Cow<'static, str> {
+        std::borrow::Cow::Borrowed(match self {
             SkipReason::ParseError => "keyshift cannot parse this statement",
             SkipReason::Unsupported => "keyshift cannot rewrite this form of statement",
             SkipReason::Volatile => {
@@ -132,7 +140,13 @@ impl SkipReason {
             SkipReason::TooLong => "the statement is too long for keyshift to rewrite",
             SkipReason::Invalid => "keyshift's rewrite of this statement was not valid SQL",
             SkipReason::Internal => "keyshift failed to rewrite this statement (a bug)",
-        }
+            SkipReason::ViewLimit(what) => {
+                return std::borrow::Cow::Owned(format!(
+                    "keyshift serves this session's shape through views, and PostgreSQL cannot \
+                     run {what} through a view"
+                ));
+            }
+        })
     }
 }
 
@@ -260,7 +274,7 @@ fn rewrite_parsed(rules: &RuleSet, sql: &str, verify: bool, gate: bool) -> Outco
             src.raw = p.into_tokens();
         }
         let Some(stmt) = parsed else {
-            if let Some(table) = rules.prescan.written(sql, range.clone()) {
+            if let Some(table) = untranslatable_or_written(rules, sql, range.clone()) {
                 skipped.push(Skip {
                     table: table.to_string(),
                     reason: SkipReason::ParseError,
@@ -283,6 +297,19 @@ fn rewrite_parsed(rules: &RuleSet, sql: &str, verify: bool, gate: bool) -> Outco
             continue;
         }
         ctx.finish_ctes();
+        if let Some(shape) = rules.translated() {
+            match translate::redirect(&mut ctx, &stmt, shape) {
+                Ok(true) if ctx.changes.is_empty() => ctx.changes.push(Change {
+                    table: name.to_string(),
+                    kind: Kind::Translated,
+                }),
+                Ok(_) => {}
+                Err(skip) => {
+                    skipped.push(skip);
+                    continue;
+                }
+            }
+        }
         if ctx.edits.is_empty() {
             continue;
         }
@@ -330,12 +357,26 @@ fn invalid(changes: &[Change], name: &str) -> Skip {
 /// a DDL statement naming a column `c`, a cursor called `c`) is not a skipped dual-write: it is
 /// neither refused in strict mode nor counted.
 fn unparsed(rules: &RuleSet, sql: &str, range: Range<usize>, reason: SkipReason) -> Outcome {
-    match rules.prescan.written(sql, range) {
+    match untranslatable_or_written(rules, sql, range) {
         Some(table) => Outcome::Skipped(vec![Skip {
             table: table.to_string(),
             reason,
         }]),
         None => Outcome::Unchanged,
+    }
+}
+
+/// The table a statement keyshift could not parse concerns: for a translated session any
+/// mention of a migrated table (run untranslated, it would see the other shape), otherwise
+/// only a write that needs a dual-write.
+fn untranslatable_or_written<'r>(
+    rules: &'r RuleSet,
+    sql: &str,
+    range: Range<usize>,
+) -> Option<&'r str> {
+    match rules.translated() {
+        Some(_) => rules.prescan.find(sql.get(range)?),
+        None => rules.prescan.written(sql, range),
     }
 }
 

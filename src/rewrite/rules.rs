@@ -4,9 +4,10 @@
 //! that the proxy can build a new one on every `NOTIFY keyshift` and swap it atomically, and so
 //! that adding client views later is a new input rather than a redesign.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use super::prescan::Prescan;
+use crate::shape::Shape;
 
 /// Which way the dual-write runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -18,13 +19,16 @@ pub enum Direction {
     Reverse,
 }
 
-/// The shape of the schema a client sees. Only the physical shape exists today; the variant
-/// is here so that per-client views (integer or uuid shape in any phase) become a new value of
-/// this input, not a new signature.
+/// How a session's statements reach the migrated tables.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum ClientView {
+    /// The session's shape is the physical one: statements go to the tables themselves.
     #[default]
     Physical,
+    /// The session sees `Shape` while the tables are in the other shape: every reference to
+    /// a migrated table is pointed at keyshift's view of it in that shape
+    /// (`Shape::view_schema`), and the fills' lookups read the parents' views too.
+    Translated(Shape),
 }
 
 /// A migrated parent table, as the plan names it before `expand` (original names).
@@ -112,6 +116,9 @@ pub(crate) struct Fill {
     pub parent_table: String,
     pub parent_key: String,
     pub parent_value: String,
+    /// The schema the lookup reads the parent from: the parent's own, or its view schema
+    /// for a translated session.
+    pub lookup_schema: String,
 }
 
 /// What the rewriter does for one child table.
@@ -135,6 +142,9 @@ pub struct RuleSet {
     children: HashMap<(String, String), ChildRules>,
     /// Parent tables some fill looks up, as (schema, table).
     parents: Vec<(String, String)>,
+    /// Every migrated table, parents and children: what a translated session's references
+    /// are pointed away from.
+    migrated: HashSet<(String, String)>,
     pub(crate) prescan: Prescan,
 }
 
@@ -178,8 +188,13 @@ impl RuleSet {
                     parent: format!("{}.{}", fk.parent_schema, fk.parent_table),
                 });
             }
+            let lookup_schema = match view {
+                ClientView::Physical => fk.parent_schema.clone(),
+                ClientView::Translated(shape) => shape.view_schema(&fk.parent_schema),
+            };
             let fill = match direction {
                 Direction::Forward => Fill {
+                    lookup_schema,
                     source: fk.column.clone(),
                     target: fk.uuid_column.clone(),
                     cast: fk.column_type.clone(),
@@ -189,6 +204,7 @@ impl RuleSet {
                     parent_value: fk.parent_uuid_column.clone(),
                 },
                 Direction::Reverse => Fill {
+                    lookup_schema,
                     source: fk.column.clone(),
                     target: format!("{}{}", fk.column, plan.legacy_suffix),
                     cast: "uuid".to_string(),
@@ -208,15 +224,22 @@ impl RuleSet {
                 .fills
                 .push(fill);
         }
-        // Positional inserts: before cutover keyshift's columns sit after the application's,
-        // so an unchanged application's values map onto its original columns in order. After
-        // cutover the integer columns keep their positions under new names, so positional
-        // values land in the legacy columns: no mapping is right without a client view.
+        // Positional inserts: in the integer shape keyshift's columns sit after the
+        // application's, so an unchanged application's values map onto its original columns
+        // in order (through the integer views after cutover too: they keep the physical
+        // order). In the uuid shape the integer columns keep their positions under new names,
+        // so positional values would land in the legacy columns: no mapping is right.
         if direction == Direction::Forward {
+            let translated = view == ClientView::Translated(Shape::Integer);
             for tc in &plan.columns {
                 let key = (tc.schema.clone(), tc.table.clone());
                 let Some(child) = children.get_mut(&key) else {
                     continue;
+                };
+                let renamed: Vec<(String, String)> = if translated {
+                    integer_names(plan, &tc.schema, &tc.table)
+                } else {
+                    Vec::new()
                 };
                 let added: Vec<&str> = plan
                     .fks
@@ -233,13 +256,32 @@ impl RuleSet {
                 child.positional = Some(
                     tc.columns
                         .iter()
+                        .map(|c| {
+                            renamed
+                                .iter()
+                                .find(|(physical, _)| physical == c)
+                                .map_or_else(|| c.clone(), |(_, name)| name.clone())
+                        })
                         .filter(|c| !added.contains(&c.as_str()))
-                        .cloned()
                         .collect(),
                 );
             }
         }
-        let prescan = Prescan::new(children.keys().map(|(s, t)| (s.as_str(), t.as_str())));
+        let mut migrated: HashSet<(String, String)> = children.keys().cloned().collect();
+        migrated.extend(
+            plan.parents
+                .iter()
+                .map(|p| (p.schema.clone(), p.table.clone())),
+        );
+        // A translated session's reads name parents too: every migrated table is looked for.
+        let prescan = match view {
+            ClientView::Physical => {
+                Prescan::new(children.keys().map(|(s, t)| (s.as_str(), t.as_str())))
+            }
+            ClientView::Translated(_) => {
+                Prescan::new(migrated.iter().map(|(s, t)| (s.as_str(), t.as_str())))
+            }
+        };
         let mut parents: Vec<(String, String)> = plan
             .fks
             .iter()
@@ -254,6 +296,7 @@ impl RuleSet {
             search_path,
             children,
             parents,
+            migrated,
             prescan,
         })
     }
@@ -267,6 +310,7 @@ impl RuleSet {
             search_path: vec!["public".to_string()],
             children: HashMap::new(),
             parents: Vec::new(),
+            migrated: HashSet::new(),
             prescan: Prescan::new(std::iter::empty()),
         }
     }
@@ -289,7 +333,28 @@ impl RuleSet {
 
     /// True when no table needs rewriting, so the proxy can skip the rewriter entirely.
     pub fn is_empty(&self) -> bool {
-        self.children.is_empty()
+        match self.view {
+            ClientView::Physical => self.children.is_empty(),
+            ClientView::Translated(_) => self.migrated.is_empty(),
+        }
+    }
+
+    /// The shape a translated session's references are pointed at, if any.
+    pub fn translated(&self) -> Option<Shape> {
+        match self.view {
+            ClientView::Physical => None,
+            ClientView::Translated(shape) => Some(shape),
+        }
+    }
+
+    /// Resolves a relation name as written (case-folded per quoting) to a migrated table's
+    /// schema, parents and children alike.
+    pub(crate) fn migrated(&self, schema: Option<&str>, table: &str) -> Option<String> {
+        let has = |s: &str| self.migrated.contains(&(s.to_string(), table.to_string()));
+        match schema {
+            Some(s) => has(s).then(|| s.to_string()),
+            None => self.search_path.iter().find(|s| has(s)).cloned(),
+        }
     }
 
     /// Resolves a name (case-folded per quoting) to a parent some fill looks up.
@@ -318,4 +383,29 @@ impl RuleSet {
                 .find_map(|s| self.children.get(&(s.clone(), table.to_string()))),
         }
     }
+}
+
+/// After cutover, the physical names of `schema.table`'s migrated columns and the names the
+/// integer shape gives them: `id_legacy` is `id`, the uuid `id` is `id_uuid`, likewise for
+/// each FK column.
+fn integer_names(plan: &PlanRules, schema: &str, table: &str) -> Vec<(String, String)> {
+    let suffix = &plan.legacy_suffix;
+    let mut out = Vec::new();
+    for p in plan
+        .parents
+        .iter()
+        .filter(|p| p.schema == schema && p.table == table)
+    {
+        out.push((format!("{}{suffix}", p.key_column), p.key_column.clone()));
+        out.push((p.key_column.clone(), p.uuid_column.clone()));
+    }
+    for f in plan
+        .fks
+        .iter()
+        .filter(|f| f.schema == schema && f.table == table)
+    {
+        out.push((format!("{}{suffix}", f.column), f.column.clone()));
+        out.push((f.column.clone(), f.uuid_column.clone()));
+    }
+    out
 }

@@ -900,3 +900,154 @@ fn cache_by_shape_answers_what_the_rewriter_would() {
         assert_eq!(*cache.rewrite(&r, &t), super::rewrite(&r, &t), "{t}");
     }
 }
+
+/// A uuid-shaped session before cutover (physical integer): reverse fills, through views.
+fn uuid_views() -> RuleSet {
+    RuleSet::build(
+        &plan(),
+        Direction::Reverse,
+        ClientView::Translated(crate::shape::Shape::Uuid),
+        vec!["public".into()],
+        3,
+    )
+    .unwrap()
+}
+
+/// An integer-shaped session after cutover (physical uuid): forward fills, through views.
+fn integer_views() -> RuleSet {
+    RuleSet::build(
+        &plan(),
+        Direction::Forward,
+        ClientView::Translated(crate::shape::Shape::Integer),
+        vec!["public".into()],
+        4,
+    )
+    .unwrap()
+}
+
+fn sql_of(out: Outcome) -> String {
+    match out {
+        Outcome::Rewritten { sql, skipped, .. } if skipped.is_empty() => sql,
+        other => panic!("not rewritten: {other:?}"),
+    }
+}
+
+#[test]
+fn translated_reads_point_every_migrated_table_at_its_view() {
+    let r = uuid_views();
+    assert_eq!(
+        sql_of(rewrite(
+            &r,
+            "SELECT c.id, p.id FROM c JOIN public.p ON p.id = c.p_id WHERE c.id = $1"
+        )),
+        "SELECT c.id, p.id FROM keyshift_uuid_public.c JOIN keyshift_uuid_public.p ON p.id = c.p_id WHERE c.id = $1"
+    );
+    // Quoted and mixed-case schemas keep their case inside the quotes; unmigrated tables,
+    // CTE names and a migrated name used as a column are left alone.
+    assert_eq!(
+        sql_of(rewrite(
+            &r,
+            r#"WITH p AS (SELECT 1 AS id) SELECT * FROM p, "app"."Accounts" a, other o WHERE o.c = 1"#
+        )),
+        r#"WITH p AS (SELECT 1 AS id) SELECT * FROM p, "keyshift_uuid_app"."Accounts" a, other o WHERE o.c = 1"#
+    );
+    assert_eq!(rewrite(&r, "SELECT c FROM other"), Outcome::Unchanged);
+    // Subqueries, EXPLAIN, row locks, DELETE.
+    assert_eq!(
+        sql_of(rewrite(
+            &r,
+            "EXPLAIN SELECT 1 FROM other WHERE x IN (SELECT id FROM p) FOR UPDATE"
+        )),
+        "EXPLAIN SELECT 1 FROM other WHERE x IN (SELECT id FROM keyshift_uuid_public.p) FOR UPDATE"
+    );
+    assert_eq!(
+        sql_of(rewrite(&r, "DELETE FROM p WHERE id = $1")),
+        "DELETE FROM keyshift_uuid_public.p WHERE id = $1"
+    );
+}
+
+#[test]
+fn translated_writes_fill_the_other_shape_through_the_parents_view() {
+    let r = uuid_views();
+    let out = sql_of(rewrite(
+        &r,
+        "INSERT INTO c (id, a, p_id) VALUES ($1, 'x', $2)",
+    ));
+    assert_eq!(
+        out,
+        "INSERT INTO keyshift_uuid_public.c (id, a, p_id, p_id_legacy) VALUES ($1, 'x', $2, \
+         (SELECT id_legacy FROM keyshift_uuid_public.p WHERE id = ($2)::uuid))"
+    );
+    let r = integer_views();
+    let out = sql_of(rewrite(&r, "UPDATE c SET p_id = 7 WHERE id = 1"));
+    assert_eq!(
+        out,
+        "UPDATE keyshift_integer_public.c SET p_id = 7, p_id_uuid = \
+         (SELECT id_uuid FROM keyshift_integer_public.p WHERE id = (7)::bigint) WHERE id = 1"
+    );
+}
+
+#[test]
+fn translated_positional_insert_maps_the_integer_names_after_cutover() {
+    let mut plan = plan();
+    // After cutover the catalog shows the physical names.
+    plan.columns[0].columns = [
+        "id_legacy",
+        "a",
+        "p_id_legacy",
+        "parent_id_legacy",
+        "id",
+        "p_id",
+        "parent_id",
+    ]
+    .map(String::from)
+    .to_vec();
+    let r = RuleSet::build(
+        &plan,
+        Direction::Forward,
+        ClientView::Translated(crate::shape::Shape::Integer),
+        vec!["public".into()],
+        5,
+    )
+    .unwrap();
+    let out = sql_of(rewrite(&r, "INSERT INTO c VALUES (1, 'x', 2, NULL)"));
+    assert!(
+        out.starts_with("INSERT INTO keyshift_integer_public.c (id, a, p_id, parent_id, p_id_uuid, parent_id_uuid) VALUES (1, 'x', 2, NULL, "),
+        "{out}"
+    );
+}
+
+#[test]
+fn translated_forms_views_cannot_run_are_refused_naming_the_table() {
+    let r = uuid_views();
+    for sql in [
+        "MERGE INTO c USING other o ON c.id = o.id WHEN MATCHED THEN DELETE",
+        "INSERT INTO p (id) VALUES ($1) ON CONFLICT ON CONSTRAINT p_pkey DO NOTHING",
+        "SELECT ctid, id FROM p",
+        "COPY c FROM STDIN",
+        "COPY c (id) TO STDOUT",
+    ] {
+        match rewrite(&r, sql) {
+            Outcome::Skipped(s) => {
+                assert!(
+                    matches!(s[0].reason, SkipReason::ViewLimit(_)),
+                    "{sql}: {s:?}"
+                );
+                assert!(s[0].table.starts_with("public."), "{sql}: {s:?}");
+            }
+            other => panic!("{sql}: {other:?}"),
+        }
+    }
+    assert_eq!(
+        sql_of(rewrite(&r, "COPY public.c TO STDOUT (FORMAT csv)")),
+        "COPY (SELECT * FROM keyshift_uuid_public.c) TO STDOUT (FORMAT csv)"
+    );
+    // DDL and TRUNCATE name the tables as they are.
+    assert_eq!(rewrite(&r, "TRUNCATE c"), Outcome::Unchanged);
+    assert_eq!(rewrite(&r, "CREATE INDEX ON c (a)"), Outcome::Unchanged);
+    // Unparseable SQL mentioning a migrated table is not run in the wrong shape.
+    assert!(matches!(
+        rewrite(&r, "SELECT FROM c WHERE ((("),
+        Outcome::Skipped(_)
+    ));
+}
