@@ -15,6 +15,7 @@ use dashmap::DashMap;
 use tokio_postgres::Client;
 use tracing::warn;
 
+use super::scope::Scope;
 use super::statements::{Decision, QueryTemplate, StatementRewriter};
 use crate::metrics::RewriteMetrics;
 use crate::migrate::plan::Plan;
@@ -315,7 +316,22 @@ impl StatementRewriter for DualWrite {
         self.metrics
             .observe_cache(self.cache.hits(), self.cache.misses(), self.cache.len());
     }
+
+    fn scoped(&self, scope: &Scope) -> Option<Arc<dyn StatementRewriter>> {
+        let rules = self.rules.with_scope(scope.path(), &scope.temp);
+        Some(Arc::new(DualWrite {
+            rules,
+            // One session's: small, and not in the proxy's cache metrics.
+            cache: RewriteCache::new(SCOPED_CACHE_ENTRIES, 64 * 1024),
+            strict: self.strict,
+            metrics: self.metrics.clone(),
+            logged: DashMap::new(),
+        }))
+    }
 }
+
+/// Rewrite cache entries of a session with its own search path or temporary tables.
+const SCOPED_CACHE_ENTRIES: usize = 256;
 
 impl DualWrite {
     /// The decision for `sql` given its rewrite, counted in the metrics.

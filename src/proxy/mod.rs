@@ -21,6 +21,7 @@ pub mod dualwrite;
 pub mod gate;
 pub mod messages;
 pub mod replies;
+pub mod scope;
 pub mod server_statements;
 pub mod session;
 pub mod shapes;

@@ -40,8 +40,9 @@ use super::Shared;
 use super::gate::{SessionInfo, SessionState};
 use super::messages::{self, sqlstate};
 use super::replies::{Kind, Outcome, Owner, Replies, Route};
+use super::scope::Scope;
 use super::server_statements::{ParseAction, PendingPrepare, QueryAction, ServerStatements};
-use super::statements::{self, Decision, Dropped, Prepared, StatementRewriter};
+use super::statements::{self, ActiveRewriter, Decision, Dropped, Prepared, StatementRewriter};
 use super::wire::backend::{self, Fields, TxStatus};
 use super::wire::frontend::{self, Bind, Named, Parse, Query, Target};
 use super::wire::tag::{backend as sb, frontend as cf};
@@ -165,6 +166,10 @@ pub struct Session<C, S> {
     /// it under the new rules, not the text prepared under the old ones (the swap's
     /// `column "…_uuid" does not exist`).
     unnamed_sql: Option<(Arc<str>, Box<[u8]>)>,
+    /// The session's own name resolution (search path, temporary tables), and the rewriter
+    /// built for it with the rule set it was built from.
+    scope: Scope,
+    scoped: Option<(Arc<ActiveRewriter>, Arc<dyn StatementRewriter>)>,
     /// Restore-token Parses still unanswered, and whether a Sync went after one: a Bind or
     /// Describe in a later sequence waits (`restore_hold`) until PostgreSQL says whether it
     /// skipped that Parse, since that decides which statement the client's unnamed one is.
@@ -238,6 +243,8 @@ where
             rules_seen: shared.rules_version.load(Ordering::Acquire),
             unnamed_gen: 0,
             unnamed_sql: None,
+            scope: Scope::default(),
+            scoped: None,
             restore_inflight: 0,
             restore_sync_passed: false,
             restore_hold: false,
@@ -507,6 +514,10 @@ where
                     self.shared.gate.set_state(&self.info, SessionState::Active);
                 }
             }
+            let active = rewriter
+                .as_ref()
+                .filter(|r| r.applies_to(&self.info.database));
+            let scoped = self.scoped_rewriter(active);
             let rest = self.c_in.get(fwd..).unwrap_or_default();
             let Some((_, len_word)) = wire::header(rest) else {
                 // An unknown type byte: PostgreSQL reads it first and ends the session
@@ -530,11 +541,11 @@ where
             }
             let len = 1 + len_word as usize;
             consumed = true;
-            let active = rewriter
-                .as_deref()
-                .filter(|r| r.applies_to(&self.info.database));
+            let active = active.map(|a| &**a);
             let rules = Rules {
-                rewriter: active.map(|a| a.for_shape(self.info.shape)),
+                rewriter: scoped
+                    .as_deref()
+                    .or(active.map(|a| a.for_shape(self.info.shape))),
                 tracking: active.is_none()
                     && rewriter.is_none()
                     && self.shared.cfg.database_url.is_some(),
@@ -717,6 +728,7 @@ where
         self.unnamed_sql = None;
         self.stmts.unnamed_replaced();
         self.observe_drops(q.sql);
+        self.observe_scope(q.sql);
         // Only valid UTF-8 is rewritten; anything else passes exactly as it came.
         let (Some(rw), Ok(sql)) = (rules.rewriter, std::str::from_utf8(q.sql)) else {
             self.note_sent(cf::QUERY);
@@ -796,6 +808,7 @@ where
             None
         };
         self.observe_drops(p.sql);
+        self.observe_scope(p.sql);
         let sql = std::str::from_utf8(p.sql).ok();
         if p.name.is_empty() {
             self.unnamed_sql = sql
@@ -921,6 +934,35 @@ where
         true
     }
 
+    /// The rewriter for this session's own name resolution, when it set a search path or
+    /// created temporary tables; built once per rule set and scope.
+    fn scoped_rewriter(
+        &mut self,
+        active: Option<&Arc<ActiveRewriter>>,
+    ) -> Option<Arc<dyn StatementRewriter>> {
+        let active = active?;
+        if self.scope.is_default() {
+            return None;
+        }
+        if let Some((for_rules, rw)) = &self.scoped
+            && Arc::ptr_eq(for_rules, active)
+        {
+            return Some(rw.clone());
+        }
+        let rw = active.for_shape(self.info.shape).scoped(&self.scope)?;
+        self.scoped = Some((active.clone(), rw.clone()));
+        Some(rw)
+    }
+
+    /// What the client's SQL does to name resolution; a change drops the scoped rewriter.
+    fn observe_scope(&mut self, sql: &[u8]) {
+        if let Ok(sql) = std::str::from_utf8(sql)
+            && self.scope.observe(sql, &self.info.user)
+        {
+            self.scoped = None;
+        }
+    }
+
     /// A sequence of keyshift's own, sent while the session is idle, before the client's next
     /// message; its answers are dropped. It closes the statements keyshift prepared and no
     /// longer uses, and, when the rules changed (expand, cutover, rollback, finalize),
@@ -935,15 +977,17 @@ where
             self.replies.sent(Kind::Close, Owner::Own, None);
         }
         let changed = if rules_changed {
-            let rw = self.shared.rewriter.load();
+            let rw = self.shared.rewriter.load_full();
             let active = rw.as_ref().filter(|r| r.applies_to(&self.info.database));
-            let shape = self.info.shape;
-            self.prepared.changed(
-                |sql| match active.map(|r| r.for_shape(shape).rewrite(sql)) {
+            let scoped = self.scoped_rewriter(active);
+            let now: Option<&dyn StatementRewriter> = scoped
+                .as_deref()
+                .or(active.map(|a| a.for_shape(self.info.shape)));
+            self.prepared
+                .changed(|sql| match now.map(|r| r.rewrite(sql)) {
                     Some(Decision::Replace(s)) => Some(s.to_string()),
                     _ => None,
-                },
-            )
+                })
         } else {
             Vec::new()
         };
@@ -977,9 +1021,13 @@ where
         let Some((sql, types)) = self.unnamed_sql.clone() else {
             return;
         };
-        let rw = self.shared.rewriter.load();
+        let rw = self.shared.rewriter.load_full();
         let active = rw.as_ref().filter(|r| r.applies_to(&self.info.database));
-        let now: Arc<str> = match active.map(|r| r.for_shape(self.info.shape).rewrite(&sql)) {
+        let scoped = self.scoped_rewriter(active);
+        let current: Option<&dyn StatementRewriter> = scoped
+            .as_deref()
+            .or(active.map(|a| a.for_shape(self.info.shape)));
+        let now: Arc<str> = match current.map(|r| r.rewrite(&sql)) {
             Some(Decision::Replace(s)) => s,
             _ => sql,
         };
@@ -1038,7 +1086,12 @@ where
             let mut code = [0u8; 5];
             let mut replacement = None;
             match tag {
-                sb::READY_FOR_QUERY => self.status = backend::ready_for_query(msg)?,
+                sb::READY_FOR_QUERY => {
+                    self.status = backend::ready_for_query(msg)?;
+                    if self.status == TxStatus::Idle && self.scope.transaction_ended() {
+                        self.scoped = None;
+                    }
+                }
                 sb::ERROR_RESPONSE => {
                     // A malformed ErrorResponse still goes to the client as it came.
                     if let Ok(f) = Fields::read(msg) {

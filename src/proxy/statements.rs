@@ -36,6 +36,12 @@ pub trait StatementRewriter: Send + Sync {
 
     /// Called when Prometheus scrapes: bring counters the rewriter keeps itself up to date.
     fn observe_metrics(&self) {}
+
+    /// This rewriter as one session resolves names (its `SET search_path`, its temporary
+    /// tables), or `None` when it does not depend on them.
+    fn scoped(&self, _scope: &super::scope::Scope) -> Option<Arc<dyn StatementRewriter>> {
+        None
+    }
 }
 
 /// A simple Query that may run as `EXECUTE name(args)` of a statement prepared as

@@ -145,6 +145,9 @@ pub struct RuleSet {
     /// Every migrated table, parents and children: what a translated session's references
     /// are pointed away from.
     migrated: HashSet<(String, String)>,
+    /// The session's temporary tables: an unqualified name among them is not a migrated
+    /// table (`pg_temp` comes first in every search path).
+    temp: HashSet<String>,
     pub(crate) prescan: Prescan,
 }
 
@@ -297,8 +300,24 @@ impl RuleSet {
             children,
             parents,
             migrated,
+            temp: HashSet::new(),
             prescan,
         })
+    }
+
+    /// These rules as one session resolves names: its own search path (if it set one) and
+    /// its temporary tables.
+    pub fn with_scope<'a>(
+        &self,
+        search_path: Option<&[String]>,
+        temp: impl IntoIterator<Item = &'a String>,
+    ) -> RuleSet {
+        let mut r = self.clone();
+        if let Some(p) = search_path {
+            r.search_path = p.to_vec();
+        }
+        r.temp = temp.into_iter().cloned().collect();
+        r
     }
 
     /// A rule set with nothing to rewrite: pure passthrough.
@@ -311,6 +330,7 @@ impl RuleSet {
             children: HashMap::new(),
             parents: Vec::new(),
             migrated: HashSet::new(),
+            temp: HashSet::new(),
             prescan: Prescan::new(std::iter::empty()),
         }
     }
@@ -353,6 +373,7 @@ impl RuleSet {
         let has = |s: &str| self.migrated.contains(&(s.to_string(), table.to_string()));
         match schema {
             Some(s) => has(s).then(|| s.to_string()),
+            None if self.temp.contains(table) => None,
             None => self.search_path.iter().find(|s| has(s)).cloned(),
         }
     }
@@ -362,6 +383,7 @@ impl RuleSet {
         let has = |s: &str| self.parents.iter().any(|(ps, pt)| ps == s && pt == table);
         match schema {
             Some(s) => has(s).then(|| (s.to_string(), table.to_string())),
+            None if self.temp.contains(table) => None,
             None => self
                 .search_path
                 .iter()
@@ -377,6 +399,7 @@ impl RuleSet {
     pub(crate) fn child(&self, schema: Option<&str>, table: &str) -> Option<&ChildRules> {
         match schema {
             Some(s) => self.children.get(&(s.to_string(), table.to_string())),
+            None if self.temp.contains(table) => None,
             None => self
                 .search_path
                 .iter()

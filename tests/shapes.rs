@@ -1,0 +1,312 @@
+//! [shapes]: an integer-shaped application (V1) and a uuid-shaped one (V2) side by side through
+//! the proxy, from harden through cutover, rollback and cutover again. Each keeps the column
+//! names and types it was told, statements prepared before the swap included, and sees the
+//! other's rows in its own shape.
+mod common;
+mod migrate_support;
+
+use std::time::{Duration, Instant};
+
+use common::proxy::{TestProxy, http, test_config};
+use migrate_support::{SEED_004, ks_async, ks_expect, seed_004_rows, text};
+use tokio_postgres::error::SqlState;
+use uuid::Uuid;
+
+async fn hardened_db() -> common::TestDb {
+    let db = common::TestDb::new().await;
+    db.client()
+        .await
+        .batch_execute(&format!("{SEED_004}{}", seed_004_rows(10)))
+        .await
+        .unwrap();
+    for step in ["expand", "backfill", "harden"] {
+        ks_expect(&db.url(), &[step], 0);
+    }
+    db
+}
+
+async fn linked_proxy(db: &common::TestDb) -> TestProxy {
+    let mut cfg = test_config();
+    cfg.database_url = Some(db.url());
+    let p = TestProxy::start_with(cfg);
+    wait_status(&p, |v| {
+        v["dual_write"] == true && v["database_link"] == "connected"
+    })
+    .await;
+    p
+}
+
+async fn wait_status(p: &TestProxy, ok: impl Fn(&serde_json::Value) -> bool) {
+    let start = Instant::now();
+    loop {
+        let admin = p.admin;
+        let (_, body) = tokio::task::spawn_blocking(move || http(admin, "GET", "/v1/status", None))
+            .await
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if ok(&v) {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "proxy status never matched: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A connection through the proxy in `shape` (`None`: the default), named by `options` as
+/// libpq and psycopg do.
+async fn connect(
+    p: &TestProxy,
+    db: &common::TestDb,
+    shape: Option<&str>,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let mut cfg: tokio_postgres::Config = p.url("postgres", &db.name).parse().unwrap();
+    if let Some(s) = shape {
+        cfg.options(format!("-c keyshift.shape={s}"));
+    }
+    let (client, conn) = cfg.connect(tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+/// V1's and V2's statements, prepared once, before any swap.
+struct V1 {
+    c: tokio_postgres::Client,
+    insert: tokio_postgres::Statement,
+    by_name: tokio_postgres::Statement,
+    join: tokio_postgres::Statement,
+}
+
+struct V2 {
+    c: tokio_postgres::Client,
+    insert: tokio_postgres::Statement,
+    by_name: tokio_postgres::Statement,
+    connector: tokio_postgres::Statement,
+}
+
+impl V1 {
+    async fn new(c: tokio_postgres::Client) -> V1 {
+        let insert = c
+            .prepare("INSERT INTO mcp_servers (connector_id, name) VALUES ($1, $2) RETURNING id, connector_id")
+            .await
+            .unwrap();
+        let by_name = c
+            .prepare("SELECT s.id, s.connector_id, s.name FROM mcp_servers s WHERE s.name = $1")
+            .await
+            .unwrap();
+        let join = c
+            .prepare(
+                "SELECT t.id, t.mcp_server_id, c.id FROM mcp_server_tools t \
+                 JOIN mcp_servers s ON s.id = t.mcp_server_id \
+                 JOIN mcp_connectors c ON c.id = s.connector_id WHERE t.tool_name = $1",
+            )
+            .await
+            .unwrap();
+        V1 {
+            c,
+            insert,
+            by_name,
+            join,
+        }
+    }
+}
+
+impl V2 {
+    async fn new(c: tokio_postgres::Client) -> V2 {
+        let insert = c
+            .prepare("INSERT INTO mcp_servers (id, connector_id, name) VALUES ($1, $2, $3) RETURNING id, connector_id")
+            .await
+            .unwrap();
+        let by_name = c
+            .prepare("SELECT id, connector_id, name FROM mcp_servers WHERE name = $1")
+            .await
+            .unwrap();
+        let connector = c
+            .prepare("SELECT id FROM mcp_connectors WHERE name = $1")
+            .await
+            .unwrap();
+        V2 {
+            c,
+            insert,
+            by_name,
+            connector,
+        }
+    }
+}
+
+/// One round: V1 and V2 each write a server under connector `c1`, a tool under V2's server,
+/// then read the other's rows in their own shape. `round` keeps names unique.
+async fn round(v1: &V1, v2: &V2, round: &str) {
+    let c1_uuid: Uuid =
+        v2.c.query_one(&v2.connector, &[&"c1"])
+            .await
+            .unwrap()
+            .get(0);
+    // V1 writes with integers and reads its own row back.
+    let name1 = format!("v1-{round}");
+    let r = v1.c.query_one(&v1.insert, &[&1i32, &name1]).await.unwrap();
+    let v1_id: i32 = r.get(0);
+    assert_eq!(r.get::<_, Option<i32>>(1), Some(1));
+    // V2 writes with a client-generated uuid4 key and the connector's uuid.
+    let v2_id = Uuid::from_u128(rand::random::<u128>() & !(0xF000 << 64) | (0x4000 << 64));
+    let name2 = format!("v2-{round}");
+    let r =
+        v2.c.query_one(&v2.insert, &[&v2_id, &c1_uuid, &name2])
+            .await
+            .unwrap();
+    assert_eq!(r.get::<_, Uuid>(0), v2_id);
+    assert_eq!(r.get::<_, Option<Uuid>>(1), Some(c1_uuid));
+    // A child row through V2's simple protocol, naming the parent by uuid.
+    let tool = format!("tool-{round}");
+    v2.c.batch_execute(&format!(
+        "INSERT INTO mcp_server_tools (mcp_server_id, tool_name) VALUES ('{v2_id}', '{tool}')"
+    ))
+    .await
+    .unwrap();
+    // Each sees the other's row in its own shape.
+    let r = v1.c.query_one(&v1.by_name, &[&name2]).await.unwrap();
+    let v2_row_as_int: i32 = r.get(0);
+    assert_eq!(r.get::<_, Option<i32>>(1), Some(1), "V2's row, integer FK");
+    let r = v2.c.query_one(&v2.by_name, &[&name1]).await.unwrap();
+    let v1_row_as_uuid: Uuid = r.get(0);
+    assert_eq!(
+        r.get::<_, Option<Uuid>>(1),
+        Some(c1_uuid),
+        "V1's row, uuid FK"
+    );
+    // The child V2 wrote, joined by V1 with integers: its FK is V2's server as an integer.
+    let r = v1.c.query_one(&v1.join, &[&tool]).await.unwrap();
+    assert_eq!(r.get::<_, i32>(1), v2_row_as_int);
+    assert_eq!(r.get::<_, i32>(2), 1);
+    // The two ids of each row agree with the mapping the other side sees.
+    let back: i32 =
+        v1.c.query_one("SELECT id FROM mcp_servers WHERE id_uuid = $1", &[&v2_id])
+            .await
+            .unwrap()
+            .get(0);
+    assert_eq!(back, v2_row_as_int);
+    let back: Uuid =
+        v2.c.query_one("SELECT id FROM mcp_servers WHERE id_legacy = $1", &[&v1_id])
+            .await
+            .unwrap()
+            .get(0);
+    assert_eq!(back, v1_row_as_uuid);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v1_and_v2_side_by_side_through_cutover_rollback_and_cutover_again() {
+    let db = hardened_db().await;
+    let p = linked_proxy(&db).await;
+    let v1 = V1::new(connect(&p, &db, None).await.unwrap()).await;
+    let v2 = V2::new(connect(&p, &db, Some("uuid")).await.unwrap()).await;
+    round(&v1, &v2, "hardened").await;
+    for (step, name) in [
+        ("cutover", "cut-over"),
+        ("rollback", "rolled-back"),
+        ("cutover", "cut-over-again"),
+    ] {
+        let out = ks_async(&db.url(), &[step]).await;
+        assert!(out.status.success(), "{step}: {}", text(&out));
+        round(&v1, &v2, name).await;
+    }
+    // Both connections lived through it all, on the statements prepared at the start.
+    assert!(!v1.c.is_closed() && !v2.c.is_closed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_refuses_unknown_and_unavailable_shapes_and_set_cannot_change_one() {
+    let db = common::TestDb::new().await;
+    db.client()
+        .await
+        .batch_execute(&format!("{SEED_004}{}", seed_004_rows(3)))
+        .await
+        .unwrap();
+    for step in ["expand", "backfill"] {
+        ks_expect(&db.url(), &[step], 0);
+    }
+    let p = linked_proxy(&db).await;
+    let e = connect(&p, &db, Some("bogus"))
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(e.code(), Some(&SqlState::INVALID_PARAMETER_VALUE), "{e}");
+    assert!(e.to_string().contains("keyshift.shape"), "{e}");
+    let e = connect(&p, &db, Some("uuid")).await.err().expect("refused");
+    assert_eq!(
+        e.code(),
+        Some(&SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE),
+        "{e}"
+    );
+    let msg = e.as_db_error().unwrap().message().to_string();
+    assert!(msg.contains("keyshift harden"), "{msg}");
+    // An integer session cannot switch: SET is refused, its statements keep their shape.
+    let c = connect(&p, &db, Some("integer")).await.unwrap();
+    let e = c
+        .batch_execute("SET keyshift.shape = 'uuid'")
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        e.to_string().contains("fixed for the life of a connection"),
+        "{e}"
+    );
+    let e = c
+        .query_one("SELECT set_config('keyshift.shape', 'uuid', false)", &[])
+        .await
+        .err()
+        .expect("refused");
+    assert!(e.to_string().contains("keyshift.shape"), "{e}");
+    let id: i32 = c
+        .query_one("SELECT id FROM mcp_connectors ORDER BY id LIMIT 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(id, 1);
+    // After harden the uuid shape is served.
+    ks_expect(&db.url(), &["harden"], 0);
+    wait_status(&p, |v| v["phase"] == "hardened").await;
+    let c = connect(&p, &db, Some("UUID")).await.unwrap();
+    let id: Uuid = c
+        .query_one("SELECT id FROM mcp_connectors WHERE name = 'c1'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(id, Uuid::nil());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn translated_forms_views_cannot_run_get_keyshifts_error_naming_the_table() {
+    let db = hardened_db().await;
+    let p = linked_proxy(&db).await;
+    let c = connect(&p, &db, Some("uuid")).await.unwrap();
+    for sql in [
+        "SELECT ctid FROM mcp_servers",
+        "COPY mcp_servers FROM STDIN",
+        "INSERT INTO mcp_server_tools (mcp_server_id, tool_name) VALUES (NULL, 'x') \
+         ON CONFLICT ON CONSTRAINT mcp_server_tools_mcp_server_id_tool_name_key DO NOTHING",
+        "MERGE INTO mcp_servers s USING (SELECT 1) v ON false WHEN NOT MATCHED THEN DO NOTHING",
+    ] {
+        let e = c.batch_execute(sql).await.err().expect(sql);
+        let msg = e
+            .as_db_error()
+            .map(|d| d.message().to_string())
+            .unwrap_or_default();
+        assert!(
+            msg.contains("uuid-shaped session") && msg.contains("public.mcp_server"),
+            "{sql}: {msg}"
+        );
+    }
+    // What works through a view: COPY TO, TRUNCATE of an unrelated table, SET col = DEFAULT.
+    let out = c.copy_out("COPY mcp_connectors TO STDOUT").await.unwrap();
+    let chunks: Vec<_> = futures_util::TryStreamExt::try_collect(out).await.unwrap();
+    let text: Vec<u8> = chunks.concat();
+    // Tab-separated, the uuid key first (the view's order is the table's: id_legacy first).
+    assert!(String::from_utf8_lossy(&text).lines().count() >= 3);
+    c.batch_execute("UPDATE mcp_servers SET status = DEFAULT WHERE name = 's1'")
+        .await
+        .unwrap();
+}
