@@ -22,8 +22,8 @@ async fn expand_and_abort_are_idempotent_and_abort_restores_the_schema() {
     let ddl_events = "SELECT count(*) FROM keyshift.events WHERE kind = 'ddl'";
     let n1 = count(&c, ddl_events).await;
     assert_eq!(
-        n1, 15,
-        "5 key columns, 5 defaults, 4 FK twins, the id_map view"
+        n1, 25,
+        "5 key columns, 5 defaults, 4 FK twins, the id_map view, 2 shape views per table"
     );
     ks_expect(&db.url(), &["expand"], 0);
     assert_eq!(
@@ -116,6 +116,16 @@ async fn edge_schema_full_cycle() {
         "tags has a text key: it only gets a twin"
     );
     ks_expect(&url, &["expand", "--schema", "App"], 0);
+    // Views of each shape in quoted schemas, for the child without a key (tags) too.
+    assert_eq!(
+        count(
+            &db.client().await,
+            r#"SELECT count(*) FROM pg_class WHERE relkind = 'v'
+                 AND relnamespace IN ('"keyshift_integer_App"'::regnamespace, '"keyshift_uuid_App"'::regnamespace)"#
+        )
+        .await,
+        6
+    );
     ks_expect(&url, &["backfill", "--batch-size", "7", "--jobs", "2"], 0);
     let o = ks_expect(&url, &["verify", "--format", "json"], 0);
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();

@@ -140,6 +140,12 @@ async fn every_blocker_is_reported() {
             "CREATE FUNCTION cnt() RETURNS bigint LANGUAGE sql BEGIN ATOMIC SELECT count(p_id) FROM c; END;",
         ),
         ("name-collision", "ALTER TABLE c ADD COLUMN p_id_uuid uuid;"),
+        // keyshift_integer_ (17 bytes) + 47 bytes: the view schema would not fit in 63.
+        (
+            "view-schema-name-too-long",
+            "CREATE SCHEMA a_schema_name_of_forty_seven_bytes_xxxxxxxxxxxx;
+             CREATE TABLE a_schema_name_of_forty_seven_bytes_xxxxxxxxxxxx.cc (p_id int REFERENCES p (id));",
+        ),
     ];
     for (code, extra) in cases {
         let db = db_with(&format!("{base}{extra}")).await;

@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use super::plan::{Plan, PlanFk, PlanIndex, PlanTable};
-use super::state;
+use super::{state, views};
 use crate::ident::{literal, qualified, quote};
 
 /// How a step is run, which is also what it locks.
@@ -198,10 +198,12 @@ fn parent(f: &PlanFk) -> String {
     qualified(&f.parent_schema, &f.parent_table)
 }
 
-/// expand: state schema, then the uuid columns with no default (catalog-only), then the default.
+/// expand: state schema, then the uuid columns with no default (catalog-only), then the
+/// default, then keyshift's views of each table in each shape ([`views`]).
 pub fn expand(plan: &Plan) -> Vec<Step> {
     let mut v = vec![Step::new(state::schema_sql(), Mode::State, When::Always)];
     v.push(Step::new(state::uuid_v7_sql(), Mode::State, When::Always));
+    v.push(Step::new(views::function_sql(), Mode::State, When::Always));
     for t in &plan.tables {
         let (s, n, c) = col_when(&t.schema, &t.name, &t.uuid_column);
         v.push(Step::new(
@@ -249,6 +251,8 @@ pub fn expand(plan: &Plan) -> Vec<Step> {
         ));
     }
     v.extend(id_map_step(plan, false));
+    // Last: a view lists every column of its table, the uuid twins included.
+    v.extend(views::create(plan));
     v
 }
 
@@ -979,12 +983,13 @@ END $$"
             When::Always,
         ));
     }
-    // The view depends on the legacy columns.
+    // The views depend on the legacy columns: DROP COLUMN would refuse.
     v.push(Step::new(
         "DROP VIEW IF EXISTS keyshift.id_map".into(),
         Mode::State,
         When::Always,
     ));
+    v.extend(views::drop(plan));
     for (_, f) in plan.foreign_keys() {
         v.push(Step::new(
             format!(
@@ -1015,6 +1020,7 @@ END $$"
             },
         ));
     }
+    v.push(views::drop_function());
     v.push(Step::new(
         state::drop_state_sql(plan.uuid_version == 4, keep_map),
         Mode::State,
@@ -1046,6 +1052,8 @@ pub fn abort(plan: &Plan) -> Vec<Step> {
             When::Always,
         ),
     ];
+    // So do the shape views: DROP COLUMN would refuse while they exist.
+    v.extend(views::drop(plan));
     for (_, f) in plan.foreign_keys() {
         let (s, n) = (f.child_schema.clone(), f.child_table.clone());
         for name in std::iter::once(&f.shadow_constraint).chain(f.not_null_check.as_ref()) {

@@ -1,5 +1,5 @@
 //! The online schema side of a migration: `plan`, `expand`, `backfill`, `harden`, `verify`,
-//! `status` and `abort`.
+//! `status` and `abort`, and keyshift's views per shape ([`views`]).
 //!
 //! Data flows one way: [`catalog`] reads PostgreSQL into plain structs, [`plan`] turns them
 //! into a [`plan::Plan`] (pure), [`ddl`] turns a plan into the SQL of every phase (pure), and
@@ -20,6 +20,7 @@ pub mod state;
 pub mod status;
 pub mod switch;
 pub mod verify;
+pub mod views;
 
 use std::time::Duration;
 

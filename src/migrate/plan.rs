@@ -642,7 +642,7 @@ pub fn build(cat: &Catalog, opts: &PlanOptions) -> Plan {
         }
     }
 
-    Plan {
+    let mut plan = Plan {
         format: PLAN_FORMAT,
         uuid_version: opts.uuid_version,
         uuid_suffix: opts.uuid_suffix.clone(),
@@ -651,7 +651,11 @@ pub fn build(cat: &Catalog, opts: &PlanOptions) -> Plan {
         skipped,
         blockers,
         warnings,
-    }
+    };
+    // Which tables get views (and in which schemas) follows from the plan itself.
+    let long_schemas = super::views::blockers(&plan);
+    plan.blockers.extend(long_schemas);
+    plan
 }
 
 /// `pg_get_indexdef` quotes column names that need it; compare them with raw names.

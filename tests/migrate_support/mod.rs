@@ -8,6 +8,7 @@ use std::process::{Command, Output};
 use crate::common;
 
 /// Shaped like seed 004: 5 tables, the dependency tree of its guide (shared with the demo).
+#[allow(unused_imports)] // not every test binary uses every seed
 pub use keyshift::demo::seed::SEED_004;
 
 /// Rows for SEED_004: `n` connectors, 2n servers, 2n tokens, 2n tools, n access rows.
