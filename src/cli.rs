@@ -126,7 +126,32 @@ docs/cutover.md."
     /// Undo a cutover: the inverse swap, same protocol (valid until finalize)
     Rollback(SwitchCmd),
     /// Drop the legacy integer columns and keyshift's objects once you are sure (no way back)
+    #[command(
+        long_about = "Drop the legacy integer columns and keyshift's objects: the end of the \
+migration, with no way back (restore from backup). Needs phase cut_over.\n\n\
+Refused while the default shape is integer (`keyshift shape default uuid` first) or while any \
+live proxy serves an integer-shaped session: those read the columns finalize drops. finalize \
+asks every proxy for its sessions at that moment (not their last heartbeat) and names them \
+by proxy, user, database and application_name. Retire them (move V1 to keyshift.shape=uuid, \
+or stop it), or pass --terminate to end their server backends (pg_terminate_backend) after a \
+prompt or --yes. A proxy that does not answer makes finalize refuse: it may serve V1."
+    )]
     Finalize(FinalizeCmd),
+    /// Show or set the default shape: what new connections that name none see
+    #[command(
+        long_about = "A shape is how a client connection sees the migrated tables, for its \
+whole life, whatever the physical phase: `integer` is the original (`id` integer, the uuid in \
+`id_uuid`, each FK an integer beside its `_uuid` twin); `uuid` is the final one (`id` uuid, \
+the integer in `id_legacy`, each FK a uuid beside its `_legacy` twin). The proxy serves each \
+session in its shape before and after the cutover, so the old application version (V1, \
+integer ids) and the new one (V2, uuid ids) can run side by side.\n\n\
+A session's shape is, in this order: the startup parameter keyshift.shape (directly, or \
+`-c keyshift.shape=uuid` in options), else the first matching shape rule of the proxy's \
+configuration, else the migration's default, kept in the database so that every proxy \
+agrees. The default is integer from expand on.",
+        subcommand_required = true
+    )]
+    Shape(ShapeCmd),
     /// Look up the id mapping (integer id <-> uuid), or export all of it
     #[command(
         long_about = "Look up the id mapping that external systems (caches, search indexes, URLs, \
@@ -146,6 +171,42 @@ Exit code 1 when the id has no row.",
     /// See keyshift work: migrate seed 004's five tables under live traffic, start to finish
     #[command(long_about = crate::demo::LONG_ABOUT)]
     Demo(crate::demo::DemoArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ShapeCmd {
+    #[command(subcommand)]
+    pub sub: ShapeSub,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ShapeSub {
+    /// Print the default shape, or set it to integer or uuid (new connections only)
+    #[command(
+        long_about = "Without a value, print the migration's default shape. With one, set it: \
+it applies to connections opened from now on that name no keyshift.shape and match no shape \
+rule; connections already open keep the shape they started with (a shape never changes under \
+a session). Every proxy picks the change up at once (NOTIFY keyshift), and the change is \
+logged in keyshift.events.\n\n\
+`uuid` is refused before the migration is hardened (the uuids are not yet complete and \
+enforced); `integer` is refused once finalize has started (the integer columns go). Switch \
+to `uuid` when V1 is retired or names its shape, before `keyshift finalize`, which refuses \
+while the default is integer."
+    )]
+    Default(ShapeDefaultCmd),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ShapeDefaultCmd {
+    /// integer or uuid; omit it to print the current default
+    #[arg(value_parser = parse_shape)]
+    pub shape: Option<crate::shape::Shape>,
+    #[command(flatten)]
+    pub db: DbArgs,
+}
+
+fn parse_shape(s: &str) -> Result<crate::shape::Shape, String> {
+    crate::shape::Shape::parse(s).map_err(|_| format!("{s:?} is not a shape: use integer or uuid"))
 }
 
 #[derive(Debug, clap::Args)]
@@ -280,6 +341,10 @@ pub struct FinalizeCmd {
     /// Do not ask for confirmation
     #[arg(long)]
     pub yes: bool,
+    /// End the server backends of integer-shaped sessions (on every proxy) instead of
+    /// refusing; their clients get PostgreSQL's 57P01 "terminating connection"
+    #[arg(long)]
+    pub terminate: bool,
     /// Keep the id mapping in keyshift.id_map_archive (table_name, legacy_id, uuid), so old
     /// integer links can still be resolved (SQL view keyshift.id_map, /v1/map, `keyshift map`)
     #[arg(long)]
@@ -358,9 +423,14 @@ pub fn main() -> ExitCode {
         }
         Command::Finalize(ref c) => {
             migrate_cmd(&cli.config, &c.db, None, None, "finalize", |cfg| {
-                run_finalize(cfg, c.yes, c.keep_map)
+                run_finalize(cfg, c)
             })
         }
+        Command::Shape(ShapeCmd {
+            sub: ShapeSub::Default(ref c),
+        }) => migrate_cmd(&cli.config, &c.db, None, None, "shape default", |cfg| {
+            run_shape_default(cfg, c.shape)
+        }),
         Command::Map(ref c) => match &c.export {
             Some(MapSub::Export(e)) => {
                 migrate_cmd(&cli.config, &e.db, None, None, "map export", |cfg| {
@@ -486,39 +556,103 @@ fn run_switch(
     })
 }
 
-fn run_finalize(cfg: MigrateConfig, yes: bool, keep_map: bool) -> anyhow::Result<ExitCode> {
+fn run_finalize(cfg: MigrateConfig, c: &FinalizeCmd) -> anyhow::Result<ExitCode> {
+    use crate::migrate::switch::{self, SwitchError};
     use std::io::{BufRead, IsTerminal, Write};
-    if !yes {
-        if !std::io::stdin().is_terminal() {
-            eprintln!(
-                "keyshift finalize: drops the legacy integer columns for good; pass --yes to confirm when not at a terminal"
-            );
-            return Ok(ExitCode::from(2));
-        }
-        eprint!(
-            "finalize drops the legacy integer columns and keyshift's state: there is no way back. Type 'finalize' to go on: "
+    if !c.yes && !std::io::stdin().is_terminal() {
+        eprintln!(
+            "keyshift finalize: drops the legacy integer columns for good; pass --yes to confirm when not at a terminal"
         );
-        std::io::stderr().flush()?;
-        let mut line = String::new();
-        std::io::stdin().lock().read_line(&mut line)?;
-        if line.trim() != "finalize" {
-            eprintln!("keyshift finalize: not confirmed, nothing changed");
-            return Ok(ExitCode::from(1));
-        }
+        return Ok(ExitCode::from(2));
     }
     runtime()?.block_on(async {
         let client = crate::migrate::db::connect(&cfg.database_url).await?;
-        match crate::migrate::switch::finalize(&client, &cfg.settings, keep_map).await {
-            Ok(()) if keep_map => {
-                println!("finalized: the legacy columns and keyshift's state are gone; the proxies pass everything through; the id mapping stays in keyshift.id_map_archive");
-                Ok(ExitCode::SUCCESS)
-            }
-            Ok(()) => {
-                println!("finalized: the legacy columns and keyshift's state are gone; the proxies pass everything through");
-                Ok(ExitCode::SUCCESS)
-            }
-            Err(crate::migrate::switch::SwitchError::Refused(why)) => {
+        // Refuse before asking: a prompt for something that cannot happen wastes the
+        // operator's attention; and the prompt names the sessions --terminate would end.
+        let check = match switch::finalize_check(&client, c.terminate).await {
+            Ok(check) => check,
+            Err(SwitchError::Refused(why)) => {
                 eprintln!("keyshift finalize: refused: {why}");
+                return Ok(ExitCode::from(1));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if !c.yes {
+            if c.terminate && !check.integer.is_empty() {
+                eprint!(
+                    "--terminate ends these sessions' server backends now:\n{}",
+                    check.render_sessions()
+                );
+            }
+            eprint!(
+                "finalize drops the legacy integer columns and keyshift's state: there is no way back. Type 'finalize' to go on: "
+            );
+            std::io::stderr().flush()?;
+            let mut line = String::new();
+            std::io::stdin().lock().read_line(&mut line)?;
+            if line.trim() != "finalize" {
+                eprintln!("keyshift finalize: not confirmed, nothing changed");
+                return Ok(ExitCode::from(1));
+            }
+        }
+        match switch::finalize(&client, &cfg.settings, c.keep_map, c.terminate).await {
+            Ok(r) => {
+                if r.terminated > 0 {
+                    println!(
+                        "ended {} integer-shaped session(s) (--terminate)",
+                        r.terminated
+                    );
+                }
+                for l in &r.late {
+                    println!(
+                        "warning: connected in the integer shape while finalize started, will fail from now on: {l}"
+                    );
+                }
+                println!(
+                    "finalized: the legacy columns and keyshift's state are gone; the proxies pass everything through{}",
+                    if c.keep_map {
+                        "; the id mapping stays in keyshift.id_map_archive"
+                    } else {
+                        ""
+                    }
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(SwitchError::Refused(why)) => {
+                eprintln!("keyshift finalize: refused: {why}");
+                Ok(ExitCode::from(1))
+            }
+            Err(e) => Err(e.into()),
+        }
+    })
+}
+
+fn run_shape_default(
+    cfg: MigrateConfig,
+    shape: Option<crate::shape::Shape>,
+) -> anyhow::Result<ExitCode> {
+    use crate::migrate::shapes::{self, DefaultChange, ShapeError};
+    runtime()?.block_on(async {
+        let client = crate::migrate::db::connect(&cfg.database_url).await?;
+        let result = match shape {
+            None => shapes::current_default(&client).await.and_then(|d| {
+                let (_, d) = d.ok_or(ShapeError::NoMigration)?;
+                println!("{d}");
+                Ok(())
+            }),
+            Some(to) => shapes::set_default(&client, to).await.map(|change| match change {
+                DefaultChange::Unchanged(d) => {
+                    println!("the default shape is already {d}; nothing changed")
+                }
+                DefaultChange::Changed { from, to } => println!(
+                    "default shape: {from} -> {to}. New connections that name no keyshift.shape and match no rule now get the {to} shape; open connections keep theirs (`keyshift status` lists them by shape)"
+                ),
+            }),
+        };
+        match result {
+            Ok(()) => Ok(ExitCode::SUCCESS),
+            Err(e @ (ShapeError::Refused(_) | ShapeError::NoMigration)) => {
+                eprintln!("keyshift shape default: refused: {e}");
                 Ok(ExitCode::from(1))
             }
             Err(e) => Err(e.into()),

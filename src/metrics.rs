@@ -20,6 +20,8 @@ use prometheus::{
 pub struct GateReading {
     /// Live sessions per state, by the state's label value (`idle`, `active`, …).
     pub sessions: Vec<(&'static str, usize)>,
+    /// Live sessions per shape (`integer`, `uuid`), every shape present.
+    pub shapes: Vec<(&'static str, usize)>,
     /// Sessions whose next message the closed gate is holding.
     pub held: usize,
     pub closed: bool,
@@ -118,6 +120,49 @@ pub struct Metrics {
     pub pause_duration: Histogram,
     pub rewrite: std::sync::Arc<RewriteMetrics>,
     pub map: MapMetrics,
+    /// `keyshift_sessions{shape}`: set from the gate at each scrape.
+    sessions_by_shape: IntGaugeVec,
+    pub translation: TranslationMetrics,
+}
+
+/// Sessions served in a shape that is not the physical one (DESIGN "Shapes"): the proxy
+/// points their table references at keyshift's views of their shape.
+pub struct TranslationMetrics {
+    /// `keyshift_translated_statements_total{shape,kind}`: statements of a translated session
+    /// that named a migrated table and were redirected, by the session's shape and the
+    /// statement's kind ([`TRANSLATION_KINDS`]).
+    pub statements: IntCounterVec,
+    /// `keyshift_translation_seconds`: time to translate one statement (cache included).
+    pub seconds: Histogram,
+}
+
+/// The `kind` label values of `keyshift_translated_statements_total`, exported at 0 from the
+/// start: `read` (SELECT, row locks, EXPLAIN), `write` (INSERT, UPDATE, DELETE, MERGE),
+/// `refused` (a form keyshift answers with an error naming the table, e.g. TRUNCATE through a
+/// view), `other`.
+pub const TRANSLATION_KINDS: [&str; 4] = ["read", "write", "refused", "other"];
+
+impl TranslationMetrics {
+    fn new(r: &Registry) -> TranslationMetrics {
+        TranslationMetrics {
+            statements: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "keyshift_translated_statements_total",
+                        "Statements of sessions whose shape is not the physical one, redirected to keyshift's views, by shape and kind",
+                    ),
+                    &["shape", "kind"],
+                )
+                .unwrap_or_else(|_| unreachable!()),
+            ),
+            seconds: statement_histogram(
+                r,
+                "keyshift_translation_seconds",
+                "Time to translate a statement of a translated session (cache included)",
+            ),
+        }
+    }
 }
 
 /// Id-mapping lookups served on `/v1/map` (src/map).
@@ -234,16 +279,10 @@ impl RewriteMetrics {
                 "Writes to migrated tables passed through (or refused, strict) without a rewrite, by reason",
                 &["reason"],
             ),
-            duration: reg(
+            duration: statement_histogram(
                 r,
-                Histogram::with_opts(
-                    HistogramOpts::new(
-                        "keyshift_rewrite_duration_seconds",
-                        "Time to rewrite a statement that names a migrated table (cache included)",
-                    )
-                    .buckets(vec![1e-6, 2e-6, 5e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 1e-2]),
-                )
-                .unwrap_or_else(|_| unreachable!()),
+                "keyshift_rewrite_duration_seconds",
+                "Time to rewrite a statement that names a migrated table (cache included)",
             ),
             cache_hits: c("keyshift_rewrite_cache_hits_total", "Rewrite cache hits"),
             cache_misses: c(
@@ -281,6 +320,19 @@ impl RewriteMetrics {
         }
         self.cache_entries.set(entries as i64);
     }
+}
+
+/// Per-statement work in the proxy (rewriting, translating): microseconds when cached, tens of
+/// them when not; the same buckets so the two histograms compare.
+fn statement_histogram(r: &Registry, name: &str, help: &str) -> Histogram {
+    reg(
+        r,
+        Histogram::with_opts(
+            HistogramOpts::new(name, help)
+                .buckets(vec![1e-6, 2e-6, 5e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 1e-2]),
+        )
+        .unwrap_or_else(|_| unreachable!("valid metric name {name}")),
+    )
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -390,6 +442,18 @@ impl Metrics {
             ),
             rewrite: std::sync::Arc::new(RewriteMetrics::new(&r)),
             map: MapMetrics::new(&r),
+            sessions_by_shape: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "keyshift_sessions",
+                        "Client sessions open now, by the shape they see (integer, uuid)",
+                    ),
+                    &["shape"],
+                )
+                .unwrap_or_else(|_| unreachable!()),
+            ),
+            translation: TranslationMetrics::new(&r),
             switch_attempts: reg(
                 &r,
                 IntGaugeVec::new(
@@ -453,6 +517,11 @@ impl Metrics {
         for (state, n) in &gate.sessions {
             self.connections.with_label_values(&[state]).set(*n as i64);
         }
+        for (shape, n) in &gate.shapes {
+            self.sessions_by_shape
+                .with_label_values(&[shape])
+                .set(*n as i64);
+        }
         self.held_sessions.set(gate.held as i64);
         self.gate_closed.set(gate.closed as i64);
         self.gate_closed_seconds
@@ -491,6 +560,15 @@ impl Metrics {
             "coordinator_gone",
         ] {
             self.pauses.with_label_values(&[result]);
+        }
+        // Both shapes from the start: "V1 is gone" reads as integer 0, not as no data.
+        for shape in crate::shape::Shape::ALL {
+            self.sessions_by_shape.with_label_values(&[shape.as_str()]);
+            for kind in TRANSLATION_KINDS {
+                self.translation
+                    .statements
+                    .with_label_values(&[shape.as_str(), kind]);
+            }
         }
         // The outcomes an alert compares with their value some minutes ago; the link to the
         // database overwrites them with the counts in keyshift.switch_attempts.
@@ -604,9 +682,22 @@ mod tests {
         c.flush(&m);
         let reading = GateReading {
             sessions: vec![("idle", 0)],
+            shapes: vec![("integer", 2)],
             ..Default::default()
         };
         let text = m.render(&reading);
+        assert!(
+            text.contains("keyshift_sessions{shape=\"integer\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("keyshift_sessions{shape=\"uuid\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("keyshift_translated_statements_total{kind=\"read\",shape=\"uuid\"} 0")
+        );
+        assert!(text.contains("keyshift_translation_seconds_count 0"));
         assert!(
             text.contains(
                 "keyshift_messages_total{direction=\"client_to_server\",type=\"Query\"} 1"

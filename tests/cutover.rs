@@ -175,10 +175,7 @@ async fn cutover_rollback_and_finalize_under_traffic() {
 
     // A client that prepared its statement before the cutover and uses it after.
     let early = common::connect(&url).await;
-    let early_insert = early
-        .prepare("INSERT INTO mcp_server_tokens (mcp_server_id, token) SELECT id, $1 FROM mcp_servers WHERE name = $2")
-        .await
-        .unwrap();
+    let early_insert = early.prepare(early_insert_sql()).await.unwrap();
     assert_eq!(
         early
             .execute(&early_insert, &[&"before", &"s1"])
@@ -307,18 +304,32 @@ async fn cutover_rollback_and_finalize_under_traffic() {
     ks_expect(&db.url(), &["harden"], 0);
     let out = ks_async(&db.url(), &["cutover"]).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    let out = ks_async(&db.url(), &["finalize", "--yes"]).await;
+    // finalize drops the integer columns: the default shape goes to uuid first, and the
+    // early client, integer-shaped, is ended (tests/shapes_operator.rs covers the refusals).
+    ks_expect(&db.url(), &["shape", "default", "uuid"], 0);
+    let out = ks_async(&db.url(), &["finalize", "--yes", "--terminate"]).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     wait_status(&p, |v| v["dual_write"] == false).await;
     assert_eq!(count(&direct, "SELECT count(*) FROM pg_attribute WHERE attname LIKE '%_legacy' AND attnum > 0 AND NOT attisdropped AND attrelid = 'mcp_servers'::regclass").await, 0);
-    // After finalize the proxy passes everything through, and the early statement still runs.
-    assert_eq!(
+    assert!(
         early
             .execute(&early_insert, &[&"final", &"s4"])
+            .await
+            .is_err(),
+        "the integer-shaped session was ended by finalize --terminate"
+    );
+    // After finalize the proxy passes everything through: the same statement prepared anew.
+    let late = common::connect(&url).await;
+    assert_eq!(
+        late.execute(early_insert_sql(), &[&"final", &"s4"])
             .await
             .unwrap(),
         1
     );
+}
+
+fn early_insert_sql() -> &'static str {
+    "INSERT INTO mcp_server_tokens (mcp_server_id, token) SELECT id, $1 FROM mcp_servers WHERE name = $2"
 }
 
 #[tokio::test]

@@ -349,6 +349,7 @@ async fn mapping_before_and_after_cutover_and_after_finalize_keep_map() {
     assert_eq!(stdout(&out).trim(), "3");
 
     // finalize --keep-map: the archive answers, in SQL, over HTTP (even uncached) and in the CLI.
+    ks_expect(&db.url(), &["shape", "default", "uuid"], 0);
     ks_expect(&db.url(), &["finalize", "--yes", "--keep-map"], 0);
     assert_eq!(
         count(&c, "SELECT count(*) FROM keyshift.id_map_archive").await,
@@ -427,6 +428,7 @@ async fn finalize_without_keep_map_ends_the_mapping() {
         .await
         .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    ks_expect(&db.url(), &["shape", "default", "uuid"], 0);
     ks_expect(&db.url(), &["finalize", "--yes"], 0);
     let gone: bool = c
         .query_one(

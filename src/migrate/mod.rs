@@ -16,6 +16,7 @@ pub mod harden;
 pub mod metrics;
 pub mod plan;
 pub mod progress;
+pub mod shapes;
 pub mod state;
 pub mod status;
 pub mod switch;

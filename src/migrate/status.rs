@@ -5,13 +5,18 @@ use std::fmt::Write as _;
 use serde::Serialize;
 use tokio_postgres::Client;
 
+use super::db::DbError;
 use super::progress::{self, TaskProgress};
+use super::shapes::{self, ProxySessions, SessionGroup};
 use super::state::{Phase, StateError};
+use crate::shape::Shape;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
     #[error(transparent)]
     State(#[from] StateError),
+    #[error(transparent)]
+    Db(#[from] DbError),
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -42,6 +47,16 @@ pub struct Status {
     pub tasks: Vec<TaskProgress>,
     pub events: Vec<Event>,
     pub proxies: Vec<ProxyInfo>,
+    /// The shape of new sessions that name none and match no rule.
+    pub default_shape: Option<Shape>,
+    /// Sessions per shape, user, database and application_name, summed over the live
+    /// proxies (heartbeat within `switch::LIVE_WITHIN`), as of their last heartbeat.
+    pub sessions: Vec<SessionGroup>,
+    /// Those sessions per shape: `integer` 0 is when V1 is gone.
+    pub sessions_by_shape: std::collections::BTreeMap<&'static str, u64>,
+    /// Each proxy seen within `switch::GONE_AFTER`, with its own groups (`null`: it does not
+    /// report them, or it is not live and its numbers are not counted above).
+    pub proxy_sessions: Vec<ProxySessions>,
 }
 
 pub async fn run(client: &Client) -> Result<Status, StatusError> {
@@ -54,13 +69,18 @@ pub async fn run(client: &Client) -> Result<Status, StatusError> {
         tasks: p.tasks,
         events: Vec::new(),
         proxies: Vec::new(),
+        default_shape: None,
+        sessions: Vec::new(),
+        sessions_by_shape: shapes::totals([]),
+        proxy_sessions: Vec::new(),
     };
     if st.phase.is_none() {
         return Ok(st);
     }
-    if let Some((plan, _)) = super::state::load(client).await? {
-        st.tables = plan.tables.len();
-        st.foreign_keys = plan.foreign_keys().count();
+    if let Some(m) = super::state::load_migration(client).await? {
+        st.tables = m.plan.tables.len();
+        st.foreign_keys = m.plan.foreign_keys().count();
+        st.default_shape = Some(m.default_shape);
     }
     let rows = client
         .query(
@@ -98,6 +118,15 @@ pub async fn run(client: &Client) -> Result<Status, StatusError> {
             paused: r.get(5),
         })
         .collect();
+    st.proxy_sessions = shapes::read_proxies(client).await?;
+    let live = st
+        .proxy_sessions
+        .iter()
+        .filter(|p| p.live)
+        .filter_map(|p| p.groups.as_ref())
+        .flatten();
+    st.sessions = shapes::merge_groups(live);
+    st.sessions_by_shape = shapes::totals(&st.sessions);
     Ok(st)
 }
 
@@ -153,6 +182,44 @@ pub fn render_text(st: &Status) -> String {
                 .map(|v| v.to_string())
                 .unwrap_or_else(|| "-".into()),
             if p.paused { ", paused" } else { "" }
+        );
+    }
+    if let Some(d) = st.default_shape {
+        let _ = writeln!(
+            s,
+            "default shape: {d} (for new connections that name no keyshift.shape and match no rule; `keyshift shape default` changes it)"
+        );
+    }
+    let live = st.proxy_sessions.iter().filter(|p| p.live).count();
+    let _ = writeln!(
+        s,
+        "sessions by shape (live proxies: {live}, as of their last heartbeat): {}",
+        st.sessions_by_shape
+            .iter()
+            .map(|(shape, n)| format!("{shape} {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    for g in &st.sessions {
+        let _ = writeln!(
+            s,
+            "  {:<8} {:>5}  user {}, database {}, application_name {:?}",
+            g.shape.as_str(),
+            g.sessions,
+            g.user,
+            g.database,
+            g.application_name
+        );
+    }
+    for p in st
+        .proxy_sessions
+        .iter()
+        .filter(|p| p.groups.is_none() && p.live)
+    {
+        let _ = writeln!(
+            s,
+            "  proxy {} does not report its sessions (a keyshift version without shapes)",
+            p.proxy
         );
     }
     let _ = writeln!(s, "recent events:");

@@ -12,7 +12,7 @@ use tracing::{info, warn};
 use super::db::{self, DbError};
 use super::ddl::{self, Mode};
 use super::state::{self, Phase};
-use super::{Settings, verify};
+use super::{Settings, shapes, verify};
 
 /// A proxy is live when its heartbeat is this recent (three heartbeats).
 pub const LIVE_WITHIN: &str = "6 seconds";
@@ -621,13 +621,24 @@ async fn collect_pauses(
     }
 }
 
-/// finalize: dual-write off everywhere first (so no proxy still writes the legacy columns),
-/// then the legacy columns and keyshift's state go. See docs/cutover.md.
-pub async fn finalize(
+/// What finalize found and did about the sessions, for the command's output.
+#[derive(Debug, Default, Serialize)]
+pub struct FinalizeReport {
+    /// Backends of integer-shaped sessions ended by `--terminate`.
+    pub terminated: u64,
+    /// Integer-shaped sessions that connected while finalize was starting, after the check
+    /// and before every proxy refused the integer shape (without `--terminate`, left to fail).
+    pub late: Vec<String>,
+}
+
+/// The checks finalize makes before it changes anything: the phase, then the default shape
+/// and every proxy's sessions, asked fresh (src/migrate/shapes.rs). `Refused` says what to
+/// do; with `terminate` the integer-shaped sessions are no reason to refuse, and the
+/// returned check lists them.
+pub async fn finalize_check(
     client: &Client,
-    settings: &Settings,
-    keep_map: bool,
-) -> Result<(), SwitchError> {
+    terminate: bool,
+) -> Result<shapes::FinalizeCheck, SwitchError> {
     let m = state::load_migration(client)
         .await?
         .ok_or_else(|| SwitchError::Refused("no migration here".into()))?;
@@ -637,7 +648,78 @@ pub async fn finalize(
             m.phase
         )));
     }
+    let check = shapes::check_finalize(client).await.map_err(shape_error)?;
+    // An interrupted finalize is past the point of no return: it only has to finish.
+    if m.phase == Phase::CutOver
+        && let Some(why) = check.refusal(terminate)
+    {
+        return Err(SwitchError::Refused(why));
+    }
+    Ok(check)
+}
+
+fn shape_error(e: shapes::ShapeError) -> SwitchError {
+    match e {
+        shapes::ShapeError::Db(e) => SwitchError::Db(e),
+        shapes::ShapeError::State(e) => SwitchError::State(e),
+        e => SwitchError::Refused(e.to_string()),
+    }
+}
+
+/// `--terminate`: ends the integer-shaped sessions, asking the proxies again until none is
+/// left (a pool reconnects at once; its new connections are ended in the next round).
+async fn end_integer_sessions(
+    client: &Client,
+    mut check: shapes::FinalizeCheck,
+) -> Result<u64, SwitchError> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut ended = 0;
+    while !check.integer.is_empty() {
+        if Instant::now() > deadline {
+            return Err(SwitchError::Refused(format!(
+                "integer-shaped sessions are still connected after --terminate ended {ended} backend(s) for 15 s (a pool that reconnects in the integer shape?):\n{}  what to do: stop V1 or point it at keyshift.shape=uuid, then rerun",
+                check.render_sessions()
+            )));
+        }
+        let n = shapes::terminate(client, &check).await?;
+        warn!(
+            ended = n,
+            sessions = check.integer_sessions(),
+            "finalize --terminate: ended the backends of integer-shaped sessions"
+        );
+        ended += n;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        check = shapes::check_finalize(client).await.map_err(shape_error)?;
+    }
+    Ok(ended)
+}
+
+/// finalize: refused while the default shape is integer or an integer-shaped session is
+/// connected anywhere (`terminate` ends those); then dual-write off everywhere (so no proxy
+/// still writes the legacy columns), then the legacy columns and keyshift's state go. See
+/// docs/cutover.md.
+pub async fn finalize(
+    client: &Client,
+    settings: &Settings,
+    keep_map: bool,
+    terminate: bool,
+) -> Result<FinalizeReport, SwitchError> {
+    let check = finalize_check(client, terminate).await?;
+    let m = state::load_migration(client)
+        .await?
+        .ok_or_else(|| SwitchError::Refused("no migration here".into()))?;
+    let mut report = FinalizeReport::default();
     if m.phase != Phase::Finalizing {
+        if terminate {
+            report.terminated = end_integer_sessions(client, check).await?;
+        }
+        let _ = state::event(
+            client,
+            "finalize",
+            "finalize started: no integer-shaped session, default shape uuid",
+            Some(serde_json::json!({"terminated": report.terminated})),
+        )
+        .await;
         db::exec(client, &state::set_phase_sql(Phase::Finalizing)).await?;
     }
     let version: i64 = client
@@ -647,11 +729,34 @@ pub async fn finalize(
         .get(0);
     // Every live proxy must stop filling the legacy columns before they are dropped.
     wait_for_live(client, version).await?;
+    // From here every proxy refuses new integer-shaped sessions; one that connected between
+    // the check and now would fail once the columns are gone.
+    let late = shapes::check_finalize(client).await.map_err(shape_error)?;
+    if !late.integer.is_empty() {
+        if terminate {
+            report.terminated += end_integer_sessions(client, late).await?;
+        } else {
+            warn!(
+                "integer-shaped sessions connected while finalize started; they will fail once the legacy columns are gone:\n{}",
+                late.render_sessions()
+            );
+            report.late = late
+                .integer
+                .iter()
+                .map(|(p, g)| {
+                    format!(
+                        "proxy {p}: {} session(s) of user {}, application_name {:?}",
+                        g.sessions, g.user, g.application_name
+                    )
+                })
+                .collect();
+        }
+    }
     for st in ddl::finalize(&m.plan, keep_map) {
         db::run_step(client, &st, settings).await?;
     }
     info!("finalized");
-    Ok(())
+    Ok(report)
 }
 
 /// Renders a report for the terminal.

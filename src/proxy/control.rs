@@ -662,25 +662,55 @@ impl Control {
         Ok(())
     }
 
+    /// Proves this proxy alive and reports its sessions per (shape, user, database,
+    /// application_name) with their backend pids, for `status` and finalize's guard
+    /// (src/migrate/shapes.rs). Runs at every refresh: every HEARTBEAT and on every
+    /// notification, which is how finalize gets numbers fresher than a heartbeat period.
+    /// Proves this proxy alive and reports its sessions per (shape, user, database,
+    /// application_name) with their backend pids, for `status` and finalize's guard
+    /// (src/migrate/shapes.rs). Runs at every refresh: every HEARTBEAT and on every
+    /// notification, which is how finalize gets numbers fresher than a heartbeat period.
     async fn heartbeat(&self, client: &Client) -> Result<(), ControlError> {
         let address = self.shared.cfg.listen.to_string();
-        client
-            .execute(
-                "INSERT INTO keyshift.proxies (id, address, pid, version, heartbeat_at, acked_rules_version)
-                 VALUES ($1, $2, $3, $4, now(), $5)
+        let pid = std::process::id() as i32;
+        let sessions =
+            serde_json::to_string(&self.shared.gate.shape_groups()).unwrap_or_else(|_| "[]".into());
+        let upsert = |with_sessions: bool| {
+            let (col, val, set) = if with_sessions {
+                (
+                    ", sessions",
+                    ", $6::text::jsonb",
+                    ", sessions = EXCLUDED.sessions",
+                )
+            } else {
+                ("", "", "")
+            };
+            format!(
+                "INSERT INTO keyshift.proxies (id, address, pid, version, heartbeat_at, acked_rules_version{col})
+                 VALUES ($1, $2, $3, $4, now(), $5{val})
                  ON CONFLICT (id) DO UPDATE SET address = EXCLUDED.address, pid = EXCLUDED.pid,
                    version = EXCLUDED.version, heartbeat_at = now(),
-                   acked_rules_version = EXCLUDED.acked_rules_version",
-                &[
-                    &self.id,
-                    &address,
-                    &(std::process::id() as i32),
-                    &env!("CARGO_PKG_VERSION"),
-                    &self.version,
-                ],
+                   acked_rules_version = EXCLUDED.acked_rules_version{set}"
             )
-            .await?;
-        Ok(())
+        };
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] = [
+            &self.id,
+            &address,
+            &pid,
+            &env!("CARGO_PKG_VERSION"),
+            &self.version,
+            &sessions,
+        ];
+        match client.execute(&upsert(true), &params).await {
+            Ok(_) => Ok(()),
+            // State written by a keyshift older than shapes has no `sessions` column: stay
+            // alive without it (finalize then counts this proxy's sessions as unknown).
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_COLUMN) => {
+                client.execute(&upsert(false), &params[..5]).await?;
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 }
 

@@ -293,10 +293,39 @@ impl Gate {
         self.sessions.iter().map(|e| view(e.value())).collect()
     }
 
+    /// The registered sessions grouped by (shape, user, database, application_name), with
+    /// their backend pids: what the heartbeat reports, `/v1/status` shows and `finalize
+    /// --terminate` ends. Sessions still in `Startup` are counted: their shape is decided
+    /// and they become ordinary sessions as soon as they authenticate, so leaving them out
+    /// would let finalize go ahead under a V1 connection that is just arriving (their pid is
+    /// 0 until known, and the group's count says they are there).
+    pub fn shape_groups(&self) -> Vec<crate::migrate::shapes::SessionGroup> {
+        let sessions: Vec<Arc<SessionInfo>> =
+            self.sessions.iter().map(|e| e.value().clone()).collect();
+        crate::migrate::shapes::group_sessions(sessions.iter().map(|s| {
+            (
+                s.shape,
+                s.user.as_str(),
+                s.database.as_str(),
+                s.application_name.as_str(),
+                s.backend_pid.load(Ordering::Relaxed),
+            )
+        }))
+    }
+
     /// The gate and the sessions' states now, for the metrics scrape.
     pub fn reading(&self) -> GateReading {
         let counts = self.counts();
+        let mut shapes: Vec<(&'static str, usize)> =
+            Shape::ALL.iter().map(|sh| (sh.as_str(), 0)).collect();
+        for e in self.sessions.iter() {
+            let name = e.value().shape.as_str();
+            if let Some(slot) = shapes.iter_mut().find(|(n, _)| *n == name) {
+                slot.1 += 1;
+            }
+        }
         GateReading {
+            shapes,
             sessions: SessionState::ALL
                 .iter()
                 .zip(counts)

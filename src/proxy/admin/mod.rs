@@ -95,6 +95,11 @@ async fn readyz(State(s): State<Arc<Shared>>) -> Response {
 
 async fn status(State(s): State<Arc<Shared>>) -> Response {
     let counts = s.gate.counts();
+    // The same groups the heartbeat reports, without the pids (this endpoint is open).
+    let mut shapes = s.gate.shape_groups();
+    for g in &mut shapes {
+        g.backend_pids.clear();
+    }
     let by_state: serde_json::Map<String, serde_json::Value> = SessionState::ALL
         .iter()
         .zip(counts)
@@ -105,6 +110,8 @@ async fn status(State(s): State<Arc<Shared>>) -> Response {
         "gate_closed_ms": s.gate.closed_for().map(|d| d.as_millis() as u64),
         "sessions": by_state,
         "total_sessions": counts.iter().sum::<usize>(),
+        "sessions_by_shape": crate::migrate::shapes::totals(&shapes),
+        "shapes": shapes,
         "upstream": s.upstream.addr(),
         "rules_version": s.metrics.rewrite.rules_version.get(),
         "dual_write": s.rewriter.load().is_some(),
