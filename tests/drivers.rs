@@ -715,31 +715,26 @@ fn every_driver_works_through_the_proxy_until_cutover() {
 // ---- (a) the integer shape across cutover and rollback ----
 
 #[test]
-#[ignore = "needs the [shapes] proxy side"]
 fn asyncpg_statement_cache_in_the_integer_shape_across_cutover_and_rollback() {
     integer_application_across_the_lifecycle(Driver::Asyncpg);
 }
 
 #[test]
-#[ignore = "needs the [shapes] proxy side"]
 fn pgjdbc_prepared_and_batched_in_the_integer_shape_across_cutover_and_rollback() {
     integer_application_across_the_lifecycle(Driver::Pgjdbc);
 }
 
 #[test]
-#[ignore = "needs the [shapes] proxy side"]
 fn node_postgres_named_statements_in_the_integer_shape_across_cutover_and_rollback() {
     integer_application_across_the_lifecycle(Driver::NodePg);
 }
 
 #[test]
-#[ignore = "needs the [shapes] proxy side"]
 fn psycopg_prepared_statements_in_the_integer_shape_across_cutover_and_rollback() {
     integer_application_across_the_lifecycle(Driver::Psycopg);
 }
 
 #[test]
-#[ignore = "needs the [shapes] proxy side"]
 fn sqlalchemy_orm_integer_models_across_cutover_and_rollback() {
     integer_application_across_the_lifecycle(Driver::Sqlalchemy);
 }
@@ -747,25 +742,25 @@ fn sqlalchemy_orm_integer_models_across_cutover_and_rollback() {
 // ---- (b) both shapes side by side ----
 
 #[test]
-#[ignore = "needs the [shapes] proxy side"]
+#[ignore = "V2 after a rollback needs rollback to end hardened (branch rollback)"]
 fn sqlalchemy_orm_uuid_models_beside_integer_models() {
     two_shapes_side_by_side(Driver::Sqlalchemy);
 }
 
 #[test]
-#[ignore = "needs the [shapes] proxy side"]
+#[ignore = "V2 after a rollback needs rollback to end hardened (branch rollback)"]
 fn asyncpg_in_both_shapes_side_by_side() {
     two_shapes_side_by_side(Driver::Asyncpg);
 }
 
 #[test]
-#[ignore = "needs the [shapes] proxy side"]
+#[ignore = "V2 after a rollback needs rollback to end hardened (branch rollback)"]
 fn pgjdbc_in_both_shapes_side_by_side() {
     two_shapes_side_by_side(Driver::Pgjdbc);
 }
 
 #[test]
-#[ignore = "needs the [shapes] proxy side"]
+#[ignore = "V2 after a rollback needs rollback to end hardened (branch rollback)"]
 fn node_postgres_in_both_shapes_side_by_side() {
     two_shapes_side_by_side(Driver::NodePg);
 }
@@ -839,7 +834,6 @@ fn db_error(e: &tokio_postgres::Error) -> (String, String) {
 }
 
 #[test]
-#[ignore = "needs the [shapes] proxy side"]
 fn an_unknown_shape_is_refused_with_22023() {
     let lab = Lab::new();
     lab.ks(&["expand"]);
@@ -864,11 +858,11 @@ fn an_unknown_shape_is_refused_with_22023() {
 }
 
 #[test]
-#[ignore = "needs the [shapes] proxy side"]
 fn the_uuid_shape_before_harden_is_refused_saying_when_it_will_work() {
     let lab = Lab::new();
     lab.ks(&["expand"]);
-    lab.ks(&["backfill"]);
+    // backfill hardens unless told not to.
+    lab.ks(&["backfill", "--skip-harden"]);
     let refused = |how: &str, got: Option<(String, String)>| {
         let (code, msg) = got.unwrap_or_else(|| panic!("{how}: uuid before harden was accepted"));
         assert!(
@@ -893,7 +887,6 @@ fn the_uuid_shape_before_harden_is_refused_saying_when_it_will_work() {
 }
 
 #[test]
-#[ignore = "needs the [shapes] proxy side"]
 fn set_keyshift_shape_mid_session_is_an_error_and_the_shape_stays() {
     let lab = Lab::new();
     for step in ["expand", "backfill", "harden"] {
