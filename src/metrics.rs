@@ -127,6 +127,7 @@ pub struct Metrics {
 
 /// Sessions served in a shape that is not the physical one (DESIGN "Shapes"): the proxy
 /// points their table references at keyshift's views of their shape.
+#[derive(Clone)]
 pub struct TranslationMetrics {
     /// `keyshift_translated_statements_total{shape,kind}`: statements of a translated session
     /// that named a migrated table and were redirected, by the session's shape and the

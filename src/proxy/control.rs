@@ -609,6 +609,7 @@ impl Control {
                     m.rules_version as u64,
                     &self.settings,
                     self.shared.metrics.rewrite.clone(),
+                    self.shared.metrics.translation.clone(),
                 )
                 .await
                 {

@@ -17,11 +17,11 @@ use tracing::warn;
 
 use super::scope::Scope;
 use super::statements::{Decision, QueryTemplate, StatementRewriter};
-use crate::metrics::RewriteMetrics;
+use crate::metrics::{RewriteMetrics, TranslationMetrics};
 use crate::migrate::plan::Plan;
 use crate::migrate::state::{DualWrite as Mode, Phase};
 use crate::rewrite::{
-    ClientView, Direction, FkPlan, Outcome, ParentPlan, PlanRules, RewriteCache, RuleError,
+    ClientView, Direction, FkPlan, Kind, Outcome, ParentPlan, PlanRules, RewriteCache, RuleError,
     RuleSet, Skip, TableColumns, redact,
 };
 use crate::shape::Shape;
@@ -145,6 +145,7 @@ pub async fn build(
     version: u64,
     settings: &Settings,
     metrics: Arc<RewriteMetrics>,
+    translation: TranslationMetrics,
 ) -> Result<Option<(DualWrite, Option<(Shape, DualWrite)>)>, DualWriteError> {
     let Some(dir) = direction(phase) else {
         return Ok(None);
@@ -174,7 +175,9 @@ pub async fn build(
                 strict: true,
                 ..settings.clone()
             };
-            Some((shape, DualWrite::new(set, &strict, metrics.clone())))
+            let mut dw = DualWrite::new(set, &strict, metrics.clone());
+            dw.translation = Some(translation);
+            Some((shape, dw))
         }
         None => None,
     };
@@ -200,6 +203,8 @@ pub struct DualWrite {
     strict: bool,
     metrics: Arc<RewriteMetrics>,
     logged: DashMap<String, ()>,
+    /// For a translated session's rewriter: its statements are also counted by shape.
+    translation: Option<TranslationMetrics>,
 }
 
 impl DualWrite {
@@ -212,6 +217,7 @@ impl DualWrite {
             strict: settings.strict,
             metrics,
             logged: DashMap::new(),
+            translation: None,
         }
     }
 
@@ -326,6 +332,7 @@ impl StatementRewriter for DualWrite {
             strict: self.strict,
             metrics: self.metrics.clone(),
             logged: DashMap::new(),
+            translation: self.translation.clone(),
         }))
     }
 }
@@ -344,7 +351,11 @@ impl DualWrite {
                 changes,
                 skipped,
             } => {
-                for c in changes {
+                // Translation is counted by shape below, not as a dual-write.
+                for c in changes
+                    .iter()
+                    .filter(|c| !matches!(c.kind, Kind::Translated | Kind::TranslatedWrite))
+                {
                     self.metrics
                         .rewrites
                         .with_label_values(&[&c.table, c.kind.as_str()])
@@ -367,7 +378,24 @@ impl DualWrite {
                 }
             }
         };
-        self.metrics.duration.observe(start.elapsed().as_secs_f64());
+        let elapsed = start.elapsed().as_secs_f64();
+        self.metrics.duration.observe(elapsed);
+        if let (Some(t), Some(shape)) = (&self.translation, self.rules.translated()) {
+            let kind = match (&decision, out) {
+                (Decision::Refuse(_), _) => "refused",
+                (_, Outcome::Rewritten { changes, .. })
+                    if changes.iter().all(|c| c.kind == Kind::Translated) =>
+                {
+                    "read"
+                }
+                (_, Outcome::Rewritten { .. }) => "write",
+                _ => "other",
+            };
+            t.statements
+                .with_label_values(&[shape.as_str(), kind])
+                .inc();
+            t.seconds.observe(elapsed);
+        }
         decision
     }
 }

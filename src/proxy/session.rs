@@ -997,12 +997,18 @@ where
         if changed.is_empty() && closes.is_empty() {
             return;
         }
+        // One sequence per statement: a Parse PostgreSQL refuses makes it skip the rest of its
+        // sequence, and a skipped Close would leave the statement prepared under the old
+        // rules to run after the swap. Each Close runs; a refused Parse leaves only its own
+        // statement missing (the client's next use gets PostgreSQL's 26000).
         for r in &changed {
             build::close_statement(&mut self.c_out, &r.name);
             self.replies.sent(Kind::Close, Owner::Own, None);
             build::parse(&mut self.c_out, &r.name, r.text.as_bytes(), &r.rest);
             self.replies
                 .sent(Kind::Parse, Owner::Own, Some(Token::Reprepare));
+            build::sync(&mut self.c_out);
+            self.replies.sent(Kind::Sync, Owner::Own, None);
         }
         build::sync(&mut self.c_out);
         self.replies.sent(Kind::Sync, Owner::Own, None);

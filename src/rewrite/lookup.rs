@@ -33,6 +33,7 @@ pub(crate) fn twin_value(
     b: usize,
     fill: &Fill,
     ctes: &[String],
+    redirects: &[(usize, String)],
 ) -> Result<String, SkipReason> {
     if src.only_kw(a, b, Keyword::DEFAULT) {
         return Ok("DEFAULT".to_string());
@@ -57,7 +58,23 @@ pub(crate) fn twin_value(
             }
         }
     }
-    Ok(lookup(fill, src.text(a, b), refers_to_columns, ctes))
+    let text = src.text(a, b);
+    let start = src.start(a);
+    if !redirects
+        .iter()
+        .any(|(p, _)| *p >= start && *p < start + text.len())
+    {
+        return Ok(lookup(fill, text, refers_to_columns, ctes));
+    }
+    // The copy of a translated statement's expression reads the same views it does.
+    let mut copied = super::edit::Edits::default();
+    for (p, t) in redirects {
+        copied.insert(*p, t.clone());
+    }
+    let text = copied
+        .apply(src.sql, start..start + text.len())
+        .ok_or(SkipReason::Internal)?;
+    Ok(lookup(fill, &text, refers_to_columns, ctes))
 }
 
 /// `(SELECT id_uuid FROM public.p WHERE id = (E)::bigint)`.

@@ -77,8 +77,11 @@ pub enum Kind {
     Upsert,
     Update,
     Merge,
-    /// A statement of a translated session pointed at keyshift's views of its shape.
+    /// A statement of a translated session pointed at keyshift's views of its shape: a read
+    /// (SELECT, EXPLAIN, COPY TO, …), or a write with no twin to fill (DELETE, UPDATE of
+    /// other columns).
     Translated,
+    TranslatedWrite,
 }
 
 impl Kind {
@@ -90,6 +93,7 @@ impl Kind {
             Kind::Update => "update",
             Kind::Merge => "merge",
             Kind::Translated => "translated",
+            Kind::TranslatedWrite => "translated_write",
         }
     }
 }
@@ -288,27 +292,37 @@ fn rewrite_parsed(rules: &RuleSet, sql: &str, verify: bool, gate: bool) -> Outco
             from: piece.from,
             limit: piece.to,
             edits: Edits::default(),
+            redirects: Vec::new(),
             changes: Vec::new(),
             ctes: Vec::new(),
             visible: usize::MAX,
         };
-        if let Err(skip) = statement::visit(&mut ctx, &stmt) {
-            skipped.push(skip);
-            continue;
-        }
-        ctx.finish_ctes();
+        // Translation first: an expression the dual-write copies into a lookup (a subquery
+        // naming a migrated table) must read the views too, so the copy takes the redirects.
+        let mut redirected = translate::Redirected::No;
         if let Some(shape) = rules.translated() {
             match translate::redirect(&mut ctx, &stmt, shape) {
-                Ok(true) if ctx.changes.is_empty() => ctx.changes.push(Change {
-                    table: name.to_string(),
-                    kind: Kind::Translated,
-                }),
-                Ok(_) => {}
+                Ok(r) => redirected = r,
                 Err(skip) => {
                     skipped.push(skip);
                     continue;
                 }
             }
+            ctx.redirects = ctx.edits.ins.clone();
+        }
+        if let Err(skip) = statement::visit(&mut ctx, &stmt) {
+            skipped.push(skip);
+            continue;
+        }
+        ctx.finish_ctes();
+        if redirected != translate::Redirected::No && ctx.changes.is_empty() {
+            ctx.changes.push(Change {
+                table: name.to_string(),
+                kind: match redirected {
+                    translate::Redirected::Write => Kind::TranslatedWrite,
+                    _ => Kind::Translated,
+                },
+            });
         }
         if ctx.edits.is_empty() {
             continue;

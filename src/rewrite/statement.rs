@@ -19,6 +19,9 @@ pub(crate) struct Ctx<'s, 'a> {
     pub from: usize,
     pub limit: usize,
     pub edits: Edits,
+    /// A translated session's redirects (`translate.rs`), applied to every expression the
+    /// dual-write copies as well.
+    pub redirects: Vec<(usize, String)>,
     pub changes: Vec<Change>,
     /// Writable CTEs of this statement that insert into a parent table.
     pub ctes: Vec<ParentCte>,
@@ -64,7 +67,7 @@ impl Ctx<'_, '_> {
         fill: &Fill,
     ) -> Result<String, SkipReason> {
         let ctes = self.cte_sources(fill);
-        super::lookup::twin_value(self.src, a, b, fill, &ctes)
+        super::lookup::twin_value(self.src, a, b, fill, &ctes, &self.redirects)
     }
 
     /// Adds `_ks_k`, `_ks_u` to the RETURNING list of each parent CTE a lookup used.

@@ -1051,3 +1051,35 @@ fn translated_forms_views_cannot_run_are_refused_naming_the_table() {
         Outcome::Skipped(_)
     ));
 }
+
+#[test]
+fn translated_insert_select_points_both_tables_at_views() {
+    let r = integer_views();
+    let out = sql_of(rewrite(
+        &r,
+        "INSERT INTO c (p_id, a) SELECT id, $2::int FROM p WHERE a = $1",
+    ));
+    assert!(
+        out.starts_with("INSERT INTO keyshift_integer_public.c (p_id, a, p_id_uuid)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("FROM keyshift_integer_public.p WHERE a = $1"),
+        "{out}"
+    );
+}
+
+#[test]
+fn translated_copies_of_expressions_read_the_views_too() {
+    let r = integer_views();
+    let out = sql_of(rewrite(
+        &r,
+        "UPDATE c SET p_id = (SELECT id FROM p WHERE a = $1) WHERE a = $2",
+    ));
+    assert_eq!(
+        out,
+        "UPDATE keyshift_integer_public.c SET p_id = (SELECT id FROM keyshift_integer_public.p WHERE a = $1), \
+         p_id_uuid = (SELECT _ks_p.id_uuid FROM (VALUES (((SELECT id FROM keyshift_integer_public.p WHERE a = $1))::bigint)) AS _ks_v(k) \
+         JOIN keyshift_integer_public.p AS _ks_p ON _ks_p.id = _ks_v.k) WHERE a = $2"
+    );
+}

@@ -38,9 +38,29 @@ use crate::shape::Shape;
 /// Columns every table has and no view does.
 const SYSTEM_COLUMNS: &[&str] = &["ctid", "xmin", "xmax", "cmin", "cmax", "tableoid"];
 
-/// Points every reference to a migrated table in `stmt` at its view in `shape`. `Ok(false)`
-/// when the statement names none.
-pub(crate) fn redirect(ctx: &mut Ctx, stmt: &Statement, shape: Shape) -> Result<bool, Skip> {
+/// What a translated statement is, for the metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Redirected {
+    /// It names no migrated table.
+    No,
+    Read,
+    Write,
+}
+
+/// Points every reference to a migrated table in `stmt` at its view in `shape`.
+pub(crate) fn redirect(ctx: &mut Ctx, stmt: &Statement, shape: Shape) -> Result<Redirected, Skip> {
+    let write = matches!(
+        stmt,
+        Statement::Insert(_) | Statement::Update(_) | Statement::Delete(_) | Statement::Merge(_)
+    );
+    Ok(match names(ctx, stmt, shape)? {
+        false => Redirected::No,
+        true if write => Redirected::Write,
+        true => Redirected::Read,
+    })
+}
+
+fn names(ctx: &mut Ctx, stmt: &Statement, shape: Shape) -> Result<bool, Skip> {
     match stmt {
         Statement::Query(_)
         | Statement::Insert(_)
@@ -49,7 +69,7 @@ pub(crate) fn redirect(ctx: &mut Ctx, stmt: &Statement, shape: Shape) -> Result<
         | Statement::Merge(_)
         | Statement::Declare { .. } => {}
         Statement::Explain { statement, .. } | Statement::Prepare { statement, .. } => {
-            return redirect(ctx, statement, shape);
+            return names(ctx, statement, shape);
         }
         Statement::Copy {
             source: CopySource::Query(_),
