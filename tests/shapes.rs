@@ -319,3 +319,46 @@ async fn translated_forms_views_cannot_run_get_keyshifts_error_naming_the_table(
         .await
         .unwrap();
 }
+
+/// A statement prepared before expand, `SELECT *`, not used until after the cutover: under
+/// the integer view it would answer the twin columns too, more than the client was told.
+/// Its next use gets PostgreSQL's own 0A000, and a new prepare of the same text works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_whose_columns_would_change_answers_0a000_instead_of_other_rows() {
+    let db = common::TestDb::new().await;
+    db.client()
+        .await
+        .batch_execute(&format!("{SEED_004}{}", seed_004_rows(3)))
+        .await
+        .unwrap();
+    let p = linked_proxy_before_expand(&db).await;
+    let c = connect(&p, &db, None).await.unwrap();
+    let star = c
+        .prepare("SELECT * FROM mcp_connectors WHERE name = $1")
+        .await
+        .unwrap();
+    assert_eq!(star.columns().len(), 3);
+    for step in ["expand", "backfill", "cutover"] {
+        ks_expect(&db.url(), &[step], 0);
+    }
+    let e = c.query(&star, &[&"c1"]).await.expect_err("stale");
+    assert_eq!(e.code(), Some(&SqlState::FEATURE_NOT_SUPPORTED), "{e:?}");
+    assert_eq!(msg(&e), "cached plan must not change result type");
+    // The driver's way out: prepare again, and get the shape as it is now.
+    let again = c
+        .prepare("SELECT * FROM mcp_connectors WHERE name = $1")
+        .await
+        .unwrap();
+    let names: Vec<&str> = again.columns().iter().map(|c| c.name()).collect();
+    assert_eq!(names, ["id", "name", "created_at", "id_uuid"]);
+    let row = c.query_one(&again, &[&"c1"]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 1);
+}
+
+async fn linked_proxy_before_expand(db: &common::TestDb) -> TestProxy {
+    let mut cfg = test_config();
+    cfg.database_url = Some(db.url());
+    let p = TestProxy::start_with(cfg);
+    wait_status(&p, |v| v["database_link"] == "connected").await;
+    p
+}

@@ -419,6 +419,12 @@ impl ServerStatements {
         self.restore = Some(r);
     }
 
+    /// A statement to close at the session's next idle moment (one keyshift prepared for the
+    /// client that must not run any more).
+    pub fn close_later(&mut self, name: &[u8]) {
+        self.to_close.push(name.into());
+    }
+
     /// The per-session part of keyshift's statement names (`keyshift_<hex>_`).
     pub fn prefix(&self) -> &str {
         &self.prefix

@@ -57,7 +57,11 @@ const MAX_SERVER_MESSAGE: usize = (1 << 30) + 1024;
 /// catches up: a client pipelining without reading cannot grow the queue without bound.
 const MAX_UNANSWERED: usize = 64 * 1024;
 /// How keyshift's refusal (strict mode) says where to look.
-const REFUSAL_HINT: &str = "keyshift runs with strict = true; see docs/limitations.md";
+const REFUSAL_HINT: &str = "keyshift refused this statement; see docs/limitations.md";
+
+/// PostgreSQL's own message for a prepared statement whose result type changed: drivers
+/// (pgjdbc, asyncpg, psycopg) recognise it, drop their cached statement and prepare again.
+const CACHED_PLAN_CHANGED: &str = "cached plan must not change result type";
 
 /// Why the relay stopped polling.
 #[derive(Debug)]
@@ -119,7 +123,17 @@ enum Token {
     /// A named Parse keyshift started remembering: forgotten if PostgreSQL does not take it.
     Named(Box<[u8]>, Option<Box<Texts>>),
     /// keyshift's Parse of a client's statement again, under new rules.
-    Reprepare,
+    Reprepare(Box<[u8]>),
+    /// The client's Describe of its statement `name`: what PostgreSQL answers is what the
+    /// client now believes about it (`statements::Told`).
+    Describe(Box<[u8]>),
+    /// keyshift's Describe of a statement it prepared again: checked against what the client
+    /// was told.
+    Verify(Box<[u8]>),
+    /// The client bound a statement whose re-preparation changed what it was told: the
+    /// error PostgreSQL gives a driver for a cached plan whose result changed, so that the
+    /// driver prepares again, as it would directly.
+    Stale,
     /// An unnamed Parse (the client's, or keyshift's restoring one) that ended the alias
     /// standing for this statement in unnamed-statement generation `u64`: if PostgreSQL skips
     /// it, the client's unnamed statement is still that one, so it is restored.
@@ -166,6 +180,9 @@ pub struct Session<C, S> {
     /// it under the new rules, not the text prepared under the old ones (the swap's
     /// `column "…_uuid" does not exist`).
     unnamed_sql: Option<(Arc<str>, Box<[u8]>)>,
+    /// Named statements whose re-preparation would have changed what the client was told:
+    /// their next Bind gets PostgreSQL's 0A000 instead of running.
+    stale: std::collections::HashSet<Box<[u8]>>,
     /// The session's own name resolution (search path, temporary tables), and the rewriter
     /// built for it with the rule set it was built from.
     scope: Scope,
@@ -243,6 +260,7 @@ where
             rules_seen: shared.rules_version.load(Ordering::Acquire),
             unnamed_gen: 0,
             unnamed_sql: None,
+            stale: Default::default(),
             scope: Scope::default(),
             scoped: None,
             restore_inflight: 0,
@@ -632,7 +650,12 @@ where
                     || self.stmts.active()
                     || !self.prepared.is_empty()
             }
-            cf::BIND | cf::DESCRIBE => self.stmts.alias().is_some() || self.stmts.has_restore(),
+            cf::BIND | cf::DESCRIBE => {
+                self.stmts.alias().is_some()
+                    || self.stmts.has_restore()
+                    || (tag == cf::DESCRIBE && !self.prepared.is_empty())
+                    || (tag == cf::BIND && !self.stale.is_empty())
+            }
             cf::FLUSH | cf::TERMINATE => true,
             _ => false,
         }
@@ -671,7 +694,12 @@ where
         match tag {
             cf::QUERY => self.on_query(msg, rules, out),
             cf::PARSE => self.on_parse(msg, rules, out),
-            cf::BIND | cf::DESCRIBE => self.on_unnamed_use(tag, msg, out),
+            cf::BIND | cf::DESCRIBE => {
+                if let Some(handled) = self.on_named_use(tag, msg, out) {
+                    return handled;
+                }
+                self.on_unnamed_use(tag, msg, out)
+            }
             cf::CLOSE => {
                 if let Ok(c) = Named::read(msg)
                     && c.target == Target::Statement
@@ -682,6 +710,7 @@ where
                         self.stmts.unnamed_replaced();
                     } else {
                         self.prepared.forget(c.name);
+                        self.stale.remove(c.name);
                     }
                 }
                 self.note_sent(tag);
@@ -707,10 +736,14 @@ where
         // keyshift's own may be among them whatever the text names exactly.
         self.stmts.forget_all();
         match statements::dropped_statements(sql) {
-            Some(Dropped::All) => self.prepared.clear(),
+            Some(Dropped::All) => {
+                self.prepared.clear();
+                self.stale.clear();
+            }
             Some(Dropped::Names(names)) => {
                 for n in names {
                     self.prepared.forget(&n);
+                    self.stale.remove(n.as_slice());
                 }
             }
             None => {}
@@ -892,6 +925,40 @@ where
         Some(Token::Named(p.name.into(), None))
     }
 
+    /// A Describe of a tracked named statement (what PostgreSQL answers is recorded as what
+    /// the client was told), or a Bind of a stale one (answered with 0A000). `None`: neither.
+    fn on_named_use(&mut self, tag: u8, msg: &[u8], out: &mut BytesMut) -> Option<bool> {
+        if tag == cf::DESCRIBE {
+            let d = Named::read(msg).ok()?;
+            if d.target != Target::Statement || d.name.is_empty() || !self.prepared.contains(d.name)
+            {
+                return None;
+            }
+            self.replies.sent(
+                Kind::Describe,
+                Owner::Client,
+                Some(Token::Describe(d.name.into())),
+            );
+            return Some(false);
+        }
+        let b = Bind::read(msg).ok()?;
+        if b.statement.is_empty() || !self.stale.contains(b.statement) {
+            return None;
+        }
+        // A named Parse of keyshift's refusal marker in place of the Bind: PostgreSQL fails
+        // it (and skips to Sync) without touching the client's unnamed statement.
+        let name = format!("{}stale", self.stmts.prefix());
+        build::parse(
+            out,
+            name.as_bytes(),
+            statements::REFUSAL_MARKER.as_bytes(),
+            &[0, 0],
+        );
+        self.replies
+            .sent(Kind::Parse, Owner::Client, Some(Token::Stale));
+        Some(true)
+    }
+
     /// A Bind or Describe: when it uses the client's unnamed statement and keyshift's
     /// statement stands for it, it names keyshift's; when keyshift's was dropped, the
     /// client's text is prepared again as the unnamed statement first.
@@ -1001,14 +1068,33 @@ where
         // sequence, and a skipped Close would leave the statement prepared under the old
         // rules to run after the swap. Each Close runs; a refused Parse leaves only its own
         // statement missing (the client's next use gets PostgreSQL's 26000).
+        // What the client was told stays true by construction: the parameter types it was
+        // given are the Parse's, and the result columns are checked (Describe) before the
+        // client's next Bind or Describe goes (the restore hold), a change making the
+        // statement stale rather than letting it send rows the client would misread.
         for r in &changed {
             build::close_statement(&mut self.c_out, &r.name);
             self.replies.sent(Kind::Close, Owner::Own, None);
-            build::parse(&mut self.c_out, &r.name, r.text.as_bytes(), &r.rest);
-            self.replies
-                .sent(Kind::Parse, Owner::Own, Some(Token::Reprepare));
+            let tail = r.told.as_ref().map(statements::Told::parse_tail);
+            let types = tail.as_deref().unwrap_or(&r.rest);
+            build::parse(&mut self.c_out, &r.name, r.text.as_bytes(), types);
+            self.replies.sent(
+                Kind::Parse,
+                Owner::Own,
+                Some(Token::Reprepare(r.name.clone())),
+            );
+            if r.told.is_some() {
+                build::describe_statement(&mut self.c_out, &r.name);
+                self.replies.sent(
+                    Kind::Describe,
+                    Owner::Own,
+                    Some(Token::Verify(r.name.clone())),
+                );
+                self.restore_inflight += 1;
+            }
             build::sync(&mut self.c_out);
             self.replies.sent(Kind::Sync, Owner::Own, None);
+            self.restore_sync_passed |= self.restore_inflight > 0;
         }
         build::sync(&mut self.c_out);
         self.replies.sent(Kind::Sync, Owner::Own, None);
@@ -1074,8 +1160,15 @@ where
                 return Err(ServerError::TooLarge(len));
             }
             let route = self.replies.route(tag);
-            let whole =
-                route == Route::Drop || matches!(tag, sb::READY_FOR_QUERY | sb::ERROR_RESPONSE);
+            let whole = route == Route::Drop
+                || matches!(tag, sb::READY_FOR_QUERY | sb::ERROR_RESPONSE)
+                || (matches!(
+                    tag,
+                    sb::PARAMETER_DESCRIPTION | sb::ROW_DESCRIPTION | sb::NO_DATA
+                ) && matches!(
+                    self.replies.front_token(),
+                    Some(Token::Describe(_) | Token::Verify(_))
+                ));
             if !whole {
                 self.counters.server_message(tag);
                 self.replies.server(tag, b"");
@@ -1098,6 +1191,19 @@ where
                         self.scoped = None;
                     }
                 }
+                sb::PARAMETER_DESCRIPTION | sb::ROW_DESCRIPTION | sb::NO_DATA => {
+                    description(
+                        tag,
+                        msg,
+                        self.replies.front_token(),
+                        Told {
+                            prepared: &mut self.prepared,
+                            stale: &mut self.stale,
+                            stmts: &mut self.stmts,
+                        },
+                        self.info.id,
+                    );
+                }
                 sb::ERROR_RESPONSE => {
                     // A malformed ErrorResponse still goes to the client as it came.
                     if let Ok(f) = Fields::read(msg) {
@@ -1115,6 +1221,14 @@ where
                             sqlstate::FEATURE_NOT_SUPPORTED,
                             m,
                             Some(REFUSAL_HINT),
+                        ));
+                    } else if &code == b"42601"
+                        && let Some(Token::Stale) = self.replies.front_token()
+                    {
+                        replacement = Some(messages::error(
+                            sqlstate::FEATURE_NOT_SUPPORTED,
+                            CACHED_PLAN_CHANGED,
+                            None,
                         ));
                     } else if let Some(t) = self.replies.front_token().and_then(Token::texts) {
                         replacement = mapped_position(msg, t);
@@ -1178,8 +1292,18 @@ where
                         self.prepared.forget(&name);
                     }
                 }
-                Token::Reprepare => {
+                Token::Describe(_) | Token::Stale => {}
+                Token::Verify(_) => {
+                    self.restore_inflight = self.restore_inflight.saturating_sub(1);
+                    if self.restore_inflight == 0 {
+                        self.restore_sync_passed = false;
+                    }
+                }
+                Token::Reprepare(name) => {
                     if outcome != Outcome::Done {
+                        // Its next use gets 0A000, as a driver gets from PostgreSQL when a
+                        // cached plan can no longer be what it was.
+                        self.stale.insert(name);
                         warn!(
                             session = self.info.id,
                             "re-preparing a statement under the new rules failed; the client will see an error when it uses it"
@@ -1249,6 +1373,59 @@ fn unnamed_in_message(msg: &[u8], prefix: &str) -> Option<BytesMut> {
 
 /// The ErrorResponse `msg` with its position (`P`) moved from the text keyshift sent into the
 /// client's; `None` when it has none (or it is already right).
+/// The session state a description updates.
+struct Told<'a> {
+    prepared: &'a mut Prepared,
+    stale: &'a mut std::collections::HashSet<Box<[u8]>>,
+    stmts: &'a mut ServerStatements,
+}
+
+/// A ParameterDescription, RowDescription or NoData answering the client's Describe of a
+/// tracked statement (recorded as what the client was told) or keyshift's own after a
+/// re-preparation (compared with it: a difference makes the statement stale).
+/// A free function over the fields it needs: the message is borrowed from the read buffer.
+fn description(tag: u8, msg: &[u8], front: Option<&Token>, t: Told<'_>, session: u64) {
+    let columns = || -> Option<Option<statements::Columns>> {
+        match tag {
+            sb::NO_DATA => Some(None),
+            _ => backend::row_description(msg).ok().map(|cols| {
+                Some(
+                    cols.iter()
+                        .map(|c| (Box::from(c.name), c.type_oid))
+                        .collect(),
+                )
+            }),
+        }
+    };
+    match front {
+        Some(Token::Describe(name)) => {
+            let name = name.clone();
+            if tag == sb::PARAMETER_DESCRIPTION {
+                if let Ok(p) = backend::parameter_types(msg) {
+                    t.prepared.told_params(&name, p);
+                }
+            } else if let Some(c) = columns() {
+                t.prepared.told_columns(&name, c);
+            }
+        }
+        Some(Token::Verify(name)) if tag != sb::PARAMETER_DESCRIPTION => {
+            let name = name.clone();
+            let told = t.prepared.told(&name).and_then(|t| t.columns.clone());
+            if columns().is_none_or(|now| now != told) {
+                warn!(
+                    session,
+                    statement = %String::from_utf8_lossy(&name),
+                    "a statement prepared again under new rules would answer other columns than the client was told; its next use gets 0A000"
+                );
+                t.stale.insert(name.clone());
+                t.prepared.forget(&name);
+                t.stmts.close_later(&name);
+            }
+        }
+        _ => {}
+    }
+}
+
 fn mapped_position(msg: &[u8], texts: &Texts) -> Option<BytesMut> {
     let fields = Fields::read(msg).ok()?;
     let p: usize = std::str::from_utf8(fields.get(b'P')?).ok()?.parse().ok()?;

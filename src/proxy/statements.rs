@@ -251,12 +251,39 @@ pub struct Reprepare {
     pub sql: Arc<str>,
     pub rest: Box<[u8]>,
     pub text: Arc<str>,
+    /// What the client was told about it, when it asked (Describe of the statement).
+    pub told: Option<Told>,
+}
+
+/// What PostgreSQL told the client about a prepared statement: its ParameterDescription and
+/// its RowDescription (column names and types; `None` for NoData). A driver caches this and
+/// decodes every later row with it, so keyshift never lets it change under the same name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Told {
+    pub params: Vec<u32>,
+    pub columns: Option<Columns>,
+}
+
+/// A RowDescription's column names and type OIDs.
+pub type Columns = Vec<(Box<[u8]>, u32)>;
+
+impl Told {
+    /// The parameter-type tail of a Parse that fixes these types.
+    pub fn parse_tail(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(2 + 4 * self.params.len());
+        out.extend_from_slice(&(self.params.len() as u16).to_be_bytes());
+        for t in &self.params {
+            out.extend_from_slice(&t.to_be_bytes());
+        }
+        out
+    }
 }
 
 #[derive(Debug)]
 struct PreparedSql {
     sql: Arc<str>,
     rest: Box<[u8]>,
+    told: Option<Told>,
     /// What the server has, when it is not `sql` itself.
     sent: Option<Arc<str>>,
 }
@@ -270,6 +297,7 @@ impl Prepared {
                 PreparedSql {
                     sql: original.into(),
                     rest: rest.into(),
+                    told: None,
                     sent: sent.map(Into::into),
                 },
             );
@@ -288,6 +316,24 @@ impl Prepared {
 
     pub fn contains(&self, name: &[u8]) -> bool {
         self.map.contains_key(name)
+    }
+
+    /// The ParameterDescription the client got for `name`.
+    pub fn told_params(&mut self, name: &[u8], params: Vec<u32>) {
+        if let Some(p) = self.map.get_mut(name) {
+            p.told.get_or_insert_with(Told::default).params = params;
+        }
+    }
+
+    /// The RowDescription (or NoData: `None`) the client got for `name`.
+    pub fn told_columns(&mut self, name: &[u8], columns: Option<Columns>) {
+        if let Some(p) = self.map.get_mut(name) {
+            p.told.get_or_insert_with(Told::default).columns = columns;
+        }
+    }
+
+    pub fn told(&self, name: &[u8]) -> Option<&Told> {
+        self.map.get(name).and_then(|p| p.told.as_ref())
     }
 
     /// `DEALLOCATE ALL`, `DISCARD ALL`.
@@ -313,6 +359,7 @@ impl Prepared {
                     sql: p.sql.clone(),
                     rest: p.rest.clone(),
                     text,
+                    told: p.told.clone(),
                 });
             }
         }

@@ -69,6 +69,15 @@ pub fn named_with(out: &mut BytesMut, n: &Named<'_>, name: &[u8]) {
 }
 
 /// `Close` of the prepared statement `name`.
+/// `Describe` of the prepared statement `name`.
+pub fn describe_statement(out: &mut BytesMut, name: &[u8]) {
+    message(out, t::DESCRIBE, |b| {
+        b.put_u8(b'S');
+        b.put_slice(name);
+        b.put_u8(0);
+    });
+}
+
 pub fn close_statement(out: &mut BytesMut, name: &[u8]) {
     message(out, t::CLOSE, |b| {
         b.put_u8(b'S');
