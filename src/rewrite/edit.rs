@@ -261,13 +261,26 @@ impl Edits {
         self.ins.is_empty()
     }
 
+    /// The slice `range` of `sql` with the insertions strictly inside it (after its start,
+    /// before its end): an expression's text as it will be sent, for a copy of it.
+    pub(crate) fn within(&self, sql: &str, range: std::ops::Range<usize>) -> Option<String> {
+        let inside = |p: usize| p > range.start && p < range.end;
+        self.spliced(sql, range.clone(), inside)
+    }
+
     /// Applies the insertions that fall in `range` to that slice of `sql`.
     pub(crate) fn apply(&self, sql: &str, range: std::ops::Range<usize>) -> Option<String> {
-        let mut ins: Vec<&(usize, String)> = self
-            .ins
-            .iter()
-            .filter(|(p, _)| range.contains(p) || *p == range.end)
-            .collect();
+        let within = |p: usize| range.contains(&p) || p == range.end;
+        self.spliced(sql, range.clone(), within)
+    }
+
+    fn spliced(
+        &self,
+        sql: &str,
+        range: std::ops::Range<usize>,
+        keep: impl Fn(usize) -> bool,
+    ) -> Option<String> {
+        let mut ins: Vec<&(usize, String)> = self.ins.iter().filter(|(p, _)| keep(*p)).collect();
         ins.sort_by_key(|(p, _)| *p);
         let extra: usize = ins.iter().map(|(_, t)| t.len()).sum();
         let mut out = String::with_capacity(range.len() + extra);

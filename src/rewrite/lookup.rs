@@ -5,7 +5,7 @@ use sqlparser::keywords::Keyword;
 use sqlparser::tokenizer::Token;
 
 use super::SkipReason;
-use super::edit::Source;
+use super::edit::{Edits, Source};
 use super::rules::Fill;
 use crate::ident::quote;
 
@@ -26,13 +26,16 @@ const VOLATILE: &[&str] = &[
 
 /// What to write into the twin, given the tokens `a..b` written to the source column.
 /// `DEFAULT` stays `DEFAULT` (the twin has no default, so it is NULL like an FK without one),
-/// `NULL` stays `NULL`.
+/// `NULL` stays `NULL`. The copy is the text with `edits` inside it applied: in a
+/// translated session a migrated table named in the value is read through its view in the
+/// copy as in the original.
 pub(crate) fn twin_value(
     src: &Source,
     a: usize,
     b: usize,
     fill: &Fill,
     ctes: &[String],
+    edits: &Edits,
 ) -> Result<String, SkipReason> {
     if src.only_kw(a, b, Keyword::DEFAULT) {
         return Ok("DEFAULT".to_string());
@@ -57,7 +60,13 @@ pub(crate) fn twin_value(
             }
         }
     }
-    Ok(lookup(fill, src.text(a, b), refers_to_columns, ctes))
+    let text = if a < b {
+        edits.within(src.sql, src.start(a)..src.end(b - 1))
+    } else {
+        None
+    };
+    let text = text.as_deref().unwrap_or_else(|| src.text(a, b));
+    Ok(lookup(fill, text, refers_to_columns, ctes))
 }
 
 /// `(SELECT id_uuid FROM public.p WHERE id = (E)::bigint)`.

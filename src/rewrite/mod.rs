@@ -292,23 +292,28 @@ fn rewrite_parsed(rules: &RuleSet, sql: &str, verify: bool, gate: bool) -> Outco
             ctes: Vec::new(),
             visible: usize::MAX,
         };
+        // A translated statement is pointed at the views first, so that the copies the
+        // dual-write makes of an FK value read the views too.
+        let redirected = match rules.translated() {
+            Some(shape) => match translate::redirect(&mut ctx, &stmt, shape) {
+                Ok(r) => r,
+                Err(skip) => {
+                    skipped.push(skip);
+                    continue;
+                }
+            },
+            None => false,
+        };
         if let Err(skip) = statement::visit(&mut ctx, &stmt) {
             skipped.push(skip);
             continue;
         }
         ctx.finish_ctes();
-        if let Some(shape) = rules.translated() {
-            match translate::redirect(&mut ctx, &stmt, shape) {
-                Ok(true) if ctx.changes.is_empty() => ctx.changes.push(Change {
-                    table: name.to_string(),
-                    kind: Kind::Translated,
-                }),
-                Ok(_) => {}
-                Err(skip) => {
-                    skipped.push(skip);
-                    continue;
-                }
-            }
+        if redirected && ctx.changes.is_empty() {
+            ctx.changes.push(Change {
+                table: name.to_string(),
+                kind: Kind::Translated,
+            });
         }
         if ctx.edits.is_empty() {
             continue;

@@ -64,7 +64,7 @@ impl Ctx<'_, '_> {
         fill: &Fill,
     ) -> Result<String, SkipReason> {
         let ctes = self.cte_sources(fill);
-        super::lookup::twin_value(self.src, a, b, fill, &ctes)
+        super::lookup::twin_value(self.src, a, b, fill, &ctes, &self.edits)
     }
 
     /// Adds `_ks_k`, `_ks_u` to the RETURNING list of each parent CTE a lookup used.

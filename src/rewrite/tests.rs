@@ -1051,3 +1051,34 @@ fn translated_forms_views_cannot_run_are_refused_naming_the_table() {
         Outcome::Skipped(_)
     ));
 }
+
+#[test]
+fn translated_copies_of_an_fk_value_read_the_views_too() {
+    // The FK value is copied into the twin's lookup: a migrated table inside it must be
+    // the session's view there as well, or after the swap it reads the physical uuid key
+    // and the cast to integer fails.
+    let r = integer_views();
+    assert_eq!(
+        sql_of(rewrite(
+            &r,
+            "UPDATE c SET p_id = (SELECT id FROM p WHERE a = $1::text) WHERE id = 1"
+        )),
+        "UPDATE keyshift_integer_public.c SET p_id = (SELECT id FROM keyshift_integer_public.p WHERE a = $1::text), \
+         p_id_uuid = (SELECT _ks_p.id_uuid FROM (VALUES (((SELECT id FROM keyshift_integer_public.p WHERE a = $1::text))::bigint)) AS _ks_v(k) \
+         JOIN keyshift_integer_public.p AS _ks_p ON _ks_p.id = _ks_v.k) WHERE id = 1"
+    );
+    let out = sql_of(rewrite(
+        &r,
+        "INSERT INTO c (a, p_id) VALUES ('x', (SELECT id FROM public.p WHERE a = 'y'))",
+    ));
+    assert!(!out.contains("FROM public.p"), "{out}");
+    // Physical sessions copy the text as it came.
+    let out = sql_of(rewrite(
+        &forward(),
+        "UPDATE c SET p_id = (SELECT id FROM p WHERE a = $1::text) WHERE id = 1",
+    ));
+    assert!(
+        out.contains("(((SELECT id FROM p WHERE a = $1::text))::"),
+        "{out}"
+    );
+}
