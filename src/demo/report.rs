@@ -8,7 +8,7 @@ use serde::Serialize;
 use tokio_postgres::Client;
 
 use super::seed::TABLES;
-use super::workload::WorkloadResult;
+use super::workload::{Version, WorkloadResult};
 
 /// One foreign key as a user sees it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -338,14 +338,20 @@ pub async fn check(
         "every row has its id_legacy; every *_legacy FK matches its parent".into(),
     ));
 
-    // 8. The application saw no error.
+    // 8. The application saw no error, in either version.
     out.push(criterion(
-        "the application kept running without errors",
+        "the application kept running without errors, both versions",
         work.error_samples.clone(),
-        format!(
-            "{} clients, {} transactions, 0 errors",
-            work.clients, work.transactions
-        ),
+        work.versions
+            .iter()
+            .map(|v| {
+                format!(
+                    "{:?} ({} shape): {} clients, {} transactions, 0 errors",
+                    v.version, v.shape, v.clients, v.transactions
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; "),
     ));
     if work.errors > 0 && out.last().is_some_and(|c| c.passed) {
         if let Some(last) = out.last_mut() {
@@ -366,9 +372,32 @@ fn action(code: &str) -> &'static str {
     }
 }
 
-/// CRUD with UUID ids through the proxy, then ON DELETE CASCADE: what an application does
-/// first after the cutover. Leaves no row behind.
-pub async fn crud_check(app: &Client) -> Criterion {
+/// V1 and V2 ran side by side, and each read rows the other wrote, in its own shape.
+pub fn side_by_side(work: &WorkloadResult) -> Criterion {
+    let name = "V1 (integer shape) and V2 (uuid shape) wrote side by side, each reading the other's rows in its own shape";
+    let mut p = Vec::new();
+    let mut ok = Vec::new();
+    for v in [Version::V1, Version::V2] {
+        match work.version(v) {
+            None => p.push(format!("{v:?} did not run")),
+            Some(r) if r.transactions == 0 => p.push(format!("{v:?} committed nothing")),
+            Some(r) if r.other_rows_read == 0 => {
+                p.push(format!("{v:?} never read a row the other version wrote"))
+            }
+            Some(r) => ok.push(format!(
+                "{v:?} read {} rows of the other version with {} ids",
+                r.other_rows_read, r.shape
+            )),
+        }
+    }
+    criterion(name, p, ok.join("; "))
+}
+
+/// CRUD through the proxy after the cutover, then ON DELETE CASCADE, in `version`'s shape:
+/// uuid ids for V2 (what the UUID release does first), integer ids for V1 (still served
+/// through keyshift's views). Leaves no row behind.
+pub async fn crud_check(app: &Client, version: Version) -> Criterion {
+    let ty = version.shape().as_str();
     let r = async {
         let tx_name = format!("crud-check-{:08x}", rand::random::<u32>());
         app.batch_execute("BEGIN").await?;
@@ -380,34 +409,34 @@ pub async fn crud_check(app: &Client) -> Criterion {
             .await?
             .get(0);
         app.execute(
-            "INSERT INTO connector_access (connector_id, user_id) VALUES ($1::text::uuid, 'crud@example.com')",
+            &format!("INSERT INTO connector_access (connector_id, user_id) VALUES ($1::text::{ty}, 'crud@example.com')"),
             &[&id],
         )
         .await?;
         app.execute(
-            "INSERT INTO mcp_servers (connector_id, name, status) VALUES ($1::text::uuid, $2, 'new')",
+            &format!("INSERT INTO mcp_servers (connector_id, name, status) VALUES ($1::text::{ty}, $2, 'new')"),
             &[&id, &tx_name],
         )
         .await?;
         let read: i64 = app
             .query_one(
-                "SELECT count(*) FROM mcp_servers s JOIN connector_access a USING (connector_id) WHERE s.connector_id = $1::text::uuid",
+                &format!("SELECT count(*) FROM mcp_servers s JOIN connector_access a USING (connector_id) WHERE s.connector_id = $1::text::{ty}"),
                 &[&id],
             )
             .await?
             .get(0);
         let updated = app
             .execute(
-                "UPDATE mcp_servers SET status = 'updated' WHERE connector_id = $1::text::uuid",
+                &format!("UPDATE mcp_servers SET status = 'updated' WHERE connector_id = $1::text::{ty}"),
                 &[&id],
             )
             .await?;
-        app.execute("DELETE FROM mcp_connectors WHERE id = $1::text::uuid", &[&id])
+        app.execute(&format!("DELETE FROM mcp_connectors WHERE id = $1::text::{ty}"), &[&id])
             .await?;
         let left: i64 = app
             .query_one(
-                "SELECT (SELECT count(*) FROM connector_access WHERE connector_id = $1::text::uuid)
-                      + (SELECT count(*) FROM mcp_servers WHERE connector_id = $1::text::uuid)",
+                &format!("SELECT (SELECT count(*) FROM connector_access WHERE connector_id = $1::text::{ty})
+                      + (SELECT count(*) FROM mcp_servers WHERE connector_id = $1::text::{ty})"),
                 &[&id],
             )
             .await?
@@ -416,12 +445,23 @@ pub async fn crud_check(app: &Client) -> Criterion {
         Ok::<_, tokio_postgres::Error>((id, read, updated, left))
     }
     .await;
-    let name = "CRUD and ON DELETE CASCADE work with UUID ids, through the proxy";
+    let name = match version {
+        Version::V2 => {
+            "after the cutover, CRUD and ON DELETE CASCADE work with UUID ids, through the proxy in the uuid shape (V2)"
+        }
+        Version::V1 => {
+            "after the cutover, CRUD and ON DELETE CASCADE still work with integer ids, through the proxy in the integer shape (V1)"
+        }
+    };
     match r {
         Ok((id, read, updated, left)) => {
             let mut p = Vec::new();
-            if uuid_shape(&id).is_none() {
-                p.push(format!("a new connector's id is {id:?}, not a UUID"));
+            let fits = match version {
+                Version::V2 => uuid_shape(&id).is_some(),
+                Version::V1 => id.parse::<i64>().is_ok(),
+            };
+            if !fits {
+                p.push(format!("a new connector's id is {id:?}, not {ty}"));
             }
             if read != 1 || updated != 1 {
                 p.push(format!(
@@ -547,6 +587,18 @@ impl Report {
                 "  clients              {} clients, {} transactions, {} statements, {} errors",
                 w.clients, w.transactions, w.statements, w.errors
             );
+            for v in &w.versions {
+                let _ = writeln!(
+                    s,
+                    "    {:<20} {} clients from {}: {} commits, {} errors; read {} rows of the other version in its shape",
+                    format!("{:?} ({} shape)", v.version, v.shape),
+                    v.clients,
+                    v.started,
+                    v.transactions,
+                    v.errors,
+                    v.other_rows_read
+                );
+            }
             let _ = writeln!(
                 s,
                 "  longest client wait  {:.1} ms (statement latency p50 {:.2} ms, p99 {:.2} ms)",
