@@ -294,6 +294,8 @@ async fn views_keep_each_shape_through_cutover_and_rollback() {
     // Cut over again and finalize: the views go before the legacy columns they read.
     ks_expect(&url, &["harden"], 0);
     ks_expect(&url, &["cutover"], 0);
+    // finalize needs new connections to default to the uuid shape.
+    ks_expect(&url, &["shape", "default", "uuid"], 0);
     ks_expect(&url, &["finalize", "--yes"], 0);
     assert_eq!(view_schemas(&c).await, 0);
     assert_eq!(
