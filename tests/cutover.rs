@@ -300,8 +300,31 @@ async fn cutover_rollback_and_finalize_under_traffic() {
         3
     );
 
-    // Harden again, cut over again, finalize.
-    ks_expect(&db.url(), &["harden"], 0);
+    // Rollback ends in phase hardened, as harden leaves it: a new uuid-shaped (V2)
+    // connection is still accepted, and the next cutover needs no harden first.
+    let m = direct
+        .query_one("SELECT phase, rules_version FROM keyshift.migration", &[])
+        .await
+        .unwrap();
+    assert_eq!(m.get::<_, String>(0), "hardened");
+    let version: i64 = m.get(1);
+    wait_status(&p, |v| v["rules_version"] == version).await;
+    let mut v2: tokio_postgres::Config = url.parse().unwrap();
+    v2.options("-c keyshift.shape=uuid");
+    let (v2, conn) = v2
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("a uuid-shaped session is accepted after a rollback");
+    tokio::spawn(conn);
+    let ty: String = v2
+        .query_one("SELECT pg_typeof(id)::text FROM mcp_servers LIMIT 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(ty, "uuid");
+    drop(v2);
+
+    // Cut over again (no harden in between), finalize.
     let out = ks_async(&db.url(), &["cutover"]).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     // finalize drops the integer columns: the default shape goes to uuid first, and the

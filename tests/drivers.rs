@@ -742,25 +742,25 @@ fn sqlalchemy_orm_integer_models_across_cutover_and_rollback() {
 // ---- (b) both shapes side by side ----
 
 #[test]
-#[ignore = "V2 after a rollback needs rollback to end hardened (branch rollback)"]
+
 fn sqlalchemy_orm_uuid_models_beside_integer_models() {
     two_shapes_side_by_side(Driver::Sqlalchemy);
 }
 
 #[test]
-#[ignore = "V2 after a rollback needs rollback to end hardened (branch rollback)"]
+
 fn asyncpg_in_both_shapes_side_by_side() {
     two_shapes_side_by_side(Driver::Asyncpg);
 }
 
 #[test]
-#[ignore = "V2 after a rollback needs rollback to end hardened (branch rollback)"]
+
 fn pgjdbc_in_both_shapes_side_by_side() {
     two_shapes_side_by_side(Driver::Pgjdbc);
 }
 
 #[test]
-#[ignore = "V2 after a rollback needs rollback to end hardened (branch rollback)"]
+
 fn node_postgres_in_both_shapes_side_by_side() {
     two_shapes_side_by_side(Driver::NodePg);
 }

@@ -242,7 +242,9 @@ async fn edge_schema_full_cycle() {
         .unwrap()
         .get(0);
     assert_eq!(ty, "bigint");
-    ks_expect(&url, &["harden"], 0);
+    // Rollback left everything harden builds: harden has nothing to do.
+    let o = ks_expect(&url, &["harden"], 0);
+    assert!(stderr(&o).contains("(0 change(s))"), "{}", text(&o));
     ks_expect(&url, &["verify"], 0);
     for st in ddl::cutover(&plan) {
         db::run_step(&c, &st, &s)
@@ -256,6 +258,117 @@ async fn edge_schema_full_cycle() {
     }
     assert_eq!(count(&c, r#"SELECT count(*) FROM pg_attribute WHERE attrelid = '"App".nodes'::regclass AND attname LIKE '%legacy'"#).await, 0);
     assert_eq!(count(&c, r#"SELECT count(*) FROM "App".nodes n JOIN "App"."Accounts" a ON a."ID" = n."Account_Id""#).await, count(&c, r#"SELECT count(*) FROM "App".nodes"#).await);
+}
+
+/// Rollback leaves the schema exactly as harden leaves it (uuid-shaped sessions need phase
+/// hardened: uuids complete and enforced), twice in a row, on the seed (NOT NULL FKs,
+/// indexed FK columns) and on the awkward names of EDGE (identity key, self-reference, a
+/// child without an integer key). After it, harden has nothing to do, verify passes and
+/// cutover needs nothing more.
+#[tokio::test]
+async fn rollback_leaves_the_schema_as_harden_does() {
+    for (schema, args) in [
+        (format!("{SEED_004}{}", seed_004_rows(40)), &[][..]),
+        (EDGE.to_string(), &["--schema", "App"][..]),
+    ] {
+        let db = db_with(&schema).await;
+        let url = db.url();
+        let before = schema_dump(&db);
+        ks_expect(&url, &[&["expand"][..], args].concat(), 0);
+        ks_expect(&url, &["backfill"], 0);
+        let c = db.client().await;
+        // The switch tables the first cutover creates in schema keyshift: not part of the
+        // comparison.
+        c.batch_execute(keyshift::migrate::switch::schema_sql())
+            .await
+            .unwrap();
+        let hardened = schema_dump(&db);
+        for round in 1..=2 {
+            let o = ks_expect(&url, &["cutover"], 0);
+            assert!(stdout(&o).contains("committed"), "{}", text(&o));
+            assert_ne!(hardened, schema_dump(&db));
+            if round == 2 && args.is_empty() {
+                // What an interrupted REINDEX CONCURRENTLY of a primary key leaves: an
+                // INVALID copy, which rollback drops before rebuilding.
+                assert!(
+                    c.batch_execute(
+                        "CREATE UNIQUE INDEX CONCURRENTLY mcp_connectors_pkey_ccnew ON mcp_connectors ((1))"
+                    )
+                    .await
+                    .is_err()
+                );
+                assert_eq!(
+                    count(&c, "SELECT count(*) FROM pg_index WHERE NOT indisvalid").await,
+                    1
+                );
+            }
+            ks_expect(&url, &["rollback"], 0);
+            let (_, phase) = state::load(&c).await.unwrap().unwrap();
+            assert_eq!(phase, state::Phase::Hardened, "round {round}");
+            let after = schema_dump(&db);
+            if after != hardened {
+                let diff: Vec<String> = diff_lines(&hardened, &after);
+                panic!(
+                    "round {round}: the schema after rollback differs from after harden:\n{}",
+                    diff.join("\n")
+                );
+            }
+            let o = ks_expect(&url, &["harden"], 0);
+            assert!(stderr(&o).contains("(0 change(s))"), "{}", text(&o));
+            ks_expect(&url, &["verify"], 0);
+        }
+        // No INVALID index left behind by the rebuilds.
+        assert_eq!(
+            count(&c, "SELECT count(*) FROM pg_index WHERE NOT indisvalid").await,
+            0
+        );
+        // After a rollback the migration can still be aborted, back to the exact schema
+        // (the integer FKs are bound to the primary key, not to the spare index abort drops).
+        ks_expect(&url, &["abort"], 0);
+        assert_eq!(before, schema_dump(&db));
+    }
+}
+
+/// A rollback that stops before its swap (here `--dry-run`) has built the uuid side's
+/// constraints and indexes beside the cutover's: finalize drops them, so that the end state
+/// reads as if it had always been UUID.
+#[tokio::test]
+async fn finalize_drops_what_an_unfinished_rollback_prepared() {
+    let db = db_with(&format!("{SEED_004}{}", seed_004_rows(10))).await;
+    let url = db.url();
+    ks_expect(&url, &["expand"], 0);
+    ks_expect(&url, &["backfill"], 0);
+    ks_expect(&url, &["cutover"], 0);
+    let c = db.client().await;
+    let leftovers = "SELECT (SELECT count(*) FROM pg_constraint WHERE conname LIKE '%\\_uuid' OR conname LIKE '%\\_uuid\\_not\\_null')
+                          + (SELECT count(*) FROM pg_class WHERE relkind = 'i' AND relname LIKE '%\\_uuid\\_key')";
+    assert_eq!(count(&c, leftovers).await, 0);
+    let o = ks_expect(&url, &["rollback", "--dry-run"], 0);
+    assert!(stdout(&o).contains("dry run"), "{}", text(&o));
+    assert_eq!(
+        count(&c, leftovers).await,
+        4 + 5 + 5,
+        "shadow FKs, CHECKs, unique indexes"
+    );
+    ks_expect(&url, &["shape", "default", "uuid"], 0);
+    ks_expect(&url, &["finalize", "--yes"], 0);
+    assert_eq!(count(&c, leftovers).await, 0);
+}
+
+/// The lines of `b` missing from `a` (`+`) and of `a` missing from `b` (`-`).
+fn diff_lines(a: &str, b: &str) -> Vec<String> {
+    let (la, lb): (Vec<&str>, Vec<&str>) = (a.lines().collect(), b.lines().collect());
+    let mut out: Vec<String> = la
+        .iter()
+        .filter(|l| !lb.contains(l))
+        .map(|l| format!("- {l}"))
+        .collect();
+    out.extend(
+        lb.iter()
+            .filter(|l| !la.contains(l))
+            .map(|l| format!("+ {l}")),
+    );
+    out
 }
 
 #[tokio::test]

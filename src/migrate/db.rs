@@ -196,6 +196,32 @@ pub async fn needed(client: &Client, when: &When) -> Result<bool, DbError> {
             let r = one(client.query_one(IDX, &[schema, name]).await, IDX)?;
             r.get::<_, Option<bool>>(0).is_some()
         }
+        When::IndexOlderThan { schema, name, than } => {
+            // An interrupted REINDEX CONCURRENTLY leaves an INVALID copy, `<name>_ccnew` (or
+            // the old index as `<name>_ccold`; PostgreSQL cuts `<name>` to fit 63 bytes and
+            // may add a digit): maintained by every write, useless. Dropped before a rerun.
+            const LEFT: &str = "SELECT format('%I.%I', n.nspname, ic.relname) FROM pg_index i \
+                JOIN pg_class ic ON ic.oid = i.indexrelid JOIN pg_namespace n ON n.oid = ic.relnamespace \
+                WHERE n.nspname = $1 AND NOT i.indisvalid \
+                  AND i.indrelid = (SELECT indrelid FROM pg_index WHERE indexrelid = to_regclass(format('%I.%I', $1::text, $2::text))) \
+                  AND ic.relname ~ '_cc(new|old)[0-9]*$' AND starts_with(ic.relname::text, left($2::text, 20))";
+            let rows = client
+                .query(LEFT, &[schema, name])
+                .await
+                .map_err(|e| stmt_error(LEFT, e))?;
+            for r in rows {
+                let left: String = r.get(0);
+                tracing::warn!(
+                    "index {left} is INVALID (an interrupted REINDEX CONCURRENTLY of {schema}.{name}); dropping it"
+                );
+                exec(client, "SET lock_timeout = 0").await?;
+                exec(client, &format!("DROP INDEX CONCURRENTLY IF EXISTS {left}")).await?;
+            }
+            const OLDER: &str = "SELECT to_regclass(format('%I.%I', $1::text, $2::text))::oid \
+                < to_regclass(format('%I.%I', $1::text, $3::text))::oid";
+            let r = one(client.query_one(OLDER, &[schema, name, than]).await, OLDER)?;
+            r.get::<_, Option<bool>>(0) == Some(true)
+        }
         When::IndexNotValid { schema, name } => {
             let r = one(client.query_one(IDX, &[schema, name]).await, IDX)?;
             match r.get::<_, Option<bool>>(0) {

@@ -90,6 +90,14 @@ pub enum When {
         table: String,
         name: String,
     },
+    /// Index `name` (of `schema`) exists and was built before index `than` (a lower OID),
+    /// so that PostgreSQL would bind a new FK on their column to it. The executor first
+    /// drops the INVALID copies an interrupted `REINDEX CONCURRENTLY` of `name` left.
+    IndexOlderThan {
+        schema: String,
+        name: String,
+        than: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -507,6 +515,52 @@ fn add_fk_not_valid(f: &PlanFk, name: &str, clause: &str) -> String {
     )
 }
 
+/// An FK added `NOT VALID` by `add` (a brief step), then validated (online).
+fn fk_steps(f: &PlanFk, name: &str, add: String) -> [Step; 2] {
+    let (s, n) = (f.child_schema.clone(), f.child_table.clone());
+    [
+        Step::new(
+            add,
+            Mode::Brief,
+            When::ConstraintMissing {
+                schema: s.clone(),
+                table: n.clone(),
+                name: name.into(),
+            },
+        ),
+        Step::new(
+            format!(
+                "ALTER TABLE {} VALIDATE CONSTRAINT {}",
+                child(f),
+                quote(name)
+            ),
+            Mode::Online,
+            When::ConstraintNotValidated {
+                schema: s,
+                table: n,
+                name: name.into(),
+            },
+        ),
+    ]
+}
+
+/// `CREATE UNIQUE INDEX CONCURRENTLY name ON t (column)`, unless a valid one is there.
+fn unique_index(t: &PlanTable, name: &str, column: &str) -> Step {
+    Step::new(
+        format!(
+            "CREATE UNIQUE INDEX CONCURRENTLY {} ON {} ({})",
+            quote(name),
+            tbl(t),
+            quote(column)
+        ),
+        Mode::Online,
+        When::IndexNotValid {
+            schema: t.schema.clone(),
+            name: name.into(),
+        },
+    )
+}
+
 fn fk_clause(f: &PlanFk, column: &str, parent_column: &str) -> String {
     let mut s = format!(
         "FOREIGN KEY ({}) REFERENCES {} ({}) ON DELETE {} ON UPDATE {}",
@@ -531,37 +585,13 @@ fn fk_clause(f: &PlanFk, column: &str, parent_column: &str) -> String {
 pub fn harden(plan: &Plan) -> Vec<Step> {
     let mut v = Vec::new();
     for t in &plan.tables {
-        v.push(Step::new(
-            format!(
-                "CREATE UNIQUE INDEX CONCURRENTLY {} ON {} ({})",
-                quote(&t.uuid_index),
-                tbl(t),
-                quote(&t.uuid_column)
-            ),
-            Mode::Online,
-            When::IndexNotValid {
-                schema: t.schema.clone(),
-                name: t.uuid_index.clone(),
-            },
-        ));
+        v.push(unique_index(t, &t.uuid_index, &t.uuid_column));
     }
     // A second unique index on the integer key: the swap drops the primary key's index, and
     // this one keeps the legacy column indexed after cutover, for the id mapping
     // (keyshift.id_map, /v1/map) and for a rollback, which promotes it back to primary key.
     for t in &plan.tables {
-        v.push(Step::new(
-            format!(
-                "CREATE UNIQUE INDEX CONCURRENTLY {} ON {} ({})",
-                quote(&legacy_key_index(t)),
-                tbl(t),
-                quote(&t.key)
-            ),
-            Mode::Online,
-            When::IndexNotValid {
-                schema: t.schema.clone(),
-                name: legacy_key_index(t),
-            },
-        ));
+        v.push(unique_index(t, &legacy_key_index(t), &t.key));
     }
     for (_, f) in plan.foreign_keys() {
         for i in &f.indexes {
@@ -584,32 +614,14 @@ pub fn harden(plan: &Plan) -> Vec<Step> {
         ));
     }
     for (_, f) in plan.foreign_keys() {
-        let (s, n) = (f.child_schema.clone(), f.child_table.clone());
-        v.push(Step::new(
+        v.extend(fk_steps(
+            f,
+            &f.shadow_constraint,
             add_fk_not_valid(
                 f,
                 &f.shadow_constraint,
                 &fk_clause(f, &f.uuid_column, &f.parent_uuid_column),
             ),
-            Mode::Brief,
-            When::ConstraintMissing {
-                schema: s.clone(),
-                table: n.clone(),
-                name: f.shadow_constraint.clone(),
-            },
-        ));
-        v.push(Step::new(
-            format!(
-                "ALTER TABLE {} VALIDATE CONSTRAINT {}",
-                child(f),
-                quote(&f.shadow_constraint)
-            ),
-            Mode::Online,
-            When::ConstraintNotValidated {
-                schema: s,
-                table: n,
-                name: f.shadow_constraint.clone(),
-            },
         ));
     }
     v
@@ -790,55 +802,65 @@ fn legacy_fk_name(plan: &Plan, f: &PlanFk) -> String {
     crate::ident::suffixed(&f.constraint, &plan.legacy_suffix)
 }
 
-/// rollback: the inverse swap. Online first: a unique index on each legacy key and the
-/// legacy FKs (NOT VALID, then VALIDATE), since cutover dropped them; then one transaction.
-/// The uuid columns stay, filled, under their twin names; `harden` rebuilds what the swap drops.
+/// The spare unique index on the integer key that harden builds (it keeps the legacy column
+/// indexed after cutover). Rollback builds a second one under [`legacy_spare_index`]: one of
+/// the two becomes the primary key in the swap, the other stays as harden's spare.
+fn legacy_spare_index(t: &PlanTable) -> String {
+    crate::ident::suffixed(&format!("{}_{}", t.name, t.legacy_column), "_spare")
+}
+
+/// `ADD CONSTRAINT … FOREIGN KEY … NOT VALID` for a uuid FK that rollback builds, refused
+/// (the whole statement rolled back) unless PostgreSQL bound it to `index`: the swap drops
+/// the primary key's index, and an FK bound to that one would make the swap fail. PostgreSQL
+/// binds a new FK to the matching unique index with the lowest OID, which the REINDEX step
+/// of [`rollback`] arranges; this says so clearly if something else (OID wraparound, another
+/// unique index on the key) defeats it.
+fn add_fk_not_valid_on(f: &PlanFk, name: &str, clause: &str, index: &str) -> String {
+    let con = literal(name);
+    let idx = literal(&qualified(&f.parent_schema, index));
+    format!(
+        "{}; DO $ks$ BEGIN IF (SELECT conindid FROM pg_constraint WHERE conrelid = {}::regclass AND conname = {con}) IS DISTINCT FROM {idx}::regclass THEN RAISE EXCEPTION 'keyshift: foreign key % is not bound to unique index %, so the rollback swap could not drop the primary key under it; another unique index on that column is older than %: drop it, or the primary key index has not been rebuilt yet: rerun keyshift rollback', {con}, {idx}, {idx}; END IF; END $ks$",
+        add_fk_not_valid(f, name, clause),
+        literal(&child(f)),
+    )
+}
+
+/// rollback: the inverse swap, which leaves the schema exactly as `harden` leaves it, so
+/// that uuid-shaped sessions keep being served (they need phase hardened: uuids complete
+/// and enforced) and a new cutover needs no harden.
+///
+/// Online first, nothing of it blocking reads or writes beyond brief catalog locks:
+/// - the integer side, which cutover dropped: a unique index on each legacy key (the
+///   primary key to be), the legacy FKs (NOT VALID, then VALIDATE), CHECKs proving the NOT
+///   NULL of NOT NULL integer FK columns, then harden's spare unique index on the integer
+///   key, built after the legacy FKs so that they bind to the index that becomes the
+///   primary key, as before the cutover;
+/// - the uuid side, as harden built it: the unique index on each uuid key, the
+///   `CHECK (… IS NOT NULL)` of each uuid key, and the shadow FKs (NOT VALID, then
+///   VALIDATE). The uuid FKs in force cannot simply be renamed in the swap: they depend on
+///   the uuid primary key's index, and dropping that primary key would refuse. So new
+///   ones are built and validated beside them, bound to the new unique index; for that,
+///   the primary key index is first rebuilt (REINDEX CONCURRENTLY), since PostgreSQL binds a
+///   new FK to the oldest matching index.
+///
+/// Then one transaction, catalog-only: the uuid FKs and primary keys dropped (their
+/// validated replacements are already there), renames, the legacy index promoted to
+/// primary key, phase hardened.
 pub fn rollback(plan: &Plan) -> Vec<Step> {
     let mut v = Vec::new();
     for t in &plan.tables {
-        let name = legacy_key_index(t);
-        v.push(Step::new(
-            format!(
-                "CREATE UNIQUE INDEX CONCURRENTLY {} ON {} ({})",
-                quote(&name),
-                tbl(t),
-                quote(&t.legacy_column)
-            ),
-            Mode::Online,
-            When::IndexNotValid {
-                schema: t.schema.clone(),
-                name,
-            },
-        ));
+        v.push(unique_index(t, &legacy_key_index(t), &t.legacy_column));
     }
     for (_, f) in plan.foreign_keys() {
         let name = legacy_fk_name(plan, f);
-        let (s, n) = (f.child_schema.clone(), f.child_table.clone());
-        v.push(Step::new(
+        v.extend(fk_steps(
+            f,
+            &name,
             add_fk_not_valid(
                 f,
                 &name,
                 &fk_clause(f, &f.legacy_column, &legacy_of(plan, f)),
             ),
-            Mode::Brief,
-            When::ConstraintMissing {
-                schema: s.clone(),
-                table: n.clone(),
-                name: name.clone(),
-            },
-        ));
-        v.push(Step::new(
-            format!(
-                "ALTER TABLE {} VALIDATE CONSTRAINT {}",
-                child(f),
-                quote(&name)
-            ),
-            Mode::Online,
-            When::ConstraintNotValidated {
-                schema: s,
-                table: n,
-                name,
-            },
         ));
     }
     // The NOT NULL of NOT NULL integer FK columns, which cutover dropped: proven online by a
@@ -851,9 +873,57 @@ pub fn rollback(plan: &Plan) -> Vec<Step> {
             &f.legacy_column,
         ));
     }
+    for t in &plan.tables {
+        v.push(unique_index(t, &legacy_spare_index(t), &t.legacy_column));
+    }
+    // The uuid side, under harden's names (free since cutover renamed or dropped them). The
+    // uuid key is named `key` until the swap.
+    for t in &plan.tables {
+        v.push(unique_index(t, &t.uuid_index, &t.key));
+    }
+    for t in plan.tables.iter().filter(|t| !t.referenced_by.is_empty()) {
+        v.push(Step::new(
+            format!(
+                "REINDEX INDEX CONCURRENTLY {}",
+                qualified(&t.schema, &t.pk_constraint)
+            ),
+            Mode::Online,
+            When::IndexOlderThan {
+                schema: t.schema.clone(),
+                name: t.pk_constraint.clone(),
+                than: t.uuid_index.clone(),
+            },
+        ));
+    }
+    for t in &plan.tables {
+        v.extend(check_not_null(
+            &t.schema,
+            &t.name,
+            &t.not_null_check,
+            &t.key,
+        ));
+    }
+    for (_, f) in plan.foreign_keys() {
+        let index = plan
+            .table(&f.parent_schema, &f.parent_table)
+            .map(|t| t.uuid_index.clone())
+            .unwrap_or_default();
+        v.extend(fk_steps(
+            f,
+            &f.shadow_constraint,
+            add_fk_not_valid_on(
+                f,
+                &f.shadow_constraint,
+                &fk_clause(f, &f.child_column, &f.parent_key),
+                &index,
+            ),
+        ));
+    }
     v.push(swap("BEGIN".into()));
     for (_, f) in plan.foreign_keys() {
         let c = child(f);
+        // The uuid FK in force: bound to the uuid primary key's index, it must go before that
+        // primary key; the shadow FK built above, validated, takes over.
         v.push(swap(format!(
             "ALTER TABLE {c} DROP CONSTRAINT {}",
             quote(&f.constraint)
@@ -874,6 +944,8 @@ pub fn rollback(plan: &Plan) -> Vec<Step> {
             quote(&f.child_column)
         )));
         if f.child_not_null {
+            // As after harden: the uuid twin nullable, its NOT NULL CHECK built by the next
+            // cutover.
             v.push(swap(format!(
                 "ALTER TABLE {c} ALTER COLUMN {} DROP NOT NULL",
                 quote(&f.uuid_column)
@@ -902,6 +974,7 @@ pub fn rollback(plan: &Plan) -> Vec<Step> {
         }
     }
     for t in &plan.tables {
+        // Drops the primary key's index too; the uuid key keeps the unique index built above.
         v.push(swap(format!(
             "ALTER TABLE {} DROP CONSTRAINT {}",
             tbl(t),
@@ -926,13 +999,20 @@ pub fn rollback(plan: &Plan) -> Vec<Step> {
             quote(&legacy_key_index(t))
         )));
         v.push(swap(format!(
+            "ALTER INDEX {} RENAME TO {}",
+            qualified(&t.schema, &legacy_spare_index(t)),
+            quote(&legacy_key_index(t))
+        )));
+        // NOT NULL no more, as after harden: the validated CHECK built above enforces it
+        // without making the next cutover's SET NOT NULL scan.
+        v.push(swap(format!(
             "ALTER TABLE {} ALTER COLUMN {} DROP NOT NULL",
             tbl(t),
             quote(&t.uuid_column)
         )));
     }
     v.extend(id_map_step(plan, false).map(|st| swap(st.sql)));
-    v.push(swap(state::set_phase_sql(state::Phase::Backfilled)));
+    v.push(swap(state::set_phase_sql(state::Phase::Hardened)));
     v.push(swap("COMMIT".into()));
     v
 }
@@ -990,6 +1070,7 @@ END $$"
         When::Always,
     ));
     v.extend(views::drop(plan));
+    v.extend(drop_rollback_preparation(plan));
     for (_, f) in plan.foreign_keys() {
         v.push(Step::new(
             format!(
@@ -1037,6 +1118,52 @@ END $$"
     v
 }
 
+/// What a rollback that did not reach its swap (a `--dry-run`, a drain that timed out) built
+/// for the uuid side under harden's names: shadow FKs, NOT NULL CHECKs and unique indexes
+/// beside the primary key. After cutover those names are free otherwise, so what is there is
+/// redundant and goes, or the final schema would not read as if it had always been UUID. The
+/// integer side goes with the legacy columns.
+fn drop_rollback_preparation(plan: &Plan) -> Vec<Step> {
+    let mut v: Vec<Step> = plan
+        .foreign_keys()
+        .map(|(_, f)| drop_constraint(&f.child_schema, &f.child_table, &f.shadow_constraint))
+        .collect();
+    for t in &plan.tables {
+        v.push(drop_constraint(&t.schema, &t.name, &t.not_null_check));
+        v.push(drop_index(&t.schema, &t.uuid_index));
+    }
+    v
+}
+
+/// Drops a constraint if it is there (brief lock).
+fn drop_constraint(schema: &str, table: &str, name: &str) -> Step {
+    Step::new(
+        format!(
+            "ALTER TABLE {} DROP CONSTRAINT {}",
+            qualified(schema, table),
+            quote(name)
+        ),
+        Mode::Brief,
+        When::ConstraintPresent {
+            schema: schema.into(),
+            table: table.into(),
+            name: name.into(),
+        },
+    )
+}
+
+/// Drops an index if it is there, without blocking writes.
+fn drop_index(schema: &str, name: &str) -> Step {
+    Step::new(
+        format!("DROP INDEX CONCURRENTLY {}", qualified(schema, name)),
+        Mode::Online,
+        When::IndexPresent {
+            schema: schema.into(),
+            name: name.into(),
+        },
+    )
+}
+
 /// abort (before cutover): everything expand and harden added, in reverse, then the schema.
 pub fn abort(plan: &Plan) -> Vec<Step> {
     let mut v = vec![
@@ -1055,71 +1182,17 @@ pub fn abort(plan: &Plan) -> Vec<Step> {
     // So do the shape views: DROP COLUMN would refuse while they exist.
     v.extend(views::drop(plan));
     for (_, f) in plan.foreign_keys() {
-        let (s, n) = (f.child_schema.clone(), f.child_table.clone());
         for name in std::iter::once(&f.shadow_constraint).chain(f.not_null_check.as_ref()) {
-            v.push(Step::new(
-                format!("ALTER TABLE {} DROP CONSTRAINT {}", child(f), quote(name)),
-                Mode::Brief,
-                When::ConstraintPresent {
-                    schema: s.clone(),
-                    table: n.clone(),
-                    name: name.clone(),
-                },
-            ));
+            v.push(drop_constraint(&f.child_schema, &f.child_table, name));
         }
         for i in &f.indexes {
-            v.push(Step::new(
-                format!(
-                    "DROP INDEX CONCURRENTLY {}.{}",
-                    quote(&f.child_schema),
-                    quote(&i.uuid_name)
-                ),
-                Mode::Online,
-                When::IndexPresent {
-                    schema: s.clone(),
-                    name: i.uuid_name.clone(),
-                },
-            ));
+            v.push(drop_index(&f.child_schema, &i.uuid_name));
         }
     }
     for t in &plan.tables {
-        v.push(Step::new(
-            format!(
-                "ALTER TABLE {} DROP CONSTRAINT {}",
-                tbl(t),
-                quote(&t.not_null_check)
-            ),
-            Mode::Brief,
-            When::ConstraintPresent {
-                schema: t.schema.clone(),
-                table: t.name.clone(),
-                name: t.not_null_check.clone(),
-            },
-        ));
-        v.push(Step::new(
-            format!(
-                "DROP INDEX CONCURRENTLY {}.{}",
-                quote(&t.schema),
-                quote(&t.uuid_index)
-            ),
-            Mode::Online,
-            When::IndexPresent {
-                schema: t.schema.clone(),
-                name: t.uuid_index.clone(),
-            },
-        ));
-        v.push(Step::new(
-            format!(
-                "DROP INDEX CONCURRENTLY {}.{}",
-                quote(&t.schema),
-                quote(&legacy_key_index(t))
-            ),
-            Mode::Online,
-            When::IndexPresent {
-                schema: t.schema.clone(),
-                name: legacy_key_index(t),
-            },
-        ));
+        v.push(drop_constraint(&t.schema, &t.name, &t.not_null_check));
+        v.push(drop_index(&t.schema, &t.uuid_index));
+        v.push(drop_index(&t.schema, &legacy_key_index(t)));
     }
     for (_, f) in plan.foreign_keys() {
         v.push(Step::new(
@@ -1360,6 +1433,93 @@ mod tests {
         ] {
             assert!(text.contains(&format!("-- ===== {phase} =====")));
         }
+    }
+
+    #[test]
+    fn rollback_rebuilds_the_uuid_side_online_and_swaps_catalog_only() {
+        let p = plan();
+        let r = rollback(&p);
+        let begin = r.iter().position(|s| s.sql == "BEGIN").unwrap();
+        let (online, swap) = r.split_at(begin);
+        assert!(online.iter().all(|s| s.mode != Mode::Swap));
+        assert!(swap.iter().all(|s| s.mode == Mode::Swap));
+        let at = |sql: &str| {
+            online
+                .iter()
+                .position(|s| s.sql.starts_with(sql))
+                .unwrap_or_else(|| panic!("{sql}"))
+        };
+        // Harden's unique index on the uuid key (named `id` until the swap), then the
+        // primary key rebuilt after it, then the shadow FK bound to it, validated.
+        let index = at(
+            "CREATE UNIQUE INDEX CONCURRENTLY \"Connectors_id_uuid_key\" ON public.\"Connectors\" (id)",
+        );
+        let reindex = at("REINDEX INDEX CONCURRENTLY public.\"Connectors_pkey\"");
+        assert_eq!(
+            online[reindex].when,
+            When::IndexOlderThan {
+                schema: "public".into(),
+                name: "Connectors_pkey".into(),
+                than: "Connectors_id_uuid_key".into(),
+            }
+        );
+        let shadow = at(
+            "LOCK TABLE public.\"Connectors\" IN SHARE ROW EXCLUSIVE MODE; ALTER TABLE public.servers ADD CONSTRAINT servers_connector_id_fkey_uuid FOREIGN KEY (connector_id) REFERENCES public.\"Connectors\" (id)",
+        );
+        assert!(online[shadow].sql.contains("NOT VALID; DO $ks$"));
+        assert!(
+            online[shadow]
+                .sql
+                .contains("IS DISTINCT FROM 'public.\"Connectors_id_uuid_key\"'::regclass")
+        );
+        let validate =
+            at("ALTER TABLE public.servers VALIDATE CONSTRAINT servers_connector_id_fkey_uuid");
+        assert!(index < reindex && reindex < shadow && shadow < validate);
+        at(
+            "ALTER TABLE public.\"Connectors\" ADD CONSTRAINT \"Connectors_id_uuid_not_null\" CHECK (id IS NOT NULL) NOT VALID",
+        );
+        at("ALTER TABLE public.\"Connectors\" VALIDATE CONSTRAINT \"Connectors_id_uuid_not_null\"");
+        // The spare integer index comes after the legacy FKs, which bind to the index that
+        // becomes the primary key.
+        assert!(
+            at(
+                "LOCK TABLE public.\"Connectors\" IN SHARE ROW EXCLUSIVE MODE; ALTER TABLE public.servers ADD CONSTRAINT servers_connector_id_fkey_legacy"
+            ) < at("CREATE UNIQUE INDEX CONCURRENTLY \"Connectors_id_legacy_spare\"")
+        );
+        // Inside the swap, only catalog changes: no build, no scan.
+        for s in swap {
+            let ok = [
+                "BEGIN",
+                "COMMIT",
+                "ALTER TABLE",
+                "ALTER INDEX",
+                "CREATE OR REPLACE VIEW keyshift.id_map",
+                "UPDATE keyshift.migration",
+            ]
+            .iter()
+            .any(|p| s.sql.starts_with(p));
+            assert!(ok, "{}", s.sql);
+            assert!(
+                !s.sql.contains("VALIDATE") && !s.sql.contains("CHECK"),
+                "{}",
+                s.sql
+            );
+            assert!(
+                !s.sql.contains(" ADD CONSTRAINT ") || s.sql.contains("PRIMARY KEY USING INDEX"),
+                "{}",
+                s.sql
+            );
+        }
+        let sql: Vec<&str> = swap.iter().map(|s| s.sql.as_str()).collect();
+        assert!(sql.contains(&"ALTER INDEX public.\"Connectors_id_legacy_spare\" RENAME TO \"Connectors_id_legacy_key\""));
+        assert!(
+            sql.contains(&"ALTER TABLE public.\"Connectors\" ALTER COLUMN id_uuid DROP NOT NULL")
+        );
+        assert!(
+            sql.iter()
+                .any(|s| s.starts_with("UPDATE keyshift.migration SET phase = 'hardened'")),
+            "{sql:#?}"
+        );
     }
 
     #[test]

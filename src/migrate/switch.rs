@@ -216,30 +216,35 @@ pub async fn run(
     }
     tables.sort();
     tables.dedup();
-    // Online preparation (rollback: legacy unique indexes and FKs; cutover: the NOT NULL
-    // CHECKs of NOT NULL FK twins), before any pause.
-    // They take brief locks themselves: bounded by --budget like the swap.
-    let prepare = async {
-        for st in steps.iter().filter(|s| s.mode != Mode::Swap) {
+    // Online preparation before any pause (rollback: both sides as harden leaves them, see
+    // ddl::rollback; cutover: the NOT NULL CHECKs of NOT NULL FK twins). Only the steps that
+    // take brief locks count against --budget, like the swap: index builds and VALIDATEs
+    // block no one and take as long as the tables need (rollback's can take minutes on big
+    // tables, far beyond a budget sized for lock waits).
+    let mut budget_left = opts.budget;
+    for st in steps.iter().filter(|s| s.mode != Mode::Swap) {
+        if st.mode != Mode::Brief {
             db::run_step(client, st, settings).await?;
+            continue;
         }
-        Ok::<(), DbError>(())
-    };
-    match tokio::time::timeout(opts.budget, prepare).await {
-        Ok(r) => r?,
-        Err(_) if opts.terminate_blockers => {
-            terminate_lock_holders(client, &tables, opts.lock_timeout).await;
-            for st in steps.iter().filter(|s| s.mode != Mode::Swap) {
+        let started = Instant::now();
+        match tokio::time::timeout(budget_left, db::run_step(client, st, settings)).await {
+            Ok(r) => {
+                r?;
+            }
+            Err(_) if opts.terminate_blockers => {
+                terminate_lock_holders(client, &tables, opts.lock_timeout).await;
                 db::run_step(client, st, settings).await?;
             }
+            Err(_) => {
+                return Err(SwitchError::Aborted(format!(
+                    "the preparation before the pause could not take its locks within --budget {:?}; blocked by: {}\n  what to do: end or wait out those transactions, or retry with --terminate-blockers",
+                    opts.budget,
+                    blockers(client, &tables).await
+                )));
+            }
         }
-        Err(_) => {
-            return Err(SwitchError::Aborted(format!(
-                "the preparation before the pause could not take its locks within --budget {:?}; blocked by: {}\n  what to do: end or wait out those transactions, or retry with --terminate-blockers",
-                opts.budget,
-                blockers(client, &tables).await
-            )));
-        }
+        budget_left = budget_left.saturating_sub(started.elapsed());
     }
     let swap: Vec<&str> = steps
         .iter()
