@@ -362,3 +362,116 @@ async fn linked_proxy_before_expand(db: &common::TestDb) -> TestProxy {
     wait_status(&p, |v| v["database_link"] == "connected").await;
     p
 }
+
+/// Name resolution follows the session: a temporary table that shadows a migrated one is the
+/// session's own (no twin added), and `SET search_path` (also LOCAL, RESET, set_config)
+/// decides which table an unqualified name is, for the physical and the translated shape.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn temporary_tables_and_search_path_resolve_as_the_session_says() {
+    let db = hardened_db().await;
+    db.client()
+        .await
+        .batch_execute(
+            "CREATE SCHEMA app;
+             CREATE TABLE app.mcp_servers (id int, connector_id int, name text);
+             CREATE TABLE app.mcp_connectors (id int, name text)",
+        )
+        .await
+        .unwrap();
+    let p = linked_proxy(&db).await;
+    // The issue's case: a temp table named like a migrated child, in the physical shape.
+    let c = connect(&p, &db, None).await.unwrap();
+    c.batch_execute("CREATE TEMP TABLE mcp_servers (id int, connector_id int)")
+        .await
+        .unwrap();
+    c.batch_execute("INSERT INTO mcp_servers (id, connector_id) VALUES (1, 1)")
+        .await
+        .unwrap();
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM pg_temp.mcp_servers", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+    // A uuid-shaped session's temp table is not pointed at the views either.
+    let u = connect(&p, &db, Some("uuid")).await.unwrap();
+    u.batch_execute("CREATE TEMPORARY TABLE mcp_connectors (id int, name text); INSERT INTO mcp_connectors VALUES (7, 'mine')")
+        .await
+        .unwrap();
+    let r = u
+        .query_one("SELECT id FROM mcp_connectors", &[])
+        .await
+        .unwrap();
+    assert_eq!(r.get::<_, i32>(0), 7);
+    u.batch_execute("DROP TABLE mcp_connectors").await.unwrap();
+    let id: Uuid = u
+        .query_one("SELECT id FROM mcp_connectors WHERE name = 'c1'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(id, Uuid::nil());
+
+    // search_path: app first, so mcp_servers is app's (unmigrated, no twin).
+    let c = connect(&p, &db, None).await.unwrap();
+    c.batch_execute("SET search_path TO app, public")
+        .await
+        .unwrap();
+    c.batch_execute("INSERT INTO mcp_servers (id, connector_id, name) VALUES (1, 1, 'app')")
+        .await
+        .unwrap();
+    c.batch_execute("RESET search_path").await.unwrap();
+    c.batch_execute("INSERT INTO mcp_servers (connector_id, name) VALUES (1, 'public')")
+        .await
+        .unwrap();
+    let twin: Option<Uuid> = c
+        .query_one(
+            "SELECT connector_id_uuid FROM mcp_servers WHERE name = 'public'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(twin.is_some(), "the public table's twin is filled again");
+    // SET LOCAL lasts until the transaction ends; set_config like SET.
+    c.batch_execute(
+        "BEGIN; SET LOCAL search_path TO app; INSERT INTO mcp_servers (id, connector_id, name) VALUES (2, 1, 'local'); COMMIT",
+    )
+    .await
+    .unwrap();
+    c.batch_execute("INSERT INTO mcp_servers (connector_id, name) VALUES (1, 'after-local')")
+        .await
+        .unwrap();
+    c.query_one(
+        "SELECT set_config('search_path', 'app, public', false)",
+        &[],
+    )
+    .await
+    .unwrap();
+    c.batch_execute("INSERT INTO mcp_servers (id, connector_id, name) VALUES (3, 1, 'config')")
+        .await
+        .unwrap();
+    let app: i64 = c
+        .query_one("SELECT count(*) FROM app.mcp_servers", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(app, 3);
+    // A translated session with its own path: public's tables still through the views.
+    u.batch_execute("SET search_path TO app, public")
+        .await
+        .unwrap();
+    let r = u
+        .query_one("SELECT count(*) FROM mcp_servers", &[])
+        .await
+        .unwrap();
+    assert_eq!(r.get::<_, i64>(0), 3, "app.mcp_servers, untranslated");
+    u.batch_execute("SET search_path TO public").await.unwrap();
+    let id: Uuid = u
+        .query_one("SELECT id FROM mcp_servers WHERE name = 'public'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(id, Uuid::nil());
+    // TRUNCATE names the table as it is, in any shape.
+    u.batch_execute("TRUNCATE mcp_server_tokens").await.unwrap();
+}

@@ -97,7 +97,35 @@ pub fn plan_rules(plan: &Plan, columns: Vec<TableColumns>) -> PlanRules {
         fks,
         columns,
         legacy_suffix: plan.legacy_suffix.clone(),
+        shadows: Vec::new(),
     }
+}
+
+/// Relations in other schemas named like a migrated table (keyshift's own view schemas
+/// aside): a session whose search path puts such a schema first means that relation.
+pub async fn shadows(
+    client: &Client,
+    plan: &Plan,
+) -> Result<Vec<(String, String)>, DualWriteError> {
+    let mut names: Vec<String> = plan.tables.iter().map(|t| t.name.clone()).collect();
+    names.extend(
+        plan.tables
+            .iter()
+            .flat_map(|t| &t.referenced_by)
+            .map(|fk| fk.child_table.clone()),
+    );
+    names.sort();
+    names.dedup();
+    let rows = client
+        .query(
+            "SELECT n.nspname::text, c.relname::text
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE c.relname = ANY($1::text[]) AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
+               AND n.nspname NOT LIKE 'keyshift\\_%' AND n.nspname NOT LIKE 'pg\\_%'",
+            &[&names],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 /// The physical column lists of every child table in the plan, in column order.
@@ -150,7 +178,8 @@ pub async fn build(
     let Some(dir) = direction(phase) else {
         return Ok(None);
     };
-    let rules = plan_rules(plan, child_columns(client, plan).await?);
+    let mut rules = plan_rules(plan, child_columns(client, plan).await?);
+    rules.shadows = shadows(client, plan).await?;
     let set = RuleSet::build(
         &rules,
         dir,

@@ -48,6 +48,7 @@ use super::wire::frontend::{self, Bind, Named, Parse, Query, Target};
 use super::wire::tag::{backend as sb, frontend as cf};
 use super::wire::{self, WireError, build};
 use crate::metrics::SessionCounters;
+use crate::shape::Shape;
 
 /// Read buffers grow to this much free space before each read.
 const READ_CHUNK: usize = 16 * 1024;
@@ -761,9 +762,12 @@ where
         self.unnamed_sql = None;
         self.stmts.unnamed_replaced();
         self.observe_drops(q.sql);
-        self.observe_scope(q.sql);
+        // A statement earlier in the same string may change the scope (CREATE TEMP TABLE x;
+        // INSERT INTO x …): the rest is rewritten as the session now resolves names.
+        let now = self.rescoped(q.sql, rules.rewriter.is_some());
+        let rewriter = now.get().or(rules.rewriter);
         // Only valid UTF-8 is rewritten; anything else passes exactly as it came.
-        let (Some(rw), Ok(sql)) = (rules.rewriter, std::str::from_utf8(q.sql)) else {
+        let (Some(rw), Ok(sql)) = (rewriter, std::str::from_utf8(q.sql)) else {
             self.note_sent(cf::QUERY);
             return false;
         };
@@ -841,14 +845,15 @@ where
             None
         };
         self.observe_drops(p.sql);
-        self.observe_scope(p.sql);
+        let now = self.rescoped(p.sql, rules.rewriter.is_some());
+        let rewriter = now.get().or(rules.rewriter);
         let sql = std::str::from_utf8(p.sql).ok();
         if p.name.is_empty() {
             self.unnamed_sql = sql
                 .filter(|_| rules.rewriter.is_some())
                 .map(|s| (Arc::from(s), Box::from(p.types)));
         }
-        let decision = match (rules.rewriter, sql) {
+        let decision = match (rewriter, sql) {
             (Some(rw), Some(sql)) => rw.rewrite(sql),
             _ => Decision::Forward,
         };
@@ -1021,12 +1026,29 @@ where
         Some(rw)
     }
 
-    /// What the client's SQL does to name resolution; a change drops the scoped rewriter.
-    fn observe_scope(&mut self, sql: &[u8]) {
-        if let Ok(sql) = std::str::from_utf8(sql)
-            && self.scope.observe(sql, &self.info.user)
-        {
-            self.scoped = None;
+    /// What the client's SQL does to name resolution. When it changes it (and rules are in
+    /// force), the rewriter for the new scope, to rewrite this same message with.
+    fn rescoped(&mut self, sql: &[u8], rules: bool) -> Rescoped {
+        let Ok(sql) = std::str::from_utf8(sql) else {
+            return Rescoped::default();
+        };
+        if !self.scope.observe(sql, &self.info.user) {
+            return Rescoped::default();
+        }
+        self.scoped = None;
+        if !rules {
+            return Rescoped::default();
+        }
+        let active = self
+            .shared
+            .rewriter
+            .load_full()
+            .filter(|r| r.applies_to(&self.info.database));
+        let scoped = self.scoped_rewriter(active.as_ref());
+        Rescoped {
+            shape: Some(self.info.shape),
+            active,
+            scoped,
         }
     }
 
@@ -1373,6 +1395,23 @@ fn unnamed_in_message(msg: &[u8], prefix: &str) -> Option<BytesMut> {
 
 /// The ErrorResponse `msg` with its position (`P`) moved from the text keyshift sent into the
 /// client's; `None` when it has none (or it is already right).
+/// The rewriter for a scope that changed in the middle of a message (`Session::rescoped`).
+#[derive(Default)]
+struct Rescoped {
+    shape: Option<Shape>,
+    active: Option<Arc<ActiveRewriter>>,
+    scoped: Option<Arc<dyn StatementRewriter>>,
+}
+
+impl Rescoped {
+    fn get(&self) -> Option<&dyn StatementRewriter> {
+        self.scoped.as_deref().or_else(|| {
+            let shape = self.shape?;
+            self.active.as_deref().map(|a| a.for_shape(shape))
+        })
+    }
+}
+
 /// The session state a description updates.
 struct Told<'a> {
     prepared: &'a mut Prepared,

@@ -77,6 +77,10 @@ pub struct PlanRules {
     pub columns: Vec<TableColumns>,
     /// Suffix the integer columns take at cutover (DESIGN: `_legacy`).
     pub legacy_suffix: String,
+    /// Other relations named like a migrated table, as (schema, name): an unqualified name
+    /// resolves to the first schema of the path that has a relation of that name, migrated
+    /// or not.
+    pub shadows: Vec<(String, String)>,
 }
 
 impl Default for PlanRules {
@@ -86,6 +90,7 @@ impl Default for PlanRules {
             fks: Vec::new(),
             columns: Vec::new(),
             legacy_suffix: "_legacy".to_string(),
+            shadows: Vec::new(),
         }
     }
 }
@@ -148,6 +153,8 @@ pub struct RuleSet {
     /// The session's temporary tables: an unqualified name among them is not a migrated
     /// table (`pg_temp` comes first in every search path).
     temp: HashSet<String>,
+    /// Unmigrated relations named like migrated ones ([`PlanRules::shadows`]).
+    shadows: HashSet<(String, String)>,
     pub(crate) prescan: Prescan,
 }
 
@@ -301,6 +308,7 @@ impl RuleSet {
             parents,
             migrated,
             temp: HashSet::new(),
+            shadows: plan.shadows.iter().cloned().collect(),
             prescan,
         })
     }
@@ -331,6 +339,7 @@ impl RuleSet {
             parents: Vec::new(),
             migrated: HashSet::new(),
             temp: HashSet::new(),
+            shadows: HashSet::new(),
             prescan: Prescan::new(std::iter::empty()),
         }
     }
@@ -367,14 +376,29 @@ impl RuleSet {
         }
     }
 
+    /// The schema an unqualified `table` resolves to, as PostgreSQL does: a temporary table
+    /// first, then the first schema of the path holding a relation of that name (migrated or
+    /// one of the known others); `None` for a temporary table or no known one.
+    fn resolve(&self, table: &str) -> Option<&str> {
+        if self.temp.contains(table) {
+            return None;
+        }
+        self.search_path
+            .iter()
+            .find(|s| {
+                let key = (s.to_string(), table.to_string());
+                self.migrated.contains(&key) || self.shadows.contains(&key)
+            })
+            .map(String::as_str)
+    }
+
     /// Resolves a relation name as written (case-folded per quoting) to a migrated table's
     /// schema, parents and children alike.
     pub(crate) fn migrated(&self, schema: Option<&str>, table: &str) -> Option<String> {
         let has = |s: &str| self.migrated.contains(&(s.to_string(), table.to_string()));
         match schema {
             Some(s) => has(s).then(|| s.to_string()),
-            None if self.temp.contains(table) => None,
-            None => self.search_path.iter().find(|s| has(s)).cloned(),
+            None => self.resolve(table).filter(|s| has(s)).map(str::to_string),
         }
     }
 
@@ -383,12 +407,10 @@ impl RuleSet {
         let has = |s: &str| self.parents.iter().any(|(ps, pt)| ps == s && pt == table);
         match schema {
             Some(s) => has(s).then(|| (s.to_string(), table.to_string())),
-            None if self.temp.contains(table) => None,
             None => self
-                .search_path
-                .iter()
-                .find(|s| has(s))
-                .map(|s| (s.clone(), table.to_string())),
+                .resolve(table)
+                .filter(|s| has(s))
+                .map(|s| (s.to_string(), table.to_string())),
         }
     }
 
@@ -399,11 +421,9 @@ impl RuleSet {
     pub(crate) fn child(&self, schema: Option<&str>, table: &str) -> Option<&ChildRules> {
         match schema {
             Some(s) => self.children.get(&(s.to_string(), table.to_string())),
-            None if self.temp.contains(table) => None,
             None => self
-                .search_path
-                .iter()
-                .find_map(|s| self.children.get(&(s.clone(), table.to_string()))),
+                .resolve(table)
+                .and_then(|s| self.children.get(&(s.to_string(), table.to_string()))),
         }
     }
 }
