@@ -156,7 +156,13 @@ async fn sessions_by_shape_in_status_and_finalize_guard() {
     );
 
     // The operator's view, across live proxies, from their heartbeats.
-    let st = wait_cli_status(&url, |v| v["sessions_by_shape"]["integer"] == 1).await;
+    // A heartbeat may count the session before its backend pid is known (it is counted
+    // from startup on): wait for one that has both.
+    let st = wait_cli_status(&url, |v| {
+        v["sessions_by_shape"]["integer"] == 1
+            && v["proxy_sessions"][0]["groups"][0]["backend_pids"][0].is_u64()
+    })
+    .await;
     assert_eq!(st["default_shape"], "integer");
     assert_eq!(
         st["sessions"],

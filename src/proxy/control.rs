@@ -587,12 +587,6 @@ impl Control {
                 return Ok(());
             }
         };
-        self.shared.migration.store(migration.as_ref().map(|m| {
-            Arc::new(LiveMigration {
-                phase: m.phase,
-                default_shape: m.default_shape,
-            })
-        }));
         match &migration {
             None if self.version != 0 => {
                 info!("no migration in the database any more; passing every statement through");
@@ -639,6 +633,19 @@ impl Control {
                         warn!(error = %e, "cannot build rewrite rules; keeping the current ones")
                     }
                 }
+            }
+            Some(_) => {}
+        }
+        // What startup decides a new session's shape from, once the rules for that phase are
+        // in force (and not if they could not be built): a session accepted in the uuid shape
+        // must find the rules that translate it.
+        match &migration {
+            None => self.shared.migration.store(None),
+            Some(m) if m.rules_version == self.version => {
+                self.shared.migration.store(Some(Arc::new(LiveMigration {
+                    phase: m.phase,
+                    default_shape: m.default_shape,
+                })))
             }
             Some(_) => {}
         }
