@@ -39,6 +39,8 @@ fn rules() -> RuleSet {
         parent_table: p.into(),
         parent_key_column: "id".into(),
         parent_uuid_column: "id_uuid".into(),
+        // As in production: a missing parent fails as the FK would.
+        constraint: Some(format!("order_items_{c}_fkey")),
     };
     let plan = PlanRules {
         parents: vec![parent("orders"), parent("products")],

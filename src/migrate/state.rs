@@ -189,7 +189,16 @@ CREATE TABLE IF NOT EXISTS keyshift.proxies (
 );
 ALTER TABLE keyshift.migration ADD COLUMN IF NOT EXISTS default_shape text NOT NULL DEFAULT 'integer'
     CHECK (default_shape IN ('integer', 'uuid'));
-ALTER TABLE keyshift.proxies ADD COLUMN IF NOT EXISTS sessions jsonb"
+ALTER TABLE keyshift.proxies ADD COLUMN IF NOT EXISTS sessions jsonb;
+CREATE OR REPLACE FUNCTION keyshift.missing_parent(key text, child text, constraint_name text,
+    col text, parent text) RETURNS text LANGUAGE plpgsql STRICT AS $$
+BEGIN
+  -- The dual-write's lookup found no parent for a non-NULL key: fail as the FK would.
+  RAISE foreign_key_violation USING
+    MESSAGE = format('insert or update on table \"%s\" violates foreign key constraint \"%s\"', child, constraint_name),
+    DETAIL = format('Key (%s)=(%s) is not present in table \"%s\".', col, key, parent),
+    TABLE = child, CONSTRAINT = constraint_name;
+END $$"
     .into()
 }
 

@@ -90,6 +90,7 @@ pub fn plan_rules(plan: &Plan, columns: Vec<TableColumns>) -> PlanRules {
             parent_table: fk.parent_table.clone(),
             parent_key_column: fk.parent_key.clone(),
             parent_uuid_column: fk.parent_uuid_column.clone(),
+            constraint: (!fk.deferrable).then(|| fk.constraint.clone()),
         })
         .collect();
     PlanRules {
@@ -453,6 +454,7 @@ mod tests {
                 parent_table: "p".into(),
                 parent_key_column: "id".into(),
                 parent_uuid_column: "id_uuid".into(),
+                constraint: None,
             }],
             ..PlanRules::default()
         };

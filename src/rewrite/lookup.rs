@@ -88,9 +88,13 @@ pub(crate) fn twin_value(
 /// `ctes` names writable CTEs of the same statement that insert into the parent: their rows
 /// are invisible to the statement's snapshot, so the lookup falls back to the parent key and
 /// uuid those CTEs were made to return (`_ks_k`, `_ks_u`, see `statement.rs`).
+///
+/// With `fill.check`, a value that names no parent fails as the FK constraint would, with
+/// its SQLSTATE 23503 and message (`keyshift.missing_parent`, STRICT: NULL stays NULL),
+/// instead of writing a NULL twin.
 pub(crate) fn lookup(fill: &Fill, expr: &str, refers_to_columns: bool, ctes: &[String]) -> String {
     let base = parent_lookup(fill, expr, refers_to_columns);
-    if ctes.is_empty() {
+    if ctes.is_empty() && fill.check.is_none() {
         return base;
     }
     let cast = &fill.cast;
@@ -101,8 +105,23 @@ pub(crate) fn lookup(fill: &Fill, expr: &str, refers_to_columns: bool, ctes: &[S
              JOIN {cte} AS _ks_c ON _ks_c._ks_k = _ks_v.k)"
         ));
     }
+    if let Some(c) = &fill.check {
+        s.push_str(&format!(
+            ", keyshift.missing_parent((({expr})::{cast})::text, {}, {}, {}, {})::{}",
+            literal(&c.child),
+            literal(&c.constraint),
+            literal(&c.column),
+            literal(&c.parent),
+            fill.twin_type
+        ));
+    }
     s.push(')');
     s
+}
+
+/// A standard SQL string literal.
+fn literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
 }
 
 fn parent_lookup(fill: &Fill, expr: &str, refers_to_columns: bool) -> String {

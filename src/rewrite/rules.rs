@@ -58,6 +58,11 @@ pub struct FkPlan {
     pub parent_table: String,
     pub parent_key_column: String,
     pub parent_uuid_column: String,
+    /// The FK constraint's name, when a write naming a missing parent must fail as the
+    /// constraint would (23503) before the twin's NULL trips a NOT NULL check (23502), or,
+    /// after cutover, slips past the dropped integer constraint. `None` for a deferrable
+    /// constraint, which PostgreSQL checks only later.
+    pub constraint: Option<String>,
 }
 
 /// The physical column list of a child table, in order, as the catalog shows it (keyshift's
@@ -124,6 +129,20 @@ pub(crate) struct Fill {
     /// The schema the lookup reads the parent from: the parent's own, or its view schema
     /// for a translated session.
     pub lookup_schema: String,
+    /// The twin's SQL type.
+    pub twin_type: String,
+    /// Raise the FK's 23503 when the source names a parent that does not exist.
+    pub check: Option<FkCheck>,
+}
+
+/// What PostgreSQL's foreign-key error names: the child table, the constraint, the column as
+/// the statement names it, and the parent table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct FkCheck {
+    pub child: String,
+    pub constraint: String,
+    pub column: String,
+    pub parent: String,
 }
 
 /// What the rewriter does for one child table.
@@ -202,9 +221,17 @@ impl RuleSet {
                 ClientView::Physical => fk.parent_schema.clone(),
                 ClientView::Translated(shape) => shape.view_schema(&fk.parent_schema),
             };
+            let check = fk.constraint.as_ref().map(|c| FkCheck {
+                child: fk.table.clone(),
+                constraint: c.clone(),
+                column: fk.column.clone(),
+                parent: fk.parent_table.clone(),
+            });
             let fill = match direction {
                 Direction::Forward => Fill {
                     lookup_schema,
+                    twin_type: "uuid".to_string(),
+                    check,
                     source: fk.column.clone(),
                     target: fk.uuid_column.clone(),
                     cast: fk.column_type.clone(),
@@ -215,6 +242,8 @@ impl RuleSet {
                 },
                 Direction::Reverse => Fill {
                     lookup_schema,
+                    twin_type: fk.column_type.clone(),
+                    check,
                     source: fk.column.clone(),
                     target: format!("{}{}", fk.column, plan.legacy_suffix),
                     cast: "uuid".to_string(),

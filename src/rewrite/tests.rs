@@ -13,6 +13,7 @@ fn fk(schema: &str, table: &str, column: &str, ty: &str, parent: (&str, &str)) -
         parent_table: parent.1.into(),
         parent_key_column: "id".into(),
         parent_uuid_column: "id_uuid".into(),
+        constraint: None,
     }
 }
 
@@ -1081,5 +1082,24 @@ fn translated_copies_of_expressions_read_the_views_too() {
         "UPDATE keyshift_integer_public.c SET p_id = (SELECT id FROM keyshift_integer_public.p WHERE a = $1), \
          p_id_uuid = (SELECT _ks_p.id_uuid FROM (VALUES (((SELECT id FROM keyshift_integer_public.p WHERE a = $1))::bigint)) AS _ks_v(k) \
          JOIN keyshift_integer_public.p AS _ks_p ON _ks_p.id = _ks_v.k) WHERE a = $2"
+    );
+}
+
+#[test]
+fn a_missing_parent_fails_as_the_foreign_key_would() {
+    let mut plan = plan();
+    plan.fks[0].constraint = Some("c_p_id_fkey".into());
+    let r = RuleSet::build(
+        &plan,
+        Direction::Forward,
+        ClientView::Physical,
+        vec!["public".into()],
+        1,
+    )
+    .unwrap();
+    assert_eq!(
+        sql_of(rewrite(&r, "INSERT INTO c (a, p_id) VALUES ('x', $1)")),
+        "INSERT INTO c (a, p_id, p_id_uuid) VALUES ('x', $1, COALESCE((SELECT id_uuid FROM public.p WHERE id = ($1)::bigint), \
+         keyshift.missing_parent((($1)::bigint)::text, 'c', 'c_p_id_fkey', 'p_id', 'p')::uuid))"
     );
 }
