@@ -264,3 +264,45 @@ pub fn raw_session(addr: SocketAddr, db: &str) -> std::net::TcpStream {
     read_until_ready(&mut s);
     s
 }
+
+/// A proxy linked to `db`'s migration, once its status says it is (database link up,
+/// dual-write on: the state a migration is in from expand to finalize).
+pub async fn linked_proxy(db: &super::TestDb) -> TestProxy {
+    let mut cfg = test_config();
+    cfg.database_url = Some(db.url());
+    let p = TestProxy::start_with(cfg);
+    let start = Instant::now();
+    loop {
+        let admin = p.admin;
+        let (_, body) = tokio::task::spawn_blocking(move || http(admin, "GET", "/v1/status", None))
+            .await
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if v["dual_write"] == true && v["database_link"] == "connected" {
+            return p;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "proxy never linked: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A session through `p` in `shape`, named by `options` as libpq and psycopg do.
+pub async fn connect_shaped(
+    p: &TestProxy,
+    db: &super::TestDb,
+    shape: &str,
+) -> tokio_postgres::Client {
+    let mut cfg: tokio_postgres::Config = p.url("postgres", &db.name).parse().unwrap();
+    cfg.options(format!("-c keyshift.shape={shape}"));
+    let (client, conn) = cfg
+        .connect(tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("{shape}-shaped session: {e}"));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
