@@ -90,7 +90,7 @@ pub fn plan_rules(plan: &Plan, columns: Vec<TableColumns>) -> PlanRules {
             parent_table: fk.parent_table.clone(),
             parent_key_column: fk.parent_key.clone(),
             parent_uuid_column: fk.parent_uuid_column.clone(),
-            constraint: (!fk.deferrable).then(|| fk.constraint.clone()),
+            constraint: (fk.child_not_null && !fk.deferrable).then(|| fk.constraint.clone()),
         })
         .collect();
     PlanRules {

@@ -58,10 +58,12 @@ pub struct FkPlan {
     pub parent_table: String,
     pub parent_key_column: String,
     pub parent_uuid_column: String,
-    /// The FK constraint's name, when a write naming a missing parent must fail as the
-    /// constraint would (23503) before the twin's NULL trips a NOT NULL check (23502), or,
-    /// after cutover, slips past the dropped integer constraint. `None` for a deferrable
-    /// constraint, which PostgreSQL checks only later.
+    /// The FK constraint's name, for a NOT NULL FK column: a write naming a missing parent
+    /// must fail as the constraint would (23503), not on the twin's NULL tripping its NOT
+    /// NULL check first (23502). Only there: a lookup that finds no parent may also mean one
+    /// inserted by a transaction not yet committed, which PostgreSQL's own check waits for,
+    /// so a nullable twin is left NULL (the backfill's catch-up fills it) rather than failing
+    /// a write PostgreSQL would take. `None` for a deferrable constraint, checked later.
     pub constraint: Option<String>,
 }
 
@@ -221,12 +223,19 @@ impl RuleSet {
                 ClientView::Physical => fk.parent_schema.clone(),
                 ClientView::Translated(shape) => shape.view_schema(&fk.parent_schema),
             };
-            let check = fk.constraint.as_ref().map(|c| FkCheck {
-                child: fk.table.clone(),
-                constraint: c.clone(),
-                column: fk.column.clone(),
-                parent: fk.parent_table.clone(),
-            });
+            // Before cutover the uuid twin has no NOT NULL: a NULL leaves the integer FK's own
+            // check to PostgreSQL.
+            let twin_nullable = direction == Direction::Forward && view == ClientView::Physical;
+            let check = fk
+                .constraint
+                .as_ref()
+                .filter(|_| !twin_nullable)
+                .map(|c| FkCheck {
+                    child: fk.table.clone(),
+                    constraint: c.clone(),
+                    column: fk.column.clone(),
+                    parent: fk.parent_table.clone(),
+                });
             let fill = match direction {
                 Direction::Forward => Fill {
                     lookup_schema,
