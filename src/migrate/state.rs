@@ -227,7 +227,8 @@ pub fn drop_state_sql(drop_function: bool, keep_map: bool) -> String {
     if drop_function && !keep_map {
         return "DROP SCHEMA IF EXISTS keyshift CASCADE".into();
     }
-    let mut sql = "DROP TABLE IF EXISTS keyshift.migration, keyshift.backfill, keyshift.events, keyshift.proxies, keyshift.switch_attempts".to_string();
+    let mut sql = "DROP TABLE IF EXISTS keyshift.migration, keyshift.backfill, keyshift.events, keyshift.proxies, keyshift.switch_attempts; \
+DROP FUNCTION IF EXISTS keyshift.missing_parent(text, text, text, text, text)".to_string();
     if drop_function {
         sql.push_str("; DROP FUNCTION IF EXISTS keyshift.uuid_v7()");
     }
