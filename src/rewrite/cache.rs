@@ -123,6 +123,10 @@ impl RewriteCache {
         if !query && cacheable {
             shape = shape::normalize(sql);
         }
+        // A simple Query with a shape always takes the shape path above, never the text map:
+        // keeping its text would only cost an allocation and a map insert per statement
+        // (`DashMap::_insert` showed in the profile of benches/shapes.sh).
+        let keep_text = cacheable && !(query && shape.is_some());
         let (outcome, prepare) = match shape {
             Some(shape) => self.by_shape(rules, version, sql, shape),
             None => {
@@ -130,8 +134,8 @@ impl RewriteCache {
                 (self.rewrite_text(rules, sql), None)
             }
         };
-        // Texts are kept too, shapes or not.
-        if cacheable {
+        // Texts are kept too, for Parse (whose texts are looked up first).
+        if keep_text {
             if self.map.len() >= self.capacity {
                 self.map.clear();
             }
