@@ -452,6 +452,13 @@ impl Control {
                 .with_label_values(&["expired"])
                 .inc();
         }
+        // The swap may have committed without this proxy hearing of it (a notification
+        // late under load): the rules first, as on every other way the gate opens, so that no
+        // held statement runs under the old rules after a commit. Unreadable state still
+        // opens the gate: holding clients forever is worse.
+        if let Err(e) = self.refresh(client).await {
+            warn!(error = %e, "switch: could not re-read the rules before opening the gate");
+        }
         self.release(client, "expired", drain).await
     }
 
