@@ -7,7 +7,7 @@ mod migrate_support;
 
 use std::time::{Duration, Instant};
 
-use common::proxy::{TestProxy, http, test_config};
+use common::proxy::{TestProxy, linked_proxy, test_config, wait_status};
 use migrate_support::{SEED_004, ks_async, ks_expect, seed_004_rows, text};
 use tokio_postgres::error::SqlState;
 use uuid::Uuid;
@@ -23,36 +23,6 @@ async fn hardened_db() -> common::TestDb {
         ks_expect(&db.url(), &[step], 0);
     }
     db
-}
-
-async fn linked_proxy(db: &common::TestDb) -> TestProxy {
-    let mut cfg = test_config();
-    cfg.database_url = Some(db.url());
-    let p = TestProxy::start_with(cfg);
-    wait_status(&p, |v| {
-        v["dual_write"] == true && v["database_link"] == "connected"
-    })
-    .await;
-    p
-}
-
-async fn wait_status(p: &TestProxy, ok: impl Fn(&serde_json::Value) -> bool) {
-    let start = Instant::now();
-    loop {
-        let admin = p.admin;
-        let (_, body) = tokio::task::spawn_blocking(move || http(admin, "GET", "/v1/status", None))
-            .await
-            .unwrap();
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-        if ok(&v) {
-            return;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(15),
-            "proxy status never matched: {v}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// A connection through the proxy in `shape` (`None`: the default), named by `options` as

@@ -271,6 +271,15 @@ pub async fn linked_proxy(db: &super::TestDb) -> TestProxy {
     let mut cfg = test_config();
     cfg.database_url = Some(db.url());
     let p = TestProxy::start_with(cfg);
+    wait_status(&p, |v| {
+        v["dual_write"] == true && v["database_link"] == "connected"
+    })
+    .await;
+    p
+}
+
+/// Waits until the proxy's `/v1/status` satisfies `ok` (15 s at most).
+pub async fn wait_status(p: &TestProxy, ok: impl Fn(&serde_json::Value) -> bool) {
     let start = Instant::now();
     loop {
         let admin = p.admin;
@@ -278,12 +287,12 @@ pub async fn linked_proxy(db: &super::TestDb) -> TestProxy {
             .await
             .unwrap();
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-        if v["dual_write"] == true && v["database_link"] == "connected" {
-            return p;
+        if ok(&v) {
+            return;
         }
         assert!(
             start.elapsed() < Duration::from_secs(15),
-            "proxy never linked: {v}"
+            "proxy status never matched: {v}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
