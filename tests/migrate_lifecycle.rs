@@ -22,8 +22,8 @@ async fn expand_and_abort_are_idempotent_and_abort_restores_the_schema() {
     let ddl_events = "SELECT count(*) FROM keyshift.events WHERE kind = 'ddl'";
     let n1 = count(&c, ddl_events).await;
     assert_eq!(
-        n1, 25,
-        "5 key columns, 5 defaults, 4 FK twins, the id_map view, 2 shape views per table"
+        n1, 29,
+        "5 key columns, 5 defaults, 4 FK twins, the fill triggers of 4 children, the id_map view, 2 shape views per table"
     );
     ks_expect(&db.url(), &["expand"], 0);
     assert_eq!(
@@ -379,10 +379,19 @@ async fn verify_finds_direct_writes_and_backfill_catches_up() {
     ks_expect(&url, &["backfill"], 0);
     ks_expect(&url, &["verify"], 0);
     let c = db.client().await;
-    // Writes that bypass the proxy: a NULL twin, a stale twin.
+    // Writes that bypass the proxy get their twins from the fill triggers (src/migrate/fill.rs).
     c.batch_execute(
         "INSERT INTO mcp_servers (id, connector_id, name) VALUES (1000, 3, 'direct');
          UPDATE mcp_servers SET connector_id = 7 WHERE id = 5;",
+    )
+    .await
+    .unwrap();
+    ks_expect(&url, &["verify"], 0);
+    // What the triggers leave alone, on purpose (they watch the integer side before
+    // cutover): a twin written by itself, as the backfill does. A NULL twin, a stale twin.
+    c.batch_execute(
+        "UPDATE mcp_servers SET connector_id_uuid = NULL WHERE id = 1000;
+         UPDATE mcp_servers SET connector_id_uuid = (SELECT id_uuid FROM mcp_connectors WHERE id = 9) WHERE id = 5;",
     )
     .await
     .unwrap();

@@ -222,6 +222,26 @@ pub async fn needed(client: &Client, when: &When) -> Result<bool, DbError> {
             let r = one(client.query_one(OLDER, &[schema, name, than]).await, OLDER)?;
             r.get::<_, Option<bool>>(0) == Some(true)
         }
+        When::TriggersMissing {
+            schema,
+            table,
+            names,
+        }
+        | When::TriggersPresent {
+            schema,
+            table,
+            names,
+        } => {
+            const TRG: &str = "SELECT count(*) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid \
+                JOIN pg_namespace n ON n.oid = c.relnamespace \
+                WHERE n.nspname = $1 AND c.relname = $2 AND t.tgname = ANY($3)";
+            let r = one(client.query_one(TRG, &[schema, table, names]).await, TRG)?;
+            let n = r.get::<_, i64>(0);
+            match when {
+                When::TriggersMissing { .. } => (n as usize) < names.len(),
+                _ => n > 0,
+            }
+        }
         When::IndexNotValid { schema, name } => {
             let r = one(client.query_one(IDX, &[schema, name]).await, IDX)?;
             match r.get::<_, Option<bool>>(0) {

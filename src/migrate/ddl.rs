@@ -10,6 +10,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use super::plan::{Plan, PlanFk, PlanIndex, PlanTable};
+use super::fill::{self, Physical};
 use super::{state, views};
 use crate::ident::{literal, qualified, quote};
 
@@ -97,6 +98,18 @@ pub enum When {
         schema: String,
         name: String,
         than: String,
+    },
+    /// One of these triggers of `schema.table` does not exist.
+    TriggersMissing {
+        schema: String,
+        table: String,
+        names: Vec<String>,
+    },
+    /// One of these triggers of `schema.table` exists.
+    TriggersPresent {
+        schema: String,
+        table: String,
+        names: Vec<String>,
     },
 }
 
@@ -258,6 +271,8 @@ pub fn expand(plan: &Plan) -> Vec<Step> {
             },
         ));
     }
+    // The fill triggers watch the twins: after them.
+    v.extend(fill::create(plan));
     v.extend(id_map_step(plan, false));
     // Last: a view lists every column of its table, the uuid twins included.
     v.extend(views::create(plan));
@@ -781,6 +796,7 @@ pub fn cutover(plan: &Plan) -> Vec<Step> {
             )));
         }
     }
+    v.extend(fill::switch(plan, Physical::Uuid).into_iter().map(swap));
     v.extend(id_map_step(plan, true).map(|st| swap(st.sql)));
     v.push(swap(state::set_phase_sql(state::Phase::CutOver)));
     v.push(swap("COMMIT".into()));
@@ -1011,6 +1027,7 @@ pub fn rollback(plan: &Plan) -> Vec<Step> {
             quote(&t.uuid_column)
         )));
     }
+    v.extend(fill::switch(plan, Physical::Integer).into_iter().map(swap));
     v.extend(id_map_step(plan, false).map(|st| swap(st.sql)));
     v.push(swap(state::set_phase_sql(state::Phase::Hardened)));
     v.push(swap("COMMIT".into()));
@@ -1070,6 +1087,8 @@ END $$"
         When::Always,
     ));
     v.extend(views::drop(plan));
+    // The triggers watch the legacy columns: DROP COLUMN would refuse too.
+    v.extend(fill::drop(plan));
     v.extend(drop_rollback_preparation(plan));
     for (_, f) in plan.foreign_keys() {
         v.push(Step::new(
@@ -1179,8 +1198,9 @@ pub fn abort(plan: &Plan) -> Vec<Step> {
             When::Always,
         ),
     ];
-    // So do the shape views: DROP COLUMN would refuse while they exist.
+    // So do the shape views and the fill triggers: DROP COLUMN would refuse while they exist.
     v.extend(views::drop(plan));
+    v.extend(fill::drop(plan));
     for (_, f) in plan.foreign_keys() {
         for name in std::iter::once(&f.shadow_constraint).chain(f.not_null_check.as_ref()) {
             v.push(drop_constraint(&f.child_schema, &f.child_table, name));

@@ -12,6 +12,7 @@ pub mod catalog;
 pub mod db;
 pub mod ddl;
 pub mod expand;
+pub mod fill;
 pub mod harden;
 pub mod metrics;
 pub mod plan;
