@@ -9,8 +9,8 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use super::plan::{Plan, PlanFk, PlanIndex, PlanTable};
 use super::fill::{self, Physical};
+use super::plan::{Plan, PlanFk, PlanIndex, PlanTable};
 use super::{state, views};
 use crate::ident::{literal, qualified, quote};
 

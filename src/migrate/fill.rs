@@ -158,7 +158,13 @@ fn missing_parent(f: &PlanFk, n: &Names) -> String {
 }
 
 /// The trigger function of one child for one phase.
-pub fn function_sql(plan: &Plan, schema: &str, table: &str, fks: &[&PlanFk], p: Physical) -> String {
+pub fn function_sql(
+    plan: &Plan,
+    schema: &str,
+    table: &str,
+    fks: &[&PlanFk],
+    p: Physical,
+) -> String {
     let mut ins = String::new();
     let mut upd = String::new();
     for f in fks {
@@ -328,7 +334,10 @@ pub fn drop(plan: &Plan) -> Vec<Step> {
         });
         for p in [Physical::Integer, Physical::Uuid] {
             v.push(Step {
-                sql: format!("DROP FUNCTION IF EXISTS {}()", function_name(schema, table, p)),
+                sql: format!(
+                    "DROP FUNCTION IF EXISTS {}()",
+                    function_name(schema, table, p)
+                ),
                 mode: Mode::State,
                 when: When::Always,
             });
