@@ -2,17 +2,23 @@
 # Dual-write benchmark: an insert-heavy pgbench script into the child tables of a
 # seed-004-shaped schema, in ONE run, side by side:
 #   direct    PostgreSQL, no dual-write at all (the application today)
-#   keyshift  through keyshift with dual-write on (expanded, backfilled and hardened database)
+#   keyshift  through keyshift with dual-write on (expanded, backfilled and hardened database,
+#             with keyshift's fill triggers, src/migrate/fill.rs, enabled as in production)
+#   noguard   the same through keyshift, with the fill triggers disabled: keyshift/noguard is
+#             what their WHEN guard costs on rows the proxy already filled
+#   fill      PostgreSQL directly on the keyshift database: the fill triggers alone do the
+#             dual-write (what a write that bypasses the proxy costs: COPY, a cron job)
 #   trigger   PostgreSQL with a BEFORE trigger doing the same dual-write (the usual alternative),
-#             on a database prepared as keyshift's
+#             on a database prepared as keyshift's (its fill triggers disabled)
 #   passthru  through keyshift on the plain database (no migration: the proxy's own cost)
 #   hardened  PostgreSQL on a copy of the keyshift database (expanded, backfilled and hardened:
 #             uuid columns and defaults, uuid unique indexes and FKs, the spare integer-key
-#             index), with no dual-write at all (twins left NULL): what that schema costs by
-#             itself, which any dual-write pays
+#             index), with no dual-write at all (fill triggers disabled, twins left NULL): what
+#             that schema costs by itself, which any dual-write pays
 # Each target has its own database, identical before the run. Rounds alternate the order.
 # Prints TPS per target and mode, and the ratios keyshift/direct, keyshift/trigger and
-# keyshift/hardened (the dual-write's own cost, proxy included).
+# keyshift/hardened (the dual-write's own cost, proxy included), keyshift/noguard (the fill
+# triggers' guard) and fill/trigger (keyshift's triggers against the hand-written one).
 # Targets (DESIGN.md): keyshift ≥ 0.85 × direct; keyshift faster than trigger.
 #
 # Usage: benches/dualwrite.sh                 (DURATION=15 ROUNDS=2)
@@ -85,12 +91,23 @@ for db in dualwrite trigger; do
     "$KS" expand --database-url "$(url "$db")" >"$TMP/expand-$db.log" 2>&1 || { cat "$TMP/expand-$db.log" >&2; die "expand $db"; }
     "$KS" backfill --database-url "$(url "$db")" >"$TMP/backfill-$db.log" 2>&1 || { cat "$TMP/backfill-$db.log" >&2; die "backfill $db"; }
 done
-"${PSQL[@]}" -d trigger -c "$TRIGGERS"
-"${PSQL[@]}" -d postgres -c "CREATE DATABASE hardened TEMPLATE dualwrite"
+# keyshift's fill triggers off where a target must not have them.
+NO_FILL="
+ALTER TABLE mcp_servers DISABLE TRIGGER zz_keyshift_fill_integer_ins, DISABLE TRIGGER zz_keyshift_fill_integer_upd;
+ALTER TABLE connector_access DISABLE TRIGGER zz_keyshift_fill_integer_ins, DISABLE TRIGGER zz_keyshift_fill_integer_upd;
+ALTER TABLE mcp_server_tokens DISABLE TRIGGER zz_keyshift_fill_integer_ins, DISABLE TRIGGER zz_keyshift_fill_integer_upd;
+ALTER TABLE mcp_server_tools DISABLE TRIGGER zz_keyshift_fill_integer_ins, DISABLE TRIGGER zz_keyshift_fill_integer_upd;
+"
+"${PSQL[@]}" -d trigger -c "$TRIGGERS" -c "$NO_FILL"
+for db in hardened noguard fill; do
+    "${PSQL[@]}" -d postgres -c "CREATE DATABASE $db TEMPLATE dualwrite"
+done
+"${PSQL[@]}" -d hardened -c "$NO_FILL"
+"${PSQL[@]}" -d noguard -c "$NO_FILL"
 # The backfill rewrote every row: vacuum and analyze every database, as autovacuum would
 # soon after, so that no target runs on dead rows that another does not have (and none is
 # vacuumed in the middle of its measurement).
-for db in plain dualwrite trigger hardened; do
+for db in plain dualwrite trigger hardened noguard fill; do
     "${PSQL[@]}" -d "$db" -c "VACUUM ANALYZE" >/dev/null
 done
 
@@ -107,13 +124,16 @@ start_proxy() { # name database -> sets PORT_<name>
     printf -v "ADMIN_$1" '%s' "$admin"
 }
 start_proxy dw dualwrite
+start_proxy ng noguard
 start_proxy pt ""
-# Wait until the dual-write proxy has loaded its rules.
-for _ in $(seq 1 100); do
-    curl -fs "127.0.0.1:$ADMIN_dw/v1/status" | grep -q '"dual_write":true' && break
-    sleep 0.1
+# Wait until the dual-write proxies have loaded their rules.
+for admin in "$ADMIN_dw" "$ADMIN_ng"; do
+    for _ in $(seq 1 100); do
+        curl -fs "127.0.0.1:$admin/v1/status" | grep -q '"dual_write":true' && break
+        sleep 0.1
+    done
+    curl -fs "127.0.0.1:$admin/v1/status" | grep -q '"dual_write":true' || die "keyshift did not load its rules"
 done
-curl -fs "127.0.0.1:$ADMIN_dw/v1/status" | grep -q '"dual_write":true' || die "keyshift did not load its rules"
 
 cat >"$TMP/inserts.sql" <<EOF
 \set c random(1, $PARENTS)
@@ -125,14 +145,14 @@ INSERT INTO mcp_server_tools (mcp_server_id, tool_name) VALUES (:s, 'tool' || :n
 INSERT INTO connector_access (connector_id, user_id) VALUES (:c, 'user');
 EOF
 
-target_port() { case $1 in direct|trigger|hardened) echo "$PG_PORT" ;; keyshift) echo "$PORT_dw" ;; passthru) echo "$PORT_pt" ;; esac; }
-target_db() { case $1 in direct|passthru) echo plain ;; keyshift) echo dualwrite ;; trigger) echo trigger ;; hardened) echo hardened ;; esac; }
+target_port() { case $1 in direct|trigger|hardened|fill) echo "$PG_PORT" ;; keyshift) echo "$PORT_dw" ;; noguard) echo "$PORT_ng" ;; passthru) echo "$PORT_pt" ;; esac; }
+target_db() { case $1 in direct|passthru) echo plain ;; keyshift) echo dualwrite ;; *) echo "$1" ;; esac; }
 
 declare -A TPS
-TARGETS=(direct keyshift trigger passthru hardened)
+TARGETS=(direct keyshift noguard fill trigger passthru hardened)
 for round in $(seq 1 "$ROUNDS"); do
     order=("${TARGETS[@]}")
-    if ((round % 2 == 0)); then order=(hardened passthru trigger keyshift direct); fi
+    if ((round % 2 == 0)); then order=(hardened passthru trigger fill noguard keyshift direct); fi
     for mode in $MODES; do
         for t in "${order[@]}"; do
             out=$(${ON_APP[@]+"${ON_APP[@]}"} "$PGBIN/pgbench" -n -f "$TMP/inserts.sql" -M "$mode" -c "$CLIENTS" -j "$JOBS" -T "$DURATION" \
@@ -147,21 +167,24 @@ for round in $(seq 1 "$ROUNDS"); do
     done
 done
 
-# Every row written through keyshift has its twins right.
-check=$("${PSQL[@]}" -At -d dualwrite -c "
+# Every row written through keyshift, or by the fill triggers alone, has its twins right.
+for db in dualwrite noguard fill; do
+check=$("${PSQL[@]}" -At -d "$db" -c "
 SELECT (SELECT count(*) FROM mcp_servers c LEFT JOIN mcp_connectors p ON p.id = c.connector_id WHERE c.connector_id_uuid IS DISTINCT FROM p.id_uuid)
      + (SELECT count(*) FROM mcp_server_tokens c JOIN mcp_servers p ON p.id = c.mcp_server_id WHERE c.mcp_server_id_uuid IS DISTINCT FROM p.id_uuid)
      + (SELECT count(*) FROM mcp_server_tools c JOIN mcp_servers p ON p.id = c.mcp_server_id WHERE c.mcp_server_id_uuid IS DISTINCT FROM p.id_uuid)
      + (SELECT count(*) FROM connector_access c JOIN mcp_connectors p ON p.id = c.connector_id WHERE c.connector_id_uuid IS DISTINCT FROM p.id_uuid)")
-[[ $check == 0 ]] || die "$check rows written through keyshift have a wrong or missing twin"
+[[ $check == 0 ]] || die "$db: $check rows have a wrong or missing twin"
+done
 
 echo
 echo "Dual-write, insert-heavy (4 inserts per transaction into child tables), $CLIENTS clients, ${DURATION}s x $ROUNDS rounds, $(nproc) cores"
-printf '%-10s %10s %10s %10s %10s %10s %16s %16s %17s\n' mode direct keyshift trigger passthru hardened keyshift/direct keyshift/trigger keyshift/hardened
+printf '%-10s %10s %10s %10s %10s %10s %10s %10s %16s %16s %17s %16s %14s\n' mode direct keyshift noguard fill trigger passthru hardened keyshift/direct keyshift/trigger keyshift/hardened keyshift/noguard fill/trigger
 for mode in $MODES; do
     printf '%-10s' "$mode"
     for t in "${TARGETS[@]}"; do printf ' %10.0f' "$(awk -v a="${TPS[$t,$mode]}" -v r="$ROUNDS" 'BEGIN { print a / r }')"; done
     awk -v k="${TPS[keyshift,$mode]}" -v d="${TPS[direct,$mode]}" -v t="${TPS[trigger,$mode]}" -v e="${TPS[hardened,$mode]}" \
-        'BEGIN { printf " %16.2f %16.2f %17.2f\n", k / d, k / t, k / e }'
+        -v n="${TPS[noguard,$mode]}" -v f="${TPS[fill,$mode]}" \
+        'BEGIN { printf " %16.2f %16.2f %17.2f %16.2f %14.2f\n", k / d, k / t, k / e, k / n, f / t }'
 done
-echo "twins checked: every row inserted through keyshift matches its parent's uuid"
+echo "twins checked: every row inserted through keyshift, or filled by its triggers alone, matches its parent's uuid"

@@ -345,3 +345,71 @@ pub fn drop(plan: &Plan) -> Vec<Step> {
     }
     v
 }
+
+/// The pair of triggers that must be enabled in `phase`, if any.
+pub fn expected(phase: super::state::Phase) -> Option<Physical> {
+    use super::state::DualWrite;
+    match phase.dual_write() {
+        DualWrite::Forward => Some(Physical::Integer),
+        DualWrite::Reverse => Some(Physical::Uuid),
+        DualWrite::Off => None,
+    }
+}
+
+/// The children (`schema.table`) whose fill triggers for `phase` are missing or not
+/// `ENABLE ALWAYS`: writes that bypass the proxy there leave a side unfilled.
+pub async fn off(
+    client: &tokio_postgres::Client,
+    plan: &Plan,
+    phase: super::state::Phase,
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let Some(p) = expected(phase) else {
+        return Ok(Vec::new());
+    };
+    let names = vec![trigger_name(p, false), trigger_name(p, true)];
+    let rows = client
+        .query(
+            "SELECT n.nspname::text, c.relname::text FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE t.tgname = ANY($1) AND t.tgenabled = 'A' GROUP BY 1, 2 HAVING count(*) = 2",
+            &[&names],
+        )
+        .await?;
+    let on: std::collections::HashSet<(String, String)> =
+        rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    Ok(children(plan)
+        .into_iter()
+        .filter(|(s, t, _)| !on.contains(&(s.to_string(), t.to_string())))
+        .map(|(s, t, _)| format!("{s}.{t}"))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trigger_names_sort_after_application_triggers_and_fit() {
+        for p in [Physical::Integer, Physical::Uuid] {
+            for u in [false, true] {
+                let n = trigger_name(p, u);
+                assert!(n.starts_with("zz_") && n.len() <= 63, "{n}");
+            }
+        }
+        let f = function_name("s", &"x".repeat(80), Physical::Uuid);
+        assert!(f.len() <= "keyshift.".len() + 65, "{f}");
+        assert_ne!(
+            function_name("a", "b", Physical::Integer),
+            function_name("a", "b", Physical::Uuid)
+        );
+    }
+
+    #[test]
+    fn enable_switches_the_pair_in_one_statement() {
+        assert_eq!(
+            enable_sql("public", "c", Physical::Uuid),
+            "ALTER TABLE public.c DISABLE TRIGGER zz_keyshift_fill_integer_ins, DISABLE TRIGGER zz_keyshift_fill_integer_upd, \
+ENABLE ALWAYS TRIGGER zz_keyshift_fill_uuid_ins, ENABLE ALWAYS TRIGGER zz_keyshift_fill_uuid_upd"
+        );
+    }
+}

@@ -22,6 +22,9 @@ pub struct MigrateMetrics {
     pub batch_seconds: Histogram,
     /// `keyshift_migration_phase{phase}`: 1 for the current phase, 0 for the others.
     pub phase: IntGaugeVec,
+    /// `keyshift_fill_triggers_off{table}`: 1 for a child whose fill triggers for this phase
+    /// are missing or disabled (writes bypassing the proxy there stay unfilled).
+    pub fill_off: IntGaugeVec,
     /// Batch count per task at the last observation, so that each new batch is counted once.
     seen: Arc<Mutex<HashMap<String, i64>>>,
 }
@@ -64,6 +67,13 @@ impl MigrateMetrics {
                 ),
                 &["phase"],
             )?,
+            fill_off: IntGaugeVec::new(
+                Opts::new(
+                    "keyshift_fill_triggers_off",
+                    "1 for a child table whose fill triggers are missing or disabled: writes that bypass the proxy there leave a side of its foreign keys unfilled",
+                ),
+                &["table"],
+            )?,
             seen: Arc::default(),
         })
     }
@@ -74,6 +84,7 @@ impl MigrateMetrics {
         r.register(Box::new(self.last_batch_ms.clone()))?;
         r.register(Box::new(self.batch_seconds.clone()))?;
         r.register(Box::new(self.phase.clone()))?;
+        r.register(Box::new(self.fill_off.clone()))?;
         Ok(())
     }
 
@@ -82,6 +93,11 @@ impl MigrateMetrics {
             self.phase
                 .with_label_values(&[ph.as_str()])
                 .set(i64::from(p.phase == Some(ph)));
+        }
+        // Only tables that are off are listed: a table turned back on disappears.
+        self.fill_off.reset();
+        for t in &p.fill_off {
+            self.fill_off.with_label_values(&[t]).set(1);
         }
         for t in &p.tasks {
             let table = format!("{}.{}", t.schema, t.table);
@@ -121,6 +137,7 @@ mod tests {
         m.observe(&Progress {
             phase: Some(Phase::Backfilling),
             rules_version: 3,
+            fill_off: vec!["public.c".into()],
             tasks: vec![TaskProgress {
                 task: "key:public.t".into(),
                 kind: "key".into(),
@@ -143,11 +160,13 @@ mod tests {
         );
         assert_eq!(m.phase.with_label_values(&["backfilling"]).get(), 1);
         assert_eq!(m.phase.with_label_values(&["expanded"]).get(), 0);
+        assert_eq!(m.fill_off.with_label_values(&["public.c"]).get(), 1);
         assert!(!r.gather().is_empty());
         let mut p = Progress {
             phase: Some(Phase::Backfilling),
             rules_version: 3,
             tasks: Vec::new(),
+            fill_off: Vec::new(),
         };
         let t = TaskProgress {
             task: "key:public.t".into(),

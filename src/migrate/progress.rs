@@ -44,6 +44,9 @@ pub struct Progress {
     pub phase: Option<Phase>,
     pub rules_version: i64,
     pub tasks: Vec<TaskProgress>,
+    /// Children whose fill triggers for this phase are missing or disabled
+    /// (`fill::off`): writes that bypass the proxy there are not filled.
+    pub fill_off: Vec<String>,
 }
 
 /// The migration's phase and per-task progress; `phase` is `None` when no migration exists.
@@ -53,6 +56,7 @@ pub async fn read(client: &Client) -> Result<Progress, StateError> {
             phase: None,
             rules_version: 0,
             tasks: Vec::new(),
+            fill_off: Vec::new(),
         });
     };
     let rows = client
@@ -63,7 +67,9 @@ pub async fn read(client: &Client) -> Result<Progress, StateError> {
             &[],
         )
         .await?;
+    let fill_off = super::fill::off(client, &m.plan, m.phase).await?;
     Ok(Progress {
+        fill_off,
         phase: Some(m.phase),
         rules_version: m.rules_version,
         tasks: rows
