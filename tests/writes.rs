@@ -505,3 +505,67 @@ async fn a_function_that_inserts_into_a_child_called_through_keyshift() {
         2
     );
 }
+
+/// Fill triggers disabled by hand: the proxy's metric names the table within a heartbeat,
+/// writes that bypass the proxy there leave NULL twins, and once the triggers are back,
+/// `keyshift backfill` repairs those rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disabled_fill_triggers_are_reported_and_what_they_missed_is_repaired() {
+    let db = seeded().await;
+    for s in ["expand", "backfill"] {
+        ks_expect(&db.url(), &[s], 0);
+    }
+    let p = linked_proxy(&db).await;
+    let direct = db.client().await;
+    let metric = |p: &TestProxy| {
+        let admin = p.admin;
+        async move {
+            let (_, m) = tokio::task::spawn_blocking(move || {
+                common::proxy::http(admin, "GET", "/metrics", None)
+            })
+            .await
+            .unwrap();
+            m.lines().any(|l| {
+                l.starts_with("keyshift_fill_triggers_off{table=\"public.mcp_servers\"} 1")
+            })
+        }
+    };
+    assert!(!metric(&p).await, "all triggers on after expand");
+    direct
+        .batch_execute("ALTER TABLE mcp_servers DISABLE TRIGGER zz_keyshift_fill_integer_ins")
+        .await
+        .unwrap();
+    let start = std::time::Instant::now();
+    while !metric(&p).await {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the metric never showed the table"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    direct
+        .batch_execute("INSERT INTO mcp_servers (connector_id, name) VALUES (2, 'unfilled')")
+        .await
+        .unwrap();
+    assert_eq!(
+        wrong_twins(&direct).await,
+        1,
+        "the write the triggers missed"
+    );
+    ks_expect(&db.url(), &["verify"], 1);
+    direct
+        .batch_execute("ALTER TABLE mcp_servers ENABLE ALWAYS TRIGGER zz_keyshift_fill_integer_ins")
+        .await
+        .unwrap();
+    ks_expect(&db.url(), &["backfill"], 0);
+    assert_eq!(wrong_twins(&direct).await, 0);
+    ks_expect(&db.url(), &["verify"], 0);
+    let start = std::time::Instant::now();
+    while metric(&p).await {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the metric never cleared"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

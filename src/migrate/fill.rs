@@ -356,13 +356,13 @@ pub fn expected(phase: super::state::Phase) -> Option<Physical> {
     }
 }
 
-/// The children (`schema.table`) whose fill triggers for `phase` are missing or not
-/// `ENABLE ALWAYS`: writes that bypass the proxy there leave a side unfilled.
+/// Every child (`schema.table`) and whether its fill triggers for `phase` are missing or
+/// not `ENABLE ALWAYS` (writes that bypass the proxy there leave a side unfilled).
 pub async fn off(
     client: &tokio_postgres::Client,
     plan: &Plan,
     phase: super::state::Phase,
-) -> Result<Vec<String>, tokio_postgres::Error> {
+) -> Result<Vec<(String, bool)>, tokio_postgres::Error> {
     let Some(p) = expected(phase) else {
         return Ok(Vec::new());
     };
@@ -379,8 +379,12 @@ pub async fn off(
         rows.iter().map(|r| (r.get(0), r.get(1))).collect();
     Ok(children(plan)
         .into_iter()
-        .filter(|(s, t, _)| !on.contains(&(s.to_string(), t.to_string())))
-        .map(|(s, t, _)| format!("{s}.{t}"))
+        .map(|(s, t, _)| {
+            (
+                format!("{s}.{t}"),
+                !on.contains(&(s.to_string(), t.to_string())),
+            )
+        })
         .collect())
 }
 

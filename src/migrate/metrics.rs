@@ -22,8 +22,8 @@ pub struct MigrateMetrics {
     pub batch_seconds: Histogram,
     /// `keyshift_migration_phase{phase}`: 1 for the current phase, 0 for the others.
     pub phase: IntGaugeVec,
-    /// `keyshift_fill_triggers_off{table}`: 1 for a child whose fill triggers for this phase
-    /// are missing or disabled (writes bypassing the proxy there stay unfilled).
+    /// `keyshift_fill_triggers_off{table}`: per child, 1 when its fill triggers for this phase
+    /// are missing or disabled (writes bypassing the proxy there stay unfilled), else 0.
     pub fill_off: IntGaugeVec,
     /// Batch count per task at the last observation, so that each new batch is counted once.
     seen: Arc<Mutex<HashMap<String, i64>>>,
@@ -94,10 +94,10 @@ impl MigrateMetrics {
                 .with_label_values(&[ph.as_str()])
                 .set(i64::from(p.phase == Some(ph)));
         }
-        // Only tables that are off are listed: a table turned back on disappears.
+        // Reset first: a table no longer migrated (after finalize) disappears.
         self.fill_off.reset();
-        for t in &p.fill_off {
-            self.fill_off.with_label_values(&[t]).set(1);
+        for (t, off) in &p.fill_off {
+            self.fill_off.with_label_values(&[t]).set(i64::from(*off));
         }
         for t in &p.tasks {
             let table = format!("{}.{}", t.schema, t.table);
@@ -137,7 +137,7 @@ mod tests {
         m.observe(&Progress {
             phase: Some(Phase::Backfilling),
             rules_version: 3,
-            fill_off: vec!["public.c".into()],
+            fill_off: vec![("public.c".into(), true), ("public.d".into(), false)],
             tasks: vec![TaskProgress {
                 task: "key:public.t".into(),
                 kind: "key".into(),
@@ -161,6 +161,7 @@ mod tests {
         assert_eq!(m.phase.with_label_values(&["backfilling"]).get(), 1);
         assert_eq!(m.phase.with_label_values(&["expanded"]).get(), 0);
         assert_eq!(m.fill_off.with_label_values(&["public.c"]).get(), 1);
+        assert_eq!(m.fill_off.with_label_values(&["public.d"]).get(), 0);
         assert!(!r.gather().is_empty());
         let mut p = Progress {
             phase: Some(Phase::Backfilling),

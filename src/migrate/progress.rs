@@ -44,9 +44,9 @@ pub struct Progress {
     pub phase: Option<Phase>,
     pub rules_version: i64,
     pub tasks: Vec<TaskProgress>,
-    /// Children whose fill triggers for this phase are missing or disabled
-    /// (`fill::off`): writes that bypass the proxy there are not filled.
-    pub fill_off: Vec<String>,
+    /// Every child table and whether its fill triggers for this phase are missing or
+    /// disabled (`fill::off`): writes that bypass the proxy there are not filled.
+    pub fill_off: Vec<(String, bool)>,
 }
 
 /// The migration's phase and per-task progress; `phase` is `None` when no migration exists.

@@ -124,6 +124,8 @@ pub struct Control {
     version: i64,
     /// The rules version the mapping catalog was read at (`Some(None)`: no migration).
     map_version: Option<Option<i64>>,
+    /// The children whose fill triggers were off at the last refresh: logged when it changes.
+    fill_off: Vec<String>,
     /// The switch (cutover/rollback) this proxy's gate is closed for, if any.
     hold: Option<Hold>,
     /// The last (attempt, round) this proxy took part in, so a refresh never joins it twice.
@@ -197,6 +199,7 @@ impl Control {
             migrate_metrics,
             version: 0,
             map_version: None,
+            fill_off: Vec::new(),
             hold: None,
             last_round: (0, 0),
         }
@@ -672,15 +675,26 @@ impl Control {
                 && let Ok(p) = progress::read(client).await
             {
                 mm.observe(&p);
+                let off: Vec<String> = p
+                    .fill_off
+                    .iter()
+                    .filter(|(_, off)| *off)
+                    .map(|(t, _)| t.clone())
+                    .collect();
+                if off != self.fill_off {
+                    if !off.is_empty() {
+                        warn!(
+                            tables = %off.join(", "),
+                            "keyshift's fill triggers are missing or disabled on these tables: writes that bypass the proxy there leave a side of their foreign keys unfilled (docs/runbook.md#fill-triggers)"
+                        );
+                    }
+                    self.fill_off = off;
+                }
             }
         }
         Ok(())
     }
 
-    /// Proves this proxy alive and reports its sessions per (shape, user, database,
-    /// application_name) with their backend pids, for `status` and finalize's guard
-    /// (src/migrate/shapes.rs). Runs at every refresh: every HEARTBEAT and on every
-    /// notification, which is how finalize gets numbers fresher than a heartbeat period.
     /// Proves this proxy alive and reports its sessions per (shape, user, database,
     /// application_name) with their backend pids, for `status` and finalize's guard
     /// (src/migrate/shapes.rs). Runs at every refresh: every HEARTBEAT and on every
