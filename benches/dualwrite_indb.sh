@@ -6,6 +6,13 @@
 #             VALUES (:k, (SELECT id_uuid FROM p WHERE id = :k), :v)
 #   function  the same twin filled by a plpgsql STABLE function (plan cached per session)
 #   trigger   the same twin filled by a BEFORE INSERT trigger (how trigger-based tools do it)
+#   guarded   the rewriter's statement, on a table that also has keyshift's fill trigger
+#             (src/migrate/fill.rs: WHEN (NEW.p_id IS NULL) <> (NEW.p_id_uuid IS NULL)), which
+#             every child carries from expand on; guarded/rewrite is what the guard costs on
+#             rows the proxy filled (the function is never called)
+#   filled    an insert of the integer alone on that table: the fill trigger does the
+#             dual-write, as for COPY or a direct connection; filled/trigger compares it with
+#             the unguarded trigger
 # Round-robin, ROUNDS rounds, in extended and prepared mode. The ratio rewrite/plain is the
 # floor of what any dual-write costs on this schema (extra column, uuid index, second FK
 # check); rewrite/trigger isolates the way the twin is filled.
@@ -41,14 +48,24 @@ ALTER TABLE c_trigger ADD FOREIGN KEY (p_id) REFERENCES p (id), ADD FOREIGN KEY 
 CREATE FUNCTION p_uuid(k int) RETURNS uuid LANGUAGE plpgsql STABLE AS $$ BEGIN RETURN (SELECT id_uuid FROM p WHERE id = k); END $$;
 CREATE FUNCTION fill() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN NEW.p_id_uuid := (SELECT id_uuid FROM p WHERE id = NEW.p_id); RETURN NEW; END $$;
 CREATE TRIGGER fill BEFORE INSERT ON c_trigger FOR EACH ROW EXECUTE FUNCTION fill();
+CREATE TABLE c_guarded (LIKE c_rewrite INCLUDING ALL);
+ALTER TABLE c_guarded ADD FOREIGN KEY (p_id) REFERENCES p (id), ADD FOREIGN KEY (p_id_uuid) REFERENCES p (id_uuid);
+CREATE FUNCTION fill_guarded() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+  IF NEW.p_id_uuid IS NULL AND NEW.p_id IS NOT NULL THEN NEW.p_id_uuid := (SELECT p.id_uuid FROM p AS p WHERE p.id = NEW.p_id);
+  ELSIF NEW.p_id IS NULL AND NEW.p_id_uuid IS NOT NULL THEN NEW.p_id := (SELECT p.id FROM p AS p WHERE p.id_uuid = NEW.p_id_uuid);
+  END IF; RETURN NEW; END $$;
+CREATE TRIGGER zz_keyshift_fill_integer_ins BEFORE INSERT ON c_guarded FOR EACH ROW
+  WHEN ((NEW.p_id IS NULL) <> (NEW.p_id_uuid IS NULL)) EXECUTE FUNCTION fill_guarded();
 SQL
 declare -A Q=(
     [plain]='INSERT INTO c_plain (p_id, v) VALUES (:k, :v);'
     [rewrite]='INSERT INTO c_rewrite (p_id, p_id_uuid, v) VALUES (:k, (SELECT id_uuid FROM p WHERE id = :k), :v);'
     [function]='INSERT INTO c_function (p_id, p_id_uuid, v) VALUES (:k, p_uuid(:k), :v);'
     [trigger]='INSERT INTO c_trigger (p_id, v) VALUES (:k, :v);'
+    [guarded]='INSERT INTO c_guarded (p_id, p_id_uuid, v) VALUES (:k, (SELECT id_uuid FROM p WHERE id = :k), :v);'
+    [filled]='INSERT INTO c_guarded (p_id, v) VALUES (:k, :v);'
 )
-KINDS=(plain rewrite function trigger)
+KINDS=(plain rewrite function trigger guarded filled)
 for k in "${KINDS[@]}"; do
     printf '\\set k random(1, 4000)\n\\set v random(1, 1000000)\n%s\n' "${Q[$k]}" >"$TMP/$k.pgb"
 done
@@ -63,10 +80,11 @@ for mode in extended prepared; do
         done
     done
 done
-printf '\n%-9s %9s %9s %9s %9s %14s %16s\n' mode plain rewrite function trigger rewrite/plain rewrite/trigger
+printf '\n%-9s %9s %9s %9s %9s %9s %9s %14s %16s %16s %15s\n' mode plain rewrite function trigger guarded filled \
+    rewrite/plain rewrite/trigger guarded/rewrite filled/trigger
 for mode in extended prepared; do
     awk -v m="$mode" -v r="$ROUNDS" -v a="${SUM[$mode,plain]}" -v b="${SUM[$mode,rewrite]}" \
-        -v c="${SUM[$mode,function]}" -v d="${SUM[$mode,trigger]}" \
-        'BEGIN { printf "%-9s %9.0f %9.0f %9.0f %9.0f %14.2f %16.2f\n", m, a/r, b/r, c/r, d/r, b/a, b/d }'
+        -v c="${SUM[$mode,function]}" -v d="${SUM[$mode,trigger]}" -v g="${SUM[$mode,guarded]}" -v f="${SUM[$mode,filled]}" \
+        'BEGIN { printf "%-9s %9.0f %9.0f %9.0f %9.0f %9.0f %9.0f %14.2f %16.2f %16.2f %15.2f\n", m, a/r, b/r, c/r, d/r, g/r, f/r, b/a, b/d, g/b, f/d }'
 done
 echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"

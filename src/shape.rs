@@ -82,6 +82,14 @@ impl Shape {
         }
     }
 
+    /// The other shape: the physical one whenever a session of this shape is translated.
+    pub fn other(self) -> Shape {
+        match self {
+            Shape::Integer => Shape::Uuid,
+            Shape::Uuid => Shape::Integer,
+        }
+    }
+
     /// The schema of keyshift's views of `schema`'s migrated tables in this shape.
     pub fn view_schema(self, schema: &str) -> String {
         format!("keyshift_{}_{}", self.as_str(), schema)

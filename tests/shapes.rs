@@ -7,7 +7,7 @@ mod migrate_support;
 
 use std::time::{Duration, Instant};
 
-use common::proxy::{TestProxy, linked_proxy, test_config, wait_status};
+use common::proxy::{TestProxy, connect_shaped, linked_proxy, test_config, wait_status};
 use migrate_support::{SEED_004, ks_async, ks_expect, seed_004_rows, text};
 use tokio_postgres::error::SqlState;
 use uuid::Uuid;
@@ -264,7 +264,6 @@ async fn translated_forms_views_cannot_run_get_keyshifts_error_naming_the_table(
     let c = connect(&p, &db, Some("uuid")).await.unwrap();
     for sql in [
         "SELECT ctid FROM mcp_servers",
-        "COPY mcp_servers FROM STDIN",
         "INSERT INTO mcp_server_tools (mcp_server_id, tool_name) VALUES (NULL, 'x') \
          ON CONFLICT ON CONSTRAINT mcp_server_tools_mcp_server_id_tool_name_key DO NOTHING",
         "MERGE INTO mcp_servers s USING (SELECT 1) v ON false WHEN NOT MATCHED THEN DO NOTHING",
@@ -289,7 +288,8 @@ async fn translated_forms_views_cannot_run_get_keyshifts_error_naming_the_table(
     c.batch_execute("SELECT c.id, c.name FROM mcp_connectors c GROUP BY c.id, c.name")
         .await
         .unwrap();
-    // What works through a view: COPY TO, TRUNCATE of an unrelated table, SET col = DEFAULT.
+    // What works through a view: COPY TO, TRUNCATE of an unrelated table, SET col = DEFAULT
+    // (and COPY FROM, on the table itself: copy_from_in_a_translated_session_…).
     let out = c.copy_out("COPY mcp_connectors TO STDOUT").await.unwrap();
     let chunks: Vec<_> = futures_util::TryStreamExt::try_collect(out).await.unwrap();
     let text: Vec<u8> = chunks.concat();
@@ -454,4 +454,123 @@ async fn temporary_tables_and_search_path_resolve_as_the_session_says() {
     assert_ne!(id, Uuid::nil());
     // TRUNCATE names the table as it is, in any shape.
     u.batch_execute("TRUNCATE mcp_server_tokens").await.unwrap();
+}
+
+/// `COPY … FROM STDIN` through a session in `shape`: the rows PostgreSQL says it copied.
+async fn copy_in(c: &tokio_postgres::Client, sql: &str, data: String) -> u64 {
+    use futures_util::SinkExt;
+    let sink = c
+        .copy_in(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    futures_util::pin_mut!(sink);
+    sink.send(bytes::Bytes::from(data)).await.unwrap();
+    sink.finish()
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"))
+}
+
+/// PostgreSQL cannot COPY into a view, so a translated session's `COPY t (cols) FROM` writes
+/// the table itself with its column list renamed to the physical names: an unchanged
+/// integer-shaped application's bulk load after cutover, and a uuid-shaped one's before it,
+/// land in the columns their names meant. (The other member of each pair is left to the
+/// table's own triggers and is not checked here.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_from_in_a_translated_session_lands_in_the_physical_columns() {
+    let db = common::TestDb::new().await;
+    let direct = db.client().await;
+    direct
+        .batch_execute(
+            "CREATE TABLE parent (id serial PRIMARY KEY, name text NOT NULL);
+             CREATE TABLE child (id serial PRIMARY KEY, name text NOT NULL,
+                                 parent_id integer REFERENCES parent (id));
+             INSERT INTO parent (name) SELECT 'p' || g FROM generate_series(1, 3) g;",
+        )
+        .await
+        .unwrap();
+    for step in ["expand", "backfill", "harden"] {
+        ks_expect(&db.url(), &[step], 0);
+    }
+    let p = linked_proxy(&db).await;
+    let parents: Vec<(i32, Uuid)> = direct
+        .query("SELECT id, id_uuid FROM parent ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let children = |like: &'static str, column: &'static str| {
+        let direct = &direct;
+        async move {
+            direct
+                .query(
+                    &format!(
+                        "SELECT name, {column}::text FROM child WHERE name LIKE $1 ORDER BY name"
+                    ),
+                    &[&like],
+                )
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| (r.get::<_, String>(0), r.get::<_, Option<String>>(1)))
+                .collect::<Vec<_>>()
+        }
+    };
+    let row = |name: &str, v: String| (name.to_string(), Some(v));
+
+    // Hardened, physically integer: a uuid session's `parent_id` is `parent_id_uuid`.
+    let u = connect_shaped(&p, &db, "uuid").await;
+    let data = format!("u1\t{}\nu2\t{}\n", parents[0].1, parents[2].1);
+    let n = copy_in(&u, "COPY child (name, parent_id) FROM STDIN", data).await;
+    assert_eq!(n, 2);
+    assert_eq!(
+        children("u%", "parent_id_uuid").await,
+        [
+            row("u1", parents[0].1.to_string()),
+            row("u2", parents[2].1.to_string())
+        ]
+    );
+
+    // Their integer `parent_id` is the triggers' to fill, not the rewriter's: without it the
+    // cutover's verify refuses, so the rows go before it.
+    direct
+        .batch_execute("DELETE FROM child WHERE name LIKE 'u%'")
+        .await
+        .unwrap();
+
+    // After cutover, physically uuid: an integer session's `parent_id` is `parent_id_legacy`.
+    ks_expect(&db.url(), &["cutover"], 0);
+    let version: i64 = direct
+        .query_one("SELECT rules_version FROM keyshift.migration", &[])
+        .await
+        .unwrap()
+        .get(0);
+    wait_status(&p, |v| v["rules_version"] == version).await;
+    let i = connect_shaped(&p, &db, "integer").await;
+    for (sql, data) in [
+        ("COPY child (name, parent_id) FROM STDIN", "i1\t1\ni2\t3\n"),
+        (
+            "COPY child (name, parent_id) FROM STDIN (FORMAT csv)",
+            "i3,2\n\"i4, quoted\",1\n",
+        ),
+    ] {
+        assert_eq!(copy_in(&i, sql, data.into()).await, 2, "{sql}");
+    }
+    assert_eq!(
+        children("i%", "parent_id_legacy").await,
+        [
+            row("i1", "1".into()),
+            row("i2", "3".into()),
+            row("i3", "2".into()),
+            row("i4, quoted", "1".into())
+        ]
+    );
+    // And the session reads them back in its shape, through the view.
+    let out = i
+        .copy_out("COPY child (name, parent_id) TO STDOUT (FORMAT csv)")
+        .await
+        .unwrap();
+    let chunks: Vec<bytes::Bytes> = futures_util::TryStreamExt::try_collect(out).await.unwrap();
+    let text = String::from_utf8(chunks.concat()).unwrap();
+    assert!(text.lines().any(|l| l == "i3,2"), "{text}");
 }

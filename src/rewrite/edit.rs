@@ -1,5 +1,5 @@
 //! Text-splicing machinery: tokens with byte offsets into the original SQL, list splitting at
-//! top-level commas, and insertions applied to the original text.
+//! top-level commas, and edits (insertions, replacements) applied to the original text.
 //!
 //! The rewriter never prints an AST back: sqlparser's printer drops comments and can change
 //! meaning (`SELECT - -1` prints as a comment), and its spans of compound expressions are
@@ -7,6 +7,7 @@
 //! finds everything it copies or extends here, in the original tokens.
 
 use std::borrow::Cow;
+use std::ops::Range;
 
 use sqlparser::ast::Ident;
 use sqlparser::dialect::PostgreSqlDialect;
@@ -246,10 +247,17 @@ impl<'a> Source<'a> {
     }
 }
 
-/// Insertions into the original text, applied in position order (stable for equal positions).
-#[derive(Debug, Default)]
+/// Edits of the original text: insertions, and replacements of byte ranges. Positions always
+/// refer to the original text, so edits can be added in any order.
+///
+/// At one position, the insertions come out first, in the order they were added, then the
+/// replacement of a range starting there. Replaced ranges do not overlap, and nothing is
+/// inserted strictly inside one: [`Edits::apply`] answers `None` for such a set rather than
+/// guess.
+#[derive(Debug, Default, Clone)]
 pub(crate) struct Edits {
-    pub ins: Vec<(usize, String)>,
+    ins: Vec<(usize, String)>,
+    reps: Vec<(Range<usize>, String)>,
 }
 
 impl Edits {
@@ -257,25 +265,78 @@ impl Edits {
         self.ins.push((pos, text));
     }
 
-    pub(crate) fn is_empty(&self) -> bool {
-        self.ins.is_empty()
+    /// Replaces the original text of `range` with `text` (an empty range is an insertion).
+    pub(crate) fn replace(&mut self, range: Range<usize>, text: String) {
+        if range.is_empty() {
+            self.insert(range.start, text);
+        } else {
+            self.reps.push((range, text));
+        }
     }
 
-    /// Applies the insertions that fall in `range` to that slice of `sql`.
-    pub(crate) fn apply(&self, sql: &str, range: std::ops::Range<usize>) -> Option<String> {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.ins.is_empty() && self.reps.is_empty()
+    }
+
+    /// Whether an edit falls inside `range` (an insertion at `range.end` does not): whether
+    /// [`Edits::apply`] could give anything but the original text of `range`.
+    pub(crate) fn touches(&self, range: Range<usize>) -> bool {
+        self.ins.iter().any(|(p, _)| range.contains(p))
+            || self
+                .reps
+                .iter()
+                .any(|(r, _)| r.start < range.end && range.start < r.end)
+    }
+
+    /// Applies the edits that fall in `range` (insertions at `range.end` included) to that
+    /// slice of `sql`. `None` when a replaced range crosses a bound of `range` or overlaps
+    /// another, when an insertion falls strictly inside a replaced range, or when a position
+    /// is not on a character boundary of `sql`.
+    pub(crate) fn apply(&self, sql: &str, range: Range<usize>) -> Option<String> {
         let mut ins: Vec<&(usize, String)> = self
             .ins
             .iter()
             .filter(|(p, _)| range.contains(p) || *p == range.end)
             .collect();
         ins.sort_by_key(|(p, _)| *p);
-        let extra: usize = ins.iter().map(|(_, t)| t.len()).sum();
+        let mut reps: Vec<&(Range<usize>, String)> = Vec::new();
+        for rep in &self.reps {
+            let r = &rep.0;
+            if r.end <= range.start || r.start >= range.end {
+                continue;
+            }
+            if r.start < range.start || r.end > range.end {
+                return None;
+            }
+            reps.push(rep);
+        }
+        reps.sort_by_key(|(r, _)| r.start);
+        if reps.windows(2).any(|w| w[0].0.end > w[1].0.start)
+            || ins
+                .iter()
+                .any(|(p, _)| reps.iter().any(|(r, _)| r.start < *p && *p < r.end))
+        {
+            return None;
+        }
+        let extra: usize = ins.iter().map(|(_, t)| t.len()).sum::<usize>()
+            + reps.iter().map(|(_, t)| t.len()).sum::<usize>();
         let mut out = String::with_capacity(range.len() + extra);
         let mut at = range.start;
+        let mut reps = reps.into_iter().peekable();
         for (p, t) in ins {
+            while let Some((r, rt)) = reps.next_if(|(r, _)| r.start < *p) {
+                out.push_str(sql.get(at..r.start)?);
+                out.push_str(rt);
+                at = r.end;
+            }
             out.push_str(sql.get(at..*p)?);
             out.push_str(t);
             at = *p;
+        }
+        for (r, rt) in reps {
+            out.push_str(sql.get(at..r.start)?);
+            out.push_str(rt);
+            at = r.end;
         }
         out.push_str(sql.get(at..range.end)?);
         Some(out)
@@ -312,6 +373,62 @@ mod tests {
         let pieces = src.pieces();
         assert_eq!(pieces.len(), 2);
         assert_eq!(src.text(pieces[1].from, pieces[1].to), "SELECT 'ß', x");
+    }
+
+    #[test]
+    fn edits_insert_and_replace_at_original_positions() {
+        let sql = "COPY c (p_id, \"a\") FROM STDIN";
+        let mut e = Edits::default();
+        assert!(e.is_empty());
+        // Added out of order; at one position, insertions keep the order they were added in
+        // and come before a replacement starting there.
+        e.replace(14..17, "\"a_legacy\"".into());
+        e.insert(8, "/*1*/".into());
+        e.replace(8..12, "p_id_legacy".into());
+        e.insert(5, "s.".into());
+        e.insert(5, "t".into());
+        assert!(!e.is_empty());
+        assert_eq!(
+            e.apply(sql, 0..sql.len()).unwrap(),
+            "COPY s.tc (/*1*/p_id_legacy, \"a_legacy\") FROM STDIN"
+        );
+        // A slice takes only the edits inside it: an insertion at its end is in, a
+        // replacement ending at its start or starting at its end is not.
+        assert_eq!(e.apply(sql, 8..13).unwrap(), "/*1*/p_id_legacy,");
+        assert_eq!(e.apply(sql, 12..14).unwrap(), ", ");
+        assert_eq!(e.apply(sql, 0..5).unwrap(), "COPY s.t");
+        assert!(e.touches(9..10));
+        assert!(e.touches(4..6));
+        assert!(!e.touches(12..14));
+        assert!(!e.touches(0..5));
+        // A replacement crossing the slice's bounds cannot be applied to it.
+        assert_eq!(e.apply(sql, 10..20), None);
+        assert_eq!(e.apply(sql, 0..9), None);
+        assert_eq!(e.apply(sql, 9..10), None);
+    }
+
+    #[test]
+    fn edits_refuse_what_has_no_single_meaning() {
+        let sql = "abcdefgh";
+        let mut overlap = Edits::default();
+        overlap.replace(1..4, "x".into());
+        overlap.replace(3..6, "y".into());
+        assert_eq!(overlap.apply(sql, 0..8), None);
+        let mut inside = Edits::default();
+        inside.replace(1..4, "x".into());
+        inside.insert(2, "y".into());
+        assert_eq!(inside.apply(sql, 0..8), None);
+        // Adjacent replacements, and insertions at both ends of one, are fine.
+        let mut ok = Edits::default();
+        ok.replace(1..3, "X".into());
+        ok.replace(3..5, "Y".into());
+        ok.insert(5, "|".into());
+        ok.replace(6..6, "_".into());
+        assert_eq!(ok.apply(sql, 0..8).unwrap(), "aXY|f_gh");
+        // Not on a character boundary.
+        let mut mid = Edits::default();
+        mid.insert(1, "x".into());
+        assert_eq!(mid.apply("é", 0..2), None);
     }
 
     #[test]

@@ -5,7 +5,7 @@ use sqlparser::keywords::Keyword;
 use sqlparser::tokenizer::Token;
 
 use super::SkipReason;
-use super::edit::Source;
+use super::edit::{Edits, Source};
 use super::rules::Fill;
 use crate::ident::quote;
 
@@ -33,7 +33,7 @@ pub(crate) fn twin_value(
     b: usize,
     fill: &Fill,
     ctes: &[String],
-    redirects: &[(usize, String)],
+    redirects: &Edits,
 ) -> Result<String, SkipReason> {
     if src.only_kw(a, b, Keyword::DEFAULT) {
         return Ok("DEFAULT".to_string());
@@ -59,20 +59,13 @@ pub(crate) fn twin_value(
         }
     }
     let text = src.text(a, b);
-    let start = src.start(a);
-    if !redirects
-        .iter()
-        .any(|(p, _)| *p >= start && *p < start + text.len())
-    {
+    let range = src.start(a)..src.start(a) + text.len();
+    if !redirects.touches(range.clone()) {
         return Ok(lookup(fill, text, refers_to_columns, ctes));
     }
     // The copy of a translated statement's expression reads the same views it does.
-    let mut copied = super::edit::Edits::default();
-    for (p, t) in redirects {
-        copied.insert(*p, t.clone());
-    }
-    let text = copied
-        .apply(src.sql, start..start + text.len())
+    let text = redirects
+        .apply(src.sql, range)
         .ok_or(SkipReason::Internal)?;
     Ok(lookup(fill, &text, refers_to_columns, ctes))
 }

@@ -292,7 +292,7 @@ fn rewrite_parsed(rules: &RuleSet, sql: &str, verify: bool, gate: bool) -> Outco
             from: piece.from,
             limit: piece.to,
             edits: Edits::default(),
-            redirects: Vec::new(),
+            redirects: Edits::default(),
             changes: Vec::new(),
             ctes: Vec::new(),
             visible: usize::MAX,
@@ -308,7 +308,7 @@ fn rewrite_parsed(rules: &RuleSet, sql: &str, verify: bool, gate: bool) -> Outco
                     continue;
                 }
             }
-            ctx.redirects = ctx.edits.ins.clone();
+            ctx.redirects = ctx.edits.clone();
         }
         if let Err(skip) = statement::visit(&mut ctx, &stmt) {
             skipped.push(skip);

@@ -171,6 +171,9 @@ pub struct RuleSet {
     /// Every migrated table, parents and children: what a translated session's references
     /// are pointed away from.
     migrated: HashSet<(String, String)>,
+    /// A translated session's names of the migrated tables' renamed columns → their physical
+    /// names, per (schema, table); empty for a physical view.
+    physical_names: HashMap<(String, String), HashMap<String, String>>,
     /// The session's temporary tables: an unqualified name among them is not a migrated
     /// table (`pg_temp` comes first in every search path).
     temp: HashSet<String>,
@@ -284,8 +287,9 @@ impl RuleSet {
                 let Some(child) = children.get_mut(&key) else {
                     continue;
                 };
-                let renamed: Vec<(String, String)> = if translated {
-                    integer_names(plan, &tc.schema, &tc.table)
+                // After cutover the catalog's names are the uuid shape's.
+                let renamed = if translated {
+                    shape_names(plan, &tc.schema, &tc.table)
                 } else {
                     Vec::new()
                 };
@@ -307,8 +311,8 @@ impl RuleSet {
                         .map(|c| {
                             renamed
                                 .iter()
-                                .find(|(physical, _)| physical == c)
-                                .map_or_else(|| c.clone(), |(_, name)| name.clone())
+                                .find(|n| n.uuid == *c)
+                                .map_or_else(|| c.clone(), |n| n.integer.clone())
                         })
                         .filter(|c| !added.contains(&c.as_str()))
                         .collect(),
@@ -337,6 +341,10 @@ impl RuleSet {
             .collect();
         parents.sort();
         parents.dedup();
+        let physical_names = match view {
+            ClientView::Physical => HashMap::new(),
+            ClientView::Translated(shape) => physical_names(plan, &migrated, shape),
+        };
         Ok(RuleSet {
             version,
             direction,
@@ -345,6 +353,7 @@ impl RuleSet {
             children,
             parents,
             migrated,
+            physical_names,
             temp: HashSet::new(),
             shadows: plan.shadows.iter().cloned().collect(),
             prescan,
@@ -376,6 +385,7 @@ impl RuleSet {
             children: HashMap::new(),
             parents: Vec::new(),
             migrated: HashSet::new(),
+            physical_names: HashMap::new(),
             temp: HashSet::new(),
             shadows: HashSet::new(),
             prescan: Prescan::new(std::iter::empty()),
@@ -440,6 +450,16 @@ impl RuleSet {
         }
     }
 
+    /// The physical name of the column a translated session calls `column` in the migrated
+    /// table `schema.table`; `None` when that name is not one its shape renames (a column
+    /// keyshift does not touch, or not a column of the table at all).
+    pub(crate) fn physical_column(&self, schema: &str, table: &str, column: &str) -> Option<&str> {
+        self.physical_names
+            .get(&(schema.to_string(), table.to_string()))?
+            .get(column)
+            .map(String::as_str)
+    }
+
     /// Resolves a name (case-folded per quoting) to a parent some fill looks up.
     pub(crate) fn parent(&self, schema: Option<&str>, table: &str) -> Option<(String, String)> {
         let has = |s: &str| self.parents.iter().any(|(ps, pt)| ps == s && pt == table);
@@ -466,27 +486,75 @@ impl RuleSet {
     }
 }
 
-/// After cutover, the physical names of `schema.table`'s migrated columns and the names the
-/// integer shape gives them: `id_legacy` is `id`, the uuid `id` is `id_uuid`, likewise for
-/// each FK column.
-fn integer_names(plan: &PlanRules, schema: &str, table: &str) -> Vec<(String, String)> {
+/// One column of a migrated table that cutover renames, under the name each shape gives it:
+/// the integer shape's is its physical name before cutover, the uuid shape's its physical
+/// name after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ShapeNames {
+    integer: String,
+    uuid: String,
+}
+
+impl ShapeNames {
+    fn name(&self, shape: Shape) -> &str {
+        match shape {
+            Shape::Integer => &self.integer,
+            Shape::Uuid => &self.uuid,
+        }
+    }
+}
+
+/// The columns of `schema.table` that cutover renames, by their names in each shape: the
+/// integer key `id` is `id_legacy` in the uuid shape and its uuid `id_uuid` is `id`; likewise
+/// each FK column and its twin. Names of different columns never collide within a shape, as
+/// the views of both shapes list them.
+fn shape_names(plan: &PlanRules, schema: &str, table: &str) -> Vec<ShapeNames> {
     let suffix = &plan.legacy_suffix;
     let mut out = Vec::new();
+    let mut pair = |int: &str, twin: &str| {
+        out.push(ShapeNames {
+            integer: int.to_string(),
+            uuid: format!("{int}{suffix}"),
+        });
+        out.push(ShapeNames {
+            integer: twin.to_string(),
+            uuid: int.to_string(),
+        });
+    };
     for p in plan
         .parents
         .iter()
         .filter(|p| p.schema == schema && p.table == table)
     {
-        out.push((format!("{}{suffix}", p.key_column), p.key_column.clone()));
-        out.push((p.key_column.clone(), p.uuid_column.clone()));
+        pair(&p.key_column, &p.uuid_column);
     }
     for f in plan
         .fks
         .iter()
         .filter(|f| f.schema == schema && f.table == table)
     {
-        out.push((format!("{}{suffix}", f.column), f.column.clone()));
-        out.push((f.column.clone(), f.uuid_column.clone()));
+        pair(&f.column, &f.uuid_column);
     }
     out
+}
+
+/// For a session translated to `shape`: each migrated table's renamed columns, from the name
+/// `shape` gives them to their physical name (the other shape's), for the statements that
+/// reach the table itself rather than its view (`COPY … FROM`, translate.rs).
+fn physical_names(
+    plan: &PlanRules,
+    migrated: &HashSet<(String, String)>,
+    shape: Shape,
+) -> HashMap<(String, String), HashMap<String, String>> {
+    let physical = shape.other();
+    migrated
+        .iter()
+        .map(|(schema, table)| {
+            let names = shape_names(plan, schema, table)
+                .into_iter()
+                .map(|n| (n.name(shape).to_string(), n.name(physical).to_string()))
+                .collect();
+            ((schema.clone(), table.clone()), names)
+        })
+        .collect()
 }

@@ -21,7 +21,7 @@ pub(crate) struct Ctx<'s, 'a> {
     pub edits: Edits,
     /// A translated session's redirects (`translate.rs`), applied to every expression the
     /// dual-write copies as well.
-    pub redirects: Vec<(usize, String)>,
+    pub redirects: Edits,
     pub changes: Vec<Change>,
     /// Writable CTEs of this statement that insert into a parent table.
     pub ctes: Vec<ParentCte>,

@@ -1025,8 +1025,6 @@ fn translated_forms_views_cannot_run_are_refused_naming_the_table() {
         "MERGE INTO c USING other o ON c.id = o.id WHEN MATCHED THEN DELETE",
         "INSERT INTO p (id) VALUES ($1) ON CONFLICT ON CONSTRAINT p_pkey DO NOTHING",
         "SELECT ctid, id FROM p",
-        "COPY c FROM STDIN",
-        "COPY c (id) TO STDOUT",
     ] {
         match rewrite(&r, sql) {
             Outcome::Skipped(s) => {
@@ -1051,6 +1049,212 @@ fn translated_forms_views_cannot_run_are_refused_naming_the_table() {
         rewrite(&r, "SELECT FROM c WHERE ((("),
         Outcome::Skipped(_)
     ));
+}
+
+/// `rules` with the other direction: a translated session's column names follow its shape
+/// alone, whichever way its dual-write runs.
+fn other_direction(shape: crate::shape::Shape) -> RuleSet {
+    let direction = match shape {
+        crate::shape::Shape::Integer => Direction::Reverse,
+        crate::shape::Shape::Uuid => Direction::Forward,
+    };
+    RuleSet::build(
+        &plan(),
+        direction,
+        ClientView::Translated(shape),
+        vec!["public".into()],
+        6,
+    )
+    .unwrap()
+}
+
+#[test]
+fn translated_sessions_know_each_renamed_columns_physical_name() {
+    use crate::shape::Shape;
+    // After cutover an integer session's `id` is the physical `id_legacy`, its `id_uuid` the
+    // physical `id`.
+    let integer = [
+        ("public", "c", "id", "id_legacy"),
+        ("public", "c", "id_uuid", "id"),
+        ("public", "c", "p_id", "p_id_legacy"),
+        ("public", "c", "p_id_uuid", "p_id"),
+        ("public", "c", "parent_id", "parent_id_legacy"),
+        ("public", "c", "parent_id_uuid", "parent_id"),
+        ("public", "p", "id", "id_legacy"),
+        ("public", "p", "id_uuid", "id"),
+        ("app", "Accounts", "id", "id_legacy"),
+        ("app", "Accounts", "id_uuid", "id"),
+        ("app", "Orders", "AccountId", "AccountId_legacy"),
+        ("app", "Orders", "AccountId_uuid", "AccountId"),
+    ];
+    // Before cutover a uuid session's names are those physical names after cutover, and the
+    // physical names are the integer session's: the same pairs the other way round (its `id`
+    // is the physical `id_uuid`, its `id_legacy` the physical `id`).
+    for shape in Shape::ALL {
+        let views = match shape {
+            Shape::Integer => integer_views(),
+            Shape::Uuid => uuid_views(),
+        };
+        for r in [views, other_direction(shape)] {
+            for (schema, table, int_name, uuid_name) in integer {
+                let (name, physical) = match shape {
+                    Shape::Integer => (int_name, uuid_name),
+                    Shape::Uuid => (uuid_name, int_name),
+                };
+                assert_eq!(
+                    r.physical_column(schema, table, name),
+                    Some(physical),
+                    "{shape} {schema}.{table}.{name}"
+                );
+            }
+            // A name of the other shape only is not the session's.
+            let other_only = match shape {
+                Shape::Integer => "id_legacy",
+                Shape::Uuid => "id_uuid",
+            };
+            assert_eq!(r.physical_column("public", "c", other_only), None);
+        }
+    }
+    for r in [integer_views(), uuid_views()] {
+        // Columns keyshift does not rename, tables it does not migrate, case as stored.
+        assert_eq!(r.physical_column("public", "c", "a"), None);
+        assert_eq!(r.physical_column("app", "Orders", "id"), None);
+        assert_eq!(r.physical_column("app", "Orders", "accountid"), None);
+        assert_eq!(r.physical_column("public", "other", "id"), None);
+    }
+    // A physical session has none.
+    assert_eq!(forward().physical_column("public", "c", "p_id"), None);
+}
+
+#[test]
+fn translated_copy_from_writes_the_table_under_its_physical_column_names() {
+    use crate::shape::Shape;
+    // An integer session after cutover.
+    for r in [integer_views(), other_direction(Shape::Integer)] {
+        for (input, expected) in [
+            (
+                "COPY c (id, a, p_id, parent_id, id_uuid, p_id_uuid) FROM STDIN",
+                "COPY c (id_legacy, a, p_id_legacy, parent_id_legacy, id, p_id) FROM STDIN",
+            ),
+            // Quoted names; the name PostgreSQL resolves is what decides.
+            (
+                r#"COPY "c" ("p_id", "a", "P_ID") FROM STDIN"#,
+                r#"COPY "c" (p_id_legacy, "a", "P_ID") FROM STDIN"#,
+            ),
+            (
+                "COPY public.c (P_Id /* the parent */, a) FROM STDIN (FORMAT csv)",
+                "COPY public.c (p_id_legacy /* the parent */, a) FROM STDIN (FORMAT csv)",
+            ),
+            // Mixed case stays quoted; an unquoted name folds and is not the FK; `id` of a
+            // table that is no parent is not renamed; FORCE_NULL / FORCE_NOT_NULL name
+            // columns too.
+            (
+                r#"COPY "app"."Orders" (id, "AccountId", note) FROM STDIN (FORMAT csv, FORCE_NULL ("AccountId"), FORCE_NOT_NULL (note))"#,
+                r#"COPY "app"."Orders" (id, "AccountId_legacy", note) FROM STDIN (FORMAT csv, FORCE_NULL ("AccountId_legacy"), FORCE_NOT_NULL (note))"#,
+            ),
+            // The pre-9.0 option syntax; no spaces around the list.
+            (
+                "COPY c(p_id)FROM STDIN WITH CSV FORCE NOT NULL p_id",
+                "COPY c(p_id_legacy)FROM STDIN WITH CSV FORCE NOT NULL p_id_legacy",
+            ),
+        ] {
+            let out = sql_of(rewrite(&r, input));
+            assert_eq!(out, expected, "\ninput: {input}");
+            assert_parses(&out);
+        }
+        assert_eq!(
+            rewrite(&r, "COPY c (p_id) FROM STDIN"),
+            Outcome::Rewritten {
+                sql: "COPY c (p_id_legacy) FROM STDIN".into(),
+                changes: vec![Change {
+                    table: "c".into(),
+                    kind: Kind::TranslatedWrite
+                }],
+                skipped: vec![],
+            }
+        );
+        for same in [
+            // Without a column list the table's columns, in order, are the view's.
+            "COPY c FROM STDIN",
+            "COPY public.p FROM STDIN (FORMAT binary)",
+            // Nothing renamed: an unquoted mixed-case name folds.
+            "COPY app.\"Orders\" (AccountId, note) FROM STDIN",
+            "COPY c (a) FROM STDIN",
+            // Not a migrated table.
+            "COPY other (id, p_id) FROM STDIN",
+            "COPY keyshift_integer_public.c (id) TO STDOUT",
+        ] {
+            assert_eq!(rewrite(&r, same), Outcome::Unchanged, "{same}");
+        }
+        // sqlparser does not parse COPY's WHERE, whose names would need renaming too: refused.
+        assert_skipped(
+            &r,
+            "COPY c (p_id) FROM STDIN WHERE p_id > 1",
+            "c",
+            SkipReason::ParseError,
+        );
+    }
+    // A uuid session before cutover.
+    for r in [uuid_views(), other_direction(Shape::Uuid)] {
+        let out = sql_of(rewrite(
+            &r,
+            "COPY c (id, p_id, parent_id, id_legacy, p_id_legacy, a) FROM STDIN",
+        ));
+        assert_eq!(
+            out,
+            "COPY c (id_uuid, p_id_uuid, parent_id_uuid, id, p_id, a) FROM STDIN"
+        );
+        assert_eq!(
+            sql_of(rewrite(&r, r#"COPY app."Orders" ("AccountId") FROM STDIN"#)),
+            r#"COPY app."Orders" ("AccountId_uuid") FROM STDIN"#
+        );
+    }
+}
+
+#[test]
+fn translated_copy_from_resolves_names_as_the_session_does() {
+    let r = integer_views();
+    // Another search path, or a temporary table `c`: an unqualified `c` is not the migrated
+    // table, a qualified one is.
+    let path = ["other".to_string()];
+    let temp = ["c".to_string()];
+    for scoped in [r.with_scope(Some(&path), []), r.with_scope(None, &temp)] {
+        assert_eq!(
+            rewrite(&scoped, "COPY c (p_id) FROM STDIN"),
+            Outcome::Unchanged
+        );
+        assert_eq!(
+            sql_of(rewrite(&scoped, "COPY public.c (p_id) FROM STDIN")),
+            "COPY public.c (p_id_legacy) FROM STDIN"
+        );
+    }
+}
+
+#[test]
+fn translated_copy_to_with_columns_reads_the_view() {
+    let r = integer_views();
+    for (input, expected) in [
+        (
+            "COPY c (id, p_id) TO STDOUT (FORMAT csv)",
+            "COPY (SELECT id, p_id FROM keyshift_integer_public.c) TO STDOUT (FORMAT csv)",
+        ),
+        (
+            r#"COPY "app"."Orders" ( "AccountId" , note ) TO STDOUT"#,
+            r#"COPY (SELECT "AccountId" , note FROM "keyshift_integer_app"."Orders") TO STDOUT"#,
+        ),
+        (
+            "COPY public.c TO STDOUT",
+            "COPY (SELECT * FROM keyshift_integer_public.c) TO STDOUT",
+        ),
+    ] {
+        assert_rewrites(&r, input, expected);
+    }
+    assert_rewrites(
+        &uuid_views(),
+        "COPY p (id, id_legacy) TO STDOUT",
+        "COPY (SELECT id, id_legacy FROM keyshift_uuid_public.p) TO STDOUT",
+    );
+    assert_eq!(rewrite(&r, "COPY other (id) TO STDOUT"), Outcome::Unchanged);
 }
 
 #[test]

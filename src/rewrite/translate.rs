@@ -7,25 +7,33 @@
 //! keeps serving its shape through the swap's renames and back: a statement pointed at it
 //! keeps the column names and types its session was told, whatever the phase.
 //!
-//! Only insertions are spliced, like the dual-write: `users` becomes
+//! References are redirected by insertions, like the dual-write: `users` becomes
 //! `keyshift_uuid_public.users`, `public.users` becomes `keyshift_uuid_public.users` (the
 //! prefix goes inside the quotes of a quoted schema). The view keeps the table's name, so
 //! column references qualified by the table name (`users.id`) still bind.
 //!
+//! COPY names a table, never a view. `COPY t [(cols)] TO` reads the view as
+//! `COPY (SELECT cols FROM view) TO` (`*` without a list). `COPY t [(cols)] FROM` writes the
+//! table itself, named as written: each column it names (its list, `FORCE_NULL`,
+//! `FORCE_NOT_NULL`) is replaced by its physical name (`RuleSet::physical_column`: the same
+//! column, by attnum, so the same type), e.g. an integer session's `p_id` after cutover is
+//! `p_id_legacy`. Without a list the table's columns in attnum order are the view's already.
+//! The other member of a renamed pair is not filled here (COPY carries no expression to copy).
+//!
 //! What PostgreSQL cannot run through a view is refused with a clear error rather than run
 //! against the tables in the wrong shape: `MERGE` into a migrated table (views accept MERGE
 //! only from PostgreSQL 17), `ON CONFLICT ON CONSTRAINT` (the constraint belongs to the
-//! table, not the view), `COPY … FROM` into one and `COPY t (cols) TO`, and system columns
-//! (`ctid`, `xmin`, …: views have none). `COPY t TO` becomes `COPY (SELECT * FROM view) TO`.
-//! Other statements (DDL, `TRUNCATE`, `LOCK`, `VACUUM`, `GRANT`) name the tables as they are:
-//! they do not depend on the shape, or are the operator's business.
+//! table, not the view), and system columns (`ctid`, `xmin`, …: views have none). Other
+//! statements (DDL, `TRUNCATE`, `LOCK`, `VACUUM`, `GRANT`) name the tables as they are: they
+//! do not depend on the shape, or are the operator's business.
 
 use std::collections::HashSet;
 use std::ops::ControlFlow;
 
 use sqlparser::ast::{
-    ConflictTarget, CopySource, ObjectName, ObjectNamePart, OnInsert, Query, Statement,
-    TableFactor, TableObject, Visit, Visitor, visit_relations,
+    ConflictTarget, CopyLegacyCsvOption, CopyLegacyOption, CopyOption, CopySource, Ident,
+    ObjectName, ObjectNamePart, OnInsert, Query, Statement, TableFactor, TableObject, Visit,
+    Visitor, visit_relations,
 };
 use sqlparser::tokenizer::Token;
 
@@ -51,7 +59,11 @@ pub(crate) enum Redirected {
 pub(crate) fn redirect(ctx: &mut Ctx, stmt: &Statement, shape: Shape) -> Result<Redirected, Skip> {
     let write = matches!(
         stmt,
-        Statement::Insert(_) | Statement::Update(_) | Statement::Delete(_) | Statement::Merge(_)
+        Statement::Insert(_)
+            | Statement::Update(_)
+            | Statement::Delete(_)
+            | Statement::Merge(_)
+            | Statement::Copy { to: false, .. }
     );
     Ok(match names(ctx, stmt, shape)? {
         false => Redirected::No,
@@ -81,9 +93,26 @@ fn names(ctx: &mut Ctx, stmt: &Statement, shape: Shape) -> Result<bool, Skip> {
                     table_name,
                     columns,
                 },
-            to,
+            to: true,
             ..
-        } => return copy_table(ctx, table_name, columns.is_empty(), *to, shape),
+        } => return copy_to(ctx, table_name, columns, shape),
+        Statement::Copy {
+            source:
+                CopySource::Table {
+                    table_name,
+                    columns,
+                },
+            to: false,
+            options,
+            legacy_options,
+            ..
+        } => {
+            return copy_from(
+                ctx,
+                table_name,
+                &copied_columns(columns, options, legacy_options),
+            );
+        }
         _ => return Ok(false),
     }
     let ctes = cte_names(stmt);
@@ -176,7 +205,7 @@ fn refuse_view_limits(ctx: &Ctx, stmt: &Statement, table: &str) -> Result<(), Sk
     match stmt {
         Statement::Merge(m) => {
             if let TableFactor::Table { name, .. } = &m.table
-                && resolves(ctx, name).as_deref() == Some(table)
+                && resolved_label(ctx, name).as_deref() == Some(table)
             {
                 return Err(limit(
                     table,
@@ -187,7 +216,7 @@ fn refuse_view_limits(ctx: &Ctx, stmt: &Statement, table: &str) -> Result<(), Sk
         Statement::Insert(ins) => {
             if let Some(OnInsert::OnConflict(oc)) = &ins.on
                 && matches!(oc.conflict_target, Some(ConflictTarget::OnConstraint(_)))
-                && matches!(&ins.table, TableObject::TableName(n) if resolves(ctx, n).as_deref() == Some(table))
+                && matches!(&ins.table, TableObject::TableName(n) if resolved_label(ctx, n).as_deref() == Some(table))
             {
                 return Err(limit(
                     table,
@@ -200,7 +229,7 @@ fn refuse_view_limits(ctx: &Ctx, stmt: &Statement, table: &str) -> Result<(), Sk
     Ok(())
 }
 
-fn resolves(ctx: &Ctx, name: &ObjectName) -> Option<String> {
+fn resolves(ctx: &Ctx, name: &ObjectName) -> Option<(String, String)> {
     let idents: Vec<String> = name
         .0
         .iter()
@@ -209,11 +238,17 @@ fn resolves(ctx: &Ctx, name: &ObjectName) -> Option<String> {
             _ => None,
         })
         .collect();
-    match idents.as_slice() {
-        [t] => ctx.rules.migrated(None, t).map(|s| format!("{s}.{t}")),
-        [.., s, t] => ctx.rules.migrated(Some(s), t).map(|s| format!("{s}.{t}")),
-        [] => None,
-    }
+    let (schema, table) = match idents.as_slice() {
+        [t] => (ctx.rules.migrated(None, t)?, t),
+        [.., s, t] => (ctx.rules.migrated(Some(s), t)?, t),
+        [] => return None,
+    };
+    Some((schema, table.clone()))
+}
+
+/// `schema.table` of the migrated table `name` resolves to.
+fn resolved_label(ctx: &Ctx, name: &ObjectName) -> Option<String> {
+    resolves(ctx, name).map(|(s, t)| format!("{s}.{t}"))
 }
 
 /// A statement that names a migrated table and a system column: the view has no such
@@ -233,44 +268,96 @@ fn refuse_system_columns(ctx: &Ctx, table: &str) -> Result<(), Skip> {
     Ok(())
 }
 
-/// `COPY t TO …` reads the view: `COPY (SELECT * FROM view) TO …`. COPY into a view is not
-/// possible, nor a column list on the query form without re-listing the columns.
-fn copy_table(
+/// `COPY t [(cols)] TO …` reads the view: `COPY (SELECT * FROM view) TO …`, or with a column
+/// list `COPY (SELECT cols FROM view) TO …` (the view's columns already carry the session's
+/// names). PostgreSQL names only tables in this form, never views.
+fn copy_to(
     ctx: &mut Ctx,
     name: &ObjectName,
-    all_columns: bool,
-    to: bool,
+    columns: &[Ident],
     shape: Shape,
 ) -> Result<bool, Skip> {
-    let Some(table) = resolves(ctx, name) else {
+    let Some((schema, table)) = resolves(ctx, name) else {
         return Ok(false);
     };
-    if !to {
-        return Err(limit(
-            &table,
-            "COPY FROM into a migrated table (use INSERT, or a connection in the physical shape)",
-        ));
-    }
-    if !all_columns {
-        return Err(limit(
-            &table,
-            "COPY with a column list from a migrated table (use COPY (SELECT cols FROM table) TO)",
-        ));
-    }
-    let first = match name.0.first() {
+    let unsupported = || limit(&format!("{schema}.{table}"), "this form of COPY");
+    let index = |part: Option<&ObjectNamePart>| match part {
         Some(ObjectNamePart::Identifier(id)) => ctx.src.ident_index(id),
         _ => None,
     };
-    let last = match name.0.last() {
-        Some(ObjectNamePart::Identifier(id)) => ctx.src.ident_index(id),
-        _ => None,
+    let (Some(first), Some(last)) = (index(name.0.first()), index(name.0.last())) else {
+        return Err(unsupported());
     };
-    let (Some(first), Some(last)) = (first, last) else {
-        return Err(limit(&table, "this form of COPY"));
+    let src = ctx.src;
+    let select = if columns.is_empty() {
+        ctx.edits.insert(src.end(last), ")".to_string());
+        "*"
+    } else {
+        // `t (a, b)`: the list moves into the query, and `)` takes its place.
+        let close = src
+            .close_paren(last + 1, ctx.limit)
+            .ok_or_else(unsupported)?;
+        ctx.edits
+            .replace(src.end(last)..src.end(close), ")".to_string());
+        src.text(last + 2, close)
     };
     ctx.edits
-        .insert(ctx.src.start(first), "(SELECT * FROM ".to_string());
+        .insert(src.start(first), format!("(SELECT {select} FROM "));
     point(ctx, name, &HashSet::new(), shape);
-    ctx.edits.insert(ctx.src.end(last), ")".to_string());
+    Ok(true)
+}
+
+/// The columns a `COPY … FROM` names: its column list, and those of `FORCE_NULL`,
+/// `FORCE_NOT_NULL` (and `FORCE_QUOTE`, which PostgreSQL refuses in COPY FROM), in either
+/// option syntax.
+fn copied_columns<'s>(
+    columns: &'s [Ident],
+    options: &'s [CopyOption],
+    legacy_options: &'s [CopyLegacyOption],
+) -> Vec<&'s Ident> {
+    let mut named: Vec<&Ident> = columns.iter().collect();
+    for o in options {
+        if let CopyOption::ForceNotNull(c) | CopyOption::ForceNull(c) | CopyOption::ForceQuote(c) =
+            o
+        {
+            named.extend(c);
+        }
+    }
+    for o in legacy_options {
+        if let CopyLegacyOption::Csv(csv) = o {
+            for c in csv {
+                if let CopyLegacyCsvOption::ForceNotNull(c) | CopyLegacyCsvOption::ForceQuote(c) = c
+                {
+                    named.extend(c);
+                }
+            }
+        }
+    }
+    named
+}
+
+/// `COPY t [(cols)] FROM …` cannot write a view, so it writes the table itself, named as
+/// written: each column it names by the session's name gets its physical name (the same
+/// column, same attnum, same type). Without a column list the table's columns in attnum order
+/// are the view's, under other names only, so nothing changes. The other member of a renamed
+/// pair (the uuid FK when the session writes the integer one) is the table triggers' business.
+fn copy_from(ctx: &mut Ctx, name: &ObjectName, columns: &[&Ident]) -> Result<bool, Skip> {
+    let Some((schema, table)) = resolves(ctx, name) else {
+        return Ok(false);
+    };
+    for id in columns {
+        let Some(physical) = ctx.rules.physical_column(&schema, &table, &folded(id)) else {
+            continue;
+        };
+        let i = ctx
+            .src
+            .ident_index(id)
+            .filter(|&i| matches!(ctx.src.token(i), Token::Word(w) if w.value == id.value))
+            .ok_or_else(|| limit(&format!("{schema}.{table}"), "this form of COPY"))?;
+        ctx.edits.replace(
+            ctx.src.start(i)..ctx.src.end(i),
+            quote(physical).into_owned(),
+        );
+    }
     Ok(true)
 }
