@@ -307,8 +307,16 @@ async fn copy_in_every_format_keeps_both_sides_and_every_link_through_cutover_ro
         0,
         "legacy integers of copied rows"
     );
+    // And the integer shape, now translated: COPY lands in the legacy columns, under their
+    // physical names, and the triggers fill the uuid side.
+    copy_integer_rows(&c, &p, &db.name, "cut-over-integer").await;
+    assert_eq!(
+        wrong_twins(&direct).await,
+        0,
+        "uuid side of integer-shaped copies"
+    );
     let after = links(&direct).await;
-    assert_eq!(after.len(), before.len() + 4);
+    assert_eq!(after.len(), before.len() + 4 + 12);
 
     step(&db, "rollback").await;
     assert_eq!(links(&direct).await, after, "rollback keeps every link");
