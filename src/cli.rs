@@ -820,6 +820,14 @@ fn run_backfill(cfg: MigrateConfig, skip_harden: bool) -> anyhow::Result<ExitCod
         }
         let sum = backfill::run(&client, &extra, &cfg.settings).await?;
         let secs = sum.elapsed.as_secs_f64();
+        if sum.after_cutover {
+            // Nothing to harden after cutover: the uuid side is in force.
+            eprintln!(
+                "keyshift backfill (after cutover): {} legacy integer(s) repaired in {secs:.1}s. Next: `keyshift verify`",
+                sum.rows_updated
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
         eprintln!(
             "keyshift backfill: {} rows scanned, {} updated in {:.1}s ({:.0} rows/s)",
             sum.rows_scanned,
