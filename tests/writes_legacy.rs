@@ -316,3 +316,66 @@ async fn legacy_catchup_on_quoted_names_self_references_and_ctid_children() {
     assert_eq!(links(&c, &fks_before).await, before);
     ks_expect(&url, &["verify"], 0);
 }
+
+/// A legacy key left NULL (possible only once someone dropped its NOT NULL, which dropping
+/// the primary key at cutover keeps on PostgreSQL 13 to 17): verify names it, backfill gives
+/// it a new value from the original sequence and re-links its children to it.
+#[tokio::test]
+async fn a_null_legacy_key_gets_one_from_its_sequence_and_its_children_follow() {
+    let db = db_with(&format!("{SEED_004}{}", seed_004_rows(10))).await;
+    let url = db.url();
+    let c = db.client().await;
+    ks_expect(&url, &["expand"], 0);
+    ks_expect(&url, &["backfill"], 0);
+    ks_expect(&url, &["cutover"], 0);
+    let not_null = "SELECT count(*) FROM pg_attribute WHERE attrelid = 'mcp_connectors'::regclass AND attname = 'id_legacy' AND attnotnull";
+    assert_eq!(
+        count(&c, not_null).await,
+        1,
+        "NOT NULL survives the cutover"
+    );
+    c.batch_execute(
+        "ALTER TABLE mcp_connectors ALTER COLUMN id_legacy DROP NOT NULL;
+         UPDATE mcp_connectors SET id_legacy = NULL WHERE id_legacy = 3;",
+    )
+    .await
+    .unwrap();
+    let o = ks_expect(&url, &["verify", "--format", "json"], 1);
+    let f = failed(&o);
+    let key = find(&f, "no NULL legacy key", "public.mcp_connectors.id_legacy");
+    assert_eq!(key["count"], 1);
+    assert!(
+        key["note"]
+            .as_str()
+            .unwrap()
+            .contains("`keyshift backfill`")
+    );
+    // Its children now differ from it (connector 3 has one access row and servers).
+    find(
+        &f,
+        "FK legacy equals parent's legacy",
+        "public.connector_access.connector_id_legacy",
+    );
+    ks_expect(&url, &["rollback"], 1);
+    ks_expect(&url, &["backfill"], 0);
+    let new: i32 = c
+        .query_one(
+            "SELECT id_legacy FROM mcp_connectors WHERE name = 'c3'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(new > 10, "a new value from the sequence: {new}");
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM connector_access a JOIN mcp_connectors p ON p.id = a.connector_id WHERE p.name = 'c3' AND a.connector_id_legacy = p.id_legacy"
+        )
+        .await,
+        1
+    );
+    ks_expect(&url, &["verify"], 0);
+    ks_expect(&url, &["rollback"], 0);
+    ks_expect(&url, &["verify"], 0);
+}
