@@ -72,7 +72,7 @@ gets a uuid. Each ALTER runs under lock_timeout and is retried with backoff, so 
 the lock queue while blocking the application. Idempotent: a second run changes nothing."
     )]
     Expand(ExpandCmd),
-    /// Fill the uuid columns of existing rows in short batches, then harden
+    /// Fill the uuid columns of existing rows in short batches, then harden; after cutover, repair the legacy integers
     #[command(
         long_about = "Fill the key uuids of existing rows, then every FK twin from its parent, \
 then a catch-up pass over each FK that repairs NULL or stale twins left by writes that bypassed \
@@ -80,7 +80,12 @@ the proxy. Keyset batches along the integer key, each one short transaction that
 cursor: kill it at any moment and run it again, it resumes exactly where it stopped. Locks: the \
 rows of one batch. Running it again once done starts a new catch-up round.\n\n\
 Then hardens (see `keyshift harden --help`) unless --skip-harden. Progress: a bar per task on a \
-terminal, a log line every few seconds otherwise."
+terminal, a log line every few seconds otherwise.\n\n\
+After cutover (phase cut_over) it runs the catch-up in reverse, so that a rollback finds the \
+integer side whole: legacy keys still NULL get one from the column's default, then every \
+`<fk>_legacy` that is NULL or differs from its parent's `<key>_legacy` (found through the uuid \
+FK) is set from it, in batches of --batch-size, each re-checking its rows. It does not change \
+the phase and does not harden; stopped, it is simply run again."
     )]
     Backfill(BackfillCmd),
     /// Build unique indexes, CHECKs and shadow FKs online (rerun the last stage of backfill)
@@ -92,11 +97,15 @@ and shadow FKs <fk>_uuid -> parent(<key>_uuid) with the same ON DELETE / ON UPDA
 added NOT VALID (a brief lock under lock_timeout) then VALIDATEd (no blocking lock). Idempotent."
     )]
     Harden(HardenCmd),
-    /// Check the success criteria online; exit 0 when all pass, 1 otherwise
+    /// Check the success criteria online (after cutover: the legacy side); exit 0 when all pass, 1 otherwise
     #[command(
         long_about = "Check, with batched reads only: no NULL uuid, key uuids unique, every FK \
 uuid equal to its parent's uuid, no orphans, constraints validated, indexes valid. Prints counts \
-and up to 10 example keys per failed check. Exit code 0 when all pass, 1 otherwise."
+and up to 10 example keys per failed check. Exit code 0 when all pass, 1 otherwise.\n\n\
+After cutover (phase cut_over) it checks the legacy side, which a rollback needs: no NULL \
+legacy key, legacy keys unique, no NULL `<fk>_legacy` where the uuid FK is set, every \
+`<fk>_legacy` equal to its parent's legacy key, no uuid FK pointing at no parent. \
+`keyshift backfill` repairs what it finds; `keyshift rollback` runs these checks first."
     )]
     Verify(VerifyCmd),
     /// Show the phase, backfill progress, recent events and registered proxies
@@ -124,6 +133,15 @@ docs/cutover.md."
     )]
     Cutover(SwitchCmd),
     /// Undo a cutover: the inverse swap, same protocol (valid until finalize)
+    #[command(
+        long_about = "Undo a cutover: the inverse swap, with the cutover's protocol and flags. \
+Needs phase cut_over. First, before building anything, the checks of `keyshift verify` on the \
+legacy side: NULL or stale legacy integers (writes that bypassed the proxy after cutover) make \
+it refuse, naming the tables, counts and example keys; `keyshift backfill` repairs them. Then, \
+without blocking writes, it rebuilds the integer FKs and keys and harden's uuid side; then one \
+swap transaction (which also fills nullable legacy FKs left NULL since the check) takes the \
+migration back to phase hardened. Protocol: docs/cutover.md."
+    )]
     Rollback(SwitchCmd),
     /// Drop the legacy integer columns and keyshift's objects once you are sure (no way back)
     #[command(
@@ -820,6 +838,14 @@ fn run_backfill(cfg: MigrateConfig, skip_harden: bool) -> anyhow::Result<ExitCod
         }
         let sum = backfill::run(&client, &extra, &cfg.settings).await?;
         let secs = sum.elapsed.as_secs_f64();
+        if sum.after_cutover {
+            // Nothing to harden after cutover: the uuid side is in force.
+            eprintln!(
+                "keyshift backfill (after cutover): {} legacy integer(s) repaired in {secs:.1}s. Next: `keyshift verify`",
+                sum.rows_updated
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
         eprintln!(
             "keyshift backfill: {} rows scanned, {} updated in {:.1}s ({:.0} rows/s)",
             sum.rows_scanned,

@@ -2,6 +2,11 @@
 //! catch-up pass over each FK for rows written around the proxy. Keyset batches along the
 //! integer key; each batch is ONE statement that also saves the cursor, so a `kill -9` at any
 //! moment loses or repeats nothing.
+//!
+//! After cutover (phase cut_over) the same command runs the catch-up in reverse
+//! ([`run_legacy`]): legacy integers left NULL or stale by writes that bypassed the proxy are
+//! set from the parent's legacy key, found through the uuid FK, so that a rollback finds the
+//! integer side whole. The phase does not change.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -23,7 +28,9 @@ pub enum BackfillError {
     State(#[from] StateError),
     #[error("no migration here: run `keyshift expand` first")]
     NotExpanded,
-    #[error("the migration is in phase {0}; backfill runs between expand and cutover")]
+    #[error(
+        "the migration is in phase {0}; backfill runs between expand and cutover, and in phase cut_over (where it repairs the legacy integers)"
+    )]
     WrongPhase(Phase),
 }
 
@@ -33,6 +40,8 @@ enum Work<'a> {
     Catchup(&'a PlanFk),
     Key(&'a PlanTable),
     Fk(&'a PlanFk),
+    /// After cutover: the same for `<fk>_legacy` against the parent's legacy key.
+    Legacy(&'a PlanFk),
 }
 
 fn key_task(t: &PlanTable) -> String {
@@ -91,12 +100,40 @@ pub async fn ensure_tasks(client: &Client, plan: &Plan) -> Result<(), DbError> {
     Ok(())
 }
 
+/// The task rows of the catch-up after cutover (idempotent): created by the first run in
+/// phase cut_over, so that status and metrics show no such work before it exists.
+async fn ensure_legacy_tasks(client: &Client, plan: &Plan) -> Result<(), DbError> {
+    const SQL: &str = "INSERT INTO keyshift.backfill (task, ord, kind, schema_name, table_name, column_name, rows_estimate)
+        VALUES ($1, $2, 'legacy', $3, $4, $5, $6) ON CONFLICT (task) DO NOTHING";
+    for (j, (_, f)) in plan.foreign_keys().enumerate() {
+        let task = fk_task("legacy", f);
+        let ord = 200000 + j as i32;
+        client
+            .execute(
+                SQL,
+                &[
+                    &task,
+                    &ord,
+                    &f.child_schema,
+                    &f.child_table,
+                    &f.legacy_column,
+                    &f.child_row_estimate,
+                ],
+            )
+            .await
+            .map_err(|e| stmt_error(SQL, e))?;
+    }
+    Ok(())
+}
+
 /// What one run did.
 #[derive(Debug, Default, Clone)]
 pub struct Summary {
     pub rows_scanned: i64,
     pub rows_updated: i64,
     pub elapsed: Duration,
+    /// The run repaired the legacy side (phase cut_over): there is nothing to harden.
+    pub after_cutover: bool,
 }
 
 struct Limiter {
@@ -128,26 +165,16 @@ pub async fn run(
     if phase == Phase::Expanding {
         return Err(BackfillError::NotExpanded);
     }
+    if phase == Phase::CutOver {
+        return run_legacy(client, extra, s, &plan).await;
+    }
     if phase.is_after_cutover() || phase == Phase::Aborting {
         return Err(BackfillError::WrongPhase(phase));
     }
     ensure_tasks(client, &plan).await?;
     // Every pass is done: this run is a new catch-up round (writes that bypassed the proxy
     // since the last one).
-    let pending: i64 = client
-        .query_one("SELECT count(*) FROM keyshift.backfill WHERE NOT done", &[])
-        .await
-        .map_err(|e| stmt_error("SELECT count(*) FROM keyshift.backfill", e))?
-        .get(0);
-    if pending == 0 {
-        db::exec(
-            client,
-            "UPDATE keyshift.backfill SET done = false, cursor = NULL, rows_done = 0, rows_updated = 0, \
-             batches = 0, started_at = NULL, finished_at = NULL WHERE kind = 'catchup'",
-        )
-        .await?;
-        tracing::info!("every pass was done: running a new catch-up round");
-    }
+    new_round_if_done(client, "kind <> 'legacy'", "kind = 'catchup'").await?;
     super::expand::advance(client, Phase::Backfilling).await?;
     state::event(client, "backfill", "backfill started", None).await?;
     // A table never analyzed has no row estimate; ANALYZE does not block writes.
@@ -166,37 +193,8 @@ pub async fn run(
         refresh_estimate(client, schema, table).await?;
     }
 
-    // One backfill at a time. A killed run's session keeps this lock until its backend has
-    // finished its last statement, so a new run also waits for that.
-    let key = "SELECT pg_try_advisory_lock(hashtext('keyshift backfill'))";
-    let got: bool = client
-        .query_one(key, &[])
-        .await
-        .map_err(|e| stmt_error(key, e))?
-        .get(0);
-    if !got {
-        tracing::warn!(
-            "another backfill holds the lock (or a killed one is finishing its last statement); waiting for it"
-        );
-        db::exec(client, "SET lock_timeout = 0").await?;
-        db::exec(
-            client,
-            "SELECT pg_advisory_lock(hashtext('keyshift backfill'))",
-        )
-        .await?;
-    }
-    for c in std::iter::once(client).chain(extra) {
-        prepare_session(c).await?;
-    }
-    let shared = Shared {
-        display: Mutex::new(Display::new()),
-        limiter: Mutex::new(Limiter {
-            max: s.max_rows_per_sec,
-            start: Instant::now(),
-            rows: 0,
-        }),
-        sum: Mutex::new(Summary::default()),
-    };
+    lock_and_prepare(client, extra).await?;
+    let shared = Shared::new(s);
     let started = Instant::now();
     // Stages run one after the other; the tasks of a stage run side by side (`jobs`).
     // Key passes by dependency level: a child's key pass reads its earlier parents' uuids.
@@ -237,7 +235,6 @@ pub async fn run(
             .map(|(_, f)| (fk_task("catchup", f), Work::Catchup(f)))
             .collect(),
     );
-    let clients: Vec<&Client> = std::iter::once(client).chain(extra).collect();
     for (i, stage) in stages.iter().enumerate() {
         if i == key_stages {
             // Before any FK pass reads the parents' uuids: key uuids still NULL (an explicit
@@ -246,27 +243,11 @@ pub async fn run(
             key_catchup(client, &plan, s, &mut sum).await?;
             lock(&shared.sum).rows_updated += sum.rows_updated;
         }
-        let queue = Mutex::new(stage.iter().collect::<std::collections::VecDeque<_>>());
-        let workers = clients.iter().map(|c| async {
-            loop {
-                let next = lock(&queue).pop_front();
-                let Some((task, w)) = next else {
-                    return Ok::<(), DbError>(());
-                };
-                run_task(c, &plan, task, w, s, &shared).await?;
-            }
-        });
-        for r in futures_util::future::join_all(workers).await {
-            r?;
-        }
+        run_stage(client, extra, &plan, stage, s, &shared).await?;
     }
     let mut sum = lock(&shared.sum).clone();
     sum.elapsed = started.elapsed();
-    db::exec(
-        client,
-        "SELECT pg_advisory_unlock(hashtext('keyshift backfill'))",
-    )
-    .await?;
+    unlock(client).await?;
     super::expand::advance(client, Phase::Backfilled).await?;
     state::event(
         client,
@@ -283,10 +264,158 @@ pub async fn run(
     Ok(sum)
 }
 
+/// After cutover: legacy keys still NULL get one from their default, then every FK's
+/// legacy integer is caught up with the parent's, found through the uuid FK. Batched and
+/// online like the forward catch-up, one FK per connection at a time; the phase stays
+/// cut_over. Killed, it is simply run again: each pass searches afresh.
+pub async fn run_legacy(
+    client: &Client,
+    extra: &[Client],
+    s: &Settings,
+    plan: &Plan,
+) -> Result<Summary, BackfillError> {
+    ensure_legacy_tasks(client, plan).await?;
+    new_round_if_done(client, "kind = 'legacy'", "kind = 'legacy'").await?;
+    state::event(
+        client,
+        "backfill",
+        "backfill after cutover started: catching up the legacy integers",
+        None,
+    )
+    .await?;
+    lock_and_prepare(client, extra).await?;
+    let shared = Shared::new(s);
+    let started = Instant::now();
+    // Parents first: a legacy key filled here is what the FK catch-up copies into children.
+    let mut filled = 0;
+    for t in &plan.tables {
+        filled += legacy_key_catchup(client, t, s).await?;
+    }
+    lock(&shared.sum).rows_updated += filled;
+    let stage: Vec<(String, Work)> = plan
+        .foreign_keys()
+        .map(|(_, f)| (fk_task("legacy", f), Work::Legacy(f)))
+        .collect();
+    run_stage(client, extra, plan, &stage, s, &shared).await?;
+    let mut sum = lock(&shared.sum).clone();
+    sum.elapsed = started.elapsed();
+    sum.after_cutover = true;
+    unlock(client).await?;
+    state::event(
+        client,
+        "backfill",
+        &format!(
+            "backfill after cutover done: {} legacy integer(s) repaired in {:.1}s",
+            sum.rows_updated,
+            sum.elapsed.as_secs_f64()
+        ),
+        None,
+    )
+    .await?;
+    Ok(sum)
+}
+
+/// When no task matching `tasks` is left to do, this run is a new catch-up round: the tasks
+/// matching `reset` start again (the passes whose cursors are done stay done).
+async fn new_round_if_done(client: &Client, tasks: &str, reset: &str) -> Result<(), DbError> {
+    let q = format!("SELECT count(*) FROM keyshift.backfill WHERE NOT done AND {tasks}");
+    let pending: i64 = client
+        .query_one(&q, &[])
+        .await
+        .map_err(|e| stmt_error(&q, e))?
+        .get(0);
+    if pending == 0 {
+        db::exec(
+            client,
+            &format!(
+                "UPDATE keyshift.backfill SET done = false, cursor = NULL, rows_done = 0, rows_updated = 0, \
+                 batches = 0, started_at = NULL, finished_at = NULL WHERE {reset}"
+            ),
+        )
+        .await?;
+        tracing::info!("every pass was done: running a new catch-up round");
+    }
+    Ok(())
+}
+
+/// One backfill at a time. A killed run's session keeps this lock until its backend has
+/// finished its last statement, so a new run also waits for that.
+async fn lock_and_prepare(client: &Client, extra: &[Client]) -> Result<(), DbError> {
+    let key = "SELECT pg_try_advisory_lock(hashtext('keyshift backfill'))";
+    let got: bool = client
+        .query_one(key, &[])
+        .await
+        .map_err(|e| stmt_error(key, e))?
+        .get(0);
+    if !got {
+        tracing::warn!(
+            "another backfill holds the lock (or a killed one is finishing its last statement); waiting for it"
+        );
+        db::exec(client, "SET lock_timeout = 0").await?;
+        db::exec(
+            client,
+            "SELECT pg_advisory_lock(hashtext('keyshift backfill'))",
+        )
+        .await?;
+    }
+    for c in std::iter::once(client).chain(extra) {
+        prepare_session(c).await?;
+    }
+    Ok(())
+}
+
+async fn unlock(client: &Client) -> Result<(), DbError> {
+    db::exec(
+        client,
+        "SELECT pg_advisory_unlock(hashtext('keyshift backfill'))",
+    )
+    .await
+}
+
+/// The tasks of one stage side by side, one per connection at a time.
+async fn run_stage(
+    client: &Client,
+    extra: &[Client],
+    plan: &Plan,
+    stage: &[(String, Work<'_>)],
+    s: &Settings,
+    shared: &Shared,
+) -> Result<(), DbError> {
+    let clients: Vec<&Client> = std::iter::once(client).chain(extra).collect();
+    let queue = Mutex::new(stage.iter().collect::<std::collections::VecDeque<_>>());
+    let workers = clients.iter().map(|c| async {
+        loop {
+            let next = lock(&queue).pop_front();
+            let Some((task, w)) = next else {
+                return Ok::<(), DbError>(());
+            };
+            run_task(c, plan, task, w, s, shared).await?;
+        }
+    });
+    for r in futures_util::future::join_all(workers).await {
+        r?;
+    }
+    Ok(())
+}
+
 struct Shared {
     display: Mutex<Display>,
     limiter: Mutex<Limiter>,
     sum: Mutex<Summary>,
+}
+
+impl Shared {
+    fn new(s: &Settings) -> Shared {
+        Shared {
+            display: Mutex::new(Display::new()),
+            limiter: Mutex::new(Limiter {
+                max: s.max_rows_per_sec,
+                start: Instant::now(),
+                rows: 0,
+            }),
+            sum: Mutex::new(Summary::default()),
+        }
+    }
 }
 
 /// A poisoned lock only means another worker panicked; its data is still usable here.
@@ -325,8 +454,16 @@ async fn run_task(
     let mut cursor: Option<i64> = row.get(1);
     let rows_done: i64 = row.get(2);
     let estimate: i64 = row.get(3);
-    if let Work::Catchup(f) = w {
-        catchup(client, f, task, s, shared).await?;
+    let catchup_sql = match w {
+        Work::Catchup(f) => Some((ddl::catchup_find(f), ddl::catchup_fix(f))),
+        Work::Legacy(f) => Some((
+            ddl::legacy_catchup_find(plan, f),
+            ddl::legacy_catchup_fix(plan, f),
+        )),
+        Work::Key(_) | Work::Fk(_) => None,
+    };
+    if let Some((find, fix)) = catchup_sql {
+        catchup(client, &find, &fix, task, s, shared).await?;
         return mark_done(client, task).await;
     }
     let (bounds, sql, by_ctid) = match w {
@@ -335,7 +472,7 @@ async fn run_task(
             ddl::key_batch(plan, t),
             false,
         ),
-        Work::Fk(f) | Work::Catchup(f) => (
+        Work::Fk(f) | Work::Catchup(f) | Work::Legacy(f) => (
             ddl::fk_bounds(f),
             ddl::fk_batch(f),
             f.child_batch_key.is_none(),
@@ -415,29 +552,28 @@ async fn run_task(
     mark_done(client, task).await
 }
 
-/// The catch-up pass of one FK. Finding the rows is one read-only query (a hash join of
-/// child and parent: far cheaper than a lookup per row, and it takes no lock that blocks
-/// writes); fixing them goes in batches, each re-checking its rows. A kill just means the
-/// next run searches again.
+/// The catch-up pass of one FK, either side (`find` and `fix` from [`ddl::Twin`]). Finding
+/// the rows is one read-only query (a hash join of child and parent: far cheaper than a
+/// lookup per row, and it takes no lock that blocks writes); fixing them goes in batches,
+/// each re-checking its rows. A kill just means the next run searches again.
 async fn catchup(
     client: &Client,
-    f: &PlanFk,
+    find: &str,
+    fix: &str,
     task: &str,
     s: &Settings,
     shared: &Shared,
 ) -> Result<(), DbError> {
     // Bounded, so that a huge backlog cannot exhaust memory: searched again until done.
     const FIND_LIMIT: i64 = 1_000_000;
-    let find = ddl::catchup_find(f);
-    let fix = ddl::catchup_fix(f);
     let mark = "UPDATE keyshift.backfill SET started_at = COALESCE(started_at, clock_timestamp()), \
                 rows_done = rows_done + $2, rows_updated = rows_updated + $3, batches = batches + $4, \
                 last_batch_ms = $5, updated_at = clock_timestamp() WHERE task = $1";
     loop {
         let found: Vec<String> = client
-            .query(&find, &[&FIND_LIMIT])
+            .query(find, &[&FIND_LIMIT])
             .await
-            .map_err(|e| stmt_error(&find, e))?
+            .map_err(|e| stmt_error(find, e))?
             .iter()
             .map(|r| r.get(0))
             .collect();
@@ -445,9 +581,9 @@ async fn catchup(
         for chunk in found.chunks(s.batch_size.max(1) as usize) {
             let t0 = Instant::now();
             let n = client
-                .execute(&fix, &[&chunk])
+                .execute(fix, &[&chunk])
                 .await
-                .map_err(|e| stmt_error(&fix, e))? as i64;
+                .map_err(|e| stmt_error(fix, e))? as i64;
             let ms = t0.elapsed().as_secs_f64() * 1000.0;
             lock(&shared.sum).rows_updated += n;
             client
@@ -493,6 +629,35 @@ async fn key_catchup(
         }
     }
     Ok(())
+}
+
+/// After cutover: the legacy keys of `t` still NULL get one from the column's default, in
+/// batches; returns how many. Stops (with a warning) when the default gives NULL, which
+/// leaves those rows for the operator: nothing else knows what their integer should be.
+async fn legacy_key_catchup(client: &Client, t: &PlanTable, s: &Settings) -> Result<i64, DbError> {
+    let Some(sql) = ddl::legacy_key_catchup(t) else {
+        return Ok(0);
+    };
+    let mut filled = 0;
+    loop {
+        let r = client
+            .query_one(&sql, &[&s.batch_size])
+            .await
+            .map_err(|e| stmt_error(&sql, e))?;
+        let (written, got): (i64, i64) = (r.get(0), r.get(1));
+        filled += got;
+        if written == 0 {
+            return Ok(filled);
+        }
+        if got < written {
+            tracing::warn!(
+                table = %qualified(&t.schema, &t.name),
+                column = %t.legacy_column,
+                "legacy keys are NULL and the column's default gives none: set them by hand (keyshift verify lists them)"
+            );
+            return Ok(filled);
+        }
+    }
 }
 
 async fn refresh_estimate(client: &Client, schema: &str, table: &str) -> Result<(), DbError> {

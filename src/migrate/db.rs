@@ -56,10 +56,12 @@ pub fn hint(e: &tokio_postgres::Error) -> String {
             "connect as the tables' owner (or a superuser): keyshift alters the tables and creates schema keyshift"
         }
         Some(c) if c == SqlState::FOREIGN_KEY_VIOLATION || c == SqlState::CHECK_VIOLATION => {
-            "some rows break the constraint: run `keyshift backfill` again (its catch-up pass fixes NULL and stale uuids), then `keyshift verify`, then rerun"
+            // Raised by harden, cutover (phase up to hardened) and rollback (phase cut_over):
+            // backfill runs in both, on the side each one needs.
+            "some rows break the constraint: run `keyshift backfill` again (its catch-up pass repairs NULL and stale twins: the uuids before cutover, the legacy integers in phase cut_over), then `keyshift verify`, then rerun"
         }
         Some(c) if c == SqlState::UNIQUE_VIOLATION => {
-            "duplicate uuids: `keyshift verify` lists them; clear the duplicates' uuid columns and run `keyshift backfill` again"
+            "duplicate keys: `keyshift verify` lists them; before cutover clear the duplicates' uuid columns and run `keyshift backfill` again (it gives them new ones); in phase cut_over give the duplicate legacy keys new values (`SET <key>_legacy = DEFAULT`) and run `keyshift backfill` (it re-links their children)"
         }
         Some(c) if c == SqlState::QUERY_CANCELED => {
             "the statement was cancelled (statement_timeout or an operator); rerun: the command resumes where it stopped"

@@ -370,19 +370,123 @@ pub fn is_fused(plan: &Plan, f: &PlanFk) -> bool {
         })
 }
 
+/// One direction of an FK's twin columns, as named in the phase it runs in: which child
+/// column is filled (`twin`) from which parent column (`value`), following which link
+/// (`link` = parent `parent_key`), and the child's integer key to batch along (`None`: ctid).
+/// Before cutover the uuid twin is filled through the integer FK ([`Twin::uuid_side`]);
+/// after it, the legacy integer through the uuid FK ([`Twin::legacy_side`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Twin {
+    pub batch_key: Option<String>,
+    pub link: String,
+    pub parent_key: String,
+    pub twin: String,
+    pub value: String,
+}
+
+impl Twin {
+    /// Before cutover: `<fk>_uuid` from the parent's `<key>_uuid`, through the integer FK.
+    pub fn uuid_side(f: &PlanFk) -> Twin {
+        Twin {
+            batch_key: f.child_batch_key.clone(),
+            link: f.child_column.clone(),
+            parent_key: f.parent_key.clone(),
+            twin: f.uuid_column.clone(),
+            value: f.parent_uuid_column.clone(),
+        }
+    }
+
+    /// After cutover: `<fk>_legacy` from the parent's `<key>_legacy`, through the uuid FK
+    /// (which has taken the FK's name, as the parent's uuid has taken the key's).
+    pub fn legacy_side(plan: &Plan, f: &PlanFk) -> Twin {
+        Twin {
+            batch_key: child_batch_key_after_cutover(plan, f),
+            link: f.child_column.clone(),
+            parent_key: f.parent_key.clone(),
+            twin: f.legacy_column.clone(),
+            value: legacy_of(plan, f),
+        }
+    }
+
+    /// The parent's value for the child row `alias`, NULL when the link is NULL.
+    fn lookup(&self, f: &PlanFk, alias: &str) -> String {
+        format!(
+            "(SELECT p.{v} FROM {p} AS p WHERE p.{pk} = {alias}.{l})",
+            v = quote(&self.value),
+            p = parent(f),
+            pk = quote(&self.parent_key),
+            l = quote(&self.link),
+        )
+    }
+
+    /// How a row found by [`Twin::find`] is named: its integer key, else its ctid, as text.
+    fn row_key(&self) -> String {
+        match &self.batch_key {
+            Some(k) => format!("c.{}", quote(k)),
+            None => "c.ctid".into(),
+        }
+    }
+
+    /// The catch-up's search: keys (as text) of the rows whose twin differs from the
+    /// parent's value. `$1` caps the count. One read-only hash join of child and parent.
+    pub fn find(&self, f: &PlanFk) -> String {
+        format!(
+            "SELECT {key}::text FROM {c} AS c LEFT JOIN {p} AS p ON p.{pk} = c.{l} \
+WHERE c.{t} IS DISTINCT FROM p.{v} LIMIT $1::bigint",
+            key = self.row_key(),
+            c = child(f),
+            p = parent(f),
+            pk = quote(&self.parent_key),
+            l = quote(&self.link),
+            t = quote(&self.twin),
+            v = quote(&self.value),
+        )
+    }
+
+    /// The catch-up's fix for the rows found (`$1`, keys as text), re-checked row by row.
+    pub fn fix(&self, f: &PlanFk) -> String {
+        let which = match &self.batch_key {
+            Some(k) => format!("c.{} = ANY($1::text[]::bigint[])", quote(k)),
+            None => "c.ctid = ANY($1::text[]::tid[])".into(),
+        };
+        let t = quote(&self.twin);
+        let v = self.lookup(f, "c");
+        format!(
+            "UPDATE {c} AS c SET {t} = {v} WHERE {which} AND c.{t} IS DISTINCT FROM {v}",
+            c = child(f)
+        )
+    }
+
+    /// Inside a swap, for a nullable FK: twins still NULL whose link is not (writes that
+    /// bypassed the proxy since the last catch-up).
+    fn swap_catchup(&self, f: &PlanFk) -> String {
+        format!(
+            "UPDATE {c} AS c SET {t} = {v} WHERE c.{t} IS NULL AND c.{l} IS NOT NULL",
+            c = child(f),
+            t = quote(&self.twin),
+            v = self.lookup(f, "c"),
+            l = quote(&self.link),
+        )
+    }
+}
+
+/// The child's integer key after cutover: a child that is itself migrated has had that key
+/// renamed to its legacy column; any other keeps it.
+pub fn child_batch_key_after_cutover(plan: &Plan, f: &PlanFk) -> Option<String> {
+    let k = f.child_batch_key.as_ref()?;
+    Some(match plan.table(&f.child_schema, &f.child_table) {
+        Some(t) if &t.key == k => t.legacy_column.clone(),
+        _ => k.clone(),
+    })
+}
+
 /// The parent's uuid for the child row `c`, NULL when the FK is NULL.
 fn parent_uuid(f: &PlanFk) -> String {
     parent_uuid_of(f, "c")
 }
 
 fn parent_uuid_of(f: &PlanFk, alias: &str) -> String {
-    format!(
-        "(SELECT p.{pu} FROM {p} AS p WHERE p.{pk} = {alias}.{fk})",
-        pu = quote(&f.parent_uuid_column),
-        p = parent(f),
-        pk = quote(&f.parent_key),
-        fk = quote(&f.child_column),
-    )
+    Twin::uuid_side(f).lookup(f, alias)
 }
 
 /// One batch setting `<fk>_uuid` to the parent's uuid, along the child's integer key (or its
@@ -411,34 +515,68 @@ SELECT (SELECT count(*) FROM upd), (SELECT count(*) FROM cur)",
 /// The catch-up pass's search: keys (as text; ctids for a child without an integer key) of
 /// the rows whose twin differs from the parent's uuid. `$1` caps the count.
 pub fn catchup_find(f: &PlanFk) -> String {
-    let key = match &f.child_batch_key {
-        Some(ck) => format!("c.{}", quote(ck)),
-        None => "c.ctid".into(),
-    };
-    format!(
-        "SELECT {key}::text FROM {c} AS c LEFT JOIN {p} AS p ON p.{pk} = c.{fk} \
-WHERE c.{fu} IS DISTINCT FROM p.{pu} LIMIT $1::bigint",
-        c = child(f),
-        p = parent(f),
-        pk = quote(&f.parent_key),
-        fk = quote(&f.child_column),
-        fu = quote(&f.uuid_column),
-        pu = quote(&f.parent_uuid_column),
-    )
+    Twin::uuid_side(f).find(f)
 }
 
 /// The catch-up pass's fix for the rows found (`$1`, keys as text), re-checked row by row.
 pub fn catchup_fix(f: &PlanFk) -> String {
-    let which = match &f.child_batch_key {
-        Some(ck) => format!("c.{} = ANY($1::text[]::bigint[])", quote(ck)),
-        None => "c.ctid = ANY($1::text[]::tid[])".into(),
-    };
-    let fu = quote(&f.uuid_column);
-    let pu = parent_uuid(f);
-    format!(
-        "UPDATE {c} AS c SET {fu} = {pu} WHERE {which} AND c.{fu} IS DISTINCT FROM {pu}",
-        c = child(f)
-    )
+    Twin::uuid_side(f).fix(f)
+}
+
+/// After cutover, the catch-up in reverse: keys of the rows whose `<fk>_legacy` differs from
+/// the parent's `<key>_legacy`, looked up through the uuid FK. `$1` caps the count.
+pub fn legacy_catchup_find(plan: &Plan, f: &PlanFk) -> String {
+    Twin::legacy_side(plan, f).find(f)
+}
+
+/// After cutover: sets `<fk>_legacy` of the rows found (`$1`, keys as text) to the parent's
+/// `<key>_legacy`, re-checked row by row.
+pub fn legacy_catchup_fix(plan: &Plan, f: &PlanFk) -> String {
+    Twin::legacy_side(plan, f).fix(f)
+}
+
+/// After cutover, legacy keys still NULL get one from the column's default (the original
+/// sequence or identity), in batches of `$1`; returns the rows written and how many of them
+/// got a value. `None` for a key with no generator: there is nothing to fill it from.
+///
+/// On PostgreSQL 13 to 17 this finds nothing: dropping the primary key at cutover leaves
+/// the column NOT NULL, so only an operator's `DROP NOT NULL` makes such rows possible. The
+/// search is served by harden's unique index on the legacy key (btree indexes NULLs).
+pub fn legacy_key_catchup(t: &PlanTable) -> Option<String> {
+    if t.key_kind == "plain" {
+        return None;
+    }
+    let k = quote(&t.key);
+    let l = quote(&t.legacy_column);
+    Some(format!(
+        "WITH upd AS (UPDATE {tb} SET {l} = DEFAULT WHERE {k} IN (SELECT {k} FROM {tb} WHERE {l} IS NULL LIMIT $1::bigint) RETURNING {l}) \
+SELECT count(*), count({l}) FROM upd",
+        tb = tbl(t),
+    ))
+}
+
+/// `keyshift backfill` after cutover, as `plan --sql` shows it: legacy keys, then the reverse
+/// catch-up of every FK (find, then fix in batches).
+pub fn legacy_backfill(plan: &Plan) -> Vec<Step> {
+    let mut v: Vec<Step> = plan
+        .tables
+        .iter()
+        .filter_map(legacy_key_catchup)
+        .map(|sql| Step::new(sql, Mode::Online, When::Always))
+        .collect();
+    for (_, f) in plan.foreign_keys() {
+        v.push(Step::new(
+            legacy_catchup_find(plan, f),
+            Mode::Online,
+            When::Always,
+        ));
+        v.push(Step::new(
+            legacy_catchup_fix(plan, f),
+            Mode::Online,
+            When::Always,
+        ));
+    }
+    v
 }
 
 /// Key uuids still NULL (written with an explicit NULL, or by a path that skipped the
@@ -694,13 +832,7 @@ pub fn cutover(plan: &Plan) -> Vec<Step> {
     v.push(swap("BEGIN".into()));
     for (_, f) in plan.foreign_keys().filter(|(_, f)| !f.child_not_null) {
         // Writes that bypassed the proxy since the last catch-up.
-        v.push(swap(format!(
-            "UPDATE {c} AS c SET {fu} = {pu} WHERE c.{fu} IS NULL AND c.{fk} IS NOT NULL",
-            c = child(f),
-            fu = quote(&f.uuid_column),
-            pu = parent_uuid(f),
-            fk = quote(&f.child_column),
-        )));
+        v.push(swap(Twin::uuid_side(f).swap_catchup(f)));
     }
     for t in &plan.tables {
         v.push(swap(format!(
@@ -803,7 +935,9 @@ pub fn cutover(plan: &Plan) -> Vec<Step> {
     v
 }
 
-fn legacy_key_index(t: &PlanTable) -> String {
+/// Harden's spare unique index on the integer key, which keeps the legacy key indexed (and
+/// unique) after cutover.
+pub fn legacy_key_index(t: &PlanTable) -> String {
     crate::ident::suffixed(&format!("{}_{}", t.name, t.legacy_column), "_key")
 }
 
@@ -936,6 +1070,12 @@ pub fn rollback(plan: &Plan) -> Vec<Step> {
         ));
     }
     v.push(swap("BEGIN".into()));
+    // As cutover's swap does for the uuid side: legacy integers of nullable FKs left NULL by
+    // writes that bypassed the proxy since the check before the preparation (a NOT NULL FK's
+    // are proven by the CHECK validated above). Before the renames: names as after cutover.
+    for (_, f) in plan.foreign_keys().filter(|(_, f)| !f.child_not_null) {
+        v.push(swap(Twin::legacy_side(plan, f).swap_catchup(f)));
+    }
     for (_, f) in plan.foreign_keys() {
         let c = child(f);
         // The uuid FK in force: bound to the uuid primary key's index, it must go before that
@@ -1259,6 +1399,7 @@ pub fn all_phases(plan: &Plan) -> Vec<(&'static str, Vec<Step>)> {
         ("backfill", backfill(plan)),
         ("harden", harden(plan)),
         ("cutover", cutover(plan)),
+        ("backfill_after_cutover", legacy_backfill(plan)),
         ("rollback", rollback(plan)),
         ("finalize", finalize(plan, false)),
         ("abort", abort(plan)),
@@ -1274,6 +1415,12 @@ pub fn render_sql(plan: &Plan) -> String {
             let _ = writeln!(
                 s,
                 "-- per batch: the bounds ($1 = cursor, $2 = batch size) give the last key and the row count; then the batch ($1 = cursor, $2 = last key, $3 = task, $4 = row count, $5 = the cursor as read); until no row is left"
+            );
+        }
+        if phase == "backfill_after_cutover" {
+            let _ = writeln!(
+                s,
+                "-- `keyshift backfill` in phase cut_over: legacy keys still NULL ($1 = batch size, until none is left), then per FK the rows whose legacy integer differs from the parent's ($1 = how many to find), fixed in batches ($1 = their keys)"
             );
         }
         let mut last = None;
@@ -1506,8 +1653,14 @@ mod tests {
                 "LOCK TABLE public.\"Connectors\" IN SHARE ROW EXCLUSIVE MODE; ALTER TABLE public.servers ADD CONSTRAINT servers_connector_id_fkey_legacy"
             ) < at("CREATE UNIQUE INDEX CONCURRENTLY \"Connectors_id_legacy_spare\"")
         );
-        // Inside the swap, only catalog changes: no build, no scan.
-        for s in swap {
+        // Inside the swap, only catalog changes: no build, no scan; and the catch-up of
+        // nullable legacy FKs (an index scan on the legacy FK's index: rows still NULL).
+        let catchup = |s: &str| {
+            s.starts_with("UPDATE public.tools AS c SET ")
+                && (s.ends_with("_legacy IS NULL AND c.server_id IS NOT NULL")
+                    || s.ends_with("_legacy IS NULL AND c.parent_id IS NOT NULL"))
+        };
+        for s in swap.iter().filter(|s| !catchup(&s.sql)) {
             let ok = [
                 "BEGIN",
                 "COMMIT",
@@ -1540,6 +1693,107 @@ mod tests {
                 .any(|s| s.starts_with("UPDATE keyshift.migration SET phase = 'hardened'")),
             "{sql:#?}"
         );
+    }
+
+    #[test]
+    fn rollback_swap_catches_up_nullable_legacy_fks_before_renaming() {
+        let p = plan();
+        let r = rollback(&p);
+        let begin = r.iter().position(|s| s.sql == "BEGIN").unwrap();
+        let swap: Vec<&str> = r[begin + 1..].iter().map(|s| s.sql.as_str()).collect();
+        // The nullable FKs (tools.server_id, the self-reference tools.parent_id) come first,
+        // under their after-cutover names; the NOT NULL one (servers.connector_id) has its
+        // validated CHECK instead.
+        assert_eq!(
+            swap[0],
+            "UPDATE public.tools AS c SET server_id_legacy = (SELECT p.id_legacy FROM public.servers AS p WHERE p.id = c.server_id) WHERE c.server_id_legacy IS NULL AND c.server_id IS NOT NULL"
+        );
+        assert_eq!(
+            swap[1],
+            "UPDATE public.tools AS c SET parent_id_legacy = (SELECT p.id_legacy FROM public.tools AS p WHERE p.id = c.parent_id) WHERE c.parent_id_legacy IS NULL AND c.parent_id IS NOT NULL"
+        );
+        assert!(!swap[2].starts_with("UPDATE"), "{}", swap[2]);
+        assert!(!swap.iter().any(|s| s.contains("SET connector_id_legacy")));
+        // The mirror of cutover's, which fills the uuid side.
+        let c = cutover(&p);
+        assert!(c.iter().any(|s| s.sql == "UPDATE public.tools AS c SET server_id_uuid = (SELECT p.id_uuid FROM public.servers AS p WHERE p.id = c.server_id) WHERE c.server_id_uuid IS NULL AND c.server_id IS NOT NULL"));
+    }
+
+    #[test]
+    fn legacy_catchup_follows_the_uuid_fk_and_the_renamed_keys() {
+        let p = plan();
+        let conn = p.table("public", "Connectors").unwrap();
+        let f = &conn.referenced_by[0];
+        assert_eq!(
+            (f.child_table.as_str(), f.child_column.as_str()),
+            ("servers", "connector_id")
+        );
+        // servers is migrated: its integer key `id` is `id_legacy` after cutover; the uuid FK
+        // has the FK's name and the parent's uuid has the key's.
+        assert_eq!(
+            child_batch_key_after_cutover(&p, f).as_deref(),
+            Some("id_legacy")
+        );
+        assert_eq!(
+            legacy_catchup_find(&p, f),
+            "SELECT c.id_legacy::text FROM public.servers AS c LEFT JOIN public.\"Connectors\" AS p ON p.id = c.connector_id WHERE c.connector_id_legacy IS DISTINCT FROM p.id_legacy LIMIT $1::bigint"
+        );
+        let lookup =
+            "(SELECT p.id_legacy FROM public.\"Connectors\" AS p WHERE p.id = c.connector_id)";
+        assert_eq!(
+            legacy_catchup_fix(&p, f),
+            format!(
+                "UPDATE public.servers AS c SET connector_id_legacy = {lookup} WHERE c.id_legacy = ANY($1::text[]::bigint[]) AND c.connector_id_legacy IS DISTINCT FROM {lookup}"
+            )
+        );
+        // The forward catch-up, before cutover, reads the same FK the other way.
+        assert_eq!(
+            catchup_find(f),
+            "SELECT c.id::text FROM public.servers AS c LEFT JOIN public.\"Connectors\" AS p ON p.id = c.connector_id WHERE c.connector_id_uuid IS DISTINCT FROM p.id_uuid LIMIT $1::bigint"
+        );
+        // A child that is not migrated keeps its key; one without an integer key goes by ctid.
+        let mut other = f.clone();
+        other.child_table = "audit".into();
+        assert_eq!(
+            child_batch_key_after_cutover(&p, &other).as_deref(),
+            Some("id")
+        );
+        assert!(
+            legacy_catchup_find(&p, &other).starts_with("SELECT c.id::text FROM public.audit AS c")
+        );
+        other.child_batch_key = None;
+        assert!(
+            legacy_catchup_find(&p, &other)
+                .starts_with("SELECT c.ctid::text FROM public.audit AS c")
+        );
+        assert!(legacy_catchup_fix(&p, &other).contains(
+            "WHERE c.ctid = ANY($1::text[]::tid[]) AND c.connector_id_legacy IS DISTINCT FROM"
+        ));
+    }
+
+    #[test]
+    fn legacy_keys_are_filled_from_the_default_when_there_is_one() {
+        let p = plan();
+        let t = p.table("public", "servers").unwrap();
+        assert_eq!(t.key_kind, "serial");
+        assert_eq!(
+            legacy_key_catchup(t).unwrap(),
+            "WITH upd AS (UPDATE public.servers SET id_legacy = DEFAULT WHERE id IN (SELECT id FROM public.servers WHERE id_legacy IS NULL LIMIT $1::bigint) RETURNING id_legacy) SELECT count(*), count(id_legacy) FROM upd"
+        );
+        let mut plain = t.clone();
+        plain.key_kind = "plain".into();
+        assert_eq!(legacy_key_catchup(&plain), None);
+        // `plan --sql` shows the backfill after cutover between cutover and rollback.
+        let phases: Vec<&str> = all_phases(&p).iter().map(|(n, _)| *n).collect();
+        let at = |n: &str| phases.iter().position(|x| *x == n).unwrap();
+        assert!(at("cutover") < at("backfill_after_cutover"));
+        assert!(at("backfill_after_cutover") < at("rollback"));
+        let steps = legacy_backfill(&p);
+        assert_eq!(steps.len(), 3 + 2 * 3, "3 keys, then find and fix per FK");
+        assert!(steps.iter().all(|s| s.mode == Mode::Online));
+        assert!(render_sql(&p).contains(
+            "-- ===== backfill_after_cutover =====\n-- `keyshift backfill` in phase cut_over"
+        ));
     }
 
     #[test]

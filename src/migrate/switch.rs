@@ -171,14 +171,21 @@ pub async fn run(
             m.phase
         )));
     }
-    if opts.action == Action::Cutover {
-        let report = verify::run(client).await?;
-        if !report.passed {
-            return Err(SwitchError::Refused(format!(
+    let report = verify::run(client).await?;
+    if !report.passed {
+        return Err(SwitchError::Refused(match opts.action {
+            Action::Cutover => format!(
                 "verify does not pass; the cutover would lose or break data. Run `keyshift verify` for details, then `keyshift backfill` to catch up.\n{}",
                 verify::render_text(&report)
-            )));
-        }
+            ),
+            // Before anything is built: the legacy FKs and NOT NULL CHECKs would fail to
+            // validate (23514, 23503), and a nullable FK would come back with its integer
+            // link lost.
+            Action::Rollback => format!(
+                "the legacy integers are not whole: a rollback would fail, or bring back integer FKs NULL or pointing at the wrong parent. Run `keyshift backfill` (in phase cut_over it repairs them from the uuids), then `keyshift verify`, then `keyshift rollback` again. Nothing was built.\n{}",
+                verify::render_failures(&report)
+            ),
+        }));
     }
     db::exec(client, schema_sql()).await?;
     // The proxies release their clients as soon as this session's backend is gone (its
