@@ -208,7 +208,7 @@ pub async fn run(client: &Client) -> Result<Report, VerifyError> {
     let Some((plan, phase)) = state::load(client).await? else {
         return Err(VerifyError::NotExpanded);
     };
-    let checks = if phase == Phase::CutOver {
+    let mut checks = if phase == Phase::CutOver {
         legacy_checks(client, &plan).await?
     } else if phase.is_after_cutover() {
         vec![Check {
@@ -224,12 +224,48 @@ pub async fn run(client: &Client) -> Result<Report, VerifyError> {
     } else {
         checks(client, &plan).await?
     };
+    if phase != Phase::Expanding {
+        checks.extend(fill_check(client, &plan, phase).await?);
+    }
     let passed = checks.iter().all(|c| c.passed);
     Ok(Report {
         phase,
         passed,
         checks,
     })
+}
+
+/// keyshift's fill triggers (src/migrate/fill.rs) for this phase, on every child: without
+/// them, writes that bypass the proxy leave a side of their FKs unfilled.
+async fn fill_check(
+    client: &Client,
+    plan: &Plan,
+    phase: Phase,
+) -> Result<Option<Check>, VerifyError> {
+    if super::fill::expected(phase).is_none() {
+        return Ok(None);
+    }
+    let sql = "SELECT … FROM pg_trigger (fill triggers)";
+    let all = super::fill::off(client, plan, phase)
+        .await
+        .map_err(|e| super::db::stmt_error(sql, e))?;
+    let off: Vec<String> = all
+        .iter()
+        .filter(|(_, off)| *off)
+        .map(|(t, _)| t.clone())
+        .collect();
+    let mut c = check(
+        "fill triggers enabled",
+        format!("{} child table(s)", all.len()),
+        off.len() as i64,
+        off.into_iter().take(EXAMPLES).collect(),
+    );
+    if !c.passed {
+        c.note = Some(
+            "enable them again (docs/runbook.md#fill-triggers), then run `keyshift backfill` to repair what was written meanwhile".into(),
+        );
+    }
+    Ok(Some(c))
 }
 
 async fn checks(client: &Client, plan: &Plan) -> Result<Vec<Check>, VerifyError> {
