@@ -577,3 +577,37 @@ async fn disabled_fill_triggers_are_reported_and_what_they_missed_is_repaired() 
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// A role allowed to write a child but not to read its parent (as application roles with
+/// column grants are): its direct writes work as before the migration, and get their twins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_that_cannot_read_the_parent_still_writes_the_child_directly() {
+    let db = seeded().await;
+    for s in ["expand", "backfill"] {
+        ks_expect(&db.url(), &[s], 0);
+    }
+    let direct = db.client().await;
+    let role = format!("w_{}", db.name);
+    direct
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN;
+             GRANT INSERT, UPDATE ON mcp_server_tools TO {role};
+             GRANT SELECT (id, mcp_server_id, tool_name) ON mcp_server_tools TO {role};
+             GRANT USAGE ON SEQUENCE mcp_server_tools_id_seq TO {role};"
+        ))
+        .await
+        .unwrap();
+    let url = format!("{}", db.url()).replacen("postgres@", &format!("{role}@"), 1);
+    let w = common::connect(&url).await;
+    w.batch_execute(
+        "INSERT INTO mcp_server_tools (mcp_server_id, tool_name) VALUES (3, 'by-writer');
+         UPDATE mcp_server_tools SET mcp_server_id = 4 WHERE tool_name = 'by-writer';",
+    )
+    .await
+    .unwrap();
+    assert_eq!(wrong_twins(&direct).await, 0);
+    direct
+        .batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role}"))
+        .await
+        .unwrap();
+}

@@ -157,7 +157,12 @@ fn missing_parent(f: &PlanFk, n: &Names) -> String {
     )
 }
 
-/// The trigger function of one child for one phase.
+/// The trigger function of one child for one phase. `SECURITY DEFINER` (the owner is whoever
+/// ran expand, who owns the tables): the lookup reads the parent's other key, which a role
+/// allowed to write the child need not be allowed to read (column grants), and a write that
+/// worked before the migration must keep working; PostgreSQL's own FK checks run as the
+/// owner for the same reason. The fixed `search_path` keeps the invoker's from changing what
+/// the function's names mean (every name in it is qualified anyway).
 pub fn function_sql(
     plan: &Plan,
     schema: &str,
@@ -202,7 +207,8 @@ pub fn function_sql(
         }
     }
     format!(
-        "CREATE OR REPLACE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $ks$
+        "CREATE OR REPLACE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $ks$
 -- keyshift: fills the twin of {rel}'s FK columns for writes the proxy did not rewrite
 -- (src/migrate/fill.rs). Enabled while the tables are in the {tag} shape.
 BEGIN
