@@ -597,7 +597,7 @@ async fn a_role_that_cannot_read_the_parent_still_writes_the_child_directly() {
         ))
         .await
         .unwrap();
-    let url = format!("{}", db.url()).replacen("postgres@", &format!("{role}@"), 1);
+    let url = db.url().replacen("postgres@", &format!("{role}@"), 1);
     let w = common::connect(&url).await;
     w.batch_execute(
         "INSERT INTO mcp_server_tools (mcp_server_id, tool_name) VALUES (3, 'by-writer');
