@@ -7,11 +7,14 @@
 //! tests/drivers/harness.py): `step <label>` writes and reads rows in its shape and answers the
 //! ids it was given; `check …` reads a row the other shape wrote. Every id a script reports is
 //! compared with what the database holds, read directly in the physical shape of the moment.
+//! `copy …` (pgjdbc's CopyManager, node-postgres' pg-copy-streams) copies rows into the child
+//! tables in text, csv and binary; each copied row's link and both sides of its FKs are checked
+//! then and after every later step (issue [writes]).
 //!
 //! The drivers come from `.ci/run`: a venv with psycopg 3, SQLAlchemy 2 and asyncpg in
-//! `target/drivers/venv`, npm's `pg` in `target/drivers/node_modules`, Debian's
-//! `libpostgresql-jdbc-java` and a JDK. `KEYSHIFT_DRIVERS_DIR` points elsewhere. A missing one
-//! fails the test with what to install.
+//! `target/drivers/venv`, npm's `pg` and `pg-copy-streams` in `target/drivers/node_modules`,
+//! Debian's `libpostgresql-jdbc-java` and a JDK. `KEYSHIFT_DRIVERS_DIR` points elsewhere. A
+//! missing one fails the test with what to install.
 mod common;
 // Shared with the migrate_* tests; its seed re-export is not used here.
 #[allow(unused_imports)]
@@ -88,7 +91,9 @@ fn install_hint(what: &str) -> String {
         "the Python drivers" => format!(
             "python3 -m venv {dir}/venv && {dir}/venv/bin/pip install 'psycopg[binary]>=3.1,<4' 'SQLAlchemy>=2,<3' asyncpg"
         ),
-        "node-postgres" => format!("apt-get install nodejs npm && npm install --prefix {dir} pg"),
+        "node-postgres" | "pg-copy-streams" => {
+            format!("apt-get install nodejs npm && npm install --prefix {dir} pg pg-copy-streams")
+        }
         _ => "apt-get install default-jdk-headless libpostgresql-jdbc-java".into(),
     }
 }
@@ -918,4 +923,224 @@ fn set_keyshift_shape_mid_session_is_an_error_and_the_shape_stays() {
     // The shape holds through the swap: still the integer `id`.
     lab.ks(&["cutover"]);
     assert_eq!(id_type(&c, "after cutover"), "int4");
+}
+
+// ---- (d) COPY … FROM STDIN through each driver's COPY API ----
+
+/// Where a copied row points, by name: a post's user, a comment's post and author (None for
+/// a NULL author, and for posts).
+#[derive(Debug, Clone, PartialEq)]
+struct CopiedLink {
+    parent: String,
+    author: Option<String>,
+}
+
+/// Every row copied so far, (table, name) → the link the script copied it with.
+type Copied = std::collections::BTreeMap<(String, String), CopiedLink>;
+
+/// The FKs of [`SCHEMA`]: (child, FK column, parent).
+const FKS: [(&str, &str, &str); 3] = [
+    ("posts", "user_id", "users"),
+    ("comments", "post_id", "posts"),
+    ("comments", "author_id", "users"),
+];
+
+impl Lab {
+    /// The suffix of the side that is not the truth: the uuid twins before cutover, the
+    /// legacy integers after it.
+    fn twin(&self) -> &'static str {
+        if self.layout().physical_uuid {
+            "_legacy"
+        } else {
+            "_uuid"
+        }
+    }
+
+    /// Rows whose non-truth side disagrees with their parent, over every FK (0 when every
+    /// twin is right).
+    fn wrong_twins(&self) -> i64 {
+        let tw = self.twin();
+        FKS.iter()
+            .map(|(child, fk, parent)| {
+                self.query(
+                    &format!(
+                        "SELECT count(*) FROM {child} x LEFT JOIN {parent} p ON p.id = x.{fk} \
+                         WHERE x.{fk}{tw} IS DISTINCT FROM p.id{tw}"
+                    ),
+                    &[],
+                )[0]
+                .get::<_, i64>(0)
+            })
+            .sum()
+    }
+
+    /// A copied row as the database holds it: its link read through the truth side (the
+    /// original column names, in either physical shape), or what is wrong with its other side.
+    fn copied_link(&self, table: &str, name: &str) -> Result<CopiedLink, String> {
+        let tw = self.twin();
+        // Per FK: the parent's name, then the twin the row holds and the parent's twin.
+        let (sql, fks) = if table == "posts" {
+            let sql = format!(
+                "SELECT u.name, NULL::text, x.id{tw}::text, ARRAY[x.user_id{tw}::text, u.id{tw}::text] \
+                 FROM posts x LEFT JOIN users u ON u.id = x.user_id WHERE x.title = $1"
+            );
+            (sql, &["user_id"][..])
+        } else {
+            let sql = format!(
+                "SELECT p.title, a.name, x.id{tw}::text, \
+                        ARRAY[x.post_id{tw}::text, p.id{tw}::text, x.author_id{tw}::text, a.id{tw}::text] \
+                 FROM comments x LEFT JOIN posts p ON p.id = x.post_id LEFT JOIN users a ON a.id = x.author_id \
+                 WHERE x.body = $1"
+            );
+            (sql, &["post_id", "author_id"][..])
+        };
+        let rows = self.query(&sql, &[&name]);
+        let [r] = &rows[..] else {
+            return Err(format!("{} rows, want 1", rows.len()));
+        };
+        let (own_twin, twins): (Option<String>, Vec<Option<String>>) = (r.get(2), r.get(3));
+        if own_twin.is_none() {
+            return Err(format!("its own id{tw} is NULL"));
+        }
+        for (fk, pair) in fks.iter().zip(twins.chunks(2)) {
+            if pair[0] != pair[1] {
+                return Err(format!(
+                    "{fk}{tw} is {:?}, its parent's id{tw} {:?}",
+                    pair[0], pair[1]
+                ));
+            }
+        }
+        let parent: Option<String> = r.get(0);
+        Ok(CopiedLink {
+            parent: parent.ok_or("its parent is not in the database")?,
+            author: r.get(1),
+        })
+    }
+
+    /// `copy <label>` in `s`: every row it copied must be in the database linked to the
+    /// parents the script named, both sides right; recorded in `copied`.
+    fn copy(&mut self, s: &mut Script, label: &str, copied: &mut Copied) {
+        let rows = match s.call(&format!("copy {label}")) {
+            Ok(v) => v["rows"].as_array().cloned().unwrap_or_default(),
+            Err(e) => {
+                self.failures
+                    .push(format!("{} copying at {label}: {e}", s.who));
+                return;
+            }
+        };
+        // 3 posts and 6 comments: each format into each table.
+        if rows.len() != 9 {
+            self.failures.push(format!(
+                "{} copying at {label}: reported {} rows, want 9",
+                s.who,
+                rows.len()
+            ));
+        }
+        for r in rows {
+            let (table, name) = (r["table"].as_str().unwrap(), r["name"].as_str().unwrap());
+            let want = CopiedLink {
+                parent: r["parent"].as_str().unwrap().to_string(),
+                author: r["author"].as_str().map(String::from),
+            };
+            match self.copied_link(table, name) {
+                Ok(got) if got == want => {}
+                Ok(got) => self.failures.push(format!(
+                    "{} copying at {label}: {table} {name:?} was copied as {want:?}; the database holds {got:?}",
+                    s.who
+                )),
+                Err(e) => self.failures.push(format!(
+                    "{} copying at {label}: {table} {name:?}: {e}",
+                    s.who
+                )),
+            }
+            copied.insert((table.to_string(), name.to_string()), want);
+        }
+    }
+
+    /// Every row copied so far, row by row: still linked where it was copied to, both sides
+    /// right; and no row of any FK has its other side wrong.
+    fn recheck(&mut self, label: &str, copied: &Copied) {
+        let mut wrong = Vec::new();
+        for ((table, name), want) in copied {
+            match self.copied_link(table, name) {
+                Ok(got) if got == *want => {}
+                got => wrong.push(format!("{table} {name:?}: copied as {want:?}, now {got:?}")),
+            }
+        }
+        if !wrong.is_empty() {
+            self.failures.push(format!(
+                "rechecking at {label}: {} of {} copied rows lost their link or twin: {}",
+                wrong.len(),
+                copied.len(),
+                wrong.join("; ")
+            ));
+        }
+        let n = self.wrong_twins();
+        if n != 0 {
+            self.failures.push(format!(
+                "rechecking at {label}: {n} rows whose other side disagrees with their parent"
+            ));
+        }
+    }
+}
+
+/// `driver`'s COPY API (pgjdbc's CopyManager, node-postgres' pg-copy-streams) writes posts and
+/// comments in text, csv and binary at every phase from hardened through cutover, rollback
+/// and cutover again: an unchanged integer application (no shape parameter: its COPY is
+/// translated after cutover) and a uuid-shaped session (translated before cutover and after
+/// the rollback), each on one connection throughout. The proxy renames a translated COPY's
+/// columns and fills nothing; the fill triggers fill the other side. After each step every
+/// row copied so far is checked against what the script copied, and `verify` passes at the
+/// end.
+fn copy_in_every_format_across_cutover_and_rollback(driver: Driver) {
+    if let Driver::NodePg = driver {
+        require(
+            &drivers_dir().join("node_modules/pg-copy-streams/package.json"),
+            "pg-copy-streams",
+        );
+    }
+    let mut lab = Lab::new();
+    // backfill hardens unless told not to: the uuid shape is served from here on.
+    for step in ["expand", "backfill"] {
+        lab.ks(&[step]);
+    }
+    let v1 = spawned(&lab, driver, Shape::Integer, None, "v1");
+    let v2 = spawned(&lab, driver, Shape::Uuid, Some("uuid"), "v2");
+    let (mut v1, mut v2) = (v1.ready(), v2.ready());
+    let mut copied = Copied::new();
+    for (args, label) in [
+        (&[][..], "hardened"),
+        (&["cutover"], "cut_over"),
+        (&["rollback"], "rolled_back"),
+        (&["cutover"], "cut_over_again"),
+    ] {
+        if !args.is_empty() {
+            // verify refuses a cutover over wrong twins: fail with what the copies left.
+            if !lab.failures.is_empty() {
+                return lab.finish(&format!("{} COPY, before {args:?}", driver.name()));
+            }
+            lab.ks(args);
+        }
+        lab.recheck(label, &copied);
+        lab.copy(&mut v1, label, &mut copied);
+        lab.copy(&mut v2, label, &mut copied);
+    }
+    lab.recheck("the end", &copied);
+    let out = ks(&lab.db.url(), &["verify"]);
+    if out.status.code() != Some(0) {
+        lab.failures
+            .push(format!("keyshift verify after the run:\n{}", text(&out)));
+    }
+    drop((v1, v2));
+    lab.finish(&format!("{} COPY", driver.name()));
+}
+
+#[test]
+fn pgjdbc_copy_manager_in_every_format_across_cutover_and_rollback() {
+    copy_in_every_format_across_cutover_and_rollback(Driver::Pgjdbc);
+}
+
+#[test]
+fn node_postgres_pg_copy_streams_in_every_format_across_cutover_and_rollback() {
+    copy_in_every_format_across_cutover_and_rollback(Driver::NodePg);
 }

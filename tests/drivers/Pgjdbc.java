@@ -3,9 +3,16 @@
 //   java -cp /usr/share/java/postgresql.jar Pgjdbc.java --port P --db D --tag T [--shape uuid]
 // Every PreparedStatement is made at the first step and kept, so the steps after cutover and
 // rollback execute statements pgjdbc prepared, and whose result types it cached, before them.
-// Line protocol: tests/drivers/harness.py.
+// `copy <label>` copies rows into the child tables with pgjdbc's CopyManager, in text, csv and
+// binary (a PGCOPY stream built by hand). Line protocol: tests/drivers/harness.py.
 import java.io.BufferedReader;
+import java.io.ByteArrayInputStream;
+import java.io.ByteArrayOutputStream;
+import java.io.DataOutputStream;
+import java.io.IOException;
 import java.io.InputStreamReader;
+import java.io.StringReader;
+import java.nio.charset.StandardCharsets;
 import java.sql.Connection;
 import java.sql.DriverManager;
 import java.sql.PreparedStatement;
@@ -19,6 +26,8 @@ import java.util.Map;
 import java.util.Objects;
 import java.util.Properties;
 import java.util.UUID;
+import org.postgresql.PGConnection;
+import org.postgresql.copy.CopyManager;
 
 public class Pgjdbc {
     static Map<String, String> a = new HashMap<>();
@@ -199,6 +208,106 @@ public class Pgjdbc {
         }
     }
 
+    /** Parents by name, as this session's shape shows their keys (Integer or UUID). */
+    static Map<String, Object> keysByName(String sql) throws SQLException {
+        Map<String, Object> out = new HashMap<>();
+        try (Statement s = conn.createStatement(); ResultSet r = s.executeQuery(sql)) {
+            while (r.next()) out.put(r.getString(2), key(r, "id"));
+        }
+        return out;
+    }
+
+    /** COPY's text (and csv) form of a key: an Integer's digits, a UUID's canonical form. */
+    static String txt(Object key) {
+        return key.toString();
+    }
+
+    /** One binary COPY stream: `PGCOPY\n\377\r\n\0`, flags, header extension, rows, trailer. */
+    static byte[] pgcopy(List<Object[]> rows) throws IOException {
+        ByteArrayOutputStream buf = new ByteArrayOutputStream();
+        DataOutputStream out = new DataOutputStream(buf);
+        out.write(new byte[] {'P', 'G', 'C', 'O', 'P', 'Y', '\n', (byte) 0xff, '\r', '\n', 0});
+        out.writeInt(0);
+        out.writeInt(0);
+        for (Object[] row : rows) {
+            out.writeShort(row.length);
+            for (Object v : row) {
+                if (v == null) {
+                    out.writeInt(-1);
+                } else if (v instanceof Integer) {
+                    out.writeInt(4);
+                    out.writeInt((Integer) v);
+                } else if (v instanceof UUID) {
+                    out.writeInt(16);
+                    out.writeLong(((UUID) v).getMostSignificantBits());
+                    out.writeLong(((UUID) v).getLeastSignificantBits());
+                } else {
+                    byte[] b = ((String) v).getBytes(StandardCharsets.UTF_8);
+                    out.writeInt(b.length);
+                    out.write(b);
+                }
+            }
+        }
+        out.writeShort(-1);
+        out.flush();
+        return buf.toByteArray();
+    }
+
+    static void copied(String what, long got, int want) {
+        expect("rows copied by " + what, got, (long) want);
+    }
+
+    /** A copied row and the names of its parents (author: comments only, null when NULL). */
+    static String copyRow(String table, String name, String parent, String author) {
+        return "{\"table\":" + js(table) + ",\"name\":" + js(name) + ",\"parent\":" + js(parent)
+            + ",\"author\":" + (author == null ? "null" : js(author)) + "}";
+    }
+
+    /**
+     * COPY … FROM STDIN into posts (user_id NOT NULL) and comments (post_id NOT NULL, author_id
+     * nullable) in text, csv and binary, keys in this session's shape: the parents are looked up
+     * by name first. Answers each copied row with the names of the parents it was given.
+     */
+    static List<String> copy(String label) throws SQLException, IOException {
+        String n = a.get("tag") + "-" + label;
+        CopyManager cm = conn.unwrap(PGConnection.class).getCopyAPI();
+        Map<String, Object> users = keysByName("SELECT id, name FROM users WHERE name IN ('u1', 'u2', 'u3')");
+        Map<String, Object> posts = keysByName("SELECT id, title FROM posts WHERE title IN ('p1', 'p2', 'p3')");
+        expect("parents found", users.size() + posts.size(), 6);
+        List<String> rows = new ArrayList<>();
+        copied("text", cm.copyIn("COPY posts (user_id, title) FROM STDIN",
+            new StringReader(txt(users.get("u1")) + "\t" + n + "-post-text\n")), 1);
+        rows.add(copyRow("posts", n + "-post-text", "u1", null));
+        copied("csv", cm.copyIn("COPY posts (title, user_id) FROM STDIN (FORMAT csv)",
+            new StringReader("\"" + n + "-post-csv, quoted\"," + txt(users.get("u2")) + "\n")), 1);
+        rows.add(copyRow("posts", n + "-post-csv, quoted", "u2", null));
+        List<Object[]> bin = new ArrayList<>();
+        bin.add(new Object[] {users.get("u3"), n + "-post-bin"});
+        copied("binary", cm.copyIn("COPY posts (user_id, title) FROM STDIN (FORMAT binary)",
+            new ByteArrayInputStream(pgcopy(bin))), 1);
+        rows.add(copyRow("posts", n + "-post-bin", "u3", null));
+
+        // Comments: two FKs, one of them NULL in every format's spelling.
+        copied("text", cm.copyIn("COPY comments (post_id, author_id, body) FROM STDIN",
+            new StringReader(txt(posts.get("p1")) + "\t" + txt(users.get("u1")) + "\t" + n + "-comment-text\n"
+                + txt(posts.get("p2")) + "\t\\N\t" + n + "-comment-text-null\n")), 2);
+        rows.add(copyRow("comments", n + "-comment-text", "p1", "u1"));
+        rows.add(copyRow("comments", n + "-comment-text-null", "p2", null));
+        copied("csv", cm.copyIn("COPY comments (body, post_id, author_id) FROM STDIN (FORMAT csv)",
+            new StringReader(n + "-comment-csv," + txt(posts.get("p2")) + "," + txt(users.get("u2")) + "\n"
+                + n + "-comment-csv-null," + txt(posts.get("p3")) + ",\n")), 2);
+        rows.add(copyRow("comments", n + "-comment-csv", "p2", "u2"));
+        rows.add(copyRow("comments", n + "-comment-csv-null", "p3", null));
+        bin.clear();
+        bin.add(new Object[] {posts.get("p3"), users.get("u3"), n + "-comment-bin"});
+        bin.add(new Object[] {posts.get("p1"), null, n + "-comment-bin-null"});
+        copied("binary", cm.copyIn("COPY comments (post_id, author_id, body) FROM STDIN (FORMAT binary)",
+            new ByteArrayInputStream(pgcopy(bin))), 2);
+        rows.add(copyRow("comments", n + "-comment-bin", "p3", "u3"));
+        rows.add(copyRow("comments", n + "-comment-bin-null", "p1", null));
+        return rows;
+    }
+
     /** Rows the other shape wrote, read in this session's shape. */
     static void check(String[] p) throws SQLException {
         String table = p[1], name = p[2];
@@ -258,6 +367,8 @@ public class Pgjdbc {
                 if (p[0].equals("step")) {
                     List<String> rows = integer ? stepInteger(p[1]) : stepUuid(p[1]);
                     System.out.println("{\"ok\":true,\"rows\":[" + String.join(",", rows) + "]}");
+                } else if (p[0].equals("copy")) {
+                    System.out.println("{\"ok\":true,\"rows\":[" + String.join(",", copy(p[1])) + "]}");
                 } else if (p[0].equals("check")) {
                     check(p);
                     System.out.println("{\"ok\":true}");

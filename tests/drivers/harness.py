@@ -7,10 +7,14 @@ line on stdout per command:
     step <label>                                        -> {"ok": true, "rows": [...]}
     check <table> <name> <int> <uuid> <parent_int> <parent_uuid>
                                                         -> {"ok": true}
+    copy <label>                                        -> {"ok": true, "rows": [...]}
     quit
 
 A row is {"table", "name", "id", "parent"}: the key and FK as the session's shape shows them,
-as strings. A failure is {"ok": false, "error": "...", "sqlstate": "..."}, and the script goes
+as strings. `copy` (pgjdbc and node-postgres only) copies posts and comments with
+`COPY … FROM STDIN` in text, csv and binary, keys in its shape, and answers each copied row as
+{"table", "name", "parent", "author"}: the names of the parents it was given (the user's name,
+the post's title; author null when the copy wrote NULL), not keys, which COPY does not return. A failure is {"ok": false, "error": "...", "sqlstate": "..."}, and the script goes
 on: the test wants every step's outcome, not just the first failure.
 """
 

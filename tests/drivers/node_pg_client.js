@@ -1,11 +1,15 @@
 // node-postgres with named prepared statements ({name, text, values}), for tests/drivers.rs.
 // node-postgres parses each statement once per connection under its name and from then on only
 // binds it: the statements named at the first step are the ones every later step runs, after
-// cutover and rollback too. Line protocol: tests/drivers/harness.py.
+// cutover and rollback too. `copy <label>` copies rows into the child tables with
+// pg-copy-streams' from(), in text, csv and binary (a PGCOPY stream built by hand); it is
+// required only then. Line protocol: tests/drivers/harness.py.
 'use strict';
 const { Client } = require('pg');
 const readline = require('readline');
 const crypto = require('crypto');
+const { Readable } = require('stream');
+const { pipeline } = require('stream/promises');
 
 const A = { host: '127.0.0.1', user: 'postgres', shape: 'integer', 'shape-param': 'none' };
 for (let i = 2; i < process.argv.length; i += 2) A[process.argv[i].replace(/^--/, '')] = process.argv[i + 1];
@@ -107,6 +111,81 @@ async function stepUuid(label) {
   return [row('users', n, uid), row('users', `${n}-d`, dflt), ...pids.map((p, k) => row('posts', `${n}-p${k + 1}`, p, uid)), row('comments', `${n}-c1`, cid, pids[0])];
 }
 
+// Parents by name, as this session's shape shows their keys (numbers or uuid strings).
+async function keysByName(sql) {
+  const out = {};
+  for (const r of (await client.query(sql)).rows) {
+    expectKey(`id of ${r.name}`, r.id);
+    out[r.name] = r.id;
+  }
+  return out;
+}
+
+// One binary COPY stream: `PGCOPY\n\377\r\n\0`, flags, header extension, rows, trailer. A
+// number is an int4, a uuid-looking string a uuid, any other string text, null NULL.
+function pgcopy(rows) {
+  const parts = [Buffer.from('PGCOPY\n\xff\r\n\0', 'latin1'), Buffer.alloc(8)];
+  const int = (n, bytes) => {
+    const b = Buffer.alloc(bytes);
+    if (bytes === 2) b.writeInt16BE(n); else b.writeInt32BE(n);
+    return b;
+  };
+  for (const row of rows) {
+    parts.push(int(row.length, 2));
+    for (const v of row) {
+      let bytes = null;
+      if (typeof v === 'number') bytes = int(v, 4);
+      else if (typeof v === 'string' && UUID_RE.test(v)) bytes = Buffer.from(v.replace(/-/g, ''), 'hex');
+      else if (typeof v === 'string') bytes = Buffer.from(v, 'utf8');
+      parts.push(int(bytes === null ? -1 : bytes.length, 4));
+      if (bytes !== null) parts.push(bytes);
+    }
+  }
+  parts.push(int(-1, 2));
+  return Buffer.concat(parts);
+}
+
+// COPY ... FROM STDIN through pg-copy-streams' from(), the whole body in one chunk.
+async function copyIn(what, sql, body, want) {
+  const { from } = require('pg-copy-streams');
+  const stream = client.query(from(sql));
+  await pipeline(Readable.from([typeof body === 'string' ? Buffer.from(body, 'utf8') : body]), stream);
+  expect(`rows copied by ${what}`, stream.rowCount, want);
+}
+
+const copyRow = (table, name, parent, author = null) => ({ table, name, parent, author });
+
+// COPY into posts (user_id NOT NULL) and comments (post_id NOT NULL, author_id nullable) in
+// text, csv and binary, keys in this session's shape: the parents are looked up by name first.
+// Answers each copied row with the names of the parents it was given.
+async function copy(label) {
+  const n = `${A.tag}-${label}`;
+  const u = await keysByName("SELECT id, name FROM users WHERE name IN ('u1', 'u2', 'u3')");
+  const p = await keysByName("SELECT id, title AS name FROM posts WHERE title IN ('p1', 'p2', 'p3')");
+  expect('parents found', Object.keys(u).length + Object.keys(p).length, 6);
+  await copyIn('text', 'COPY posts (user_id, title) FROM STDIN', `${u.u1}\t${n}-post-text\n`, 1);
+  await copyIn('csv', 'COPY posts (title, user_id) FROM STDIN (FORMAT csv)', `"${n}-post-csv, quoted",${u.u2}\n`, 1);
+  await copyIn('binary', 'COPY posts (user_id, title) FROM STDIN (FORMAT binary)', pgcopy([[u.u3, `${n}-post-bin`]]), 1);
+  // Comments: two FKs, one of them NULL in every format's spelling.
+  await copyIn('text', 'COPY comments (post_id, author_id, body) FROM STDIN',
+    `${p.p1}\t${u.u1}\t${n}-comment-text\n${p.p2}\t\\N\t${n}-comment-text-null\n`, 2);
+  await copyIn('csv', 'COPY comments (body, post_id, author_id) FROM STDIN (FORMAT csv)',
+    `${n}-comment-csv,${p.p2},${u.u2}\n${n}-comment-csv-null,${p.p3},\n`, 2);
+  await copyIn('binary', 'COPY comments (post_id, author_id, body) FROM STDIN (FORMAT binary)',
+    pgcopy([[p.p3, u.u3, `${n}-comment-bin`], [p.p1, null, `${n}-comment-bin-null`]]), 2);
+  return [
+    copyRow('posts', `${n}-post-text`, 'u1'),
+    copyRow('posts', `${n}-post-csv, quoted`, 'u2'),
+    copyRow('posts', `${n}-post-bin`, 'u3'),
+    copyRow('comments', `${n}-comment-text`, 'p1', 'u1'),
+    copyRow('comments', `${n}-comment-text-null`, 'p2'),
+    copyRow('comments', `${n}-comment-csv`, 'p2', 'u2'),
+    copyRow('comments', `${n}-comment-csv-null`, 'p3'),
+    copyRow('comments', `${n}-comment-bin`, 'p3', 'u3'),
+    copyRow('comments', `${n}-comment-bin-null`, 'p1'),
+  ];
+}
+
 // Rows the other shape wrote, read in this session's shape.
 async function check([table, name, int, uuid, parentInt, parentUuid]) {
   int = Number(int);
@@ -152,6 +231,7 @@ async function main() {
     if (parts[0] === 'quit') break;
     try {
       if (parts[0] === 'step') reply({ ok: true, rows: await (INTEGER ? stepInteger : stepUuid)(parts[1]) });
+      else if (parts[0] === 'copy') reply({ ok: true, rows: await copy(parts[1]) });
       else if (parts[0] === 'check') { await check(parts.slice(1)); reply({ ok: true }); }
       else reply({ ok: false, error: `unknown command ${parts[0]}` });
     } catch (e) {
