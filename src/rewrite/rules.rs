@@ -174,6 +174,10 @@ pub struct RuleSet {
     /// A translated session's names of the migrated tables' renamed columns → their physical
     /// names, per (schema, table); empty for a physical view.
     physical_names: HashMap<(String, String), HashMap<String, String>>,
+    /// Every name, in either shape, of any migrated table's renamed columns (the union of
+    /// `physical_names`): a statement naming none of them reads the same from a table as
+    /// from its view (translate.rs).
+    renamed: HashSet<String>,
     /// The session's temporary tables: an unqualified name among them is not a migrated
     /// table (`pg_temp` comes first in every search path).
     temp: HashSet<String>,
@@ -345,7 +349,12 @@ impl RuleSet {
             ClientView::Physical => HashMap::new(),
             ClientView::Translated(shape) => physical_names(plan, &migrated, shape),
         };
+        let renamed = physical_names
+            .values()
+            .flat_map(|m| m.iter().flat_map(|(a, b)| [a.clone(), b.clone()]))
+            .collect();
         Ok(RuleSet {
+            renamed,
             version,
             direction,
             view,
@@ -386,6 +395,7 @@ impl RuleSet {
             parents: Vec::new(),
             migrated: HashSet::new(),
             physical_names: HashMap::new(),
+            renamed: HashSet::new(),
             temp: HashSet::new(),
             shadows: HashSet::new(),
             prescan: Prescan::new(std::iter::empty()),
@@ -458,6 +468,12 @@ impl RuleSet {
             .get(&(schema.to_string(), table.to_string()))?
             .get(column)
             .map(String::as_str)
+    }
+
+    /// Whether `name` (case-folded per quoting) is, in either shape, the name of a column
+    /// cutover renames in some migrated table.
+    pub(crate) fn is_renamed_column(&self, name: &str) -> bool {
+        self.renamed.contains(name)
     }
 
     /// Resolves a name (case-folded per quoting) to a parent some fill looks up.

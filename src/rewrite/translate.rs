@@ -73,6 +73,9 @@ pub(crate) fn redirect(ctx: &mut Ctx, stmt: &Statement, shape: Shape) -> Result<
 }
 
 fn names(ctx: &mut Ctx, stmt: &Statement, shape: Shape) -> Result<bool, Skip> {
+    if matches!(stmt, Statement::Query(_)) && same_on_the_tables(ctx, stmt) {
+        return Ok(false);
+    }
     match stmt {
         Statement::Query(_)
         | Statement::Insert(_)
@@ -172,6 +175,119 @@ fn point(ctx: &mut Ctx, name: &ObjectName, ctes: &HashSet<String>, shape: Shape)
         }
         [] => None,
     }
+}
+
+/// A read that names none of the columns whose names depend on the shape, and cannot see a
+/// whole row, gets from the tables exactly what it would get from the views: the views list
+/// every other column under the table's own name and type, with the table's privileges and
+/// row security (`security_invoker`). It runs on the tables untouched, which spares
+/// PostgreSQL the view's expansion at every simple-protocol execution (docs/benchmarks.md,
+/// "Shapes"). Conservative, from the tokens: any `*` but `count(*)`, `NATURAL` (joins by
+/// name), a write keyword (a data-modifying CTE, `FOR UPDATE`), a system column, or a
+/// relation name or alias used other than as a qualifier (a whole-row reference) sends the
+/// statement through the views as usual.
+fn same_on_the_tables(ctx: &Ctx, stmt: &Statement) -> bool {
+    /// Relations and aliases, with the token of each definition.
+    struct Rows<'c, 'a, 's> {
+        ctx: &'c Ctx<'s, 'a>,
+        names: HashSet<String>,
+        defined: HashSet<usize>,
+    }
+    impl Rows<'_, '_, '_> {
+        fn add(&mut self, id: &sqlparser::ast::Ident) {
+            self.names.insert(folded(id).into_owned());
+            if let Some(i) = self.ctx.src.ident_index(id) {
+                self.defined.insert(i);
+            }
+        }
+    }
+    impl Visitor for Rows<'_, '_, '_> {
+        type Break = ();
+        fn pre_visit_table_factor(&mut self, t: &TableFactor) -> ControlFlow<()> {
+            let alias = match t {
+                TableFactor::Table { name, alias, .. } => {
+                    if let Some(ObjectNamePart::Identifier(id)) = name.0.last() {
+                        self.add(id);
+                    }
+                    alias
+                }
+                TableFactor::Derived { alias, .. }
+                | TableFactor::Function { alias, .. }
+                | TableFactor::UNNEST { alias, .. }
+                | TableFactor::NestedJoin { alias, .. } => alias,
+                _ => &None,
+            };
+            if let Some(a) = alias {
+                self.add(&a.name);
+            }
+            ControlFlow::Continue(())
+        }
+        fn pre_visit_query(&mut self, q: &Query) -> ControlFlow<()> {
+            if let Some(with) = &q.with {
+                for cte in &with.cte_tables {
+                    self.add(&cte.alias.name);
+                }
+            }
+            ControlFlow::Continue(())
+        }
+    }
+    let mut rows = Rows {
+        ctx,
+        names: HashSet::new(),
+        defined: HashSet::new(),
+    };
+    let _ = stmt.visit(&mut rows);
+    let src = ctx.src;
+    for i in ctx.from..ctx.limit {
+        match src.token(i) {
+            Token::Mul => {
+                let counted = i > ctx.from
+                    && src.is(i - 1, &Token::LParen)
+                    && i + 1 < ctx.limit
+                    && src.is(i + 1, &Token::RParen);
+                if !counted {
+                    return false;
+                }
+            }
+            Token::Word(w) => {
+                use sqlparser::keywords::Keyword;
+                if w.quote_style.is_none()
+                    && matches!(
+                        w.keyword,
+                        Keyword::NATURAL
+                            | Keyword::INSERT
+                            | Keyword::UPDATE
+                            | Keyword::DELETE
+                            | Keyword::MERGE
+                            | Keyword::SHARE
+                            | Keyword::TABLE
+                    )
+                {
+                    return false;
+                }
+                let name = match w.quote_style {
+                    Some(_) => w.value.clone(),
+                    None => w.value.to_ascii_lowercase(),
+                };
+                if ctx.rules.is_renamed_column(&name)
+                    || (w.quote_style.is_none() && SYSTEM_COLUMNS.contains(&name.as_str()))
+                {
+                    return false;
+                }
+                let qualifier = i + 1 < ctx.limit && src.is(i + 1, &Token::Period);
+                let qualified = i > ctx.from && src.is(i - 1, &Token::Period);
+                if rows.names.contains(&name)
+                    && !rows.defined.contains(&i)
+                    && !qualifier
+                    && !qualified
+                {
+                    return false;
+                }
+            }
+            _ => {}
+        }
+    }
+    true
 }
 
 /// The names of the statement's CTEs: an unqualified reference to one is not a table.
