@@ -11,7 +11,11 @@
 # would make `aid` a uuid in the uuid shape, and `pgbench -S` could not run there.)
 #
 # Workloads, each with -M simple and -M prepared, CLIENTS clients:
-#   select   pgbench's built-in -S (SELECT abalance FROM pgbench_accounts WHERE aid = :aid)
+#   select   pgbench's built-in -S (SELECT abalance FROM pgbench_accounts WHERE aid = :aid):
+#            it names no column whose name depends on the shape, so since 2026-12-01 keyshift
+#            runs it on the table itself in both variants (translate.rs, same_on_the_tables)
+#   select_key  the same with the migrated column: SELECT abalance, bid FROM pgbench_accounts
+#            WHERE aid = :aid (`bid` is an integer or a uuid by shape): read through the view
 #   inserts  4 autocommit INSERTs into the child pgbench_history per transaction, the same text
 #            in both shapes: INSERT INTO pgbench_history (tid, bid, aid, delta, mtime)
 #            SELECT :tid, bid, :aid, :delta, CURRENT_TIMESTAMP FROM pgbench_tellers WHERE tid = :tid
@@ -105,6 +109,7 @@ INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) SELECT :tid2, bid, :ai
 INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) SELECT :tid1, bid, :aid2, :delta, CURRENT_TIMESTAMP FROM pgbench_tellers WHERE tid = :tid1;
 INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) SELECT :tid2, bid, :aid1, :delta, CURRENT_TIMESTAMP FROM pgbench_tellers WHERE tid = :tid2;
 EOF
+printf '\\set aid random(1, 100000 * :scale)\nSELECT abalance, bid FROM pgbench_accounts WHERE aid = :aid;\n' >"$TMP/select_key.sql"
 # pgbench -S, as text, for the direct runs on the table and on the translated shape's view.
 select_script() { # relation
     printf '\\set aid random(1, 100000 * :scale)\nSELECT abalance FROM %s WHERE aid = :aid;\n' "$1"
@@ -139,6 +144,7 @@ run() { # phase workload mode variant seconds
     select/direct-table) select_script pgbench_accounts >"$TMP/direct.sql" && args=(-f "$TMP/direct.sql") ;;
     select/direct-view) select_script "keyshift_${other}_public.pgbench_accounts" >"$TMP/direct.sql" && args=(-f "$TMP/direct.sql") ;;
     select/*) args=(-S) ;;
+    select_key/*) args=(-f "$TMP/select_key.sql") ;;
     inserts/*) args=(-f "$TMP/inserts.sql") ;;
     esac
     local c0 c1 t0 t1
