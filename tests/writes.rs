@@ -401,22 +401,14 @@ async fn direct_writes_beside_proxy_traffic_keep_every_link_at_every_phase() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
     let db = seeded().await;
-    ks_expect(&db.url(), &["expand"], 0);
-    let p = linked_proxy(&db).await;
     let direct = db.client().await;
     let expect = Arc::new(std::sync::Mutex::new(BTreeMap::new()));
     let hold = Arc::new(AtomicBool::new(false));
     let held = Arc::new(AtomicU32::new(0));
     let stop = Arc::new(AtomicBool::new(false));
-    let mut writers = Vec::new();
-    for who in ["direct", "proxy"] {
-        let c = if who == "direct" {
-            db.client().await
-        } else {
-            connect_shaped(&p, &db, "integer").await
-        };
+    let spawn = |who: &'static str, c: Client| {
         let (expect, hold, held, stop) = (expect.clone(), hold.clone(), held.clone(), stop.clone());
-        writers.push(tokio::spawn(async move {
+        tokio::spawn(async move {
             let mut n = 0u32;
             let mut waiting = false;
             while !stop.load(Ordering::SeqCst) {
@@ -438,8 +430,14 @@ async fn direct_writes_beside_proxy_traffic_keep_every_link_at_every_phase() {
                     .map_err(|e| format!("{who} round {n}: {e}"))?;
             }
             Ok::<u32, String>(n)
-        }));
-    }
+        })
+    };
+    // The direct writer runs from before expand; the proxy's once it is linked.
+    let mut writers = vec![spawn("direct", db.client().await)];
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    step(&db, "expand").await;
+    let p = linked_proxy(&db).await;
+    writers.push(spawn("proxy", connect_shaped(&p, &db, "integer").await));
     let check = |label: &'static str| {
         let (hold, held, expect, direct, url) = (&hold, &held, &expect, &direct, db.url());
         async move {
