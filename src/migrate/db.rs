@@ -224,6 +224,27 @@ pub async fn needed(client: &Client, when: &When) -> Result<bool, DbError> {
             let r = one(client.query_one(OLDER, &[schema, name, than]).await, OLDER)?;
             r.get::<_, Option<bool>>(0) == Some(true)
         }
+        When::MirrorNeeded {
+            schema,
+            table,
+            from,
+            to,
+        } => {
+            // Privileges compared without their grantor (keyshift grants as itself).
+            const MIRROR: &str = "WITH s AS (SELECT attacl, col_description(attrelid, attnum) AS c, attstattarget AS st \
+                FROM pg_attribute WHERE attrelid = to_regclass(format('%I.%I', $1::text, $2::text)) AND attname = $3), \
+                d AS (SELECT attacl, col_description(attrelid, attnum) AS c, attstattarget AS st \
+                FROM pg_attribute WHERE attrelid = to_regclass(format('%I.%I', $1::text, $2::text)) AND attname = $4) \
+                SELECT coalesce(EXISTS (SELECT a.grantee, a.privilege_type, a.is_grantable FROM s, aclexplode(s.attacl) a \
+                EXCEPT SELECT a.grantee, a.privilege_type, a.is_grantable FROM d, aclexplode(d.attacl) a) \
+                OR (SELECT s.c IS NOT NULL AND s.c IS DISTINCT FROM d.c FROM s, d) \
+                OR (SELECT s.st >= 0 AND s.st IS DISTINCT FROM d.st FROM s, d), false)";
+            let r = one(
+                client.query_one(MIRROR, &[schema, table, from, to]).await,
+                MIRROR,
+            )?;
+            r.get::<_, bool>(0)
+        }
         When::TriggersMissing {
             schema,
             table,

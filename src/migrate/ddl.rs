@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use super::fill::{self, Physical};
 use super::plan::{Plan, PlanFk, PlanIndex, PlanTable};
-use super::{state, views};
+use super::{mirror, state, views};
 use crate::ident::{literal, qualified, quote};
 
 /// How a step is run, which is also what it locks.
@@ -98,6 +98,14 @@ pub enum When {
         schema: String,
         name: String,
         than: String,
+    },
+    /// Column `to` lacks a privilege, the comment or the statistics target column `from` has
+    /// ([`super::mirror`]).
+    MirrorNeeded {
+        schema: String,
+        table: String,
+        from: String,
+        to: String,
     },
     /// One of these triggers of `schema.table` does not exist.
     TriggersMissing {
@@ -225,6 +233,7 @@ pub fn expand(plan: &Plan) -> Vec<Step> {
     let mut v = vec![Step::new(state::schema_sql(), Mode::State, When::Always)];
     v.push(Step::new(state::uuid_v7_sql(), Mode::State, When::Always));
     v.push(Step::new(views::function_sql(), Mode::State, When::Always));
+    v.push(Step::new(mirror::function_sql(), Mode::State, When::Always));
     for t in &plan.tables {
         let (s, n, c) = col_when(&t.schema, &t.name, &t.uuid_column);
         v.push(Step::new(
@@ -271,6 +280,8 @@ pub fn expand(plan: &Plan) -> Vec<Step> {
             },
         ));
     }
+    // Column privileges, comments and statistics targets, onto the twins.
+    v.extend(mirror::steps(plan));
     // The fill triggers watch the twins: after them.
     v.extend(fill::create(plan));
     v.extend(id_map_step(plan, false));
@@ -818,7 +829,9 @@ fn swap(sql: String) -> Step {
 /// the uuid index promoted to primary key, and renames so that the result reads as if it had
 /// always been UUID.
 pub fn cutover(plan: &Plan) -> Vec<Step> {
-    let mut v = Vec::new();
+    // What was granted, commented or tuned on the columns since expand follows them too.
+    let mut v = vec![Step::new(mirror::function_sql(), Mode::State, When::Always)];
+    v.extend(mirror::steps(plan));
     for (_, f) in plan.foreign_keys() {
         if let Some(chk) = &f.not_null_check {
             v.extend(check_not_null(
@@ -1261,6 +1274,7 @@ END $$"
         ));
     }
     v.push(views::drop_function());
+    v.push(mirror::drop_function());
     v.push(Step::new(
         state::drop_state_sql(plan.uuid_version == 4, keep_map),
         Mode::State,

@@ -15,6 +15,7 @@ pub mod expand;
 pub mod fill;
 pub mod harden;
 pub mod metrics;
+pub mod mirror;
 pub mod plan;
 pub mod progress;
 pub mod shapes;

@@ -1,0 +1,121 @@
+//! [schema]: what PostgreSQL attaches to a migrated column by number follows it through the
+//! swap: column privileges, comments, statistics targets (src/migrate/mirror.rs).
+mod common;
+mod migrate_support;
+
+use migrate_support::{SEED_004, ks_expect, seed_004_rows};
+use tokio_postgres::Client;
+
+async fn as_role(db: &common::TestDb, role: &str) -> Client {
+    common::connect(&db.url().replacen("postgres@", &format!("{role}@"), 1)).await
+}
+
+async fn one(c: &Client, sql: &str) -> Option<String> {
+    c.query_one(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .get(0)
+}
+
+/// A reporting role with column grants, a writer with column grants, a comment and a
+/// statistics target on migrated columns: after cutover they are on the uuid columns that
+/// carry the original names, after rollback still on the integer ones, and a grant made after
+/// expand follows too.
+#[tokio::test]
+async fn column_grants_comments_and_statistics_follow_the_columns_through_the_swap() {
+    let db = common::TestDb::new().await;
+    let reporter = format!("r_{}", db.name);
+    let writer = format!("w_{}", db.name);
+    let admin = db.client().await;
+    admin
+        .batch_execute(&format!(
+            "{SEED_004}{rows}
+             CREATE ROLE {reporter} LOGIN; CREATE ROLE {writer} LOGIN;
+             GRANT SELECT (id, name) ON mcp_connectors TO {reporter};
+             GRANT INSERT (connector_id, name), SELECT (id, connector_id, name) ON mcp_servers TO {writer};
+             GRANT USAGE ON SEQUENCE mcp_servers_id_seq TO {writer};
+             COMMENT ON COLUMN mcp_connectors.id IS 'the connector';
+             COMMENT ON COLUMN mcp_servers.connector_id IS 'who runs it';
+             ALTER TABLE mcp_servers ALTER COLUMN connector_id SET STATISTICS 500;",
+            rows = seed_004_rows(20)
+        ))
+        .await
+        .unwrap();
+    ks_expect(&db.url(), &["expand"], 0);
+    ks_expect(&db.url(), &["backfill"], 0);
+    // Granted after expand: mirrored before cutover's pause.
+    admin
+        .batch_execute(&format!("GRANT SELECT (id) ON mcp_servers TO {reporter}"))
+        .await
+        .unwrap();
+    let r = as_role(&db, &reporter).await;
+    let w = as_role(&db, &writer).await;
+    // The writer's direct insert: its twin filled by the fill trigger (which runs as the
+    // owner), its own grants unchanged.
+    w.batch_execute("INSERT INTO mcp_servers (connector_id, name) VALUES (2, 'w-before')")
+        .await
+        .unwrap();
+
+    ks_expect(&db.url(), &["cutover"], 0);
+    // The reporter reads the uuid keys under the names it was granted.
+    let id = one(&r, "SELECT id::text FROM mcp_connectors WHERE name = 'c1'").await;
+    assert_eq!(id.as_deref().map(str::len), Some(36), "a uuid: {id:?}");
+    assert!(
+        one(&r, "SELECT min(id::text) FROM mcp_servers")
+            .await
+            .is_some()
+    );
+    // The writer inserts in the uuid shape, naming the FK column it was granted.
+    let c2 = one(
+        &admin,
+        "SELECT id::text FROM mcp_connectors WHERE id_legacy = 2",
+    )
+    .await
+    .unwrap();
+    w.batch_execute(&format!(
+        "INSERT INTO mcp_servers (connector_id, name) VALUES ('{c2}', 'w-after')"
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        one(
+            &admin,
+            "SELECT connector_id_legacy::text FROM mcp_servers WHERE name = 'w-after'"
+        )
+        .await
+        .as_deref(),
+        Some("2"),
+        "the legacy side, filled by the trigger"
+    );
+    assert_eq!(
+        one(&admin, "SELECT col_description('mcp_connectors'::regclass, (SELECT attnum FROM pg_attribute WHERE attrelid = 'mcp_connectors'::regclass AND attname = 'id'))").await.as_deref(),
+        Some("the connector")
+    );
+    assert_eq!(
+        one(&admin, "SELECT col_description('mcp_servers'::regclass, (SELECT attnum FROM pg_attribute WHERE attrelid = 'mcp_servers'::regclass AND attname = 'connector_id'))").await.as_deref(),
+        Some("who runs it")
+    );
+    assert_eq!(
+        one(&admin, "SELECT attstattarget::text FROM pg_attribute WHERE attrelid = 'mcp_servers'::regclass AND attname = 'connector_id'").await.as_deref(),
+        Some("500")
+    );
+
+    ks_expect(&db.url(), &["rollback"], 0);
+    let id = one(&r, "SELECT id::text FROM mcp_connectors WHERE name = 'c1'").await;
+    assert_eq!(id.as_deref(), Some("1"), "the integer again");
+    w.batch_execute("INSERT INTO mcp_servers (connector_id, name) VALUES (3, 'w-rolled-back')")
+        .await
+        .unwrap();
+    assert_eq!(
+        one(&admin, "SELECT col_description('mcp_connectors'::regclass, (SELECT attnum FROM pg_attribute WHERE attrelid = 'mcp_connectors'::regclass AND attname = 'id'))").await.as_deref(),
+        Some("the connector")
+    );
+    ks_expect(&db.url(), &["verify"], 0);
+    drop((r, w));
+    admin
+        .batch_execute(&format!(
+            "DROP OWNED BY {reporter}, {writer}; DROP ROLE {reporter}; DROP ROLE {writer}"
+        ))
+        .await
+        .unwrap();
+}
