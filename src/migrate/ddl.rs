@@ -1308,6 +1308,15 @@ fn drop_rollback_preparation(plan: &Plan) -> Vec<Step> {
     v
 }
 
+/// Drops one of keyshift's functions (`signature` as `DROP FUNCTION` needs it), if there.
+pub fn drop_function(signature: &str) -> Step {
+    Step::new(
+        format!("DROP FUNCTION IF EXISTS {signature}"),
+        Mode::State,
+        When::Always,
+    )
+}
+
 /// Drops a constraint if it is there (brief lock).
 fn drop_constraint(schema: &str, table: &str, name: &str) -> Step {
     Step::new(

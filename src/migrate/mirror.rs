@@ -100,10 +100,7 @@ pub fn steps(plan: &Plan) -> Vec<Step> {
         .collect()
 }
 
+/// finalize: the function goes with keyshift's state.
 pub fn drop_function() -> Step {
-    Step {
-        sql: format!("DROP FUNCTION IF EXISTS {FUNCTION}"),
-        mode: Mode::State,
-        when: When::Always,
-    }
+    super::ddl::drop_function(FUNCTION)
 }

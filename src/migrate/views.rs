@@ -251,11 +251,7 @@ END $$",
 
 /// finalize: the function goes with keyshift's state (the schema may stay, for uuid_v7).
 pub fn drop_function() -> Step {
-    Step {
-        sql: format!("DROP FUNCTION IF EXISTS {FUNCTION}"),
-        mode: Mode::State,
-        when: When::Always,
-    }
+    super::ddl::drop_function(FUNCTION)
 }
 
 /// plan's blockers: view schemas whose name PostgreSQL would truncate.
