@@ -119,3 +119,63 @@ async fn column_grants_comments_and_statistics_follow_the_columns_through_the_sw
         .await
         .unwrap();
 }
+
+/// `plan` lists up front what it cannot carry and goes ahead: a CHECK, a generated column and
+/// extended statistics on a migrated column (they stay with the integer), a function whose
+/// body names a migrated table, a trigger whose function uses a migrated column.
+#[tokio::test]
+async fn plan_lists_what_follows_the_integer_or_reads_by_name() {
+    let db = common::TestDb::new().await;
+    db.client()
+        .await
+        .batch_execute(&format!(
+            "{SEED_004}
+             ALTER TABLE mcp_servers ADD CONSTRAINT connector_positive CHECK (connector_id > 0);
+             ALTER TABLE mcp_servers ADD COLUMN shard int GENERATED ALWAYS AS (connector_id % 16) STORED;
+             CREATE STATISTICS servers_by_connector ON connector_id, status FROM mcp_servers;
+             CREATE FUNCTION active_servers() RETURNS bigint LANGUAGE plpgsql AS $$
+               BEGIN RETURN (SELECT count(*) FROM MCP_Servers WHERE status = 'active'); END $$;
+             CREATE FUNCTION stamp() RETURNS trigger LANGUAGE plpgsql AS $$
+               BEGIN IF NEW.mcp_server_id IS NULL THEN RAISE 'no server'; END IF; RETURN NEW; END $$;
+             CREATE TRIGGER stamp BEFORE INSERT ON mcp_server_tools FOR EACH ROW EXECUTE FUNCTION stamp();"
+        ))
+        .await
+        .unwrap();
+    let o = ks_expect(&db.url(), &["plan", "--format", "json"], 0);
+    let p: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(p["blockers"], serde_json::json!([]), "{p:#}");
+    let warnings: Vec<(String, String)> = p["warnings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| {
+            (
+                w["code"].as_str().unwrap().to_string(),
+                w["object"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    for want in [
+        (
+            "follows-integer-check-constraint",
+            "check constraint connector_positive",
+        ),
+        ("follows-integer-generated-column", "generated column shard"),
+        (
+            "follows-integer-statistics",
+            "statistics public.servers_by_connector",
+        ),
+        ("function-body", "function active_servers()"),
+        (
+            "trigger-function",
+            "trigger stamp on public.mcp_server_tools",
+        ),
+    ] {
+        assert!(
+            warnings.contains(&(want.0.to_string(), want.1.to_string())),
+            "{want:?} missing from {warnings:#?}"
+        );
+    }
+    // It goes ahead: expand takes the plan as it is.
+    ks_expect(&db.url(), &["expand"], 0);
+}

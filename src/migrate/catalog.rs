@@ -21,6 +21,23 @@ pub struct Catalog {
     pub dependents: Vec<Dependent>,
     /// `(schema, table, publication)`; `table` is `*` for a FOR ALL TABLES publication.
     pub publications: Vec<(String, String, String)>,
+    /// Functions and procedures with a string body (plpgsql, SQL as `$$…$$`, …): they
+    /// resolve names when they run, so nothing records what they read.
+    #[serde(default)]
+    pub routines: Vec<Routine>,
+    /// The application's own triggers: `(schema, table, trigger, function)`.
+    #[serde(default)]
+    pub triggers: Vec<(String, String, String, String)>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Routine {
+    /// `function` or `procedure`.
+    pub kind: String,
+    /// As `regprocedure` prints it: `public.f(integer)`.
+    pub name: String,
+    /// The body, lower-cased.
+    pub source: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -97,7 +114,9 @@ pub struct Index {
 /// integer column after the cutover renames it.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Dependent {
-    /// `view`, `materialized view`, `rule`, `policy`, `trigger`, `function`.
+    /// `view`, `materialized view`, `rule`, `policy`, `trigger`, `function`; and the objects
+    /// that keep following the integer column without breaking anything: `check constraint`,
+    /// `generated column`, `statistics`.
     pub kind: String,
     /// The object's own name, schema-qualified where it has one.
     pub name: String,
@@ -325,6 +344,86 @@ pub async fn read(client: &Client) -> Result<Catalog, CatalogError> {
             table: r.get(3),
             column: r.get(4),
         });
+    }
+    // What follows the column by number without breaking: CHECK constraints, generated
+    // columns, extended statistics. Listed by plan, not refused.
+    let follows = client
+        .query(
+            &format!(
+                "SELECT DISTINCT x.kind, x.name, n.nspname::text, c.relname::text, a.attname::text FROM (
+                   SELECT 'check constraint' AS kind, con.conname::text AS name, d.refobjid, d.refobjsubid
+                     FROM pg_depend d JOIN pg_constraint con ON con.oid = d.objid
+                    WHERE d.classid = 'pg_constraint'::regclass AND con.contype = 'c' AND d.deptype = 'n'
+                   UNION ALL
+                   SELECT 'generated column', ga.attname::text, d.refobjid, d.refobjsubid
+                     FROM pg_depend d JOIN pg_attrdef ad ON ad.oid = d.objid
+                     JOIN pg_attribute ga ON ga.attrelid = ad.adrelid AND ga.attnum = ad.adnum
+                    WHERE d.classid = 'pg_attrdef'::regclass AND d.deptype = 'n'
+                   UNION ALL
+                   SELECT 'statistics', sn.nspname || '.' || s.stxname, d.refobjid, d.refobjsubid
+                     FROM pg_depend d JOIN pg_statistic_ext s ON s.oid = d.objid
+                     JOIN pg_namespace sn ON sn.oid = s.stxnamespace
+                    WHERE d.classid = 'pg_statistic_ext'::regclass) x
+                 JOIN pg_class c ON c.oid = x.refobjid
+                 JOIN pg_namespace n ON n.oid = c.relnamespace
+                 JOIN pg_attribute a ON a.attrelid = x.refobjid AND a.attnum = x.refobjsubid
+                WHERE x.refobjsubid > 0 AND {USER_SCHEMAS}
+                ORDER BY 3, 4, 5, 1, 2"
+            ),
+            &[],
+        )
+        .await
+        .map_err(q("objects on columns"))?;
+    for r in follows {
+        cat.dependents.push(Dependent {
+            kind: r.get(0),
+            name: r.get(1),
+            schema: r.get(2),
+            table: r.get(3),
+            column: r.get(4),
+        });
+    }
+    // String bodies (prosqlbody, PostgreSQL 14+, read through to_jsonb so that 13 works).
+    let routines = client
+        .query(
+            &format!(
+                "SELECT CASE p.prokind WHEN 'p' THEN 'procedure' ELSE 'function' END,
+                        p.oid::regprocedure::text, lower(p.prosrc)
+                   FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+                   JOIN pg_language l ON l.oid = p.prolang
+                  WHERE p.prokind IN ('f', 'p') AND l.lanname NOT IN ('c', 'internal')
+                    AND to_jsonb(p) ->> 'prosqlbody' IS NULL
+                    AND n.nspname NOT LIKE 'keyshift%' AND {USER_SCHEMAS}
+                    AND NOT EXISTS (SELECT 1 FROM pg_depend e WHERE e.classid = 'pg_proc'::regclass
+                                    AND e.objid = p.oid AND e.deptype = 'e')
+                  ORDER BY 2"
+            ),
+            &[],
+        )
+        .await
+        .map_err(q("functions"))?;
+    for r in routines {
+        cat.routines.push(Routine {
+            kind: r.get(0),
+            name: r.get(1),
+            source: r.get(2),
+        });
+    }
+    let triggers = client
+        .query(
+            &format!(
+                "SELECT n.nspname::text, c.relname::text, t.tgname::text, t.tgfoid::regprocedure::text
+                   FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+                   JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE NOT t.tgisinternal AND t.tgname NOT LIKE 'zz\\_keyshift\\_%' AND {USER_SCHEMAS}
+                  ORDER BY 1, 2, 3"
+            ),
+            &[],
+        )
+        .await
+        .map_err(q("triggers"))?;
+    for r in triggers {
+        cat.triggers.push((r.get(0), r.get(1), r.get(2), r.get(3)));
     }
     let pubs = client
         .query(

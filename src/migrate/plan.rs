@@ -209,6 +209,16 @@ fn finding(code: &str, object: String, problem: String, fix: &str) -> Finding {
     }
 }
 
+/// Whether `source` (lower-cased) uses `word` as a whole identifier.
+fn mentions(source: &str, word: &str) -> bool {
+    let ident = |c: char| c.is_alphanumeric() || c == '_' || c == '$';
+    source.match_indices(word).any(|(i, _)| {
+        let before = source[..i].chars().next_back();
+        let after = source[i + word.len()..].chars().next();
+        !before.is_some_and(ident) && !after.is_some_and(ident)
+    })
+}
+
 /// Builds the plan. Pure: everything it knows comes from `cat` and `opts`.
 pub fn build(cat: &Catalog, opts: &PlanOptions) -> Plan {
     let mut blockers = Vec::new();
@@ -604,19 +614,99 @@ pub fn build(cat: &Catalog, opts: &PlanOptions) -> Plan {
             "trigger" => {
                 "drop the trigger (its WHEN / UPDATE OF clause names the column) and recreate it after cutover"
             }
+            "generated column" => {
+                "recreate it over the uuid column after cutover: finalize cannot drop the legacy column while it exists"
+            }
+            "check constraint" | "statistics" => {
+                "recreate it on the uuid column after cutover if it must apply there; finalize drops it with the legacy column"
+            }
             _ => {
                 "replace the SQL-standard function body by a string body (AS $$...$$), or recreate it after cutover"
             }
         };
-        blockers.push(finding(
-            &format!("dependent-{}", d.kind.replace(' ', "-")),
+        // These keep following the integer column, `_legacy` after cutover, and break
+        // nothing: listed, not refused.
+        let follows = matches!(
+            d.kind.as_str(),
+            "check constraint" | "generated column" | "statistics"
+        );
+        let (list, code, problem) = if follows {
+            (
+                &mut warnings,
+                "follows-integer",
+                format!(
+                    "{} {} uses {col}; after cutover it stays on the integer column (renamed with the legacy suffix), not on the uuid that takes the name",
+                    d.kind, d.name
+                ),
+            )
+        } else {
+            (
+                &mut blockers,
+                "dependent",
+                format!(
+                    "{} {} references {col}, which cutover renames",
+                    d.kind, d.name
+                ),
+            )
+        };
+        list.push(finding(
+            &format!("{code}-{}", d.kind.replace(' ', "-")),
             format!("{} {}", d.kind, d.name),
-            format!(
-                "{} {} references {col}, which cutover renames",
-                d.kind, d.name
-            ),
+            problem,
             fix,
         ));
+    }
+
+    // Bodies that resolve names when they run: nothing records what they read, so they are
+    // found by the names they mention.
+    let mut migrated: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+    for (sch, tb, col) in &renamed {
+        migrated
+            .entry((sch.clone(), tb.clone()))
+            .or_default()
+            .push(col.clone());
+    }
+    for r in &cat.routines {
+        let named: Vec<String> = migrated
+            .keys()
+            .filter(|(_, tb)| mentions(&r.source, &tb.to_lowercase()))
+            .map(|(sch, tb)| qualified(sch, tb))
+            .collect();
+        if !named.is_empty() {
+            warnings.push(finding(
+                &format!("{}-body", r.kind),
+                format!("{} {}", r.kind, r.name),
+                format!(
+                    "its body names {}; it resolves columns when it runs, so after cutover it reads and writes uuid keys under the original names",
+                    named.join(", ")
+                ),
+                "make it work with uuid keys before cutover (a new version of it, as for the application), or recreate it after cutover",
+            ));
+        }
+    }
+    for (sch, tb, trigger, function) in &cat.triggers {
+        let Some(cols) = migrated.get(&(sch.clone(), tb.clone())) else {
+            continue;
+        };
+        let Some(r) = cat.routines.iter().find(|r| &r.name == function) else {
+            continue;
+        };
+        let used: Vec<&str> = cols
+            .iter()
+            .filter(|c| mentions(&r.source, &c.to_lowercase()))
+            .map(String::as_str)
+            .collect();
+        if !used.is_empty() {
+            warnings.push(finding(
+                "trigger-function",
+                format!("trigger {trigger} on {}", qualified(sch, tb)),
+                format!(
+                    "it runs {function}, which uses {}: after cutover NEW and OLD carry uuids there",
+                    used.join(", ")
+                ),
+                "make the function work with uuid keys before cutover, or recreate it after cutover",
+            ));
+        }
     }
 
     for (s, tb, p) in &cat.publications {
@@ -757,7 +847,7 @@ pub fn render_text(plan: &Plan) -> String {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::migrate::catalog::{Column, Dependent, ForeignKey, Index, PrimaryKey};
+    use crate::migrate::catalog::{Column, Dependent, ForeignKey, Index, PrimaryKey, Routine};
 
     pub(crate) fn table(schema: &str, name: &str, cols: &[(&str, &str, bool)]) -> Table {
         Table {
@@ -940,6 +1030,68 @@ pub(crate) mod tests {
         }
         assert_eq!(p.warnings[0].code, "publication");
         assert!(render_text(&p).contains("what to do"));
+    }
+
+    #[test]
+    fn what_follows_the_integer_or_reads_by_name_is_listed_not_refused() {
+        let mut cat = sample();
+        for (kind, name) in [
+            ("check constraint", "servers_connector_id_check"),
+            ("generated column", "twice"),
+            ("statistics", "public.st"),
+        ] {
+            cat.dependents.push(Dependent {
+                kind: kind.into(),
+                name: name.into(),
+                schema: "public".into(),
+                table: "servers".into(),
+                column: "connector_id".into(),
+            });
+        }
+        cat.routines = vec![
+            Routine {
+                kind: "function".into(),
+                name: "public.count_servers()".into(),
+                source: "begin return (select count(*) from servers); end".into(),
+            },
+            Routine {
+                kind: "function".into(),
+                name: "public.audit()".into(),
+                source: "begin new.connector_id := coalesce(new.connector_id, 1); return new; end"
+                    .into(),
+            },
+            // Names that only contain a migrated table's name are not it.
+            Routine {
+                kind: "procedure".into(),
+                name: "public.other()".into(),
+                source: "begin perform 1 from servers_archive; end".into(),
+            },
+        ];
+        cat.triggers = vec![(
+            "public".into(),
+            "servers".into(),
+            "audit_t".into(),
+            "public.audit()".into(),
+        )];
+        let p = build(&cat, &PlanOptions::default());
+        assert!(!p.is_blocked(), "{:?}", p.blockers);
+        let codes: Vec<&str> = p.warnings.iter().map(|w| w.code.as_str()).collect();
+        assert_eq!(
+            codes,
+            [
+                "follows-integer-check-constraint",
+                "follows-integer-generated-column",
+                "follows-integer-statistics",
+                "function-body",
+                "trigger-function"
+            ]
+        );
+        assert!(
+            p.warnings[3].problem.contains("servers"),
+            "{:?}",
+            p.warnings[3]
+        );
+        assert!(p.warnings[4].problem.contains("connector_id"));
     }
 
     #[test]
