@@ -179,3 +179,76 @@ async fn plan_lists_what_follows_the_integer_or_reads_by_name() {
     // It goes ahead: expand takes the plan as it is.
     ks_expect(&db.url(), &["expand"], 0);
 }
+
+/// A role that may write a child but not read its parent (column grants, as reporting and
+/// ingest roles have): its writes through keyshift succeed as they do directly, before and
+/// after cutover, in both shapes; the fill triggers (run as their owner) fill what keyshift's
+/// lookup could not read for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_that_cannot_read_the_parent_writes_through_keyshift() {
+    let db = common::TestDb::new().await;
+    let writer = format!("w_{}", db.name);
+    let admin = db.client().await;
+    admin
+        .batch_execute(&format!(
+            "{SEED_004}{rows}
+             CREATE ROLE {writer} LOGIN;
+             GRANT INSERT (connector_id, name), SELECT (name) ON mcp_servers TO {writer};
+             GRANT USAGE ON SEQUENCE mcp_servers_id_seq TO {writer};",
+            rows = seed_004_rows(10)
+        ))
+        .await
+        .unwrap();
+    ks_expect(&db.url(), &["expand"], 0);
+    ks_expect(&db.url(), &["backfill"], 0);
+    let p = common::proxy::linked_proxy(&db).await;
+    let connect = |shape: &'static str| {
+        let url = p.url(&writer, &db.name);
+        async move {
+            let mut cfg: tokio_postgres::Config = url.parse().unwrap();
+            cfg.options(format!("-c keyshift.shape={shape}"));
+            let (c, conn) = cfg.connect(tokio_postgres::NoTls).await.unwrap();
+            tokio::spawn(conn);
+            c
+        }
+    };
+    let twins_right = "SELECT count(*) FROM mcp_servers s LEFT JOIN mcp_connectors c ON c.id = s.connector_id \
+                       WHERE s.connector_id_uuid IS DISTINCT FROM c.id_uuid";
+    let legacy_right = "SELECT count(*) FROM mcp_servers s LEFT JOIN mcp_connectors c ON c.id = s.connector_id \
+                        WHERE s.connector_id_legacy IS DISTINCT FROM c.id_legacy";
+    let w = connect("integer").await;
+    w.batch_execute("INSERT INTO mcp_servers (connector_id, name) VALUES (2, 'through-before')")
+        .await
+        .unwrap_or_else(|e| panic!("before cutover: {e:?}"));
+    assert_eq!(migrate_support::count(&admin, twins_right).await, 0);
+
+    ks_expect(&db.url(), &["cutover"], 0);
+    let c3 = one(
+        &admin,
+        "SELECT id::text FROM mcp_connectors WHERE id_legacy = 3",
+    )
+    .await
+    .unwrap();
+    let u = connect("uuid").await;
+    u.batch_execute(&format!(
+        "INSERT INTO mcp_servers (connector_id, name) VALUES ('{c3}', 'through-uuid')"
+    ))
+    .await
+    .unwrap_or_else(|e| panic!("uuid shape after cutover: {e:?}"));
+    // The integer session, translated, through its view.
+    let w = connect("integer").await;
+    w.batch_execute("INSERT INTO mcp_servers (connector_id, name) VALUES (4, 'through-after')")
+        .await
+        .unwrap_or_else(|e| panic!("integer shape after cutover: {e:?}"));
+    assert_eq!(migrate_support::count(&admin, legacy_right).await, 0);
+    assert_eq!(
+        one(&admin, "SELECT string_agg(name || '=' || connector_id_legacy, ',' ORDER BY name) FROM mcp_servers WHERE name LIKE 'through-%'").await.as_deref(),
+        Some("through-after=4,through-before=2,through-uuid=3")
+    );
+    drop((w, u));
+    drop(p);
+    admin
+        .batch_execute(&format!("DROP OWNED BY {writer}; DROP ROLE {writer}"))
+        .await
+        .unwrap();
+}

@@ -126,6 +126,8 @@ pub struct Control {
     map_version: Option<Option<i64>>,
     /// The children whose fill triggers were off at the last refresh: logged when it changes.
     fill_off: Vec<String>,
+    /// Refreshes since the roles' privileges were last read (`read_unreadable`).
+    privileges_age: u32,
     /// The switch (cutover/rollback) this proxy's gate is closed for, if any.
     hold: Option<Hold>,
     /// The last (attempt, round) this proxy took part in, so a refresh never joins it twice.
@@ -200,6 +202,7 @@ impl Control {
             version: 0,
             map_version: None,
             fill_off: Vec::new(),
+            privileges_age: 0,
             hold: None,
             last_round: (0, 0),
         }
@@ -606,6 +609,8 @@ impl Control {
             }
             None => {}
             Some(m) if m.rules_version != self.version => {
+                // Before the rules: a session that sees the new rules sees these too.
+                self.refresh_privileges(client, &m.plan, m.phase).await;
                 match dualwrite::build(
                     client,
                     &m.plan,
@@ -669,6 +674,12 @@ impl Control {
                 Err(e) => warn!(error = %e, "cannot read the id mapping catalog"),
             }
         }
+        if let Some(m) = &migration {
+            self.privileges_age += 1;
+            if self.privileges_age >= PRIVILEGES_EVERY {
+                self.refresh_privileges(client, &m.plan, m.phase).await;
+            }
+        }
         if migration.is_some() {
             self.heartbeat(client).await?;
             if let Some(mm) = &self.migrate_metrics
@@ -693,6 +704,24 @@ impl Control {
             }
         }
         Ok(())
+    }
+
+    /// Reads which login roles may not read which migrated parents' keys, for the sessions'
+    /// scopes (`Scope::unreadable`). Keeps the last answer when the query fails (in the
+    /// middle of a swap, a column it names may be gone).
+    async fn refresh_privileges(
+        &mut self,
+        client: &Client,
+        plan: &crate::migrate::plan::Plan,
+        phase: crate::migrate::state::Phase,
+    ) {
+        self.privileges_age = 0;
+        match read_unreadable(client, plan, phase).await {
+            Ok(map) => self.shared.unreadable.store(Arc::new(map)),
+            Err(e) => {
+                warn!(error = %e, "cannot read the roles' privileges on the migrated tables; keeping the last reading")
+            }
+        }
     }
 
     /// Proves this proxy alive and reports its sessions per (shape, user, database,
@@ -741,6 +770,58 @@ impl Control {
             Err(e) => Err(e.into()),
         }
     }
+}
+
+/// Refreshes between two readings of the roles' privileges (`HEARTBEAT` apart): a GRANT or
+/// REVOKE is taken within about 30 s, by sessions that start after it or at the next rules
+/// change.
+const PRIVILEGES_EVERY: u32 = 15;
+
+/// Per login role that is not a superuser, the migrated parents (as (schema, table)) whose
+/// key columns, under the names the tables have in `phase`, it may not both SELECT: the
+/// dual-write's lookup reads them, where PostgreSQL's own FK check would not need the role
+/// to. Roles absent from the map may read every parent.
+async fn read_unreadable(
+    client: &Client,
+    plan: &crate::migrate::plan::Plan,
+    phase: crate::migrate::state::Phase,
+) -> Result<
+    std::collections::HashMap<String, std::collections::BTreeSet<(String, String)>>,
+    tokio_postgres::Error,
+> {
+    let after = crate::shape::Shape::physical(phase) == crate::shape::Shape::Uuid;
+    let (mut schemas, mut tables, mut a, mut b) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for t in plan.tables.iter().filter(|t| !t.referenced_by.is_empty()) {
+        schemas.push(t.schema.clone());
+        tables.push(t.name.clone());
+        a.push(t.key.clone());
+        b.push(if after {
+            t.legacy_column.clone()
+        } else {
+            t.uuid_column.clone()
+        });
+    }
+    let mut map: std::collections::HashMap<String, std::collections::BTreeSet<(String, String)>> =
+        std::collections::HashMap::new();
+    if schemas.is_empty() {
+        return Ok(map);
+    }
+    let rows = client
+        .query(
+            "SELECT r.rolname::text, p.s, p.t
+               FROM pg_roles r, unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS p(s, t, a, b)
+              WHERE r.rolcanlogin AND NOT r.rolsuper
+                AND NOT (has_column_privilege(r.oid, format('%I.%I', p.s, p.t), p.a, 'SELECT')
+                     AND has_column_privilege(r.oid, format('%I.%I', p.s, p.t), p.b, 'SELECT'))",
+            &[&schemas, &tables, &a, &b],
+        )
+        .await?;
+    for r in rows {
+        map.entry(r.get(0))
+            .or_default()
+            .insert((r.get(1), r.get(2)));
+    }
+    Ok(map)
 }
 
 #[cfg(test)]

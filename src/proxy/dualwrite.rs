@@ -354,7 +354,10 @@ impl StatementRewriter for DualWrite {
     }
 
     fn scoped(&self, scope: &Scope) -> Option<Arc<dyn StatementRewriter>> {
-        let rules = self.rules.with_scope(scope.path(), &scope.temp);
+        let rules = self
+            .rules
+            .with_scope(scope.path(), &scope.temp)
+            .without_lookups_in(&scope.unreadable);
         Some(Arc::new(DualWrite {
             rules,
             // One session's: small, and not in the proxy's cache metrics.

@@ -84,6 +84,11 @@ pub struct Shared {
     /// The migration's phase and default shape, for startup decisions; `None` with no
     /// migration (or before the control link first read it).
     pub migration: arc_swap::ArcSwapOption<shapes::LiveMigration>,
+    /// Per login role, the migrated parents whose keys it may not read (control.rs): its
+    /// sessions leave those lookups to the fill triggers.
+    pub unreadable: arc_swap::ArcSwap<
+        std::collections::HashMap<String, std::collections::BTreeSet<(String, String)>>,
+    >,
     /// True while the link to the migrated database (`database_url`) is up.
     pub control_connected: std::sync::atomic::AtomicBool,
     /// The id mapping served on `/v1/map` (src/map).
@@ -116,6 +121,7 @@ impl Shared {
             map,
             rewriter: arc_swap::ArcSwapOption::empty(),
             migration: arc_swap::ArcSwapOption::empty(),
+            unreadable: Default::default(),
             rules_version: std::sync::atomic::AtomicU64::new(0),
             control_connected: std::sync::atomic::AtomicBool::new(false),
             force_shutdown: force_rx,

@@ -20,11 +20,19 @@ pub struct Scope {
     pub local_path: Option<Vec<String>>,
     /// Temporary tables the session created (unqualified names resolve to them first).
     pub temp: BTreeSet<String>,
+    /// Migrated parents, as (schema, table), whose keys the session's role may not read: the
+    /// dual-write's lookup of them would fail where the client's own statement succeeds, so
+    /// their fills are left to the fill triggers, which run as their owner (issue [schema],
+    /// least privilege). Set from the control link's reading of the privileges, not from SQL.
+    pub unreadable: BTreeSet<(String, String)>,
 }
 
 impl Scope {
     pub fn is_default(&self) -> bool {
-        self.search_path.is_none() && self.local_path.is_none() && self.temp.is_empty()
+        self.search_path.is_none()
+            && self.local_path.is_none()
+            && self.temp.is_empty()
+            && self.unreadable.is_empty()
     }
 
     /// The path in force: `SET LOCAL`'s, else the session's.
@@ -83,7 +91,12 @@ impl Scope {
                     .filter(|p| !p.is_empty());
             }
             (Some("reset"), Some("search_path" | "all"), _) => self.search_path = None,
-            (Some("discard"), Some("all"), _) => *self = Scope::default(),
+            (Some("discard"), Some("all"), _) => {
+                *self = Scope {
+                    unreadable: std::mem::take(&mut self.unreadable),
+                    ..Scope::default()
+                }
+            }
             (Some("discard"), Some("temp" | "temporary"), _) => self.temp.clear(),
             (Some("create"), ..) => {
                 // CREATE [GLOBAL | LOCAL] {TEMP | TEMPORARY} [UNLOGGED] TABLE [IF NOT EXISTS] name

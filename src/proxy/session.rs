@@ -227,6 +227,16 @@ impl<C, S> Drop for Session<C, S> {
     }
 }
 
+/// The migrated parents whose keys `user` may not read, as the control link last found them.
+fn unreadable_for(shared: &Shared, user: &str) -> std::collections::BTreeSet<(String, String)> {
+    shared
+        .unreadable
+        .load()
+        .get(user)
+        .cloned()
+        .unwrap_or_default()
+}
+
 impl<C, S> Session<C, S>
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -262,7 +272,10 @@ where
             unnamed_gen: 0,
             unnamed_sql: None,
             stale: Default::default(),
-            scope: Scope::default(),
+            scope: Scope {
+                unreadable: unreadable_for(&shared, &info.user),
+                ..Scope::default()
+            },
             scoped: None,
             restore_inflight: 0,
             restore_sync_passed: false,
@@ -521,6 +534,12 @@ where
                     if rules_changed {
                         self.rules_seen = version;
                         self.stmts.retire_all();
+                        // Privileges are read again with each rules version.
+                        let unreadable = unreadable_for(&self.shared, &self.info.user);
+                        if unreadable != self.scope.unreadable {
+                            self.scope.unreadable = unreadable;
+                            self.scoped = None;
+                        }
                     }
                     let to_redo = !self.prepared.is_empty() || self.unnamed_sql.is_some();
                     if (rules_changed && to_redo) || self.stmts.has_closes() {

@@ -4,7 +4,7 @@
 //! that the proxy can build a new one on every `NOTIFY keyshift` and swap it atomically, and so
 //! that adding client views later is a new input rather than a redesign.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use super::prescan::Prescan;
 use crate::shape::Shape;
@@ -382,6 +382,20 @@ impl RuleSet {
         }
         r.temp = temp.into_iter().cloned().collect();
         r
+    }
+
+    /// These rules without the fills that look up one of `parents` (as (schema, table)):
+    /// for a role that may not read them, the fill triggers fill those twins instead.
+    pub fn without_lookups_in(mut self, parents: &BTreeSet<(String, String)>) -> RuleSet {
+        if parents.is_empty() {
+            return self;
+        }
+        for child in self.children.values_mut() {
+            child
+                .fills
+                .retain(|f| !parents.contains(&(f.parent_schema.clone(), f.parent_table.clone())));
+        }
+        self
     }
 
     /// A rule set with nothing to rewrite: pure passthrough.
