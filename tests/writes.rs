@@ -616,3 +616,43 @@ async fn a_role_that_cannot_read_the_parent_still_writes_the_child_directly() {
         .await
         .unwrap();
 }
+
+/// Logical replication's apply workers write with `session_replication_role = replica`, under
+/// which ordinary triggers do not fire; keyshift's are `ENABLE ALWAYS`. The same setting in a
+/// direct session stands in for an apply worker here.
+#[tokio::test]
+async fn writes_as_a_replica_applies_them_get_their_twins() {
+    let db = seeded().await;
+    for s in ["expand", "backfill"] {
+        ks_expect(&db.url(), &[s], 0);
+    }
+    let c = db.client().await;
+    c.batch_execute(
+        "SET session_replication_role = replica;
+         INSERT INTO mcp_servers (connector_id, name) VALUES (5, 'replicated');
+         UPDATE mcp_servers SET connector_id = 6 WHERE name = 's1';
+         RESET session_replication_role;",
+    )
+    .await
+    .unwrap();
+    assert_eq!(wrong_twins(&c).await, 0);
+    ks_expect(&db.url(), &["cutover"], 0);
+    let c6 = c
+        .query_one("SELECT id FROM mcp_connectors WHERE id_legacy = 6", &[])
+        .await
+        .unwrap()
+        .get::<_, Uuid>(0);
+    c.execute("SET session_replication_role = replica", &[])
+        .await
+        .unwrap();
+    c.execute(
+        "INSERT INTO mcp_servers (connector_id, name) VALUES ($1, 'replicated-after')",
+        &[&c6],
+    )
+    .await
+    .unwrap();
+    c.execute("RESET session_replication_role", &[])
+        .await
+        .unwrap();
+    assert_eq!(wrong_twins(&c).await, 0);
+}
