@@ -1,5 +1,7 @@
 //! The pause gate: holds idle sessions, lets open transactions finish, releases in order.
 mod common;
+// Shared with the migrate_* tests; only the CLI helper and the seed are used here.
+mod migrate_support;
 
 use std::time::Duration;
 
@@ -181,4 +183,76 @@ async fn a_pause_never_lets_a_message_slip_through() {
             "a statement ran while the gate was closed and drained"
         );
     }
+}
+
+/// Only what must wait waits (issue [scale]): with a migration's rules in force and the gate
+/// closed, a simple-protocol statement that names no migrated table goes on and the pause does
+/// not wait for it; one that names a migrated table, a transaction start and an extended-
+/// protocol statement are held as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_that_cannot_touch_the_migration_pass_a_closed_gate() {
+    let db = common::TestDb::new().await;
+    db.client()
+        .await
+        .batch_execute(&format!(
+            "{}{}CREATE TABLE other (n int);",
+            migrate_support::SEED_004,
+            "INSERT INTO mcp_connectors (name) VALUES ('c1');"
+        ))
+        .await
+        .unwrap();
+    migrate_support::ks_expect(&db.url(), &["expand"], 0);
+    let p = common::proxy::linked_proxy(&db).await;
+    let url = p.url("postgres", &db.name);
+    let (a, b, c, d) = (
+        common::connect(&url).await,
+        common::connect(&url).await,
+        common::connect(&url).await,
+        common::connect(&url).await,
+    );
+    let (code, out) = post(p.admin, "/v1/pause?timeout=2s", Some("test-token")).await;
+    assert_eq!(code, 200, "{out}");
+
+    // Passes: no migrated table named, one simple Query.
+    let answered = tokio::time::timeout(
+        Duration::from_secs(5),
+        a.simple_query("INSERT INTO other VALUES (1); SELECT count(*) FROM other"),
+    )
+    .await;
+    assert!(matches!(answered, Ok(Ok(_))), "{answered:?}");
+    // Held: a migrated table, a transaction start, the extended protocol.
+    let b = std::sync::Arc::new(b);
+    let c = std::sync::Arc::new(c);
+    let d = std::sync::Arc::new(d);
+    let (b1, c1, d1) = (b.clone(), c.clone(), d.clone());
+    let held_b = tokio::spawn(async move {
+        b1.simple_query("SELECT count(*) FROM mcp_servers")
+            .await
+            .map(|_| ())
+    });
+    let held_c = tokio::spawn(async move { c1.batch_execute("BEGIN; SELECT 1; COMMIT").await });
+    let held_d = tokio::spawn(async move { d1.query_one("SELECT 1", &[]).await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(!held_b.is_finished() && !held_c.is_finished() && !held_d.is_finished());
+    let st = status(p.admin).await;
+    assert_eq!(st["sessions"]["held"], 3, "{st}");
+
+    // A statement that passes and runs long does not keep a pause from draining.
+    let a = std::sync::Arc::new(a);
+    let a1 = a.clone();
+    let long =
+        tokio::spawn(async move { a1.simple_query("SELECT pg_sleep(1.5)").await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let st = status(p.admin).await;
+    assert_eq!(st["sessions"]["passing"], 1, "{st}");
+    let (code, out) = post(p.admin, "/v1/pause?timeout=300ms", Some("test-token")).await;
+    assert_eq!(code, 200, "{out}");
+    assert_eq!(out["drained"], true);
+
+    let (code, out) = post(p.admin, "/v1/resume", Some("test-token")).await;
+    assert_eq!(code, 200, "{out}");
+    held_b.await.unwrap().unwrap();
+    held_c.await.unwrap().unwrap();
+    held_d.await.unwrap().unwrap();
+    long.await.unwrap().unwrap();
 }

@@ -353,6 +353,10 @@ impl StatementRewriter for DualWrite {
             .observe_cache(self.cache.hits(), self.cache.misses(), self.cache.len());
     }
 
+    fn may_name_migrated(&self, sql: &str) -> bool {
+        self.rules.may_name_migrated(sql)
+    }
+
     fn scoped(&self, scope: &Scope) -> Option<Arc<dyn StatementRewriter>> {
         let rules = self
             .rules

@@ -36,15 +36,19 @@ pub enum SessionState {
     IdleInTransaction = 3,
     /// Idle, with its next message held by the closed gate.
     Held = 4,
+    /// Running a statement the closed gate let through (src/proxy/pass.rs): it names no
+    /// migrated table, so the pause does not wait for it.
+    Passing = 5,
 }
 
 impl SessionState {
-    pub const ALL: [SessionState; 5] = [
+    pub const ALL: [SessionState; 6] = [
         SessionState::Startup,
         SessionState::Idle,
         SessionState::Active,
         SessionState::IdleInTransaction,
         SessionState::Held,
+        SessionState::Passing,
     ];
 
     fn from_u8(v: u8) -> SessionState {
@@ -53,6 +57,7 @@ impl SessionState {
             2 => SessionState::Active,
             3 => SessionState::IdleInTransaction,
             4 => SessionState::Held,
+            5 => SessionState::Passing,
             _ => SessionState::Startup,
         }
     }
@@ -64,6 +69,7 @@ impl SessionState {
             SessionState::Active => "active",
             SessionState::IdleInTransaction => "idle_in_transaction",
             SessionState::Held => "held",
+            SessionState::Passing => "passing",
         }
     }
 
@@ -338,10 +344,12 @@ impl Gate {
     }
 
     /// Number of sessions in each state, in the order of [`SessionState::ALL`].
-    pub fn counts(&self) -> [usize; 5] {
-        let mut c = [0usize; 5];
+    pub fn counts(&self) -> [usize; SessionState::ALL.len()] {
+        let mut c = [0usize; SessionState::ALL.len()];
         for e in self.sessions.iter() {
-            c[e.value().state() as usize] += 1;
+            if let Some(n) = c.get_mut(e.value().state() as usize) {
+                *n += 1;
+            }
         }
         c
     }

@@ -20,6 +20,7 @@ pub mod control;
 pub mod dualwrite;
 pub mod gate;
 pub mod messages;
+pub mod pass;
 pub mod replies;
 pub mod scope;
 pub mod server_statements;

@@ -520,9 +520,15 @@ where
             if self.replies.idle() {
                 if self.status == TxStatus::Idle {
                     if !self.shared.gate.admit(&self.info) {
-                        self.held = true;
-                        event = Some(Event::Hold);
-                        break;
+                        if self.passes_closed_gate(rest, rewriter.as_deref()) {
+                            self.shared
+                                .gate
+                                .set_state(&self.info, SessionState::Passing);
+                        } else {
+                            self.held = true;
+                            event = Some(Event::Hold);
+                            break;
+                        }
                     }
                     // Read the rules only once admitted: the control link puts new rules in
                     // force before it opens the gate, so a statement admitted after a cutover
@@ -550,6 +556,22 @@ where
                     }
                 } else {
                     self.shared.gate.set_state(&self.info, SessionState::Active);
+                }
+            } else if self.info.state() == SessionState::Passing {
+                // A message pipelined behind one the closed gate let through. As in `admit`,
+                // Active is published before the gate is read: a pause that starts now waits
+                // for it. With the gate still closed, the pause is not waiting for this
+                // session, so what may touch the migration waits here.
+                self.shared.gate.set_state(&self.info, SessionState::Active);
+                if self.shared.gate.is_closed() {
+                    self.shared
+                        .gate
+                        .set_state(&self.info, SessionState::Passing);
+                    if !self.passes_closed_gate(rest, rewriter.as_deref()) {
+                        self.held = true;
+                        event = Some(Event::Hold);
+                        break;
+                    }
                 }
             }
             let active = rewriter
@@ -1027,6 +1049,28 @@ where
 
     /// The rewriter for this session's own name resolution, when it set a search path or
     /// created temporary tables; built once per rule set and scope.
+    /// Whether the message at the start of `rest`, sent by this idle session while the gate
+    /// is closed, may go on anyway: a complete simple Query that cannot touch the migration
+    /// (src/proxy/pass.rs), in a database the rules apply to.
+    fn passes_closed_gate(&self, rest: &[u8], active: Option<&ActiveRewriter>) -> bool {
+        let Some(active) = active.filter(|a| a.applies_to(&self.info.database)) else {
+            return false;
+        };
+        let Some((tag, len)) = wire::header(rest) else {
+            return false;
+        };
+        let Some(msg) = rest.get(..(len as usize).saturating_add(1)) else {
+            return false;
+        };
+        if tag != cf::QUERY || !self.scope.is_default() {
+            return false;
+        }
+        let Ok(q) = frontend::Query::read(msg) else {
+            return false;
+        };
+        super::pass::passes_closed_gate(q.sql, Some(active.for_shape(self.info.shape)))
+    }
+
     fn scoped_rewriter(
         &mut self,
         active: Option<&Arc<ActiveRewriter>>,

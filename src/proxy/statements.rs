@@ -42,6 +42,12 @@ pub trait StatementRewriter: Send + Sync {
     fn scoped(&self, _scope: &super::scope::Scope) -> Option<Arc<dyn StatementRewriter>> {
         None
     }
+
+    /// Whether `sql` may name a migrated table (parent or child, as any identifier): such a
+    /// statement must wait at a closed gate (src/proxy/pass.rs). True when unsure.
+    fn may_name_migrated(&self, _sql: &str) -> bool {
+        true
+    }
 }
 
 /// A simple Query that may run as `EXECUTE name(args)` of a statement prepared as

@@ -184,6 +184,9 @@ pub struct RuleSet {
     /// Unmigrated relations named like migrated ones ([`PlanRules::shadows`]).
     shadows: HashSet<(String, String)>,
     pub(crate) prescan: Prescan,
+    /// Every migrated table's name, whatever the view: what a statement must not name to
+    /// pass a closed gate.
+    any_migrated: Prescan,
 }
 
 impl RuleSet {
@@ -353,7 +356,9 @@ impl RuleSet {
             .values()
             .flat_map(|m| m.iter().flat_map(|(a, b)| [a.clone(), b.clone()]))
             .collect();
+        let any_migrated = Prescan::new(migrated.iter().map(|(s, t)| (s.as_str(), t.as_str())));
         Ok(RuleSet {
+            any_migrated,
             renamed,
             version,
             direction,
@@ -413,6 +418,7 @@ impl RuleSet {
             temp: HashSet::new(),
             shadows: HashSet::new(),
             prescan: Prescan::new(std::iter::empty()),
+            any_migrated: Prescan::new(std::iter::empty()),
         }
     }
 
@@ -482,6 +488,12 @@ impl RuleSet {
             .get(&(schema.to_string(), table.to_string()))?
             .get(column)
             .map(String::as_str)
+    }
+
+    /// Whether `sql` may name a migrated table, parent or child, as any identifier (a column
+    /// or alias of that name counts: the answer errs towards yes).
+    pub fn may_name_migrated(&self, sql: &str) -> bool {
+        self.any_migrated.find(sql).is_some()
     }
 
     /// Whether `name` (case-folded per quoting) is, in either shape, the name of a column
