@@ -1187,7 +1187,8 @@ pub fn rollback(plan: &Plan) -> Vec<Step> {
     v
 }
 
-fn legacy_of(plan: &Plan, f: &PlanFk) -> String {
+/// The parent's integer key under its name after cutover.
+pub(super) fn legacy_of(plan: &Plan, f: &PlanFk) -> String {
     plan.table(&f.parent_schema, &f.parent_table)
         .map(|t| t.legacy_column.clone())
         .unwrap_or_else(|| crate::ident::suffixed(&f.parent_key, &plan.legacy_suffix))

@@ -112,10 +112,7 @@ fn names(plan: &Plan, f: &PlanFk, p: Physical) -> Names {
         Physical::Uuid => Names {
             int: q(&f.legacy_column),
             uuid: q(&f.child_column),
-            parent_int: q(&plan
-                .table(&f.parent_schema, &f.parent_table)
-                .map(|t| t.legacy_column.clone())
-                .unwrap_or_else(|| crate::ident::suffixed(&f.parent_key, &plan.legacy_suffix))),
+            parent_int: q(&super::ddl::legacy_of(plan, f)),
             parent_uuid: q(&f.parent_key),
         },
     }
