@@ -252,3 +252,225 @@ async fn a_role_that_cannot_read_the_parent_writes_through_keyshift() {
         .await
         .unwrap();
 }
+
+/// What the application built over the migrated columns (src/migrate/carry.rs), as seen by
+/// the roles that use it, at each phase.
+async fn check_carried(admin: &Client, reader: &Client, key_type: &str) {
+    // The views show the key in force under the original names, with the values of the table.
+    for (view, col) in [
+        ("server_names", "id"),
+        ("server_names", "connector"),
+        ("busy_connectors", "connector"),
+        ("connector_list", "id"),
+        ("writable_servers", "connector_id"),
+    ] {
+        assert_eq!(
+            one(
+                admin,
+                &format!(
+                    "SELECT data_type::text FROM information_schema.columns WHERE table_name = '{view}' AND column_name = '{col}'"
+                )
+            )
+            .await
+            .as_deref(),
+            Some(key_type),
+            "{view}.{col}"
+        );
+    }
+    assert_eq!(
+        one(admin, "SELECT count(*)::text FROM server_names v JOIN mcp_servers s ON s.id = v.id AND s.connector_id = v.connector").await.as_deref(),
+        one(admin, "SELECT count(*)::text FROM mcp_servers").await.as_deref(),
+    );
+    // Options, comments, grants (table and column level).
+    assert_eq!(
+        one(admin, "SELECT array_to_string(reloptions, ',') FROM pg_class WHERE relname = 'busy_connectors'").await.as_deref(),
+        Some("security_barrier=true")
+    );
+    assert_eq!(
+        one(admin, "SELECT check_option::text FROM information_schema.views WHERE table_name = 'writable_servers'").await.as_deref(),
+        Some("CASCADED")
+    );
+    assert_eq!(
+        one(
+            admin,
+            "SELECT obj_description('server_names'::regclass, 'pg_class')"
+        )
+        .await
+        .as_deref(),
+        Some("servers with their connector")
+    );
+    assert_eq!(
+        one(admin, "SELECT col_description('server_names'::regclass, 2)")
+            .await
+            .as_deref(),
+        Some("the server's name")
+    );
+    reader
+        .query_one("SELECT count(*) FROM busy_connectors", &[])
+        .await
+        .unwrap();
+    reader
+        .query_one("SELECT min(id::text), min(name) FROM connector_list", &[])
+        .await
+        .unwrap();
+    let denied = reader
+        .query_one("SELECT min(servers) FROM connector_list", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        denied.code(),
+        Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE)
+    );
+    // The policy still hides the servers of connector c3 from the reader.
+    assert_eq!(
+        one(reader, "SELECT count(*)::text FROM mcp_servers").await,
+        one(admin, "SELECT count(*)::text FROM mcp_servers s JOIN mcp_connectors c ON c.id = s.connector_id WHERE c.name <> 'c3'").await,
+    );
+    // The trigger (UPDATE OF, WHEN, ENABLE ALWAYS) and the rule fire on the key in force.
+    let before = one(admin, "SELECT count(*)::text FROM server_moves").await;
+    admin
+        .batch_execute(
+            "UPDATE mcp_servers SET connector_id = (SELECT id FROM mcp_connectors WHERE name = 'c4')
+              WHERE name = 's1'",
+        )
+        .await
+        .unwrap();
+    assert!(
+        one(admin, "SELECT name FROM mcp_servers WHERE name LIKE 's1*%'")
+            .await
+            .is_some(),
+        "the trigger fired"
+    );
+    admin
+        .batch_execute(
+            "UPDATE mcp_servers SET name = 's1', connector_id = (SELECT id FROM mcp_connectors WHERE name = 'c2')
+              WHERE name LIKE 's1*%'",
+        )
+        .await
+        .unwrap();
+    admin
+        .batch_execute(
+            "INSERT INTO mcp_servers (connector_id, name) SELECT id, 'ruled' FROM mcp_connectors WHERE name = 'c1'",
+        )
+        .await
+        .unwrap();
+    assert_ne!(
+        one(admin, "SELECT count(*)::text FROM server_moves").await,
+        before,
+        "the rule fired"
+    );
+    assert_eq!(
+        one(
+            admin,
+            "SELECT tgenabled::text FROM pg_trigger WHERE tgname = 'moved'"
+        )
+        .await
+        .as_deref(),
+        Some("A")
+    );
+}
+
+/// Views and views of views (options, owner, grants, comments), a row-level security policy,
+/// a trigger with `UPDATE OF` and `WHEN`, and a rule over migrated columns: rebuilt in the swap
+/// over the uuid columns, back over the integers on rollback, and still there after finalize.
+#[tokio::test]
+async fn views_policies_triggers_and_rules_follow_the_key_through_the_swap() {
+    let db = common::TestDb::new().await;
+    let reader = format!("r_{}", db.name);
+    let admin = db.client().await;
+    admin
+        .batch_execute(&format!(
+            "{SEED_004}{rows}
+             CREATE ROLE {reader} LOGIN;
+             CREATE VIEW server_names AS
+               SELECT s.id, s.name, c.id AS connector, c.name AS connector_name
+                 FROM mcp_servers s JOIN mcp_connectors c ON c.id = s.connector_id;
+             CREATE VIEW busy_connectors WITH (security_barrier) AS
+               SELECT connector, count(*) AS servers FROM server_names GROUP BY connector;
+             CREATE VIEW connector_list AS
+               SELECT c.id, c.name, count(s.id) AS servers
+                 FROM mcp_connectors c LEFT JOIN mcp_servers s ON s.connector_id = c.id GROUP BY c.id;
+             CREATE VIEW writable_servers AS
+               SELECT id, connector_id, name FROM mcp_servers WHERE name <> 'hidden'
+               WITH CASCADED CHECK OPTION;
+             GRANT SELECT ON server_names, busy_connectors TO {reader};
+             GRANT SELECT (id, name) ON connector_list TO {reader};
+             GRANT SELECT ON mcp_servers, mcp_connectors TO {reader};
+             COMMENT ON VIEW server_names IS 'servers with their connector';
+             COMMENT ON COLUMN server_names.name IS 'the server''s name';
+             ALTER TABLE mcp_servers ENABLE ROW LEVEL SECURITY;
+             CREATE POLICY visible ON mcp_servers FOR SELECT TO {reader}
+               USING (connector_id IN (SELECT id FROM mcp_connectors WHERE name <> 'c3'));
+             CREATE FUNCTION mark_moved() RETURNS trigger LANGUAGE plpgsql AS $$
+               BEGIN NEW.name := NEW.name || '*'; RETURN NEW; END $$;
+             CREATE TRIGGER moved BEFORE UPDATE OF connector_id ON mcp_servers FOR EACH ROW
+               WHEN (OLD.connector_id IS DISTINCT FROM NEW.connector_id) EXECUTE FUNCTION mark_moved();
+             ALTER TABLE mcp_servers ENABLE ALWAYS TRIGGER moved;
+             CREATE TABLE server_moves (server text, at timestamptz DEFAULT now());
+             CREATE RULE log_new AS ON INSERT TO mcp_servers WHERE NEW.connector_id IS NOT NULL
+               DO ALSO INSERT INTO server_moves (server) VALUES (NEW.connector_id::text);",
+            rows = seed_004_rows(10)
+        ))
+        .await
+        .unwrap();
+    let o = ks_expect(&db.url(), &["plan", "--format", "json"], 0);
+    let p: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(p["blockers"], serde_json::json!([]), "{p:#}");
+    let r = as_role(&db, &reader).await;
+    check_carried(&admin, &r, "integer").await;
+    ks_expect(&db.url(), &["expand"], 0);
+    ks_expect(&db.url(), &["backfill"], 0);
+    check_carried(&admin, &r, "integer").await;
+    ks_expect(&db.url(), &["cutover"], 0);
+    check_carried(&admin, &r, "uuid").await;
+    ks_expect(&db.url(), &["rollback"], 0);
+    check_carried(&admin, &r, "integer").await;
+    ks_expect(&db.url(), &["cutover"], 0);
+    check_carried(&admin, &r, "uuid").await;
+    ks_expect(&db.url(), &["verify"], 0);
+    ks_expect(&db.url(), &["shape", "default", "uuid"], 0);
+    ks_expect(&db.url(), &["finalize", "--yes"], 0);
+    check_carried(&admin, &r, "uuid").await;
+    drop(r);
+    admin
+        .batch_execute(&format!("DROP OWNED BY {reader}; DROP ROLE {reader}"))
+        .await
+        .unwrap();
+}
+
+/// A view that only works with integer keys: cutover finds it before its pause, names it and
+/// says what to do, and changes nothing.
+#[tokio::test]
+async fn cutover_refuses_a_view_that_cannot_hold_uuids_before_pausing() {
+    let db = common::TestDb::new().await;
+    let admin = db.client().await;
+    admin
+        .batch_execute(&format!(
+            "{SEED_004}{rows}
+             CREATE VIEW first_connector_servers AS SELECT * FROM mcp_servers WHERE connector_id = 1;",
+            rows = seed_004_rows(5)
+        ))
+        .await
+        .unwrap();
+    ks_expect(&db.url(), &["expand"], 0);
+    ks_expect(&db.url(), &["backfill"], 0);
+    let o = ks_expect(&db.url(), &["cutover"], 1);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("first_connector_servers") && err.contains("uuid = integer"),
+        "{err}"
+    );
+    let status = ks_expect(&db.url(), &["status", "--format", "json"], 0);
+    let s: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_ne!(s["phase"], "cut_over", "{s:#}");
+    assert_eq!(
+        one(&admin, "SELECT data_type::text FROM information_schema.columns WHERE table_name = 'first_connector_servers' AND column_name = 'id'").await.as_deref(),
+        Some("integer")
+    );
+    // Dropped, the cutover goes ahead.
+    admin
+        .batch_execute("DROP VIEW first_connector_servers")
+        .await
+        .unwrap();
+    ks_expect(&db.url(), &["cutover"], 0);
+}

@@ -28,6 +28,10 @@ pub struct Catalog {
     /// The application's own triggers: `(schema, table, trigger, function)`.
     #[serde(default)]
     pub triggers: Vec<(String, String, String, String)>,
+    /// Rules that fire on UPDATE: `(schema, table, rule)`. PostgreSQL refuses an UPDATE in a
+    /// `WITH` (the backfill's batches) on a table that has one.
+    #[serde(default)]
+    pub update_rules: Vec<(String, String, String)>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -440,6 +444,22 @@ pub async fn read(client: &Client) -> Result<Catalog, CatalogError> {
         .map_err(q("publications"))?;
     for r in pubs {
         cat.publications.push((r.get(0), r.get(1), r.get(2)));
+    }
+    let rules = client
+        .query(
+            &format!(
+                "SELECT n.nspname::text, c.relname::text, r.rulename::text
+                   FROM pg_rewrite r JOIN pg_class c ON c.oid = r.ev_class
+                   JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE r.ev_type = '2' AND c.relkind IN ('r', 'p') AND {USER_SCHEMAS}
+                  ORDER BY 1, 2, 3"
+            ),
+            &[],
+        )
+        .await
+        .map_err(q("rules"))?;
+    for r in rules {
+        cat.update_rules.push((r.get(0), r.get(1), r.get(2)));
     }
     Ok(cat)
 }

@@ -11,8 +11,9 @@ use serde::Serialize;
 
 use super::fill::{self, Physical};
 use super::plan::{Plan, PlanFk, PlanIndex, PlanTable};
-use super::{mirror, state, views};
+use super::{carry, mirror, state, views};
 use crate::ident::{literal, qualified, quote};
+use crate::shape::Shape;
 
 /// How a step is run, which is also what it locks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -842,11 +843,16 @@ pub fn cutover(plan: &Plan) -> Vec<Step> {
             ));
         }
     }
+    // Views, policies, triggers and rules over the columns: checked against the uuid shape
+    // before any pause, saved and dropped first thing in the swap (a view grouping by the key
+    // depends on the primary key dropped below), rebuilt after the renames.
+    v.extend(carry::prepare(plan, Shape::Uuid));
     v.push(swap("BEGIN".into()));
     for (_, f) in plan.foreign_keys().filter(|(_, f)| !f.child_not_null) {
         // Writes that bypassed the proxy since the last catch-up.
         v.push(swap(Twin::uuid_side(f).swap_catchup(f)));
     }
+    v.push(swap(carry::save(plan)));
     for t in &plan.tables {
         v.push(swap(format!(
             "ALTER TABLE {} ALTER COLUMN {} SET NOT NULL",
@@ -941,6 +947,7 @@ pub fn cutover(plan: &Plan) -> Vec<Step> {
             )));
         }
     }
+    v.push(swap(carry::restore()));
     v.extend(fill::switch(plan, Physical::Uuid).into_iter().map(swap));
     v.extend(id_map_step(plan, true).map(|st| swap(st.sql)));
     v.push(swap(state::set_phase_sql(state::Phase::CutOver)));
@@ -1082,6 +1089,7 @@ pub fn rollback(plan: &Plan) -> Vec<Step> {
             ),
         ));
     }
+    v.extend(carry::prepare(plan, Shape::Integer));
     v.push(swap("BEGIN".into()));
     // As cutover's swap does for the uuid side: legacy integers of nullable FKs left NULL by
     // writes that bypassed the proxy since the check before the preparation (a NOT NULL FK's
@@ -1089,6 +1097,7 @@ pub fn rollback(plan: &Plan) -> Vec<Step> {
     for (_, f) in plan.foreign_keys().filter(|(_, f)| !f.child_not_null) {
         v.push(swap(Twin::legacy_side(plan, f).swap_catchup(f)));
     }
+    v.push(swap(carry::save(plan)));
     for (_, f) in plan.foreign_keys() {
         let c = child(f);
         // The uuid FK in force: bound to the uuid primary key's index, it must go before that
@@ -1180,6 +1189,7 @@ pub fn rollback(plan: &Plan) -> Vec<Step> {
             quote(&t.uuid_column)
         )));
     }
+    v.push(swap(carry::restore()));
     v.extend(fill::switch(plan, Physical::Integer).into_iter().map(swap));
     v.extend(id_map_step(plan, false).map(|st| swap(st.sql)));
     v.push(swap(state::set_phase_sql(state::Phase::Hardened)));
@@ -1276,6 +1286,7 @@ END $$"
     }
     v.push(views::drop_function());
     v.push(mirror::drop_function());
+    v.extend(carry::drop_functions());
     v.push(Step::new(
         state::drop_state_sql(plan.uuid_version == 4, keep_map),
         Mode::State,
@@ -1573,6 +1584,18 @@ mod tests {
             })
             .unwrap();
         assert!(drop_fk < drop_pk, "FKs depend on the primary key's index");
+        // What is built over the columns is saved before anything it depends on changes (a
+        // view grouping by the key depends on the primary key), rebuilt after every rename.
+        let save = sql
+            .iter()
+            .position(|s| s.starts_with("SELECT keyshift.carry_save("))
+            .unwrap();
+        let restore = sql
+            .iter()
+            .position(|s| *s == "SELECT keyshift.carry_restore()")
+            .unwrap();
+        let last_rename = sql.iter().rposition(|s| s.contains(" RENAME ")).unwrap();
+        assert!(save < drop_fk && restore > last_rename);
         assert!(sql.contains(&"ALTER TABLE public.\"Connectors\" ADD CONSTRAINT \"Connectors_pkey\" PRIMARY KEY USING INDEX \"Connectors_id_uuid_key\""));
         assert!(sql.contains(&"ALTER TABLE public.tools RENAME CONSTRAINT tools_server_id_fkey_uuid TO tools_server_id_fkey"));
         assert!(sql.contains(
@@ -1692,6 +1715,7 @@ mod tests {
                 "ALTER INDEX",
                 "CREATE OR REPLACE VIEW keyshift.id_map",
                 "UPDATE keyshift.migration",
+                "SELECT keyshift.carry_",
             ]
             .iter()
             .any(|p| s.sql.starts_with(p));

@@ -8,6 +8,7 @@
 
 pub mod abort;
 pub mod backfill;
+pub mod carry;
 pub mod catalog;
 pub mod db;
 pub mod ddl;

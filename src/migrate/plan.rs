@@ -606,13 +606,11 @@ pub fn build(cat: &Catalog, opts: &PlanOptions) -> Plan {
         }
         let col = format!("{}.{}", qualified(&d.schema, &d.table), d.column);
         let fix = match d.kind.as_str() {
-            "view" | "materialized view" => {
-                "drop the view before expand and recreate it after cutover (it tracks the column by number and would return the legacy integers under the old name)"
+            "materialized view" => {
+                "drop it before cutover and create it again after (keyshift does not carry materialized views yet: rebuilding one inside the swap would make the pause grow with its size)"
             }
-            "rule" => "drop the rule and recreate it after cutover",
-            "policy" => "drop the policy and recreate it after cutover, or exclude the table",
-            "trigger" => {
-                "drop the trigger (its WHEN / UPDATE OF clause names the column) and recreate it after cutover"
+            "view" | "rule" | "policy" | "trigger" => {
+                "nothing, if it works with uuid keys; cutover checks views and policies against the uuid shape before its pause and refuses, changing nothing, if one does not"
             }
             "generated column" => {
                 "recreate it over the uuid column after cutover: finalize cannot drop the legacy column while it exists"
@@ -630,7 +628,17 @@ pub fn build(cat: &Catalog, opts: &PlanOptions) -> Plan {
             d.kind.as_str(),
             "check constraint" | "generated column" | "statistics"
         );
-        let (list, code, problem) = if follows {
+        let carried = matches!(d.kind.as_str(), "view" | "rule" | "policy" | "trigger");
+        let (list, code, problem) = if carried {
+            (
+                &mut warnings,
+                "carried",
+                format!(
+                    "{} {} uses {col}; the swap rebuilds it from its definition over the uuid column that takes the name (src/migrate/carry.rs), and rollback rebuilds it back",
+                    d.kind, d.name
+                ),
+            )
+        } else if follows {
             (
                 &mut warnings,
                 "follows-integer",
@@ -709,6 +717,19 @@ pub fn build(cat: &Catalog, opts: &PlanOptions) -> Plan {
         }
     }
 
+    // The backfill updates every migrated table and child in batches written as one
+    // statement with the bookkeeping (`WITH upd AS (UPDATE …)`), which PostgreSQL refuses on
+    // a table with an ON UPDATE rule.
+    for (s, tb, rule) in &cat.update_rules {
+        if renamed.iter().any(|(rs, rt, _)| rs == s && rt == tb) {
+            blockers.push(finding(
+                "update-rule",
+                format!("rule {rule} on {}", qualified(s, tb)),
+                "an ON UPDATE rule: PostgreSQL refuses the backfill's batches (an UPDATE inside WITH) on this table".into(),
+                "replace the rule by a trigger (CREATE TRIGGER … AFTER UPDATE … FOR EACH ROW), which keyshift supports, or exclude the table",
+            ));
+        }
+    }
     for (s, tb, p) in &cat.publications {
         let hit = tb == "*"
             || tables.iter().any(|t| {
@@ -1003,12 +1024,14 @@ pub(crate) mod tests {
         u.parent_index = "connectors_id_key".into();
         cat.foreign_keys.push(u);
         cat.dependents.push(Dependent {
-            kind: "view".into(),
+            kind: "materialized view".into(),
             name: "public.v".into(),
             schema: "public".into(),
             table: "servers".into(),
             column: "connector_id".into(),
         });
+        cat.update_rules
+            .push(("public".into(), "servers".into(), "audit".into()));
         cat.tables[0].columns.push(Column {
             name: "id_uuid".into(),
             type_name: "uuid".into(),
@@ -1022,7 +1045,8 @@ pub(crate) mod tests {
         for want in [
             "composite-fk",
             "fk-to-non-key-unique",
-            "dependent-view",
+            "dependent-materialized-view",
+            "update-rule",
             "name-collision",
             "partitioned-table",
         ] {
