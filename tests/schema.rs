@@ -474,3 +474,148 @@ async fn cutover_refuses_a_view_that_cannot_hold_uuids_before_pausing() {
         .unwrap();
     ks_expect(&db.url(), &["cutover"], 0);
 }
+
+/// Whether any materialized view still reads keyshift's views (it must not after finalize or
+/// abort), and whether the shadows' schema is there.
+async fn matviews_on_keyshift(admin: &Client) -> (String, String) {
+    (
+        one(
+            admin,
+            "SELECT count(*)::text FROM pg_depend d JOIN pg_rewrite w ON w.oid = d.objid
+               JOIN pg_class s ON s.oid = d.refobjid JOIN pg_namespace n ON n.oid = s.relnamespace
+              WHERE d.classid = 'pg_rewrite'::regclass AND n.nspname LIKE 'keyshift%'
+                AND w.ev_class IN (SELECT oid FROM pg_class WHERE relkind = 'm')",
+        )
+        .await
+        .unwrap(),
+        one(
+            admin,
+            "SELECT count(*)::text FROM pg_namespace WHERE nspname = 'keyshift_shadow'",
+        )
+        .await
+        .unwrap(),
+    )
+}
+
+async fn check_matviews(admin: &Client, reader: &Client, key_type: &str) {
+    for (rel, col) in [
+        ("server_counts", "connector"),
+        ("busiest", "connector"),
+        ("later", "id"),
+    ] {
+        assert_eq!(
+            one(
+                admin,
+                &format!(
+                    "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = '{rel}'::regclass AND attname = '{col}'"
+                )
+            )
+            .await
+            .as_deref(),
+            Some(key_type),
+            "{rel}.{col}"
+        );
+    }
+    // The data as the live aggregate has it, the index, the grant, the comment, the state.
+    let live = "SELECT string_agg(c.id::text || ':' || n, ',' ORDER BY c.id::text) FROM mcp_connectors c
+                 JOIN (SELECT connector_id, count(*) n FROM mcp_servers GROUP BY 1) s ON s.connector_id = c.id";
+    let stored = "SELECT string_agg(connector::text || ':' || servers, ',' ORDER BY connector::text) FROM server_counts";
+    assert_eq!(one(admin, stored).await, one(admin, live).await);
+    assert_eq!(
+        one(
+            admin,
+            "SELECT indexdef FROM pg_indexes WHERE indexname = 'server_counts_connector'"
+        )
+        .await
+        .as_deref(),
+        Some(
+            "CREATE UNIQUE INDEX server_counts_connector ON public.server_counts USING btree (connector)"
+        )
+    );
+    assert_eq!(
+        one(
+            admin,
+            "SELECT obj_description('server_counts'::regclass, 'pg_class')"
+        )
+        .await
+        .as_deref(),
+        Some("servers per connector")
+    );
+    assert_eq!(
+        one(
+            admin,
+            "SELECT relispopulated::text FROM pg_class WHERE relname = 'later'"
+        )
+        .await
+        .as_deref(),
+        Some("false")
+    );
+    reader
+        .query_one("SELECT count(*) FROM busiest", &[])
+        .await
+        .unwrap();
+    admin
+        .batch_execute(
+            "INSERT INTO mcp_servers (connector_id, name) SELECT id, 'more' FROM mcp_connectors WHERE name = 'c1';
+             REFRESH MATERIALIZED VIEW CONCURRENTLY server_counts;",
+        )
+        .await
+        .unwrap();
+    assert_eq!(one(admin, stored).await, one(admin, live).await);
+}
+
+/// Materialized views (with a unique index, a grant, a comment, a view over one, one never
+/// populated): filled over the target shape before the pause, moved into place by the swap,
+/// `REFRESH … CONCURRENTLY` afterwards; rebuilt over the tables by finalize and by abort.
+#[tokio::test]
+async fn materialized_views_are_built_before_the_pause_and_moved_in_by_the_swap() {
+    for ending in ["finalize", "abort"] {
+        let db = common::TestDb::new().await;
+        let reader = format!("r_{}", db.name);
+        let admin = db.client().await;
+        admin
+            .batch_execute(&format!(
+                "{SEED_004}{rows}
+                 CREATE ROLE {reader} LOGIN;
+                 CREATE MATERIALIZED VIEW server_counts AS
+                   SELECT c.id AS connector, count(s.id) AS servers
+                     FROM mcp_connectors c JOIN mcp_servers s ON s.connector_id = c.id GROUP BY c.id;
+                 CREATE UNIQUE INDEX server_counts_connector ON server_counts (connector);
+                 COMMENT ON MATERIALIZED VIEW server_counts IS 'servers per connector';
+                 CREATE VIEW busiest AS SELECT * FROM server_counts WHERE servers > 1;
+                 GRANT SELECT ON busiest TO {reader};
+                 CREATE MATERIALIZED VIEW later AS SELECT id FROM mcp_servers WITH NO DATA;",
+                rows = seed_004_rows(10)
+            ))
+            .await
+            .unwrap();
+        let r = as_role(&db, &reader).await;
+        ks_expect(&db.url(), &["expand"], 0);
+        ks_expect(&db.url(), &["backfill"], 0);
+        check_matviews(&admin, &r, "integer").await;
+        ks_expect(&db.url(), &["cutover"], 0);
+        check_matviews(&admin, &r, "uuid").await;
+        ks_expect(&db.url(), &["rollback"], 0);
+        check_matviews(&admin, &r, "integer").await;
+        if ending == "finalize" {
+            ks_expect(&db.url(), &["cutover"], 0);
+            check_matviews(&admin, &r, "uuid").await;
+            ks_expect(&db.url(), &["shape", "default", "uuid"], 0);
+            ks_expect(&db.url(), &["finalize", "--yes"], 0);
+            check_matviews(&admin, &r, "uuid").await;
+        } else {
+            ks_expect(&db.url(), &["abort"], 0);
+            check_matviews(&admin, &r, "integer").await;
+        }
+        assert_eq!(
+            matviews_on_keyshift(&admin).await,
+            ("0".into(), "0".into()),
+            "{ending}"
+        );
+        drop(r);
+        admin
+            .batch_execute(&format!("DROP OWNED BY {reader}; DROP ROLE {reader}"))
+            .await
+            .unwrap();
+    }
+}

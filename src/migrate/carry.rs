@@ -31,8 +31,14 @@
 //! will have, it builds each view as a temporary view and evaluates each policy's
 //! expressions; every failure is reported with what to do, and nothing is changed.
 //!
-//! Materialized views are not carried yet: rebuilding one inside the swap would make the pause
-//! grow with its size. `plan` refuses them (docs/limitations.md).
+//! A materialized view cannot be rebuilt inside the swap without the pause growing with its
+//! size. So before the pause `keyshift.carry_shadows()` builds and fills a shadow of it over
+//! keyshift's views of the target shape (which have the columns the swap will give the
+//! tables), with its indexes, grants and comments, and the swap drops the original and moves
+//! the shadow into its place (catalog-only). The shadow reads keyshift's views; finalize and
+//! abort, before dropping those views, rebuild it over the tables the same way
+//! (`keyshift.carry_rebase()`). Only materialized views that read the tables themselves are
+//! carried (one over a view over a migrated column is refused by cutover's preparation).
 
 use super::ddl::{Mode, Step, When};
 use super::plan::Plan;
@@ -40,12 +46,19 @@ use crate::ident::literal;
 use crate::shape::Shape;
 
 /// The signatures `DROP FUNCTION` needs.
-const FUNCTIONS: [&str; 4] = [
+const FUNCTIONS: [&str; 8] = [
     "keyshift.carried_objects(jsonb)",
+    "keyshift.rel_props(oid, text)",
+    "keyshift.carry_shadows(jsonb, jsonb, text)",
+    "keyshift.shape_path(jsonb, text, text)",
     "keyshift.carry_save(jsonb)",
     "keyshift.carry_restore()",
     "keyshift.carry_check(jsonb, jsonb)",
+    "keyshift.carry_rebase(jsonb)",
 ];
+
+/// The schema of the materialized views built before a swap.
+const SHADOW_SCHEMA: &str = "keyshift_shadow";
 
 /// The functions (created before each swap, by a State step: they read the catalog when they
 /// run; the SQL here stays a pure function of the plan).
@@ -64,13 +77,26 @@ owned AS (
    WHERE n.nspname = 'keyshift'
       OR coalesce(obj_description(n.oid, 'pg_namespace'), '') LIKE 'Owned by keyshift%'
 ),
-views (oid, depth) AS (
-  SELECT r.ev_class, 1
+-- The views over a renamed column, and the materialized views a swap left over keyshift's
+-- views of a shape (see keyshift.carry_shadows).
+seeds AS (
+  SELECT r.ev_class AS oid
     FROM renamed x
     JOIN pg_depend d ON d.refclassid = 'pg_class'::regclass AND d.refobjid = x.attrelid
                     AND d.refobjsubid = x.attnum AND d.classid = 'pg_rewrite'::regclass
     JOIN pg_rewrite r ON r.oid = d.objid AND r.rulename = '_RETURN'
-    JOIN pg_class c ON c.oid = r.ev_class
+  UNION
+  SELECT r.ev_class
+    FROM pg_depend d
+    JOIN pg_rewrite r ON r.oid = d.objid AND r.rulename = '_RETURN'
+    JOIN pg_class c ON c.oid = r.ev_class AND c.relkind = 'm'
+    JOIN pg_class src ON src.oid = d.refobjid
+    JOIN pg_namespace sn ON sn.oid = src.relnamespace
+   WHERE d.classid = 'pg_rewrite'::regclass AND d.refclassid = 'pg_class'::regclass
+     AND sn.oid IN (SELECT oid FROM owned) AND sn.nspname LIKE 'keyshift\_%'
+),
+views (oid, depth) AS (
+  SELECT s.oid, 1 FROM seeds s JOIN pg_class c ON c.oid = s.oid
    WHERE c.relnamespace NOT IN (SELECT oid FROM owned)
   UNION ALL
   SELECT r.ev_class, v.depth + 1
@@ -111,6 +137,113 @@ SELECT 0, 'policy', p.oid, p.polrelid, format('policy %I on %s', p.polname, p.po
  WHERE p.oid IN (SELECT objid FROM deps WHERE classid = 'pg_policy'::regclass)
 $ks$;
 
+-- The statements that give `dst` the owner, grants (table and column level) and comments of
+-- the view or materialized view `src`. A grant is recorded as made by the owner.
+CREATE OR REPLACE FUNCTION keyshift.rel_props(src oid, dst text) RETURNS SETOF text
+LANGUAGE sql STABLE SET search_path = pg_catalog AS $ks$
+WITH rel AS (
+  SELECT c.*, CASE c.relkind WHEN 'm' THEN 'MATERIALIZED VIEW' ELSE 'VIEW' END AS kind
+    FROM pg_class c WHERE c.oid = src
+)
+SELECT format('ALTER %s %s OWNER TO %I', kind, dst, pg_get_userbyid(relowner)) FROM rel
+UNION ALL
+SELECT format('REVOKE ALL ON %s FROM %I', dst, pg_get_userbyid(relowner)) FROM rel
+ WHERE relacl IS NOT NULL
+UNION ALL
+SELECT format('GRANT %s ON %s TO %s%s', a.privilege_type, dst,
+         CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(a.grantee)) END,
+         CASE WHEN a.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END)
+  FROM rel, aclexplode(rel.relacl) a
+UNION ALL
+SELECT format('GRANT %s (%I) ON %s TO %s%s', a.privilege_type, att.attname, dst,
+         CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(a.grantee)) END,
+         CASE WHEN a.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END)
+  FROM pg_attribute att, aclexplode(att.attacl) a
+ WHERE att.attrelid = src AND att.attnum > 0
+UNION ALL
+SELECT format('COMMENT ON %s %s IS %L', kind, dst, obj_description(src, 'pg_class')) FROM rel
+ WHERE obj_description(src, 'pg_class') IS NOT NULL
+UNION ALL
+SELECT format('COMMENT ON COLUMN %s.%I IS %L', dst, att.attname, col_description(src, att.attnum))
+  FROM pg_attribute att
+ WHERE att.attrelid = src AND att.attnum > 0 AND col_description(src, att.attnum) IS NOT NULL
+$ks$;
+
+-- Before a swap (online): for every materialized view over a renamed column, a shadow
+-- `keyshift_shadow.mv_<oid>` built and filled over keyshift's views of the `target` shape
+-- (`uuid`, `integer`), whose columns are named and typed as the swap will leave the tables,
+-- with the original's indexes, owner, grants and comments. The swap moves it into place
+-- (keyshift.carry_save): the pause does not grow with its size. Its data is that of the
+-- moment it was built, as after a REFRESH then. With `target` = `table`: a shadow over the
+-- tables themselves for each materialized view a swap left over keyshift's views, which
+-- finalize and abort move into place before they drop those views.
+CREATE OR REPLACE FUNCTION keyshift.carry_shadows(cols jsonb, rels jsonb, target text) RETURNS int
+LANGUAGE plpgsql SET search_path = pg_catalog AS $ks$
+DECLARE
+  o record;
+  r record;
+  stmt text;
+  source text;
+  app_path text;
+  shadow text;
+  n int := 0;
+BEGIN
+  SELECT string_agg(DISTINCT quote_ident(x->>0), ', ') INTO app_path FROM jsonb_array_elements(rels) x;
+  IF NOT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'keyshift_shadow') THEN
+    CREATE SCHEMA keyshift_shadow;
+    COMMENT ON SCHEMA keyshift_shadow IS 'Owned by keyshift: materialized views built before a swap, moved into place by it';
+  END IF;
+  FOR o IN SELECT * FROM keyshift.carried_objects(cols) WHERE kind = 'materialized view' ORDER BY depth, label LOOP
+    IF o.depth > 1 THEN
+      RAISE EXCEPTION 'keyshift: materialized view % is built over a view over a migrated column; keyshift carries only materialized views that read the tables themselves', o.label
+        USING HINT = 'drop it before cutover and create it again after; nothing was changed';
+    END IF;
+    SELECT c.relname, c.relnamespace::regnamespace::text AS nsp, c.reloptions, c.relispopulated
+      INTO r FROM pg_class c WHERE c.oid = o.objid;
+    shadow := 'mv_' || o.objid;
+    -- Which shape's views it reads now, if any: named without their schema when deparsed with
+    -- that shape's view schemas first, then found in the target's.
+    SELECT substring(n.nspname from '^keyshift_([a-z]+)_') INTO source
+      FROM pg_depend d JOIN pg_rewrite w ON w.oid = d.objid AND w.ev_class = o.objid
+      JOIN pg_class s ON s.oid = d.refobjid JOIN pg_namespace n ON n.oid = s.relnamespace
+     WHERE d.classid = 'pg_rewrite'::regclass AND n.nspname ~ '^keyshift_(uuid|integer)_'
+     LIMIT 1;
+    PERFORM set_config('search_path', keyshift.shape_path(rels, source, app_path), true);
+    stmt := rtrim(pg_get_viewdef(o.objid), '; ' || chr(10));
+    PERFORM set_config('search_path', keyshift.shape_path(rels, nullif(target, 'table'), app_path), true);
+    EXECUTE format('DROP MATERIALIZED VIEW IF EXISTS keyshift_shadow.%I', shadow);
+    BEGIN
+      EXECUTE format('CREATE MATERIALIZED VIEW keyshift_shadow.%I%s AS %s WITH %s', shadow,
+        CASE WHEN r.reloptions IS NOT NULL THEN format(' WITH (%s)', array_to_string(r.reloptions, ', ')) ELSE '' END,
+        stmt, CASE WHEN r.relispopulated THEN 'DATA' ELSE 'NO DATA' END);
+    EXCEPTION WHEN OTHERS THEN
+      RAISE EXCEPTION 'keyshift: materialized view % would not work over the columns the swap gives it: %', o.label, SQLERRM
+        USING HINT = 'change it so that it works with either key type, or drop it now and create it again after; nothing was changed';
+    END;
+    PERFORM set_config('search_path', 'pg_catalog', true);
+    FOR stmt IN
+      SELECT replace(pg_get_indexdef(i.indexrelid), format(' ON %s USING ', o.objid::regclass),
+                     format(' ON keyshift_shadow.%I USING ', shadow))
+        FROM pg_index i WHERE i.indrelid = o.objid
+      UNION ALL
+      SELECT keyshift.rel_props(o.objid, format('keyshift_shadow.%I', shadow))
+    LOOP
+      EXECUTE stmt;
+    END LOOP;
+    n := n + 1;
+  END LOOP;
+  RETURN n;
+END $ks$;
+
+-- A search_path that finds `shape`'s views first in each schema of `rels` (just the schemas
+-- when `shape` is NULL).
+CREATE OR REPLACE FUNCTION keyshift.shape_path(rels jsonb, shape text, app_path text) RETURNS text
+LANGUAGE sql IMMUTABLE AS $ks$
+SELECT CASE WHEN shape IS NULL THEN app_path ELSE
+  (SELECT string_agg(DISTINCT quote_ident(format('keyshift_%s_%s', shape, x->>0)) || ', ' || quote_ident(x->>0), ', ')
+     FROM jsonb_array_elements(rels) x) END
+$ks$;
+
 CREATE OR REPLACE FUNCTION keyshift.carry_save(cols jsonb) RETURNS int
 LANGUAGE plpgsql SET search_path = pg_catalog AS $ks$
 DECLARE
@@ -130,8 +263,15 @@ BEGIN
   LOOP
     n := n + 1;
     IF o.kind = 'materialized view' THEN
-      RAISE EXCEPTION 'keyshift: materialized view % depends on a migrated column; keyshift does not carry materialized views yet', o.label
-        USING HINT = 'drop it before cutover and create it again after (docs/limitations.md)';
+      SELECT c.relname, c.relnamespace::regnamespace::text AS nsp INTO r FROM pg_class c WHERE c.oid = o.objid;
+      IF to_regclass(format('keyshift_shadow.%I', 'mv_' || o.objid)) IS NULL THEN
+        RAISE EXCEPTION 'keyshift: materialized view % has no shadow to move into its place', o.label
+          USING HINT = 'it was created after the preparation of this swap: run the command again';
+      END IF;
+      INSERT INTO pg_temp.keyshift_carried (label, sql) VALUES
+        (o.label, format('ALTER MATERIALIZED VIEW keyshift_shadow.%I SET SCHEMA %s', 'mv_' || o.objid, r.nsp)),
+        (o.label, format('ALTER MATERIALIZED VIEW %s.%I RENAME TO %I', r.nsp, 'mv_' || o.objid, r.relname));
+      drops := drops || format('DROP MATERIALIZED VIEW %s', o.objid::regclass);
     ELSIF o.kind = 'view' THEN
       SELECT c.*, pg_get_viewdef(c.oid) AS def INTO r FROM pg_class c WHERE c.oid = o.objid;
       rel := o.objid::regclass::text;
@@ -139,37 +279,14 @@ BEGIN
         (o.label, format('CREATE VIEW %s%s AS %s', rel,
            CASE WHEN r.reloptions IS NOT NULL
                 THEN format(' WITH (%s)', array_to_string(r.reloptions, ', ')) ELSE '' END,
-           rtrim(r.def, '; ' || chr(10)))),
-        (o.label, format('ALTER VIEW %s OWNER TO %I', rel, pg_get_userbyid(r.relowner)));
-      IF r.relacl IS NOT NULL THEN
-        INSERT INTO pg_temp.keyshift_carried (label, sql)
-        SELECT o.label, format('REVOKE ALL ON %s FROM %I', rel, pg_get_userbyid(r.relowner))
-        UNION ALL
-        SELECT o.label, format('GRANT %s ON %s TO %s%s', a.privilege_type, rel,
-                 CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(a.grantee)) END,
-                 CASE WHEN a.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END)
-          FROM aclexplode(r.relacl) a;
-      END IF;
+           rtrim(r.def, '; ' || chr(10))));
       INSERT INTO pg_temp.keyshift_carried (label, sql)
-      SELECT o.label, format('GRANT %s (%I) ON %s TO %s%s', a.privilege_type, att.attname, rel,
-               CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(a.grantee)) END,
-               CASE WHEN a.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END)
-        FROM pg_attribute att, aclexplode(att.attacl) a
-       WHERE att.attrelid = o.objid AND att.attnum > 0
-      UNION ALL
+      SELECT o.label, p FROM keyshift.rel_props(o.objid, rel) p;
+      INSERT INTO pg_temp.keyshift_carried (label, sql)
       SELECT o.label, format('ALTER VIEW %s ALTER COLUMN %I SET DEFAULT %s', rel, att.attname,
                pg_get_expr(ad.adbin, ad.adrelid))
         FROM pg_attrdef ad JOIN pg_attribute att ON att.attrelid = ad.adrelid AND att.attnum = ad.adnum
        WHERE ad.adrelid = o.objid
-      UNION ALL
-      SELECT o.label, format('COMMENT ON VIEW %s IS %L', rel, d)
-        FROM obj_description(o.objid, 'pg_class') d WHERE d IS NOT NULL
-      UNION ALL
-      SELECT o.label, format('COMMENT ON COLUMN %s.%I IS %L', rel, att.attname,
-               col_description(o.objid, att.attnum))
-        FROM pg_attribute att
-       WHERE att.attrelid = o.objid AND att.attnum > 0
-         AND col_description(o.objid, att.attnum) IS NOT NULL
       UNION ALL
       -- INSTEAD OF triggers and rules of the view go with it.
       SELECT o.label, pg_get_triggerdef(g.oid) FROM pg_trigger g
@@ -291,7 +408,7 @@ BEGIN
     LOOP
       n := n + 1;
       IF o.kind = 'materialized view' THEN
-        problems := problems || format(E'\n  materialized view %s: keyshift does not carry materialized views yet', o.label);
+        -- Checked by building its shadow (keyshift.carry_shadows), next.
         CONTINUE;
       END IF;
       PERFORM set_config('search_path', deparse_path, true);
@@ -322,6 +439,21 @@ BEGIN
       USING HINT = 'change each so that it works with either key type (compare keys with keys, not with integer constants or casts), or drop it now and create it again after; nothing was changed';
   END IF;
   RETURN n;
+END $ks$;
+
+-- finalize and abort, before they drop keyshift's views: every materialized view a swap left
+-- over them is rebuilt over the tables and moved into place, the views over it with it.
+CREATE OR REPLACE FUNCTION keyshift.carry_rebase(rels jsonb) RETURNS int
+LANGUAGE plpgsql SET search_path = pg_catalog AS $ks$
+DECLARE
+  n int;
+BEGIN
+  n := keyshift.carry_shadows('[]', rels, 'table');
+  IF n > 0 THEN
+    PERFORM keyshift.carry_save('[]');
+    PERFORM keyshift.carry_restore();
+  END IF;
+  RETURN n;
 END $ks$"#
         .to_string()
 }
@@ -341,9 +473,9 @@ fn columns_json(plan: &Plan) -> String {
     serde_json::Value::Array(cols).to_string()
 }
 
-/// Before the pause: the functions, then the check against tables shaped like `target`'s
-/// views (each relation with the schema of that view, and its key when it is a migrated one).
-pub fn prepare(plan: &Plan, target: Shape) -> Vec<Step> {
+/// The migrated relations as the functions take them: `[schema, table, view schema of
+/// `target`, key when it is a migrated table]`.
+fn relations_json(plan: &Plan, target: Shape) -> String {
     let rels: Vec<serde_json::Value> = super::views::relations(plan)
         .iter()
         .map(|(s, t)| {
@@ -351,19 +483,64 @@ pub fn prepare(plan: &Plan, target: Shape) -> Vec<Step> {
             serde_json::json!([s, t, target.view_schema(s), key])
         })
         .collect();
+    serde_json::Value::Array(rels).to_string()
+}
+
+fn functions() -> Step {
+    Step {
+        sql: function_sql(),
+        mode: Mode::State,
+        when: When::Always,
+    }
+}
+
+/// Before the pause: the functions; the check against tables shaped like `target`'s views;
+/// then the materialized views' shadows, built and filled over `target`'s views (reads only:
+/// it blocks no one, and takes as long as their queries).
+pub fn prepare(plan: &Plan, target: Shape) -> Vec<Step> {
+    let cols = literal(&columns_json(plan));
+    let rels = literal(&relations_json(plan, target));
     vec![
+        functions(),
         Step {
-            sql: function_sql(),
-            mode: Mode::State,
+            sql: format!("SELECT keyshift.carry_check({cols}::jsonb, {rels}::jsonb)"),
+            mode: Mode::Online,
             when: When::Always,
         },
         Step {
             sql: format!(
-                "SELECT keyshift.carry_check({}::jsonb, {}::jsonb)",
-                literal(&columns_json(plan)),
-                literal(&serde_json::Value::Array(rels).to_string())
+                "SELECT keyshift.carry_shadows({cols}::jsonb, {rels}::jsonb, {})",
+                literal(target.as_str())
             ),
             mode: Mode::Online,
+            when: When::Always,
+        },
+    ]
+}
+
+/// finalize and abort, before keyshift's views go: materialized views a swap left over them
+/// are rebuilt over the tables and moved into place (brief: the move takes ACCESS EXCLUSIVE
+/// on each, under lock_timeout with retry), then the shadows' schema goes.
+pub fn rebase(plan: &Plan) -> Vec<Step> {
+    vec![
+        functions(),
+        Step {
+            sql: format!(
+                "SELECT keyshift.carry_rebase({}::jsonb)",
+                literal(&relations_json(plan, Shape::Uuid))
+            ),
+            mode: Mode::Brief,
+            when: When::Always,
+        },
+        Step {
+            sql: format!(
+                "DO $$ BEGIN
+  IF (SELECT obj_description(oid, 'pg_namespace') FROM pg_namespace WHERE nspname = '{SHADOW_SCHEMA}') LIKE 'Owned by keyshift%' THEN
+    DROP SCHEMA {SHADOW_SCHEMA} CASCADE;
+  END IF;
+END $$"
+            ),
+            mode: Mode::Brief,
             when: When::Always,
         },
     ]

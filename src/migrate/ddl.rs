@@ -1250,6 +1250,8 @@ END $$"
         Mode::State,
         When::Always,
     ));
+    // Materialized views the swap left over keyshift's views, rebuilt over the tables first.
+    v.extend(carry::rebase(plan));
     v.extend(views::drop(plan));
     // The triggers watch the legacy columns: DROP COLUMN would refuse too.
     v.extend(fill::drop(plan));
@@ -1374,6 +1376,8 @@ pub fn abort(plan: &Plan) -> Vec<Step> {
         ),
     ];
     // So do the shape views and the fill triggers: DROP COLUMN would refuse while they exist.
+    // Materialized views a cutover and rollback left over the shape views go over the tables.
+    v.extend(carry::rebase(plan));
     v.extend(views::drop(plan));
     v.extend(fill::drop(plan));
     for (_, f) in plan.foreign_keys() {

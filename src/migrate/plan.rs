@@ -606,10 +606,7 @@ pub fn build(cat: &Catalog, opts: &PlanOptions) -> Plan {
         }
         let col = format!("{}.{}", qualified(&d.schema, &d.table), d.column);
         let fix = match d.kind.as_str() {
-            "materialized view" => {
-                "drop it before cutover and create it again after (keyshift does not carry materialized views yet: rebuilding one inside the swap would make the pause grow with its size)"
-            }
-            "view" | "rule" | "policy" | "trigger" => {
+            "view" | "materialized view" | "rule" | "policy" | "trigger" => {
                 "nothing, if it works with uuid keys; cutover checks views and policies against the uuid shape before its pause and refuses, changing nothing, if one does not"
             }
             "generated column" => {
@@ -628,7 +625,10 @@ pub fn build(cat: &Catalog, opts: &PlanOptions) -> Plan {
             d.kind.as_str(),
             "check constraint" | "generated column" | "statistics"
         );
-        let carried = matches!(d.kind.as_str(), "view" | "rule" | "policy" | "trigger");
+        let carried = matches!(
+            d.kind.as_str(),
+            "view" | "materialized view" | "rule" | "policy" | "trigger"
+        );
         let (list, code, problem) = if carried {
             (
                 &mut warnings,
@@ -1024,8 +1024,8 @@ pub(crate) mod tests {
         u.parent_index = "connectors_id_key".into();
         cat.foreign_keys.push(u);
         cat.dependents.push(Dependent {
-            kind: "materialized view".into(),
-            name: "public.v".into(),
+            kind: "function".into(),
+            name: "public.v()".into(),
             schema: "public".into(),
             table: "servers".into(),
             column: "connector_id".into(),
@@ -1045,7 +1045,7 @@ pub(crate) mod tests {
         for want in [
             "composite-fk",
             "fk-to-non-key-unique",
-            "dependent-materialized-view",
+            "dependent-function",
             "update-rule",
             "name-collision",
             "partitioned-table",
