@@ -3,6 +3,7 @@
 mod common;
 mod migrate_support;
 
+use common::proxy::{connect_shaped, linked_proxy, wait_status};
 use migrate_support::{SEED_004, ks_expect, seed_004_rows};
 use tokio_postgres::Client;
 
@@ -268,7 +269,7 @@ async fn check_carried(admin: &Client, reader: &Client, key_type: &str) {
             one(
                 admin,
                 &format!(
-                    "SELECT data_type::text FROM information_schema.columns WHERE table_name = '{view}' AND column_name = '{col}'"
+                    "SELECT data_type::text FROM information_schema.columns WHERE table_schema = 'public' AND table_name = '{view}' AND column_name = '{col}'"
                 )
             )
             .await
@@ -283,11 +284,11 @@ async fn check_carried(admin: &Client, reader: &Client, key_type: &str) {
     );
     // Options, comments, grants (table and column level).
     assert_eq!(
-        one(admin, "SELECT array_to_string(reloptions, ',') FROM pg_class WHERE relname = 'busy_connectors'").await.as_deref(),
+        one(admin, "SELECT array_to_string(reloptions, ',') FROM pg_class WHERE oid = 'busy_connectors'::regclass").await.as_deref(),
         Some("security_barrier=true")
     );
     assert_eq!(
-        one(admin, "SELECT check_option::text FROM information_schema.views WHERE table_name = 'writable_servers'").await.as_deref(),
+        one(admin, "SELECT check_option::text FROM information_schema.views WHERE table_schema = 'public' AND table_name = 'writable_servers'").await.as_deref(),
         Some("CASCADED")
     );
     assert_eq!(
@@ -370,6 +371,38 @@ async fn check_carried(admin: &Client, reader: &Client, key_type: &str) {
     );
 }
 
+/// The application's views as an integer-shaped (V1) and a uuid-shaped (V2) session read
+/// them through keyshift: the keys in the session's shape, the same rows.
+async fn check_view_shapes(v1: &Client, v2: &Client) {
+    for (c, want) in [(v1, "integer"), (v2, "uuid")] {
+        for sql in [
+            "SELECT pg_typeof(id)::text, pg_typeof(connector)::text FROM server_names LIMIT 1",
+            "SELECT pg_typeof(connector)::text, pg_typeof(connector)::text FROM public.busy_connectors LIMIT 1",
+            "SELECT pg_typeof(b.connector)::text, pg_typeof(s.connector)::text FROM busy_connectors b JOIN server_names s USING (connector) LIMIT 1",
+        ] {
+            let row = c
+                .query_one(sql, &[])
+                .await
+                .unwrap_or_else(|e| panic!("{want}: {sql}: {e}"));
+            assert_eq!(
+                (row.get::<_, String>(0), row.get::<_, String>(1)),
+                (want.to_string(), want.to_string()),
+                "{sql}"
+            );
+        }
+        // The names are the session's: a uuid-shaped session's key joins its own server key.
+        let n: i64 = c
+            .query_one(
+                "SELECT count(*) FROM server_names v JOIN mcp_servers s ON s.id = v.id AND s.connector_id = v.connector",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(n > 0, "{want}");
+    }
+}
+
 /// Views and views of views (options, owner, grants, comments), a row-level security policy,
 /// a trigger with `UPDATE OF` and `WHEN`, and a rule over migrated columns: rebuilt in the swap
 /// over the uuid columns, back over the integers on rollback, and still there after finalize.
@@ -421,12 +454,24 @@ async fn views_policies_triggers_and_rules_follow_the_key_through_the_swap() {
     ks_expect(&db.url(), &["expand"], 0);
     ks_expect(&db.url(), &["backfill"], 0);
     check_carried(&admin, &r, "integer").await;
+    // Through keyshift, each session sees the views in its own shape, whatever the phase.
+    let proxy = linked_proxy(&db).await;
+    let v1 = connect_shaped(&proxy, &db, "integer").await;
+    let v2 = connect_shaped(&proxy, &db, "uuid").await;
+    check_view_shapes(&v1, &v2).await;
     ks_expect(&db.url(), &["cutover"], 0);
     check_carried(&admin, &r, "uuid").await;
+    check_view_shapes(&v1, &v2).await;
     ks_expect(&db.url(), &["rollback"], 0);
     check_carried(&admin, &r, "integer").await;
+    check_view_shapes(&v1, &v2).await;
     ks_expect(&db.url(), &["cutover"], 0);
     check_carried(&admin, &r, "uuid").await;
+    check_view_shapes(&v1, &v2).await;
+    // V1 retired before finalize.
+    drop(v1);
+    wait_status(&proxy, |v| v["sessions_by_shape"]["integer"] == 0).await;
+    drop((v2, proxy));
     ks_expect(&db.url(), &["verify"], 0);
     ks_expect(&db.url(), &["shape", "default", "uuid"], 0);
     ks_expect(&db.url(), &["finalize", "--yes"], 0);
@@ -464,7 +509,7 @@ async fn cutover_refuses_a_view_that_cannot_hold_uuids_before_pausing() {
     let s: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_ne!(s["phase"], "cut_over", "{s:#}");
     assert_eq!(
-        one(&admin, "SELECT data_type::text FROM information_schema.columns WHERE table_name = 'first_connector_servers' AND column_name = 'id'").await.as_deref(),
+        one(&admin, "SELECT data_type::text FROM information_schema.columns WHERE table_schema = 'public' AND table_name = 'first_connector_servers' AND column_name = 'id'").await.as_deref(),
         Some("integer")
     );
     // Dropped, the cutover goes ahead.

@@ -46,8 +46,9 @@ use crate::ident::literal;
 use crate::shape::Shape;
 
 /// The signatures `DROP FUNCTION` needs.
-const FUNCTIONS: [&str; 8] = [
+const FUNCTIONS: [&str; 9] = [
     "keyshift.carried_objects(jsonb)",
+    "keyshift.carry_copies(jsonb, jsonb)",
     "keyshift.rel_props(oid, text)",
     "keyshift.carry_shadows(jsonb, jsonb, text)",
     "keyshift.shape_path(jsonb, text, text)",
@@ -441,6 +442,92 @@ BEGIN
   RETURN n;
 END $ks$;
 
+-- keyshift's views of the application's views, per shape: for each view over a renamed
+-- column in a schema with migrated tables, `keyshift_<shape>_<schema>.<view>`, its definition
+-- run over keyshift's views of that shape (and over the copies of the views it reads), with
+-- the view's options, owner, grants and comments, and USAGE on the schema to its grantees.
+-- A translated session reads these instead of the application's views (the proxy redirects
+-- them as it redirects the tables), so every session sees each view in its own shape. They
+-- read only keyshift's views, which bind columns by number: they keep their shape through
+-- every swap. Replaced at each call. A view whose definition does not work in a shape (it
+-- compares the key with an integer, or groups by the key alone, which needs a table's
+-- primary key) gets no copy in that shape, with a NOTICE; so does one that would read an
+-- application view or a renamed column directly (its name was not found through the path).
+CREATE OR REPLACE FUNCTION keyshift.carry_copies(cols jsonb, rels jsonb) RETURNS int
+LANGUAGE plpgsql SET search_path = pg_catalog AS $ks$
+DECLARE
+  o record;
+  r record;
+  shape text;
+  vs text;
+  stmt text;
+  app_path text;
+  copy oid;
+  carried oid[];
+  n int := 0;
+BEGIN
+  SELECT string_agg(DISTINCT quote_ident(x->>0), ', ') INTO app_path FROM jsonb_array_elements(rels) x;
+  SELECT coalesce(array_agg(objid), '{}') INTO carried FROM keyshift.carried_objects(cols)
+   WHERE kind IN ('view', 'materialized view');
+  FOREACH shape IN ARRAY ARRAY['integer', 'uuid'] LOOP
+    FOR r IN
+      SELECT format('%I.%I', n.nspname, c.relname) AS rel
+        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        JOIN (SELECT DISTINCT x->>0 AS sch FROM jsonb_array_elements(rels) x) s
+          ON n.nspname = format('keyshift_%s_%s', shape, s.sch)
+       WHERE c.relkind = 'v'
+         AND NOT EXISTS (SELECT 1 FROM jsonb_array_elements(rels) x
+                          WHERE x->>0 = s.sch AND x->>1 = c.relname)
+    LOOP
+      EXECUTE format('DROP VIEW IF EXISTS %s CASCADE', r.rel);
+    END LOOP;
+    FOR o IN SELECT * FROM keyshift.carried_objects(cols) WHERE kind = 'view' ORDER BY depth, label LOOP
+      SELECT c.relname, n.nspname, c.reloptions INTO r
+        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = o.objid;
+      vs := format('keyshift_%s_%s', shape, r.nspname);
+      CONTINUE WHEN NOT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = vs
+                                   AND obj_description(oid, 'pg_namespace') LIKE 'Owned by keyshift%');
+      PERFORM set_config('search_path', app_path, true);
+      stmt := format('CREATE VIEW %I.%I%s AS %s', vs, r.relname,
+        CASE WHEN r.reloptions IS NOT NULL THEN format(' WITH (%s)', array_to_string(r.reloptions, ', ')) ELSE '' END,
+        rtrim(pg_get_viewdef(o.objid), '; ' || chr(10)));
+      PERFORM set_config('search_path', keyshift.shape_path(rels, shape, app_path), true);
+      BEGIN
+        EXECUTE stmt;
+      EXCEPTION WHEN OTHERS THEN
+        RAISE NOTICE 'keyshift: view % is shown to %-shaped sessions as it is, not in their shape: %', o.label, shape, SQLERRM;
+        CONTINUE;
+      END;
+      PERFORM set_config('search_path', 'pg_catalog', true);
+      copy := format('%I.%I', vs, r.relname)::regclass;
+      IF EXISTS (SELECT 1 FROM pg_depend d JOIN pg_rewrite w ON w.oid = d.objid AND w.ev_class = copy
+                  WHERE d.classid = 'pg_rewrite'::regclass AND d.refclassid = 'pg_class'::regclass
+                    AND (d.refobjid = ANY (carried)
+                         OR EXISTS (SELECT 1 FROM jsonb_array_elements(cols) c
+                                     JOIN pg_attribute a ON a.attrelid = to_regclass(format('%I.%I', c->>0, c->>1))
+                                                        AND a.attname = c->>2
+                                    WHERE a.attrelid = d.refobjid AND a.attnum = d.refobjsubid))) THEN
+        EXECUTE format('DROP VIEW %s', copy::regclass);
+        RAISE NOTICE 'keyshift: view % is shown to %-shaped sessions as it is, not in their shape: it names a migrated table or view with its schema outside the search path', o.label, shape;
+        CONTINUE;
+      END IF;
+      FOR stmt IN
+        SELECT keyshift.rel_props(o.objid, copy::regclass::text)
+        UNION ALL
+        SELECT DISTINCT format('GRANT USAGE ON SCHEMA %I TO %s', vs,
+                 CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(a.grantee)) END)
+          FROM (SELECT relacl AS acl FROM pg_class WHERE oid = o.objid
+                UNION ALL SELECT attacl FROM pg_attribute WHERE attrelid = o.objid AND attnum > 0) x,
+               aclexplode(x.acl) a
+      LOOP
+        EXECUTE stmt;
+      END LOOP;
+      n := n + 1;
+    END LOOP;
+  END LOOP;
+  RETURN n;
+END $ks$;
+
 -- finalize and abort, before they drop keyshift's views: every materialized view a swap left
 -- over them is rebuilt over the tables and moved into place, the views over it with it.
 CREATE OR REPLACE FUNCTION keyshift.carry_rebase(rels jsonb) RETURNS int
@@ -502,6 +589,7 @@ pub fn prepare(plan: &Plan, target: Shape) -> Vec<Step> {
     let rels = literal(&relations_json(plan, target));
     vec![
         functions(),
+        copies(plan),
         Step {
             sql: format!("SELECT keyshift.carry_check({cols}::jsonb, {rels}::jsonb)"),
             mode: Mode::Online,
@@ -516,6 +604,27 @@ pub fn prepare(plan: &Plan, target: Shape) -> Vec<Step> {
             when: When::Always,
         },
     ]
+}
+
+/// The application's views in each shape (`keyshift.carry_copies`), made again: at expand
+/// once keyshift's views of the tables exist, and before each swap, for what the application
+/// changed since. Brief: replacing a copy takes ACCESS EXCLUSIVE on it, which a translated
+/// session reading it holds ACCESS SHARE on.
+pub fn copies(plan: &Plan) -> Step {
+    Step {
+        sql: format!(
+            "SELECT keyshift.carry_copies({}::jsonb, {}::jsonb)",
+            literal(&columns_json(plan)),
+            literal(&relations_json(plan, Shape::Uuid))
+        ),
+        mode: Mode::Brief,
+        when: When::Always,
+    }
+}
+
+/// expand's last steps: the functions, then the copies.
+pub fn at_expand(plan: &Plan) -> Vec<Step> {
+    vec![functions(), copies(plan)]
 }
 
 /// finalize and abort, before keyshift's views go: materialized views a swap left over them

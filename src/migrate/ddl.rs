@@ -288,6 +288,8 @@ pub fn expand(plan: &Plan) -> Vec<Step> {
     v.extend(id_map_step(plan, false));
     // Last: a view lists every column of its table, the uuid twins included.
     v.extend(views::create(plan));
+    // Then the application's views over them, in each shape.
+    v.extend(carry::at_expand(plan));
     v
 }
 

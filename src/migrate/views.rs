@@ -342,11 +342,20 @@ mod tests {
         assert!(
             pos(&e, "ADD COLUMN").unwrap() < pos(&e, "SELECT keyshift.create_shape_view").unwrap()
         );
+        // The views come last, then the application's views over them (src/migrate/carry.rs).
         assert!(
             e.iter()
+                .filter(|s| s.mode != Mode::State)
                 .skip_while(|s| !s.sql.starts_with("SELECT keyshift.create_shape_view"))
-                .all(|s| s.sql.starts_with("SELECT keyshift.create_shape_view")),
+                .all(|s| s.sql.starts_with("SELECT keyshift.create_shape_view")
+                    || s.sql.starts_with("SELECT keyshift.carry_copies")),
             "the views come last"
+        );
+        assert!(
+            e.last()
+                .unwrap()
+                .sql
+                .starts_with("SELECT keyshift.carry_copies")
         );
         for steps in [
             ddl::finalize(&p, false),

@@ -99,6 +99,7 @@ pub fn plan_rules(plan: &Plan, columns: Vec<TableColumns>) -> PlanRules {
         columns,
         legacy_suffix: plan.legacy_suffix.clone(),
         shadows: Vec::new(),
+        shaped_views: Vec::new(),
     }
 }
 
@@ -127,6 +128,35 @@ pub async fn shadows(
         )
         .await?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// The application's views keyshift shows in `shape` (src/migrate/carry.rs, `carry_copies`):
+/// the views in `shape`'s view schemas that are not keyshift's views of a migrated table, as
+/// `(application schema, view)`.
+pub async fn shaped_views(
+    client: &Client,
+    plan: &Plan,
+    shape: Shape,
+) -> Result<Vec<(String, String)>, DualWriteError> {
+    let relations = crate::migrate::views::relations(plan);
+    let mut schemas: Vec<String> = relations.iter().map(|(s, _)| s.to_string()).collect();
+    schemas.sort();
+    schemas.dedup();
+    let view_schemas: Vec<String> = schemas.iter().map(|s| shape.view_schema(s)).collect();
+    let rows = client
+        .query(
+            "SELECT want.s, c.relname::text
+             FROM unnest($1::text[], $2::text[]) AS want(s, vs)
+             JOIN pg_namespace n ON n.nspname = want.vs
+             JOIN pg_class c ON c.relnamespace = n.oid AND c.relkind = 'v'",
+            &[&schemas, &view_schemas],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+        .filter(|(s, t)| !relations.contains(&(s.as_str(), t.as_str())))
+        .collect())
 }
 
 /// The physical column lists of every child table in the plan, in column order.
@@ -181,6 +211,8 @@ pub async fn build(
     };
     let mut rules = plan_rules(plan, child_columns(client, plan).await?);
     rules.shadows = shadows(client, plan).await?;
+    let physical = Shape::physical(phase);
+    rules.shaped_views = shaped_views(client, plan, physical.other()).await?;
     let set = RuleSet::build(
         &rules,
         dir,
@@ -188,7 +220,6 @@ pub async fn build(
         settings.search_path.clone(),
         version,
     )?;
-    let physical = Shape::physical(phase);
     let other = Shape::ALL.into_iter().find(|s| *s != physical);
     let translated = match other.filter(|s| s.available(phase).is_ok()) {
         Some(shape) => {

@@ -88,6 +88,10 @@ pub struct PlanRules {
     /// resolves to the first schema of the path that has a relation of that name, migrated
     /// or not.
     pub shadows: Vec<(String, String)>,
+    /// The application's views that keyshift shows in the translated shape
+    /// (`keyshift_<shape>_<schema>.<view>`, src/migrate/carry.rs): redirected like the
+    /// migrated tables, never left on the tables.
+    pub shaped_views: Vec<(String, String)>,
 }
 
 impl Default for PlanRules {
@@ -98,6 +102,7 @@ impl Default for PlanRules {
             columns: Vec::new(),
             legacy_suffix: "_legacy".to_string(),
             shadows: Vec::new(),
+            shaped_views: Vec::new(),
         }
     }
 }
@@ -183,6 +188,8 @@ pub struct RuleSet {
     temp: HashSet<String>,
     /// Unmigrated relations named like migrated ones ([`PlanRules::shadows`]).
     shadows: HashSet<(String, String)>,
+    /// [`PlanRules::shaped_views`] for a translated session (also in `migrated`).
+    shaped_views: HashSet<(String, String)>,
     pub(crate) prescan: Prescan,
     /// Every migrated table's name, whatever the view: what a statement must not name to
     /// pass a closed gate.
@@ -332,6 +339,11 @@ impl RuleSet {
                 .iter()
                 .map(|p| (p.schema.clone(), p.table.clone())),
         );
+        let shaped_views: HashSet<(String, String)> = match view {
+            ClientView::Physical => HashSet::new(),
+            ClientView::Translated(_) => plan.shaped_views.iter().cloned().collect(),
+        };
+        migrated.extend(shaped_views.iter().cloned());
         // A translated session's reads name parents too: every migrated table is looked for.
         let prescan = match view {
             ClientView::Physical => {
@@ -370,6 +382,7 @@ impl RuleSet {
             physical_names,
             temp: HashSet::new(),
             shadows: plan.shadows.iter().cloned().collect(),
+            shaped_views,
             prescan,
         })
     }
@@ -417,6 +430,7 @@ impl RuleSet {
             renamed: HashSet::new(),
             temp: HashSet::new(),
             shadows: HashSet::new(),
+            shaped_views: HashSet::new(),
             prescan: Prescan::new(std::iter::empty()),
             any_migrated: Prescan::new(std::iter::empty()),
         }
@@ -478,6 +492,13 @@ impl RuleSet {
             Some(s) => has(s).then(|| s.to_string()),
             None => self.resolve(table).filter(|s| has(s)).map(str::to_string),
         }
+    }
+
+    /// Whether `schema.table` (as [`RuleSet::migrated`] resolved it) is an application view
+    /// shown in the translated shape: its columns differ by shape whatever a statement names.
+    pub(crate) fn is_shaped_view(&self, schema: &str, table: &str) -> bool {
+        self.shaped_views
+            .contains(&(schema.to_string(), table.to_string()))
     }
 
     /// The physical name of the column a translated session calls `column` in the migrated

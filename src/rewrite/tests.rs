@@ -1008,6 +1008,55 @@ fn translated_reads_that_name_no_renamed_column_read_the_tables() {
     }
 }
 
+/// The application's views keyshift shows in the session's shape (src/migrate/carry.rs) are
+/// always read through keyshift's copy: their columns depend on the shape whatever the
+/// statement names. Only for translated sessions: a physical session reads them as they are.
+#[test]
+fn translated_reads_of_the_applications_views_read_their_copy() {
+    let mut p = plan();
+    p.shaped_views = vec![("public".into(), "report".into())];
+    let r = RuleSet::build(
+        &p,
+        Direction::Reverse,
+        ClientView::Translated(crate::shape::Shape::Uuid),
+        vec!["public".into()],
+        3,
+    )
+    .unwrap();
+    for (sql, want) in [
+        (
+            "SELECT name FROM report",
+            "SELECT name FROM keyshift_uuid_public.report",
+        ),
+        (
+            "SELECT count(*) FROM public.report r JOIN other o ON o.a = r.a",
+            "SELECT count(*) FROM keyshift_uuid_public.report r JOIN other o ON o.a = r.a",
+        ),
+        (
+            "SELECT a FROM c WHERE a IN (SELECT a FROM report)",
+            "SELECT a FROM keyshift_uuid_public.c WHERE a IN (SELECT a FROM keyshift_uuid_public.report)",
+        ),
+    ] {
+        assert_eq!(sql_of(rewrite(&r, sql)), want);
+    }
+    assert_eq!(
+        rewrite(&r, "WITH report AS (SELECT 1 AS a) SELECT a FROM report"),
+        Outcome::Unchanged
+    );
+    let physical = RuleSet::build(
+        &p,
+        Direction::Forward,
+        ClientView::Physical,
+        vec!["public".into()],
+        3,
+    )
+    .unwrap();
+    assert_eq!(
+        rewrite(&physical, "SELECT name FROM report"),
+        Outcome::Unchanged
+    );
+}
+
 #[test]
 fn translated_writes_fill_the_other_shape_through_the_parents_view() {
     let r = uuid_views();

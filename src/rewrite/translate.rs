@@ -73,7 +73,10 @@ pub(crate) fn redirect(ctx: &mut Ctx, stmt: &Statement, shape: Shape) -> Result<
 }
 
 fn names(ctx: &mut Ctx, stmt: &Statement, shape: Shape) -> Result<bool, Skip> {
-    if matches!(stmt, Statement::Query(_)) && same_on_the_tables(ctx, stmt) {
+    if matches!(stmt, Statement::Query(_))
+        && !names_shaped_view(ctx, stmt)
+        && same_on_the_tables(ctx, stmt)
+    {
         return Ok(false);
     }
     match stmt {
@@ -138,6 +141,44 @@ fn names(ctx: &mut Ctx, stmt: &Statement, shape: Shape) -> Result<bool, Skip> {
         }
         None => Ok(false),
     }
+}
+
+/// Whether `stmt` names one of the application's views that keyshift shows in the session's
+/// shape: every column of such a view may differ by shape (its definition decides), so the
+/// statement always reads keyshift's copy.
+fn names_shaped_view(ctx: &Ctx, stmt: &Statement) -> bool {
+    let ctes = cte_names(stmt);
+    let found = visit_relations(stmt, |name: &ObjectName| {
+        let parts: Option<Vec<&Ident>> = name
+            .0
+            .iter()
+            .map(|p| match p {
+                ObjectNamePart::Identifier(id) => Some(id),
+                _ => None,
+            })
+            .collect();
+        let hit = match parts.as_deref() {
+            Some([table]) => {
+                let t = folded(table);
+                !ctes.contains(t.as_ref())
+                    && ctx
+                        .rules
+                        .migrated(None, &t)
+                        .is_some_and(|s| ctx.rules.is_shaped_view(&s, &t))
+            }
+            Some([.., schema, table]) => {
+                let (s, t) = (folded(schema), folded(table));
+                ctx.rules.is_shaped_view(&s, &t)
+            }
+            _ => false,
+        };
+        if hit {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    });
+    found.is_break()
 }
 
 /// Adds the insertion that points `name` at its view; the migrated table's `schema.table`,
