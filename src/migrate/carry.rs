@@ -190,11 +190,11 @@ DECLARE
   n int := 0;
 BEGIN
   SELECT string_agg(DISTINCT quote_ident(x->>0), ', ') INTO app_path FROM jsonb_array_elements(rels) x;
-  IF NOT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'keyshift_shadow') THEN
-    CREATE SCHEMA keyshift_shadow;
-    COMMENT ON SCHEMA keyshift_shadow IS 'Owned by keyshift: materialized views built before a swap, moved into place by it';
-  END IF;
   FOR o IN SELECT * FROM keyshift.carried_objects(cols) WHERE kind = 'materialized view' ORDER BY depth, label LOOP
+    IF NOT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'keyshift_shadow') THEN
+      CREATE SCHEMA keyshift_shadow;
+      COMMENT ON SCHEMA keyshift_shadow IS 'Owned by keyshift: materialized views built before a swap, moved into place by it';
+    END IF;
     IF o.depth > 1 THEN
       RAISE EXCEPTION 'keyshift: materialized view % is built over a view over a migrated column; keyshift carries only materialized views that read the tables themselves', o.label
         USING HINT = 'drop it before cutover and create it again after; nothing was changed';
@@ -618,7 +618,9 @@ pub fn copies(plan: &Plan) -> Step {
             literal(&relations_json(plan, Shape::Uuid))
         ),
         mode: Mode::Brief,
-        when: When::Always,
+        when: When::CarriedViews {
+            columns: columns_json(plan),
+        },
     }
 }
 

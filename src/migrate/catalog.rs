@@ -112,6 +112,12 @@ pub struct Index {
     pub key_options: Vec<String>,
     pub include_columns: Vec<String>,
     pub predicate: Option<String>,
+    /// The UNIQUE (`u`) or EXCLUDE (`x`) constraint the index backs, if any.
+    #[serde(default)]
+    pub constraint: Option<String>,
+    /// `DEFERRABLE [INITIALLY DEFERRED]` of that constraint; empty when it is not deferrable.
+    #[serde(default)]
+    pub deferral: String,
 }
 
 /// An object that references a table column by number: it would keep pointing at the legacy
@@ -272,8 +278,12 @@ pub async fn read(client: &Client) -> Result<Catalog, CatalogError> {
                                                  WHEN (i.indoption::int2[])[k - 1] & 3 = 1 THEN 'NULLS LAST' END) END
                               FROM generate_series(1, i.indnkeyatts) k),
                         ARRAY(SELECT pg_get_indexdef(i.indexrelid, k, true) FROM generate_series(i.indnkeyatts + 1, i.indnatts) k),
-                        pg_get_expr(i.indpred, i.indrelid, true)
+                        pg_get_expr(i.indpred, i.indrelid, true),
+                        con.contype::text,
+                        concat_ws(' ', CASE WHEN con.condeferrable THEN 'DEFERRABLE' END,
+                                  CASE WHEN con.condeferred THEN 'INITIALLY DEFERRED' END)
                    FROM pg_index i
+                   LEFT JOIN pg_constraint con ON con.conindid = i.indexrelid AND con.contype IN ('u', 'x')
                    JOIN pg_class ic ON ic.oid = i.indexrelid
                    JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace
                    JOIN pg_am am ON am.oid = ic.relam
@@ -298,6 +308,8 @@ pub async fn read(client: &Client) -> Result<Catalog, CatalogError> {
             key_options: r.get(9),
             include_columns: r.get(10),
             predicate: r.get(11),
+            constraint: r.get(12),
+            deferral: r.get(13),
         });
     }
     // pg_depend records a dependency on the column *number* for views, rules, policies,

@@ -265,6 +265,11 @@ pub async fn needed(client: &Client, when: &When) -> Result<bool, DbError> {
                 _ => n > 0,
             }
         }
+        When::CarriedViews { columns } => {
+            const VIEWS: &str = "SELECT EXISTS (SELECT 1 FROM keyshift.carried_objects($1::text::jsonb) WHERE kind = 'view')";
+            let r = one(client.query_one(VIEWS, &[columns]).await, VIEWS)?;
+            r.get::<_, bool>(0)
+        }
         When::IndexNotValid { schema, name } => {
             let r = one(client.query_one(IDX, &[schema, name]).await, IDX)?;
             match r.get::<_, Option<bool>>(0) {

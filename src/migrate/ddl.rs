@@ -120,6 +120,11 @@ pub enum When {
         table: String,
         names: Vec<String>,
     },
+    /// Some view of the application reads one of these columns (`[schema, table, column]`
+    /// as JSON, [`super::carry`]).
+    CarriedViews {
+        columns: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -770,6 +775,30 @@ pub fn harden(plan: &Plan) -> Vec<Step> {
                     name: i.uuid_name.clone(),
                 },
             ));
+            // The mirror of a UNIQUE constraint's index is that constraint too (catalog-only:
+            // the index is built), so that the swap's renames carry it as they carry the
+            // original and the result reads as if written with uuid keys.
+            if let Some(deferral) = &i.unique_constraint {
+                v.push(Step::new(
+                    format!(
+                        "ALTER TABLE {} ADD CONSTRAINT {} UNIQUE USING INDEX {}{}",
+                        child(f),
+                        quote(&i.uuid_name),
+                        quote(&i.uuid_name),
+                        if deferral.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" {deferral}")
+                        }
+                    ),
+                    Mode::Brief,
+                    When::ConstraintMissing {
+                        schema: f.child_schema.clone(),
+                        table: f.child_table.clone(),
+                        name: i.uuid_name.clone(),
+                    },
+                ));
+            }
         }
     }
     for t in &plan.tables {
@@ -937,6 +966,7 @@ pub fn cutover(plan: &Plan) -> Vec<Step> {
         )));
         for i in &f.indexes {
             let s = quote(&f.child_schema);
+            // Renaming a constraint's index renames the constraint.
             v.push(swap(format!(
                 "ALTER INDEX {s}.{} RENAME TO {}",
                 quote(&i.name),
@@ -1387,6 +1417,15 @@ pub fn abort(plan: &Plan) -> Vec<Step> {
             v.push(drop_constraint(&f.child_schema, &f.child_table, name));
         }
         for i in &f.indexes {
+            // A UNIQUE constraint's mirror is a constraint after harden: its index goes
+            // with it.
+            if i.unique_constraint.is_some() {
+                v.push(drop_constraint(
+                    &f.child_schema,
+                    &f.child_table,
+                    &i.uuid_name,
+                ));
+            }
             v.push(drop_index(&f.child_schema, &i.uuid_name));
         }
     }

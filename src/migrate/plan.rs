@@ -154,6 +154,10 @@ pub struct PlanIndex {
     pub fk_position: usize,
     pub include_columns: Vec<String>,
     pub predicate: Option<String>,
+    /// When the original index backs a UNIQUE constraint: its `DEFERRABLE …` clause (empty
+    /// when not deferrable). Cutover makes the mirror a constraint of the same name.
+    #[serde(default)]
+    pub unique_constraint: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -507,6 +511,14 @@ pub fn build(cat: &Catalog, opts: &PlanOptions) -> Plan {
                         .iter()
                         .zip(&i.key_is_column)
                         .position(|(k, is_col)| *is_col && unquote(k) == ccol_name)?;
+                    if i.constraint.as_deref() == Some("x") {
+                        warnings.push(finding(
+                            "exclusion-constraint",
+                            format!("{} on {cname}", i.name),
+                            format!("an exclusion constraint on {cname}.{ccol_name}: the uuid column gets an index like its own, not the constraint"),
+                            "add the exclusion constraint on the uuid column after cutover if it must hold there",
+                        ));
+                    }
                     Some(PlanIndex {
                         name: i.name.clone(),
                         uuid_name: suffixed(&i.name, &opts.uuid_suffix),
@@ -518,6 +530,8 @@ pub fn build(cat: &Catalog, opts: &PlanOptions) -> Plan {
                         fk_position: pos,
                         include_columns: i.include_columns.clone(),
                         predicate: i.predicate.clone(),
+                        unique_constraint: (i.constraint.as_deref() == Some("u"))
+                            .then(|| i.deferral.clone()),
                     })
                 })
                 .collect();
