@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use super::fill::{self, Physical};
 use super::plan::{Plan, PlanFk, PlanIndex, PlanTable};
-use super::{mirror, state, views};
+use super::{mirror, partitions, state, views};
 use crate::ident::{literal, qualified, quote};
 
 /// How a step is run, which is also what it locks.
@@ -118,6 +118,14 @@ pub enum When {
         schema: String,
         table: String,
         names: Vec<String>,
+    },
+    /// The step is `op` run on each leaf partition of the partitioned table `schema.table`,
+    /// each leaf's statements with their own conditions ([`partitions::run`]); its `sql`
+    /// shows them with `{leaf}` for each partition.
+    EachLeaf {
+        schema: String,
+        table: String,
+        op: partitions::LeafOp,
     },
 }
 
@@ -577,7 +585,7 @@ pub fn legacy_backfill(plan: &Plan) -> Vec<Step> {
         .collect();
     for (_, f) in plan.foreign_keys() {
         v.push(Step::new(
-            legacy_catchup_find(plan, f),
+            leafwise(f, legacy_catchup_find(plan, f)),
             Mode::Online,
             When::Always,
         ));
@@ -617,19 +625,52 @@ pub fn backfill(plan: &Plan) -> Vec<Step> {
         v.push(Step::new(key_catchup(plan, t), Mode::Online, When::Always));
     }
     for (_, f) in plan.foreign_keys().filter(|(_, f)| !is_fused(plan, f)) {
-        v.push(Step::new(fk_bounds(f), Mode::Online, When::Always));
+        v.push(Step::new(
+            leafwise(f, fk_bounds(f)),
+            Mode::Online,
+            When::Always,
+        ));
         v.push(Step::new(fk_batch(f), Mode::Online, When::Always));
     }
     // The catch-up pass: find the rows whose twin differs, then fix them in batches.
     for (_, f) in plan.foreign_keys() {
-        v.push(Step::new(catchup_find(f), Mode::Online, When::Always));
+        v.push(Step::new(
+            leafwise(f, catchup_find(f)),
+            Mode::Online,
+            When::Always,
+        ));
         v.push(Step::new(catchup_fix(f), Mode::Online, When::Always));
     }
     v
 }
 
+/// As `plan --sql` shows a scan of a partitioned child, which runs on each leaf partition in
+/// its place ([`partitions::expand_fks`]): ctids and batches are per partition.
+fn leafwise(f: &PlanFk, sql: String) -> String {
+    if f.child_partitioned {
+        format!(
+            "-- on each leaf partition of {c} in place of {c} (the statements up to the next comment):\n{sql}",
+            c = child(f)
+        )
+    } else {
+        sql
+    }
+}
+
 /// The mirror of an index on an FK column, on its uuid twin.
 pub fn mirror_index(f: &PlanFk, i: &PlanIndex) -> String {
+    format!(
+        "CREATE {}INDEX CONCURRENTLY {} ON {} {}",
+        if i.unique { "UNIQUE " } else { "" },
+        quote(&i.uuid_name),
+        child(f),
+        mirror_definition(f, i)
+    )
+}
+
+/// The mirror's `USING method (columns) INCLUDE (…) WHERE …`, the FK column replaced by its
+/// twin.
+fn mirror_definition(f: &PlanFk, i: &PlanIndex) -> String {
     let cols: Vec<String> = i
         .key_columns
         .iter()
@@ -646,14 +687,7 @@ pub fn mirror_index(f: &PlanFk, i: &PlanIndex) -> String {
             }
         })
         .collect();
-    let mut s = format!(
-        "CREATE {}INDEX CONCURRENTLY {} ON {} USING {} ({})",
-        if i.unique { "UNIQUE " } else { "" },
-        quote(&i.uuid_name),
-        child(f),
-        i.method,
-        cols.join(", ")
-    );
+    let mut s = format!("USING {} ({})", i.method, cols.join(", "));
     if !i.include_columns.is_empty() {
         let _ = write!(s, " INCLUDE ({})", i.include_columns.join(", "));
     }
@@ -759,6 +793,15 @@ pub fn harden(plan: &Plan) -> Vec<Step> {
     }
     for (_, f) in plan.foreign_keys() {
         for i in &f.indexes {
+            if f.child_partitioned {
+                v.extend(partitions::index_steps(
+                    plan,
+                    f,
+                    i,
+                    &mirror_definition(f, i),
+                ));
+                continue;
+            }
             v.push(Step::new(
                 mirror_index(f, i),
                 Mode::Online,
@@ -778,17 +821,33 @@ pub fn harden(plan: &Plan) -> Vec<Step> {
         ));
     }
     for (_, f) in plan.foreign_keys() {
-        v.extend(fk_steps(
+        v.extend(build_fk(
             f,
             &f.shadow_constraint,
-            add_fk_not_valid(
-                f,
-                &f.shadow_constraint,
-                &fk_clause(f, &f.uuid_column, &f.parent_uuid_column),
-            ),
+            &fk_clause(f, &f.uuid_column, &f.parent_uuid_column),
+            None,
         ));
     }
     v
+}
+
+/// An FK `clause` named `name` on `f`'s child, added without a long lock: `NOT VALID`
+/// (brief) then `VALIDATE` (online); on a partitioned child, leaf by leaf first
+/// ([`partitions::fk_steps`]). With `bound_to` (an index of the parent, unqualified), the add
+/// is refused unless PostgreSQL bound the constraint to that index ([`add_fk_not_valid_on`]).
+fn build_fk(f: &PlanFk, name: &str, clause: &str, bound_to: Option<&str>) -> Vec<Step> {
+    if f.child_partitioned {
+        let index = bound_to.map(|i| qualified(&f.parent_schema, i));
+        let check_index = index.clone().unwrap_or_default();
+        return partitions::fk_steps(f, name, clause, index, |table| {
+            fk_bound_check(table, name, &check_index)
+        });
+    }
+    let add = match bound_to {
+        Some(index) => add_fk_not_valid_on(f, name, clause, index),
+        None => add_fk_not_valid(f, name, clause),
+    };
+    fk_steps(f, name, add).into()
 }
 
 fn check_not_null(schema: &str, table: &str, name: &str, column: &str) -> Vec<Step> {
@@ -940,6 +999,7 @@ pub fn cutover(plan: &Plan) -> Vec<Step> {
                 quote(&i.name)
             )));
         }
+        v.extend(partitions::leaf_renames(f, true).into_iter().map(swap));
     }
     v.extend(fill::switch(plan, Physical::Uuid).into_iter().map(swap));
     v.extend(id_map_step(plan, true).map(|st| swap(st.sql)));
@@ -979,12 +1039,21 @@ fn legacy_spare_index(t: &PlanTable) -> String {
 /// of [`rollback`] arranges; this says so clearly if something else (OID wraparound, another
 /// unique index on the key) defeats it.
 fn add_fk_not_valid_on(f: &PlanFk, name: &str, clause: &str, index: &str) -> String {
-    let con = literal(name);
-    let idx = literal(&qualified(&f.parent_schema, index));
     format!(
-        "{}; DO $ks$ BEGIN IF (SELECT conindid FROM pg_constraint WHERE conrelid = {}::regclass AND conname = {con}) IS DISTINCT FROM {idx}::regclass THEN RAISE EXCEPTION 'keyshift: foreign key % is not bound to unique index %, so the rollback swap could not drop the primary key under it; another unique index on that column is older than %: drop it, or the primary key index has not been rebuilt yet: rerun keyshift rollback', {con}, {idx}, {idx}; END IF; END $ks$",
+        "{}; {}",
         add_fk_not_valid(f, name, clause),
-        literal(&child(f)),
+        fk_bound_check(&child(f), name, &qualified(&f.parent_schema, index)),
+    )
+}
+
+/// Fails unless constraint `name` of `table` (qualified) uses unique index `index`
+/// (qualified): see [`add_fk_not_valid_on`].
+pub(super) fn fk_bound_check(table: &str, name: &str, index: &str) -> String {
+    let con = literal(name);
+    let idx = literal(index);
+    format!(
+        "DO $ks$ BEGIN IF (SELECT conindid FROM pg_constraint WHERE conrelid = {}::regclass AND conname = {con}) IS DISTINCT FROM {idx}::regclass THEN RAISE EXCEPTION 'keyshift: foreign key % is not bound to unique index %, so the rollback swap could not drop the primary key under it; another unique index on that column is older than %: drop it, or the primary key index has not been rebuilt yet: rerun keyshift rollback', {con}, {idx}, {idx}; END IF; END $ks$",
+        literal(table),
     )
 }
 
@@ -1016,14 +1085,11 @@ pub fn rollback(plan: &Plan) -> Vec<Step> {
     }
     for (_, f) in plan.foreign_keys() {
         let name = legacy_fk_name(plan, f);
-        v.extend(fk_steps(
+        v.extend(build_fk(
             f,
             &name,
-            add_fk_not_valid(
-                f,
-                &name,
-                &fk_clause(f, &f.legacy_column, &legacy_of(plan, f)),
-            ),
+            &fk_clause(f, &f.legacy_column, &legacy_of(plan, f)),
+            None,
         ));
     }
     // The NOT NULL of NOT NULL integer FK columns, which cutover dropped: proven online by a
@@ -1071,15 +1137,11 @@ pub fn rollback(plan: &Plan) -> Vec<Step> {
             .table(&f.parent_schema, &f.parent_table)
             .map(|t| t.uuid_index.clone())
             .unwrap_or_default();
-        v.extend(fk_steps(
+        v.extend(build_fk(
             f,
             &f.shadow_constraint,
-            add_fk_not_valid_on(
-                f,
-                &f.shadow_constraint,
-                &fk_clause(f, &f.child_column, &f.parent_key),
-                &index,
-            ),
+            &fk_clause(f, &f.child_column, &f.parent_key),
+            Some(&index),
         ));
     }
     v.push(swap("BEGIN".into()));
@@ -1141,6 +1203,7 @@ pub fn rollback(plan: &Plan) -> Vec<Step> {
                 quote(&i.name)
             )));
         }
+        v.extend(partitions::leaf_renames(f, false).into_iter().map(swap));
     }
     for t in &plan.tables {
         // Drops the primary key's index too; the uuid key keeps the unique index built above.
@@ -1302,6 +1365,10 @@ fn drop_rollback_preparation(plan: &Plan) -> Vec<Step> {
         .foreign_keys()
         .map(|(_, f)| drop_constraint(&f.child_schema, &f.child_table, &f.shadow_constraint))
         .collect();
+    v.extend(
+        plan.foreign_keys()
+            .filter_map(|(_, f)| partitions::drop_leaf_constraints(f, &f.shadow_constraint)),
+    );
     for t in &plan.tables {
         v.push(drop_constraint(&t.schema, &t.name, &t.not_null_check));
         v.push(drop_index(&t.schema, &t.uuid_index));
@@ -1370,6 +1437,22 @@ pub fn abort(plan: &Plan) -> Vec<Step> {
             v.push(drop_constraint(&f.child_schema, &f.child_table, name));
         }
         for i in &f.indexes {
+            if f.child_partitioned {
+                // A partitioned index cannot be dropped concurrently; it holds no rows itself,
+                // and the partitions' indexes go with it.
+                v.push(Step::new(
+                    format!(
+                        "DROP INDEX IF EXISTS {}",
+                        qualified(&f.child_schema, &i.uuid_name)
+                    ),
+                    Mode::Brief,
+                    When::IndexPresent {
+                        schema: f.child_schema.clone(),
+                        name: i.uuid_name.clone(),
+                    },
+                ));
+                continue;
+            }
             v.push(drop_index(&f.child_schema, &i.uuid_name));
         }
     }
