@@ -470,3 +470,57 @@ async fn partitioned_and_inherited_shapes_that_stay_blocked() {
         );
     }
 }
+
+/// What an interrupted harden leaves on a partitioned child (the mirror `ON ONLY` the
+/// partitioned table, a leaf's index built but not attached, a leaf's FK added but not
+/// validated): a rerun of harden finishes it without building anything twice, and abort, at
+/// that point or after harden, gives back the schema as it was.
+#[tokio::test]
+async fn interrupted_harden_resumes_and_abort_restores_a_partitioned_child() {
+    const INTERRUPTED: &str = "
+        CREATE UNIQUE INDEX servers_id_uuid_key ON servers (id_uuid);
+        CREATE INDEX executions_server_id_idx_uuid ON ONLY executions USING btree (server_id_uuid, created_at DESC);
+        CREATE INDEX executions_2023_server_id_created_at_idx_uuid ON executions_2023 USING btree (server_id_uuid, created_at DESC);
+        ALTER TABLE executions_2024 ADD CONSTRAINT executions_server_id_fkey_uuid
+            FOREIGN KEY (server_id_uuid) REFERENCES servers (id_uuid) ON DELETE CASCADE NOT VALID;";
+    let db = db_with(&format!("{SCHEMA}{ROWS}")).await;
+    let url = db.url();
+    let c = db.client().await;
+    let before = migrate_support::schema_dump(&db);
+    for abort_before_harden in [true, false] {
+        step(&url, &["expand"]).await;
+        step(&url, &["backfill", "--skip-harden"]).await;
+        c.batch_execute(INTERRUPTED).await.unwrap();
+        if abort_before_harden {
+            step(&url, &["abort"]).await;
+            assert_eq!(
+                before,
+                migrate_support::schema_dump(&db),
+                "abort mid-harden"
+            );
+            continue;
+        }
+        step(&url, &["harden"]).await;
+        assert_eq!(
+            count(
+                &c,
+                "SELECT count(*) FROM pg_index WHERE indrelid = 'executions_2023'::regclass"
+            )
+            .await,
+            3,
+            "the primary key, the original and its mirror: the leftover was attached, not built again"
+        );
+        assert_valid(
+            &leaf_indexes(&c, "executions_server_id_idx_uuid").await,
+            "uuid",
+        );
+        assert_fks(&c, "_uuid", "_uuid").await;
+        ks_expect(&url, &["verify"], 0);
+        step(&url, &["abort"]).await;
+        assert_eq!(
+            before,
+            migrate_support::schema_dump(&db),
+            "abort after harden"
+        );
+    }
+}

@@ -1436,6 +1436,9 @@ pub fn abort(plan: &Plan) -> Vec<Step> {
         for name in std::iter::once(&f.shadow_constraint).chain(f.not_null_check.as_ref()) {
             v.push(drop_constraint(&f.child_schema, &f.child_table, name));
         }
+        // Left on partitions by a harden that stopped before the partitioned table's own:
+        // they need the parent's unique index, dropped below.
+        v.extend(partitions::drop_leaf_constraints(f, &f.shadow_constraint));
         for i in &f.indexes {
             if f.child_partitioned {
                 // A partitioned index cannot be dropped concurrently; it holds no rows itself,

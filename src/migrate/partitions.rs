@@ -268,9 +268,10 @@ EXECUTE format('ALTER INDEX %s RENAME TO %I', r.a::regclass, r.bn); END LOOP; EN
     )
 }
 
-/// finalize: constraints `name` standing alone on partitions of `f`'s child, which a rollback
-/// that stopped before its swap leaves (built on each leaf, not yet on the partitioned
-/// table). After cutover they duplicate the FK in force.
+/// Constraints `name` standing alone on partitions of `f`'s child: built on each leaf, not
+/// yet on the partitioned table, by a harden (for abort) or a rollback (for finalize) that
+/// stopped in between. They need the parent's unique index, which abort drops, and after
+/// cutover they duplicate the FK in force.
 pub fn drop_leaf_constraints(f: &PlanFk, name: &str) -> Option<Step> {
     if !f.child_partitioned {
         return None;
