@@ -17,7 +17,7 @@ use super::db::{self, DbError, stmt_error};
 use super::plan::{Plan, PlanFk, PlanTable};
 use super::progress::Display;
 use super::state::{self, Phase, StateError};
-use super::{Settings, ddl};
+use super::{Settings, ddl, partitions};
 use crate::ident::qualified;
 
 #[derive(Debug, thiserror::Error)]
@@ -56,8 +56,10 @@ fn fk_task(kind: &str, f: &PlanFk) -> String {
     )
 }
 
-/// Creates the task rows (idempotent).
+/// Creates the task rows (idempotent). A partitioned child has tasks per leaf partition,
+/// so a partition created or attached since the last run gets its own.
 pub async fn ensure_tasks(client: &Client, plan: &Plan) -> Result<(), DbError> {
+    let fks = partitions::expand_fks(client, plan).await?;
     const SQL: &str = "INSERT INTO keyshift.backfill (task, ord, kind, schema_name, table_name, column_name, rows_estimate)
         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (task) DO NOTHING";
     let mut rows: Vec<(String, i32, &str, &str, &str, &str, i64)> = Vec::new();
@@ -72,7 +74,7 @@ pub async fn ensure_tasks(client: &Client, plan: &Plan) -> Result<(), DbError> {
             t.row_estimate,
         ));
     }
-    for (j, (_, f)) in plan.foreign_keys().enumerate() {
+    for (j, f) in fks.iter().enumerate() {
         let j = j as i32;
         let kinds: &[(&str, i32)] = if ddl::is_fused(plan, f) {
             &[("catchup", 100000)]
@@ -105,7 +107,11 @@ pub async fn ensure_tasks(client: &Client, plan: &Plan) -> Result<(), DbError> {
 async fn ensure_legacy_tasks(client: &Client, plan: &Plan) -> Result<(), DbError> {
     const SQL: &str = "INSERT INTO keyshift.backfill (task, ord, kind, schema_name, table_name, column_name, rows_estimate)
         VALUES ($1, $2, 'legacy', $3, $4, $5, $6) ON CONFLICT (task) DO NOTHING";
-    for (j, (_, f)) in plan.foreign_keys().enumerate() {
+    for (j, f) in partitions::expand_fks(client, plan)
+        .await?
+        .iter()
+        .enumerate()
+    {
         let task = fk_task("legacy", f);
         let ord = 200000 + j as i32;
         client
@@ -172,6 +178,8 @@ pub async fn run(
         return Err(BackfillError::WrongPhase(phase));
     }
     ensure_tasks(client, &plan).await?;
+    // A partitioned child is scanned leaf by leaf, each leaf as a child of its own.
+    let fks = partitions::expand_fks(client, &plan).await?;
     // Every pass is done: this run is a new catch-up round (writes that bypassed the proxy
     // since the last one).
     new_round_if_done(client, "kind <> 'legacy'", "kind = 'catchup'").await?;
@@ -184,8 +192,8 @@ pub async fn run(
         .map(|t| (t.schema.as_str(), t.name.as_str()))
         .collect();
     rels.extend(
-        plan.foreign_keys()
-            .map(|(_, f)| (f.child_schema.as_str(), f.child_table.as_str())),
+        fks.iter()
+            .map(|f| (f.child_schema.as_str(), f.child_table.as_str())),
     );
     rels.sort();
     rels.dedup();
@@ -225,14 +233,14 @@ pub async fn run(
     }
     let key_stages = stages.len();
     stages.push(
-        plan.foreign_keys()
-            .filter(|(_, f)| !ddl::is_fused(&plan, f))
-            .map(|(_, f)| (fk_task("fk", f), Work::Fk(f)))
+        fks.iter()
+            .filter(|f| !ddl::is_fused(&plan, f))
+            .map(|f| (fk_task("fk", f), Work::Fk(f)))
             .collect(),
     );
     stages.push(
-        plan.foreign_keys()
-            .map(|(_, f)| (fk_task("catchup", f), Work::Catchup(f)))
+        fks.iter()
+            .map(|f| (fk_task("catchup", f), Work::Catchup(f)))
             .collect(),
     );
     for (i, stage) in stages.iter().enumerate() {
@@ -292,9 +300,10 @@ pub async fn run_legacy(
         filled += legacy_key_catchup(client, t, s).await?;
     }
     lock(&shared.sum).rows_updated += filled;
-    let stage: Vec<(String, Work)> = plan
-        .foreign_keys()
-        .map(|(_, f)| (fk_task("legacy", f), Work::Legacy(f)))
+    let fks = partitions::expand_fks(client, plan).await?;
+    let stage: Vec<(String, Work)> = fks
+        .iter()
+        .map(|f| (fk_task("legacy", f), Work::Legacy(f)))
         .collect();
     run_stage(client, extra, plan, &stage, s, &shared).await?;
     let mut sum = lock(&shared.sum).clone();

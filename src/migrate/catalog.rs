@@ -51,8 +51,15 @@ pub struct Table {
     /// `r` for a plain table, `p` for a partitioned one.
     pub kind: String,
     pub is_partition: bool,
-    /// Inherits from, or is inherited by, another table.
+    /// Inherits from, or is inherited by, another table through old-style `INHERITS`
+    /// (declarative partitioning is not counted here: `kind` and `is_partition` say it).
     pub inheritance: bool,
+    /// A partitioned table's partition key columns (expressions are left out).
+    #[serde(default)]
+    pub partition_key: Vec<String>,
+    /// A partitioned table with a partition that is itself partitioned.
+    #[serde(default)]
+    pub sub_partitioned: bool,
     pub row_estimate: i64,
     pub columns: Vec<Column>,
     pub primary_key: Option<PrimaryKey>,
@@ -150,8 +157,16 @@ pub async fn read(client: &Client) -> Result<Catalog, CatalogError> {
         .query(
             &format!(
                 "SELECT c.oid, n.nspname::text, c.relname::text, c.relkind::text, c.relispartition,
-                        EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhrelid = c.oid OR i.inhparent = c.oid),
-                        GREATEST(c.reltuples, 0)::bigint
+                        EXISTS (SELECT 1 FROM pg_inherits i
+                                 WHERE (i.inhrelid = c.oid AND NOT c.relispartition)
+                                    OR (i.inhparent = c.oid AND c.relkind <> 'p')),
+                        GREATEST(c.reltuples, 0)::bigint,
+                        ARRAY(SELECT a.attname::text FROM pg_partitioned_table pt
+                                CROSS JOIN LATERAL unnest(pt.partattrs::int2[]) WITH ORDINALITY k(n, o)
+                                JOIN pg_attribute a ON a.attrelid = pt.partrelid AND a.attnum = k.n
+                               WHERE pt.partrelid = c.oid ORDER BY k.o),
+                        EXISTS (SELECT 1 FROM pg_inherits i JOIN pg_class s ON s.oid = i.inhrelid
+                                 WHERE i.inhparent = c.oid AND s.relkind = 'p')
                    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                   WHERE c.relkind IN ('r', 'p') AND {USER_SCHEMAS}
                   ORDER BY 2, 3"
@@ -170,6 +185,8 @@ pub async fn read(client: &Client) -> Result<Catalog, CatalogError> {
             is_partition: r.get(4),
             inheritance: r.get(5),
             row_estimate: r.get(6),
+            partition_key: r.get(7),
+            sub_partitioned: r.get(8),
             ..Default::default()
         });
     }

@@ -270,6 +270,8 @@ pub async fn needed(client: &Client, when: &When) -> Result<bool, DbError> {
             let r = one(client.query_one(VIEWS, &[columns]).await, VIEWS)?;
             r.get::<_, bool>(0)
         }
+        // Decided leaf by leaf, by `run_step`.
+        When::EachLeaf { .. } => true,
         When::IndexNotValid { schema, name } => {
             let r = one(client.query_one(IDX, &[schema, name]).await, IDX)?;
             match r.get::<_, Option<bool>>(0) {
@@ -294,8 +296,17 @@ pub async fn needed(client: &Client, when: &When) -> Result<bool, DbError> {
     })
 }
 
-/// Runs one step if it is still needed. Returns whether it ran.
+/// Runs one step if it is still needed (a step over partitions: on each leaf that still
+/// needs it). Returns whether it ran.
 pub async fn run_step(client: &Client, step: &Step, s: &Settings) -> Result<bool, DbError> {
+    if let When::EachLeaf { schema, table, op } = &step.when {
+        return super::partitions::run(client, schema, table, op, s).await;
+    }
+    run_one(client, step, s).await
+}
+
+/// Runs one plain step if it is still needed.
+pub(super) async fn run_one(client: &Client, step: &Step, s: &Settings) -> Result<bool, DbError> {
     if !needed(client, &step.when).await? {
         tracing::debug!("already done: {}", step.sql);
         return Ok(false);

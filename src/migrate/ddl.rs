@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use super::fill::{self, Physical};
 use super::plan::{Plan, PlanFk, PlanIndex, PlanTable};
-use super::{carry, mirror, state, views};
+use super::{carry, mirror, partitions, state, views};
 use crate::ident::{literal, qualified, quote};
 use crate::shape::Shape;
 
@@ -124,6 +124,14 @@ pub enum When {
     /// as JSON, [`super::carry`]).
     CarriedViews {
         columns: String,
+    },
+    /// The step is `op` run on each leaf partition of the partitioned table `schema.table`,
+    /// each leaf's statements with their own conditions ([`partitions::run`]); its `sql`
+    /// shows them with `{leaf}` for each partition.
+    EachLeaf {
+        schema: String,
+        table: String,
+        op: partitions::LeafOp,
     },
 }
 
@@ -585,7 +593,7 @@ pub fn legacy_backfill(plan: &Plan) -> Vec<Step> {
         .collect();
     for (_, f) in plan.foreign_keys() {
         v.push(Step::new(
-            legacy_catchup_find(plan, f),
+            leafwise(f, legacy_catchup_find(plan, f)),
             Mode::Online,
             When::Always,
         ));
@@ -625,19 +633,52 @@ pub fn backfill(plan: &Plan) -> Vec<Step> {
         v.push(Step::new(key_catchup(plan, t), Mode::Online, When::Always));
     }
     for (_, f) in plan.foreign_keys().filter(|(_, f)| !is_fused(plan, f)) {
-        v.push(Step::new(fk_bounds(f), Mode::Online, When::Always));
+        v.push(Step::new(
+            leafwise(f, fk_bounds(f)),
+            Mode::Online,
+            When::Always,
+        ));
         v.push(Step::new(fk_batch(f), Mode::Online, When::Always));
     }
     // The catch-up pass: find the rows whose twin differs, then fix them in batches.
     for (_, f) in plan.foreign_keys() {
-        v.push(Step::new(catchup_find(f), Mode::Online, When::Always));
+        v.push(Step::new(
+            leafwise(f, catchup_find(f)),
+            Mode::Online,
+            When::Always,
+        ));
         v.push(Step::new(catchup_fix(f), Mode::Online, When::Always));
     }
     v
 }
 
+/// As `plan --sql` shows a scan of a partitioned child, which runs on each leaf partition in
+/// its place ([`partitions::expand_fks`]): ctids and batches are per partition.
+fn leafwise(f: &PlanFk, sql: String) -> String {
+    if f.child_partitioned {
+        format!(
+            "-- on each leaf partition of {c} in place of {c} (the statements up to the next comment):\n{sql}",
+            c = child(f)
+        )
+    } else {
+        sql
+    }
+}
+
 /// The mirror of an index on an FK column, on its uuid twin.
 pub fn mirror_index(f: &PlanFk, i: &PlanIndex) -> String {
+    format!(
+        "CREATE {}INDEX CONCURRENTLY {} ON {} {}",
+        if i.unique { "UNIQUE " } else { "" },
+        quote(&i.uuid_name),
+        child(f),
+        mirror_definition(f, i)
+    )
+}
+
+/// The mirror's `USING method (columns) INCLUDE (…) WHERE …`, the FK column replaced by its
+/// twin.
+fn mirror_definition(f: &PlanFk, i: &PlanIndex) -> String {
     let cols: Vec<String> = i
         .key_columns
         .iter()
@@ -654,14 +695,7 @@ pub fn mirror_index(f: &PlanFk, i: &PlanIndex) -> String {
             }
         })
         .collect();
-    let mut s = format!(
-        "CREATE {}INDEX CONCURRENTLY {} ON {} USING {} ({})",
-        if i.unique { "UNIQUE " } else { "" },
-        quote(&i.uuid_name),
-        child(f),
-        i.method,
-        cols.join(", ")
-    );
+    let mut s = format!("USING {} ({})", i.method, cols.join(", "));
     if !i.include_columns.is_empty() {
         let _ = write!(s, " INCLUDE ({})", i.include_columns.join(", "));
     }
@@ -767,6 +801,15 @@ pub fn harden(plan: &Plan) -> Vec<Step> {
     }
     for (_, f) in plan.foreign_keys() {
         for i in &f.indexes {
+            if f.child_partitioned {
+                v.extend(partitions::index_steps(
+                    plan,
+                    f,
+                    i,
+                    &mirror_definition(f, i),
+                ));
+                continue;
+            }
             v.push(Step::new(
                 mirror_index(f, i),
                 Mode::Online,
@@ -810,17 +853,33 @@ pub fn harden(plan: &Plan) -> Vec<Step> {
         ));
     }
     for (_, f) in plan.foreign_keys() {
-        v.extend(fk_steps(
+        v.extend(build_fk(
             f,
             &f.shadow_constraint,
-            add_fk_not_valid(
-                f,
-                &f.shadow_constraint,
-                &fk_clause(f, &f.uuid_column, &f.parent_uuid_column),
-            ),
+            &fk_clause(f, &f.uuid_column, &f.parent_uuid_column),
+            None,
         ));
     }
     v
+}
+
+/// An FK `clause` named `name` on `f`'s child, added without a long lock: `NOT VALID`
+/// (brief) then `VALIDATE` (online); on a partitioned child, leaf by leaf first
+/// ([`partitions::fk_steps`]). With `bound_to` (an index of the parent, unqualified), the add
+/// is refused unless PostgreSQL bound the constraint to that index ([`add_fk_not_valid_on`]).
+fn build_fk(f: &PlanFk, name: &str, clause: &str, bound_to: Option<&str>) -> Vec<Step> {
+    if f.child_partitioned {
+        let index = bound_to.map(|i| qualified(&f.parent_schema, i));
+        let check_index = index.clone().unwrap_or_default();
+        return partitions::fk_steps(f, name, clause, index, |table| {
+            fk_bound_check(table, name, &check_index)
+        });
+    }
+    let add = match bound_to {
+        Some(index) => add_fk_not_valid_on(f, name, clause, index),
+        None => add_fk_not_valid(f, name, clause),
+    };
+    fk_steps(f, name, add).into()
 }
 
 fn check_not_null(schema: &str, table: &str, name: &str, column: &str) -> Vec<Step> {
@@ -978,6 +1037,7 @@ pub fn cutover(plan: &Plan) -> Vec<Step> {
                 quote(&i.name)
             )));
         }
+        v.extend(partitions::leaf_renames(f, true).into_iter().map(swap));
     }
     v.push(swap(carry::restore()));
     v.extend(fill::switch(plan, Physical::Uuid).into_iter().map(swap));
@@ -1018,12 +1078,21 @@ fn legacy_spare_index(t: &PlanTable) -> String {
 /// of [`rollback`] arranges; this says so clearly if something else (OID wraparound, another
 /// unique index on the key) defeats it.
 fn add_fk_not_valid_on(f: &PlanFk, name: &str, clause: &str, index: &str) -> String {
-    let con = literal(name);
-    let idx = literal(&qualified(&f.parent_schema, index));
     format!(
-        "{}; DO $ks$ BEGIN IF (SELECT conindid FROM pg_constraint WHERE conrelid = {}::regclass AND conname = {con}) IS DISTINCT FROM {idx}::regclass THEN RAISE EXCEPTION 'keyshift: foreign key % is not bound to unique index %, so the rollback swap could not drop the primary key under it; another unique index on that column is older than %: drop it, or the primary key index has not been rebuilt yet: rerun keyshift rollback', {con}, {idx}, {idx}; END IF; END $ks$",
+        "{}; {}",
         add_fk_not_valid(f, name, clause),
-        literal(&child(f)),
+        fk_bound_check(&child(f), name, &qualified(&f.parent_schema, index)),
+    )
+}
+
+/// Fails unless constraint `name` of `table` (qualified) uses unique index `index`
+/// (qualified): see [`add_fk_not_valid_on`].
+pub(super) fn fk_bound_check(table: &str, name: &str, index: &str) -> String {
+    let con = literal(name);
+    let idx = literal(index);
+    format!(
+        "DO $ks$ BEGIN IF (SELECT conindid FROM pg_constraint WHERE conrelid = {}::regclass AND conname = {con}) IS DISTINCT FROM {idx}::regclass THEN RAISE EXCEPTION 'keyshift: foreign key % is not bound to unique index %, so the rollback swap could not drop the primary key under it; another unique index on that column is older than %: drop it, or the primary key index has not been rebuilt yet: rerun keyshift rollback', {con}, {idx}, {idx}; END IF; END $ks$",
+        literal(table),
     )
 }
 
@@ -1055,14 +1124,11 @@ pub fn rollback(plan: &Plan) -> Vec<Step> {
     }
     for (_, f) in plan.foreign_keys() {
         let name = legacy_fk_name(plan, f);
-        v.extend(fk_steps(
+        v.extend(build_fk(
             f,
             &name,
-            add_fk_not_valid(
-                f,
-                &name,
-                &fk_clause(f, &f.legacy_column, &legacy_of(plan, f)),
-            ),
+            &fk_clause(f, &f.legacy_column, &legacy_of(plan, f)),
+            None,
         ));
     }
     // The NOT NULL of NOT NULL integer FK columns, which cutover dropped: proven online by a
@@ -1110,15 +1176,11 @@ pub fn rollback(plan: &Plan) -> Vec<Step> {
             .table(&f.parent_schema, &f.parent_table)
             .map(|t| t.uuid_index.clone())
             .unwrap_or_default();
-        v.extend(fk_steps(
+        v.extend(build_fk(
             f,
             &f.shadow_constraint,
-            add_fk_not_valid_on(
-                f,
-                &f.shadow_constraint,
-                &fk_clause(f, &f.child_column, &f.parent_key),
-                &index,
-            ),
+            &fk_clause(f, &f.child_column, &f.parent_key),
+            Some(&index),
         ));
     }
     v.extend(carry::prepare(plan, Shape::Integer));
@@ -1182,6 +1244,7 @@ pub fn rollback(plan: &Plan) -> Vec<Step> {
                 quote(&i.name)
             )));
         }
+        v.extend(partitions::leaf_renames(f, false).into_iter().map(swap));
     }
     for t in &plan.tables {
         // Drops the primary key's index too; the uuid key keeps the unique index built above.
@@ -1347,6 +1410,10 @@ fn drop_rollback_preparation(plan: &Plan) -> Vec<Step> {
         .foreign_keys()
         .map(|(_, f)| drop_constraint(&f.child_schema, &f.child_table, &f.shadow_constraint))
         .collect();
+    v.extend(
+        plan.foreign_keys()
+            .filter_map(|(_, f)| partitions::drop_leaf_constraints(f, &f.shadow_constraint)),
+    );
     for t in &plan.tables {
         v.push(drop_constraint(&t.schema, &t.name, &t.not_null_check));
         v.push(drop_index(&t.schema, &t.uuid_index));
@@ -1416,6 +1483,9 @@ pub fn abort(plan: &Plan) -> Vec<Step> {
         for name in std::iter::once(&f.shadow_constraint).chain(f.not_null_check.as_ref()) {
             v.push(drop_constraint(&f.child_schema, &f.child_table, name));
         }
+        // Left on partitions by a harden that stopped before the partitioned table's own:
+        // they need the parent's unique index, dropped below.
+        v.extend(partitions::drop_leaf_constraints(f, &f.shadow_constraint));
         for i in &f.indexes {
             // A UNIQUE constraint's mirror is a constraint after harden: its index goes
             // with it.
@@ -1425,6 +1495,22 @@ pub fn abort(plan: &Plan) -> Vec<Step> {
                     &f.child_table,
                     &i.uuid_name,
                 ));
+            }
+            if f.child_partitioned {
+                // A partitioned index cannot be dropped concurrently; it holds no rows itself,
+                // and the partitions' indexes go with it.
+                v.push(Step::new(
+                    format!(
+                        "DROP INDEX IF EXISTS {}",
+                        qualified(&f.child_schema, &i.uuid_name)
+                    ),
+                    Mode::Brief,
+                    When::IndexPresent {
+                        schema: f.child_schema.clone(),
+                        name: i.uuid_name.clone(),
+                    },
+                ));
+                continue;
             }
             v.push(drop_index(&f.child_schema, &i.uuid_name));
         }
@@ -1489,6 +1575,8 @@ pub fn all_phases(plan: &Plan) -> Vec<(&'static str, Vec<Step>)> {
 /// The SQL script of every phase, with comments saying how each statement is run.
 pub fn render_sql(plan: &Plan) -> String {
     let mut s = String::new();
+    // keyshift's functions are (re)created by several phases: printed once, then named.
+    let mut printed: Vec<(&str, String)> = Vec::new();
     for (phase, steps) in all_phases(plan) {
         let _ = writeln!(s, "-- ===== {phase} =====");
         if phase == "backfill" {
@@ -1509,7 +1597,19 @@ pub fn render_sql(plan: &Plan) -> String {
                 let _ = writeln!(s, "-- ({})", st.mode.describe());
                 last = Some(st.mode);
             }
-            let _ = writeln!(s, "{};", st.sql.trim_end());
+            let seen = printed.iter().find(|(_, sql)| *sql == st.sql);
+            match seen {
+                Some((first, _)) if st.mode == Mode::State && st.sql.len() > 500 => {
+                    let _ = writeln!(
+                        s,
+                        "-- the same CREATE OR REPLACE FUNCTION statement(s) as in {first} above"
+                    );
+                }
+                _ => {
+                    let _ = writeln!(s, "{};", st.sql.trim_end());
+                    printed.push((phase, st.sql.clone()));
+                }
+            }
         }
         s.push('\n');
     }

@@ -17,6 +17,7 @@ pub mod fill;
 pub mod harden;
 pub mod metrics;
 pub mod mirror;
+pub mod partitions;
 pub mod plan;
 pub mod progress;
 pub mod shapes;

@@ -131,6 +131,10 @@ pub struct PlanFk {
     pub child_row_estimate: i64,
     /// Indexes on the FK column, mirrored onto the twin.
     pub indexes: Vec<PlanIndex>,
+    /// The child is a partitioned table: its twin, indexes and foreign keys are built per
+    /// partition as well ([`super::partitions`]). Absent from plans that have none.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub child_partitioned: bool,
 }
 
 impl PlanFk {
@@ -252,6 +256,14 @@ pub fn build(cat: &Catalog, opts: &PlanOptions) -> Plan {
             continue;
         }
         let tname = qualified(&t.schema, &t.name);
+        if t.is_partition {
+            // Everything keyshift does to a partition goes through its partitioned table.
+            skipped.push(Skipped {
+                table: tname,
+                reason: "a partition: migrated with its partitioned table".into(),
+            });
+            continue;
+        }
         let key = match &t.primary_key {
             None => {
                 skipped.push(Skipped {
@@ -261,9 +273,19 @@ pub fn build(cat: &Catalog, opts: &PlanOptions) -> Plan {
                 continue;
             }
             Some(pk) if pk.columns.len() != 1 => {
+                let reason = if t.kind == "p" {
+                    // (id, created_at): the usual key of a partitioned table, which must
+                    // include the partition key. Its FKs to migrated tables still are.
+                    format!(
+                        "partitioned table with primary key ({}): migrating its own key is not supported yet (its foreign keys to migrated tables are migrated)",
+                        pk.columns.join(", ")
+                    )
+                } else {
+                    format!("composite primary key ({})", pk.columns.join(", "))
+                };
                 skipped.push(Skipped {
                     table: tname,
-                    reason: format!("composite primary key ({})", pk.columns.join(", ")),
+                    reason,
                 });
                 continue;
             }
@@ -356,11 +378,12 @@ pub fn build(cat: &Catalog, opts: &PlanOptions) -> Plan {
             "plain"
         };
         if t.kind == "p" || t.is_partition {
+            // The foreign keys of a partitioned table are migrated; its own key is not yet.
             blockers.push(finding(
                 "partitioned-table",
                 tname.clone(),
-                "partitioned tables and partitions are not supported".into(),
-                "exclude the table (--exclude) and migrate it by hand",
+                "the primary key of a partitioned table or of a partition is not migrated (only foreign keys on partitioned tables are)".into(),
+                "exclude the table (--exclude) and migrate its key by hand; its foreign keys to other migrated tables are still migrated",
             ));
         } else if t.inheritance {
             blockers.push(finding(
@@ -455,14 +478,7 @@ pub fn build(cat: &Catalog, opts: &PlanOptions) -> Plan {
                 continue;
             };
             let cname = qualified(&child.schema, &child.name);
-            if child.kind == "p" || child.is_partition || child.inheritance {
-                blockers.push(finding(
-                    "partitioned-table",
-                    cname.clone(),
-                    format!("{cname} references {tname} and is partitioned or inherited"),
-                    "migrate that relationship by hand, or exclude the parent table",
-                ));
-            }
+            blockers.extend(super::partitions::child_blocker(child, &ccol_name, &tname));
             let uuid_col = suffixed(&ccol_name, &opts.uuid_suffix);
             let legacy_col = suffixed(&ccol_name, &opts.legacy_suffix);
             for c in [&uuid_col, &legacy_col] {
@@ -560,6 +576,7 @@ pub fn build(cat: &Catalog, opts: &PlanOptions) -> Plan {
                 child_batch_key,
                 child_row_estimate: child.row_estimate,
                 indexes,
+                child_partitioned: child.kind == "p",
             });
         }
         tables.push(pt);

@@ -11,6 +11,7 @@ use tokio_postgres::Client;
 
 use super::db::{DbError, stmt_error};
 use super::ddl::{self, Twin};
+use super::partitions;
 use super::plan::{Plan, PlanFk, PlanTable};
 use super::state::{self, Phase, StateError};
 use crate::ident::{literal, qualified, quote};
@@ -325,31 +326,11 @@ async fn checks(client: &Client, plan: &Plan) -> Result<Vec<Check>, VerifyError>
         ));
     }
     for (_, f) in plan.foreign_keys() {
-        let cname = format!(
-            "{}.{}",
-            qualified(&f.child_schema, &f.child_table),
-            f.uuid_column
-        );
-        let [nulls, differ, orphans] =
-            scan_child(client, &fk_scan_sql(f), f.child_batch_key.is_some()).await?;
-        out.push(check(
-            "no NULL FK uuid",
-            cname.clone(),
-            nulls.count,
-            nulls.examples,
-        ));
-        out.push(check(
-            "FK uuid equals the parent's uuid",
-            cname.clone(),
-            differ.count,
-            differ.examples,
-        ));
-        out.push(check(
-            "no orphans",
-            cname.clone(),
-            orphans.count,
-            orphans.examples,
-        ));
+        // A partitioned child is scanned leaf by leaf (ctids are per partition): a partition
+        // attached with NULL twins is named.
+        for f in partitions::leaf_fks(client, f).await? {
+            out.extend(fk_checks(client, &f).await?);
+        }
         let cv = constraint_valid(
             client,
             &f.child_schema,
@@ -378,6 +359,33 @@ async fn checks(client: &Client, plan: &Plan) -> Result<Vec<Check>, VerifyError>
         }
     }
     Ok(out)
+}
+
+/// The twins of one child (or leaf partition): none NULL, all equal to the parent's uuid,
+/// no orphans.
+async fn fk_checks(client: &Client, f: &PlanFk) -> Result<[Check; 3], VerifyError> {
+    let cname = format!(
+        "{}.{}",
+        qualified(&f.child_schema, &f.child_table),
+        f.uuid_column
+    );
+    let [nulls, differ, orphans] =
+        scan_child(client, &fk_scan_sql(f), f.child_batch_key.is_some()).await?;
+    Ok([
+        check(
+            "no NULL FK uuid",
+            cname.clone(),
+            nulls.count,
+            nulls.examples,
+        ),
+        check(
+            "FK uuid equals the parent's uuid",
+            cname.clone(),
+            differ.count,
+            differ.examples,
+        ),
+        check("no orphans", cname, orphans.count, orphans.examples),
+    ])
 }
 
 /// A uniqueness check of `column`: enforced when `index` is valid, else counted.
@@ -491,7 +499,8 @@ pub async fn legacy_checks(client: &Client, plan: &Plan) -> Result<Vec<Check>, V
         }
         out.push(c);
     }
-    for (_, f) in plan.foreign_keys() {
+    for f in partitions::expand_fks(client, plan).await? {
+        let f = &f;
         let side = Twin::legacy_side(plan, f);
         let ctable = qualified(&f.child_schema, &f.child_table);
         let cname = format!("{ctable}.{}", f.legacy_column);
