@@ -121,9 +121,9 @@ async fn column_grants_comments_and_statistics_follow_the_columns_through_the_sw
         .unwrap();
 }
 
-/// `plan` lists up front what it cannot carry and goes ahead: a CHECK, a generated column and
-/// extended statistics on a migrated column (they stay with the integer), a function whose
-/// body names a migrated table, a trigger whose function uses a migrated column.
+/// `plan` lists up front what the swap carries (a CHECK, extended statistics) and what it
+/// cannot (a generated column stays with the integer, a function whose body names a migrated
+/// table, a trigger whose function uses a migrated column), and goes ahead.
 #[tokio::test]
 async fn plan_lists_what_follows_the_integer_or_reads_by_name() {
     let db = common::TestDb::new().await;
@@ -158,12 +158,12 @@ async fn plan_lists_what_follows_the_integer_or_reads_by_name() {
         .collect();
     for want in [
         (
-            "follows-integer-check-constraint",
+            "carried-check-constraint",
             "check constraint connector_positive",
         ),
         ("follows-integer-generated-column", "generated column shard"),
         (
-            "follows-integer-statistics",
+            "carried-statistics",
             "statistics public.servers_by_connector",
         ),
         ("function-body", "function active_servers()"),
@@ -663,4 +663,94 @@ async fn materialized_views_are_built_before_the_pause_and_moved_in_by_the_swap(
             .await
             .unwrap();
     }
+}
+
+/// `name column type validated` of each `srv…` CHECK constraint on mcp_servers, and `name
+/// column type target` of each statistics object's connector column: where each one is.
+async fn checks_and_statistics(admin: &Client) -> Vec<String> {
+    let rows = admin
+        .query(
+            "SELECT con.conname || ' ' || a.attname || ' ' || format_type(a.atttypid, NULL) || ' ' || con.convalidated
+               FROM pg_constraint con JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = con.conkey[1]
+              WHERE con.conrelid = 'mcp_servers'::regclass AND con.contype = 'c' AND con.conname LIKE 'srv%'
+             UNION ALL
+             SELECT x.stxname || ' ' || a.attname || ' ' || format_type(a.atttypid, NULL) || ' ' || coalesce(x.stxstattarget::text, '')
+               FROM pg_statistic_ext x JOIN pg_attribute a ON a.attrelid = x.stxrelid AND a.attnum = ANY (x.stxkeys::int2[])
+              WHERE x.stxrelid = 'mcp_servers'::regclass AND a.attname LIKE 'connector%'
+             ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    rows.iter().map(|r| r.get(0)).collect()
+}
+
+/// CHECK constraints and extended statistics on a migrated column: set aside under the
+/// legacy suffix and created again on the uuid column in the swap (a CHECK `NOT VALID`, still
+/// enforced), put back by rollback, validated and left alone by finalize; one that only works
+/// with integers stays on the integer column.
+#[tokio::test]
+async fn check_constraints_and_statistics_follow_the_key_through_the_swap() {
+    let db = common::TestDb::new().await;
+    let admin = db.client().await;
+    admin
+        .batch_execute(&format!(
+            "{SEED_004}{rows}
+             ALTER TABLE mcp_servers ADD CONSTRAINT srv_connected CHECK (connector_id IS NOT NULL OR status = 'draft');
+             ALTER TABLE mcp_servers ADD CONSTRAINT srv_positive CHECK (connector_id > 0);
+             COMMENT ON CONSTRAINT srv_connected ON mcp_servers IS 'drafts may float';
+             CREATE STATISTICS srv_stats (ndistinct) ON connector_id, status FROM mcp_servers;
+             ALTER STATISTICS srv_stats SET STATISTICS 300;",
+            rows = seed_004_rows(10)
+        ))
+        .await
+        .unwrap();
+    let before = vec![
+        "srv_connected connector_id integer true".to_string(),
+        "srv_positive connector_id integer true".into(),
+        "srv_stats connector_id integer 300".into(),
+    ];
+    assert_eq!(checks_and_statistics(&admin).await, before);
+    ks_expect(&db.url(), &["expand"], 0);
+    ks_expect(&db.url(), &["backfill"], 0);
+    let o = ks_expect(&db.url(), &["cutover"], 0);
+    assert!(
+        migrate_support::text(&o).contains("srv_positive"),
+        "cutover says which one stays on the integer: {}",
+        migrate_support::text(&o)
+    );
+    let after = vec![
+        "srv_connected connector_id uuid false".to_string(),
+        "srv_connected_legacy connector_id_legacy integer true".into(),
+        "srv_positive connector_id_legacy integer true".into(),
+        "srv_stats connector_id uuid 300".into(),
+        "srv_stats_legacy connector_id_legacy integer 300".into(),
+    ];
+    assert_eq!(checks_and_statistics(&admin).await, after);
+    assert_eq!(
+        one(&admin, "SELECT obj_description(oid, 'pg_constraint') FROM pg_constraint WHERE conname = 'srv_connected'").await.as_deref(),
+        Some("drafts may float")
+    );
+    // NOT VALID, but enforced for new rows.
+    let e = admin
+        .batch_execute("INSERT INTO mcp_servers (name, status) VALUES ('floating', 'live')")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.code(),
+        Some(&tokio_postgres::error::SqlState::CHECK_VIOLATION)
+    );
+    ks_expect(&db.url(), &["rollback"], 0);
+    assert_eq!(checks_and_statistics(&admin).await, before);
+    ks_expect(&db.url(), &["cutover"], 0);
+    assert_eq!(checks_and_statistics(&admin).await, after);
+    ks_expect(&db.url(), &["shape", "default", "uuid"], 0);
+    ks_expect(&db.url(), &["finalize", "--yes"], 0);
+    assert_eq!(
+        checks_and_statistics(&admin).await,
+        vec![
+            "srv_connected connector_id uuid true".to_string(),
+            "srv_stats connector_id uuid 300".into(),
+        ]
+    );
 }

@@ -46,13 +46,16 @@ use crate::ident::literal;
 use crate::shape::Shape;
 
 /// The signatures `DROP FUNCTION` needs.
-const FUNCTIONS: [&str; 9] = [
+const FUNCTIONS: [&str; 12] = [
     "keyshift.carried_objects(jsonb)",
+    "keyshift.carry_try(text, text[])",
+    "keyshift.suffixed(text, text)",
+    "keyshift.carry_validate(text)",
     "keyshift.carry_copies(jsonb, jsonb)",
     "keyshift.rel_props(oid, text)",
     "keyshift.carry_shadows(jsonb, jsonb, text)",
     "keyshift.shape_path(jsonb, text, text)",
-    "keyshift.carry_save(jsonb)",
+    "keyshift.carry_save(jsonb, text)",
     "keyshift.carry_restore()",
     "keyshift.carry_check(jsonb, jsonb)",
     "keyshift.carry_rebase(jsonb)",
@@ -136,6 +139,41 @@ UNION ALL
 SELECT 0, 'policy', p.oid, p.polrelid, format('policy %I on %s', p.polname, p.polrelid::regclass)
   FROM pg_policy p
  WHERE p.oid IN (SELECT objid FROM deps WHERE classid = 'pg_policy'::regclass)
+UNION ALL
+-- The application's CHECK constraints (not keyshift's NOT NULL proofs; on a partitioned
+-- table, the parent's, which its partitions inherit).
+SELECT 0, 'check', con.oid, con.conrelid, format('check constraint %I on %s', con.conname, con.conrelid::regclass)
+  FROM pg_constraint con
+ WHERE con.contype = 'c' AND con.coninhcount = 0
+   AND con.oid IN (SELECT objid FROM deps WHERE classid = 'pg_constraint'::regclass)
+   AND NOT (con.conname LIKE '%\_not\_null' AND pg_get_constraintdef(con.oid) ~ '^CHECK \(\(\S+ IS NOT NULL\)\)$')
+UNION ALL
+SELECT 0, 'statistics', x.oid, x.stxrelid, format('statistics %I.%I', x.stxnamespace::regnamespace, x.stxname)
+  FROM pg_statistic_ext x
+ WHERE x.oid IN (SELECT objid FROM deps WHERE classid = 'pg_statistic_ext'::regclass)
+$ks$;
+
+-- Runs `stmts` in a subtransaction; if one fails, none has happened and a NOTICE says why
+-- `what` stays on the integer column. For what the swap moves by renaming the original
+-- aside and creating it again (CHECK constraints, extended statistics), which a definition
+-- that only works with integers must not stop.
+CREATE OR REPLACE FUNCTION keyshift.carry_try(what text, stmts text[]) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog AS $ks$
+DECLARE
+  s text;
+BEGIN
+  FOREACH s IN ARRAY stmts LOOP
+    EXECUTE s;
+  END LOOP;
+EXCEPTION WHEN OTHERS THEN
+  RAISE NOTICE 'keyshift: % stays on the integer column: %', what, SQLERRM;
+END $ks$;
+
+-- `name` with `suffix`, cut to PostgreSQL's 63 bytes.
+CREATE OR REPLACE FUNCTION keyshift.suffixed(name text, suffix text) RETURNS text
+LANGUAGE sql IMMUTABLE AS $ks$
+SELECT CASE WHEN octet_length(name || suffix) <= 63 THEN name || suffix
+            ELSE left(name, 63 - octet_length(suffix)) || suffix END
 $ks$;
 
 -- The statements that give `dst` the owner, grants (table and column level) and comments of
@@ -245,12 +283,13 @@ SELECT CASE WHEN shape IS NULL THEN app_path ELSE
      FROM jsonb_array_elements(rels) x) END
 $ks$;
 
-CREATE OR REPLACE FUNCTION keyshift.carry_save(cols jsonb) RETURNS int
+CREATE OR REPLACE FUNCTION keyshift.carry_save(cols jsonb, suffix text DEFAULT '_legacy') RETURNS int
 LANGUAGE plpgsql SET search_path = pg_catalog AS $ks$
 DECLARE
   o record;
   r record;
   rel text;
+  aside text;
   n int := 0;
   drops text[] := '{}';
   what text;
@@ -260,7 +299,7 @@ BEGIN
   -- Creation order: views from the bottom up, then what sits on tables and views.
   FOR o IN SELECT * FROM keyshift.carried_objects(cols)
             ORDER BY kind NOT IN ('view', 'materialized view'), depth,
-                     array_position(ARRAY['rule', 'trigger', 'policy'], kind), label
+                     array_position(ARRAY['rule', 'trigger', 'policy', 'check', 'statistics'], kind), label
   LOOP
     n := n + 1;
     IF o.kind = 'materialized view' THEN
@@ -322,6 +361,51 @@ BEGIN
         VALUES (o.label, format('COMMENT ON TRIGGER %I ON %s IS %L', r.tgname, r.tbl, r.note));
       END IF;
       drops := drops || format('DROP TRIGGER %I ON %s', r.tgname, r.tbl);
+    ELSIF o.kind = 'check' THEN
+      -- Not dropped: set aside under the legacy suffix (it stays on the integer column,
+      -- finalize drops it with it) and created again NOT VALID on the column that takes the
+      -- name (finalize validates it). Back on rollback: the copy goes, the original returns.
+      SELECT con.conname, con.conrelid::regclass::text AS tbl,
+             regexp_replace(pg_get_constraintdef(con.oid), ' NOT VALID$', '') AS def,
+             obj_description(con.oid, 'pg_constraint') AS note
+        INTO r FROM pg_constraint con WHERE con.oid = o.objid;
+      aside := keyshift.suffixed(r.conname, suffix);
+      IF EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = o.relid AND conname = aside) THEN
+        INSERT INTO pg_temp.keyshift_carried (label, sql) VALUES
+          (o.label, format('ALTER TABLE %s DROP CONSTRAINT %I', r.tbl, r.conname)),
+          (o.label, format('ALTER TABLE %s RENAME CONSTRAINT %I TO %I', r.tbl, aside, r.conname));
+      ELSE
+        INSERT INTO pg_temp.keyshift_carried (label, sql) VALUES
+          (o.label, format('SELECT keyshift.carry_try(%L, ARRAY[%L, %L%s])', o.label,
+             format('ALTER TABLE %s RENAME CONSTRAINT %I TO %I', r.tbl, r.conname, aside),
+             format('ALTER TABLE %s ADD CONSTRAINT %I %s NOT VALID', r.tbl, r.conname, r.def),
+             CASE WHEN r.note IS NULL THEN '' ELSE format(', %L',
+               format('COMMENT ON CONSTRAINT %I ON %s IS %L', r.conname, r.tbl, r.note)) END));
+      END IF;
+    ELSIF o.kind = 'statistics' THEN
+      SELECT x.stxname, x.stxnamespace::regnamespace::text AS nsp, x.stxstattarget,
+             pg_get_statisticsobjdef(x.oid) AS def, pg_get_userbyid(x.stxowner) AS owner,
+             obj_description(x.oid, 'pg_statistic_ext') AS note
+        INTO r FROM pg_statistic_ext x WHERE x.oid = o.objid;
+      aside := keyshift.suffixed(r.stxname, suffix);
+      IF EXISTS (SELECT 1 FROM pg_statistic_ext x
+                  WHERE x.stxname = aside AND x.stxnamespace::regnamespace::text = r.nsp) THEN
+        INSERT INTO pg_temp.keyshift_carried (label, sql) VALUES
+          (o.label, format('DROP STATISTICS %s.%I', r.nsp, r.stxname)),
+          (o.label, format('ALTER STATISTICS %s.%I RENAME TO %I', r.nsp, aside, r.stxname));
+      ELSE
+        INSERT INTO pg_temp.keyshift_carried (label, sql) VALUES
+          (o.label, format('SELECT keyshift.carry_try(%L, %L::text[])', o.label, ARRAY[
+             format('ALTER STATISTICS %s.%I RENAME TO %I', r.nsp, r.stxname, aside),
+             r.def,
+             format('ALTER STATISTICS %s.%I OWNER TO %I', r.nsp, r.stxname, r.owner),
+             CASE WHEN r.stxstattarget >= 0
+                  THEN format('ALTER STATISTICS %s.%I SET STATISTICS %s', r.nsp, r.stxname, r.stxstattarget)
+                  ELSE 'SELECT 1' END,
+             CASE WHEN r.note IS NOT NULL
+                  THEN format('COMMENT ON STATISTICS %s.%I IS %L', r.nsp, r.stxname, r.note)
+                  ELSE 'SELECT 1' END]));
+      END IF;
     ELSE
       SELECT p.polname, p.polrelid::regclass::text AS tbl, p.polpermissive, p.polcmd,
              p.polroles, pg_get_expr(p.polqual, p.polrelid) AS qual,
@@ -528,6 +612,27 @@ BEGIN
   RETURN n;
 END $ks$;
 
+-- finalize, before the legacy columns go: the CHECK constraints a swap created again NOT VALID
+-- on the uuid columns (their originals, set aside under the legacy suffix, are still there)
+-- are validated, without blocking writes.
+CREATE OR REPLACE FUNCTION keyshift.carry_validate(suffix text) RETURNS int
+LANGUAGE plpgsql SET search_path = pg_catalog AS $ks$
+DECLARE
+  c record;
+  n int := 0;
+BEGIN
+  FOR c IN
+    SELECT con.conname, con.conrelid::regclass::text AS tbl FROM pg_constraint con
+     WHERE con.contype = 'c' AND NOT con.convalidated AND con.coninhcount = 0
+       AND EXISTS (SELECT 1 FROM pg_constraint l WHERE l.conrelid = con.conrelid
+                     AND l.conname = keyshift.suffixed(con.conname, suffix))
+  LOOP
+    EXECUTE format('ALTER TABLE %s VALIDATE CONSTRAINT %I', c.tbl, c.conname);
+    n := n + 1;
+  END LOOP;
+  RETURN n;
+END $ks$;
+
 -- finalize and abort, before they drop keyshift's views: every materialized view a swap left
 -- over them is rebuilt over the tables and moved into place, the views over it with it.
 CREATE OR REPLACE FUNCTION keyshift.carry_rebase(rels jsonb) RETURNS int
@@ -660,9 +765,23 @@ END $$"
 /// Inside the swap, before the renames.
 pub fn save(plan: &Plan) -> String {
     format!(
-        "SELECT keyshift.carry_save({}::jsonb)",
-        literal(&columns_json(plan))
+        "SELECT keyshift.carry_save({}::jsonb, {})",
+        literal(&columns_json(plan)),
+        literal(&plan.legacy_suffix)
     )
+}
+
+/// finalize, before the legacy columns go: CHECK constraints carried NOT VALID are validated
+/// (SHARE UPDATE EXCLUSIVE: reads and writes go on).
+pub fn validate(plan: &Plan) -> Step {
+    Step {
+        sql: format!(
+            "SELECT keyshift.carry_validate({})",
+            literal(&plan.legacy_suffix)
+        ),
+        mode: Mode::Online,
+        when: When::Always,
+    }
 }
 
 /// Inside the swap, after the renames.

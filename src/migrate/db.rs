@@ -91,12 +91,26 @@ pub fn stmt_error(statement: &str, source: tokio_postgres::Error) -> DbError {
 
 /// Connects and drives the connection on a background task.
 pub async fn connect(url: &str) -> Result<Client, DbError> {
-    let (client, conn) = tokio_postgres::connect(url, NoTls)
+    let (client, mut conn) = tokio_postgres::connect(url, NoTls)
         .await
         .map_err(|source| DbError::Connect { source })?;
+    // keyshift's own functions report with NOTICEs what they leave as it is (a view that gets
+    // no copy in a shape, a CHECK that stays on the integer column): the operator sees them.
     tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!("connection closed: {e}");
+        let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(m) = futures_util::StreamExt::next(&mut messages).await {
+            match m {
+                Ok(tokio_postgres::AsyncMessage::Notice(n))
+                    if n.message().starts_with("keyshift") =>
+                {
+                    tracing::warn!("{}", n.message())
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!("connection closed: {e}");
+                    break;
+                }
+            }
         }
     });
     client

@@ -1345,6 +1345,8 @@ END $$"
         Mode::State,
         When::Always,
     ));
+    // CHECK constraints the swap carried NOT VALID, validated while their originals are there.
+    v.push(carry::validate(plan));
     // Materialized views the swap left over keyshift's views, rebuilt over the tables first.
     v.extend(carry::rebase(plan));
     v.extend(views::drop(plan));

@@ -637,14 +637,14 @@ pub fn build(cat: &Catalog, opts: &PlanOptions) -> Plan {
         }
         let col = format!("{}.{}", qualified(&d.schema, &d.table), d.column);
         let fix = match d.kind.as_str() {
+            "check constraint" | "statistics" => {
+                "nothing, if it works with uuid keys; otherwise it stays on the integer column (cutover says so), which finalize drops with it: recreate it after cutover if it must hold"
+            }
             "view" | "materialized view" | "rule" | "policy" | "trigger" => {
                 "nothing, if it works with uuid keys; cutover checks views and policies against the uuid shape before its pause and refuses, changing nothing, if one does not"
             }
             "generated column" => {
                 "recreate it over the uuid column after cutover: finalize cannot drop the legacy column while it exists"
-            }
-            "check constraint" | "statistics" => {
-                "recreate it on the uuid column after cutover if it must apply there; finalize drops it with the legacy column"
             }
             _ => {
                 "replace the SQL-standard function body by a string body (AS $$...$$), or recreate it after cutover"
@@ -652,13 +652,16 @@ pub fn build(cat: &Catalog, opts: &PlanOptions) -> Plan {
         };
         // These keep following the integer column, `_legacy` after cutover, and break
         // nothing: listed, not refused.
-        let follows = matches!(
-            d.kind.as_str(),
-            "check constraint" | "generated column" | "statistics"
-        );
+        let follows = d.kind == "generated column";
         let carried = matches!(
             d.kind.as_str(),
-            "view" | "materialized view" | "rule" | "policy" | "trigger"
+            "view"
+                | "materialized view"
+                | "rule"
+                | "policy"
+                | "trigger"
+                | "check constraint"
+                | "statistics"
         );
         let (list, code, problem) = if carried {
             (
@@ -1134,9 +1137,9 @@ pub(crate) mod tests {
         assert_eq!(
             codes,
             [
-                "follows-integer-check-constraint",
+                "carried-check-constraint",
                 "follows-integer-generated-column",
-                "follows-integer-statistics",
+                "carried-statistics",
                 "function-body",
                 "trigger-function"
             ]
