@@ -4,7 +4,7 @@ mod common;
 mod migrate_support;
 
 use common::proxy::{connect_shaped, linked_proxy, wait_status};
-use migrate_support::{SEED_004, ks_expect, seed_004_rows};
+use migrate_support::{SEED_000, SEED_004, ks_expect, seed_004_rows};
 use tokio_postgres::Client;
 
 async fn as_role(db: &common::TestDb, role: &str) -> Client {
@@ -278,9 +278,11 @@ async fn check_carried(admin: &Client, reader: &Client, key_type: &str) {
             "{view}.{col}"
         );
     }
+    // One statement, one snapshot: the application may be writing meanwhile.
     assert_eq!(
-        one(admin, "SELECT count(*)::text FROM server_names v JOIN mcp_servers s ON s.id = v.id AND s.connector_id = v.connector").await.as_deref(),
-        one(admin, "SELECT count(*)::text FROM mcp_servers").await.as_deref(),
+        one(admin, "SELECT ((SELECT count(*) FROM server_names v JOIN mcp_servers s ON s.id = v.id AND s.connector_id = v.connector)
+                           = (SELECT count(*) FROM mcp_servers WHERE connector_id IS NOT NULL))::text").await.as_deref(),
+        Some("true")
     );
     // Options, comments, grants (table and column level).
     assert_eq!(
@@ -322,10 +324,11 @@ async fn check_carried(admin: &Client, reader: &Client, key_type: &str) {
         denied.code(),
         Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE)
     );
-    // The policy still hides the servers of connector c3 from the reader.
+    // The policy still hides the servers of connector c3 from the reader (the rows the
+    // application writes meanwhile, `v1-…` and `v2-…`, aside).
     assert_eq!(
-        one(reader, "SELECT count(*)::text FROM mcp_servers").await,
-        one(admin, "SELECT count(*)::text FROM mcp_servers s JOIN mcp_connectors c ON c.id = s.connector_id WHERE c.name <> 'c3'").await,
+        one(reader, "SELECT count(*)::text FROM mcp_servers WHERE name NOT LIKE 'v_-%'").await,
+        one(admin, "SELECT count(*)::text FROM mcp_servers s JOIN mcp_connectors c ON c.id = s.connector_id WHERE c.name <> 'c3' AND s.name NOT LIKE 'v_-%'").await,
     );
     // The trigger (UPDATE OF, WHEN, ENABLE ALWAYS) and the rule fire on the key in force.
     let before = one(admin, "SELECT count(*)::text FROM server_moves").await;
@@ -403,17 +406,52 @@ async fn check_view_shapes(v1: &Client, v2: &Client) {
     }
 }
 
+/// The application's writes and reads through keyshift, as V1 (integer-shaped) or V2
+/// (uuid-shaped) until `stop`: the same SQL in both shapes (rows found by name). Returns the
+/// number of statements that succeeded and the errors.
+async fn app_load(
+    c: Client,
+    tag: &'static str,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> (u64, Vec<String>) {
+    let (mut ok, mut errors) = (0, Vec::new());
+    let mut n = 0u64;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        n += 1;
+        let name = format!("{tag}-{n}");
+        let r = c
+            .batch_execute(&format!(
+                "INSERT INTO mcp_servers (connector_id, name, status)
+                   SELECT id, '{name}', 'live' FROM mcp_connectors WHERE name = 'c5';
+                 INSERT INTO server_events (server_id, at, what)
+                   SELECT id, now(), 'created' FROM mcp_servers WHERE name = '{name}';
+                 SELECT count(*) FROM server_names WHERE connector_name = 'c5';
+                 SELECT count(*) FROM busy_connectors;"
+            ))
+            .await;
+        match r {
+            Ok(()) => ok += 1,
+            Err(e) => errors.push(format!("{tag}: {e:?}")),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    (ok, errors)
+}
+
 /// Views and views of views (options, owner, grants, comments), a row-level security policy,
-/// a trigger with `UPDATE OF` and `WHEN`, and a rule over migrated columns: rebuilt in the swap
-/// over the uuid columns, back over the integers on rollback, and still there after finalize.
-#[tokio::test]
-async fn views_policies_triggers_and_rules_follow_the_key_through_the_swap() {
+/// a trigger with `UPDATE OF` and `WHEN`, a rule, a CHECK and extended statistics over
+/// migrated columns, a partitioned child, beside seed 000's 15 tables: checked one by one at
+/// each phase, with V1 and V2 writing and reading through keyshift all along, from backfill to
+/// finalize, without one error. The views and the rest are rebuilt in the swap over the uuid
+/// columns, back over the integers on rollback, and still there after finalize.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_object_follows_the_key_through_the_lifecycle_under_load() {
     let db = common::TestDb::new().await;
     let reader = format!("r_{}", db.name);
     let admin = db.client().await;
     admin
         .batch_execute(&format!(
-            "{SEED_004}{rows}
+            "{SEED_000}{SEED_004}{rows}
              CREATE ROLE {reader} LOGIN;
              CREATE VIEW server_names AS
                SELECT s.id, s.name, c.id AS connector, c.name AS connector_name
@@ -441,7 +479,15 @@ async fn views_policies_triggers_and_rules_follow_the_key_through_the_swap() {
              ALTER TABLE mcp_servers ENABLE ALWAYS TRIGGER moved;
              CREATE TABLE server_moves (server text, at timestamptz DEFAULT now());
              CREATE RULE log_new AS ON INSERT TO mcp_servers WHERE NEW.connector_id IS NOT NULL
-               DO ALSO INSERT INTO server_moves (server) VALUES (NEW.connector_id::text);",
+               DO ALSO INSERT INTO server_moves (server) VALUES (NEW.connector_id::text);
+             ALTER TABLE mcp_servers ADD CONSTRAINT srv_connected CHECK (connector_id IS NOT NULL OR status = 'draft');
+             CREATE STATISTICS srv_stats (ndistinct) ON connector_id, status FROM mcp_servers;
+             CREATE TABLE server_events (id bigserial, server_id integer NOT NULL REFERENCES mcp_servers (id),
+               at timestamptz NOT NULL, what text, PRIMARY KEY (id, at)) PARTITION BY RANGE (at);
+             CREATE TABLE server_events_old PARTITION OF server_events FOR VALUES FROM ('2000-01-01') TO ('2026-01-01');
+             CREATE TABLE server_events_new PARTITION OF server_events FOR VALUES FROM ('2026-01-01') TO ('2100-01-01');
+             CREATE INDEX server_events_server ON server_events (server_id);
+             INSERT INTO server_events (server_id, at, what) SELECT id, '2025-06-01', 'old' FROM mcp_servers;",
             rows = seed_004_rows(10)
         ))
         .await
@@ -452,10 +498,23 @@ async fn views_policies_triggers_and_rules_follow_the_key_through_the_swap() {
     let r = as_role(&db, &reader).await;
     check_carried(&admin, &r, "integer").await;
     ks_expect(&db.url(), &["expand"], 0);
-    ks_expect(&db.url(), &["backfill"], 0);
-    check_carried(&admin, &r, "integer").await;
-    // Through keyshift, each session sees the views in its own shape, whatever the phase.
+    // V1 and V2 through keyshift from here to finalize.
     let proxy = linked_proxy(&db).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let c = connect_shaped(&proxy, &db, "integer").await;
+    let mut writers = vec![tokio::spawn(app_load(c, "v1", stop.clone()))];
+    ks_expect(&db.url(), &["backfill"], 0);
+    // V2 needs the uuids complete (phase hardened, which backfill ends in).
+    let version: i64 = admin
+        .query_one("SELECT rules_version FROM keyshift.migration", &[])
+        .await
+        .unwrap()
+        .get(0);
+    wait_status(&proxy, |v| v["rules_version"] == version).await;
+    let c = connect_shaped(&proxy, &db, "uuid").await;
+    writers.push(tokio::spawn(app_load(c, "v2", stop.clone())));
+    check_carried(&admin, &r, "integer").await;
+    // Each session sees the views in its own shape, whatever the phase.
     let v1 = connect_shaped(&proxy, &db, "integer").await;
     let v2 = connect_shaped(&proxy, &db, "uuid").await;
     check_view_shapes(&v1, &v2).await;
@@ -468,14 +527,36 @@ async fn views_policies_triggers_and_rules_follow_the_key_through_the_swap() {
     ks_expect(&db.url(), &["cutover"], 0);
     check_carried(&admin, &r, "uuid").await;
     check_view_shapes(&v1, &v2).await;
+    ks_expect(&db.url(), &["verify"], 0);
     // V1 retired before finalize.
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut done = 0;
+    for w in writers {
+        let (ok, errors) = w.await.unwrap();
+        assert!(
+            errors.is_empty(),
+            "{} errors: {:#?}",
+            errors.len(),
+            &errors[..errors.len().min(5)]
+        );
+        done += ok;
+    }
+    assert!(done > 20, "the load ran: {done} rounds");
     drop(v1);
     wait_status(&proxy, |v| v["sessions_by_shape"]["integer"] == 0).await;
     drop((v2, proxy));
-    ks_expect(&db.url(), &["verify"], 0);
     ks_expect(&db.url(), &["shape", "default", "uuid"], 0);
     ks_expect(&db.url(), &["finalize", "--yes"], 0);
     check_carried(&admin, &r, "uuid").await;
+    // The partitioned child's rows, old and new, reference their servers by uuid.
+    assert_eq!(
+        one(&admin, "SELECT count(*)::text FROM server_events e LEFT JOIN mcp_servers s ON s.id = e.server_id WHERE s.id IS NULL").await.as_deref(),
+        Some("0")
+    );
+    assert_eq!(
+        one(&admin, "SELECT format_type(atttypid, NULL) FROM pg_attribute WHERE attrelid = 'server_events_new'::regclass AND attname = 'server_id'").await.as_deref(),
+        Some("uuid")
+    );
     drop(r);
     admin
         .batch_execute(&format!("DROP OWNED BY {reader}; DROP ROLE {reader}"))
