@@ -38,6 +38,25 @@ pub enum UpstreamTls {
     VerifyFull,
 }
 
+/// What `upstream` is, as far as keyshift's own server-side state goes (docs/configuration.md,
+/// src/proxy/pooling.rs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamPooling {
+    /// Not known: keyshift uses its own prepared statements only where a pooler's answer
+    /// (its statement missing) can be undone unseen, and switches to `transaction` at the
+    /// first such answer.
+    Auto,
+    /// PostgreSQL itself (or a TCP proxy): each client connection has one server connection
+    /// for its whole life.
+    None,
+    /// A pooler in session mode: the same guarantee as `none`.
+    Session,
+    /// A pooler in transaction (or statement) mode: nothing keyshift prepares on a server
+    /// connection outlives the transaction.
+    Transaction,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -71,6 +90,7 @@ pub struct FileConfig {
     pub proxy_id: Option<String>,
     pub rewrite_cache_entries: Option<usize>,
     pub server_statements: Option<usize>,
+    pub upstream_pooling: Option<UpstreamPooling>,
     pub map_token: Option<String>,
     pub map_cache_entries: Option<usize>,
     /// `[[shape_rules]]`: the shape of sessions that do not name one (src/shape.rs).
@@ -139,6 +159,11 @@ pub struct ProxyArgs {
     /// messages, so they are planned once; 0 turns this off [default: 64]
     #[arg(long, env = "KEYSHIFT_SERVER_STATEMENTS", value_name = "N")]
     pub server_statements: Option<usize>,
+    /// What the upstream is: `none` (PostgreSQL), `session` or `transaction` (a pooler in that
+    /// mode), `auto` (find out: a pooler shows itself when keyshift's own statement is missing)
+    /// [default: auto]
+    #[arg(long, env = "KEYSHIFT_UPSTREAM_POOLING", value_enum)]
+    pub upstream_pooling: Option<UpstreamPooling>,
     /// Bearer token required by the id-mapping endpoints (/v1/map/*); without one they are open
     #[arg(
         long,
@@ -231,6 +256,7 @@ pub struct ProxyConfig {
     pub proxy_id: Option<String>,
     pub rewrite_cache_entries: usize,
     pub server_statements: usize,
+    pub upstream_pooling: UpstreamPooling,
     pub map_token: Option<String>,
     pub map_cache_entries: usize,
     /// The shape of sessions that name none, by user, database and application_name.
@@ -262,6 +288,7 @@ impl Default for ProxyConfig {
             proxy_id: None,
             rewrite_cache_entries: 4096,
             server_statements: 64,
+            upstream_pooling: UpstreamPooling::Auto,
             map_token: None,
             map_cache_entries: 1_000_000,
             shape_rules: Vec::new(),
@@ -340,6 +367,10 @@ impl ProxyConfig {
                 .server_statements
                 .or(file.server_statements)
                 .unwrap_or(d.server_statements),
+            upstream_pooling: args
+                .upstream_pooling
+                .or(file.upstream_pooling)
+                .unwrap_or(d.upstream_pooling),
             map_token: pick(&args.map_token, file.map_token).filter(|t| !t.is_empty()),
             map_cache_entries: args
                 .map_cache_entries

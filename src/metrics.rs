@@ -96,6 +96,12 @@ pub struct Metrics {
     pub connections_accepted: IntCounter,
     pub connections_rejected: IntCounterVec,
     pub upstream_connect_failures: IntCounter,
+    /// 1 while sessions keep nothing of keyshift's on the server past a transaction
+    /// (`upstream_pooling`, src/proxy/pooling.rs).
+    pub upstream_pooled: IntGauge,
+    /// Answers that showed the upstream to be a transaction pooler (keyshift's own statement
+    /// missing or already there on the server connection).
+    pub pooler_answers: IntCounterVec,
     pub protocol_errors: IntCounterVec,
     /// Sessions ended by a panic in keyshift (each one a bug; the proxy goes on).
     pub session_panics: IntCounter,
@@ -410,6 +416,19 @@ impl Metrics {
             upstream_connect_failures: counter(
                 "keyshift_upstream_connect_failures_total",
                 "Failed attempts to connect to PostgreSQL",
+            ),
+            upstream_pooled: reg(
+                &r,
+                IntGauge::new(
+                    "keyshift_upstream_pooled",
+                    "1 while the upstream is treated as a transaction pooler (configured or detected)",
+                )
+                .unwrap_or_else(|_| unreachable!()),
+            ),
+            pooler_answers: counter_vec(
+                "keyshift_upstream_pooler_answers_total",
+                "Answers showing the upstream to be a transaction pooler, by whether keyshift hid them from the client (recovered) or not (seen)",
+                &["outcome"],
             ),
             protocol_errors: counter_vec(
                 "keyshift_protocol_errors_total",

@@ -10,31 +10,8 @@ mod migrate_support;
 use std::time::{Duration, Instant};
 
 use common::proxy::{TestProxy, http, test_config};
-use migrate_support::{SEED_004, ks_expect, seed_004_rows};
+use migrate_support::{SEED_004, inconsistent, ks_expect, seed_004_rows};
 use tokio_postgres::SimpleQueryMessage;
-
-/// (child, fk column, parent)
-const FKS: &[(&str, &str, &str)] = &[
-    ("connector_access", "connector_id", "mcp_connectors"),
-    ("mcp_servers", "connector_id", "mcp_connectors"),
-    ("mcp_server_tokens", "mcp_server_id", "mcp_servers"),
-    ("mcp_server_tools", "mcp_server_id", "mcp_servers"),
-];
-
-/// Rows whose twin disagrees with the parent's uuid (or is missing), over every FK.
-async fn inconsistent(c: &tokio_postgres::Client) -> Vec<String> {
-    let mut bad = Vec::new();
-    for (child, fk, parent) in FKS {
-        let sql = format!(
-            "SELECT c.id::text FROM {child} c LEFT JOIN {parent} p ON p.id = c.{fk}
-             WHERE c.{fk}_uuid IS DISTINCT FROM p.id_uuid ORDER BY c.id"
-        );
-        for r in c.query(&sql, &[]).await.unwrap() {
-            bad.push(format!("{child}.{fk} row {}", r.get::<_, String>(0)));
-        }
-    }
-    bad
-}
 
 /// A migrated database (expanded and backfilled, phase backfilled or hardened) and its
 /// untouched twin with the same rows.

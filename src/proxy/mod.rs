@@ -6,6 +6,7 @@
 //! gate), `wire` (the messages, read through checked views and built) and `messages` (what keyshift
 //! itself sends). The rewrite side: `statements` (the hook sessions call for Query and Parse, and
 //! the statements they changed), `server_statements` (statements keyshift prepares for a session),
+//! `pooling` (what a transaction pooler upstream allows of them, and finding one out),
 //! `dualwrite` (the stored plan and phase as that hook's implementation) and `control` (the link to
 //! the migrated database that puts it in force). `admin` is the HTTP listener beside it. This file
 //! is the listener: it accepts, caps the number of sessions, spawns one task per connection and
@@ -21,6 +22,7 @@ pub mod dualwrite;
 pub mod gate;
 pub mod messages;
 pub mod pass;
+pub mod pooling;
 pub mod replies;
 pub mod scope;
 pub mod server_statements;
@@ -94,6 +96,8 @@ pub struct Shared {
     pub control_connected: std::sync::atomic::AtomicBool,
     /// The id mapping served on `/v1/map` (src/map).
     pub map: crate::map::MapService,
+    /// Whether the upstream is a transaction pooler (configured or found out).
+    pub pooling: pooling::Pooling,
     /// Becomes true when sessions must end now (shutdown grace over).
     pub force_shutdown: watch::Receiver<bool>,
     force_tx: watch::Sender<bool>,
@@ -111,8 +115,10 @@ impl Shared {
             cfg.map_cache_entries,
             metrics.map.clone(),
         );
+        let pooling = pooling::Pooling::new(cfg.upstream_pooling, &metrics);
         Shared {
             sessions: Arc::new(Semaphore::new(cfg.max_client_connections)),
+            pooling,
             cfg,
             upstream,
             acceptor,

@@ -176,6 +176,18 @@ impl ServerStatements {
         }
     }
 
+    /// Forgets every statement and prepares none from now on (the upstream turned out to be a
+    /// transaction pooler, src/proxy/pooling.rs): nothing is closed, since the server
+    /// connection they are on is no longer this session's. The name prefix stays, so that an
+    /// answer still to come about one of them is recognised.
+    pub fn disable(&mut self) {
+        let prefix = std::mem::take(&mut self.prefix);
+        *self = ServerStatements {
+            prefix,
+            ..ServerStatements::new(0)
+        };
+    }
+
     /// Something of keyshift's is prepared on the server (or about to be).
     pub fn active(&self) -> bool {
         self.count > 0 || self.alias.is_some() || !self.queries.is_empty() || self.restore.is_some()

@@ -39,6 +39,7 @@ use tracing::{debug, warn};
 use super::Shared;
 use super::gate::{SessionInfo, SessionState};
 use super::messages::{self, sqlstate};
+use super::pooling::{First, Guard, Replay, is_pooler_answer};
 use super::replies::{Kind, Outcome, Owner, Replies, Route};
 use super::scope::Scope;
 use super::server_statements::{ParseAction, PendingPrepare, QueryAction, ServerStatements};
@@ -194,6 +195,21 @@ pub struct Session<C, S> {
     restore_inflight: u32,
     restore_sync_passed: bool,
     restore_hold: bool,
+    /// The upstream is (or turned out to be) a transaction pooler: nothing of keyshift's is
+    /// kept on the server past a transaction (src/proxy/pooling.rs).
+    pooled: bool,
+    /// A sequence using keyshift's statement where a pooler's answer can be undone, and the
+    /// one the client message being looked at starts.
+    guard: Option<Guard<Token>>,
+    pending_guard: Option<Guard<Token>>,
+    /// The message being looked at is a Parse whose next message, already here, is a Bind or
+    /// Describe of the unnamed statement.
+    next_unnamed_use: bool,
+    /// The client message being looked at went with keyshift's statement in place of the
+    /// unnamed one: a guard keeps it as the client sent it.
+    record_original: bool,
+    /// Client bytes held by a guard are to be scanned again, now that it ended.
+    rescan: bool,
     /// A copy of the client message being looked at, and its replacement.
     scratch: Vec<u8>,
     replacement: BytesMut,
@@ -267,7 +283,17 @@ where
             server_fatal: false,
             own_error: None,
             prepared: Prepared::default(),
-            stmts: ServerStatements::new(shared.cfg.server_statements),
+            stmts: ServerStatements::new(if shared.pooling.pooled() {
+                0
+            } else {
+                shared.cfg.server_statements
+            }),
+            pooled: shared.pooling.pooled(),
+            guard: None,
+            pending_guard: None,
+            next_unnamed_use: false,
+            record_original: false,
+            rescan: false,
             rules_seen: shared.rules_version.load(Ordering::Acquire),
             unnamed_gen: 0,
             unnamed_sql: None,
@@ -465,7 +491,11 @@ where
                 && self.replies.len() < MAX_UNANSWERED
             {
                 let unheld = self.restore_hold && !self.restore_sync_passed;
-                if !self.c_in.is_empty() && self.c_left == 0 && (self.replies.idle() || unheld) {
+                let rescan = std::mem::take(&mut self.rescan);
+                if !self.c_in.is_empty()
+                    && self.c_left == 0
+                    && (self.replies.idle() || unheld || rescan)
+                {
                     self.restore_hold = false;
                     // Data left from before a hold, or a partial message: scan it again.
                     if let Some(ev) = self.scan_client() {
@@ -513,6 +543,17 @@ where
                 fwd += n;
                 continue;
             }
+            if self.guard.as_ref().is_some_and(Guard::sync_due) {
+                // keyshift ends the failed guarded sequence here, at a message boundary.
+                self.commit_client(fwd);
+                fwd = 0;
+                self.own_sync_for_guard();
+                continue;
+            }
+            if self.guard.as_ref().is_some_and(Guard::holds_client) {
+                // Waits until the guarded sequence ends (src/proxy/pooling.rs).
+                break;
+            }
             let Some(&tag) = rest.first() else { break };
             if rest.len() < 5 && frontend::is_known_tag(tag) {
                 break;
@@ -535,6 +576,9 @@ where
                     // can never be rewritten under the rules from before it (the gate's
                     // SeqCst operations order the two).
                     rewriter = self.shared.rewriter.load();
+                    if !self.pooled && self.shared.pooling.pooled() {
+                        self.become_pooled();
+                    }
                     let version = self.shared.rules_version.load(Ordering::Acquire);
                     let rules_changed = version != self.rules_seen;
                     if rules_changed {
@@ -549,8 +593,7 @@ where
                     }
                     let to_redo = !self.prepared.is_empty() || self.unnamed_sql.is_some();
                     if (rules_changed && to_redo) || self.stmts.has_closes() {
-                        self.counters.client_bytes(fwd);
-                        move_prefix(&mut self.c_in, &mut self.c_out, fwd);
+                        self.commit_client(fwd);
                         fwd = 0;
                         self.own_sequence(rules_changed);
                     }
@@ -624,6 +667,7 @@ where
             if !self.inspects(tag, &rules) {
                 self.counters.client_message(tag);
                 self.note_sent(tag);
+                self.guard_sees(tag);
                 self.c_left = len;
                 continue;
             }
@@ -643,22 +687,32 @@ where
             scratch.extend_from_slice(&rest[..len]);
             let mut out = std::mem::take(&mut self.replacement);
             out.clear();
+            self.next_unnamed_use = tag == cf::PARSE
+                && frontend::next_uses_unnamed_statement(rest.get(len..).unwrap_or_default());
             if self.client_message(tag, &scratch, rules, &mut out) {
-                self.counters.client_bytes(fwd);
-                move_prefix(&mut self.c_in, &mut self.c_out, fwd);
+                self.commit_client(fwd);
                 fwd = 0;
                 self.c_out.extend_from_slice(&out);
+                if std::mem::take(&mut self.record_original) {
+                    self.record(&scratch);
+                } else {
+                    self.record(&out);
+                }
                 self.c_in.advance(len);
             } else {
                 fwd += len;
             }
+            if let Some(g) = self.pending_guard.take() {
+                // The guarded message itself went; the guard keeps what follows it.
+                self.guard = Some(g);
+            }
+            self.guard_sees(tag);
             self.scratch = scratch;
             self.replacement = out;
             // A message PostgreSQL will skip may change what the next one must be.
             self.settle_outcomes();
         }
-        self.counters.client_bytes(fwd);
-        move_prefix(&mut self.c_in, &mut self.c_out, fwd);
+        self.commit_client(fwd);
         self.settle_outcomes();
         if consumed && !self.held && self.replies.idle() {
             // Only messages nothing answers went (a CopyData after a failed COPY, say): the
@@ -668,6 +722,81 @@ where
                 .set_state(&self.info, self.state_after_ready());
         }
         event
+    }
+
+    /// Sends the first `n` bytes of `c_in` on as they came (kept by a recording guard).
+    fn commit_client(&mut self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        self.counters.client_bytes(n);
+        if let Some(bytes) = self.c_in.get(..n)
+            && self.guard.as_ref().is_some_and(Guard::recording)
+        {
+            let bytes = bytes.to_vec();
+            self.record(&bytes);
+        }
+        move_prefix(&mut self.c_in, &mut self.c_out, n);
+        if self.c_left == 0
+            && let Some(g) = &mut self.guard
+        {
+            g.committed();
+        }
+    }
+
+    /// Keeps client bytes that went in a guarded sequence; gives the guard up past its limit.
+    fn record(&mut self, bytes: &[u8]) {
+        if let Some(g) = self.guard.as_mut().filter(|g| g.recording())
+            && !g.record(bytes)
+        {
+            debug!(
+                session = self.info.id,
+                "guarded sequence too large to keep; a pooler's answer would reach the client"
+            );
+            self.guard = None;
+        }
+    }
+
+    /// The client's message with this tag went: a Sync, Query or FunctionCall ends a guarded
+    /// sequence.
+    fn guard_sees(&mut self, tag: u8) {
+        if let Some(g) = &mut self.guard {
+            g.client_sent(matches!(tag, cf::SYNC | cf::QUERY | cf::FUNCTION_CALL));
+        }
+    }
+
+    /// keyshift's Sync ending a failed guarded sequence the client had not ended.
+    fn own_sync_for_guard(&mut self) {
+        if self.guard.as_mut().is_some_and(Guard::take_sync_due) {
+            build::sync(&mut self.c_out);
+            self.replies.sent(Kind::Sync, Owner::Own, None);
+        }
+    }
+
+    /// The upstream is a transaction pooler: from this transaction on, the session keeps
+    /// nothing of keyshift's on the server (src/proxy/pooling.rs).
+    fn become_pooled(&mut self) {
+        self.pooled = true;
+        self.stmts.disable();
+        self.prepared.clear();
+        self.unnamed_sql = None;
+    }
+
+    /// Sends a failed guarded sequence again, without keyshift's statement: the first
+    /// message's answers go to whoever did not get them yet, the rest are the client's.
+    fn replay(&mut self, r: Replay<Token>) {
+        self.c_out.extend_from_slice(&r.first);
+        let kind = if r.query { Kind::Query } else { Kind::Parse };
+        match r.owner {
+            First::Client => self.replies.sent(kind, Owner::Client, r.token),
+            First::Own => self.replies.sent(kind, Owner::Own, None),
+        }
+        for (tag, msg) in wire::messages(&r.rest) {
+            self.c_out.extend_from_slice(msg);
+            self.note_sent(tag);
+        }
+        // What the client sent meanwhile is scanned again after it.
+        self.rescan = true;
     }
 
     /// The client sent what PostgreSQL ends the session for (PostgreSQL says so itself).
@@ -812,7 +941,12 @@ where
             self.note_sent(cf::QUERY);
             return false;
         };
-        let quiet = self.status != TxStatus::Failed && self.replies.idle();
+        // Under `auto`, keyshift's statements only where a pooler's answer can be undone: an
+        // EXECUTE outside a transaction block is its own implicit transaction.
+        let cautious = self.shared.pooling.cautious();
+        let quiet = self.status != TxStatus::Failed
+            && self.replies.idle()
+            && (!cautious || (self.status == TxStatus::Idle && self.guard.is_none()));
         let (decision, template) = rw.rewrite_query(sql);
         match decision {
             Decision::Forward => {
@@ -842,6 +976,12 @@ where
                         let name = String::from_utf8_lossy(&name);
                         let execute: Arc<str> = format!("EXECUTE {name}({args})").into();
                         build::query(out, execute.as_bytes());
+                        if cautious {
+                            let mut instead = BytesMut::new();
+                            build::query(&mut instead, new.as_bytes());
+                            let token = Token::Rewritten(Texts::new(sql, &new));
+                            self.pending_guard = Some(Guard::query(&instead, Some(token)));
+                        }
                         let texts = Box::new(Texts {
                             original: sql.into(),
                             sent: execute,
@@ -922,7 +1062,24 @@ where
             }
             Decision::Replace(new) if p.name.is_empty() => {
                 let quiet = self.status != TxStatus::Failed && self.replies.no_ready_due();
-                match self.stmts.unnamed_parse(&new, p.types, quiet) {
+                // Under `auto`, keyshift's statements only where a pooler's answer can be
+                // undone: first in its sequence, outside a transaction block, with the Bind or
+                // Describe that uses it already here.
+                let cautious = self.shared.pooling.cautious();
+                let guardable = self.guard.is_none()
+                    && self.status == TxStatus::Idle
+                    && self.replies.idle()
+                    && self.next_unnamed_use;
+                let action =
+                    self.stmts
+                        .unnamed_parse(&new, p.types, quiet && (!cautious || guardable));
+                if cautious && !matches!(action, ParseAction::Forward) {
+                    let mut instead = BytesMut::new();
+                    build::parse_with(&mut instead, &p, b"", new.as_bytes());
+                    let token = sql.map(|sql| Token::Rewritten(Texts::new(sql, &new)));
+                    self.pending_guard = Some(Guard::parse(&instead, token));
+                }
+                match action {
                     ParseAction::Forward => {
                         build::parse_with(out, &p, b"", new.as_bytes());
                         let texts = sql.map(|sql| Token::Rewritten(Texts::new(sql, &new)));
@@ -964,7 +1121,8 @@ where
     /// PostgreSQL does not take the Parse. A name already taken is left alone: PostgreSQL
     /// refuses to prepare it again (42P05).
     fn remember(&mut self, p: &Parse<'_>, sql: &str, sent: Option<&str>) -> Option<Token> {
-        if p.name.is_empty() || self.prepared.contains(p.name) {
+        if p.name.is_empty() || self.prepared.contains(p.name) || self.pooled {
+            // Behind a transaction pooler the statement is not the session's to prepare again.
             return None;
         }
         self.prepared.remember(p.name, sql, p.types, sent);
@@ -1043,6 +1201,7 @@ where
             (_, Some(d)) => build::named_with(out, &d, alias),
             _ => {}
         }
+        self.record_original = true;
         self.note_sent(tag);
         true
     }
@@ -1269,6 +1428,9 @@ where
             self.counters.server_message(tag);
             let mut code = [0u8; 5];
             let mut replacement = None;
+            // Dropped: a pooler's answer the session undoes, and the end of its sequence.
+            let mut suppress = false;
+            let mut pooler = false;
             match tag {
                 sb::READY_FOR_QUERY => {
                     self.status = backend::ready_for_query(msg)?;
@@ -1296,8 +1458,17 @@ where
                             code.copy_from_slice(c);
                         }
                         self.server_fatal |= f.ends_session();
+                        pooler = is_pooler_answer(
+                            &code,
+                            f.message().unwrap_or_default(),
+                            self.stmts.prefix(),
+                        );
                     }
-                    if route == Route::Drop {
+                    suppress = pooler
+                        && route == Route::Client
+                        && self.guard.as_ref().is_some_and(|g| !g.failed());
+                    if suppress {
+                    } else if route == Route::Drop {
                         self.own_error = Some(code.into());
                     } else if &code == b"42601"
                         && let Some(Token::Refusal(m)) = self.replies.front_token()
@@ -1328,8 +1499,14 @@ where
             } else {
                 b""
             };
+            if pooler {
+                self.pooler_answer(route);
+            }
             self.replies.server(tag, sqlstate);
-            if route == Route::Drop || replacement.is_some() {
+            if tag == sb::READY_FOR_QUERY {
+                suppress |= self.guarded_sequence_ended(route);
+            }
+            if route == Route::Drop || replacement.is_some() || suppress {
                 self.counters.server_bytes(fwd);
                 move_prefix(&mut self.s_in, &mut self.s_out, fwd);
                 fwd = 0;
@@ -1350,6 +1527,44 @@ where
         self.counters.server_bytes(fwd);
         move_prefix(&mut self.s_in, &mut self.s_out, fwd);
         Ok(())
+    }
+
+    /// The upstream said one of keyshift's statements is missing or already there: a
+    /// transaction pooler. When a guard stands for the failed message the error is undone
+    /// (the caller drops it, and the guarded sequence is sent again once it ends); otherwise
+    /// it reaches the client.
+    fn pooler_answer(&mut self, route: Route) {
+        // The guarded first message itself failed (keyshift's Parse of its statement): its
+        // answer is the client's to get from the replay.
+        let first_failed = matches!(self.replies.front_token(), Some(Token::Statement(..)));
+        let guard = self.guard.as_mut().filter(|g| !g.failed());
+        let recovered = route == Route::Drop || guard.is_some();
+        self.shared
+            .pooling
+            .detected(&self.shared.metrics, self.info.id, recovered);
+        let Some(g) = guard.filter(|_| route == Route::Client) else {
+            return;
+        };
+        if g.fail(first_failed) && self.c_left == 0 {
+            // The client is at a message boundary: end the sequence now.
+            self.own_sync_for_guard();
+        }
+    }
+
+    /// A ReadyForQuery came: when it ends a guarded sequence, the guard ends, and a failed
+    /// one is sent again. Returns true when this ReadyForQuery is dropped (it ended the
+    /// sequence the client must not see fail).
+    fn guarded_sequence_ended(&mut self, route: Route) -> bool {
+        let Some(g) = self.guard.take_if(|g| g.holds_client() && !g.sync_due()) else {
+            return false;
+        };
+        self.rescan = true;
+        let Some(replay) = g.replay() else {
+            return false;
+        };
+        self.replay(replay);
+        self.become_pooled();
+        route == Route::Client
     }
 
     /// Acts on how PostgreSQL finished the messages that carried tokens.

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use keyshift::pgcluster::{Cluster, ClusterOptions};
 
+pub mod pgbouncer;
 pub mod proxy;
 
 /// Users with a password and a specific auth method, created in the throwaway cluster.

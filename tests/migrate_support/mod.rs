@@ -22,6 +22,29 @@ pub fn seed_004_rows(n: i64) -> String {
     )
 }
 
+/// Seed 004's foreign keys: (child, fk column, parent)
+pub const SEED_004_FKS: &[(&str, &str, &str)] = &[
+    ("connector_access", "connector_id", "mcp_connectors"),
+    ("mcp_servers", "connector_id", "mcp_connectors"),
+    ("mcp_server_tokens", "mcp_server_id", "mcp_servers"),
+    ("mcp_server_tools", "mcp_server_id", "mcp_servers"),
+];
+
+/// Seed 004's child rows whose twin disagrees with the parent's uuid (or is missing), over every FK.
+pub async fn inconsistent(c: &tokio_postgres::Client) -> Vec<String> {
+    let mut bad = Vec::new();
+    for (child, fk, parent) in SEED_004_FKS {
+        let sql = format!(
+            "SELECT c.id::text FROM {child} c LEFT JOIN {parent} p ON p.id = c.{fk}
+             WHERE c.{fk}_uuid IS DISTINCT FROM p.id_uuid ORDER BY c.id"
+        );
+        for r in c.query(&sql, &[]).await.unwrap() {
+            bad.push(format!("{child}.{fk} row {}", r.get::<_, String>(0)));
+        }
+    }
+    bad
+}
+
 /// Shaped like seed 000: the 15 tables its guide lists, with the FKs its text describes.
 pub const SEED_000: &str = "
 CREATE TABLE report_definitions (id serial PRIMARY KEY, name text NOT NULL, query jsonb);

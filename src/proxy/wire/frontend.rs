@@ -188,6 +188,22 @@ impl<'a> Execute<'a> {
     }
 }
 
+/// Whether the message at the front of `buf`, if it is there whole, is a Bind or a Describe of
+/// the unnamed statement.
+pub fn next_uses_unnamed_statement(buf: &[u8]) -> bool {
+    let Some((tag, len)) = super::header(buf) else {
+        return false;
+    };
+    let Some(msg) = buf.get(..(len as usize).saturating_add(1)) else {
+        return false;
+    };
+    match tag {
+        t::BIND => Bind::read(msg).is_ok_and(|b| b.statement.is_empty()),
+        t::DESCRIBE => Named::read(msg).is_ok_and(|d| d.is_unnamed_statement()),
+        _ => false,
+    }
+}
+
 /// `Sync` and `Flush` carry nothing; PostgreSQL refuses one that does ("invalid message
 /// format"), which for a Flush starts a skip to the next Sync.
 pub fn is_empty_body(msg: &[u8]) -> bool {

@@ -102,6 +102,21 @@ pub fn header(buf: &[u8]) -> Option<(u8, u32)> {
     }
 }
 
+/// The whole messages at the front of `buf`, each with its tag: stops at the first one that is
+/// not there whole (or whose length word is impossible).
+pub fn messages(buf: &[u8]) -> impl Iterator<Item = (u8, &[u8])> {
+    let mut rest = buf;
+    std::iter::from_fn(move || {
+        let (tag, len) = header(rest)?;
+        if len < 4 {
+            return None;
+        }
+        let msg = rest.get(..(len as usize).checked_add(1)?)?;
+        rest = rest.get(msg.len()..).unwrap_or_default();
+        Some((tag, msg))
+    })
+}
+
 /// A bounds-checked reader over a message body, the way PostgreSQL's `pq_getmsg*` read one.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Reader<'a> {
