@@ -611,6 +611,7 @@ impl Control {
             Some(m) if m.rules_version != self.version => {
                 // Before the rules: a session that sees the new rules sees these too.
                 self.refresh_privileges(client, &m.plan, m.phase).await;
+                let started = std::time::Instant::now();
                 match dualwrite::build(
                     client,
                     &m.plan,
@@ -628,7 +629,9 @@ impl Control {
                         } else {
                             "passthrough"
                         };
-                        info!(phase = %m.phase, rules_version = m.rules_version, mode, "new rules in force");
+                        // With the catalog reads it needs (docs/benchmarks.md, "Big schemas").
+                        let build_ms = started.elapsed().as_secs_f64() * 1000.0;
+                        info!(phase = %m.phase, rules_version = m.rules_version, mode, build_ms = format!("{build_ms:.1}"), "new rules in force");
                         self.shared
                             .set_rewriter(rw.map(|(r, translated)| ActiveRewriter {
                                 database: self.database.clone(),

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Big schemas (issue [scale], deliverable 4): `plan`, `expand`, `backfill` and `verify` on
+# TABLES tables with 2 × TABLES foreign keys, and what the proxy's rules for them cost.
+#
+# The schema: TABLES/2 parents `p<i> (id serial PRIMARY KEY, name text)` and TABLES/2 children
+# `c<i>`, each with 4 indexed integer FKs to parents (so 2 × TABLES FKs), ROWS rows per table.
+# Each command is timed (wall clock and peak memory, from /usr/bin/time). Then two proxies:
+# one linked to this database (rules for every table), one to an empty database; the
+# difference of their resident memory is the rule set's, and the linked proxy's log gives the
+# time to build the rules (catalog reads included: `build_ms`).
+# Targets: each command < 60 s; rules < 50 MB and < 10 ms to rebuild.
+#
+# Usage: benches/big_schema.sh            (about 2 minutes here)
+# Environment: TABLES=1000, ROWS=10, PGBIN, KEEP_TMP=1.
+set -euo pipefail
+
+TABLES=${TABLES:-1000}
+ROWS=${ROWS:-10}
+
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+command -v /usr/bin/time >/dev/null || die "/usr/bin/time is needed (Debian package time)"
+bench_setup big
+start_postgres "-c max_locks_per_transaction=1024 -c fsync=off -c synchronous_commit=off"
+
+log "creating $TABLES tables with $((TABLES * 2)) foreign keys"
+python3 - "$TABLES" "$ROWS" >"$TMP/schema.sql" <<'EOF'
+import sys
+tables, rows = int(sys.argv[1]), int(sys.argv[2])
+half = tables // 2
+print("BEGIN;")
+for i in range(half):
+    print(f"CREATE TABLE p{i} (id serial PRIMARY KEY, name text);")
+    print(f"INSERT INTO p{i} (name) SELECT 'n' || g FROM generate_series(1, {rows}) g;")
+for i in range(half):
+    parents = [(i * 4 + k) % half for k in range(4)]
+    fks = ", ".join(f"p{p}_id integer REFERENCES p{p} (id)" for p in parents)
+    print(f"CREATE TABLE c{i} (id serial PRIMARY KEY, {fks}, v text);")
+    for p in parents:
+        print(f"CREATE INDEX ON c{i} (p{p}_id);")
+    cols = ", ".join(f"p{p}_id" for p in parents)
+    vals = ", ".join("1 + g % " + str(rows) for _ in parents)
+    print(f"INSERT INTO c{i} ({cols}) SELECT {vals} FROM generate_series(1, {rows}) g;")
+print("COMMIT;")
+EOF
+"${PSQL[@]}" -f "$TMP/schema.sql" >/dev/null
+"${PSQL[@]}" -c "CREATE DATABASE empty" >/dev/null
+
+export KEYSHIFT_DATABASE_URL
+KEYSHIFT_DATABASE_URL=$(url postgres)
+declare -A SECS MEM
+for step in plan expand backfill verify; do
+    log "keyshift $step"
+    /usr/bin/time -f "%e %M" -o "$TMP/$step.time" "$KS" "$step" >"$TMP/$step.out" 2>"$TMP/$step.err" ||
+        { tail -20 "$TMP/$step.err" >&2; die "keyshift $step failed"; }
+    read -r SECS[$step] MEM[$step] <"$TMP/$step.time"
+done
+
+rss_mb() { awk '/^VmRSS/ { printf "%.1f", $2 / 1024 }' "/proc/$1/status"; }
+start_proxy() { # name database
+    local port admin
+    port=$(free_port)
+    admin=$(free_port)
+    KEYSHIFT_LOG_LEVEL=info "$KS" proxy --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
+        --upstream "127.0.0.1:$PG_PORT" --upstream-tls disable --database-url "$(url "$2")" \
+        >"$TMP/$1.log" 2>&1 &
+    PIDS+=($!)
+    wait_port "$port"
+    echo $!
+}
+log "starting a proxy linked to the migrated database and one linked to an empty one"
+LINKED=$(start_proxy linked postgres)
+EMPTY=$(start_proxy empty empty)
+for _ in $(seq 1 200); do
+    grep -q "new rules in force" "$TMP/linked.log" && break
+    sleep 0.1
+done
+grep -q "new rules in force" "$TMP/linked.log" || die "the linked proxy never built its rules"
+sleep 2
+BUILD_MS=$(grep -o 'build_ms="\?[0-9.]*' "$TMP/linked.log" | tail -1 | grep -o '[0-9.]*$')
+RSS_LINKED=$(rss_mb "$LINKED")
+RSS_EMPTY=$(rss_mb "$EMPTY")
+
+echo
+echo "big schema: $TABLES tables, $((TABLES * 2)) foreign keys, $ROWS rows per table (load average at start: $LOADAVG_START)"
+printf '%-10s %10s %14s\n' command seconds "peak memory"
+for step in plan expand backfill verify; do
+    printf '%-10s %10s %11s MB\n' "$step" "${SECS[$step]}" "$((MEM[$step] / 1024))"
+done
+echo "proxy rules: built in ${BUILD_MS} ms (catalog reads included); resident memory ${RSS_LINKED} MB linked vs ${RSS_EMPTY} MB with no migration"
