@@ -45,7 +45,7 @@
 # Environment: SMALL=1250 LARGE=250000 (n: rows = 8 n: n connectors, n access, 2n servers,
 #              2n tokens, 2n tools), CLIENTS=16, JOBS=2, DURATION=24, CUT_AT=12, MODE=simple,
 #              DRAIN_TIMEOUT=2s, PGBIN, KEEP_TMP=1 (keep the logs in the temp dir);
-#              SCHEMA_OBJECTS=1 with OBJ_N=62500 (n for both schemas), EVENTS=1000000, PROFILE=1.
+#              SCHEMA_OBJECTS=1 with OBJ_N=62500 (n for both schemas), EVENTS=1000000, PROFILE=1 (PROFILE= turns it off).
 set -euo pipefail
 
 SMALL=${SMALL:-1250}
@@ -59,7 +59,7 @@ DRAIN_TIMEOUT=${DRAIN_TIMEOUT:-2s}
 SCHEMA_OBJECTS=${SCHEMA_OBJECTS:-}
 OBJ_N=${OBJ_N:-62500}
 EVENTS=${EVENTS:-1000000}
-PROFILE=${PROFILE:-$SCHEMA_OBJECTS}
+PROFILE=${PROFILE-$SCHEMA_OBJECTS}
 
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 now() { date +%s.%N; }
@@ -402,7 +402,7 @@ WITH s AS (
     WHEN NOT toplevel AND q ~ '^SELECT \* FROM keyshift\.carried_objects\(cols\) ORDER BY kind NOT IN'
       THEN '1a carry_save: find the objects (carried_objects)'
     WHEN NOT toplevel AND q ~ '^DROP (MATERIALIZED VIEW|VIEW|POLICY|TRIGGER|RULE) [^I]' THEN '1b carry_save: DROP view / matview / policy'
-    WHEN NOT toplevel AND q ~ '(^INSERT INTO pg_temp\.keyshift_carried|^SELECT c\.\*, pg_get_viewdef\(c\.oid\) AS def|FROM pg_policy p WHERE p\.oid|FROM pg_trigger g WHERE g\.oid|FROM pg_rewrite w WHERE w\.oid)'
+    WHEN NOT toplevel AND q ~ '^(INSERT INTO pg_temp\.keyshift_carried|SELECT c\.\*, pg_get_viewdef\(c\.oid\) AS def|SELECT (p\.polname|g\.tgname|w\.rulename), )'
       THEN '1c carry_save: deparse each object into the temp table'
     WHEN NOT toplevel AND q ~ '^(CREATE TEMP TABLE IF NOT EXISTS keyshift_carried|DELETE FROM pg_temp\.keyshift_carried)'
       THEN '1d carry_save/restore: temp table created, emptied'
@@ -423,8 +423,9 @@ declare -A CUT_START CUT_END ATT_START ATT_END CUT_OUT SPLIT
 for s in "${SIZES[@]}"; do
     port_var=PORT_$s
     "${PSQL[@]}" -d "$s" -c "CHECKPOINT"
-    # verify, and the materialized views' shadows, run inside cutover before its pause, slower under load.
-    T_S[$s]=$(awk -v d="$DURATION" -v c="$CUT_AT" -v v="${VERIFY_S[$s]}" -v o="${OBJ_S[$s]}" 'BEGIN { t = c + 6 * (v + o) + 20; if (t < d) t = d; printf "%d", t }')
+    # verify, and the materialized views' shadows, run inside cutover before its pause, slower under
+    # load: verify 2.5–10 × (alone vs in cutover), the shadows and everything beside them 11 ×.
+    T_S[$s]=$(awk -v d="$DURATION" -v c="$CUT_AT" -v v="${VERIFY_S[$s]}" -v o="${OBJ_S[$s]}" 'BEGIN { t = c + 6 * v + 15 * o + 20; if (t < d) t = d; printf "%d", t }')
     log "$s: $CLIENTS clients through keyshift for ${T_S[$s]}s, cutover at ${CUT_AT}s"
     (cd "$TMP" && exec "$PGBIN/pgbench" -n -f "app-$s.sql" -M "$MODE" -c "$CLIENTS" -j "$JOBS" -T "${T_S[$s]}" \
         -l --log-prefix="lat-$s" -h 127.0.0.1 -p "${!port_var}" -U postgres "$s" >"pgbench-$s.out" 2>&1) &
