@@ -181,20 +181,17 @@ fn map_legacy_type(plan: &Plan) -> Option<&str> {
         .then_some(first)
 }
 
-/// `keyshift.id_map (table_name, legacy_id, uuid)` over every migrated table: before cutover
-/// from (`{key}`, `{key}_uuid`), after it from (`{key}_legacy`, `{key}`). One branch per table
+/// `keyshift.id_map (table_name, legacy_id, uuid)` over every migrated table, from (`{key}`,
+/// `{key}_uuid`); a view binds columns by number, so after cutover it reads (`{key}_legacy`,
+/// `{key}`) with no change, and the swaps leave it alone. One branch per table
 /// with a constant `table_name`, so that a lookup naming the table plans only that branch.
-pub fn id_map_view(plan: &Plan, after_cutover: bool) -> String {
+pub fn id_map_view(plan: &Plan) -> String {
     let uniform = map_legacy_type(plan).is_some();
     let branches: Vec<String> = plan
         .tables
         .iter()
         .map(|t| {
-            let (legacy, uuid) = if after_cutover {
-                (&t.legacy_column, &t.key)
-            } else {
-                (&t.key, &t.uuid_column)
-            };
+            let (legacy, uuid) = (&t.key, &t.uuid_column);
             let legacy = if uniform {
                 quote(legacy).into_owned()
             } else {
@@ -217,11 +214,10 @@ pub fn id_map_view(plan: &Plan, after_cutover: bool) -> String {
     )
 }
 
-fn id_map_step(plan: &Plan, after_cutover: bool) -> Option<Step> {
-    let sql = id_map_view(plan, after_cutover);
+fn id_map_step(plan: &Plan) -> Option<Step> {
+    let sql = id_map_view(plan);
     // Online, not State: it runs after the columns it reads exist (expand runs State steps
-    // first); creating a view takes only ACCESS SHARE on the tables. Inside the swaps it is
-    // run unconditionally (only the SQL of swap steps is used).
+    // first); creating a view takes only ACCESS SHARE on the tables.
     (!sql.is_empty()).then(|| {
         Step::new(
             sql,
@@ -298,7 +294,7 @@ pub fn expand(plan: &Plan) -> Vec<Step> {
     v.extend(mirror::steps(plan));
     // The fill triggers watch the twins: after them.
     v.extend(fill::create(plan));
-    v.extend(id_map_step(plan, false));
+    v.extend(id_map_step(plan));
     // Last: a view lists every column of its table, the uuid twins included.
     v.extend(views::create(plan));
     // Then the application's views over them, in each shape.
@@ -1041,7 +1037,9 @@ pub fn cutover(plan: &Plan) -> Vec<Step> {
     }
     v.push(swap(carry::restore()));
     v.extend(fill::switch(plan, Physical::Uuid).into_iter().map(swap));
-    v.extend(id_map_step(plan, true).map(|st| swap(st.sql)));
+    // Not keyshift.id_map: a view binds columns by number, so expand's reads the integer and
+    // uuid columns under their new names (recreating it cost 16-29 ms of the pause at 300
+    // tables, benches/cutover_tables.sh).
     v.push(swap(state::set_phase_sql(state::Phase::CutOver)));
     v.push(swap("COMMIT".into()));
     v
@@ -1286,7 +1284,7 @@ pub fn rollback(plan: &Plan) -> Vec<Step> {
     }
     v.push(swap(carry::restore()));
     v.extend(fill::switch(plan, Physical::Integer).into_iter().map(swap));
-    v.extend(id_map_step(plan, false).map(|st| swap(st.sql)));
+    // keyshift.id_map follows the renames by itself (see cutover).
     v.push(swap(state::set_phase_sql(state::Phase::Hardened)));
     v.push(swap("COMMIT".into()));
     v
