@@ -186,6 +186,40 @@ fn names(m: &BTreeMap<String, (String, bool, String)>) -> BTreeMap<String, Strin
         .collect()
 }
 
+/// The columns of `table`'s primary key with their types, in order, and whether every
+/// partition's primary key is attached to it and valid.
+async fn pk_of(c: &Client, table: &str) -> (String, bool) {
+    let r = c
+        .query_one(
+            &format!(
+                "SELECT (SELECT string_agg(a.attname || ' ' || format_type(a.atttypid, a.atttypmod), ', ' ORDER BY k.o)
+                           FROM pg_constraint con CROSS JOIN LATERAL unnest(con.conkey) WITH ORDINALITY k(n, o)
+                           JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.n
+                          WHERE con.conrelid = '{table}'::regclass AND con.contype = 'p'),
+                        (SELECT bool_and(EXISTS (SELECT 1 FROM pg_constraint con JOIN pg_index x ON x.indexrelid = con.conindid
+                                                  WHERE con.conrelid = t.relid AND con.contype = 'p' AND x.indisvalid
+                                                    AND con.conparentid = (SELECT oid FROM pg_constraint WHERE conrelid = '{table}'::regclass AND contype = 'p')))
+                           FROM pg_partition_tree('{table}') t WHERE t.isleaf)"
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    (r.get(0), r.get(1))
+}
+
+/// `executions`' and `logs`' own keys are on `ty` (with their partition keys), on every
+/// partition.
+async fn assert_own_keys(c: &Client, when: &str, ty: &str) {
+    for (t, at) in [("executions", "created_at"), ("logs", "at")] {
+        assert_eq!(
+            pk_of(c, t).await,
+            (format!("id {ty}, {at} timestamp with time zone"), true),
+            "{when}: {t}'s own key"
+        );
+    }
+}
+
 async fn col_type(c: &Client, table: &str, column: &str) -> String {
     c.query_one(
         &format!(
@@ -209,6 +243,12 @@ async fn partitioned_children_go_through_the_whole_lifecycle() {
     let fks_json = v["tables"][0]["referenced_by"].as_array().unwrap();
     assert_eq!(fks_json.len(), 2, "{v}");
     assert!(fks_json.iter().all(|f| f["child_partitioned"] == true));
+    // The children's own keys (id, partition key) are migrated too.
+    assert_eq!(v["tables"][1]["name"], "executions", "{v}");
+    assert_eq!(
+        v["tables"][2]["partitioned_pk"],
+        serde_json::json!(["id", "at"])
+    );
 
     step(&url, &["expand"]).await;
     // The twin is on the partitioned table, hence on every partition.
@@ -266,10 +306,13 @@ async fn partitioned_children_go_through_the_whole_lifecycle() {
     assert_fks(&c, "_uuid", "_uuid").await;
     ks_expect(&url, &["verify"], 0);
 
-    // A table attached after harden, its twins NULL: verify names it, backfill fills it.
+    // A table attached after harden, its twins NULL: verify names it, backfill fills it. Its
+    // own key's uuid comes from the default copied with the columns; PostgreSQL requires of a
+    // table attached to `executions` its CHECK constraints, harden's on the uuid key included.
     c.batch_execute(
         "CREATE TABLE executions_2022 (LIKE executions INCLUDING DEFAULTS);
          INSERT INTO executions_2022 (created_at, server_id, note) SELECT '2022-05-01', 1 + g % 50, 'attached' FROM generate_series(1, 60) g;
+         ALTER TABLE executions_2022 ADD CONSTRAINT executions_id_uuid_not_null CHECK (id_uuid IS NOT NULL);
          ALTER TABLE executions ATTACH PARTITION executions_2022 FOR VALUES FROM ('2022-01-01') TO ('2023-01-01');",
     )
     .await
@@ -299,6 +342,8 @@ async fn partitioned_children_go_through_the_whole_lifecycle() {
         assert_eq!(col_type(&c, t, "server_id_legacy").await, "integer", "{t}");
     }
     assert_fks(&c, "", "").await;
+    // The children's own keys (id, partition key) are migrated with them.
+    assert_own_keys(&c, "after cutover", "uuid").await;
     // The index in use on every partition has the name its integer predecessor had.
     let after = leaf_indexes(&c, "executions_server_id_idx").await;
     assert_eq!(names(&after), before_names);
@@ -358,6 +403,7 @@ async fn partitioned_children_go_through_the_whole_lifecycle() {
     );
     assert_fks(&c, "", "").await;
     assert_fks(&c, "_uuid", "_uuid").await;
+    assert_own_keys(&c, "after rollback", "bigint").await;
     let back = leaf_indexes(&c, "executions_server_id_idx").await;
     assert_eq!(names(&back), before_names);
     assert_valid(&back, "integer");
@@ -380,6 +426,7 @@ async fn partitioned_children_go_through_the_whole_lifecycle() {
 
     step(&url, &["cutover"]).await;
     assert_fks(&c, "", "").await;
+    assert_own_keys(&c, "second cutover", "uuid").await;
     let again = leaf_indexes(&c, "executions_server_id_idx").await;
     assert_eq!(again.len(), 5);
     assert_valid(&again, "uuid");
@@ -393,6 +440,7 @@ async fn partitioned_children_go_through_the_whole_lifecycle() {
     p.shutdown();
     step(&url, &["shape", "default", "uuid"]).await;
     step(&url, &["finalize", "--yes"]).await;
+    assert_own_keys(&c, "finalized", "uuid").await;
     assert_eq!(
         count(&c, "SELECT count(*) FROM pg_attribute WHERE attname LIKE '%\\_legacy' AND NOT attisdropped AND attrelid IN (SELECT relid FROM pg_partition_tree('executions') UNION ALL SELECT relid FROM pg_partition_tree('logs'))").await,
         0
@@ -445,17 +493,54 @@ async fn partitioned_and_inherited_shapes_that_stay_blocked() {
             "inherited-table",
             "CREATE TABLE ev (p_id int REFERENCES p (id)); CREATE TABLE ev_old () INHERITS (ev);",
         ),
+        // A migrated table in an INHERITS tree, as parent or as child.
+        (
+            "inherited-table",
+            "CREATE TABLE p_old () INHERITS (p);",
+        ),
+        (
+            "inherited-table",
+            "CREATE TABLE base (n int); CREATE TABLE kid (id serial PRIMARY KEY) INHERITS (base);",
+        ),
+        // A partitioned table keyed (id, partition key) that a foreign key references (on the
+        // whole key, as PostgreSQL requires).
+        (
+            "fk-to-partitioned-key",
+            "CREATE TABLE ev (id serial, at date, PRIMARY KEY (id, at)) PARTITION BY RANGE (at);
+             CREATE TABLE seen (id serial PRIMARY KEY, ev_id int, ev_at date, FOREIGN KEY (ev_id, ev_at) REFERENCES ev (id, at));",
+        ),
     ];
-    // A partitioned table keyed (integer id, partition key) is skipped, saying why, and its
+    // A partitioned table keyed (integer id, partition key) is migrated to (uuid id,
+    // partition key), and its FK with it; one keyed otherwise is skipped, saying why, and its
     // FK is migrated all the same: blocking it would block every time-partitioned child.
-    let db = db_with(&format!("{base}{SCHEMA}")).await;
+    let db = db_with(&format!(
+        "{base}{SCHEMA}CREATE TABLE runs (id serial, kind int, at date, p_id int REFERENCES p (id), PRIMARY KEY (id, kind, at)) PARTITION BY RANGE (at);"
+    ))
+    .await;
     let o = ks_expect(&db.url(), &["plan", "--format", "json"], 0);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let tables = v["tables"].as_array().unwrap();
+    for (t, pk) in [("executions", "created_at"), ("logs", "at")] {
+        let j = tables
+            .iter()
+            .find(|j| j["name"] == t)
+            .unwrap_or_else(|| panic!("{t} migrated: {v}"));
+        assert_eq!(j["partitioned_pk"], serde_json::json!(["id", pk]));
+    }
     let skipped = v["skipped"].to_string();
     assert!(
-        skipped.contains("public.executions")
-            && skipped.contains("partitioned table with primary key (id, created_at)"),
+        skipped.contains("public.runs")
+            && skipped.contains("partitioned table with primary key (id, kind, at)"),
         "{skipped}"
+    );
+    let p = tables.iter().find(|j| j["name"] == "p").unwrap();
+    assert!(
+        p["referenced_by"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["child_table"] == "runs"),
+        "{p}"
     );
     for (code, extra) in cases {
         let db = db_with(&format!("{base}{extra}")).await;
@@ -507,8 +592,8 @@ async fn interrupted_harden_resumes_and_abort_restores_a_partitioned_child() {
                 "SELECT count(*) FROM pg_index WHERE indrelid = 'executions_2023'::regclass"
             )
             .await,
-            3,
-            "the primary key, the original and its mirror: the leftover was attached, not built again"
+            5,
+            "the primary key, its two unique indexes for the swaps of its own key (uuid and integer), the FK's original and its mirror: the leftover was attached, not built again"
         );
         assert_valid(
             &leaf_indexes(&c, "executions_server_id_idx_uuid").await,
@@ -523,4 +608,320 @@ async fn interrupted_harden_resumes_and_abort_restores_a_partitioned_child() {
             "abort after harden"
         );
     }
+}
+
+/// A partitioned table whose own key is (integer id, partition key), with no FK to it (an FK
+/// to it would have to use the whole key, which keyshift refuses as composite).
+const KEYED: &str = "
+CREATE TABLE ev (id serial, at timestamptz NOT NULL, what text, PRIMARY KEY (id, at)) PARTITION BY RANGE (at);
+CREATE TABLE ev_a PARTITION OF ev FOR VALUES FROM ('2023-01-01') TO ('2024-01-01');
+CREATE TABLE ev_b PARTITION OF ev FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');
+INSERT INTO ev (at, what) SELECT '2023-01-01'::timestamptz + (g % 700) * interval '1 day', 'seed' FROM generate_series(1, 2000) g;
+";
+
+/// The partition created after expand, and the table attached after harden with rows of its
+/// own (its columns, the uuid and its default included, copied from `ev`; the NOT NULL CHECK
+/// of the uuid key, which PostgreSQL requires of a table attached while `ev` has it).
+const AFTER_EXPAND: &str = "
+CREATE TABLE ev_c PARTITION OF ev FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
+INSERT INTO ev (at, what) SELECT '2025-02-01', 'direct-after-expand' FROM generate_series(1, 30);";
+const AFTER_HARDEN: &str = "
+CREATE TABLE ev_d (LIKE ev INCLUDING DEFAULTS);
+INSERT INTO ev_d (at, what) SELECT '2022-03-01', 'attached' FROM generate_series(1, 40);
+ALTER TABLE ev_d ADD CONSTRAINT ev_id_uuid_not_null CHECK (id_uuid IS NOT NULL);
+ALTER TABLE ev ATTACH PARTITION ev_d FOR VALUES FROM ('2022-01-01') TO ('2023-01-01');";
+
+/// `ev`'s primary key's columns with their types, before and after cutover.
+const INT_KEY: &str = "id integer, at timestamp with time zone";
+const UUID_KEY: &str = "id uuid, at timestamp with time zone";
+
+/// `ev`'s primary key: its columns with their types, and per leaf partition (its name, its
+/// primary key's name, attached to `ev`'s, the OID of its index, valid), by partition.
+type KeyShape = (String, bool, Vec<(String, String, bool, u32, bool)>);
+
+async fn key_shape(c: &Client) -> KeyShape {
+    let r = c
+        .query_one(
+            "SELECT string_agg(a.attname || ' ' || format_type(a.atttypid, a.atttypmod), ', ' ORDER BY k.o), bool_and(x.indisvalid)
+               FROM pg_constraint con JOIN pg_index x ON x.indexrelid = con.conindid
+               CROSS JOIN LATERAL unnest(con.conkey) WITH ORDINALITY k(n, o)
+               JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.n
+              WHERE con.conrelid = 'ev'::regclass AND con.contype = 'p' AND con.conname = 'ev_pkey'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let leaves = c
+        .query(
+            "SELECT t.relid::regclass::text, con.conname::text,
+                    con.conparentid = (SELECT oid FROM pg_constraint WHERE conrelid = 'ev'::regclass AND contype = 'p'),
+                    con.conindid::oid, x.indisvalid
+               FROM pg_partition_tree('ev') t
+               JOIN pg_constraint con ON con.conrelid = t.relid AND con.contype = 'p'
+               JOIN pg_index x ON x.indexrelid = con.conindid
+              WHERE t.isleaf ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+        .collect();
+    (
+        r.get::<_, Option<String>>(0).unwrap_or_default(),
+        r.get::<_, Option<bool>>(1).unwrap_or(false),
+        leaves,
+    )
+}
+
+/// `ev`'s primary key is on `columns`, valid, and every one of `leaves` has its own, named
+/// `<leaf>_pkey` as it was, attached to it and valid. Returns each leaf's index OID.
+async fn assert_key(c: &Client, when: &str, columns: &str, leaves: &[&str]) -> Vec<u32> {
+    let (cols, valid, got) = key_shape(c).await;
+    assert_eq!(cols, columns, "{when}: ev_pkey");
+    assert!(valid, "{when}: ev_pkey is valid");
+    let names: Vec<(String, String, bool, bool)> = got
+        .iter()
+        .map(|(l, n, a, _, v)| (l.clone(), n.clone(), *a, *v))
+        .collect();
+    let want: Vec<(String, String, bool, bool)> = leaves
+        .iter()
+        .map(|l| (l.to_string(), format!("{l}_pkey"), true, true))
+        .collect();
+    assert_eq!(names, want, "{when}: the partitions' primary keys");
+    got.iter().map(|g| g.3).collect()
+}
+
+/// The OIDs of each leaf's unique index `<leaf><suffix>`, by leaf (0 when missing).
+async fn index_oids(c: &Client, leaves: &[&str], suffix: &str) -> Vec<u32> {
+    let mut v = Vec::new();
+    for l in leaves {
+        let r = c
+            .query_one(
+                &format!("SELECT coalesce(to_regclass('public.{l}{suffix}')::oid, 0)"),
+                &[],
+            )
+            .await
+            .unwrap();
+        v.push(r.get(0));
+    }
+    v
+}
+
+/// Every row has a key, no two the same, and each marker written so far is there.
+async fn assert_rows(c: &Client, when: &str, key: &str, written: &[(&str, i64)]) {
+    let r = c
+        .query_one(
+            &format!("SELECT count(*), count({key}), count(DISTINCT {key}) FROM ev"),
+            &[],
+        )
+        .await
+        .unwrap();
+    let (n, keyed, distinct): (i64, i64, i64) = (r.get(0), r.get(1), r.get(2));
+    assert!(
+        n > 0 && n == keyed && n == distinct,
+        "{when}: {n} rows, {keyed} with {key}, {distinct} distinct"
+    );
+    for (what, want) in written {
+        let got = count(c, &format!("SELECT count(*) FROM ev WHERE what = '{what}'")).await;
+        assert_eq!(got, *want, "{when}: rows written as {what}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_tables_own_key_goes_through_the_whole_lifecycle() {
+    let db = db_with(KEYED).await;
+    let url = db.url();
+    let c = db.client().await;
+
+    let o = ks_expect(&url, &["plan", "--format", "json"], 0);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["tables"][0]["name"], "ev", "{v}");
+    assert_eq!(
+        v["tables"][0]["partitioned_pk"],
+        serde_json::json!(["id", "at"])
+    );
+    let o = ks_expect(&url, &["plan"], 0);
+    assert!(
+        stdout(&o).contains("primary key ev_pkey (id_uuid, at) at cutover"),
+        "{}",
+        text(&o)
+    );
+
+    step(&url, &["expand"]).await;
+    assert_eq!(col_type(&c, "ev_b", "id_uuid").await, "uuid");
+    c.batch_execute(AFTER_EXPAND).await.unwrap();
+    let p = linked_proxy(&db).await;
+    let int = connect_shaped(&p, &db, "integer").await;
+    let insert = |what: &'static str| {
+        format!(
+            "INSERT INTO ev (at, what) SELECT '2024-05-01'::timestamptz + g * interval '1 day', '{what}' FROM generate_series(1, 10) g"
+        )
+    };
+    int.batch_execute(&insert("expanded")).await.unwrap();
+    let mut written = vec![("direct-after-expand", 30), ("expanded", 10)];
+
+    step(&url, &["backfill"]).await;
+    assert_rows(&c, "after backfill", "id_uuid", &written).await;
+    let three = ["ev_a", "ev_b", "ev_c"];
+    for suffix in ["_id_uuid_key", "_id_legacy_key"] {
+        assert!(
+            index_oids(&c, &three, suffix).await.iter().all(|o| *o != 0),
+            "harden built {suffix} on each partition"
+        );
+    }
+    assert_key(&c, "hardened", INT_KEY, &three).await;
+    ks_expect(&url, &["verify"], 0);
+
+    c.batch_execute(AFTER_HARDEN).await.unwrap();
+    written.push(("attached", 40));
+    int.batch_execute(&insert("hardened")).await.unwrap();
+    written.push(("hardened", 10));
+    let four = ["ev_a", "ev_b", "ev_c", "ev_d"];
+    assert_eq!(index_oids(&c, &["ev_d"], "_id_uuid_key").await, [0]);
+    // The attached partition has no unique index on (id_uuid, at) yet: verify says so and
+    // passes, and cutover's preparation builds it before the pause.
+    let o = ks_expect(&url, &["verify"], 0);
+    assert!(stdout(&o).contains("public.ev_d"), "{}", text(&o));
+    let o = ks_async(&url, &["cutover", "--dry-run"]).await;
+    assert!(o.status.success(), "{}", text(&o));
+    let built = index_oids(&c, &four, "_id_uuid_key").await;
+    assert!(built.iter().all(|o| *o != 0), "{built:?}");
+    assert!(
+        index_oids(&c, &four, "_id_legacy_key")
+            .await
+            .iter()
+            .all(|o| *o != 0)
+    );
+    assert_key(&c, "after a dry run", INT_KEY, &four).await;
+
+    step(&url, &["cutover"]).await;
+    assert_eq!(col_type(&c, "ev", "id").await, "uuid");
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM pg_constraint WHERE conname = 'ev_id_uuid_not_null'"
+        )
+        .await,
+        0,
+        "the NOT NULL CHECK is gone with the attached partition's copy, which the ATTACH required"
+    );
+    assert_eq!(col_type(&c, "ev_d", "id_legacy").await, "integer");
+    let oids = assert_key(&c, "after cutover", UUID_KEY, &four).await;
+    assert_eq!(
+        oids, built,
+        "the swap builds no index: each partition's primary key is the unique index built before it"
+    );
+    int.batch_execute(&insert("cut-over-v1")).await.unwrap();
+    let uuid = connect_shaped(&p, &db, "uuid").await;
+    uuid.batch_execute(
+        "INSERT INTO ev (at, what) VALUES ('2025-09-01', 'cut-over-v2'), ('2022-09-01', 'cut-over-v2')",
+    )
+    .await
+    .unwrap();
+    written.extend([("cut-over-v1", 10), ("cut-over-v2", 2)]);
+    assert_rows(&c, "after cutover", "id", &written).await;
+    assert_rows(&c, "after cutover, legacy side", "id_legacy", &[]).await;
+    // The id mapping by the integer alone, for a row of each partition.
+    let mapped = count(
+        &c,
+        "SELECT count(*) FROM ev e JOIN keyshift.id_map m ON m.table_name = 'public.ev' AND m.legacy_id = e.id_legacy AND m.uuid = e.id",
+    )
+    .await;
+    assert_eq!(mapped, count(&c, "SELECT count(*) FROM ev").await);
+    let row: (i32, uuid::Uuid) = {
+        let r = c
+            .query_one(
+                "SELECT id_legacy, id FROM ev_d ORDER BY id_legacy LIMIT 1",
+                &[],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    let r = c
+        .query_one(
+            "SELECT uuid FROM keyshift.id_map WHERE table_name = 'public.ev' AND legacy_id = $1",
+            &[&row.0],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.get::<_, uuid::Uuid>(0), row.1);
+    ks_expect(&url, &["verify"], 0);
+
+    step(&url, &["rollback"]).await;
+    assert_eq!(col_type(&c, "ev", "id").await, "integer");
+    assert_eq!(col_type(&c, "ev_c", "id_uuid").await, "uuid");
+    assert_key(&c, "after rollback", INT_KEY, &four).await;
+    int.batch_execute(&insert("rolled-back")).await.unwrap();
+    written.push(("rolled-back", 10));
+    assert_rows(&c, "after rollback", "id", &written).await;
+    assert_rows(&c, "after rollback, uuid side", "id_uuid", &[]).await;
+    ks_expect(&url, &["verify"], 0);
+
+    step(&url, &["cutover"]).await;
+    assert_key(&c, "second cutover", UUID_KEY, &four).await;
+    int.batch_execute(&insert("cut-over-again")).await.unwrap();
+    written.push(("cut-over-again", 10));
+    assert_rows(&c, "second cutover", "id", &written).await;
+    ks_expect(&url, &["verify"], 0);
+
+    p.shutdown();
+    step(&url, &["shape", "default", "uuid"]).await;
+    step(&url, &["finalize", "--yes"]).await;
+    assert_key(&c, "finalized", UUID_KEY, &four).await;
+    assert_rows(&c, "finalized", "id", &written).await;
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM pg_attribute WHERE attname IN ('id_legacy', 'id_uuid') AND NOT attisdropped AND attrelid IN (SELECT relid FROM pg_partition_tree('ev'))").await,
+        0
+    );
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM pg_class WHERE relkind IN ('i', 'I') AND (relname LIKE '%\\_uuid%' OR relname LIKE '%\\_legacy%' OR relname LIKE 'keyshift%')").await,
+        0,
+        "no index keeps a keyshift name"
+    );
+    // A partition created now gets the uuid key.
+    c.batch_execute(
+        "CREATE TABLE ev_e PARTITION OF ev FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');
+         INSERT INTO ev (at, what) VALUES ('2026-03-01', 'finalized')",
+    )
+    .await
+    .unwrap();
+    assert_key(
+        &c,
+        "new partition",
+        UUID_KEY,
+        &["ev_a", "ev_b", "ev_c", "ev_d", "ev_e"],
+    )
+    .await;
+}
+
+/// abort before cutover, after harden and after a partition created and one attached
+/// mid-migration: the schema is the one the same statements give without keyshift.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_restores_a_partitioned_tables_own_key() {
+    // Without keyshift: the same partitions, the attached one shaped like `ev` then.
+    let reference = db_with(&format!(
+        "{KEYED}{AFTER_EXPAND}{}",
+        AFTER_HARDEN.replace(
+            "ALTER TABLE ev_d ADD CONSTRAINT ev_id_uuid_not_null CHECK (id_uuid IS NOT NULL);",
+            ""
+        )
+    ))
+    .await;
+    let want = migrate_support::schema_dump(&reference);
+    let db = db_with(KEYED).await;
+    let url = db.url();
+    let c = db.client().await;
+    step(&url, &["expand"]).await;
+    c.batch_execute(AFTER_EXPAND).await.unwrap();
+    step(&url, &["backfill"]).await;
+    c.batch_execute(AFTER_HARDEN).await.unwrap();
+    // The preparation of a cutover that does not happen builds the attached one's indexes.
+    let o = ks_async(&url, &["cutover", "--dry-run"]).await;
+    assert!(o.status.success(), "{}", text(&o));
+    step(&url, &["abort"]).await;
+    // The attached table's copy of the CHECK, which PostgreSQL required for the ATTACH, is
+    // gone with the partitioned table's.
+    assert_eq!(want, migrate_support::schema_dump(&db), "abort");
 }

@@ -557,6 +557,11 @@ async fn every_object_follows_the_key_through_the_lifecycle_under_load() {
         one(&admin, "SELECT format_type(atttypid, NULL) FROM pg_attribute WHERE attrelid = 'server_events_new'::regclass AND attname = 'server_id'").await.as_deref(),
         Some("uuid")
     );
+    // Its own key (id, at) is migrated too, to (uuid id, at).
+    assert_eq!(
+        one(&admin, "SELECT pg_get_constraintdef(oid) || ' ' || format_type((SELECT atttypid FROM pg_attribute WHERE attrelid = 'server_events'::regclass AND attname = 'id'), NULL) FROM pg_constraint WHERE conrelid = 'server_events'::regclass AND contype = 'p'").await.as_deref(),
+        Some("PRIMARY KEY (id, at) uuid")
+    );
     drop(r);
     admin
         .batch_execute(&format!("DROP OWNED BY {reader}; DROP ROLE {reader}"))

@@ -746,6 +746,26 @@ fn fk_steps(f: &PlanFk, name: &str, add: String) -> [Step; 2] {
     ]
 }
 
+/// The unique index on `column` that a swap can make `t`'s primary key: [`unique_index`]
+/// `name`, or on a partitioned table one on (`column`, partition key) on each leaf partition,
+/// named after the leaf and `name_column` ([`partitions::key_index_step`]).
+fn key_index(t: &PlanTable, name_column: &str, name: &str, column: &str) -> Step {
+    if t.partitioned() {
+        partitions::key_index_step(t, name_column, column)
+    } else {
+        unique_index(t, name, column)
+    }
+}
+
+/// Drops what [`key_index`] builds.
+fn drop_key_index(t: &PlanTable, name_column: &str, name: &str) -> Step {
+    if t.partitioned() {
+        partitions::drop_key_index_step(t, name_column)
+    } else {
+        drop_index(&t.schema, name)
+    }
+}
+
 /// `CREATE UNIQUE INDEX CONCURRENTLY name ON t (column)`, unless a valid one is there.
 fn unique_index(t: &PlanTable, name: &str, column: &str) -> Step {
     Step::new(
@@ -787,13 +807,13 @@ fn fk_clause(f: &PlanFk, column: &str, parent_column: &str) -> String {
 pub fn harden(plan: &Plan) -> Vec<Step> {
     let mut v = Vec::new();
     for t in &plan.tables {
-        v.push(unique_index(t, &t.uuid_index, &t.uuid_column));
+        v.push(key_index(t, &t.uuid_column, &t.uuid_index, &t.uuid_column));
     }
     // A second unique index on the integer key: the swap drops the primary key's index, and
     // this one keeps the legacy column indexed after cutover, for the id mapping
     // (keyshift.id_map, /v1/map) and for a rollback, which promotes it back to primary key.
     for t in &plan.tables {
-        v.push(unique_index(t, &legacy_key_index(t), &t.key));
+        v.push(key_index(t, &t.legacy_column, &legacy_key_index(t), &t.key));
     }
     for (_, f) in plan.foreign_keys() {
         for i in &f.indexes {
@@ -910,6 +930,40 @@ fn swap(sql: String) -> Step {
     Step::new(sql, Mode::Swap, When::Always)
 }
 
+/// The swap's `SET NOT NULL` of `column` of `table` (schema, name), proven by the validated
+/// CHECK `check`, which then goes; on a partitioned table with the copies that partitions
+/// attached since it was built must have of their own (PostgreSQL refuses the ATTACH
+/// otherwise).
+fn set_not_null(table: (&str, &str), column: &str, check: &str, partitioned: bool) -> Vec<Step> {
+    let (schema, name) = table;
+    let t = qualified(schema, name);
+    let mut v = vec![
+        swap(format!(
+            "ALTER TABLE {t} ALTER COLUMN {} SET NOT NULL",
+            quote(column)
+        )),
+        swap(format!("ALTER TABLE {t} DROP CONSTRAINT {}", quote(check))),
+    ];
+    if partitioned {
+        v.push(swap(partitions::drop_leaf_checks(schema, name, check)));
+    }
+    v
+}
+
+/// The swap's renames of `t`'s key: the column named `key` becomes `away`, and `back`
+/// becomes `key`.
+fn key_renames(t: &PlanTable, away: &str, back: &str) -> [Step; 2] {
+    let rename = |from: &str, to: &str| {
+        swap(format!(
+            "ALTER TABLE {} RENAME COLUMN {} TO {}",
+            tbl(t),
+            quote(from),
+            quote(to)
+        ))
+    };
+    [rename(&t.key, away), rename(back, &t.key)]
+}
+
 /// cutover: first, online, the NOT NULL CHECKs of the NOT NULL FK twins (they reject direct
 /// writes that leave a NULL twin, so they come last, with the proxy dual-writing); then ONE
 /// transaction, catalog-only: SET NOT NULL proven by the CHECKs, integer FKs and PK dropped,
@@ -929,6 +983,11 @@ pub fn cutover(plan: &Plan) -> Vec<Step> {
             ));
         }
     }
+    // Partitions created or attached since harden get the unique indexes the swap needs.
+    for t in plan.tables.iter().filter(|t| t.partitioned()) {
+        v.push(key_index(t, &t.uuid_column, &t.uuid_index, &t.uuid_column));
+        v.push(key_index(t, &t.legacy_column, &legacy_key_index(t), &t.key));
+    }
     // Views, policies, triggers and rules over the columns: checked against the uuid shape
     // before any pause, saved and dropped first thing in the swap (a view grouping by the key
     // depends on the primary key dropped below), rebuilt after the renames.
@@ -940,29 +999,21 @@ pub fn cutover(plan: &Plan) -> Vec<Step> {
     }
     v.push(swap(carry::save(plan)));
     for t in &plan.tables {
-        v.push(swap(format!(
-            "ALTER TABLE {} ALTER COLUMN {} SET NOT NULL",
-            tbl(t),
-            quote(&t.uuid_column)
-        )));
-        v.push(swap(format!(
-            "ALTER TABLE {} DROP CONSTRAINT {}",
-            tbl(t),
-            quote(&t.not_null_check)
-        )));
+        v.extend(set_not_null(
+            (&t.schema, &t.name),
+            &t.uuid_column,
+            &t.not_null_check,
+            t.partitioned(),
+        ));
     }
     for (_, f) in plan.foreign_keys() {
         if let Some(chk) = &f.not_null_check {
-            v.push(swap(format!(
-                "ALTER TABLE {} ALTER COLUMN {} SET NOT NULL",
-                child(f),
-                quote(&f.uuid_column)
-            )));
-            v.push(swap(format!(
-                "ALTER TABLE {} DROP CONSTRAINT {}",
-                child(f),
-                quote(chk)
-            )));
+            v.extend(set_not_null(
+                (&f.child_schema, &f.child_table),
+                &f.uuid_column,
+                chk,
+                f.child_partitioned,
+            ));
         }
         v.push(swap(format!(
             "ALTER TABLE {} DROP CONSTRAINT {}",
@@ -971,29 +1022,22 @@ pub fn cutover(plan: &Plan) -> Vec<Step> {
         )));
     }
     for t in &plan.tables {
-        v.push(swap(format!(
-            "ALTER TABLE {} DROP CONSTRAINT {}",
-            tbl(t),
-            quote(&t.pk_constraint)
-        )));
-        v.push(swap(format!(
-            "ALTER TABLE {} ADD CONSTRAINT {} PRIMARY KEY USING INDEX {}",
-            tbl(t),
-            quote(&t.pk_constraint),
-            quote(&t.uuid_index)
-        )));
-        v.push(swap(format!(
-            "ALTER TABLE {} RENAME COLUMN {} TO {}",
-            tbl(t),
-            quote(&t.key),
-            quote(&t.legacy_column)
-        )));
-        v.push(swap(format!(
-            "ALTER TABLE {} RENAME COLUMN {} TO {}",
-            tbl(t),
-            quote(&t.uuid_column),
-            quote(&t.key)
-        )));
+        if t.partitioned() {
+            v.push(swap(partitions::swap_key(t, &t.uuid_column)));
+        } else {
+            v.push(swap(format!(
+                "ALTER TABLE {} DROP CONSTRAINT {}",
+                tbl(t),
+                quote(&t.pk_constraint)
+            )));
+            v.push(swap(format!(
+                "ALTER TABLE {} ADD CONSTRAINT {} PRIMARY KEY USING INDEX {}",
+                tbl(t),
+                quote(&t.pk_constraint),
+                quote(&t.uuid_index)
+            )));
+        }
+        v.extend(key_renames(t, &t.legacy_column, &t.uuid_column));
     }
     for (_, f) in plan.foreign_keys() {
         let c = child(f);
@@ -1118,7 +1162,12 @@ pub(super) fn fk_bound_check(table: &str, name: &str, index: &str) -> String {
 pub fn rollback(plan: &Plan) -> Vec<Step> {
     let mut v = Vec::new();
     for t in &plan.tables {
-        v.push(unique_index(t, &legacy_key_index(t), &t.legacy_column));
+        v.push(key_index(
+            t,
+            &t.legacy_column,
+            &legacy_key_index(t),
+            &t.legacy_column,
+        ));
     }
     for (_, f) in plan.foreign_keys() {
         let name = legacy_fk_name(plan, f);
@@ -1139,13 +1188,15 @@ pub fn rollback(plan: &Plan) -> Vec<Step> {
             &f.legacy_column,
         ));
     }
-    for t in &plan.tables {
+    // A partitioned table gets no spare: nothing references its key, and the next cutover's
+    // preparation builds the leaves' legacy indexes again.
+    for t in plan.tables.iter().filter(|t| !t.partitioned()) {
         v.push(unique_index(t, &legacy_spare_index(t), &t.legacy_column));
     }
     // The uuid side, under harden's names (free since cutover renamed or dropped them). The
     // uuid key is named `key` until the swap.
     for t in &plan.tables {
-        v.push(unique_index(t, &t.uuid_index, &t.key));
+        v.push(key_index(t, &t.uuid_column, &t.uuid_index, &t.key));
     }
     for t in plan.tables.iter().filter(|t| !t.referenced_by.is_empty()) {
         v.push(Step::new(
@@ -1244,25 +1295,25 @@ pub fn rollback(plan: &Plan) -> Vec<Step> {
         }
         v.extend(partitions::leaf_renames(f, false).into_iter().map(swap));
     }
-    for t in &plan.tables {
+    for t in plan.tables.iter().filter(|t| t.partitioned()) {
+        v.extend(key_renames(t, &t.uuid_column, &t.legacy_column));
+        // Drops the uuid primary key (the leaves' go with it, the uuid key keeps the leaves'
+        // unique indexes built above) and makes the leaves' legacy indexes the primary key.
+        v.push(swap(partitions::swap_key(t, &t.key)));
+        v.push(swap(format!(
+            "ALTER TABLE {} ALTER COLUMN {} DROP NOT NULL",
+            tbl(t),
+            quote(&t.uuid_column)
+        )));
+    }
+    for t in plan.tables.iter().filter(|t| !t.partitioned()) {
         // Drops the primary key's index too; the uuid key keeps the unique index built above.
         v.push(swap(format!(
             "ALTER TABLE {} DROP CONSTRAINT {}",
             tbl(t),
             quote(&t.pk_constraint)
         )));
-        v.push(swap(format!(
-            "ALTER TABLE {} RENAME COLUMN {} TO {}",
-            tbl(t),
-            quote(&t.key),
-            quote(&t.uuid_column)
-        )));
-        v.push(swap(format!(
-            "ALTER TABLE {} RENAME COLUMN {} TO {}",
-            tbl(t),
-            quote(&t.legacy_column),
-            quote(&t.key)
-        )));
+        v.extend(key_renames(t, &t.uuid_column, &t.legacy_column));
         v.push(swap(format!(
             "ALTER TABLE {} ADD CONSTRAINT {} PRIMARY KEY USING INDEX {}",
             tbl(t),
@@ -1416,9 +1467,22 @@ fn drop_rollback_preparation(plan: &Plan) -> Vec<Step> {
     );
     for t in &plan.tables {
         v.push(drop_constraint(&t.schema, &t.name, &t.not_null_check));
-        v.push(drop_index(&t.schema, &t.uuid_index));
+        v.extend(drop_leaf_checks(t));
+        v.push(drop_key_index(t, &t.uuid_column, &t.uuid_index));
     }
     v
+}
+
+/// On a partitioned table, the copies of its uuid key's NOT NULL CHECK that partitions
+/// attached while it was there have of their own ([`partitions::drop_leaf_checks`]).
+fn drop_leaf_checks(t: &PlanTable) -> Option<Step> {
+    t.partitioned().then(|| {
+        Step::new(
+            partitions::drop_leaf_checks(&t.schema, &t.name, &t.not_null_check),
+            Mode::Brief,
+            When::Always,
+        )
+    })
 }
 
 /// Drops one of keyshift's functions (`signature` as `DROP FUNCTION` needs it), if there.
@@ -1483,6 +1547,15 @@ pub fn abort(plan: &Plan) -> Vec<Step> {
         for name in std::iter::once(&f.shadow_constraint).chain(f.not_null_check.as_ref()) {
             v.push(drop_constraint(&f.child_schema, &f.child_table, name));
         }
+        // Copies of the NOT NULL CHECK of a cutover that stopped before its swap, on
+        // partitions attached since.
+        if let (true, Some(chk)) = (f.child_partitioned, &f.not_null_check) {
+            v.push(Step::new(
+                partitions::drop_leaf_checks(&f.child_schema, &f.child_table, chk),
+                Mode::Brief,
+                When::Always,
+            ));
+        }
         // Left on partitions by a harden that stopped before the partitioned table's own:
         // they need the parent's unique index, dropped below.
         v.extend(partitions::drop_leaf_constraints(f, &f.shadow_constraint));
@@ -1517,8 +1590,9 @@ pub fn abort(plan: &Plan) -> Vec<Step> {
     }
     for t in &plan.tables {
         v.push(drop_constraint(&t.schema, &t.name, &t.not_null_check));
-        v.push(drop_index(&t.schema, &t.uuid_index));
-        v.push(drop_index(&t.schema, &legacy_key_index(t)));
+        v.extend(drop_leaf_checks(t));
+        v.push(drop_key_index(t, &t.uuid_column, &t.uuid_index));
+        v.push(drop_key_index(t, &t.legacy_column, &legacy_key_index(t)));
     }
     for (_, f) in plan.foreign_keys() {
         v.push(Step::new(

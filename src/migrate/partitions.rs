@@ -35,6 +35,7 @@ use super::Settings;
 use super::catalog::Table;
 use super::db::{self, DbError, stmt_error};
 use super::ddl::{Mode, Step, When};
+use super::plan::PlanTable;
 use super::plan::{Finding, Plan, PlanFk, PlanIndex};
 use crate::ident::{fit, literal, qualified, quote, suffixed};
 
@@ -65,6 +66,15 @@ pub enum LeafOp {
         clause: String,
         bound_to: Option<String>,
     },
+    /// On each leaf without a valid one: `CREATE UNIQUE INDEX CONCURRENTLY <leaf><suffix> ON
+    /// <leaf> (columns)`, attached to nothing: one of the unique indexes on (key, partition
+    /// key) that a swap makes the leaf's primary key ([`swap_key`]).
+    KeyIndex {
+        suffix: String,
+        columns: Vec<String>,
+    },
+    /// On each leaf: `DROP INDEX CONCURRENTLY` of `<leaf><suffix>`, if there.
+    DropIndex { suffix: String },
 }
 
 /// Why the child of a migrated key cannot be migrated as it is, if it cannot.
@@ -236,6 +246,128 @@ pub fn leaf_renames(f: &PlanFk, after_cutover: bool) -> Vec<String> {
     v
 }
 
+/// The name of leaf `leaf`'s index of a [`LeafOp::KeyIndex`] or [`LeafOp::DropIndex`].
+pub fn leaf_index_name(leaf: &str, suffix: &str) -> String {
+    suffixed(leaf, suffix)
+}
+
+/// The suffix of a leaf's unique index on `column` and the partition key: `_<column>_key`,
+/// as harden names a plain table's (`<table>_<column>_key`).
+pub fn key_index_suffix(column: &str) -> String {
+    format!("_{column}_key")
+}
+
+/// The columns of `t`'s primary key with its key column named `key`, as a unique index on
+/// each leaf has them.
+fn key_columns(t: &PlanTable, key: &str) -> Vec<String> {
+    t.partitioned_pk
+        .iter()
+        .map(|c| {
+            if c == &t.key {
+                key.to_string()
+            } else {
+                c.clone()
+            }
+        })
+        .collect()
+}
+
+/// `columns` quoted, comma-separated.
+fn column_list(columns: &[String]) -> String {
+    columns
+        .iter()
+        .map(|c| quote(c).into_owned())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// On each leaf partition of the partitioned table `t`, a unique index on `column` (the
+/// key's uuid or integer, as named when the step runs) and the partition key, built
+/// concurrently, named `<leaf>_<name>_key`. harden builds them, the preparation of each swap
+/// again for the leaves created or attached since.
+pub fn key_index_step(t: &PlanTable, name: &str, column: &str) -> Step {
+    let columns = key_columns(t, column);
+    let cols = column_list(&columns);
+    let suffix = key_index_suffix(name);
+    Step {
+        sql: format!(
+            "-- on each leaf partition {{leaf}} of {tb} without a valid {{leaf}}{suffix}:\n\
+CREATE UNIQUE INDEX CONCURRENTLY {{leaf}}{suffix} ON {{leaf}} ({cols})",
+            tb = qualified(&t.schema, &t.name),
+        ),
+        mode: Mode::Online,
+        when: When::EachLeaf {
+            schema: t.schema.clone(),
+            table: t.name.clone(),
+            op: LeafOp::KeyIndex { suffix, columns },
+        },
+    }
+}
+
+/// On each leaf partition of `t`, `DROP INDEX CONCURRENTLY` of its [`key_index_step`] index
+/// on `name` (abort, finalize).
+pub fn drop_key_index_step(t: &PlanTable, name: &str) -> Step {
+    let suffix = key_index_suffix(name);
+    Step {
+        sql: format!(
+            "-- on each leaf partition {{leaf}} of {tb}:\nDROP INDEX CONCURRENTLY IF EXISTS {{leaf}}{suffix}",
+            tb = qualified(&t.schema, &t.name),
+        ),
+        mode: Mode::Online,
+        when: When::EachLeaf {
+            schema: t.schema.clone(),
+            table: t.name.clone(),
+            op: LeafOp::DropIndex { suffix },
+        },
+    }
+}
+
+/// The swap of the primary key of the partitioned table `t` onto `column` (and the partition
+/// key), catalog-only, as one `DO` block: it reads the leaves and, on each, its primary key's
+/// name and its unique index on exactly (`column`, partition key) attached to nothing and
+/// backing no constraint ([`key_index_step`]), refusing if a leaf has none; drops the
+/// partitioned table's primary key (which drops the leaves' with it); makes each leaf's
+/// index its primary key under the name the leaf's had (`USING INDEX`: no build); adds the
+/// primary key `ON ONLY` the partitioned table (INVALID, no build) and attaches each leaf's,
+/// which makes it valid. A plain `ADD PRIMARY KEY` on the partitioned table would build every
+/// leaf's index again under the lock: PostgreSQL attaches only leaf indexes that already back
+/// a constraint.
+pub fn swap_key(t: &PlanTable, column: &str) -> String {
+    let columns = key_columns(t, column);
+    let tb = qualified(&t.schema, &t.name);
+    let names = columns
+        .iter()
+        .map(|c| literal(c))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let cols = column_list(&columns);
+    let pk = quote(&t.pk_constraint);
+    format!(
+        "DO $ks$ DECLARE r record; leaves text[] := '{{}}'; schemas text[] := '{{}}'; pks text[] := '{{}}'; idx text[] := '{{}}'; i int; BEGIN \
+FOR r IN SELECT c.oid::regclass::text AS leaf, n.nspname::text AS nsp, \
+coalesce((SELECT k.conname::text FROM pg_constraint k WHERE k.conrelid = c.oid AND k.contype = 'p'), c.relname || '_pkey') AS pk, \
+(SELECT ic.relname::text FROM pg_index x JOIN pg_class ic ON ic.oid = x.indexrelid \
+WHERE x.indrelid = c.oid AND x.indisunique AND x.indisvalid AND x.indpred IS NULL AND x.indexprs IS NULL \
+AND x.indkey::text = (SELECT string_agg(a.attnum::text, ' ' ORDER BY u.o) FROM unnest(ARRAY[{names}]::text[]) WITH ORDINALITY u(name, o) \
+JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = u.name) \
+AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = x.indexrelid AND k.conrelid = c.oid) \
+AND NOT EXISTS (SELECT 1 FROM pg_inherits h WHERE h.inhrelid = x.indexrelid) ORDER BY x.indexrelid LIMIT 1) AS ix \
+FROM pg_partition_tree({rel}::regclass) t JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace \
+WHERE t.isleaf AND t.level > 0 AND c.relkind = 'r' ORDER BY 1 \
+LOOP IF r.ix IS NULL THEN RAISE EXCEPTION 'keyshift: partition % has no unique index on ({cols_text}) to become its primary key: it was created or attached after the preparation; run the command again, its preparation builds one', r.leaf; END IF; \
+leaves := leaves || r.leaf; schemas := schemas || r.nsp; pks := pks || r.pk; idx := idx || r.ix; END LOOP; \
+ALTER TABLE {tb} DROP CONSTRAINT {pk}; \
+FOR i IN 1 .. coalesce(array_length(leaves, 1), 0) LOOP \
+EXECUTE format('ALTER TABLE %s ADD CONSTRAINT %I PRIMARY KEY USING INDEX %I', leaves[i], pks[i], idx[i]); END LOOP; \
+ALTER TABLE ONLY {tb} ADD CONSTRAINT {pk} PRIMARY KEY ({cols}); \
+FOR i IN 1 .. coalesce(array_length(leaves, 1), 0) LOOP \
+EXECUTE format('ALTER INDEX %s ATTACH PARTITION %I.%I', {pkidx}, schemas[i], pks[i]); END LOOP; END $ks$",
+        rel = literal(&tb),
+        cols_text = columns.join(", ").replace('\'', "''"),
+        pkidx = literal(&qualified(&t.schema, &t.pk_constraint)),
+    )
+}
+
 /// Every partition's constraint attached to `child`'s constraint `name` takes that name.
 fn rename_leaf_constraints(f: &PlanFk, name: &str) -> String {
     let n = literal(name);
@@ -290,6 +422,23 @@ LOOP EXECUTE format('ALTER TABLE %s DROP CONSTRAINT %I', r.rel, {n}); END LOOP; 
     })
 }
 
+/// Drops from every partition of the partitioned table `schema.table` a CHECK named `name`
+/// that is the partition's own, as the partitioned table's that it copied is gone: a table
+/// attached while the partitioned table has a CHECK must have one of its own of the same
+/// name and expression (PostgreSQL refuses the ATTACH otherwise), and that copy stays when
+/// the partitioned table's is dropped. Catalog-only; run after dropping the partitioned
+/// table's, in the same transaction.
+pub fn drop_leaf_checks(schema: &str, table: &str, name: &str) -> String {
+    let n = literal(name);
+    format!(
+        "DO $ks$ DECLARE r record; BEGIN \
+FOR r IN SELECT c.conrelid::regclass AS rel FROM pg_partition_tree({rel}::regclass) t JOIN pg_constraint c ON c.conrelid = t.relid \
+WHERE t.level > 0 AND c.contype = 'c' AND c.conname = {n} AND c.coninhcount = 0 \
+LOOP EXECUTE format('ALTER TABLE %s DROP CONSTRAINT %I', r.rel, {n}); END LOOP; END $ks$",
+        rel = literal(&qualified(schema, table)),
+    )
+}
+
 /// The leaf partitions of `schema.table` (plain tables; foreign-table partitions have no
 /// indexes or foreign keys of their own), in name order.
 pub async fn leaves(
@@ -306,6 +455,30 @@ pub async fn leaves(
         .await
         .map_err(|e| stmt_error(SQL, e))?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// The leaf partitions of the partitioned table `t` without a valid [`key_index_step`]
+/// index on `name` (missing, or INVALID), qualified.
+pub async fn leaves_without_key_index(
+    client: &Client,
+    t: &PlanTable,
+    name: &str,
+) -> Result<Vec<String>, DbError> {
+    const SQL: &str = "SELECT coalesce(bool_or(i.indisvalid), false) FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid \
+        JOIN pg_namespace n ON n.oid = ic.relnamespace WHERE n.nspname = $1 AND ic.relname = $2";
+    let suffix = key_index_suffix(name);
+    let mut out = Vec::new();
+    for (ls, lt) in leaves(client, &t.schema, &t.name).await? {
+        let index = leaf_index_name(&lt, &suffix);
+        let r = client
+            .query_one(SQL, &[&ls, &index])
+            .await
+            .map_err(|e| stmt_error(SQL, e))?;
+        if !r.get::<_, bool>(0) {
+            out.push(qualified(&ls, &lt));
+        }
+    }
+    Ok(out)
 }
 
 /// `f` as the FK of one leaf partition: the same columns and parent, the leaf as the child.
@@ -398,6 +571,35 @@ async fn leaf_steps(
                     None => fit(&format!("{leaf}_{parent_index}")),
                 };
             leaf_index_steps(&parent, *unique, definition, leaf_schema, leaf, &name)
+        }
+        LeafOp::KeyIndex { suffix, columns } => {
+            let name = leaf_index_name(leaf, suffix);
+            let cols = column_list(columns);
+            vec![Step {
+                sql: format!(
+                    "CREATE UNIQUE INDEX CONCURRENTLY {} ON {rel} ({cols})",
+                    quote(&name)
+                ),
+                mode: Mode::Online,
+                when: When::IndexNotValid {
+                    schema: leaf_schema.into(),
+                    name,
+                },
+            }]
+        }
+        LeafOp::DropIndex { suffix } => {
+            let name = leaf_index_name(leaf, suffix);
+            vec![Step {
+                sql: format!(
+                    "DROP INDEX CONCURRENTLY IF EXISTS {}",
+                    qualified(leaf_schema, &name)
+                ),
+                mode: Mode::Online,
+                when: When::IndexPresent {
+                    schema: leaf_schema.into(),
+                    name,
+                },
+            }]
         }
         LeafOp::ForeignKey {
             name,

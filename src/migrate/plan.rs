@@ -101,6 +101,19 @@ pub struct PlanTable {
     pub not_null_check: String,
     pub row_estimate: i64,
     pub referenced_by: Vec<PlanFk>,
+    /// A partitioned table keyed (integer key, partition key): its primary key's columns in
+    /// order, the key among them. Its unique indexes are built on each leaf partition and the
+    /// swaps rebuild the partitioned primary key from them ([`super::partitions`]). Empty for
+    /// a plain table, and absent from plans that have none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub partitioned_pk: Vec<String>,
+}
+
+impl PlanTable {
+    /// Whether the table is partitioned (its key is migrated leaf by leaf).
+    pub fn partitioned(&self) -> bool {
+        !self.partitioned_pk.is_empty()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -197,6 +210,24 @@ impl Plan {
     }
 }
 
+/// The integer key of a partitioned table whose primary key is that one column plus exactly
+/// its partition key (`PRIMARY KEY (id, created_at)`, `PARTITION BY RANGE (created_at)`), the
+/// shape keyshift migrates to (uuid, partition key). `None` for any other shape, or when a
+/// partition is partitioned itself (indexes are built one level deep).
+pub fn partitioned_key(t: &Table) -> Option<&String> {
+    let pk = t.primary_key.as_ref()?;
+    if t.kind != "p" || t.sub_partitioned || t.partition_key.is_empty() {
+        return None;
+    }
+    let rest: Vec<&String> = pk
+        .columns
+        .iter()
+        .filter(|c| !t.partition_key.contains(c))
+        .collect();
+    let all_in = t.partition_key.iter().all(|k| pk.columns.contains(k));
+    (rest.len() == 1 && all_in && pk.columns.len() == t.partition_key.len() + 1).then(|| rest[0])
+}
+
 fn is_int(type_name: &str) -> bool {
     matches!(type_name, "smallint" | "integer" | "bigint")
 }
@@ -272,22 +303,27 @@ pub fn build(cat: &Catalog, opts: &PlanOptions) -> Plan {
                 });
                 continue;
             }
+            // (id, created_at): the usual key of a partitioned table, which must include
+            // the partition key; migrated to (uuid, created_at).
             Some(pk) if pk.columns.len() != 1 => {
-                let reason = if t.kind == "p" {
-                    // (id, created_at): the usual key of a partitioned table, which must
-                    // include the partition key. Its FKs to migrated tables still are.
-                    format!(
-                        "partitioned table with primary key ({}): migrating its own key is not supported yet (its foreign keys to migrated tables are migrated)",
-                        pk.columns.join(", ")
-                    )
+                if let Some(k) = partitioned_key(t) {
+                    k
                 } else {
-                    format!("composite primary key ({})", pk.columns.join(", "))
-                };
-                skipped.push(Skipped {
-                    table: tname,
-                    reason,
-                });
-                continue;
+                    let reason = if t.kind == "p" {
+                        // Its FKs to migrated tables are still migrated.
+                        format!(
+                            "partitioned table with primary key ({}): keyshift migrates the key of a partitioned table whose primary key is one integer column plus exactly its partition key, partitioned one level deep (its foreign keys to migrated tables are migrated)",
+                            pk.columns.join(", ")
+                        )
+                    } else {
+                        format!("composite primary key ({})", pk.columns.join(", "))
+                    };
+                    skipped.push(Skipped {
+                        table: tname,
+                        reason,
+                    });
+                    continue;
+                }
             }
             Some(pk) => &pk.columns[0],
         };
@@ -361,7 +397,15 @@ pub fn build(cat: &Catalog, opts: &PlanOptions) -> Plan {
             continue;
         };
         let Some(pk) = &t.primary_key else { continue };
-        let key = pk.columns[0].clone();
+        let key = match partitioned_key(t) {
+            Some(k) if pk.columns.len() > 1 => k.to_string(),
+            _ => pk.columns[0].clone(),
+        };
+        let partitioned_pk = if pk.columns.len() > 1 {
+            pk.columns.clone()
+        } else {
+            Vec::new()
+        };
         let Some(col) = t.columns.iter().find(|c| c.name == key) else {
             continue;
         };
@@ -377,20 +421,21 @@ pub fn build(cat: &Catalog, opts: &PlanOptions) -> Plan {
         } else {
             "plain"
         };
-        if t.kind == "p" || t.is_partition {
-            // The foreign keys of a partitioned table are migrated; its own key is not yet.
+        if (t.kind == "p" && partitioned_pk.is_empty()) || t.is_partition {
+            // A partitioned table keyed by its partition key alone: after cutover the
+            // partition key would stay on the integer column.
             blockers.push(finding(
                 "partitioned-table",
                 tname.clone(),
-                "the primary key of a partitioned table or of a partition is not migrated (only foreign keys on partitioned tables are)".into(),
+                "the primary key of a partitioned table is its partition key (or the table is a partition): after cutover the partition key would stay on the integer column".into(),
                 "exclude the table (--exclude) and migrate its key by hand; its foreign keys to other migrated tables are still migrated",
             ));
         } else if t.inheritance {
             blockers.push(finding(
                 "inherited-table",
                 tname.clone(),
-                "the table inherits from or is inherited by another table".into(),
-                "exclude the table (--exclude) and migrate it by hand",
+                "the table is part of an inheritance tree (INHERITS): the uuid column added to a parent reaches its children, but PostgreSQL does not inherit primary keys, unique indexes or foreign keys, so each table of the tree would need its own backfill, key and constraints, and a row read through the parent comes from any of them; keyshift migrates nothing of the tree".into(),
+                "convert the tree to declarative partitioning (keyshift migrates a partitioned table keyed (id, partition key)), or exclude the table (--exclude) and migrate it by hand",
             ));
         }
         let uuid_column = suffixed(&key, &opts.uuid_suffix);
@@ -419,6 +464,7 @@ pub fn build(cat: &Catalog, opts: &PlanOptions) -> Plan {
             pk_index: pk.index.clone(),
             row_estimate: t.row_estimate,
             referenced_by: Vec::new(),
+            partitioned_pk,
         };
         if cat
             .indexes
@@ -445,6 +491,28 @@ pub fn build(cat: &Catalog, opts: &PlanOptions) -> Plan {
                 fk.name,
                 qualified(&fk.child_schema, &fk.child_table)
             );
+            if fk.parent_columns.len() != 1 && pt.partitioned() {
+                // PostgreSQL requires a foreign key to a partitioned table to include the
+                // partition key, so nothing can reference this one by its key alone.
+                blockers.push(finding(
+                    "fk-to-partitioned-key",
+                    fkname,
+                    format!(
+                        "foreign key ({}) references the partitioned table {tname}({}): keyshift migrates the key of a partitioned table only when no foreign key references it (it would have to carry the composite foreign key to ({}, {}) and its child's columns too)",
+                        fk.child_columns.join(", "),
+                        fk.parent_columns.join(", "),
+                        pt.uuid_column,
+                        pt.partitioned_pk
+                            .iter()
+                            .filter(|c| **c != key)
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                    "exclude the table (--exclude): its key stays integer and the foreign key is left alone, while its own foreign keys to migrated tables are still migrated; or drop the foreign key before expand and add it back on the uuid key after finalize",
+                ));
+                continue;
+            }
             if fk.parent_columns.len() != 1 {
                 blockers.push(finding(
                     "composite-fk",
@@ -836,11 +904,28 @@ pub fn render_text(plan: &Plan) -> String {
             t.key_kind,
             t.row_estimate
         );
-        let _ = writeln!(
-            s,
-            "       new column {}, unique index {}, primary key {} at cutover",
-            t.uuid_column, t.uuid_index, t.pk_constraint
-        );
+        if t.partitioned() {
+            let pk: Vec<&str> = t
+                .partitioned_pk
+                .iter()
+                .map(|c| if c == &t.key { &t.uuid_column } else { c })
+                .map(String::as_str)
+                .collect();
+            let _ = writeln!(
+                s,
+                "       partitioned: new column {}, unique index <partition>_{}_key on each partition, primary key {} ({}) at cutover",
+                t.uuid_column,
+                t.uuid_column,
+                t.pk_constraint,
+                pk.join(", ")
+            );
+        } else {
+            let _ = writeln!(
+                s,
+                "       new column {}, unique index {}, primary key {} at cutover",
+                t.uuid_column, t.uuid_index, t.pk_constraint
+            );
+        }
         if t.referenced_by.is_empty() {
             let _ = writeln!(s, "       referenced by: none");
         } else {
@@ -1150,6 +1235,93 @@ pub(crate) mod tests {
             p.warnings[3]
         );
         assert!(p.warnings[4].problem.contains("connector_id"));
+    }
+
+    #[test]
+    fn a_partitioned_table_keyed_by_id_and_its_partition_key_is_migrated() {
+        let mut cat = sample();
+        let mut ev = table(
+            "public",
+            "ev",
+            &[("id", "bigint", true), ("at", "date", true)],
+        );
+        ev.kind = "p".into();
+        ev.partition_key = vec!["at".into()];
+        ev.primary_key.as_mut().unwrap().columns = vec!["id".into(), "at".into()];
+        cat.tables.push(ev.clone());
+        let p = build(&cat, &PlanOptions::default());
+        assert!(!p.is_blocked(), "{:?}", p.blockers);
+        let t = p.table("public", "ev").expect("migrated");
+        assert_eq!(t.key, "id");
+        assert_eq!(t.partitioned_pk, ["id", "at"]);
+        assert!(t.partitioned() && !p.table("public", "servers").unwrap().partitioned());
+        assert!(render_text(&p).contains("primary key ev_pkey (id_uuid, at) at cutover"));
+        // (at, id) too: the key is the column that is not the partition key.
+        let mut rev = ev.clone();
+        rev.primary_key.as_mut().unwrap().columns = vec!["at".into(), "id".into()];
+        assert_eq!(partitioned_key(&rev).map(String::as_str), Some("id"));
+        // Other shapes are skipped, saying why, or blocked.
+        let skipped = |t: Table| {
+            let mut cat = sample();
+            cat.tables.push(t);
+            let p = build(&cat, &PlanOptions::default());
+            assert!(p.table("public", "ev").is_none());
+            p.skipped
+                .iter()
+                .find(|s| s.table == "public.ev")
+                .map(|s| s.reason.clone())
+        };
+        let mut sub = ev.clone();
+        sub.sub_partitioned = true;
+        assert!(skipped(sub).unwrap().contains("one level deep"));
+        let mut wide = ev.clone();
+        wide.columns.push(Column {
+            name: "k".into(),
+            type_name: "int".into(),
+            ..Default::default()
+        });
+        wide.primary_key.as_mut().unwrap().columns = vec!["id".into(), "k".into(), "at".into()];
+        assert!(
+            skipped(wide)
+                .unwrap()
+                .contains("partitioned table with primary key")
+        );
+        let mut text_key = ev.clone();
+        text_key.columns[0].type_name = "text".into();
+        assert!(skipped(text_key).unwrap().contains("not an integer"));
+        // A foreign key to it (PostgreSQL requires it to include the partition key): blocked,
+        // saying so.
+        let mut cat = sample();
+        cat.tables.push(ev.clone());
+        cat.tables.push(table(
+            "public",
+            "seen",
+            &[
+                ("id", "integer", true),
+                ("ev_id", "bigint", true),
+                ("ev_at", "date", true),
+            ],
+        ));
+        let mut f = fk("seen", "ev_id", "ev", "a");
+        f.child_columns = vec!["ev_id".into(), "ev_at".into()];
+        f.parent_columns = vec!["id".into(), "at".into()];
+        cat.foreign_keys.push(f);
+        let p = build(&cat, &PlanOptions::default());
+        let b = p
+            .blockers
+            .iter()
+            .find(|b| b.code == "fk-to-partitioned-key")
+            .expect("blocked");
+        assert_eq!(b.object, "seen_ev_id_fkey on public.seen");
+        assert!(b.problem.contains("(id_uuid, at)"), "{}", b.problem);
+        assert!(b.fix.contains("--exclude"));
+        let mut by_key = ev;
+        by_key.partition_key = vec!["id".into()];
+        by_key.primary_key.as_mut().unwrap().columns = vec!["id".into()];
+        let mut cat = sample();
+        cat.tables.push(by_key);
+        let p = build(&cat, &PlanOptions::default());
+        assert!(p.blockers.iter().any(|b| b.code == "partitioned-table"));
     }
 
     #[test]

@@ -299,24 +299,22 @@ async fn checks(client: &Client, plan: &Plan) -> Result<Vec<Check>, VerifyError>
             nulls.examples,
         ));
 
-        let valid = index_valid(client, &t.schema, &t.uuid_index).await?;
-        out.push(
-            unique_check(
-                client,
-                t,
-                "key uuids unique",
-                &t.uuid_column,
-                &t.uuid_index,
-                valid,
-            )
-            .await?,
-        );
-        out.push(presence_check(
-            "unique index valid",
-            qualified(&t.schema, &t.uuid_index),
-            valid,
-            "the index",
-        ));
+        let (valid, index, lacking) =
+            key_index_valid(client, t, &t.uuid_column, &t.uuid_index).await?;
+        out.push(unique_check(client, t, "key uuids unique", &t.uuid_column, &index, valid).await?);
+        out.push(match lacking {
+            // A partition created or attached since harden: cutover's preparation builds
+            // its index before the pause (as harden or backfill would).
+            Some(l) if !l.is_empty() => Check {
+                note: Some(format!(
+                    "{} partition(s) without it yet (created or attached since harden): {}; cutover's preparation builds it before the pause, `keyshift harden` builds it now",
+                    l.len(),
+                    l.join(", ")
+                )),
+                ..check("unique index valid", index, 0, Vec::new())
+            },
+            _ => presence_check("unique index valid", index, valid, "the index"),
+        });
         let cv = constraint_valid(client, &t.schema, &t.name, &t.not_null_check).await?;
         out.push(presence_check(
             "NOT NULL check validated",
@@ -388,7 +386,36 @@ async fn fk_checks(client: &Client, f: &PlanFk) -> Result<[Check; 3], VerifyErro
     ])
 }
 
-/// A uniqueness check of `column`: enforced when `index` is valid, else counted.
+/// Whether harden's unique index named after `name_column` (`name` on a plain table; on a
+/// partitioned one, on each leaf partition) is valid, how to name it, and on a partitioned
+/// table the partitions without a valid one.
+async fn key_index_valid(
+    client: &Client,
+    t: &PlanTable,
+    name_column: &str,
+    name: &str,
+) -> Result<(Option<bool>, String, Option<Vec<String>>), DbError> {
+    if t.partitioned() {
+        let lacking = partitions::leaves_without_key_index(client, t, name_column).await?;
+        let suffix = partitions::key_index_suffix(name_column);
+        return Ok((
+            Some(lacking.is_empty()),
+            format!(
+                "{}: <partition>{suffix} on each partition",
+                qualified(&t.schema, &t.name)
+            ),
+            Some(lacking),
+        ));
+    }
+    Ok((
+        index_valid(client, &t.schema, name).await?,
+        qualified(&t.schema, name),
+        None,
+    ))
+}
+
+/// A uniqueness check of `column` (with the partition key, on a partitioned table: the key
+/// to be): enforced when `index` is valid, else counted.
 async fn unique_check(
     client: &Client,
     t: &PlanTable,
@@ -404,8 +431,13 @@ async fn unique_check(
         c.note = Some(format!("enforced by unique index {index}"));
         return Ok(c);
     }
+    let mut group = quote(column).into_owned();
+    for c in t.partitioned_pk.iter().filter(|c| **c != t.key) {
+        group.push_str(", ");
+        group.push_str(&quote(c));
+    }
     let sql = format!(
-        "SELECT count(*) OVER (), u::text FROM (SELECT {u} AS u FROM {tname} WHERE {u} IS NOT NULL GROUP BY {u} HAVING count(*) > 1) d LIMIT {EXAMPLES}",
+        "SELECT count(*) OVER (), u::text FROM (SELECT {u} AS u FROM {tname} WHERE {u} IS NOT NULL GROUP BY {group} HAVING count(*) > 1) d LIMIT {EXAMPLES}",
         u = quote(column)
     );
     let rows = scalar_rows(client, &sql, &[]).await?;
@@ -480,8 +512,8 @@ pub async fn legacy_checks(client: &Client, plan: &Plan) -> Result<Vec<Check>, V
             ));
         }
         out.push(c);
-        let index = ddl::legacy_key_index(t);
-        let valid = index_valid(client, &t.schema, &index).await?;
+        let (valid, index, _) =
+            key_index_valid(client, t, &t.legacy_column, &ddl::legacy_key_index(t)).await?;
         let mut c = unique_check(
             client,
             t,
