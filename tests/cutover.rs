@@ -633,3 +633,54 @@ async fn cutover_through_the_admin_endpoint() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// The NOT NULL proofs and the NOT NULL moves wait until after the pause (ddl::after_cutover).
+/// A cutover stopped right after its swap leaves them undone: the CHECKs still enforce what
+/// the NOT NULLs would, a uuid-shape write that names no legacy integer still works, and
+/// `keyshift backfill` (as rollback and finalize) finishes them.
+#[tokio::test]
+async fn what_a_cutover_leaves_after_its_pause_is_finished_by_the_next_command() {
+    let db = migrated_db().await;
+    let c = db.client().await;
+    ks_expect(&db.url(), &["cutover"], 0);
+    let checks =
+        "SELECT count(*) FROM pg_constraint WHERE contype = 'c' AND conname LIKE '%\\_not\\_null'";
+    // Which of mcp_server_tokens' FK columns are NOT NULL.
+    let not_null = || async {
+        let q = "SELECT string_agg(attname, ' ' ORDER BY attname) FROM pg_attribute WHERE attrelid = 'mcp_server_tokens'::regclass AND attnotnull AND attname LIKE 'mcp\\_server\\_id%'";
+        c.query_one(q, &[]).await.unwrap().get::<_, String>(0)
+    };
+    assert_eq!(count(&c, checks).await, 0, "the cutover dropped its proofs");
+    assert_eq!(not_null().await, "mcp_server_id");
+    // As a cutover stopped between its swap and what follows it leaves the tables.
+    c.batch_execute(
+        "ALTER TABLE mcp_server_tokens ADD CONSTRAINT mcp_server_tokens_mcp_server_id_uuid_not_null CHECK (mcp_server_id IS NOT NULL),
+           ADD CONSTRAINT mcp_server_tokens_id_uuid_not_null CHECK (id IS NOT NULL),
+           ALTER COLUMN mcp_server_id DROP NOT NULL, ALTER COLUMN mcp_server_id_legacy SET NOT NULL",
+    )
+    .await
+    .unwrap();
+    let err = c
+        .batch_execute("INSERT INTO mcp_server_tokens (mcp_server_id, token) VALUES (NULL, 'x')")
+        .await
+        .unwrap_err();
+    // Rejected (by the legacy integer's NOT NULL, which the fill trigger could not fill, or
+    // by the CHECK), as PostgreSQL rejects it once the NOT NULL has moved.
+    use tokio_postgres::error::SqlState;
+    assert!(
+        [SqlState::NOT_NULL_VIOLATION, SqlState::CHECK_VIOLATION]
+            .iter()
+            .any(|s| err.code() == Some(s)),
+        "{err:?}"
+    );
+    // A uuid-shape write without the legacy integer: the fill trigger gives it one.
+    c.batch_execute(
+        "INSERT INTO mcp_server_tokens (mcp_server_id, token) SELECT id, 'uuid-shaped' FROM mcp_servers LIMIT 1",
+    )
+    .await
+    .unwrap();
+    ks_expect(&db.url(), &["backfill"], 0);
+    assert_eq!(count(&c, checks).await, 0, "backfill finished it");
+    assert_eq!(not_null().await, "mcp_server_id");
+    ks_expect(&db.url(), &["verify"], 0);
+}

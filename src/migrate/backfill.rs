@@ -282,6 +282,10 @@ pub async fn run_legacy(
     s: &Settings,
     plan: &Plan,
 ) -> Result<Summary, BackfillError> {
+    // What a cutover stopped after its swap left undone (ddl::after_cutover).
+    for st in ddl::after_cutover(plan) {
+        db::run_step(client, &st, s).await?;
+    }
     ensure_legacy_tasks(client, plan).await?;
     new_round_if_done(client, "kind = 'legacy'", "kind = 'legacy'").await?;
     state::event(

@@ -934,18 +934,79 @@ fn swap(sql: String) -> Step {
 /// CHECK `check`, which then goes; on a partitioned table with the copies that partitions
 /// attached since it was built must have of their own (PostgreSQL refuses the ATTACH
 /// otherwise).
-fn set_not_null(table: (&str, &str), column: &str, check: &str, partitioned: bool) -> Vec<Step> {
+/// The swap's `SET NOT NULL` of the uuid key: proven by its validated CHECK, which stays
+/// until [`after_cutover`] drops it once the pause is over.
+fn set_not_null(t: &PlanTable) -> Step {
+    swap(format!(
+        "ALTER TABLE {} ALTER COLUMN {} SET NOT NULL",
+        tbl(t),
+        quote(&t.uuid_column)
+    ))
+}
+
+/// Drops the NOT NULL proof `check` of `table` (and its copies on partitions attached with
+/// their own), if there.
+fn drop_not_null_check(table: (&str, &str), check: &str, partitioned: bool) -> Vec<Step> {
     let (schema, name) = table;
-    let t = qualified(schema, name);
-    let mut v = vec![
-        swap(format!(
-            "ALTER TABLE {t} ALTER COLUMN {} SET NOT NULL",
-            quote(column)
-        )),
-        swap(format!("ALTER TABLE {t} DROP CONSTRAINT {}", quote(check))),
-    ];
+    let mut v = vec![drop_constraint(schema, name, check)];
     if partitioned {
-        v.push(swap(partitions::drop_leaf_checks(schema, name, check)));
+        v.push(Step::new(
+            partitions::drop_leaf_checks(schema, name, check),
+            Mode::Brief,
+            When::Always,
+        ));
+    }
+    v
+}
+
+/// What a cutover leaves for after its pause, each with a brief lock of one table (issue
+/// [scale]: at 300 tables these were about 80 ms of the pause, benches/cutover_tables.sh):
+/// the NOT NULL of the NOT NULL FKs moved from the legacy integer to the uuid column that
+/// now has the name (proven by its CHECK, which then goes), and the keys' NOT NULL proofs,
+/// redundant under the primary key. Until then the CHECKs enforce the same as the NOT NULLs,
+/// and the fill triggers give every legacy integer its value; rollback and finalize run
+/// these first, so a cutover stopped in between leaves nothing behind. In phase cut_over
+/// (names as after the swap).
+pub fn after_cutover(plan: &Plan) -> Vec<Step> {
+    let mut v = Vec::new();
+    for (_, f) in plan.foreign_keys() {
+        let Some(chk) = &f.not_null_check else {
+            continue;
+        };
+        let mut sql = format!(
+            "ALTER TABLE {} ALTER COLUMN {} SET NOT NULL",
+            child(f),
+            quote(&f.child_column)
+        );
+        if f.child_not_null {
+            // New rows written in the UUID shape need not carry the legacy integer.
+            sql.push_str(&format!(
+                ", ALTER COLUMN {} DROP NOT NULL",
+                quote(&f.legacy_column)
+            ));
+        }
+        // Only while the proof is there: without it SET NOT NULL would scan the table.
+        v.push(Step::new(
+            sql,
+            Mode::Brief,
+            When::ConstraintPresent {
+                schema: f.child_schema.clone(),
+                table: f.child_table.clone(),
+                name: chk.clone(),
+            },
+        ));
+        v.extend(drop_not_null_check(
+            (&f.child_schema, &f.child_table),
+            chk,
+            f.child_partitioned,
+        ));
+    }
+    for t in &plan.tables {
+        v.extend(drop_not_null_check(
+            (&t.schema, &t.name),
+            &t.not_null_check,
+            t.partitioned(),
+        ));
     }
     v
 }
@@ -998,23 +1059,10 @@ pub fn cutover(plan: &Plan) -> Vec<Step> {
         v.push(swap(Twin::uuid_side(f).swap_catchup(f)));
     }
     v.push(swap(carry::save(plan)));
-    for t in &plan.tables {
-        v.extend(set_not_null(
-            (&t.schema, &t.name),
-            &t.uuid_column,
-            &t.not_null_check,
-            t.partitioned(),
-        ));
-    }
+    // Only the keys' SET NOT NULL (a primary key needs it); the rest of the NOT NULLs move
+    // after the pause (after_cutover).
+    v.extend(plan.tables.iter().map(set_not_null));
     for (_, f) in plan.foreign_keys() {
-        if let Some(chk) = &f.not_null_check {
-            v.extend(set_not_null(
-                (&f.child_schema, &f.child_table),
-                &f.uuid_column,
-                chk,
-                f.child_partitioned,
-            ));
-        }
         v.push(swap(format!(
             "ALTER TABLE {} DROP CONSTRAINT {}",
             child(f),
@@ -1041,13 +1089,6 @@ pub fn cutover(plan: &Plan) -> Vec<Step> {
     }
     for (_, f) in plan.foreign_keys() {
         let c = child(f);
-        if f.child_not_null {
-            // New rows written in the UUID shape need not carry the legacy integer.
-            v.push(swap(format!(
-                "ALTER TABLE {c} ALTER COLUMN {} DROP NOT NULL",
-                quote(&f.child_column)
-            )));
-        }
         v.push(swap(format!(
             "ALTER TABLE {c} RENAME COLUMN {} TO {}",
             quote(&f.child_column),
@@ -1086,6 +1127,7 @@ pub fn cutover(plan: &Plan) -> Vec<Step> {
     // tables, benches/cutover_tables.sh).
     v.push(swap(state::set_phase_sql(state::Phase::CutOver)));
     v.push(swap("COMMIT".into()));
+    v.extend(after_cutover(plan));
     v
 }
 
@@ -1160,7 +1202,8 @@ pub(super) fn fk_bound_check(table: &str, name: &str, index: &str) -> String {
 /// validated replacements are already there), renames, the legacy index promoted to
 /// primary key, phase hardened.
 pub fn rollback(plan: &Plan) -> Vec<Step> {
-    let mut v = Vec::new();
+    // What a cutover stopped after its swap may have left undone.
+    let mut v = after_cutover(plan);
     for t in &plan.tables {
         v.push(key_index(
             t,
@@ -1354,7 +1397,8 @@ pub(super) fn legacy_of(plan: &Plan, f: &PlanFk) -> String {
 /// `keyshift.id_map_archive` (which stays, with `keyshift.id_map` now reading it), while the
 /// legacy columns still exist; the copy reads the tables without blocking writes.
 pub fn finalize(plan: &Plan, keep_map: bool) -> Vec<Step> {
-    let mut v = Vec::new();
+    // What a cutover stopped after its swap may have left undone.
+    let mut v = after_cutover(plan);
     if keep_map {
         v.push(Step::new(
             "CREATE TABLE IF NOT EXISTS keyshift.id_map_archive (
@@ -1786,9 +1830,13 @@ mod tests {
         let p = plan();
         let c = cutover(&p);
         let begin = c.iter().position(|s| s.sql == "BEGIN").unwrap();
-        assert_eq!(c.last().unwrap().sql, "COMMIT");
+        let commit = c.iter().position(|s| s.sql == "COMMIT").unwrap();
         assert!(c[..begin].iter().all(|s| s.mode != Mode::Swap));
-        assert!(c[begin..].iter().all(|s| s.mode == Mode::Swap));
+        assert!(c[begin..=commit].iter().all(|s| s.mode == Mode::Swap));
+        // After the pause, each with a brief lock: the NOT NULLs moved, the proofs dropped.
+        let after = &c[commit + 1..];
+        assert!(!after.is_empty() && after.iter().all(|s| s.mode == Mode::Brief));
+        assert_eq!(after.len(), after_cutover(&p).len());
         let sql: Vec<&str> = c.iter().map(|s| s.sql.as_str()).collect();
         let drop_fk = sql
             .iter()

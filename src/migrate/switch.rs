@@ -229,6 +229,13 @@ pub async fn run(
     // block no one and take as long as the tables need (rollback's can take minutes on big
     // tables, far beyond a budget sized for lock waits).
     let mut budget_left = opts.budget;
+    // The steps after the swap's COMMIT wait for the pause to be over (ddl::after_cutover).
+    let (steps, after) = steps.split_at(
+        steps
+            .iter()
+            .rposition(|s| s.mode == Mode::Swap)
+            .map_or(steps.len(), |i| i + 1),
+    );
     for st in steps.iter().filter(|s| s.mode != Mode::Swap) {
         if st.mode != Mode::Brief {
             db::run_step(client, st, settings).await?;
@@ -282,6 +289,17 @@ pub async fn run(
         match one_round(client, opts, attempt, round, &live, &swap, &tables).await {
             Ok(swap_ms) => {
                 let pauses = collect_pauses(client, &live, attempt).await?;
+                if !opts.dry_run {
+                    for st in after {
+                        if let Err(e) = db::run_step(client, st, settings).await {
+                            warn!(
+                                "{} committed; what it leaves for after the pause stopped: {e}. `keyshift backfill` finishes it (so do rollback and finalize)",
+                                opts.action.as_str()
+                            );
+                            break;
+                        }
+                    }
+                }
                 let detail = serde_json::json!({"attempt": attempt, "rounds": round, "swap_ms": swap_ms, "dry_run": opts.dry_run, "pauses": &pauses});
                 let what = if opts.dry_run { "dry run" } else { "done" };
                 let _ = state::event(
