@@ -41,7 +41,7 @@ pub enum UpstreamTls {
 /// What `upstream` is, as far as keyshift's own server-side state goes (docs/configuration.md,
 /// src/proxy/pooling.rs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum UpstreamPooling {
     /// Not known: keyshift uses its own prepared statements only where a pooler's answer
     /// (its statement missing) can be undone unseen, and switches to `transaction` at the
@@ -55,6 +55,12 @@ pub enum UpstreamPooling {
     /// A pooler in transaction (or statement) mode: nothing keyshift prepares on a server
     /// connection outlives the transaction.
     Transaction,
+    /// A pooler in transaction mode that keeps each client's protocol-level named prepared
+    /// statements and prepares them on whichever server connection a transaction gets
+    /// (PgBouncer 1.21 or later with `max_prepared_statements`): as `transaction`, except that
+    /// keyshift prepares the client's named statements again at a rules change, through the
+    /// pooler (a Close and a Parse of the same name), as it does with PostgreSQL itself.
+    TransactionPrepared,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -692,6 +698,27 @@ mod tests {
         assert_eq!(c.upstream, "127.0.0.1:5432");
         assert_eq!(c.admin_listen.to_string(), "127.0.0.1:9187");
         assert_eq!(c.shutdown_grace, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn upstream_pooling_values_from_the_file_and_the_flag() {
+        for (text, want) in [
+            ("auto", UpstreamPooling::Auto),
+            ("transaction", UpstreamPooling::Transaction),
+            ("transaction-prepared", UpstreamPooling::TransactionPrepared),
+        ] {
+            let c = resolve(
+                &format!("upstream_pooling = \"{text}\""),
+                &ProxyArgs::default(),
+            )
+            .unwrap();
+            assert_eq!(c.upstream_pooling, want, "{text}");
+            assert_eq!(
+                <UpstreamPooling as clap::ValueEnum>::from_str(text, false),
+                Ok(want)
+            );
+        }
+        assert!(resolve("upstream_pooling = \"prepared\"", &ProxyArgs::default()).is_err());
     }
 
     #[test]

@@ -8,7 +8,11 @@
 //! already taken on the connection it lands on (42P05). So with a transaction pooler
 //! ([`Pooling::pooled`]) sessions send every rewritten statement as a text and prepare
 //! nothing of their own, and do not prepare the client's named statements again at a rules
-//! change (the pooler does not keep those either).
+//! change (the pooler does not keep those either). A pooler that does keep them
+//! (`transaction-prepared`: PgBouncer 1.21 or later with `max_prepared_statements`, which
+//! names each client's statements apart on its server connections and prepares them wherever a
+//! transaction lands) gets them prepared again at a rules change, as PostgreSQL does: its
+//! statements prepared before a cutover would otherwise name the columns the swap renamed.
 //!
 //! Under `auto` keyshift does not know, and finds out from those very answers. To hide them
 //! from the client, it uses its statements only where such an error can be undone
@@ -50,7 +54,19 @@ impl Pooling {
 
     /// Sessions keep nothing of keyshift's on the server past a transaction.
     pub fn pooled(&self) -> bool {
-        self.configured == UpstreamPooling::Transaction || self.detected.load(Ordering::Relaxed)
+        matches!(
+            self.configured,
+            UpstreamPooling::Transaction | UpstreamPooling::TransactionPrepared
+        ) || self.detected.load(Ordering::Relaxed)
+    }
+
+    /// The pooler keeps each client's named prepared statements (under names of its own on
+    /// the server), so that a Close and a Parse of the client's name replace the statement for
+    /// that client alone: keyshift may prepare them again at a rules change. A pooler found
+    /// out by `auto` is not trusted with that: without this, a Close of the client's name could
+    /// close another client's statement of that name on a shared server connection.
+    pub fn keeps_named(&self) -> bool {
+        self.configured == UpstreamPooling::TransactionPrepared
     }
 
     /// keyshift's own statements are used only where a pooler's answer can be undone.
@@ -63,8 +79,10 @@ impl Pooling {
     pub fn detected(&self, metrics: &Metrics, session: u64, recovered: bool) {
         let outcome = if recovered { "recovered" } else { "seen" };
         metrics.pooler_answers.with_label_values(&[outcome]).inc();
-        if self.configured == UpstreamPooling::Transaction
-            || self.detected.swap(true, Ordering::Relaxed)
+        if matches!(
+            self.configured,
+            UpstreamPooling::Transaction | UpstreamPooling::TransactionPrepared
+        ) || self.detected.swap(true, Ordering::Relaxed)
         {
             return;
         }
@@ -253,6 +271,24 @@ pub struct Replay<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_pooler_declared_to_keep_prepared_statements_gets_them_prepared_again() {
+        let m = Metrics::new();
+        let kept = Pooling::new(UpstreamPooling::TransactionPrepared, &m);
+        assert!(kept.pooled() && kept.keeps_named() && !kept.cautious());
+        assert_eq!(m.upstream_pooled.get(), 1);
+        // Declared: an answer changes nothing, and says nothing new.
+        kept.detected(&m, 1, true);
+        assert!(kept.keeps_named());
+        let plain = Pooling::new(UpstreamPooling::Transaction, &m);
+        assert!(plain.pooled() && !plain.keeps_named());
+        // Found out by `auto`: pooled, but the names are not trusted to be the client's.
+        let found = Pooling::new(UpstreamPooling::Auto, &m);
+        assert!(!found.pooled() && found.cautious());
+        found.detected(&m, 2, true);
+        assert!(found.pooled() && !found.keeps_named());
+    }
 
     #[test]
     fn pooler_answers_name_the_sessions_own_statements() {

@@ -1121,8 +1121,12 @@ where
     /// PostgreSQL does not take the Parse. A name already taken is left alone: PostgreSQL
     /// refuses to prepare it again (42P05).
     fn remember(&mut self, p: &Parse<'_>, sql: &str, sent: Option<&str>) -> Option<Token> {
-        if p.name.is_empty() || self.prepared.contains(p.name) || self.pooled {
-            // Behind a transaction pooler the statement is not the session's to prepare again.
+        if p.name.is_empty()
+            || self.prepared.contains(p.name)
+            || (self.pooled && !self.shared.pooling.keeps_named())
+        {
+            // Behind a transaction pooler the statement is not the session's to prepare again,
+            // unless the pooler keeps it for this client (src/proxy/pooling.rs).
             return None;
         }
         self.prepared.remember(p.name, sql, p.types, sent);

@@ -32,11 +32,22 @@ pub const SEED_004_FKS: &[(&str, &str, &str)] = &[
 
 /// Seed 004's child rows whose twin disagrees with the parent's uuid (or is missing), over every FK.
 pub async fn inconsistent(c: &tokio_postgres::Client) -> Vec<String> {
+    twins_disagreeing(c, "uuid").await
+}
+
+/// After the cutover: seed 004's child rows whose legacy integer twin disagrees with the
+/// parent's legacy id (or is missing), over every FK; the reverse dual-write's check.
+pub async fn inconsistent_after_cutover(c: &tokio_postgres::Client) -> Vec<String> {
+    twins_disagreeing(c, "legacy").await
+}
+
+/// Rows whose `<fk>_<suffix>` is not their parent's `id_<suffix>`, the parent found by `<fk>`.
+async fn twins_disagreeing(c: &tokio_postgres::Client, suffix: &str) -> Vec<String> {
     let mut bad = Vec::new();
     for (child, fk, parent) in SEED_004_FKS {
         let sql = format!(
             "SELECT c.id::text FROM {child} c LEFT JOIN {parent} p ON p.id = c.{fk}
-             WHERE c.{fk}_uuid IS DISTINCT FROM p.id_uuid ORDER BY c.id"
+             WHERE c.{fk}_{suffix} IS DISTINCT FROM p.id_{suffix} ORDER BY c.id"
         );
         for r in c.query(&sql, &[]).await.unwrap() {
             bad.push(format!("{child}.{fk} row {}", r.get::<_, String>(0)));
