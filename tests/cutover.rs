@@ -457,6 +457,105 @@ async fn a_lock_held_elsewhere_exhausts_the_budget_and_names_the_blocker() {
     drop(tx);
 }
 
+/// Waits until `sql` counts `n` rows (15 s at most); `what` says what never happened.
+async fn wait_count(c: &tokio_postgres::Client, sql: &str, n: i64, what: &str) {
+    let start = Instant::now();
+    while count(c, sql).await != n {
+        assert!(start.elapsed() < Duration::from_secs(15), "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until some backend waits for a lock that the backend `holder` holds.
+async fn wait_blocked_by(c: &tokio_postgres::Client, holder: i32, what: &str) {
+    let sql = format!(
+        "SELECT least(count(*), 1) FROM pg_stat_activity WHERE {holder} = ANY(pg_blocking_pids(pid))"
+    );
+    wait_count(c, &sql, 1, &format!("{what} never waited")).await;
+}
+
+/// A session of its own with every row of `table` locked for update, in a transaction left
+/// open (`COMMIT` ends it), and its backend's pid.
+async fn lock_rows(db: &common::TestDb, table: &str) -> (tokio_postgres::Client, i32) {
+    let c = db.client().await;
+    c.batch_execute("BEGIN").await.unwrap();
+    let pid = c
+        .query_one(
+            &format!("SELECT pg_backend_pid() FROM {table} FOR NO KEY UPDATE"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    (c, pid)
+}
+
+/// The proxy's heartbeat (every 2 s, also a backstop for a missed resume) reads the migration,
+/// then, holding the gate, whether the attempt is over. A swap that commits between the two
+/// must not open the gate under the rules from before it: the statement held meanwhile would
+/// be rewritten for the shape the swap replaced (here an integer-shaped INSERT naming
+/// `connector_id_uuid`, gone after the cutover: 42703). Two row locks make that interleaving
+/// certain: one keeps the swap from committing until the heartbeat has read the old rules, the
+/// other keeps the heartbeat from going on until the swap has committed.
+#[tokio::test]
+async fn a_swap_committing_during_a_heartbeat_never_opens_the_gate_under_the_old_rules() {
+    let db = migrated_db().await;
+    let p = linked_proxy(&db).await;
+    let direct = db.client().await;
+    let held = common::connect(&p.url("postgres", &db.name)).await;
+    // The swap's last statement, the phase's UPDATE, waits for this one.
+    let (phase_lock, phase_pid) = lock_rows(&db, "keyshift.migration").await;
+    let url = db.url();
+    let cutover = tokio::spawn(async move {
+        ks_async(
+            &url,
+            &["cutover", "--lock-timeout", "30s", "--budget", "60s"],
+        )
+        .await
+    });
+    wait_blocked_by(&direct, phase_pid, "the swap").await;
+    assert_eq!(wait_status(&p, |_| true).await["gate"], "closed");
+    // The proxy's next heartbeat waits for this one, after its refresh read the old phase.
+    let (row_lock, row_pid) = lock_rows(&db, "keyshift.proxies").await;
+    wait_blocked_by(&direct, row_pid, "the proxy's heartbeat").await;
+    // Held by the gate, written in the integer shape the session has.
+    let insert = tokio::spawn(async move {
+        held.simple_query(
+            "INSERT INTO mcp_servers (connector_id, name, status) VALUES (1, 'held', 'live')",
+        )
+        .await
+        .map(|_| ())
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!insert.is_finished(), "the gate let the INSERT through");
+    phase_lock.batch_execute("COMMIT").await.unwrap();
+    wait_count(
+        &direct,
+        "SELECT count(*) FROM keyshift.switch_attempts WHERE state = 'committed'",
+        1,
+        "the swap never committed",
+    )
+    .await;
+    row_lock.batch_execute("COMMIT").await.unwrap();
+    let r = insert.await.unwrap();
+    assert!(
+        r.is_ok(),
+        "the held INSERT ran under the rules from before the swap: {r:?}"
+    );
+    let out = cutover.await.unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(column_type(&direct, "mcp_servers", "id").await, "uuid");
+    assert_eq!(
+        count(
+            &direct,
+            "SELECT count(*) FROM mcp_servers WHERE name = 'held' AND connector_id_legacy = 1
+               AND connector_id = (SELECT id FROM mcp_connectors WHERE id_legacy = 1)",
+        )
+        .await,
+        1
+    );
+}
+
 #[tokio::test]
 async fn a_coordinator_that_dies_never_leaves_the_gate_closed() {
     let db = migrated_db().await;
@@ -489,20 +588,13 @@ async fn a_coordinator_that_dies_never_leaves_the_gate_closed() {
         t.elapsed()
     );
     wait_status(&p, |v| v["gate"] == "open").await;
-    let start = Instant::now();
-    while count(
+    wait_count(
         &direct,
         "SELECT count(*) FROM keyshift.proxies WHERE pause_state = 'expired'",
+        1,
+        "the proxy never reported its expired hold",
     )
-    .await
-        != 1
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "the proxy never reported its expired hold"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    .await;
 }
 
 /// A coordinator whose database session ends while the gate is held: the proxy notices the
