@@ -556,25 +556,31 @@ async fn a_swap_committing_during_a_heartbeat_never_opens_the_gate_under_the_old
     );
 }
 
+/// Stands in for a coordinator: the switch tables, then `attempt` (an attempt's INSERT and its
+/// pause NOTIFY); returns once the proxy's gate is closed.
+async fn pause_by_hand(direct: &tokio_postgres::Client, p: &TestProxy, attempt: &str) {
+    direct
+        .batch_execute(keyshift::migrate::switch::schema_sql())
+        .await
+        .unwrap();
+    direct.batch_execute(attempt).await.unwrap();
+    wait_status(p, |v| v["gate"] == "closed").await;
+}
+
 #[tokio::test]
 async fn a_coordinator_that_dies_never_leaves_the_gate_closed() {
     let db = migrated_db().await;
     let p = linked_proxy(&db).await;
     let direct = db.client().await;
-    direct
-        .batch_execute(keyshift::migrate::switch::schema_sql())
-        .await
-        .unwrap();
     // A coordinator that asked for a pause and died: nobody will ever say resume.
-    direct
-        .batch_execute(
-            "INSERT INTO keyshift.switch_attempts (id, action, state, drain_timeout_ms, hold_deadline, coordinator)
-             VALUES (99, 'cutover', 'pausing', 500, clock_timestamp() + interval '1500 milliseconds', 'dead');
-             NOTIFY keyshift, 'pause 99:1'",
-        )
-        .await
-        .unwrap();
-    wait_status(&p, |v| v["gate"] == "closed").await;
+    pause_by_hand(
+        &direct,
+        &p,
+        "INSERT INTO keyshift.switch_attempts (id, action, state, drain_timeout_ms, hold_deadline, coordinator)
+         VALUES (99, 'cutover', 'pausing', 500, clock_timestamp() + interval '1500 milliseconds', 'dead');
+         NOTIFY keyshift, 'pause 99:1'",
+    )
+    .await;
     let c = common::connect(&p.url("postgres", &db.name)).await;
     let t = Instant::now();
     // (A statement naming a migrated table: one that names none passes a closed gate.)
@@ -597,6 +603,43 @@ async fn a_coordinator_that_dies_never_leaves_the_gate_closed() {
     .await;
 }
 
+/// A `resume` from an earlier round of the attempt (sent after a lock timeout, read late)
+/// leaves the gate of the round the proxy holds for closed: that round's swap may be about to
+/// run, and a statement let through now would be rewritten under the rules from before it.
+#[tokio::test]
+async fn a_resume_from_an_earlier_round_leaves_the_gate_closed() {
+    let db = migrated_db().await;
+    let p = linked_proxy(&db).await;
+    let direct = db.client().await;
+    // `direct` stands for the coordinator's session: it stays for the whole test.
+    pause_by_hand(
+        &direct,
+        &p,
+        "INSERT INTO keyshift.switch_attempts (id, action, round, state, drain_timeout_ms, hold_deadline, coordinator, coordinator_pid)
+         VALUES (97, 'cutover', 2, 'pausing', 500, clock_timestamp() + interval '60 seconds', 'test', pg_backend_pid());
+         NOTIFY keyshift, 'pause 97:2'",
+    )
+    .await;
+    direct
+        .batch_execute("NOTIFY keyshift, 'resume 97:1'")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        wait_status(&p, |_| true).await["gate"],
+        "closed",
+        "opened by round 1's resume"
+    );
+    direct
+        .batch_execute(
+            "UPDATE keyshift.switch_attempts SET state = 'aborted' WHERE id = 97;
+             NOTIFY keyshift, 'resume 97:2'",
+        )
+        .await
+        .unwrap();
+    wait_status(&p, |v| v["gate"] == "open").await;
+}
+
 /// A coordinator whose database session ends while the gate is held: the proxy notices the
 /// session is gone and reopens long before the hold deadline.
 #[tokio::test]
@@ -604,25 +647,22 @@ async fn a_coordinator_session_that_ends_releases_the_gate_early() {
     let db = migrated_db().await;
     let p = linked_proxy(&db).await;
     let direct = db.client().await;
-    direct
-        .batch_execute(keyshift::migrate::switch::schema_sql())
-        .await
-        .unwrap();
     let coordinator = db.client().await;
     let pid: i32 = coordinator
         .query_one("SELECT pg_backend_pid()", &[])
         .await
         .unwrap()
         .get(0);
-    direct
-        .batch_execute(&format!(
+    pause_by_hand(
+        &direct,
+        &p,
+        &format!(
             "INSERT INTO keyshift.switch_attempts (id, action, state, drain_timeout_ms, hold_deadline, coordinator, coordinator_pid)
              VALUES (98, 'cutover', 'pausing', 500, clock_timestamp() + interval '60 seconds', 'test', {pid});
              NOTIFY keyshift, 'pause 98:1'"
-        ))
-        .await
-        .unwrap();
-    wait_status(&p, |v| v["gate"] == "closed").await;
+        ),
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert_eq!(
         wait_status(&p, |_| true).await["gate"],

@@ -396,17 +396,20 @@ impl Control {
         Ok(())
     }
 
-    /// Opens the gate after a switch round (step 8): the rules first, then the gate.
+    /// Opens the gate after a switch round (step 8): the rules first, then the gate. A resume
+    /// of an earlier round than the one held for (sent after its lock timeout, read late,
+    /// when this proxy already joined the next round) is not this round's: its swap may still
+    /// come, so the gate stays closed until this round's own resume or end.
     async fn on_resume(
         &mut self,
         client: &Client,
         attempt: i64,
-        _round: i32,
+        round: i32,
         drain: &mut Option<JoinHandle<PauseOutcome>>,
     ) -> Result<(), ControlError> {
         self.refresh(client).await?;
         let Some(h) = self.hold else { return Ok(()) };
-        if h.attempt != attempt {
+        if h.attempt != attempt || round < h.round {
             return Ok(());
         }
         self.release(client, "released", drain).await
