@@ -457,25 +457,130 @@ async fn a_lock_held_elsewhere_exhausts_the_budget_and_names_the_blocker() {
     drop(tx);
 }
 
+/// Waits until `sql` counts `n` rows (15 s at most); `what` says what never happened.
+async fn wait_count(c: &tokio_postgres::Client, sql: &str, n: i64, what: &str) {
+    let start = Instant::now();
+    while count(c, sql).await != n {
+        assert!(start.elapsed() < Duration::from_secs(15), "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until some backend waits for a lock that the backend `holder` holds.
+async fn wait_blocked_by(c: &tokio_postgres::Client, holder: i32, what: &str) {
+    let sql = format!(
+        "SELECT least(count(*), 1) FROM pg_stat_activity WHERE {holder} = ANY(pg_blocking_pids(pid))"
+    );
+    wait_count(c, &sql, 1, &format!("{what} never waited")).await;
+}
+
+/// A session of its own with every row of `table` locked for update, in a transaction left
+/// open (`COMMIT` ends it), and its backend's pid.
+async fn lock_rows(db: &common::TestDb, table: &str) -> (tokio_postgres::Client, i32) {
+    let c = db.client().await;
+    c.batch_execute("BEGIN").await.unwrap();
+    let pid = c
+        .query_one(
+            &format!("SELECT pg_backend_pid() FROM {table} FOR NO KEY UPDATE"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    (c, pid)
+}
+
+/// The proxy's heartbeat (every 2 s, also a backstop for a missed resume) reads the migration,
+/// then, holding the gate, whether the attempt is over. A swap that commits between the two
+/// must not open the gate under the rules from before it: the statement held meanwhile would
+/// be rewritten for the shape the swap replaced (here an integer-shaped INSERT naming
+/// `connector_id_uuid`, gone after the cutover: 42703). Two row locks make that interleaving
+/// certain: one keeps the swap from committing until the heartbeat has read the old rules, the
+/// other keeps the heartbeat from going on until the swap has committed.
+#[tokio::test]
+async fn a_swap_committing_during_a_heartbeat_never_opens_the_gate_under_the_old_rules() {
+    let db = migrated_db().await;
+    let p = linked_proxy(&db).await;
+    let direct = db.client().await;
+    let held = common::connect(&p.url("postgres", &db.name)).await;
+    // The swap's last statement, the phase's UPDATE, waits for this one.
+    let (phase_lock, phase_pid) = lock_rows(&db, "keyshift.migration").await;
+    let url = db.url();
+    let cutover = tokio::spawn(async move {
+        ks_async(
+            &url,
+            &["cutover", "--lock-timeout", "30s", "--budget", "60s"],
+        )
+        .await
+    });
+    wait_blocked_by(&direct, phase_pid, "the swap").await;
+    assert_eq!(wait_status(&p, |_| true).await["gate"], "closed");
+    // The proxy's next heartbeat waits for this one, after its refresh read the old phase.
+    let (row_lock, row_pid) = lock_rows(&db, "keyshift.proxies").await;
+    wait_blocked_by(&direct, row_pid, "the proxy's heartbeat").await;
+    // Held by the gate, written in the integer shape the session has.
+    let insert = tokio::spawn(async move {
+        held.simple_query(
+            "INSERT INTO mcp_servers (connector_id, name, status) VALUES (1, 'held', 'live')",
+        )
+        .await
+        .map(|_| ())
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!insert.is_finished(), "the gate let the INSERT through");
+    phase_lock.batch_execute("COMMIT").await.unwrap();
+    wait_count(
+        &direct,
+        "SELECT count(*) FROM keyshift.switch_attempts WHERE state = 'committed'",
+        1,
+        "the swap never committed",
+    )
+    .await;
+    row_lock.batch_execute("COMMIT").await.unwrap();
+    let r = insert.await.unwrap();
+    assert!(
+        r.is_ok(),
+        "the held INSERT ran under the rules from before the swap: {r:?}"
+    );
+    let out = cutover.await.unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(column_type(&direct, "mcp_servers", "id").await, "uuid");
+    assert_eq!(
+        count(
+            &direct,
+            "SELECT count(*) FROM mcp_servers WHERE name = 'held' AND connector_id_legacy = 1
+               AND connector_id = (SELECT id FROM mcp_connectors WHERE id_legacy = 1)",
+        )
+        .await,
+        1
+    );
+}
+
+/// Stands in for a coordinator: the switch tables, then `attempt` (an attempt's INSERT and its
+/// pause NOTIFY); returns once the proxy's gate is closed.
+async fn pause_by_hand(direct: &tokio_postgres::Client, p: &TestProxy, attempt: &str) {
+    direct
+        .batch_execute(keyshift::migrate::switch::schema_sql())
+        .await
+        .unwrap();
+    direct.batch_execute(attempt).await.unwrap();
+    wait_status(p, |v| v["gate"] == "closed").await;
+}
+
 #[tokio::test]
 async fn a_coordinator_that_dies_never_leaves_the_gate_closed() {
     let db = migrated_db().await;
     let p = linked_proxy(&db).await;
     let direct = db.client().await;
-    direct
-        .batch_execute(keyshift::migrate::switch::schema_sql())
-        .await
-        .unwrap();
     // A coordinator that asked for a pause and died: nobody will ever say resume.
-    direct
-        .batch_execute(
-            "INSERT INTO keyshift.switch_attempts (id, action, state, drain_timeout_ms, hold_deadline, coordinator)
-             VALUES (99, 'cutover', 'pausing', 500, clock_timestamp() + interval '1500 milliseconds', 'dead');
-             NOTIFY keyshift, 'pause 99:1'",
-        )
-        .await
-        .unwrap();
-    wait_status(&p, |v| v["gate"] == "closed").await;
+    pause_by_hand(
+        &direct,
+        &p,
+        "INSERT INTO keyshift.switch_attempts (id, action, state, drain_timeout_ms, hold_deadline, coordinator)
+         VALUES (99, 'cutover', 'pausing', 500, clock_timestamp() + interval '1500 milliseconds', 'dead');
+         NOTIFY keyshift, 'pause 99:1'",
+    )
+    .await;
     let c = common::connect(&p.url("postgres", &db.name)).await;
     let t = Instant::now();
     // (A statement naming a migrated table: one that names none passes a closed gate.)
@@ -489,20 +594,50 @@ async fn a_coordinator_that_dies_never_leaves_the_gate_closed() {
         t.elapsed()
     );
     wait_status(&p, |v| v["gate"] == "open").await;
-    let start = Instant::now();
-    while count(
+    wait_count(
         &direct,
         "SELECT count(*) FROM keyshift.proxies WHERE pause_state = 'expired'",
+        1,
+        "the proxy never reported its expired hold",
     )
-    .await
-        != 1
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "the proxy never reported its expired hold"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    .await;
+}
+
+/// A `resume` from an earlier round of the attempt (sent after a lock timeout, read late)
+/// leaves the gate of the round the proxy holds for closed: that round's swap may be about to
+/// run, and a statement let through now would be rewritten under the rules from before it.
+#[tokio::test]
+async fn a_resume_from_an_earlier_round_leaves_the_gate_closed() {
+    let db = migrated_db().await;
+    let p = linked_proxy(&db).await;
+    let direct = db.client().await;
+    // `direct` stands for the coordinator's session: it stays for the whole test.
+    pause_by_hand(
+        &direct,
+        &p,
+        "INSERT INTO keyshift.switch_attempts (id, action, round, state, drain_timeout_ms, hold_deadline, coordinator, coordinator_pid)
+         VALUES (97, 'cutover', 2, 'pausing', 500, clock_timestamp() + interval '60 seconds', 'test', pg_backend_pid());
+         NOTIFY keyshift, 'pause 97:2'",
+    )
+    .await;
+    direct
+        .batch_execute("NOTIFY keyshift, 'resume 97:1'")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        wait_status(&p, |_| true).await["gate"],
+        "closed",
+        "opened by round 1's resume"
+    );
+    direct
+        .batch_execute(
+            "UPDATE keyshift.switch_attempts SET state = 'aborted' WHERE id = 97;
+             NOTIFY keyshift, 'resume 97:2'",
+        )
+        .await
+        .unwrap();
+    wait_status(&p, |v| v["gate"] == "open").await;
 }
 
 /// A coordinator whose database session ends while the gate is held: the proxy notices the
@@ -512,25 +647,22 @@ async fn a_coordinator_session_that_ends_releases_the_gate_early() {
     let db = migrated_db().await;
     let p = linked_proxy(&db).await;
     let direct = db.client().await;
-    direct
-        .batch_execute(keyshift::migrate::switch::schema_sql())
-        .await
-        .unwrap();
     let coordinator = db.client().await;
     let pid: i32 = coordinator
         .query_one("SELECT pg_backend_pid()", &[])
         .await
         .unwrap()
         .get(0);
-    direct
-        .batch_execute(&format!(
+    pause_by_hand(
+        &direct,
+        &p,
+        &format!(
             "INSERT INTO keyshift.switch_attempts (id, action, state, drain_timeout_ms, hold_deadline, coordinator, coordinator_pid)
              VALUES (98, 'cutover', 'pausing', 500, clock_timestamp() + interval '60 seconds', 'test', {pid});
              NOTIFY keyshift, 'pause 98:1'"
-        ))
-        .await
-        .unwrap();
-    wait_status(&p, |v| v["gate"] == "closed").await;
+        ),
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert_eq!(
         wait_status(&p, |_| true).await["gate"],

@@ -396,17 +396,20 @@ impl Control {
         Ok(())
     }
 
-    /// Opens the gate after a switch round (step 8): the rules first, then the gate.
+    /// Opens the gate after a switch round (step 8): the rules first, then the gate. A resume
+    /// of an earlier round than the one held for (sent after its lock timeout, read late,
+    /// when this proxy already joined the next round) is not this round's: its swap may still
+    /// come, so the gate stays closed until this round's own resume or end.
     async fn on_resume(
         &mut self,
         client: &Client,
         attempt: i64,
-        _round: i32,
+        round: i32,
         drain: &mut Option<JoinHandle<PauseOutcome>>,
     ) -> Result<(), ControlError> {
         self.refresh(client).await?;
         let Some(h) = self.hold else { return Ok(()) };
-        if h.attempt != attempt {
+        if h.attempt != attempt || round < h.round {
             return Ok(());
         }
         self.release(client, "released", drain).await
@@ -532,11 +535,30 @@ impl Control {
     /// A refresh, then the switch bookkeeping a missed notification would have done: release
     /// a hold whose attempt is over, or join an attempt in progress (a proxy started during a
     /// cutover must hold its clients too).
+    ///
+    /// While holding, the attempt is read *before* the refresh, as in [`Self::check_hold`]:
+    /// a swap that commits between the two reads would otherwise be seen over by the second
+    /// while the first read the migration from before it, and the gate would open with the
+    /// old rules in force, rewriting the held statements for the shape the swap just replaced
+    /// (42703 on a twin column that is gone) until the next refresh.
     async fn refresh_and_join(
         &mut self,
         client: &Client,
         drain: &mut Option<JoinHandle<PauseOutcome>>,
     ) -> Result<(), ControlError> {
+        let over = match self.hold {
+            Some(h) => {
+                let state: Option<String> = client
+                    .query_opt(
+                        "SELECT state FROM keyshift.switch_attempts WHERE id = $1",
+                        &[&h.attempt],
+                    )
+                    .await?
+                    .map(|r| r.get(0));
+                !matches!(state.as_deref(), Some("pausing") | Some("swapping"))
+            }
+            None => false,
+        };
         self.refresh(client).await?;
         let exists: bool = client
             .query_one(
@@ -562,15 +584,10 @@ impl Control {
                 .with_label_values(&[&action, &state])
                 .set(n);
         }
-        if let Some(h) = self.hold {
-            let state: Option<String> = client
-                .query_opt(
-                    "SELECT state FROM keyshift.switch_attempts WHERE id = $1",
-                    &[&h.attempt],
-                )
-                .await?
-                .map(|r| r.get(0));
-            if !matches!(state.as_deref(), Some("pausing") | Some("swapping")) {
+        if self.hold.is_some() {
+            // Over as of a read that came before the refresh: its rules are the ones after
+            // the swap. An attempt that ended since is left to check_hold and the resume.
+            if over {
                 return self.release(client, "released", drain).await;
             }
             return Ok(());
