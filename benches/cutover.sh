@@ -42,11 +42,14 @@
 #                                          backfilling the 2 M rows)
 #        SCHEMA_OBJECTS=1 benches/cutover.sh   (about 10–15 minutes: the 1 M-row partitioned
 #                                          child and materialized view are built, backfilled, shadowed)
+# SCALE=1 runs benches/cutover_tables.sh instead: the pause at 10-300 tables, star and chain.
 # Environment: SMALL=1250 LARGE=250000 (n: rows = 8 n: n connectors, n access, 2n servers,
 #              2n tokens, 2n tools), CLIENTS=16, JOBS=2, DURATION=24, CUT_AT=12, MODE=simple,
 #              DRAIN_TIMEOUT=2s, PGBIN, KEEP_TMP=1 (keep the logs in the temp dir);
 #              SCHEMA_OBJECTS=1 with OBJ_N=62500 (n for both schemas), EVENTS=1000000, PROFILE=1 (PROFILE= turns it off).
 set -euo pipefail
+# SCALE=1: the pause against the number of migrated tables instead (issue [scale]).
+if [[ -n ${SCALE:-} ]]; then exec "$(dirname "${BASH_SOURCE[0]}")/cutover_tables.sh"; fi
 
 SMALL=${SMALL:-1250}
 LARGE=${LARGE:-250000}
