@@ -62,6 +62,26 @@ fn named_cases() -> Vec<Case> {
             ],
         ),
         Case::new(
+            // A rewritten INSERT (keyshift's own statement, guarded under
+            // upstream_pooling = auto) with an extended COPY pipelined behind it: the guard
+            // held the CopyData until a ReadyForQuery that only comes after it.
+            "rewritten INSERT, then an extended COPY in the same sequence",
+            vec![
+                parse(
+                    "",
+                    "INSERT INTO mcp_servers (connector_id, name) VALUES ($1, $2) RETURNING id, connector_id",
+                    &[],
+                ),
+                bind("", "", &[Some("1"), Some("4")]),
+                parse("", copy_in, &[]),
+                bind("", "", &[]),
+                execute("", 0),
+                sync(),
+                copy_data("999\tbad fk\n"),
+                copy_done(),
+            ],
+        ),
+        Case::new(
             "Sync inside simple COPY",
             vec![
                 query(copy_in),

@@ -1420,6 +1420,9 @@ where
             if !whole {
                 self.counters.server_message(tag);
                 self.replies.server(tag, b"");
+                if matches!(tag, sb::COPY_IN_RESPONSE | sb::COPY_BOTH_RESPONSE) {
+                    self.guarded_sequence_copies();
+                }
                 self.s_left = len;
                 if self.replies.has_outcomes() {
                     self.settle_outcomes();
@@ -1569,6 +1572,18 @@ where
         self.replay(replay);
         self.become_pooled();
         route == Route::Client
+    }
+
+    /// PostgreSQL entered COPY FROM STDIN inside a guarded sequence: it answered everything
+    /// before, keyshift's statement included, without a pooler's error (after one it would
+    /// have skipped to the Sync), and now waits for the client's data. The guard would hold
+    /// that data until a ReadyForQuery that cannot come before it, so it ends here; a failure
+    /// from now on is the client's own (found by the protocol fuzzer: a COPY pipelined after
+    /// a rewritten INSERT hung).
+    fn guarded_sequence_copies(&mut self) {
+        if self.guard.take_if(|g| !g.failed()).is_some() {
+            self.rescan = true;
+        }
     }
 
     /// Acts on how PostgreSQL finished the messages that carried tokens.
