@@ -476,6 +476,62 @@ async fn cutover_and_rollback_through_a_transaction_pooler() {
     );
 }
 
+/// The whole lifecycle's first steps under load: keyshift in front of a transaction pooler
+/// from before expand (no migration, so no rules), pgbench writing through them while
+/// `expand` and `backfill` (which hardens) run, then a cutover and a rollback: no error, and
+/// every twin right.
+#[tokio::test]
+async fn expand_backfill_cutover_and_rollback_under_load_through_a_transaction_pooler() {
+    let Some(bouncer) = PgBouncer::start(PoolMode::Transaction, 3) else {
+        return;
+    };
+    let db = common::TestDb::new().await;
+    db.client()
+        .await
+        .batch_execute(&format!("{SEED_004}{}", seed_004_rows(20)))
+        .await
+        .unwrap();
+    let mut cfg = test_config();
+    cfg.upstream = bouncer.addr();
+    cfg.database_url = Some(db.url());
+    let proxy = TestProxy::start_with(cfg);
+    wait_status(&proxy, |v| v["database_link"] == "connected").await;
+    let dir = tempfile::tempdir().unwrap();
+    let script = bench_script(dir.path());
+    let port = proxy.addr.port();
+    let load = ["simple", "extended"]
+        .map(|mode| pgbench_in_background(port, &db.name, &script, mode, 4, 14));
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    for step in ["expand", "backfill"] {
+        let out = ks_async(&db.url(), &[step]).await;
+        assert_eq!(out.status.code(), Some(0), "{step}: {}", text(&out));
+    }
+    wait_status(&proxy, |v| v["dual_write"] == true).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let out = ks_async(&db.url(), &["cutover", "--drain-timeout", "5s"]).await;
+    assert_eq!(out.status.code(), Some(0), "cutover: {}", text(&out));
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let out = ks_async(&db.url(), &["rollback"]).await;
+    assert_eq!(out.status.code(), Some(0), "rollback: {}", text(&out));
+    for t in load {
+        let out = t.join().unwrap();
+        assert!(
+            out.contains("number of failed transactions: 0"),
+            "pgbench from before expand to after rollback: {out}\nPgBouncer's log:\n{}",
+            bouncer.log()
+        );
+    }
+    let direct = db.client().await;
+    let written: i64 = direct
+        .query_one("SELECT count(*) FROM mcp_servers WHERE name = 'bench'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(written > 0, "pgbench wrote nothing");
+    let bad = inconsistent(&direct).await;
+    assert!(bad.is_empty(), "twins wrong: {bad:?}");
+}
+
 // ---------------------------------------------------------------------------------------
 // PgBouncer 1.21 and later in transaction mode with `max_prepared_statements`: PgBouncer keeps
 // each client's protocol-level prepared statements and prepares them on whichever server
