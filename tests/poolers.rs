@@ -476,29 +476,33 @@ async fn cutover_and_rollback_through_a_transaction_pooler() {
     );
 }
 
-/// The whole lifecycle's first steps under load: keyshift in front of a transaction pooler
-/// from before expand (no migration, so no rules), pgbench writing through them while
-/// `expand` and `backfill` (which hardens) run, then a cutover and a rollback: no error, and
-/// every twin right.
-#[tokio::test]
-async fn expand_backfill_cutover_and_rollback_under_load_through_a_transaction_pooler() {
-    let Some(bouncer) = PgBouncer::start(PoolMode::Transaction, 3) else {
-        return;
-    };
+/// A seed-004 database not migrated yet, and keyshift (`cfg`, its control link to the
+/// database) once linked: no rules until expand.
+async fn unmigrated(cfg: keyshift::config::ProxyConfig) -> (common::TestDb, TestProxy) {
     let db = common::TestDb::new().await;
     db.client()
         .await
         .batch_execute(&format!("{SEED_004}{}", seed_004_rows(20)))
         .await
         .unwrap();
-    let mut cfg = test_config();
-    cfg.upstream = bouncer.addr();
+    let mut cfg = cfg;
     cfg.database_url = Some(db.url());
     let proxy = TestProxy::start_with(cfg);
     wait_status(&proxy, |v| v["database_link"] == "connected").await;
+    (db, proxy)
+}
+
+/// pgbench (simple and extended) writing through `port` while expand, backfill (which
+/// hardens), cutover and rollback run: no failed transaction, every twin right. `log`: the
+/// pooler's log, for the failure message.
+async fn lifecycle_under_load(
+    db: &common::TestDb,
+    proxy: &TestProxy,
+    port: u16,
+    log: impl Fn() -> String,
+) {
     let dir = tempfile::tempdir().unwrap();
     let script = bench_script(dir.path());
-    let port = proxy.addr.port();
     let load = ["simple", "extended"]
         .map(|mode| pgbench_in_background(port, &db.name, &script, mode, 4, 14));
     tokio::time::sleep(Duration::from_millis(1000)).await;
@@ -506,19 +510,19 @@ async fn expand_backfill_cutover_and_rollback_under_load_through_a_transaction_p
         let out = ks_async(&db.url(), &[step]).await;
         assert_eq!(out.status.code(), Some(0), "{step}: {}", text(&out));
     }
-    wait_status(&proxy, |v| v["dual_write"] == true).await;
+    wait_status(proxy, |v| v["dual_write"] == true).await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    let out = ks_async(&db.url(), &["cutover", "--drain-timeout", "5s"]).await;
-    assert_eq!(out.status.code(), Some(0), "cutover: {}", text(&out));
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    let out = ks_async(&db.url(), &["rollback"]).await;
-    assert_eq!(out.status.code(), Some(0), "rollback: {}", text(&out));
+    for step in ["cutover", "rollback"] {
+        let out = ks_async(&db.url(), &[step, "--drain-timeout", "5s"]).await;
+        assert_eq!(out.status.code(), Some(0), "{step}: {}", text(&out));
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+    }
     for t in load {
         let out = t.join().unwrap();
         assert!(
             out.contains("number of failed transactions: 0"),
-            "pgbench from before expand to after rollback: {out}\nPgBouncer's log:\n{}",
-            bouncer.log()
+            "pgbench from before expand to after rollback: {out}\npooler's log:\n{}",
+            log()
         );
     }
     let direct = db.client().await;
@@ -530,6 +534,18 @@ async fn expand_backfill_cutover_and_rollback_under_load_through_a_transaction_p
     assert!(written > 0, "pgbench wrote nothing");
     let bad = inconsistent(&direct).await;
     assert!(bad.is_empty(), "twins wrong: {bad:?}");
+}
+
+/// keyshift → PgBouncer (transaction mode) → PostgreSQL, from before expand to after rollback.
+#[tokio::test]
+async fn expand_backfill_cutover_and_rollback_under_load_through_a_transaction_pooler() {
+    let Some(bouncer) = PgBouncer::start(PoolMode::Transaction, 3) else {
+        return;
+    };
+    let mut cfg = test_config();
+    cfg.upstream = bouncer.addr();
+    let (db, proxy) = unmigrated(cfg).await;
+    lifecycle_under_load(&db, &proxy, proxy.addr.port(), || bouncer.log()).await;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1111,6 +1127,19 @@ async fn front_pause_passes_idle_pooled_connections_and_holds_the_next_statement
     let held = "SELECT count(*) FROM mcp_servers WHERE name = 'held'";
     assert_eq!(count(&direct, held).await, 1);
     assert!(inconsistent(&direct).await.is_empty());
+}
+
+/// PgBouncer (transaction mode) → keyshift → PostgreSQL, from before expand to after rollback.
+#[tokio::test]
+async fn front_transaction_pooler_from_before_expand_to_after_rollback() {
+    let (db, proxy) = unmigrated(test_config()).await;
+    let ks = proxy.addr.to_string();
+    let o = pgbouncer::Options::new(PoolMode::Transaction, 3)
+        .database(&db.name, pgbouncer::to(&ks, &db.name, ""));
+    let Some(bouncer) = PgBouncer::start_with(o) else {
+        return;
+    };
+    lifecycle_under_load(&db, &proxy, bouncer.port, || bouncer.log()).await;
 }
 
 /// pgbench in `modes` through PgBouncer (`o`) in front of keyshift, across a cutover and a
