@@ -55,15 +55,21 @@ async fn layout_with(o: pgbouncer::Options, cfg: keyshift::config::ProxyConfig) 
     Some(Layout { db, bouncer, proxy })
 }
 
-/// A seed-004 database after expand and backfill (dual-write in force, hardened);
-/// `before_expand` runs before expand.
-async fn migrated_db(before_expand: &str) -> common::TestDb {
+/// A seed-004 database with its rows, then `sql`; not migrated.
+async fn seeded_db(sql: &str) -> common::TestDb {
     let db = common::TestDb::new().await;
     db.client()
         .await
-        .batch_execute(&format!("{SEED_004}{}{before_expand}", seed_004_rows(20)))
+        .batch_execute(&format!("{SEED_004}{}{sql}", seed_004_rows(20)))
         .await
         .unwrap();
+    db
+}
+
+/// A seed-004 database after expand and backfill (dual-write in force, hardened);
+/// `before_expand` runs before expand.
+async fn migrated_db(before_expand: &str) -> common::TestDb {
+    let db = seeded_db(before_expand).await;
     ks_expect(&db.url(), &["expand"], 0);
     ks_expect(&db.url(), &["backfill"], 0);
     db
@@ -479,12 +485,7 @@ async fn cutover_and_rollback_through_a_transaction_pooler() {
 /// A seed-004 database not migrated yet, and keyshift (`cfg`, its control link to the
 /// database) once linked: no rules until expand.
 async fn unmigrated(cfg: keyshift::config::ProxyConfig) -> (common::TestDb, TestProxy) {
-    let db = common::TestDb::new().await;
-    db.client()
-        .await
-        .batch_execute(&format!("{SEED_004}{}", seed_004_rows(20)))
-        .await
-        .unwrap();
+    let db = seeded_db("").await;
     let mut cfg = cfg;
     cfg.database_url = Some(db.url());
     let proxy = TestProxy::start_with(cfg);
