@@ -840,3 +840,111 @@ async fn check_constraints_and_statistics_follow_the_key_through_the_swap() {
         ]
     );
 }
+
+/// The swap runs the statements the preparation deparsed only while nothing they were read
+/// from changed (src/migrate/carry.rs, `keyshift.carry_fingerprint`). Each change below is made
+/// by another session between `keyshift.carry_prepare` and the swap's `keyshift.carry_save`; a
+/// marker statement slipped into the prepared ones shows which were run: stale ones would set
+/// the marker, freshly deparsed ones do not. With no change, the prepared ones run.
+#[tokio::test]
+async fn the_swap_deparses_again_whatever_changed_since_the_preparation() {
+    let db = common::TestDb::new().await;
+    let admin = db.client().await;
+    admin
+        .batch_execute(&format!(
+            "{SEED_004}{rows}
+             CREATE ROLE carry_reader;
+             CREATE TABLE carry_marker ();
+             CREATE VIEW v_servers AS SELECT s.id, s.connector_id, c.name FROM mcp_servers s JOIN mcp_connectors c ON c.id = s.connector_id;
+             COMMENT ON VIEW v_servers IS 'servers';
+             GRANT SELECT (id, name) ON v_servers TO carry_reader;
+             ALTER TABLE mcp_servers ENABLE ROW LEVEL SECURITY;
+             CREATE POLICY p_servers ON mcp_servers FOR SELECT TO carry_reader USING (connector_id IS NOT NULL);
+             CREATE FUNCTION carry_noop() RETURNS trigger LANGUAGE plpgsql AS 'BEGIN RETURN NEW; END';
+             CREATE TRIGGER t_servers BEFORE UPDATE OF connector_id ON mcp_servers FOR EACH ROW EXECUTE FUNCTION carry_noop();
+             ALTER TABLE mcp_servers ADD CONSTRAINT c_servers CHECK (connector_id IS NOT NULL OR status = 'draft');
+             CREATE STATISTICS s_servers (ndistinct) ON connector_id, status FROM mcp_servers;",
+            rows = seed_004_rows(3)
+        ))
+        .await
+        .unwrap();
+    ks_expect(&db.url(), &["expand"], 0);
+    let cols =
+        r#"'[["public","mcp_connectors","id"],["public","mcp_servers","connector_id"]]'::jsonb"#;
+    let other = db.client().await;
+    let changes = [
+        "ANALYZE mcp_servers", // changes nothing deparsed: the prepared statements run
+        "COMMENT ON VIEW v_servers IS 'all servers'",
+        "COMMENT ON COLUMN v_servers.name IS 'the connector''s name'",
+        "GRANT SELECT (connector_id) ON v_servers TO carry_reader",
+        "ALTER VIEW v_servers SET (security_barrier = true)",
+        "ALTER VIEW v_servers ALTER COLUMN name SET DEFAULT 'x'",
+        "CREATE OR REPLACE VIEW v_servers AS SELECT s.id, s.connector_id, c.name, s.status FROM mcp_servers s JOIN mcp_connectors c ON c.id = s.connector_id",
+        "CREATE VIEW v_connectors AS SELECT id FROM mcp_connectors",
+        "ALTER TABLE mcp_connectors RENAME COLUMN name TO title",
+        "ALTER POLICY p_servers ON mcp_servers USING (connector_id IS NOT NULL AND status IS NULL)",
+        "ALTER ROLE carry_reader RENAME TO carry_reporter",
+        "ALTER TABLE mcp_servers DISABLE TRIGGER t_servers",
+        "COMMENT ON TRIGGER t_servers ON mcp_servers IS 'noop'",
+        "ALTER TABLE mcp_servers RENAME CONSTRAINT c_servers TO c_servers_draft",
+        "ALTER STATISTICS s_servers SET STATISTICS 200",
+        "CREATE STATISTICS s_servers_legacy (ndistinct) ON connector_id, name FROM mcp_servers",
+    ];
+    for (i, change) in changes.iter().enumerate() {
+        admin
+            .batch_execute(&format!(
+                "SELECT keyshift.carry_prepare({cols}, '_legacy');
+                 INSERT INTO pg_temp.keyshift_carried (step, label, sql)
+                 VALUES ('build', 'marker', 'COMMENT ON TABLE public.carry_marker IS ''stale''')"
+            ))
+            .await
+            .unwrap();
+        other.batch_execute(change).await.unwrap();
+        admin
+            .batch_execute(&format!(
+                "BEGIN; SELECT keyshift.carry_save({cols}, '_legacy'); SELECT keyshift.carry_restore()"
+            ))
+            .await
+            .unwrap_or_else(|e| panic!("after {change}: {e}"));
+        let marker = one(
+            &admin,
+            "SELECT obj_description('carry_marker'::regclass, 'pg_class')",
+        )
+        .await;
+        admin.batch_execute("ROLLBACK").await.unwrap();
+        if i == 0 {
+            assert_eq!(
+                marker.as_deref(),
+                Some("stale"),
+                "nothing changed: the prepared statements run"
+            );
+        } else {
+            assert_eq!(
+                marker, None,
+                "after `{change}` the swap ran the stale statements"
+            );
+        }
+    }
+    // And what the swap rebuilt is what the catalog said at the time (last change kept).
+    admin
+        .batch_execute(&format!(
+            "SELECT keyshift.carry_prepare({cols}, '_legacy');
+             COMMENT ON VIEW v_servers IS 'renamed';
+             BEGIN; SELECT keyshift.carry_save({cols}, '_legacy'); SELECT keyshift.carry_restore(); COMMIT"
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        one(
+            &admin,
+            "SELECT obj_description('v_servers'::regclass, 'pg_class')"
+        )
+        .await
+        .as_deref(),
+        Some("renamed")
+    );
+    assert_eq!(
+        one(&admin, "SELECT string_agg(attname, ',' ORDER BY attnum) FROM pg_attribute WHERE attrelid = 'v_servers'::regclass AND attnum > 0").await.as_deref(),
+        Some("id,connector_id,name,status")
+    );
+}

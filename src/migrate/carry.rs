@@ -7,15 +7,19 @@
 //! under the name `id`, a policy would keep checking the legacy value. Each is rebuilt from its
 //! definition instead, inside the swap transaction (catalog-only, no scan):
 //!
-//! 1. `keyshift.carry_save(columns)`, before the renames: every such object's definition is
-//!    deparsed (`pg_get_viewdef`, `pg_get_triggerdef`, `pg_get_ruledef`, `pg_get_expr`) with
-//!    names resolved as they are then, under `search_path = pg_catalog` so that every name is
-//!    schema-qualified; the statements that rebuild it (with its owner, grants, column grants,
-//!    comments, options such as `security_barrier`, `security_invoker` and `check_option`,
-//!    column defaults, enabled state) are kept in a temporary table, and the object is
-//!    dropped, dependents first, without CASCADE: whatever else depends on it (a function
-//!    returning the view's row type, say) stops the swap with PostgreSQL's own error rather
-//!    than being dropped.
+//! 0. `keyshift.carry_prepare(columns)`, before the pause, on the connection that will run the
+//!    swap: every such object's definition is deparsed (`pg_get_viewdef`, `pg_get_triggerdef`,
+//!    `pg_get_ruledef`, `pg_get_expr`) with names resolved as they are then, under
+//!    `search_path = pg_catalog` so that every name is schema-qualified; the statements that
+//!    rebuild it (with its owner, grants, column grants, comments, options such as
+//!    `security_barrier`, `security_invoker` and `check_option`, column defaults, enabled
+//!    state) and drop it are kept in a temporary table, with a fingerprint of the catalog rows
+//!    they were read from (`keyshift.carry_fingerprint`: their `xmin`s).
+//! 1. `keyshift.carry_save(columns)`, in the swap before the renames: if the fingerprint
+//!    changed (the application altered something in between), deparsed again; then each
+//!    object is dropped, dependents first, without CASCADE: whatever else depends on it (a
+//!    function returning the view's row type, say) stops the swap with PostgreSQL's own error
+//!    rather than being dropped.
 //! 2. The swap's renames: the uuid column takes the name.
 //! 3. `keyshift.carry_restore()`: the same text run again now binds the name to the uuid
 //!    column; views are created in dependency order, then rules, triggers and policies.
@@ -46,7 +50,7 @@ use crate::ident::literal;
 use crate::shape::Shape;
 
 /// The signatures `DROP FUNCTION` needs.
-const FUNCTIONS: [&str; 12] = [
+const FUNCTIONS: [&str; 14] = [
     "keyshift.carried_objects(jsonb)",
     "keyshift.carry_try(text, text[])",
     "keyshift.suffixed(text, text)",
@@ -56,6 +60,8 @@ const FUNCTIONS: [&str; 12] = [
     "keyshift.carry_shadows(jsonb, jsonb, text)",
     "keyshift.shape_path(jsonb, text, text)",
     "keyshift.carry_save(jsonb, text)",
+    "keyshift.carry_prepare(jsonb, text)",
+    "keyshift.carry_fingerprint(jsonb, text)",
     "keyshift.carry_restore()",
     "keyshift.carry_check(jsonb, jsonb)",
     "keyshift.carry_rebase(jsonb)",
@@ -67,14 +73,23 @@ const SHADOW_SCHEMA: &str = "keyshift_shadow";
 /// The functions (created before each swap, by a State step: they read the catalog when they
 /// run; the SQL here stays a pure function of the plan).
 pub fn function_sql() -> String {
-    r#"CREATE OR REPLACE FUNCTION keyshift.carried_objects(cols jsonb)
+    r#"-- PL/pgSQL rather than SQL so that the session keeps its plan: the swap's call follows the
+-- preparation's on the same connection, and planning this query took 4-10 ms of each call.
+-- A generic plan: `cols` changes nothing to the plan's shape. No JIT: with a generic plan's
+-- estimates, the fingerprint's query cost enough to be compiled (50-90 ms, to run 3 ms).
+CREATE OR REPLACE FUNCTION keyshift.carried_objects(cols jsonb)
 RETURNS TABLE (depth int, kind text, objid oid, relid oid, label text)
-LANGUAGE sql STABLE SET search_path = pg_catalog AS $ks$
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog SET plan_cache_mode = force_generic_plan SET jit = off AS $ks$
+#variable_conflict use_column
+BEGIN
+RETURN QUERY
 WITH RECURSIVE renamed AS (
+  -- One index lookup per column (a join on the computed oid scanned pg_attribute).
   SELECT a.attrelid, a.attnum
-    FROM jsonb_array_elements(cols) c
-    JOIN pg_attribute a ON a.attrelid = to_regclass(format('%I.%I', c->>0, c->>1))
-                       AND a.attname = c->>2 AND a.attnum > 0 AND NOT a.attisdropped
+    FROM jsonb_array_elements(cols) c,
+         LATERAL (SELECT a.attrelid, a.attnum FROM pg_attribute a
+                   WHERE a.attrelid = to_regclass(format('%I.%I', c->>0, c->>1))
+                     AND a.attname = c->>2 AND a.attnum > 0 AND NOT a.attisdropped) a
 ),
 owned AS (
   SELECT n.oid FROM pg_namespace n
@@ -154,8 +169,8 @@ SELECT 0, 'check', con.oid, con.conrelid, format('check constraint %I on %s', co
 UNION ALL
 SELECT 0, 'statistics', x.oid, x.stxrelid, format('statistics %I.%I', x.stxnamespace::regnamespace, x.stxname)
   FROM pg_statistic_ext x
- WHERE x.oid IN (SELECT objid FROM deps WHERE classid = 'pg_statistic_ext'::regclass)
-$ks$;
+ WHERE x.oid IN (SELECT objid FROM deps WHERE classid = 'pg_statistic_ext'::regclass);
+END $ks$;
 
 -- Runs `stmts` in a subtransaction; if one fails, none has happened and a NOTICE says why
 -- `what` stays on the integer column. For what the swap moves by renaming the original
@@ -287,7 +302,7 @@ SELECT CASE WHEN shape IS NULL THEN app_path ELSE
      FROM jsonb_array_elements(rels) x) END
 $ks$;
 
-CREATE OR REPLACE FUNCTION keyshift.carry_save(cols jsonb, suffix text DEFAULT '_legacy') RETURNS int
+CREATE OR REPLACE FUNCTION keyshift.carry_prepare(cols jsonb, suffix text DEFAULT '_legacy') RETURNS int
 LANGUAGE plpgsql SET search_path = pg_catalog AS $ks$
 DECLARE
   o record;
@@ -296,21 +311,23 @@ DECLARE
   aside text;
   n int := 0;
   drops text[] := '{}';
-  what text;
+  fingerprint text;
 BEGIN
+  -- First, so that whatever changes while the definitions are read changes it too.
+  fingerprint := keyshift.carry_fingerprint(cols, suffix);
+  IF to_regclass('pg_temp.keyshift_carried') IS NULL THEN
+    -- The session's: the swap runs on the connection that prepared it. `step`: `build` (run
+    -- by keyshift.carry_restore, in `ord` order), `drop` (run by keyshift.carry_save, last
+    -- first), `fingerprint` (label: how many objects).
+    CREATE TEMP TABLE keyshift_carried (ord serial, step text NOT NULL DEFAULT 'build', label text, sql text);
+  END IF;
+  DELETE FROM pg_temp.keyshift_carried;
   -- Creation order: views from the bottom up, then what sits on tables and views.
   FOR o IN SELECT * FROM keyshift.carried_objects(cols)
             ORDER BY kind NOT IN ('view', 'materialized view'), depth,
                      array_position(ARRAY['rule', 'trigger', 'policy', 'check', 'statistics'], kind), label
   LOOP
     n := n + 1;
-    IF n = 1 THEN
-      -- Only when there is something to carry: a session's first temporary table costs
-      -- its temporary schema (about 10 ms, inside the pause); keyshift.carry_restore()
-      -- does nothing without it.
-      CREATE TEMP TABLE IF NOT EXISTS keyshift_carried (ord serial, label text, sql text) ON COMMIT DROP;
-      DELETE FROM pg_temp.keyshift_carried;
-    END IF;
     IF o.kind = 'materialized view' THEN
       SELECT c.relname, c.relnamespace::regnamespace::text AS nsp INTO r FROM pg_class c WHERE c.oid = o.objid;
       IF to_regclass(format('keyshift_shadow.%I', 'mv_' || o.objid)) IS NULL THEN
@@ -435,11 +452,106 @@ BEGIN
       drops := drops || format('DROP POLICY %I ON %s', r.polname, r.tbl);
     END IF;
   END LOOP;
-  -- Dropped dependents first: policies, triggers and rules, then views from the top down.
-  FOR i IN REVERSE coalesce(array_length(drops, 1), 0) .. 1 LOOP
-    what := drops[i];
+  INSERT INTO pg_temp.keyshift_carried (step, sql)
+  SELECT 'drop', d FROM unnest(drops) WITH ORDINALITY u(d, i) ORDER BY i;
+  INSERT INTO pg_temp.keyshift_carried (step, label, sql) VALUES ('fingerprint', n::text, fingerprint);
+  RETURN n;
+END $ks$;
+
+-- What the statements keyshift.carry_prepare writes are made of, as one text: each carried
+-- object with the xmin of every catalog row they are read from (an update of a row gives it a
+-- new xmin), its comments, the roles it names, and the rows of what it references (renaming a
+-- table or a column a view reads changes what pg_get_viewdef prints). Equal fingerprints: the
+-- statements prepared before the pause are those deparsing now would give. A change that does
+-- not alter them at worst makes the swap deparse again.
+CREATE OR REPLACE FUNCTION keyshift.carry_fingerprint(cols jsonb, suffix text) RETURNS text
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog SET plan_cache_mode = force_generic_plan SET jit = off AS $ks$
+BEGIN
+  RETURN (
+WITH o AS (
+  SELECT c.*, CASE c.kind WHEN 'view' THEN 'pg_class' WHEN 'materialized view' THEN 'pg_class'
+                          WHEN 'rule' THEN 'pg_rewrite' WHEN 'trigger' THEN 'pg_trigger'
+                          WHEN 'policy' THEN 'pg_policy' WHEN 'check' THEN 'pg_constraint'
+                          ELSE 'pg_statistic_ext' END::regclass AS cat
+    FROM keyshift.carried_objects(cols) c
+),
+-- Each object's own catalog row, and a view's rules and triggers (rebuilt with it).
+src AS (
+  SELECT o.objid AS obj, o.cat, o.objid AS oid FROM o
+  UNION ALL
+  SELECT o.objid, 'pg_rewrite'::regclass, w.oid FROM o JOIN pg_rewrite w ON w.ev_class = o.objid
+   WHERE o.cat = 'pg_class'::regclass
+  UNION ALL
+  SELECT o.objid, 'pg_trigger'::regclass, g.oid FROM o JOIN pg_trigger g ON g.tgrelid = o.objid
+   WHERE o.cat = 'pg_class'::regclass
+),
+stamps AS (
+  SELECT s.obj, concat_ws('/', s.cat, s.oid,
+    CASE s.cat
+      WHEN 'pg_class'::regclass THEN
+        (SELECT concat_ws('/', c.xmin, c.relacl, pg_get_userbyid(c.relowner),
+                  to_regclass(format('keyshift_shadow.%I', 'mv_' || c.oid))::oid,
+                  (SELECT string_agg(concat(a.attnum, ':', a.xmin, ':', a.attacl), ',' ORDER BY a.attnum)
+                     FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0),
+                  (SELECT string_agg(ad.xmin::text, ',' ORDER BY ad.adnum) FROM pg_attrdef ad WHERE ad.adrelid = c.oid))
+           FROM pg_class c WHERE c.oid = s.oid)
+      WHEN 'pg_rewrite'::regclass THEN (SELECT w.xmin::text FROM pg_rewrite w WHERE w.oid = s.oid)
+      WHEN 'pg_trigger'::regclass THEN (SELECT g.xmin::text FROM pg_trigger g WHERE g.oid = s.oid)
+      WHEN 'pg_policy'::regclass THEN
+        (SELECT concat_ws('/', p.xmin, (SELECT string_agg(pg_get_userbyid(x), ',') FROM unnest(p.polroles) x))
+           FROM pg_policy p WHERE p.oid = s.oid)
+      WHEN 'pg_constraint'::regclass THEN
+        (SELECT concat_ws('/', con.xmin, (SELECT l.oid FROM pg_constraint l WHERE l.conrelid = con.conrelid
+                                              AND l.conname = keyshift.suffixed(con.conname, suffix)))
+           FROM pg_constraint con WHERE con.oid = s.oid)
+      ELSE
+        (SELECT concat_ws('/', x.xmin, pg_get_userbyid(x.stxowner),
+                  (SELECT l.oid FROM pg_statistic_ext l WHERE l.stxnamespace = x.stxnamespace
+                      AND l.stxname = keyshift.suffixed(x.stxname, suffix)))
+           FROM pg_statistic_ext x WHERE x.oid = s.oid)
+    END,
+    (SELECT string_agg(concat(d.objsubid, ':', d.xmin), ',' ORDER BY d.objsubid)
+       FROM pg_description d WHERE d.objoid = s.oid AND d.classoid = s.cat),
+    (SELECT string_agg(concat(r.refclassid, ':', r.refobjid, ':', r.refobjsubid, ':',
+              CASE r.refclassid
+                WHEN 'pg_class'::regclass THEN
+                  (SELECT concat(c.xmin, ':', (SELECT a.xmin FROM pg_attribute a
+                                                WHERE a.attrelid = c.oid AND a.attnum = r.refobjsubid))
+                     FROM pg_class c WHERE c.oid = r.refobjid)
+                WHEN 'pg_proc'::regclass THEN (SELECT p.xmin::text FROM pg_proc p WHERE p.oid = r.refobjid)
+              END), ',' ORDER BY r.refclassid, r.refobjid, r.refobjsubid)
+       FROM pg_depend r WHERE r.classid = s.cat AND r.objid = s.oid)) AS stamp
+    FROM src s
+)
+SELECT md5(concat_ws('|', suffix, cols::text,
+         (SELECT string_agg(concat_ws(':', o.kind, o.objid, o.depth, o.label), ',' ORDER BY o.kind, o.objid) FROM o),
+         (SELECT string_agg(stamp, ',' ORDER BY obj, stamp) FROM stamps))));
+END $ks$;
+
+-- Inside the swap, before the renames: the objects prepared before the pause are dropped,
+-- dependents first (policies, triggers and rules, then views from the top down); if anything
+-- changed since the preparation, they are deparsed again first.
+CREATE OR REPLACE FUNCTION keyshift.carry_save(cols jsonb, suffix text DEFAULT '_legacy') RETURNS int
+LANGUAGE plpgsql SET search_path = pg_catalog AS $ks$
+DECLARE
+  d record;
+  n int;
+  prepared text;
+  what text;
+BEGIN
+  IF to_regclass('pg_temp.keyshift_carried') IS NOT NULL THEN
+    SELECT sql INTO prepared FROM pg_temp.keyshift_carried WHERE step = 'fingerprint';
+  END IF;
+  IF prepared IS NULL OR prepared <> keyshift.carry_fingerprint(cols, suffix) THEN
+    PERFORM keyshift.carry_prepare(cols, suffix);
+  END IF;
+  SELECT label::int INTO n FROM pg_temp.keyshift_carried WHERE step = 'fingerprint';
+  FOR d IN SELECT sql FROM pg_temp.keyshift_carried WHERE step = 'drop' ORDER BY ord DESC LOOP
+    what := d.sql;
     EXECUTE what;
   END LOOP;
+  -- keyshift.carry_restore runs only after this, in the same transaction.
+  PERFORM set_config('keyshift.carry_saved', 'on', true);
   RETURN n;
 EXCEPTION WHEN dependent_objects_still_exist THEN
   RAISE EXCEPTION 'keyshift: the swap cannot rebuild what is built over the migrated columns: % (%)', SQLERRM, what
@@ -452,10 +564,11 @@ DECLARE
   s record;
   n int := 0;
 BEGIN
-  IF to_regclass('pg_temp.keyshift_carried') IS NULL THEN
+  IF coalesce(current_setting('keyshift.carry_saved', true), '') <> 'on' THEN
     RETURN 0;
   END IF;
-  FOR s IN SELECT label, sql FROM pg_temp.keyshift_carried ORDER BY ord LOOP
+  PERFORM set_config('keyshift.carry_saved', '', true);
+  FOR s IN SELECT label, sql FROM pg_temp.keyshift_carried WHERE step = 'build' ORDER BY ord LOOP
     BEGIN
       EXECUTE s.sql;
     EXCEPTION WHEN OTHERS THEN
@@ -706,7 +819,10 @@ fn functions() -> Step {
 
 /// Before the pause: the functions; the check against tables shaped like `target`'s views;
 /// then the materialized views' shadows, built and filled over `target`'s views (reads only:
-/// it blocks no one, and takes as long as their queries).
+/// it blocks no one, and takes as long as their queries); last, every definition deparsed into
+/// the statements the swap runs (`keyshift.carry_prepare`: 20 ms of the swap's pause with 98
+/// definitions, benches/cutover.sh `SCHEMA_OBJECTS=1`), which the swap only checks are still
+/// current.
 pub fn prepare(plan: &Plan, target: Shape) -> Vec<Step> {
     let cols = literal(&columns_json(plan));
     let rels = literal(&relations_json(plan, target));
@@ -722,6 +838,14 @@ pub fn prepare(plan: &Plan, target: Shape) -> Vec<Step> {
             sql: format!(
                 "SELECT keyshift.carry_shadows({cols}::jsonb, {rels}::jsonb, {})",
                 literal(target.as_str())
+            ),
+            mode: Mode::Online,
+            when: When::Always,
+        },
+        Step {
+            sql: format!(
+                "SELECT keyshift.carry_prepare({cols}::jsonb, {})",
+                literal(&plan.legacy_suffix)
             ),
             mode: Mode::Online,
             when: When::Always,

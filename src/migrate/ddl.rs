@@ -1025,6 +1025,10 @@ fn key_renames(t: &PlanTable, away: &str, back: &str) -> [Step; 2] {
     [rename(&t.key, away), rename(back, &t.key)]
 }
 
+/// First in each swap: JIT compilation of a costly plan (the catch-up of a big table, a
+/// catalog query with a generic plan's estimates) takes 50-90 ms, longer than running it.
+const NO_JIT: &str = "SET LOCAL jit = off";
+
 /// cutover: first, online, the NOT NULL CHECKs of the NOT NULL FK twins (they reject direct
 /// writes that leave a NULL twin, so they come last, with the proxy dual-writing); then ONE
 /// transaction, catalog-only: SET NOT NULL proven by the CHECKs, integer FKs and PK dropped,
@@ -1054,6 +1058,7 @@ pub fn cutover(plan: &Plan) -> Vec<Step> {
     // depends on the primary key dropped below), rebuilt after the renames.
     v.extend(carry::prepare(plan, Shape::Uuid));
     v.push(swap("BEGIN".into()));
+    v.push(swap(NO_JIT.into()));
     for (_, f) in plan.foreign_keys().filter(|(_, f)| !f.child_not_null) {
         // Writes that bypassed the proxy since the last catch-up.
         v.push(swap(Twin::uuid_side(f).swap_catchup(f)));
@@ -1277,6 +1282,7 @@ pub fn rollback(plan: &Plan) -> Vec<Step> {
     }
     v.extend(carry::prepare(plan, Shape::Integer));
     v.push(swap("BEGIN".into()));
+    v.push(swap(NO_JIT.into()));
     // As cutover's swap does for the uuid side: legacy integers of nullable FKs left NULL by
     // writes that bypassed the proxy since the check before the preparation (a NOT NULL FK's
     // are proven by the CHECK validated above). Before the renames: names as after cutover.
@@ -1977,6 +1983,7 @@ mod tests {
         for s in swap.iter().filter(|s| !catchup(&s.sql)) {
             let ok = [
                 "BEGIN",
+                NO_JIT,
                 "COMMIT",
                 "ALTER TABLE",
                 "ALTER INDEX",
@@ -2015,7 +2022,8 @@ mod tests {
         let p = plan();
         let r = rollback(&p);
         let begin = r.iter().position(|s| s.sql == "BEGIN").unwrap();
-        let swap: Vec<&str> = r[begin + 1..].iter().map(|s| s.sql.as_str()).collect();
+        assert_eq!(r[begin + 1].sql, NO_JIT);
+        let swap: Vec<&str> = r[begin + 2..].iter().map(|s| s.sql.as_str()).collect();
         // The nullable FKs (tools.server_id, the self-reference tools.parent_id) come first,
         // under their after-cutover names; the NOT NULL one (servers.connector_id) has its
         // validated CHECK instead.
