@@ -925,7 +925,22 @@ async fn the_swap_deparses_again_whatever_changed_since_the_preparation() {
             );
         }
     }
-    // And what the swap rebuilt is what the catalog said at the time (last change kept).
+    // And what the swap rebuilt is what the catalog said at the time (last change kept), with
+    // the same privileges, table and column level.
+    admin
+        .batch_execute(
+            "CREATE ROLE carry_editor; CREATE ROLE carry_auditor;
+             GRANT SELECT, UPDATE ON v_servers TO carry_editor WITH GRANT OPTION;
+             GRANT SELECT ON v_servers TO PUBLIC;
+             GRANT SELECT (id), UPDATE (name, status) ON v_servers TO carry_auditor;
+             GRANT INSERT (id) ON v_servers TO carry_auditor WITH GRANT OPTION;",
+        )
+        .await
+        .unwrap();
+    let acl = "SELECT concat_ws(' ', relacl::text, (SELECT string_agg(attname || '=' || attacl::text, ' ' ORDER BY attnum)
+                 FROM pg_attribute WHERE attrelid = c.oid AND attacl IS NOT NULL))
+               FROM pg_class c WHERE oid = 'v_servers'::regclass";
+    let before = one(&admin, acl).await;
     admin
         .batch_execute(&format!(
             "SELECT keyshift.carry_prepare({cols}, '_legacy');
@@ -934,6 +949,7 @@ async fn the_swap_deparses_again_whatever_changed_since_the_preparation() {
         ))
         .await
         .unwrap();
+    assert_eq!(one(&admin, acl).await, before);
     assert_eq!(
         one(
             &admin,
