@@ -369,8 +369,8 @@ done
 # (keyshift.carry_save / carry_restore's EXECUTEs) as nested ones. profile: every statement;
 # swap_profile: the swap's, grouped by what they do (the preparation's, before the pause, in
 # "not in the swap"). Caveat: pg_stat_statements merges identical texts, so a nested statement
-# that also runs in the preparation (keyshift.rel_props, carried_objects' inner query) is
-# counted with it; the categories use texts only the swap runs.
+# that also runs in the preparation (keyshift.rel_props, carried_objects' inner query, the
+# fingerprint) is counted with it; the categories use texts only the swap runs where they can.
 PGSS_FROM="FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid"
 pgss_where() { # database
     echo "d.datname = '$1' AND query !~ '^(BEGIN|END|COMMIT|ROLLBACK)$'
@@ -402,14 +402,13 @@ WITH s AS (
     WHEN toplevel AND q ~ 'keyshift\.id_map' THEN '3 keyshift.id_map recreated'
     WHEN toplevel AND q ~ '^(SET LOCAL lock_timeout|UPDATE keyshift\.switch_attempts SET state|UPDATE keyshift\.migration|NOTIFY)'
       THEN '3 attempt state, phase, NOTIFY'
-    WHEN NOT toplevel AND q ~ '^SELECT \* FROM keyshift\.carried_objects\(cols\) ORDER BY kind NOT IN'
-      THEN '1a carry_save: find the objects (carried_objects)'
+    WHEN toplevel AND q ~ '^SELECT keyshift\.carry_prepare' THEN '0 carry_prepare() (before the pause)'
+    WHEN NOT toplevel AND q ~ '^\(? ?WITH o AS \( SELECT c\.\*, CASE c\.kind'
+      THEN '1a fingerprint (2 calls: the preparation''s and carry_save''s)'
     WHEN NOT toplevel AND q ~ '^DROP (MATERIALIZED VIEW|VIEW|POLICY|TRIGGER|RULE) [^I]' THEN '1b carry_save: DROP view / matview / policy'
     WHEN NOT toplevel AND q ~ '^(INSERT INTO pg_temp\.keyshift_carried|SELECT c\.\*, pg_get_viewdef\(c\.oid\) AS def|SELECT (p\.polname|g\.tgname|w\.rulename), )'
-      THEN '1c carry_save: deparse each object into the temp table'
-    WHEN NOT toplevel AND q ~ '^(CREATE TEMP TABLE IF NOT EXISTS keyshift_carried|DELETE FROM pg_temp\.keyshift_carried)'
-      THEN '1d carry_save/restore: temp table created, emptied'
-    WHEN NOT toplevel AND q ~ 'FROM pg_temp\.keyshift_carried ORDER BY ord' THEN '2e carry_restore: temp table read back'
+      THEN '0 carry_prepare: deparse into the temp table (in the swap only if something changed)'
+    WHEN NOT toplevel AND q ~ 'FROM pg_temp\.keyshift_carried WHERE step' THEN '2e carry_save/restore: temp table read back'
     WHEN NOT toplevel AND q ~ '^CREATE VIEW public\.' THEN '2a carry_restore: CREATE VIEW'
     WHEN NOT toplevel AND q ~ '^ALTER MATERIALIZED VIEW' THEN '2b carry_restore: matview shadow moved in'
     WHEN NOT toplevel AND q ~ '^CREATE POLICY' THEN '2c carry_restore: CREATE POLICY'
