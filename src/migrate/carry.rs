@@ -324,14 +324,16 @@ DECLARE
   drops text[] := '{}';
   fingerprint text;
 BEGIN
-  -- First, so that whatever changes while the definitions are read changes it too.
-  fingerprint := keyshift.carry_fingerprint(cols, suffix);
   IF to_regclass('pg_temp.keyshift_carried') IS NULL THEN
     -- The session's: the swap runs on the connection that prepared it. `step`: `build` (run
     -- by keyshift.carry_restore, in `ord` order), `drop` (run by keyshift.carry_save, last
-    -- first), `fingerprint` (label: how many objects).
+    -- first), `fingerprint` (label: how many objects). Before anything is planned: the
+    -- session's first temporary table changes its search path, which invalidates every plan
+    -- it cached (the fingerprint's would be made again inside the swap).
     CREATE TEMP TABLE keyshift_carried (ord serial, step text NOT NULL DEFAULT 'build', label text, sql text);
   END IF;
+  -- Before the definitions are read, so that whatever changes meanwhile changes it too.
+  fingerprint := keyshift.carry_fingerprint(cols, suffix);
   DELETE FROM pg_temp.keyshift_carried;
   -- Creation order: views from the bottom up, then what sits on tables and views.
   FOR o IN SELECT * FROM keyshift.carried_objects(cols)
@@ -545,8 +547,8 @@ END $ks$;
 CREATE OR REPLACE FUNCTION keyshift.carry_save(cols jsonb, suffix text DEFAULT '_legacy') RETURNS int
 LANGUAGE plpgsql SET search_path = pg_catalog AS $ks$
 DECLARE
-  d record;
   n int;
+  drops text[];
   prepared text;
   what text;
 BEGIN
@@ -556,9 +558,10 @@ BEGIN
   IF prepared IS NULL OR prepared <> keyshift.carry_fingerprint(cols, suffix) THEN
     PERFORM keyshift.carry_prepare(cols, suffix);
   END IF;
-  SELECT label::int INTO n FROM pg_temp.keyshift_carried WHERE step = 'fingerprint';
-  FOR d IN SELECT sql FROM pg_temp.keyshift_carried WHERE step = 'drop' ORDER BY ord DESC LOOP
-    what := d.sql;
+  SELECT max(label) FILTER (WHERE step = 'fingerprint')::int,
+         coalesce(array_agg(sql ORDER BY ord DESC) FILTER (WHERE step = 'drop'), '{}')
+    INTO n, drops FROM pg_temp.keyshift_carried;
+  FOREACH what IN ARRAY drops LOOP
     EXECUTE what;
   END LOOP;
   -- keyshift.carry_restore runs only after this, in the same transaction.
