@@ -10,7 +10,7 @@
 #        IDLE_SECONDS (default 20), KEYSHIFT (binary, default target/release/keyshift),
 #        BIG_ROWS (rows of mcp_server_tokens, default 3 x SCALE; 20000000 is issue 16's "20-million-row table"),
 #        PROXY=1 (pgbench connects through a `keyshift proxy`, dual-writing, instead of straight to PostgreSQL),
-#        ALONE=0 (skip the run without pgbench).
+#        ALONE=0 (skip the run without pgbench), LOGS_DIR (copy the backfill and proxy logs there at the end).
 # It also checks the backfill's ETA: the first one it logs once 10 % of the work is done, against the
 # real duration (error in %; issue 16's target is within 20 %).
 set -euo pipefail
@@ -42,6 +42,7 @@ cleanup() {
   if [[ -n "${PGDATA_DIR:-}" ]]; then
     as_pg "$PGBIN/pg_ctl" -D "$PGDATA_DIR" -m immediate stop >/dev/null 2>&1 || true
   fi
+  if [[ -n "${LOGS_DIR:-}" ]]; then mkdir -p "$LOGS_DIR" && cp "$WORK"/*.log "$LOGS_DIR"/ 2>/dev/null || true; fi
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -126,7 +127,7 @@ start_proxy() {
 # "predicted total s, real s, error %" from the log $1.
 eta_check() {
   local line pct after eta total
-  line=$(grep -o 'all tasks: [0-9.]*% done after [0-9]*s, ETA [0-9]*s' "$1" | awk '{p=$3; sub("%","",p); if (p >= 10) {print; exit}}')
+  line=$(grep -o 'all tasks: [0-9.]*% done after [0-9]*s, ETA [0-9]*s' "$1" | awk '{p=$3; sub("%","",p); if (p + 0 >= 10) {print; exit}}')
   total=$(grep -o 'updated in [0-9.]*s' "$1" | grep -o '[0-9.]*' | tail -1)
   if [[ -z "$line" || -z "$total" ]]; then echo "no ETA logged after 10 %"; return; fi
   pct=$(echo "$line" | awk '{print $3}'); after=$(echo "$line" | awk '{print $6}' | tr -d 's,'); eta=$(echo "$line" | awk '{print $8}' | tr -d 's')

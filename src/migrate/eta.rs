@@ -18,9 +18,11 @@ use super::progress::TaskProgress;
 
 /// What a row of a catch-up pass costs next to a row of a key or FK pass: the catch-up reads
 /// its child in one hash join and writes only the rows it finds (none when the proxy did the
-/// dual-write). Measured in docs/benchmarks.md (run E): 1.8 M child rows searched in 6.7 s
-/// beside pgbench while the passes wrote 38.5k rows/s, i.e. 0.14 of a written row.
-pub const CATCHUP_COST: f64 = 0.15;
+/// dual-write). Measured with benches/backfill.sh at 20 million rows (docs/benchmarks.md):
+/// the catch-ups and the key catch-up read 20.6 M rows in 18 s while the key passes wrote
+/// 37k rows/s, 0.03 of a written row; at 740k rows beside pgbench, 0.05. A first guess of
+/// 0.15 made the ETA 10-14 % long for the whole second half of the 20 M run.
+pub const CATCHUP_COST: f64 = 0.05;
 
 /// The cost of one row of a task of this kind, in rows of a key pass.
 pub fn cost(kind: &str) -> f64 {
