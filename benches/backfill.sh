@@ -7,11 +7,18 @@
 # Usage: benches/backfill.sh            # starts a throwaway cluster (needs PostgreSQL server binaries)
 #        DATABASE_URL=postgres://... benches/backfill.sh   # uses an existing, EMPTY database
 # Knobs: SCALE (connectors, default 200000 -> 2.0 M rows), CLIENTS (default 4), BATCH (default 5000), JOBS (default 1),
-#        IDLE_SECONDS (default 20), KEYSHIFT (binary, default target/release/keyshift).
+#        IDLE_SECONDS (default 20), KEYSHIFT (binary, default target/release/keyshift),
+#        BIG_ROWS (rows of mcp_server_tokens, default 3 x SCALE; 20000000 is issue 16's "20-million-row table"),
+#        PROXY=1 (pgbench connects through a `keyshift proxy`, dual-writing, instead of straight to PostgreSQL),
+#        ALONE=0 (skip the run without pgbench), LOGS_DIR (copy the backfill and proxy logs there at the end).
+# It also checks the backfill's ETA: the first one it logs once 10 % of the work is done, against the
+# real duration (error in %; issue 16's target is within 20 %).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SCALE=${SCALE:-200000}
+BIG_ROWS=${BIG_ROWS:-$((3 * SCALE))}
+PROXY=${PROXY:-0}
 CLIENTS=${CLIENTS:-4}
 BATCH=${BATCH:-5000}
 JOBS=${JOBS:-1}
@@ -31,9 +38,11 @@ PSQL="$PGBIN/psql"; [[ -x "$PSQL" ]] || PSQL=psql
 PGBENCH="$PGBIN/pgbench"; [[ -x "$PGBENCH" ]] || PGBENCH=pgbench
 
 cleanup() {
+  if [[ -n "${PROXY_PID:-}" ]]; then kill "$PROXY_PID" 2>/dev/null; wait "$PROXY_PID" 2>/dev/null || true; fi
   if [[ -n "${PGDATA_DIR:-}" ]]; then
     as_pg "$PGBIN/pg_ctl" -D "$PGDATA_DIR" -m immediate stop >/dev/null 2>&1 || true
   fi
+  if [[ -n "${LOGS_DIR:-}" ]]; then mkdir -p "$LOGS_DIR" && cp "$WORK"/*.log "$LOGS_DIR"/ 2>/dev/null || true; fi
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -54,7 +63,7 @@ fi
 export DATABASE_URL
 psql_() { "$PSQL" -X -q -v ON_ERROR_STOP=1 -d "$DATABASE_URL" "$@"; }
 
-echo "== loading a seed-004-shaped schema, SCALE=$SCALE" >&2
+echo "== loading a seed-004-shaped schema, SCALE=$SCALE, mcp_server_tokens $BIG_ROWS rows (load average $(cut -d' ' -f1-3 /proc/loadavg))" >&2
 t0=$(date +%s.%N)
 psql_ <<SQL
 CREATE TABLE mcp_connectors (id serial PRIMARY KEY, name text NOT NULL, created_at timestamptz NOT NULL DEFAULT now());
@@ -69,7 +78,7 @@ CREATE TABLE mcp_server_tools (id serial PRIMARY KEY,
 INSERT INTO mcp_connectors (name) SELECT 'connector ' || g FROM generate_series(1, $SCALE) g;
 INSERT INTO connector_access (connector_id, user_id) SELECT g, 'user' || g FROM generate_series(1, $SCALE) g;
 INSERT INTO mcp_servers (connector_id, name, status) SELECT (g % $SCALE) + 1, 'server ' || g, 'ok' FROM generate_series(1, 2 * $SCALE) g;
-INSERT INTO mcp_server_tokens (mcp_server_id, token) SELECT (g % (2 * $SCALE)) + 1, md5(g::text) FROM generate_series(1, 3 * $SCALE) g;
+INSERT INTO mcp_server_tokens (mcp_server_id, token) SELECT (g % (2 * $SCALE)) + 1, md5(g::text) FROM generate_series(1, $BIG_ROWS) g;
 INSERT INTO mcp_server_tools (mcp_server_id, tool_name) SELECT (g % (2 * $SCALE)) + 1, 'tool ' || g FROM generate_series(1, 3 * $SCALE) g;
 CREATE INDEX ix_connector_access_connector_id ON connector_access (connector_id);
 CREATE INDEX ix_mcp_servers_connector_id ON mcp_servers (connector_id);
@@ -84,7 +93,7 @@ echo "loaded $ROWS rows in $(echo "$(date +%s.%N) - $t0" | bc) s" >&2
 cat > "$WORK/app.sql" <<SQL
 \set c random(1, $SCALE)
 \set s random(1, 2 * $SCALE)
-\set t random(1, 3 * $SCALE)
+\set t random(1, $BIG_ROWS)
 BEGIN;
 SELECT name FROM mcp_connectors WHERE id = :c;
 SELECT s.name, c.name FROM mcp_servers s JOIN mcp_connectors c ON c.id = s.connector_id WHERE s.id = :s;
@@ -94,8 +103,35 @@ UPDATE mcp_server_tokens SET token = md5(random()::text) WHERE id = :t;
 END;
 SQL
 
+APP_URL=$DATABASE_URL
 run_pgbench() { # $1 = log prefix, $2 = seconds
-  (cd "$WORK" && "$PGBENCH" -n -f app.sql -c "$CLIENTS" -j 2 -T "$2" -l --log-prefix="$1" "$DATABASE_URL" >>"$WORK/pgbench.out" 2>&1)
+  (cd "$WORK" && "$PGBENCH" -n -f app.sql -c "$CLIENTS" -j 2 -T "$2" -l --log-prefix="$1" "$APP_URL" >>"$WORK/pgbench.out" 2>&1)
+}
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# The application through keyshift: a proxy in front of the database, dual-writing.
+start_proxy() {
+  local port admin up
+  port=$(free_port); admin=$(free_port)
+  up=$(python3 -c 'import sys, urllib.parse as u; p = u.urlparse(sys.argv[1]); print(f"{p.hostname}:{p.port or 5432}")' "$DATABASE_URL")
+  KEYSHIFT_LOG_LEVEL=info "$KEYSHIFT" proxy --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
+    --upstream "$up" --upstream-tls disable --database-url "$DATABASE_URL" >"$WORK/proxy.log" 2>&1 &
+  PROXY_PID=$!
+  for _ in $(seq 1 200); do
+    curl -fs "127.0.0.1:$admin/v1/status" 2>/dev/null | grep -q '"dual_write":true' && break
+    sleep 0.1
+  done
+  curl -fs "127.0.0.1:$admin/v1/status" | grep -q '"dual_write":true' || { cat "$WORK/proxy.log" >&2; echo "the proxy did not load its rules" >&2; exit 1; }
+  APP_URL=$(python3 -c 'import sys, urllib.parse as u; p = u.urlparse(sys.argv[1]); print(p._replace(netloc=f"{p.username}@127.0.0.1:{sys.argv[2]}").geturl())' "$DATABASE_URL" "$port")
+}
+# The first ETA the backfill logged with >= 10 % of its work done, against its real duration:
+# "predicted total s, real s, error %" from the log $1.
+eta_check() {
+  local line pct after eta total
+  line=$(grep -o 'all tasks: [0-9.]*% done after [0-9]*s, ETA [0-9]*s' "$1" | awk '{p=$3; sub("%","",p); if (p + 0 >= 10) {print; exit}}')
+  total=$(grep -o 'updated in [0-9.]*s' "$1" | grep -o '[0-9.]*' | tail -1)
+  if [[ -z "$line" || -z "$total" ]]; then echo "no ETA logged after 10 %"; return; fi
+  pct=$(echo "$line" | awk '{print $3}'); after=$(echo "$line" | awk '{print $6}' | tr -d 's,'); eta=$(echo "$line" | awk '{print $8}' | tr -d 's')
+  echo "at $pct done (after ${after}s): ETA ${eta}s -> predicted $((after + eta))s, real ${total}s, error $(echo "scale=1; 100 * ($after + $eta - $total) / $total" | bc) %"
 }
 p99() { # latency (µs, 3rd field) of every logged transaction with the prefix $1
   cat "$WORK"/$1.* | awk '{print $3}' | sort -n | awk '{a[NR]=$1} END {if (NR == 0) {print "nan"; exit}; i=int(NR*0.99); if (i < 1) i = 1; printf "%.2f", a[i]/1000}'
@@ -106,11 +142,14 @@ mean() {
 tx() { cat "$WORK"/$1.* | wc -l; }
 
 ALONE_SECONDS=nan
+ALONE_ETA=-
+LOAD_DURING=()
 if [[ "${ALONE:-1}" == 1 ]]; then
   echo "== keyshift backfill alone (no other traffic), then abort and VACUUM FULL to start again from the same tables" >&2
   "$KEYSHIFT" expand --database-url "$DATABASE_URL" 2>"$WORK/expand.log"
   a0=$(date +%s.%N)
   "$KEYSHIFT" backfill --skip-harden --batch-size "$BATCH" --jobs "$JOBS" --database-url "$DATABASE_URL" 2>"$WORK/backfill-alone.log"
+  ALONE_ETA=$(eta_check "$WORK/backfill-alone.log")
   ALONE_SECONDS=$(echo "$(date +%s.%N) - $a0" | bc)
   "$KEYSHIFT" abort --database-url "$DATABASE_URL" 2>>"$WORK/expand.log"
   psql_ -c "VACUUM FULL" -c "ANALYZE" -c "CHECKPOINT"
@@ -118,6 +157,11 @@ fi
 
 echo "== keyshift expand" >&2
 "$KEYSHIFT" expand --database-url "$DATABASE_URL" 2>"$WORK/expand.log"
+
+if [[ "$PROXY" == 1 ]]; then
+  echo "== starting a keyshift proxy: pgbench goes through it" >&2
+  start_proxy
+fi
 
 echo "== ${IDLE_SECONDS}s of the script with keyshift idle" >&2
 run_pgbench idle "$IDLE_SECONDS"
@@ -129,6 +173,7 @@ bf0=$(date +%s.%N)
 n=0
 while kill -0 "$BF" 2>/dev/null; do
   n=$((n + 1))
+  LOAD_DURING+=("$(cut -d' ' -f1 /proc/loadavg)")
   run_pgbench "during$n" 3
 done
 wait "$BF"
@@ -146,10 +191,14 @@ RATE=$(echo "scale=0; $ROWS / $BF_SECONDS" | bc)
 ALONE_RATE=$( [[ "$ALONE_SECONDS" == nan ]] && echo nan || echo "scale=0; $ROWS / $ALONE_SECONDS" | bc)
 RATIO=$(echo "scale=2; $DURING_P99 / $IDLE_P99" | bc)
 echo
-echo "rows in the 5 tables:          $ROWS"
+echo "load average at the end:       $(cut -d' ' -f1-3 /proc/loadavg); during the backfill beside pgbench (every ~3 s): min $(printf '%s\n' "${LOAD_DURING[@]}" | sort -n | head -1), max $(printf '%s\n' "${LOAD_DURING[@]}" | sort -n | tail -1)"
+echo "pgbench through:               $([[ "$PROXY" == 1 ]] && echo "a keyshift proxy" || echo "PostgreSQL directly")"
+echo "rows in the 5 tables:          $ROWS (mcp_server_tokens: $BIG_ROWS)"
 echo "backfill alone:                 ${ALONE_SECONDS}s -> $ALONE_RATE rows/s   (target >= 50000)"
 echo "backfill beside the script:     ${BF_SECONDS}s -> $RATE rows/s"
 grep -o 'keyshift backfill: .*' "$WORK/backfill.log" || true
+echo "ETA alone:                     $ALONE_ETA"
+echo "ETA beside the script:         $(eta_check "$WORK/backfill.log")"
 echo "harden (indexes, CHECKs, FKs): ${H_SECONDS}s"
 echo "pgbench, $CLIENTS clients:      idle    p99 ${IDLE_P99} ms, mean ${IDLE_MEAN} ms, $(tx idle) tx in ${IDLE_SECONDS}s"
 echo "                               during  p99 ${DURING_P99} ms, mean ${DURING_MEAN} ms, $(tx 'during*') tx in ${BF_SECONDS}s"

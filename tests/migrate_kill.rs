@@ -3,7 +3,6 @@
 mod common;
 mod migrate_support;
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use migrate_support::*;
@@ -26,23 +25,18 @@ async fn sigkill_at_random_points_then_resume() {
     let mut finished = false;
     let start = Instant::now();
     while kills < 12 && start.elapsed() < Duration::from_secs(60) {
-        let mut child = Command::new(bin())
-            // Throttled so that each run does at most ~3,000 of the 10,500 rows before it
-            // is killed: at least 3 kills land inside the key passes, whatever the machine.
-            .args([
+        // Throttled so that each run does at most ~3,000 of the 10,500 rows before it
+        // is killed: at least 3 kills land inside the key passes, whatever the machine.
+        let mut child = spawn_ks(
+            &url,
+            &[
                 "backfill",
                 "--batch-size",
                 "97",
                 "--max-rows-per-sec",
                 "5000",
-                "--database-url",
-                &url,
-            ])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn keyshift");
+            ],
+        );
         let wait = Duration::from_millis(rng.random_range(30..600));
         tokio::time::sleep(wait).await;
         if let Some(status) = child.try_wait().expect("try_wait") {

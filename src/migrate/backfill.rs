@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 
 use super::db::{self, DbError, stmt_error};
+use super::eta;
 use super::plan::{Plan, PlanFk, PlanTable};
-use super::progress::Display;
+use super::progress::{self, Display};
 use super::state::{self, Phase, StateError};
 use super::{Settings, ddl, partitions};
 use crate::ident::qualified;
@@ -202,8 +203,8 @@ pub async fn run(
     }
 
     lock_and_prepare(client, extra).await?;
-    let shared = Shared::new(s);
-    let started = Instant::now();
+    let shared = Shared::new(client, s).await?;
+    let started = shared.started;
     // Stages run one after the other; the tasks of a stage run side by side (`jobs`).
     // Key passes by dependency level: a child's key pass reads its earlier parents' uuids.
     let mut level: Vec<usize> = Vec::new();
@@ -296,8 +297,8 @@ pub async fn run_legacy(
     )
     .await?;
     lock_and_prepare(client, extra).await?;
-    let shared = Shared::new(s);
-    let started = Instant::now();
+    let shared = Shared::new(client, s).await?;
+    let started = shared.started;
     // Parents first: a legacy key filled here is what the FK catch-up copies into children.
     let mut filled = 0;
     for t in &plan.tables {
@@ -412,22 +413,30 @@ async fn run_stage(
 }
 
 struct Shared {
+    started: Instant,
     display: Mutex<Display>,
     limiter: Mutex<Limiter>,
     sum: Mutex<Summary>,
 }
 
 impl Shared {
-    fn new(s: &Settings) -> Shared {
-        Shared {
-            display: Mutex::new(Display::new()),
+    /// Starts the clock of the run: its ETA and its summary count from here.
+    async fn new(client: &Client, s: &Settings) -> Result<Shared, DbError> {
+        let q = "SELECT ... FROM keyshift.backfill";
+        let tasks = progress::read_tasks(client)
+            .await
+            .map_err(|e| stmt_error(q, e))?;
+        let started = Instant::now();
+        Ok(Shared {
+            display: Mutex::new(Display::new(started, &tasks)),
             limiter: Mutex::new(Limiter {
                 max: s.max_rows_per_sec,
-                start: Instant::now(),
+                start: started,
                 rows: 0,
             }),
             sum: Mutex::new(Summary::default()),
-        }
+            started,
+        })
     }
 }
 
@@ -479,15 +488,20 @@ async fn run_task(
         catchup(client, &find, &fix, task, s, shared).await?;
         return mark_done(client, task).await;
     }
-    let (bounds, sql, by_ctid) = match w {
-        Work::Key(t) => (
-            ddl::key_bounds(&qualified(&t.schema, &t.name), &t.key),
-            ddl::key_batch(plan, t),
-            false,
-        ),
+    let (bounds, sql, span, by_ctid) = match w {
+        Work::Key(t) => {
+            let tb = qualified(&t.schema, &t.name);
+            (
+                ddl::key_bounds(&tb, &t.key),
+                ddl::key_batch(plan, t),
+                ddl::key_span(&tb, &t.key),
+                false,
+            )
+        }
         Work::Fk(f) | Work::Catchup(f) | Work::Legacy(f) => (
             ddl::fk_bounds(f),
             ddl::fk_batch(f),
+            ddl::fk_span(f),
             f.child_batch_key.is_none(),
         ),
     };
@@ -510,6 +524,14 @@ async fn run_task(
     } else {
         s.batch_size
     };
+    // Where this run starts and where the task ends, for the estimate of the rows left.
+    let r = client
+        .query_one(&span, &[])
+        .await
+        .map_err(|e| stmt_error(&span, e))?;
+    let (first, mut top): (Option<i64>, Option<i64>) = (r.get(0), r.get(1));
+    let from = cursor.or(first.map(|f| f.saturating_sub(1)));
+    let mut scanned_here = 0i64;
     let mut bar = lock(&shared.display).task(task, estimate, rows_done);
     loop {
         let lo = if by_ctid {
@@ -543,19 +565,38 @@ async fn run_task(
             continue;
         }
         cursor = Some(hi);
+        scanned_here += scanned;
+        if by_ctid && top.is_some_and(|t| hi >= t) {
+            // The batch's own updates may have added pages past the end seen at the start.
+            top = client
+                .query_one(&span, &[])
+                .await
+                .map_err(|e| stmt_error(&span, e))?
+                .get(1);
+        }
+        let left = match (from, top) {
+            (Some(f), Some(t)) => eta::remaining_along_key(f, hi, t, scanned_here),
+            _ => None,
+        };
         {
             let mut sum = lock(&shared.sum);
             sum.rows_scanned += scanned;
             sum.rows_updated += updated;
         }
-        // Best effort, outside the batch: only for display and metrics.
+        let rate = {
+            let mut d = lock(&shared.display);
+            d.advance(&mut bar, scanned.max(0) as u64, left);
+            d.rate()
+        };
+        // Best effort, outside the batch: only for display, status and metrics. The
+        // corrected estimate replaces reltuples, which is stale once rows have moved.
         let _ = client
             .execute(
-                "UPDATE keyshift.backfill SET last_batch_ms = $2 WHERE task = $1",
-                &[&task, &ms],
+                "UPDATE keyshift.backfill SET last_batch_ms = $2, rows_per_sec = $3, \
+                 rows_estimate = COALESCE(rows_done + $4, rows_estimate) WHERE task = $1",
+                &[&task, &ms, &rate, &left],
             )
             .await;
-        lock(&shared.display).advance(&mut bar, scanned.max(0) as u64);
         let pause = lock(&shared.limiter).after(scanned.max(0) as u64);
         if let Some(p) = pause {
             tokio::time::sleep(p).await;
@@ -590,7 +631,11 @@ async fn catchup(
             .iter()
             .map(|r| r.get(0))
             .collect();
-        let mut bar = lock(&shared.display).task(task, found.len() as i64, 0);
+        let mut bar = {
+            let mut d = lock(&shared.display);
+            d.searched(task, found.len());
+            d.task(task, found.len() as i64, 0)
+        };
         for chunk in found.chunks(s.batch_size.max(1) as usize) {
             let t0 = Instant::now();
             let n = client
@@ -603,7 +648,7 @@ async fn catchup(
                 .execute(mark, &[&task, &(chunk.len() as i64), &n, &1i64, &ms])
                 .await
                 .map_err(|e| stmt_error(mark, e))?;
-            lock(&shared.display).advance(&mut bar, chunk.len() as u64);
+            lock(&shared.display).advance(&mut bar, chunk.len() as u64, None);
         }
         lock(&shared.display).finish(&bar);
         if (found.len() as i64) < FIND_LIMIT {
@@ -628,15 +673,26 @@ async fn key_catchup(
     s: &Settings,
     sum: &mut Summary,
 ) -> Result<(), DbError> {
+    // Bounded, so that a huge backlog cannot exhaust memory: searched again until done.
+    const FIND_LIMIT: i64 = 1_000_000;
     for t in &plan.tables {
-        let sql = ddl::key_catchup(plan, t);
+        let (find, fix) = (ddl::key_catchup(t), ddl::key_catchup_fix(plan, t));
         loop {
-            let n = client
-                .execute(&sql, &[&s.batch_size])
+            let keys: Vec<i64> = client
+                .query(&find, &[&FIND_LIMIT])
                 .await
-                .map_err(|e| stmt_error(&sql, e))?;
-            sum.rows_updated += n as i64;
-            if n == 0 {
+                .map_err(|e| stmt_error(&find, e))?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            for chunk in keys.chunks(s.batch_size.max(1) as usize) {
+                let n = client
+                    .execute(&fix, &[&chunk])
+                    .await
+                    .map_err(|e| stmt_error(&fix, e))?;
+                sum.rows_updated += n as i64;
+            }
+            if (keys.len() as i64) < FIND_LIMIT {
                 break;
             }
         }

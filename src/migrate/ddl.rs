@@ -324,6 +324,31 @@ THEN NULL ELSE $1::bigint + $2::bigint - 1 END, \
     )
 }
 
+/// The span a task batched along `key` covers: its first and last key (NULLs when empty).
+/// Read once when the task starts, from the index's two ends; the backfill corrects its
+/// estimate of the rows left with it ([`super::eta::remaining_along_key`]). Rows inserted
+/// later get their uuid from the column default and need no batch.
+pub fn key_span(table: &str, key: &str) -> String {
+    let k = quote(key);
+    format!("SELECT min({k})::bigint, max({k})::bigint FROM {table}")
+}
+
+/// The span of a task batched by ctid pages: page 0 to the last page, as of now.
+pub fn ctid_span(table: &str) -> String {
+    format!(
+        "SELECT 0::bigint, pg_relation_size({rel}) / current_setting('block_size')::bigint - 1",
+        rel = literal(table) + "::regclass",
+    )
+}
+
+/// The span query of an FK task: `key_span` or `ctid_span`.
+pub fn fk_span(f: &PlanFk) -> String {
+    match &f.child_batch_key {
+        Some(ck) => key_span(&child(f), ck),
+        None => ctid_span(&child(f)),
+    }
+}
+
 const CTID_RANGE: &str = "c.ctid >= format('(%s,0)', $1::bigint)::tid AND c.ctid < format('(%s,0)', $2::bigint + 1)::tid";
 
 /// The bounds query of a backfill task: `key_bounds` or `ctid_bounds`.
@@ -603,12 +628,25 @@ pub fn legacy_backfill(plan: &Plan) -> Vec<Step> {
 }
 
 /// Key uuids still NULL (written with an explicit NULL, or by a path that skipped the
-/// default): fixed in small batches; `$1` is the batch size.
-pub fn key_catchup(plan: &Plan, t: &PlanTable) -> String {
+/// default): one read-only scan finds their keys (`$1` caps the count), then
+/// [`key_catchup_fix`] fills them in batches. A search per batch (`WHERE k IN (SELECT k …
+/// WHERE u IS NULL LIMIT n)`, as before) read the table again from page 0 each time, past
+/// every row already fixed: quadratic in the rows to fix.
+pub fn key_catchup(t: &PlanTable) -> String {
+    format!(
+        "SELECT {k}::bigint FROM {tb} WHERE {u} IS NULL LIMIT $1::bigint",
+        k = quote(&t.key),
+        u = quote(&t.uuid_column),
+        tb = tbl(t),
+    )
+}
+
+/// The keys found by [`key_catchup`] (`$1`, one batch) get a uuid, re-checked row by row.
+pub fn key_catchup_fix(plan: &Plan, t: &PlanTable) -> String {
     let k = quote(&t.key);
     let u = quote(&t.uuid_column);
     format!(
-        "UPDATE {tb} SET {u} = {g} WHERE {k} IN (SELECT {k} FROM {tb} WHERE {u} IS NULL LIMIT $1::bigint)",
+        "UPDATE {tb} SET {u} = {g} WHERE {k} = ANY($1::bigint[]) AND {u} IS NULL",
         tb = tbl(t),
         g = uuid_generator(plan),
     )
@@ -626,7 +664,12 @@ pub fn backfill(plan: &Plan) -> Vec<Step> {
         v.push(Step::new(key_batch(plan, t), Mode::Online, When::Always));
     }
     for t in &plan.tables {
-        v.push(Step::new(key_catchup(plan, t), Mode::Online, When::Always));
+        v.push(Step::new(key_catchup(t), Mode::Online, When::Always));
+        v.push(Step::new(
+            key_catchup_fix(plan, t),
+            Mode::Online,
+            When::Always,
+        ));
     }
     for (_, f) in plan.foreign_keys().filter(|(_, f)| !is_fused(plan, f)) {
         v.push(Step::new(

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use prometheus::{Histogram, HistogramOpts, IntGaugeVec, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, IntGauge, IntGaugeVec, Opts, Registry};
 
 use super::progress::Progress;
 use super::state::Phase;
@@ -20,6 +20,9 @@ pub struct MigrateMetrics {
     pub last_batch_ms: IntGaugeVec,
     /// `keyshift_backfill_batch_seconds`: durations of the batches seen between observations.
     pub batch_seconds: Histogram,
+    /// `keyshift_backfill_eta_seconds`: the running backfill's time left ([`Progress::eta`]),
+    /// -1 when none is running or it has no rate yet.
+    pub eta_seconds: IntGauge,
     /// `keyshift_migration_phase{phase}`: 1 for the current phase, 0 for the others.
     pub phase: IntGaugeVec,
     /// `keyshift_fill_triggers_off{table}`: per child, 1 when its fill triggers for this phase
@@ -60,6 +63,10 @@ impl MigrateMetrics {
                 )
                 .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
             )?,
+            eta_seconds: IntGauge::new(
+                "keyshift_backfill_eta_seconds",
+                "Time left of the running backfill, from the rate of its recent batches (-1: none running)",
+            )?,
             phase: IntGaugeVec::new(
                 Opts::new(
                     "keyshift_migration_phase",
@@ -83,6 +90,7 @@ impl MigrateMetrics {
         r.register(Box::new(self.rows_remaining.clone()))?;
         r.register(Box::new(self.last_batch_ms.clone()))?;
         r.register(Box::new(self.batch_seconds.clone()))?;
+        r.register(Box::new(self.eta_seconds.clone()))?;
         r.register(Box::new(self.phase.clone()))?;
         r.register(Box::new(self.fill_off.clone()))?;
         Ok(())
@@ -99,6 +107,8 @@ impl MigrateMetrics {
         for (t, off) in &p.fill_off {
             self.fill_off.with_label_values(&[t]).set(i64::from(*off));
         }
+        self.eta_seconds
+            .set(p.eta().map(|d| d.as_secs() as i64).unwrap_or(-1));
         for t in &p.tasks {
             let table = format!("{}.{}", t.schema, t.table);
             self.rows_done
@@ -150,6 +160,7 @@ mod tests {
                 rows_updated: 40,
                 batches: 4,
                 last_batch_ms: Some(12.4),
+                rows_per_sec: Some(20.0),
             }],
         });
         assert_eq!(
@@ -158,6 +169,8 @@ mod tests {
                 .get(),
             60
         );
+        // 60 rows left at 20 rows/s.
+        assert_eq!(m.eta_seconds.get(), 3);
         assert_eq!(m.phase.with_label_values(&["backfilling"]).get(), 1);
         assert_eq!(m.phase.with_label_values(&["expanded"]).get(), 0);
         assert_eq!(m.fill_off.with_label_values(&["public.c"]).get(), 1);
@@ -181,6 +194,7 @@ mod tests {
             rows_updated: 50,
             batches: 5,
             last_batch_ms: Some(20.0),
+            rows_per_sec: None,
         };
         p.tasks.push(t);
         m.observe(&p);

@@ -12,6 +12,7 @@ pub mod carry;
 pub mod catalog;
 pub mod db;
 pub mod ddl;
+pub mod eta;
 pub mod expand;
 pub mod fill;
 pub mod harden;

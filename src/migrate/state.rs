@@ -190,6 +190,7 @@ CREATE TABLE IF NOT EXISTS keyshift.proxies (
 ALTER TABLE keyshift.migration ADD COLUMN IF NOT EXISTS default_shape text NOT NULL DEFAULT 'integer'
     CHECK (default_shape IN ('integer', 'uuid'));
 ALTER TABLE keyshift.proxies ADD COLUMN IF NOT EXISTS sessions jsonb;
+ALTER TABLE keyshift.backfill ADD COLUMN IF NOT EXISTS rows_per_sec double precision;
 CREATE OR REPLACE FUNCTION keyshift.missing_parent(key text, child text, constraint_name text,
     col text, parent text) RETURNS text LANGUAGE plpgsql STRICT AS $$
 BEGIN

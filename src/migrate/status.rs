@@ -45,6 +45,10 @@ pub struct Status {
     pub tables: usize,
     pub foreign_keys: usize,
     pub tasks: Vec<TaskProgress>,
+    /// The running backfill's time left, in seconds ([`progress::Progress::eta`]).
+    pub backfill_eta_seconds: Option<u64>,
+    /// The rate that ETA is computed from, rows per second.
+    pub backfill_rows_per_sec: Option<f64>,
     pub events: Vec<Event>,
     pub proxies: Vec<ProxyInfo>,
     /// The shape of new sessions that name none and match no rule.
@@ -66,6 +70,8 @@ pub async fn run(client: &Client) -> Result<Status, StatusError> {
         rules_version: p.rules_version,
         tables: 0,
         foreign_keys: 0,
+        backfill_eta_seconds: p.eta().map(|d| d.as_secs()),
+        backfill_rows_per_sec: p.rate(),
         tasks: p.tasks,
         events: Vec::new(),
         proxies: Vec::new(),
@@ -144,7 +150,19 @@ pub fn render_text(st: &Status) -> String {
         "phase: {phase} (rules version {}), {} table(s), {} foreign key(s)",
         st.rules_version, st.tables, st.foreign_keys
     );
-    let _ = writeln!(s, "backfill:");
+    match st.backfill_eta_seconds {
+        Some(eta) => {
+            let _ = writeln!(
+                s,
+                "backfill: ETA {} at {:.0} rows/s (the rate of its recent batches)",
+                super::eta::human(std::time::Duration::from_secs(eta)),
+                st.backfill_rows_per_sec.unwrap_or(0.0)
+            );
+        }
+        None => {
+            let _ = writeln!(s, "backfill:");
+        }
+    }
     for t in &st.tasks {
         let pct = if t.done {
             100.0

@@ -142,6 +142,20 @@ pub fn ks(url: &str, args: &[&str]) -> Output {
         .expect("run keyshift")
 }
 
+/// Starts `keyshift <args>` against `url` in the background, output discarded: for tests
+/// that kill it (SIGKILL) or look at the database while it runs.
+pub fn spawn_ks(url: &str, args: &[&str]) -> std::process::Child {
+    Command::new(bin())
+        .args(args)
+        .arg("--database-url")
+        .arg(url)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn keyshift")
+}
+
 pub fn text(o: &Output) -> String {
     format!(
         "status {:?}\n--- stdout\n{}\n--- stderr\n{}",
