@@ -7,10 +7,13 @@
 # Each command is timed (wall clock and peak memory, from /usr/bin/time). Then two proxies:
 # one linked to this database (rules for every table), one to an empty database; the
 # difference of their resident memory is the rule set's, and the linked proxy's log gives the
-# time to build the rules (catalog reads included: `build_ms`).
+# time to build the rules (catalog reads included: `build_ms`). Then `cutover` and `rollback`
+# with the linked proxy: its log gives each swap's rebuild (made while its gate holds the
+# clients, from the last catalog reading: `reading="derived"`), the time from its reading of
+# the new state to its gate opening (`refresh_ms`), and the catalog read again after it.
 # Targets: each command < 60 s; rules < 50 MB and < 10 ms to rebuild.
 #
-# Usage: benches/big_schema.sh            (about 2 minutes here)
+# Usage: benches/big_schema.sh            (about 3 minutes here)
 # Environment: TABLES=1000, ROWS=10, PGBIN, KEEP_TMP=1.
 set -euo pipefail
 
@@ -60,7 +63,7 @@ start_proxy() { # name database
     local port admin
     port=$(free_port)
     admin=$(free_port)
-    KEYSHIFT_LOG_LEVEL=info "$KS" proxy --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
+    KEYSHIFT_LOG_LEVEL=info,keyshift::proxy::control=debug "$KS" proxy --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
         --upstream "127.0.0.1:$PG_PORT" --upstream-tls disable --database-url "$(url "$2")" \
         >"$TMP/$1.log" 2>&1 &
     PIDS+=($!)
@@ -76,9 +79,26 @@ for _ in $(seq 1 200); do
 done
 grep -q "new rules in force" "$TMP/linked.log" || die "the linked proxy never built its rules"
 sleep 2
-BUILD_MS=$(grep -o 'build_ms="\?[0-9.]*' "$TMP/linked.log" | tail -1 | grep -o '[0-9.]*$')
+# The log's numbers: `field="12.3"` or `field=12.3`, one per matching line.
+field() { grep "$1" "$TMP/linked.log" | grep -o "$2=\"\?[0-9.]*" | grep -o '[0-9.]*$' | xargs -r printf '%.1f ' || true; }
+BUILD_MS=$(field 'new rules in force' build_ms)
+READ_MS=$(field 'new rules in force' reading_ms)
 RSS_LINKED=$(rss_mb "$LINKED")
 RSS_EMPTY=$(rss_mb "$EMPTY")
+
+for step in cutover rollback; do
+    log "keyshift $step (the linked proxy rebuilds its rules while its gate is held)"
+    "$KS" "$step" >"$TMP/$step.out" 2>"$TMP/$step.err" ||
+        { tail -20 "$TMP/$step.err" >&2; die "keyshift $step failed"; }
+    grep -o 'swap transaction [0-9.]* ms' "$TMP/$step.out" | grep -o '[0-9.]*' >"$TMP/$step.swap"
+done
+sleep 3 # the catalog read again after the last gate opened
+SWAP_MS="$(cat "$TMP/cutover.swap") $(cat "$TMP/rollback.swap")"
+DERIVED_MS=$(field 'reading="derived"' build_ms)
+OPEN_MS=$(field 'switch: gate open' refresh_ms)
+PAUSE_MS=$(field 'switch: gate open' pause_ms)
+CHECK_MS=$(field "reading holds" read_ms)
+CORRECTED=$(grep -c 'catalog differs' "$TMP/linked.log" || true)
 
 echo
 echo "big schema: $TABLES tables, $((TABLES * 2)) foreign keys, $ROWS rows per table (load average at start: $LOADAVG_START)"
@@ -86,4 +106,8 @@ printf '%-10s %10s %14s\n' command seconds "peak memory"
 for step in plan expand backfill verify; do
     printf '%-10s %10s %11s MB\n' "$step" "${SECS[$step]}" "$((MEM[$step] / 1024))"
 done
-echo "proxy rules: built in ${BUILD_MS} ms (catalog reads included); resident memory ${RSS_LINKED} MB linked vs ${RSS_EMPTY} MB with no migration"
+echo "proxy rules: built in ${BUILD_MS% } ms with their catalog reads (${READ_MS% } ms of them); resident memory ${RSS_LINKED} MB linked vs ${RSS_EMPTY} MB with no migration"
+echo "cutover, rollback: swap transaction ${SWAP_MS} ms; the proxy's gate closed ${PAUSE_MS% } ms"
+echo "  rules rebuilt while the gate was held, from the derived reading: ${DERIVED_MS% } ms (target < 10 ms)"
+echo "  from the proxy's reading of the new state to its gate opening: ${OPEN_MS% } ms"
+echo "  catalog read again after (no one waiting): ${CHECK_MS% } ms; corrections: ${CORRECTED}"

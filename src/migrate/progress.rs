@@ -9,6 +9,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressState, P
 use serde::Serialize;
 use tokio_postgres::Client;
 
+use super::plan::Plan;
 use super::state::{self, Phase, StateError};
 
 /// One backfill task as stored.
@@ -59,6 +60,17 @@ pub async fn read(client: &Client) -> Result<Progress, StateError> {
             fill_off: Vec::new(),
         });
     };
+    read_for(client, &m.plan, m.phase, m.rules_version).await
+}
+
+/// The progress of the migration whose plan and phase the caller has already read (the
+/// proxy keeps its plan: reading it costs 35 ms at 1,000 tables).
+pub async fn read_for(
+    client: &Client,
+    plan: &Plan,
+    phase: Phase,
+    rules_version: i64,
+) -> Result<Progress, StateError> {
     let rows = client
         .query(
             "SELECT task, kind, schema_name, table_name, column_name, done, rows_estimate, rows_done,
@@ -67,11 +79,11 @@ pub async fn read(client: &Client) -> Result<Progress, StateError> {
             &[],
         )
         .await?;
-    let fill_off = super::fill::off(client, &m.plan, m.phase).await?;
+    let fill_off = super::fill::off(client, plan, phase).await?;
     Ok(Progress {
         fill_off,
-        phase: Some(m.phase),
-        rules_version: m.rules_version,
+        phase: Some(phase),
+        rules_version,
         tasks: rows
             .iter()
             .map(|r| TaskProgress {
