@@ -118,53 +118,30 @@ pub fn build(
     let mut rules = plan_rules(plan, reading.columns.clone());
     rules.shadows = reading.shadows.clone();
     rules.shaped_views = reading.copies(physical.other()).to_vec();
-    let other = Shape::ALL
-        .into_iter()
-        .find(|s| *s != physical)
-        .filter(|s| s.available(phase).is_ok());
-    let path = &settings.search_path;
-    // The two rule sets side by side, the translated one on a thread of its own: at a swap
-    // the gate waits for both, 4–5 ms each at 1,000 tables (`cargo bench --bench
-    // rules_rebuild`), and the sessions it holds leave the other core idle.
-    let (set, translated) = std::thread::scope(|scope| {
-        let rules = &rules;
-        let build_translated = move |shape: Shape| {
-            RuleSet::build(
-                rules,
+    let set = RuleSet::build(
+        &rules,
+        dir,
+        ClientView::Physical,
+        settings.search_path.clone(),
+        version,
+    )?;
+    let other = Shape::ALL.into_iter().find(|s| *s != physical);
+    let translated = match other.filter(|s| s.available(phase).is_ok()) {
+        Some(shape) => {
+            let set = RuleSet::build(
+                &rules,
                 shape_direction(shape),
                 ClientView::Translated(shape),
-                path.clone(),
+                settings.search_path.clone(),
                 version,
-            )
-        };
-        // No thread to be had: built here, after the other.
-        let spawned = other.map(|shape| {
-            let thread = std::thread::Builder::new()
-                .name("keyshift-rules".into())
-                .spawn_scoped(scope, move || build_translated(shape));
-            (shape, thread)
-        });
-        let set = RuleSet::build(rules, dir, ClientView::Physical, path.clone(), version);
-        let translated = spawned.map(|(shape, thread)| {
-            let set = match thread {
-                // A panic in the build is the build's: passed on as it is.
-                Ok(h) => h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)),
-                Err(_) => build_translated(shape),
-            };
-            (shape, set)
-        });
-        (set, translated)
-    });
-    let set = set?;
-    let translated = match translated {
-        Some((shape, set)) => {
+            )?;
             // A translated statement that cannot be translated would run against the tables
             // in the other shape: always refused, strict or not.
             let strict = Settings {
                 strict: true,
                 ..settings.clone()
             };
-            let mut dw = DualWrite::new(set?, &strict, metrics.clone());
+            let mut dw = DualWrite::new(set, &strict, metrics.clone());
             dw.translation = Some(translation);
             Some((shape, dw))
         }
@@ -197,9 +174,10 @@ pub struct DualWrite {
 }
 
 impl DualWrite {
+    /// Touches no metric: a rewriter may be built ahead of the moment it is put in force
+    /// (src/proxy/control.rs), which resets the cache counters then
+    /// (`RewriteMetrics::new_cache`).
     pub fn new(rules: RuleSet, settings: &Settings, metrics: Arc<RewriteMetrics>) -> DualWrite {
-        metrics.rules_version.set(rules.version() as i64);
-        metrics.new_cache();
         DualWrite {
             rules,
             cache: RewriteCache::new(settings.cache_entries, 64 * 1024),
