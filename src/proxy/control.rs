@@ -314,6 +314,8 @@ impl Control {
                         Notice::Pause(a, r) => self.on_pause(client, a, r, &mut drain).await,
                         Notice::Resume(a, r) => self.on_resume(client, a, r, &mut drain).await,
                         Notice::Catalog => {
+                            // Rules built ahead rest on the reading distrusted here.
+                            self.ahead = None;
                             self.source.distrust();
                             self.refresh_and_join(client, &mut drain).await
                         }
