@@ -236,6 +236,9 @@ impl MapMetrics {
     }
 }
 
+/// The `reading` label values of `keyshift_rules_builds_total` (src/proxy/control.rs).
+pub const RULES_READINGS: [&str; 3] = ["read", "derived", "corrected"];
+
 /// Dual-write metrics, shared by every rule set a proxy builds.
 pub struct RewriteMetrics {
     /// `keyshift_rewrites_total{table,kind}`
@@ -247,6 +250,9 @@ pub struct RewriteMetrics {
     cache_misses: IntCounter,
     cache_entries: IntGauge,
     pub rules_version: IntGauge,
+    /// `keyshift_rules_builds_total{reading}`: rule sets put in force, by where their catalog
+    /// reading came from ([`RULES_READINGS`]).
+    pub rules_builds: IntCounterVec,
     /// Cache counters at the last scrape, to add only the difference. A new cache (new rule
     /// set) starts from zero again.
     last: std::sync::Mutex<(u64, u64)>,
@@ -303,6 +309,11 @@ impl RewriteMetrics {
             rules_version: g(
                 "keyshift_rules_version",
                 "Version of the rule set in force (keyshift.migration.rules_version; 0: passthrough)",
+            ),
+            rules_builds: cv(
+                "keyshift_rules_builds_total",
+                "Rule sets put in force, by how their catalog reading was had: read, derived from the last one across a swap, or corrected after a new reading found the catalog changed",
+                &["reading"],
             ),
             last: std::sync::Mutex::new((0, 0)),
         }
@@ -570,6 +581,9 @@ impl Metrics {
             SkipReason::Internal,
         ] {
             self.rewrite.skipped.with_label_values(&[reason.as_str()]);
+        }
+        for reading in RULES_READINGS {
+            self.rewrite.rules_builds.with_label_values(&[reading]);
         }
         // The results written by src/admin.rs (drained, timeout) and src/proxy/control.rs.
         for result in [

@@ -10,7 +10,8 @@ use tokio_postgres::Client;
 
 use crate::ident::{literal, qualified, quote};
 use crate::migrate::ddl::map_name;
-use crate::migrate::state;
+use crate::migrate::plan::Plan;
+use crate::migrate::state::{self, Phase};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
@@ -101,6 +102,35 @@ pub enum CatalogError {
     State(#[from] state::StateError),
 }
 
+/// The mapping of a live migration, from its plan and phase as already read (the proxy
+/// keeps its plan); `stamp` is the migration's `created_at`.
+pub fn live_catalog(stamp: String, plan: &Plan, phase: Phase) -> MapCatalog {
+    let after = phase.is_after_cutover();
+    let tables = plan
+        .tables
+        .iter()
+        .map(|t| {
+            let (legacy_column, uuid_column) = if after {
+                (t.legacy_column.clone(), t.key.clone())
+            } else {
+                (t.key.clone(), t.uuid_column.clone())
+            };
+            MapTable {
+                name: map_name(t),
+                schema: t.schema.clone(),
+                table: t.name.clone(),
+                legacy_column,
+                uuid_column,
+            }
+        })
+        .collect();
+    MapCatalog {
+        stamp,
+        source: Source::Live,
+        tables,
+    }
+}
+
 /// The mapping in the database now: `None` when there is none (no migration, no archive).
 pub async fn load(client: &Client) -> Result<Option<MapCatalog>, CatalogError> {
     let row = client
@@ -110,39 +140,8 @@ pub async fn load(client: &Client) -> Result<Option<MapCatalog>, CatalogError> {
         )
         .await?;
     let (live, archive): (bool, bool) = (row.get(0), row.get(1));
-    if live && let Some(m) = state::load_migration(client).await? {
-        let stamp: String = client
-            .query_one(
-                "SELECT created_at::text FROM keyshift.migration WHERE id = 1",
-                &[],
-            )
-            .await?
-            .get(0);
-        let after = m.phase.is_after_cutover();
-        let tables = m
-            .plan
-            .tables
-            .iter()
-            .map(|t| {
-                let (legacy_column, uuid_column) = if after {
-                    (t.legacy_column.clone(), t.key.clone())
-                } else {
-                    (t.key.clone(), t.uuid_column.clone())
-                };
-                MapTable {
-                    name: map_name(t),
-                    schema: t.schema.clone(),
-                    table: t.name.clone(),
-                    legacy_column,
-                    uuid_column,
-                }
-            })
-            .collect();
-        return Ok(Some(MapCatalog {
-            stamp,
-            source: Source::Live,
-            tables,
-        }));
+    if live && let Some((head, plan)) = state::load_with_plan(client).await? {
+        return Ok(Some(live_catalog(head.stamp.created_at, &plan, head.phase)));
     }
     if !archive {
         return Ok(None);

@@ -870,11 +870,13 @@ pub fn prepare(plan: &Plan, target: Shape) -> Vec<Step> {
 /// The application's views in each shape (`keyshift.carry_copies`), made again: at expand
 /// once keyshift's views of the tables exist, and before each swap, for what the application
 /// changed since. Brief: replacing a copy takes ACCESS EXCLUSIVE on it, which a translated
-/// session reading it holds ACCESS SHARE on.
+/// session reading it holds ACCESS SHARE on. The NOTIFY (delivered at commit, before the
+/// pause's) has the proxies read which copies exist again: they point translated sessions
+/// at them, and build a swap's rules from what they last read (src/proxy/source.rs).
 pub fn copies(plan: &Plan) -> Step {
     Step {
         sql: format!(
-            "SELECT keyshift.carry_copies({}::jsonb, {}::jsonb)",
+            "SELECT keyshift.carry_copies({}::jsonb, {}::jsonb); NOTIFY keyshift, 'catalog'",
             literal(&columns_json(plan)),
             literal(&relations_json(plan, Shape::Uuid))
         ),

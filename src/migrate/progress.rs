@@ -11,6 +11,7 @@ use serde::Serialize;
 use tokio_postgres::Client;
 
 use super::eta::{RateWindow, cost, eta, human};
+use super::plan::Plan;
 use super::state::{self, Phase, StateError};
 
 /// One backfill task as stored.
@@ -69,11 +70,22 @@ pub async fn read(client: &Client) -> Result<Progress, StateError> {
             fill_off: Vec::new(),
         });
     };
-    let fill_off = super::fill::off(client, &m.plan, m.phase).await?;
+    read_for(client, &m.plan, m.phase, m.rules_version).await
+}
+
+/// The progress of the migration whose plan and phase the caller has already read (the
+/// proxy keeps its plan: reading it costs 35 ms at 1,000 tables).
+pub async fn read_for(
+    client: &Client,
+    plan: &Plan,
+    phase: Phase,
+    rules_version: i64,
+) -> Result<Progress, StateError> {
+    let fill_off = super::fill::off(client, plan, phase).await?;
     Ok(Progress {
         fill_off,
-        phase: Some(m.phase),
-        rules_version: m.rules_version,
+        phase: Some(phase),
+        rules_version,
         tasks: read_tasks(client).await?,
     })
 }

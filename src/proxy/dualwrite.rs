@@ -3,8 +3,8 @@
 //! proxy because it implements the proxy's hook; it reads the plan and the rewriter below it
 //! and nothing above.
 //!
-//! Data flows one way: the plan in `keyshift.migration` plus the child tables' column lists
-//! from the catalog become [`PlanRules`] (pure, [`plan_rules`]); the phase picks the direction;
+//! Data flows one way: the plan in `keyshift.migration` plus what the catalog says of its tables
+//! ([`Reading`]) become [`PlanRules`] (pure, [`plan_rules`]); the phase picks the direction;
 //! [`RuleSet::build`] makes the immutable rule set; [`DualWrite`] wraps it with the cache, the
 //! metrics and the strict-mode policy, and is what sessions call for every Query and Parse.
 
@@ -12,9 +12,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use dashmap::DashMap;
-use tokio_postgres::Client;
 use tracing::warn;
 
+use super::reading::Reading;
 use super::scope::Scope;
 use super::statements::{Decision, QueryTemplate, StatementRewriter};
 use crate::metrics::{RewriteMetrics, TranslationMetrics};
@@ -25,14 +25,6 @@ use crate::rewrite::{
     RuleSet, Skip, TableColumns, redact,
 };
 use crate::shape::Shape;
-
-#[derive(Debug, thiserror::Error)]
-pub enum DualWriteError {
-    #[error("reading the child tables' columns: {0}")]
-    Catalog(#[from] tokio_postgres::Error),
-    #[error("building rewrite rules from the stored plan: {0}")]
-    Rules(#[from] RuleError),
-}
 
 /// Settings that shape the rewriter, from the proxy's configuration.
 #[derive(Debug, Clone)]
@@ -103,121 +95,29 @@ pub fn plan_rules(plan: &Plan, columns: Vec<TableColumns>) -> PlanRules {
     }
 }
 
-/// Relations in other schemas named like a migrated table (keyshift's own view schemas
-/// aside): a session whose search path puts such a schema first means that relation.
-pub async fn shadows(
-    client: &Client,
-    plan: &Plan,
-) -> Result<Vec<(String, String)>, DualWriteError> {
-    let mut names: Vec<String> = plan.tables.iter().map(|t| t.name.clone()).collect();
-    names.extend(
-        plan.tables
-            .iter()
-            .flat_map(|t| &t.referenced_by)
-            .map(|fk| fk.child_table.clone()),
-    );
-    names.sort();
-    names.dedup();
-    let rows = client
-        .query(
-            "SELECT n.nspname::text, c.relname::text
-             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-             WHERE c.relname = ANY($1::text[]) AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
-               AND n.nspname NOT LIKE 'keyshift\\_%' AND n.nspname NOT LIKE 'pg\\_%'",
-            &[&names],
-        )
-        .await?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
-}
-
-/// The application's views keyshift shows in `shape` (src/migrate/carry.rs, `carry_copies`):
-/// the views in `shape`'s view schemas that are not keyshift's views of a migrated table, as
-/// `(application schema, view)`.
-pub async fn shaped_views(
-    client: &Client,
-    plan: &Plan,
-    shape: Shape,
-) -> Result<Vec<(String, String)>, DualWriteError> {
-    let relations = crate::migrate::views::relations(plan);
-    let mut schemas: Vec<String> = relations.iter().map(|(s, _)| s.to_string()).collect();
-    schemas.sort();
-    schemas.dedup();
-    let view_schemas: Vec<String> = schemas.iter().map(|s| shape.view_schema(s)).collect();
-    let rows = client
-        .query(
-            "SELECT want.s, c.relname::text
-             FROM unnest($1::text[], $2::text[]) AS want(s, vs)
-             JOIN pg_namespace n ON n.nspname = want.vs
-             JOIN pg_class c ON c.relnamespace = n.oid AND c.relkind = 'v'",
-            &[&schemas, &view_schemas],
-        )
-        .await?;
-    Ok(rows
-        .iter()
-        .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
-        .filter(|(s, t)| !relations.contains(&(s.as_str(), t.as_str())))
-        .collect())
-}
-
-/// The physical column lists of every child table in the plan, in column order.
-pub async fn child_columns(
-    client: &Client,
-    plan: &Plan,
-) -> Result<Vec<TableColumns>, DualWriteError> {
-    // Each child once (one with four FKs would otherwise get each column four times).
-    let mut children: Vec<(&str, &str)> = plan
-        .tables
-        .iter()
-        .flat_map(|t| &t.referenced_by)
-        .map(|fk| (fk.child_schema.as_str(), fk.child_table.as_str()))
-        .collect();
-    children.sort_unstable();
-    children.dedup();
-    if children.is_empty() {
-        return Ok(Vec::new());
-    }
-    let (schemas, tables): (Vec<&str>, Vec<&str>) = children.into_iter().unzip();
-    // Each table found by its oid: a join on names planned as a hash over every relation
-    // took 84 ms at 1,000 tables (benches/big_schema.sh), inside the rules' rebuild.
-    let rows = client
-        .query(
-            "SELECT want.s, want.t, array_agg(a.attname::text ORDER BY a.attnum)
-             FROM unnest($1::text[], $2::text[]) AS want(s, t)
-             JOIN pg_attribute a ON a.attrelid = to_regclass(format('%I.%I', want.s, want.t))
-                                AND a.attnum > 0 AND NOT a.attisdropped
-             GROUP BY 1, 2",
-            &[&schemas, &tables],
-        )
-        .await?;
-    Ok(rows
-        .iter()
-        .map(|r| TableColumns {
-            schema: r.get(0),
-            table: r.get(1),
-            columns: r.get(2),
-        })
-        .collect())
-}
+/// A phase's rewriters: the physical shape's, and the other shape's when the phase serves it.
+pub type Rewriters = (DualWrite, Option<(Shape, DualWrite)>);
 
 /// The rewriters for a migration in `phase`: one for sessions in the physical shape, and
 /// one for sessions of the other shape when the phase serves it; `None` when the phase passes
-/// writes through unchanged.
-pub async fn build(
-    client: &Client,
+/// writes through unchanged. Pure: what it needs from the catalog is `reading`
+/// (src/proxy/reading.rs), in the phase's physical shape.
+pub fn build(
     plan: &Plan,
     phase: Phase,
+    reading: &Reading,
     version: u64,
     settings: &Settings,
     metrics: Arc<RewriteMetrics>,
     translation: TranslationMetrics,
-) -> Result<Option<(DualWrite, Option<(Shape, DualWrite)>)>, DualWriteError> {
+) -> Result<Option<Rewriters>, RuleError> {
     let Some(dir) = direction(phase) else {
         return Ok(None);
     };
-    let mut rules = plan_rules(plan, child_columns(client, plan).await?);
-    rules.shadows = shadows(client, plan).await?;
     let physical = Shape::physical(phase);
-    rules.shaped_views = shaped_views(client, plan, physical.other()).await?;
+    let mut rules = plan_rules(plan, reading.columns.clone());
+    rules.shadows = reading.shadows.clone();
+    rules.shaped_views = reading.copies(physical.other()).to_vec();
     let set = RuleSet::build(
         &rules,
         dir,
@@ -274,9 +174,10 @@ pub struct DualWrite {
 }
 
 impl DualWrite {
+    /// Touches no metric: a rewriter may be built ahead of the moment it is put in force
+    /// (src/proxy/control.rs), which resets the cache counters then
+    /// (`RewriteMetrics::new_cache`).
     pub fn new(rules: RuleSet, settings: &Settings, metrics: Arc<RewriteMetrics>) -> DualWrite {
-        metrics.rules_version.set(rules.version() as i64);
-        metrics.new_cache();
         DualWrite {
             rules,
             cache: RewriteCache::new(settings.cache_entries, 64 * 1024),
