@@ -67,13 +67,16 @@ start_proxy() { # name database
     KEYSHIFT_LOG_LEVEL=info,keyshift::proxy::control=debug "$KS" proxy --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
         --upstream "127.0.0.1:$PG_PORT" --upstream-tls disable --database-url "$(url "$2")" \
         >"$TMP/$1.log" 2>&1 &
-    PIDS+=($!)
     wait_port "$port"
     echo $!
 }
 log "starting a proxy linked to the migrated database and one linked to an empty one"
+# Called in $(...), a subshell: the cleanup's PIDS is the caller's to fill (the proxies were
+# left running after the script before).
 LINKED=$(start_proxy linked postgres)
+PIDS+=("$LINKED")
 EMPTY=$(start_proxy empty empty)
+PIDS+=("$EMPTY")
 for _ in $(seq 1 200); do
     grep -q "new rules in force" "$TMP/linked.log" && break
     sleep 0.1
