@@ -933,14 +933,31 @@ async fn the_swap_deparses_again_whatever_changed_since_the_preparation() {
              GRANT SELECT, UPDATE ON v_servers TO carry_editor WITH GRANT OPTION;
              GRANT SELECT ON v_servers TO PUBLIC;
              GRANT SELECT (id), UPDATE (name, status) ON v_servers TO carry_auditor;
-             GRANT INSERT (id) ON v_servers TO carry_auditor WITH GRANT OPTION;",
+             GRANT INSERT (id) ON v_servers TO carry_auditor WITH GRANT OPTION;
+             -- Owned by a role other than the one running the swap.
+             CREATE VIEW v_owned AS SELECT id FROM mcp_connectors;
+             ALTER VIEW v_owned OWNER TO carry_editor;
+             GRANT SELECT ON v_owned TO carry_auditor;
+             -- The owner's own entry narrowed: it must be restored as it was.
+             CREATE VIEW v_narrow AS SELECT connector_id FROM mcp_servers;
+             GRANT SELECT ON v_narrow TO carry_auditor;
+             REVOKE TRUNCATE ON v_narrow FROM CURRENT_USER;
+             -- An ACL holding only the owner's default entry (not NULL).
+             CREATE VIEW v_only_owner AS SELECT connector_id FROM mcp_servers;
+             GRANT SELECT ON v_only_owner TO carry_auditor;
+             REVOKE SELECT ON v_only_owner FROM carry_auditor;",
         )
         .await
         .unwrap();
-    let acl = "SELECT concat_ws(' ', relacl::text, (SELECT string_agg(attname || '=' || attacl::text, ' ' ORDER BY attnum)
-                 FROM pg_attribute WHERE attrelid = c.oid AND attacl IS NOT NULL))
-               FROM pg_class c WHERE oid = 'v_servers'::regclass";
+    let acl = "SELECT string_agg(concat_ws(' ', c.relname, pg_get_userbyid(c.relowner), coalesce(relacl::text, 'NULL'),
+                   (SELECT string_agg(attname || '=' || attacl::text, ' ' ORDER BY attnum)
+                      FROM pg_attribute WHERE attrelid = c.oid AND attacl IS NOT NULL)), '; ' ORDER BY c.relname)
+               FROM pg_class c WHERE relnamespace = 'public'::regnamespace
+                AND relname IN ('v_servers', 'v_owned', 'v_narrow', 'v_only_owner')";
     let before = one(&admin, acl).await;
+    let listed = before.clone().unwrap_or_default();
+    assert_eq!(listed.matches("; ").count(), 3, "four views: {listed}");
+    assert!(!listed.contains("NULL"), "every ACL is explicit: {listed}");
     admin
         .batch_execute(&format!(
             "SELECT keyshift.carry_prepare({cols}, '_legacy');
