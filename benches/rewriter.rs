@@ -34,17 +34,20 @@ fn rules(extra: usize) -> RuleSet {
         table: t.into(),
         key_column: "id".into(),
         uuid_column: "id_uuid".into(),
+        legacy_column: "id_legacy".into(),
     };
     let fk = |c: &str, p: &str| FkPlan {
         schema: "public".into(),
         table: "order_items".into(),
         column: c.into(),
         uuid_column: format!("{c}_uuid"),
+        legacy_column: format!("{c}_legacy"),
         column_type: "bigint".into(),
         parent_schema: "public".into(),
         parent_table: p.into(),
         parent_key_column: "id".into(),
         parent_uuid_column: "id_uuid".into(),
+        parent_legacy_column: "id_legacy".into(),
         // As in production: a missing parent fails as the FK would.
         constraint: Some(format!("order_items_{c}_fkey")),
     };

@@ -457,6 +457,17 @@ async fn temporary_tables_and_search_path_resolve_as_the_session_says() {
 }
 
 /// `COPY … FROM STDIN` through a session in `shape`: the rows PostgreSQL says it copied.
+/// `keyshift cutover`, then wait until the proxy serves the rules it committed.
+async fn cutover_and_wait(db: &common::TestDb, direct: &tokio_postgres::Client, p: &TestProxy) {
+    ks_expect(&db.url(), &["cutover"], 0);
+    let version: i64 = direct
+        .query_one("SELECT rules_version FROM keyshift.migration", &[])
+        .await
+        .unwrap()
+        .get(0);
+    wait_status(p, |v| v["rules_version"] == version).await;
+}
+
 async fn copy_in(c: &tokio_postgres::Client, sql: &str, data: String) -> u64 {
     use futures_util::SinkExt;
     let sink = c
@@ -539,13 +550,7 @@ async fn copy_from_in_a_translated_session_lands_in_the_physical_columns() {
         .unwrap();
 
     // After cutover, physically uuid: an integer session's `parent_id` is `parent_id_legacy`.
-    ks_expect(&db.url(), &["cutover"], 0);
-    let version: i64 = direct
-        .query_one("SELECT rules_version FROM keyshift.migration", &[])
-        .await
-        .unwrap()
-        .get(0);
-    wait_status(&p, |v| v["rules_version"] == version).await;
+    cutover_and_wait(&db, &direct, &p).await;
     let i = connect_shaped(&p, &db, "integer").await;
     for (sql, data) in [
         ("COPY child (name, parent_id) FROM STDIN", "i1\t1\ni2\t3\n"),
@@ -573,4 +578,116 @@ async fn copy_from_in_a_translated_session_lands_in_the_physical_columns() {
     let chunks: Vec<bytes::Bytes> = futures_util::TryStreamExt::try_collect(out).await.unwrap();
     let text = String::from_utf8(chunks.concat()).unwrap();
     assert!(text.lines().any(|l| l == "i3,2"), "{text}");
+}
+
+/// Column names so long that `<name>_legacy` does not fit PostgreSQL's 63 bytes: the plan
+/// fits them (a prefix and a hash, `ident::fit`), and the rewriter must write the fitted
+/// names, in both directions and both shapes, before and after cutover.
+#[tokio::test]
+async fn keys_whose_legacy_name_must_be_shortened_are_written_under_the_plans_name() {
+    // 58 bytes each: + "_legacy" is 65.
+    let key = "identifier_assigned_by_the_accounting_system_of_record_xyz";
+    let fk = "reference_to_the_account_that_owns_this_ledger_entry_abcde";
+    assert_eq!((key.len(), fk.len()), (58, 58));
+    let db = common::TestDb::new().await;
+    let direct = db.client().await;
+    direct
+        .batch_execute(&format!(
+            "CREATE TABLE account ({key} serial PRIMARY KEY, name text NOT NULL);
+             CREATE TABLE entry (id serial PRIMARY KEY, note text NOT NULL,
+                                 {fk} integer NOT NULL REFERENCES account ({key}));
+             INSERT INTO account (name) SELECT 'a' || g FROM generate_series(1, 3) g;
+             INSERT INTO entry (note, {fk}) VALUES ('before', 2);"
+        ))
+        .await
+        .unwrap();
+    for step in ["expand", "backfill", "harden"] {
+        ks_expect(&db.url(), &[step], 0);
+    }
+    let p = linked_proxy(&db).await;
+    let uuid_of = |n: i32| {
+        let direct = &direct;
+        async move {
+            let u: Uuid = direct
+                .query_one(
+                    &format!("SELECT {key}_uuid FROM account WHERE {key} = $1"),
+                    &[&n],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            u
+        }
+    };
+    let a3 = uuid_of(3).await;
+
+    // Hardened: the integer session is physical, the uuid one translated.
+    let i = connect_shaped(&p, &db, "integer").await;
+    i.execute(
+        &format!("INSERT INTO entry (note, {fk}) VALUES ('int-1', 1)"),
+        &[],
+    )
+    .await
+    .unwrap();
+    let u = connect_shaped(&p, &db, "uuid").await;
+    u.execute(
+        &format!("INSERT INTO entry (note, {fk}) VALUES ('uuid-1', $1)"),
+        &[&a3],
+    )
+    .await
+    .unwrap();
+
+    cutover_and_wait(&db, &direct, &p).await;
+    // After cutover: the uuid session is physical (the reverse fill writes the fitted
+    // `<fk>…_legacy` from the parent's fitted `<key>…_legacy`), the integer one translated.
+    let u = connect_shaped(&p, &db, "uuid").await;
+    u.execute(
+        &format!("INSERT INTO entry (note, {fk}) VALUES ('uuid-2', $1)"),
+        &[&a3],
+    )
+    .await
+    .unwrap();
+    let i = connect_shaped(&p, &db, "integer").await;
+    i.execute(
+        &format!("INSERT INTO entry (note, {fk}) VALUES ('int-2', 1)"),
+        &[],
+    )
+    .await
+    .unwrap();
+
+    // Every row has both sides, and they agree with the parent's.
+    let legacy_fk = keyshift::ident::suffixed(fk, "_legacy");
+    let legacy_key = keyshift::ident::suffixed(key, "_legacy");
+    assert_ne!(legacy_fk, format!("{fk}_legacy"));
+    let rows = direct
+        .query(
+            &format!(
+                "SELECT e.note, a.{legacy_key} FROM entry e JOIN account a
+                   ON a.{key} = e.{fk} AND a.{legacy_key} = e.{legacy_fk} ORDER BY e.id"
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    let got: Vec<(String, i32)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(
+        got,
+        [
+            ("before".to_string(), 2),
+            ("int-1".to_string(), 1),
+            ("uuid-1".to_string(), 3),
+            ("uuid-2".to_string(), 3),
+            ("int-2".to_string(), 1)
+        ]
+    );
+    // And the integer session reads its integers back under the name it knows.
+    let n: i32 = i
+        .query_one(
+            &format!("SELECT {fk} FROM entry WHERE note = 'uuid-2'"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 3);
 }

@@ -66,22 +66,25 @@ pub fn plan_rules(plan: &Plan, columns: Vec<TableColumns>) -> PlanRules {
             table: t.name.clone(),
             key_column: t.key.clone(),
             uuid_column: t.uuid_column.clone(),
+            legacy_column: t.legacy_column.clone(),
         })
         .collect();
     let fks = plan
         .tables
         .iter()
-        .flat_map(|t| &t.referenced_by)
-        .map(|fk| FkPlan {
+        .flat_map(|t| t.referenced_by.iter().map(move |fk| (t, fk)))
+        .map(|(t, fk)| FkPlan {
             schema: fk.child_schema.clone(),
             table: fk.child_table.clone(),
             column: fk.child_column.clone(),
             uuid_column: fk.uuid_column.clone(),
+            legacy_column: fk.legacy_column.clone(),
             column_type: fk.child_type.clone(),
             parent_schema: fk.parent_schema.clone(),
             parent_table: fk.parent_table.clone(),
             parent_key_column: fk.parent_key.clone(),
             parent_uuid_column: fk.parent_uuid_column.clone(),
+            parent_legacy_column: t.legacy_column.clone(),
             constraint: (fk.child_not_null && !fk.deferrable).then(|| fk.constraint.clone()),
         })
         .collect();
@@ -89,7 +92,6 @@ pub fn plan_rules(plan: &Plan, columns: Vec<TableColumns>) -> PlanRules {
         parents,
         fks,
         columns,
-        legacy_suffix: plan.legacy_suffix.clone(),
         shadows: Vec::new(),
         shaped_views: Vec::new(),
     }
@@ -387,17 +389,20 @@ mod tests {
                 table: "p".into(),
                 key_column: "id".into(),
                 uuid_column: "id_uuid".into(),
+                legacy_column: "id_legacy".into(),
             }],
             fks: vec![FkPlan {
                 schema: "public".into(),
                 table: "c".into(),
                 column: "p_id".into(),
                 uuid_column: "p_id_uuid".into(),
+                legacy_column: "p_id_legacy".into(),
                 column_type: "integer".into(),
                 parent_schema: "public".into(),
                 parent_table: "p".into(),
                 parent_key_column: "id".into(),
                 parent_uuid_column: "id_uuid".into(),
+                parent_legacy_column: "id_legacy".into(),
                 constraint: None,
             }],
             ..PlanRules::default()

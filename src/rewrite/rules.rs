@@ -40,6 +40,9 @@ pub struct ParentPlan {
     pub key_column: String,
     /// Its uuid twin added by `expand`, e.g. `id_uuid`.
     pub uuid_column: String,
+    /// The name cutover gives the integer key, e.g. `id_legacy` (fitted to 63 bytes by the
+    /// plan: `ident::suffixed`).
+    pub legacy_column: String,
 }
 
 /// One integer FK column of a child table, as the plan names it before `expand`.
@@ -51,6 +54,8 @@ pub struct FkPlan {
     pub column: String,
     /// Its uuid twin added by `expand`, e.g. `p_id_uuid`.
     pub uuid_column: String,
+    /// The name cutover gives the integer FK column, e.g. `p_id_legacy` (fitted).
+    pub legacy_column: String,
     /// The FK column's SQL type (`bigint`, `integer`, `smallint`): the copied expression is
     /// cast to it so that a reused parameter keeps the type PostgreSQL deduces today.
     pub column_type: String,
@@ -58,6 +63,8 @@ pub struct FkPlan {
     pub parent_table: String,
     pub parent_key_column: String,
     pub parent_uuid_column: String,
+    /// The parent key's name after cutover, e.g. `id_legacy` (fitted).
+    pub parent_legacy_column: String,
     /// The FK constraint's name, for a NOT NULL FK column: a write naming a missing parent
     /// must fail as the constraint would (23503), not on the twin's NULL tripping its NOT
     /// NULL check first (23502). Only there: a lookup that finds no parent may also mean one
@@ -77,13 +84,11 @@ pub struct TableColumns {
 }
 
 /// Everything the rewriter needs from the migration plan, as plain data.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct PlanRules {
     pub parents: Vec<ParentPlan>,
     pub fks: Vec<FkPlan>,
     pub columns: Vec<TableColumns>,
-    /// Suffix the integer columns take at cutover (DESIGN: `_legacy`).
-    pub legacy_suffix: String,
     /// Other relations named like a migrated table, as (schema, name): an unqualified name
     /// resolves to the first schema of the path that has a relation of that name, migrated
     /// or not.
@@ -92,19 +97,6 @@ pub struct PlanRules {
     /// (`keyshift_<shape>_<schema>.<view>`, src/migrate/carry.rs): redirected like the
     /// migrated tables, never left on the tables.
     pub shaped_views: Vec<(String, String)>,
-}
-
-impl Default for PlanRules {
-    fn default() -> Self {
-        PlanRules {
-            parents: Vec::new(),
-            fks: Vec::new(),
-            columns: Vec::new(),
-            legacy_suffix: "_legacy".to_string(),
-            shadows: Vec::new(),
-            shaped_views: Vec::new(),
-        }
-    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -269,12 +261,12 @@ impl RuleSet {
                     twin_type: fk.column_type.clone(),
                     check,
                     source: fk.column.clone(),
-                    target: format!("{}{}", fk.column, plan.legacy_suffix),
+                    target: fk.legacy_column.clone(),
                     cast: "uuid".to_string(),
                     parent_schema: fk.parent_schema.clone(),
                     parent_table: fk.parent_table.clone(),
                     parent_key: fk.parent_key_column.clone(),
-                    parent_value: format!("{}{}", fk.parent_key_column, plan.legacy_suffix),
+                    parent_value: fk.parent_legacy_column.clone(),
                 },
             };
             children
@@ -301,7 +293,7 @@ impl RuleSet {
                 };
                 // After cutover the catalog's names are the uuid shape's.
                 let renamed = if translated {
-                    by_table.shape_names(plan, &tc.schema, &tc.table)
+                    by_table.shape_names(&tc.schema, &tc.table)
                 } else {
                     Vec::new()
                 };
@@ -359,7 +351,7 @@ impl RuleSet {
         parents.dedup();
         let physical_names = match view {
             ClientView::Physical => HashMap::new(),
-            ClientView::Translated(shape) => physical_names(plan, &by_table, &migrated, shape),
+            ClientView::Translated(shape) => physical_names(&by_table, &migrated, shape),
         };
         // Each distinct name once: most repeat from table to table (`id`, `id_uuid`, ...).
         let mut renamed: HashSet<String> = HashSet::new();
@@ -625,13 +617,12 @@ impl<'a> ByTable<'a> {
     /// the integer key `id` is `id_legacy` in the uuid shape and its uuid `id_uuid` is `id`;
     /// likewise each FK column and its twin. Names of different columns never collide within
     /// a shape, as the views of both shapes list them.
-    fn shape_names(&self, plan: &PlanRules, schema: &str, table: &str) -> Vec<ShapeNames> {
-        let suffix = &plan.legacy_suffix;
+    fn shape_names(&self, schema: &str, table: &str) -> Vec<ShapeNames> {
         let mut out = Vec::new();
-        let mut pair = |int: &str, twin: &str| {
+        let mut pair = |int: &str, twin: &str, legacy: &str| {
             out.push(ShapeNames {
                 integer: int.to_string(),
-                uuid: format!("{int}{suffix}"),
+                uuid: legacy.to_string(),
             });
             out.push(ShapeNames {
                 integer: twin.to_string(),
@@ -639,10 +630,10 @@ impl<'a> ByTable<'a> {
             });
         };
         for p in self.parents(schema, table) {
-            pair(&p.key_column, &p.uuid_column);
+            pair(&p.key_column, &p.uuid_column, &p.legacy_column);
         }
         for f in self.fks(schema, table) {
-            pair(&f.column, &f.uuid_column);
+            pair(&f.column, &f.uuid_column, &f.legacy_column);
         }
         out
     }
@@ -652,7 +643,6 @@ impl<'a> ByTable<'a> {
 /// `shape` gives them to their physical name (the other shape's), for the statements that
 /// reach the table itself rather than its view (`COPY … FROM`, translate.rs).
 fn physical_names(
-    plan: &PlanRules,
     by_table: &ByTable,
     migrated: &HashSet<(String, String)>,
     shape: Shape,
@@ -661,7 +651,7 @@ fn physical_names(
         .iter()
         .map(|(schema, table)| {
             let names = by_table
-                .shape_names(plan, schema, table)
+                .shape_names(schema, table)
                 .into_iter()
                 .map(|n| n.into_pair(shape))
                 .collect();

@@ -8,11 +8,13 @@ fn fk(schema: &str, table: &str, column: &str, ty: &str, parent: (&str, &str)) -
         table: table.into(),
         column: column.into(),
         uuid_column: format!("{column}_uuid"),
+        legacy_column: format!("{column}_legacy"),
         column_type: ty.into(),
         parent_schema: parent.0.into(),
         parent_table: parent.1.into(),
         parent_key_column: "id".into(),
         parent_uuid_column: "id_uuid".into(),
+        parent_legacy_column: "id_legacy".into(),
         constraint: None,
     }
 }
@@ -23,6 +25,7 @@ fn parent(schema: &str, table: &str) -> ParentPlan {
         table: table.into(),
         key_column: "id".into(),
         uuid_column: "id_uuid".into(),
+        legacy_column: "id_legacy".into(),
     }
 }
 
