@@ -605,21 +605,14 @@ async fn keys_whose_legacy_name_must_be_shortened_are_written_under_the_plans_na
         ks_expect(&db.url(), &[step], 0);
     }
     let p = linked_proxy(&db).await;
-    let uuid_of = |n: i32| {
-        let direct = &direct;
-        async move {
-            let u: Uuid = direct
-                .query_one(
-                    &format!("SELECT {key}_uuid FROM account WHERE {key} = $1"),
-                    &[&n],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            u
-        }
-    };
-    let a3 = uuid_of(3).await;
+    let a3: Uuid = direct
+        .query_one(
+            &format!("SELECT {key}_uuid FROM account WHERE {key} = 3"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
 
     // Hardened: the integer session is physical, the uuid one translated.
     let i = connect_shaped(&p, &db, "integer").await;
