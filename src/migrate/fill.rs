@@ -6,8 +6,10 @@
 //! triggers. Two of the triggers are enabled at a time, the pair for the physical phase:
 //!
 //! - before cutover the integer FK is the truth: an INSERT that leaves exactly one of
-//!   `p_id` / `p_id_uuid` NULL gets the other from the parent; an UPDATE that changes `p_id`
-//!   but not `p_id_uuid` gets the twin recomputed;
+//!   `p_id` / `p_id_uuid` NULL gets the other from the parent (a uuid naming no parent fails
+//!   with the FK's 23503: the proxy leaves the twins of a translated session's
+//!   simple-protocol inserts to these triggers, `rewrite::Planning`); an UPDATE that changes
+//!   `p_id` but not `p_id_uuid` gets the twin recomputed;
 //! - after cutover the uuid FK is the truth, the same the other way round (`p_id_legacy`
 //!   from the parent's `id_legacy`), and an integer FK naming no parent fails with the
 //!   23503 its dropped constraint would have raised (`keyshift.missing_parent`), since no
@@ -136,17 +138,26 @@ fn lookup(f: &PlanFk, n: &Names, want_uuid: bool) -> String {
     }
 }
 
-/// After cutover, a legacy integer naming no parent fails as the dropped FK would have.
-fn missing_parent(f: &PlanFk, n: &Names) -> String {
+/// A key naming no parent fails as the FK would, where no constraint checks it: after
+/// cutover a legacy integer (`by_uuid` false: its constraint was dropped); before it, a uuid
+/// written alone (`by_uuid`: a uuid-shaped session's insert, whose integer FK gets NULL and
+/// would otherwise fail as a NOT NULL violation or not at all, where the table cut over
+/// offline raises this 23503).
+fn missing_parent(f: &PlanFk, n: &Names, by_uuid: bool) -> String {
     if f.deferrable {
         // A deferred check would have waited for the end of the transaction: the parent may
-        // still come. The row keeps a NULL uuid; verify and the backfill find it.
+        // still come. The row keeps a NULL twin; verify and the backfill find it.
         return String::new();
     }
+    let (computed, given) = if by_uuid {
+        (&n.int, &n.uuid)
+    } else {
+        (&n.uuid, &n.int)
+    };
     format!(
         "\n      IF NEW.{u} IS NULL THEN PERFORM keyshift.missing_parent(NEW.{i}::text, {c}, {k}, {col}, {p}); END IF;",
-        u = n.uuid,
-        i = n.int,
+        u = computed,
+        i = given,
         c = literal(&f.child_table),
         k = literal(&f.constraint),
         col = literal(&f.child_column),
@@ -174,16 +185,16 @@ pub fn function_sql(
         let (i, u) = (&n.int, &n.uuid);
         let to_uuid = lookup(f, &n, true);
         let to_int = lookup(f, &n, false);
-        let check = match p {
-            Physical::Integer => String::new(),
-            Physical::Uuid => missing_parent(f, &n),
+        let (check, check_back) = match p {
+            Physical::Integer => (String::new(), missing_parent(f, &n, true)),
+            Physical::Uuid => (missing_parent(f, &n, false), String::new()),
         };
         ins.push_str(&format!(
             "
     IF NEW.{u} IS NULL AND NEW.{i} IS NOT NULL THEN
       NEW.{u} := {to_uuid};{check}
     ELSIF NEW.{i} IS NULL AND NEW.{u} IS NOT NULL THEN
-      NEW.{i} := {to_int};
+      NEW.{i} := {to_int};{check_back}
     END IF;"
         ));
         match p {

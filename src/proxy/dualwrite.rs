@@ -21,8 +21,8 @@ use crate::metrics::{RewriteMetrics, TranslationMetrics};
 use crate::migrate::plan::Plan;
 use crate::migrate::state::{DualWrite as Mode, Phase};
 use crate::rewrite::{
-    ClientView, Direction, FkPlan, Kind, Outcome, ParentPlan, PlanRules, RewriteCache, RuleError,
-    RuleSet, Skip, TableColumns, redact,
+    ClientView, Direction, FkPlan, Kind, Outcome, ParentPlan, PlanRules, Planning, RewriteCache,
+    RuleError, RuleSet, Skip, TableColumns, redact,
 };
 use crate::shape::Shape;
 
@@ -168,6 +168,11 @@ const MAX_LOGGED_SHAPES: usize = 1000;
 pub struct DualWrite {
     rules: RuleSet,
     cache: RewriteCache,
+    /// A translated session's simple Query texts, whose INSERTs leave their twins to the
+    /// fill triggers when PostgreSQL plans them at every execution
+    /// (`rewrite::Planning`); `None` for the physical shape, whose rewrites do not depend
+    /// on it.
+    queries: Option<RewriteCache>,
     strict: bool,
     metrics: Arc<RewriteMetrics>,
     logged: DashMap<String, ()>,
@@ -181,6 +186,7 @@ impl DualWrite {
     /// (`RewriteMetrics::new_cache`).
     pub fn new(rules: RuleSet, settings: &Settings, metrics: Arc<RewriteMetrics>) -> DualWrite {
         DualWrite {
+            queries: query_cache(&rules, settings.cache_entries),
             rules,
             cache: RewriteCache::new(settings.cache_entries, 64 * 1024),
             strict: settings.strict,
@@ -275,7 +281,8 @@ impl StatementRewriter for DualWrite {
             return (Decision::Refuse(SHAPE_FIXED.into()), None);
         }
         let start = Instant::now();
-        let (out, prepare) = self.cache.rewrite_query(&self.rules, sql);
+        let cache = self.queries.as_ref().unwrap_or(&self.cache);
+        let (out, prepare) = cache.rewrite_query(&self.rules, sql);
         let decision = self.decide(sql, &out, start);
         let template = match (&decision, prepare) {
             (Decision::Replace(_), Some(p)) => Some(QueryTemplate {
@@ -288,8 +295,14 @@ impl StatementRewriter for DualWrite {
     }
 
     fn observe_metrics(&self) {
-        self.metrics
-            .observe_cache(self.cache.hits(), self.cache.misses(), self.cache.len());
+        let (mut hits, mut misses, mut len) =
+            (self.cache.hits(), self.cache.misses(), self.cache.len());
+        if let Some(q) = &self.queries {
+            hits += q.hits();
+            misses += q.misses();
+            len += q.len();
+        }
+        self.metrics.observe_cache(hits, misses, len);
     }
 
     fn may_name_migrated(&self, sql: &str) -> bool {
@@ -302,8 +315,9 @@ impl StatementRewriter for DualWrite {
             .with_scope(scope.path(), &scope.temp)
             .without_lookups_in(&scope.unreadable);
         Some(Arc::new(DualWrite {
-            rules,
             // One session's: small, and not in the proxy's cache metrics.
+            queries: query_cache(&rules, SCOPED_CACHE_ENTRIES),
+            rules,
             cache: RewriteCache::new(SCOPED_CACHE_ENTRIES, 64 * 1024),
             strict: self.strict,
             metrics: self.metrics.clone(),
@@ -315,6 +329,13 @@ impl StatementRewriter for DualWrite {
 
 /// Rewrite cache entries of a session with its own search path or temporary tables.
 const SCOPED_CACHE_ENTRIES: usize = 256;
+
+/// The cache of simple Query texts for a translated rule set (`DualWrite::queries`).
+fn query_cache(rules: &RuleSet, entries: usize) -> Option<RewriteCache> {
+    rules
+        .translated()
+        .map(|_| RewriteCache::new(entries, 64 * 1024).planned(Planning::EachExecution))
+}
 
 impl DualWrite {
     /// The decision for `sql` given its rewrite, counted in the metrics.

@@ -8,7 +8,7 @@ use dashmap::DashMap;
 
 use super::preparable::preparable;
 use super::shape::{self, Shape};
-use super::{Outcome, RuleSet, rewrite, rewrite_verified};
+use super::{Outcome, Planning, RuleSet, rewrite_planned};
 
 /// A text whose shape may run as `EXECUTE` of a prepared statement: the statement's SQL (the
 /// rewritten shape, placeholders `$1`…) and the text's literals, the arguments.
@@ -27,8 +27,9 @@ enum ShapeEntry {
         outcome: Arc<Outcome>,
         prepare: Option<Arc<str>>,
     },
-    /// Rewriting the shape did not give the rewrite of its first text: rewrite each text.
-    NotCacheable,
+    /// Rewriting the shape did not give the rewrite of its first text: rewrite each text,
+    /// for this planning.
+    NotCacheable(Planning),
 }
 
 /// Applications send a small, fixed set of statement shapes (ORMs and prepared statements
@@ -52,6 +53,8 @@ pub struct RewriteCache {
     hits: AtomicU64,
     misses: AtomicU64,
     verify: bool,
+    /// How PostgreSQL plans the texts of this cache's statements (see [`Self::planned`]).
+    planning: Planning,
 }
 
 impl RewriteCache {
@@ -66,7 +69,18 @@ impl RewriteCache {
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             verify: false,
+            planning: Planning::Once,
         }
+    }
+
+    /// A cache for texts PostgreSQL plans as `planning` says. A rewrite may depend on it
+    /// (a translated INSERT's twins), so Parse texts and simple Query texts of a translated
+    /// session keep separate caches (src/proxy/dualwrite.rs). With [`Planning::EachExecution`],
+    /// a shape that will run as `EXECUTE` of a statement prepared from it is rewritten for
+    /// [`Planning::Once`].
+    pub fn planned(mut self, planning: Planning) -> RewriteCache {
+        self.planning = planning;
+        self
     }
 
     /// Re-parse every rewrite before caching it ([`super::rewrite_verified`]): safer, at about
@@ -131,7 +145,7 @@ impl RewriteCache {
             Some(shape) => self.by_shape(rules, version, sql, shape),
             None => {
                 self.misses.fetch_add(1, Ordering::Relaxed);
-                (self.rewrite_text(rules, sql), None)
+                (self.rewrite_text(rules, sql, self.planning), None)
             }
         };
         // Texts are kept too, for Parse (whose texts are looked up first).
@@ -159,12 +173,8 @@ impl RewriteCache {
         version
     }
 
-    fn rewrite_text(&self, rules: &RuleSet, sql: &str) -> Arc<Outcome> {
-        Arc::new(if self.verify {
-            rewrite_verified(rules, sql)
-        } else {
-            rewrite(rules, sql)
-        })
+    fn rewrite_text(&self, rules: &RuleSet, sql: &str, planning: Planning) -> Arc<Outcome> {
+        Arc::new(rewrite_planned(rules, sql, self.verify, planning))
     }
 
     /// A text with literals: its shape's template when known (and the statement to prepare,
@@ -190,19 +200,30 @@ impl RewriteCache {
                 });
                 return (out, prepare);
             }
+            let planning = match &hit.1 {
+                ShapeEntry::NotCacheable(p) => *p,
+                // A template that did not instantiate: planned once only if it is prepared.
+                ShapeEntry::Template { prepare, .. } if prepare.is_some() => Planning::Once,
+                ShapeEntry::Template { .. } => self.planning,
+            };
             drop(hit);
             self.misses.fetch_add(1, Ordering::Relaxed);
-            return (self.rewrite_text(rules, sql), None);
+            return (self.rewrite_text(rules, sql, planning), None);
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
-        let actual = self.rewrite_text(rules, sql);
-        let template = self.rewrite_text(rules, &shape.text);
+        // A shape that may run as `EXECUTE` is planned once whatever the cache's texts are.
+        let preparable = preparable(&shape.text, shape.literals.len());
+        let planning = if preparable {
+            Planning::Once
+        } else {
+            self.planning
+        };
+        let actual = self.rewrite_text(rules, sql, planning);
+        let template = self.rewrite_text(rules, &shape.text, planning);
         let entry = match instantiate(&template, &shape.literals) {
             Some(out) if *out == *actual => {
                 let prepare = match &*template {
-                    Outcome::Rewritten { sql, skipped, .. }
-                        if skipped.is_empty() && preparable(&shape.text, shape.literals.len()) =>
-                    {
+                    Outcome::Rewritten { sql, skipped, .. } if skipped.is_empty() && preparable => {
                         Some(Arc::from(sql.as_str()))
                     }
                     _ => None,
@@ -212,7 +233,7 @@ impl RewriteCache {
                     prepare,
                 }
             }
-            _ => ShapeEntry::NotCacheable,
+            _ => ShapeEntry::NotCacheable(planning),
         };
         if self.shapes.len() >= self.capacity {
             self.shapes.clear();

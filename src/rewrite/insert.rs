@@ -119,7 +119,7 @@ pub(crate) fn values_rows(
         let mut add = String::new();
         for &(i, fill) in fills {
             let &(a, b) = items.get(i).ok_or_else(bad)?;
-            let v = ctx.twin_value(a, b, fill).map_err(|r| skip(child, r))?;
+            let v = ctx.inserted_twin(a, b, fill).map_err(|r| skip(child, r))?;
             add.push_str(", ");
             add.push_str(&v);
         }
@@ -334,7 +334,7 @@ fn insert_select(
             if src.only_kw(a, b, Keyword::DEFAULT) {
                 return Err(bad());
             }
-            let v = ctx.twin_value(a, b, fill).map_err(|r| skip(child, r))?;
+            let v = ctx.inserted_twin(a, b, fill).map_err(|r| skip(child, r))?;
             add.push_str(", ");
             add.push_str(&v);
         }
@@ -361,6 +361,10 @@ fn insert_select(
     let mut head = String::from("SELECT _ks.*");
     for &(i, fill) in &fills {
         head.push_str(", ");
+        if ctx.twin_by_trigger(fill) {
+            head.push_str("NULL");
+            continue;
+        }
         let ctes = ctx.cte_sources(fill);
         head.push_str(&lookup(fill, &format!("_ks._ks{}", i + 1), false, &ctes));
     }

@@ -197,24 +197,43 @@ impl Outcome {
     }
 }
 
-/// Rewrites `sql` under `rules`. Never panics: a panic inside is caught and reported as
-/// [`SkipReason::Internal`].
+/// How often PostgreSQL will plan the text a rewrite produces, which decides how a
+/// translated INSERT fills its twins ([`statement::Ctx::inserted_twin`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Planning {
+    /// Once, or once per few executions: a named statement, an unnamed one that keyshift
+    /// prepares under a name when it repeats (src/proxy/server_statements.rs), a simple
+    /// Query whose shape keyshift runs as `EXECUTE` (src/rewrite/preparable.rs).
+    #[default]
+    Once,
+    /// At every execution: the text of any other simple Query.
+    EachExecution,
+}
+
+/// Rewrites `sql` under `rules`, for a statement planned once ([`Planning::Once`]). Never
+/// panics: a panic inside is caught and reported as [`SkipReason::Internal`].
 ///
 /// Release builds do not re-parse the output (debug builds, and so every test, do): the
 /// re-parse costs about twice the rest of the rewrite, because sqlparser parses the nested
 /// parentheses of the lookups speculatively, and it would only turn a rewriter bug's syntax
 /// error into a pass-through. Use [`rewrite_verified`] to always check.
 pub fn rewrite(rules: &RuleSet, sql: &str) -> Outcome {
-    rewrite_checked(rules, sql, cfg!(debug_assertions))
+    rewrite_checked(rules, sql, cfg!(debug_assertions), Planning::Once)
 }
 
 /// [`rewrite`], always checking that each rewritten statement parses as one statement; one
 /// that does not is kept as it came and reported as [`SkipReason::Invalid`].
 pub fn rewrite_verified(rules: &RuleSet, sql: &str) -> Outcome {
-    rewrite_checked(rules, sql, true)
+    rewrite_checked(rules, sql, true, Planning::Once)
 }
 
-fn rewrite_checked(rules: &RuleSet, sql: &str, verify: bool) -> Outcome {
+/// [`rewrite`] for a text PostgreSQL will plan as `planning` says; `verify` as
+/// [`rewrite_verified`] (debug builds always verify).
+pub fn rewrite_planned(rules: &RuleSet, sql: &str, verify: bool, planning: Planning) -> Outcome {
+    rewrite_checked(rules, sql, verify || cfg!(debug_assertions), planning)
+}
+
+fn rewrite_checked(rules: &RuleSet, sql: &str, verify: bool, planning: Planning) -> Outcome {
     let Some(name) = rules.prescan.find(sql) else {
         return Outcome::Unchanged;
     };
@@ -222,7 +241,7 @@ fn rewrite_checked(rules: &RuleSet, sql: &str, verify: bool) -> Outcome {
         return unparsed(rules, sql, 0..sql.len(), SkipReason::TooLong);
     }
     match catch_unwind(AssertUnwindSafe(|| {
-        rewrite_parsed(rules, sql, verify, true)
+        rewrite_parsed(rules, sql, verify, true, planning)
     })) {
         Ok(outcome) => outcome,
         Err(_) => Outcome::Skipped(vec![Skip {
@@ -242,11 +261,17 @@ fn parser(tokens: Vec<sqlparser::tokenizer::TokenWithSpan>) -> Parser<'static> {
 /// the prescan never hides a write the parser would find.
 #[cfg(test)]
 pub(crate) fn rewrite_unscanned(rules: &RuleSet, sql: &str) -> Outcome {
-    rewrite_parsed(rules, sql, true, false)
+    rewrite_parsed(rules, sql, true, false, Planning::Once)
 }
 
 /// `gate`: parse only the statements the prescan says may mention a migrated table.
-fn rewrite_parsed(rules: &RuleSet, sql: &str, verify: bool, gate: bool) -> Outcome {
+fn rewrite_parsed(
+    rules: &RuleSet,
+    sql: &str,
+    verify: bool,
+    gate: bool,
+    planning: Planning,
+) -> Outcome {
     let Ok(mut src) = Source::tokenize(sql) else {
         return unparsed(rules, sql, 0..sql.len(), SkipReason::ParseError);
     };
@@ -296,6 +321,7 @@ fn rewrite_parsed(rules: &RuleSet, sql: &str, verify: bool, gate: bool) -> Outco
             changes: Vec::new(),
             ctes: Vec::new(),
             visible: usize::MAX,
+            planning,
         };
         // Translation first: an expression the dual-write copies into a lookup (a subquery
         // naming a migrated table) must read the views too, so the copy takes the redirects.

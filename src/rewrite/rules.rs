@@ -27,7 +27,8 @@ pub enum ClientView {
     Physical,
     /// The session sees `Shape` while the tables are in the other shape: every reference to
     /// a migrated table is pointed at keyshift's view of it in that shape
-    /// (`Shape::view_schema`), and the fills' lookups read the parents' views too.
+    /// (`Shape::view_schema`), and the fills' lookups read the parents' views too (except
+    /// where an INSERT leaves its twin to the fill trigger, `Ctx::twin_by_trigger`).
     Translated(Shape),
 }
 

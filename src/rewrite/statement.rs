@@ -9,7 +9,7 @@ use sqlparser::tokenizer::Token;
 
 use super::edit::{Edits, Source, folded};
 use super::rules::{ChildRules, Fill, RuleSet};
-use super::{Change, Kind, Skip, SkipReason};
+use super::{Change, Kind, Planning, Skip, SkipReason};
 use crate::ident::quote;
 
 pub(crate) struct Ctx<'s, 'a> {
@@ -27,6 +27,8 @@ pub(crate) struct Ctx<'s, 'a> {
     pub ctes: Vec<ParentCte>,
     /// CTEs with a lower position are visible to the write being rewritten.
     pub visible: usize,
+    /// How often PostgreSQL will plan the result.
+    pub planning: Planning,
 }
 
 /// `WITH x AS (INSERT INTO parent … RETURNING …)`: the rows it inserts are invisible to the
@@ -57,6 +59,49 @@ impl Ctx<'_, '_> {
             }
         }
         out
+    }
+
+    /// What an INSERT writes into the twin for the source-column value in tokens `a..b`.
+    pub(crate) fn inserted_twin(
+        &mut self,
+        a: usize,
+        b: usize,
+        fill: &Fill,
+    ) -> Result<String, SkipReason> {
+        if self.twin_by_trigger(fill) {
+            return Ok("NULL".to_string());
+        }
+        self.twin_value(a, b, fill)
+    }
+
+    /// Whether an INSERT leaves `fill`'s twin to the child's fill trigger (src/migrate/fill.rs),
+    /// writing `NULL` into it: in a translated session's text that PostgreSQL plans at every
+    /// execution (a simple Query keyshift does not run as `EXECUTE`).
+    ///
+    /// Both are correct; they differ in cost. The rewriter's lookup of a translated session
+    /// reads the parent through its shape view, which PostgreSQL expands and plans with the
+    /// statement: planned once, it costs an index probe per row and is the cheaper; planned at
+    /// every execution it is the third view of a translated `INSERT … SELECT`, and the
+    /// trigger, whose lookup plpgsql plans once per session on the parent's table, is the
+    /// cheaper (docs/benchmarks.md, "Shapes": on PostgreSQL alone, simple protocol 1.3 × the
+    /// throughput with the trigger, prepared 0.86 ×). The physical shape keeps the lookup: it
+    /// reads the table itself. `NULL` rather than nothing: an other side with a column default
+    /// would otherwise keep that default, and the trigger fills only a NULL. A parent inserted
+    /// by a CTE of the same statement is invisible to the trigger: those keep the lookup,
+    /// which falls back to the CTE.
+    pub(crate) fn twin_by_trigger(&self, fill: &Fill) -> bool {
+        self.planning == Planning::EachExecution
+            && self.rules.translated().is_some()
+            && !self.parent_ctes_visible(fill)
+    }
+
+    /// Whether a visible CTE of this statement inserts into `fill`'s parent.
+    fn parent_ctes_visible(&self, fill: &Fill) -> bool {
+        self.ctes.iter().any(|c| {
+            c.position < self.visible
+                && c.parent.0 == fill.parent_schema
+                && c.parent.1 == fill.parent_table
+        })
     }
 
     /// What to write into the twin for the source-column value in tokens `a..b`.

@@ -929,6 +929,11 @@ fn integer_views() -> RuleSet {
     .unwrap()
 }
 
+/// The rewrite of a simple Query that PostgreSQL plans at every execution.
+fn each_execution(r: &RuleSet, sql: &str) -> String {
+    sql_of(rewrite_planned(r, sql, true, Planning::EachExecution))
+}
+
 fn sql_of(out: Outcome) -> String {
     match out {
         Outcome::Rewritten { sql, skipped, .. } if skipped.is_empty() => sql,
@@ -1061,7 +1066,7 @@ fn translated_reads_of_the_applications_views_read_their_copy() {
 }
 
 #[test]
-fn translated_writes_fill_the_other_shape_through_the_parents_view() {
+fn translated_inserts_planned_once_look_the_twin_up_through_the_parents_view() {
     let r = uuid_views();
     let out = sql_of(rewrite(
         &r,
@@ -1079,6 +1084,86 @@ fn translated_writes_fill_the_other_shape_through_the_parents_view() {
         "UPDATE keyshift_integer_public.c SET p_id = 7, p_id_uuid = \
          (SELECT id_uuid FROM keyshift_integer_public.p WHERE id = (7)::bigint) WHERE id = 1"
     );
+}
+
+#[test]
+fn translated_inserts_planned_at_each_execution_leave_the_twin_to_the_fill_trigger() {
+    let r = uuid_views();
+    // The twin is named, as NULL: the child's fill trigger computes it from the parent (an
+    // other side with a column default would otherwise keep that default).
+    assert_eq!(
+        each_execution(
+            &r,
+            "INSERT INTO c (id, a, p_id) VALUES (7, 'x', 'b1e0c7a2-0000-4000-8000-000000000001')"
+        ),
+        "INSERT INTO keyshift_uuid_public.c (id, a, p_id, p_id_legacy) VALUES (7, 'x', \
+         'b1e0c7a2-0000-4000-8000-000000000001', NULL)"
+    );
+    // Nothing of the expression is copied, so a volatile one no longer stops the rewrite.
+    assert_eq!(
+        each_execution(
+            &r,
+            "INSERT INTO c (a, p_id) VALUES ('x', (SELECT id FROM p ORDER BY random() LIMIT 1))"
+        ),
+        "INSERT INTO keyshift_uuid_public.c (a, p_id, p_id_legacy) VALUES ('x', \
+         (SELECT id FROM keyshift_uuid_public.p ORDER BY random() LIMIT 1), NULL)"
+    );
+    // A parent inserted by a CTE of the same statement is invisible to the trigger as to a
+    // lookup: the lookup stays, with its fallback to the CTE.
+    let out = each_execution(
+        &r,
+        "WITH n AS (INSERT INTO p (a) VALUES ('n') RETURNING id) INSERT INTO c (a, p_id) SELECT 'x', id FROM n",
+    );
+    assert!(out.contains("JOIN n AS _ks_c"), "{out}");
+    // UPDATEs keep the lookup: the triggers recompute only the phase's truth side.
+    let r = integer_views();
+    assert_eq!(
+        each_execution(&r, "UPDATE c SET p_id = 7 WHERE id = 1"),
+        "UPDATE keyshift_integer_public.c SET p_id = 7, p_id_uuid = \
+         (SELECT id_uuid FROM keyshift_integer_public.p WHERE id = (7)::bigint) WHERE id = 1"
+    );
+    // The physical shape reads the parent's table: its lookup stays.
+    let physical = RuleSet::build(
+        &plan(),
+        Direction::Forward,
+        ClientView::Physical,
+        vec!["public".into()],
+        1,
+    )
+    .unwrap();
+    assert!(
+        each_execution(&physical, "INSERT INTO c (a, p_id) VALUES ('x', 7)")
+            .contains("(SELECT id_uuid FROM public.p WHERE id = (7)::bigint)")
+    );
+}
+
+#[test]
+fn a_translated_query_cache_plans_the_shapes_it_prepares_once() {
+    let r = uuid_views();
+    let cache = RewriteCache::new(16, 64 * 1024).planned(Planning::EachExecution);
+    // INSERT … VALUES of literals runs as EXECUTE of a statement prepared from its shape:
+    // planned once, so its template keeps the lookup.
+    let values = "INSERT INTO c (a, p_id) VALUES ('x', 'b1e0c7a2-0000-4000-8000-000000000001')";
+    for time in 0..2 {
+        let (out, prepare) = cache.rewrite_query(&r, values);
+        assert!(sql_of((*out).clone()).contains("SELECT id_legacy FROM keyshift_uuid_public.p"));
+        // The first text runs as text; the shape is prepared from the second on.
+        if time == 1 {
+            let template = prepare.expect("a preparable shape").template;
+            assert!(template.contains("WHERE id = ($2)::uuid"), "{template}");
+        }
+    }
+    // INSERT … SELECT is planned at every execution: NULL, for the trigger.
+    let select = "INSERT INTO c (a, p_id) SELECT 'x', id FROM p WHERE a = 'y'";
+    for _ in 0..2 {
+        let (out, prepare) = cache.rewrite_query(&r, select);
+        assert!(prepare.is_none());
+        assert_eq!(
+            sql_of((*out).clone()),
+            "INSERT INTO keyshift_uuid_public.c (a, p_id, p_id_legacy) SELECT 'x', id, NULL \
+             FROM keyshift_uuid_public.p WHERE a = 'y'"
+        );
+    }
 }
 
 #[test]
@@ -1365,6 +1450,25 @@ fn translated_insert_select_points_both_tables_at_views() {
         out.contains("FROM keyshift_integer_public.p WHERE a = $1"),
         "{out}"
     );
+    // Planned at each execution, the twin is the trigger's; the forms wrapped as a derived
+    // table get their NULL the same way.
+    assert_eq!(
+        each_execution(
+            &r,
+            "INSERT INTO c (p_id, a) SELECT id, 5 FROM p WHERE a = 'z'"
+        ),
+        "INSERT INTO keyshift_integer_public.c (p_id, a, p_id_uuid) SELECT id, 5, NULL \
+         FROM keyshift_integer_public.p WHERE a = 'z'"
+    );
+    let out = each_execution(
+        &r,
+        "INSERT INTO c (p_id, a) SELECT id, a FROM p UNION ALL SELECT 3, 'y'",
+    );
+    assert_eq!(
+        out,
+        "INSERT INTO keyshift_integer_public.c (p_id, a, p_id_uuid) SELECT _ks.*, NULL FROM (\
+         SELECT id, a FROM keyshift_integer_public.p UNION ALL SELECT 3, 'y') AS _ks(_ks1, _ks2)"
+    );
 }
 
 #[test]
@@ -1396,9 +1500,20 @@ fn a_missing_parent_fails_as_the_foreign_key_would() {
     )
     .unwrap();
     assert_eq!(
+        sql_of(rewrite(&r, "UPDATE c SET p_id = $1 WHERE a = 'x'")),
+        "UPDATE keyshift_integer_public.c SET p_id = $1, p_id_uuid = COALESCE((SELECT id_uuid FROM keyshift_integer_public.p WHERE id = ($1)::bigint), \
+         keyshift.missing_parent((($1)::bigint)::text, 'c', 'c_p_id_fkey', 'p_id', 'p')::uuid) WHERE a = 'x'"
+    );
+    assert_eq!(
         sql_of(rewrite(&r, "INSERT INTO c (a, p_id) VALUES ('x', $1)")),
         "INSERT INTO keyshift_integer_public.c (a, p_id, p_id_uuid) VALUES ('x', $1, COALESCE((SELECT id_uuid FROM keyshift_integer_public.p WHERE id = ($1)::bigint), \
          keyshift.missing_parent((($1)::bigint)::text, 'c', 'c_p_id_fkey', 'p_id', 'p')::uuid))"
+    );
+    // Planned at each execution, the insert leaves the twin to the fill trigger, which
+    // raises the same error (src/migrate/fill.rs; tests/shapes_differential.rs).
+    assert_eq!(
+        each_execution(&r, "INSERT INTO c (a, p_id) SELECT 'x', 9"),
+        "INSERT INTO keyshift_integer_public.c (a, p_id, p_id_uuid) SELECT 'x', 9, NULL"
     );
     // Before cutover the uuid twin may be NULL: PostgreSQL's own FK check decides.
     let r = RuleSet::build(
