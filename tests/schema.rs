@@ -3,7 +3,7 @@
 mod common;
 mod migrate_support;
 
-use common::proxy::{connect_shaped, linked_proxy, wait_status};
+use common::proxy::{connect_shaped, linked_proxy, wait_rules_in_force, wait_status};
 use migrate_support::{SEED_000, SEED_004, ks_expect, seed_004_rows};
 use tokio_postgres::Client;
 
@@ -505,12 +505,7 @@ async fn every_object_follows_the_key_through_the_lifecycle_under_load() {
     let mut writers = vec![tokio::spawn(app_load(c, "v1", stop.clone()))];
     ks_expect(&db.url(), &["backfill"], 0);
     // V2 needs the uuids complete (phase hardened, which backfill ends in).
-    let version: i64 = admin
-        .query_one("SELECT rules_version FROM keyshift.migration", &[])
-        .await
-        .unwrap()
-        .get(0);
-    wait_status(&proxy, |v| v["rules_version"] == version).await;
+    wait_rules_in_force(&proxy, &admin).await;
     let c = connect_shaped(&proxy, &db, "uuid").await;
     writers.push(tokio::spawn(app_load(c, "v2", stop.clone())));
     check_carried(&admin, &r, "integer").await;

@@ -7,7 +7,9 @@ mod migrate_support;
 
 use std::time::{Duration, Instant};
 
-use common::proxy::{TestProxy, connect_shaped, linked_proxy, test_config, wait_status};
+use common::proxy::{
+    TestProxy, connect_shaped, linked_proxy, test_config, wait_rules_in_force, wait_status,
+};
 use migrate_support::{SEED_004, ks_async, ks_expect, seed_004_rows, text};
 use tokio_postgres::error::SqlState;
 use uuid::Uuid;
@@ -460,12 +462,7 @@ async fn temporary_tables_and_search_path_resolve_as_the_session_says() {
 /// `keyshift cutover`, then wait until the proxy serves the rules it committed.
 async fn cutover_and_wait(db: &common::TestDb, direct: &tokio_postgres::Client, p: &TestProxy) {
     ks_expect(&db.url(), &["cutover"], 0);
-    let version: i64 = direct
-        .query_one("SELECT rules_version FROM keyshift.migration", &[])
-        .await
-        .unwrap()
-        .get(0);
-    wait_status(p, |v| v["rules_version"] == version).await;
+    wait_rules_in_force(p, direct).await;
 }
 
 async fn copy_in(c: &tokio_postgres::Client, sql: &str, data: String) -> u64 {

@@ -278,6 +278,17 @@ pub async fn linked_proxy(db: &super::TestDb) -> TestProxy {
     p
 }
 
+/// Waits until the proxy serves the rules version the database holds now (after a step
+/// that committed new rules: backfill's harden, cutover, rollback).
+pub async fn wait_rules_in_force(p: &TestProxy, db: &tokio_postgres::Client) {
+    let version: i64 = db
+        .query_one("SELECT rules_version FROM keyshift.migration", &[])
+        .await
+        .unwrap()
+        .get(0);
+    wait_status(p, |v| v["rules_version"] == version).await;
+}
+
 /// Waits until the proxy's `/v1/status` satisfies `ok` (15 s at most).
 pub async fn wait_status(p: &TestProxy, ok: impl Fn(&serde_json::Value) -> bool) {
     let start = Instant::now();
