@@ -16,13 +16,20 @@
 #                      itself needs for these catalog changes, without keyshift)
 # Target (issue 16): gate closed <= 100 ms from 5 to 300 tables, longest <= 1.5 x gate.
 #
-# Usage: benches/cutover_tables.sh        (about 6 minutes here; also `SCALE=1 benches/cutover.sh`)
-# Environment: SIZES="10 50 150 300", SHAPES="star chain", ROWS=2000, CLIENTS=4, PGBIN,
-#              KEEP_TMP=1.
+# Each schema and size is cut over in each of MODES, on its own copy, one after the other:
+#   single    `keyshift cutover`: one swap of every table, inside the pause
+#   by_table  `keyshift cutover --by-table`: a pause that only changes the phase, then the
+#             tables swapped group by group with the gates open; its columns also show
+#             the groups' total time and the longest group's transaction
+#
+# Usage: benches/cutover_tables.sh        (about 12 minutes here; also `SCALE=1 benches/cutover.sh`)
+# Environment: SIZES="10 50 150 300", SHAPES="star chain", MODES="single by_table",
+#              ROWS=2000, CLIENTS=4, PGBIN, KEEP_TMP=1.
 set -euo pipefail
 
 SIZES=${SIZES:-10 50 150 300}
 SHAPES=${SHAPES:-star chain}
+MODES=${MODES:-single by_table}
 ROWS=${ROWS:-2000}
 CLIENTS=${CLIENTS:-4}
 
@@ -78,10 +85,11 @@ floor_ms() { # database
     grep -o 'Time: [0-9.]*' "$TMP/floor-$1.out" | awk 'NR > 1 { s += $2 } END { printf "%.0f", s }'
 }
 
-declare -A SWAP GATE LONGEST FLOOR STMTS
+declare -A SWAP GATE LONGEST FLOOR STMTS GROUPS_MS GROUP_MAX
 for shape in $SHAPES; do
     for k in $SIZES; do
-        db="${shape}_$k"
+      for mode in $MODES; do
+        db="${shape}_${k}_$mode"
         log "$db: $k tables"
         "${PSQL[@]}" -c "CREATE DATABASE $db" >/dev/null
         schema_sql "$shape" "$k" | "${PSQL[@]}" -d "$db" >/dev/null
@@ -101,12 +109,14 @@ for shape in $SHAPES; do
 SELECT u.name, count(c.id) FROM users u JOIN t1 c ON c.ref_id = u.id WHERE u.id = :u GROUP BY u.name;
 SELECT count(*) FROM t$((k - 1)) WHERE ref_id = :u;
 EOF
-        (cd "$TMP" && exec "$PGBIN/pgbench" -n -f "read-$db.sql" -c "$CLIENTS" -j 2 -T 14 -l --log-prefix="lat-$db" \
+        (cd "$TMP" && exec "$PGBIN/pgbench" -n -f "read-$db.sql" -c "$CLIENTS" -j 2 -T 20 -l --log-prefix="lat-$db" \
             -h 127.0.0.1 -p "$PROXY_PORT" -U postgres "$db" >"pgbench-$db.out" 2>&1) &
         bench=$!
         sleep 6
+        flags=()
+        [ "$mode" = by_table ] && flags=(--by-table)
         start=$(date +%s.%N)
-        KEYSHIFT_DATABASE_URL=$(url "$db") "$KS" cutover >"$TMP/$db-cutover.out" 2>"$TMP/$db-cutover.err" ||
+        KEYSHIFT_DATABASE_URL=$(url "$db") "$KS" cutover "${flags[@]}" >"$TMP/$db-cutover.out" 2>"$TMP/$db-cutover.err" ||
             { cat "$TMP/$db-cutover.out" "$TMP/$db-cutover.err" | tail -20 >&2; die "$db: cutover failed"; }
         end=$(date +%s.%N)
         wait "$bench" || { cat "$TMP/pgbench-$db.out" >&2; die "$db: pgbench failed"; }
@@ -116,22 +126,27 @@ EOF
         wait "$PROXY_PID" 2>/dev/null || true
         SWAP[$db]=$(sed -n 's/.*swap transaction \([0-9.]*\) ms.*/\1/p' "$TMP/$db-cutover.out")
         GATE[$db]=$(sed -n 's/.*gate closed \([0-9.]*\) ms.*/\1/p' "$TMP/$db-cutover.out" | head -1)
+        GROUPS_MS[$db]=$(sed -n 's/.* group.* in \([0-9.]*\) ms.*/\1/p' "$TMP/$db-cutover.out")
+        GROUP_MAX[$db]=$(sed -n 's/.*; longest \([0-9.]*\) ms.*/\1/p' "$TMP/$db-cutover.out")
         # pgbench -l: client, tx, latency µs, script, epoch s, µs. The transactions that
         # ended while the cutover command ran (it holds the gate at most once).
         LONGEST[$db]=$(cat "$TMP"/lat-"$db".* | awk -v a="$start" -v b="$end" '
             { t = $5 + $6 / 1e6; if (t >= a && t <= b + 1 && $3 > m) m = $3 }
             END { printf "%.1f", m / 1000 }')
-        log "$db: swap ${SWAP[$db]} ms, gate ${GATE[$db]} ms, longest ${LONGEST[$db]} ms, floor ${FLOOR[$db]} ms"
+        log "$db: swap ${SWAP[$db]} ms, gate ${GATE[$db]} ms, longest ${LONGEST[$db]} ms, floor ${FLOOR[$db]} ms, groups ${GROUPS_MS[$db]:--} ms (longest ${GROUP_MAX[$db]:--})"
         "${PSQL[@]}" -c "DROP DATABASE $db" >/dev/null
+      done
     done
 done
 
 echo
 echo "keyshift $(git -C "$ROOT" rev-parse --short HEAD), PostgreSQL $("$PGBIN/postgres" --version | awk '{print $3}'), $CLIENTS clients, $ROWS rows per table; load average at start $LOADAVG_START"
-printf '%-6s %7s %10s %12s %12s %10s %14s\n' shape tables "swap ms" "gate ms" "longest ms" "floor ms" "floor stmts"
+printf '%-6s %7s %-9s %10s %10s %12s %10s %12s %10s %12s\n' shape tables mode "swap ms" "gate ms" "longest ms" "floor ms" "floor stmts" "groups ms" "group max"
 for shape in $SHAPES; do
     for k in $SIZES; do
-        db="${shape}_$k"
-        printf '%-6s %7s %10s %12s %12s %10s %14s\n' "$shape" "$k" "${SWAP[$db]}" "${GATE[$db]}" "${LONGEST[$db]}" "${FLOOR[$db]}" "${STMTS[$db]}"
+        for mode in $MODES; do
+            db="${shape}_${k}_$mode"
+            printf '%-6s %7s %-9s %10s %10s %12s %10s %12s %10s %12s\n' "$shape" "$k" "$mode" "${SWAP[$db]}" "${GATE[$db]}" "${LONGEST[$db]}" "${FLOOR[$db]}" "${STMTS[$db]}" "${GROUPS_MS[$db]:--}" "${GROUP_MAX[$db]:--}"
+        done
     done
 done

@@ -98,6 +98,7 @@ fn plan() -> (Plan, Reading) {
     assert_eq!(plan.foreign_keys().count(), TABLES * 2);
     let reading = Reading {
         shape: Shape::Integer,
+        through_views: false,
         columns,
         shadows: Vec::new(),
         integer_copies: Vec::new(),

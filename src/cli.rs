@@ -347,6 +347,12 @@ pub struct SwitchCmd {
     /// Run the whole protocol, swap included, then roll the swap back
     #[arg(long)]
     pub dry_run: bool,
+    /// Cutover only: a pause that just changes the phase, then the tables swapped group by
+    /// group (children before parents), gates open, each group briefly locking only its own
+    /// tables. The pause no longer grows with the number of tables. Rerun it to resume an
+    /// interrupted one. Not yet for partitioned tables or carried views and policies
+    #[arg(long)]
+    pub by_table: bool,
     /// Output format
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
@@ -547,6 +553,7 @@ fn run_switch(
         budget: c.budget,
         terminate_blockers: c.terminate_blockers,
         dry_run: c.dry_run,
+        by_table: c.by_table,
     };
     runtime()?.block_on(async {
         let client = crate::migrate::db::connect(&cfg.database_url).await?;
@@ -560,6 +567,13 @@ fn run_switch(
             }
             Err(SwitchError::Refused(why)) => {
                 eprintln!("keyshift {}: refused: {why}", action.as_str());
+                Ok(ExitCode::from(1))
+            }
+            Err(SwitchError::Interrupted(why)) => {
+                eprintln!(
+                    "keyshift {}: stopped partway, phase cutting_over, traffic flowing: {why}",
+                    action.as_str()
+                );
                 Ok(ExitCode::from(1))
             }
             Err(SwitchError::Aborted(why)) => {

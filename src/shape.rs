@@ -48,13 +48,16 @@ impl Shape {
     }
 
     /// What the migrated tables look like in `phase`: the uuid columns carry the original
-    /// names from the swap's commit (`cut_over`) until a rollback commits.
-    pub fn physical(phase: Phase) -> Shape {
+    /// names from the swap's commit (`cut_over`) until a rollback commits. `None` while a
+    /// cutover swaps them table by table (`cutting_over`): some are in each shape, and every
+    /// session is translated.
+    pub fn physical(phase: Phase) -> Option<Shape> {
         match phase {
+            Phase::CuttingOver => None,
             Phase::CutOver | Phase::RollingBack | Phase::Finalizing | Phase::Finalized => {
-                Shape::Uuid
+                Some(Shape::Uuid)
             }
-            _ => Shape::Integer,
+            _ => Some(Shape::Integer),
         }
     }
 
@@ -146,10 +149,10 @@ mod tests {
 
     #[test]
     fn physical_shape_turns_at_the_swap_and_back_at_rollback() {
-        assert_eq!(Shape::physical(Phase::CuttingOver), Shape::Integer);
-        assert_eq!(Shape::physical(Phase::CutOver), Shape::Uuid);
-        assert_eq!(Shape::physical(Phase::RollingBack), Shape::Uuid);
-        assert_eq!(Shape::physical(Phase::Hardened), Shape::Integer);
+        assert_eq!(Shape::physical(Phase::CuttingOver), None);
+        assert_eq!(Shape::physical(Phase::CutOver), Some(Shape::Uuid));
+        assert_eq!(Shape::physical(Phase::RollingBack), Some(Shape::Uuid));
+        assert_eq!(Shape::physical(Phase::Hardened), Some(Shape::Integer));
     }
 
     #[test]

@@ -83,25 +83,7 @@ fn schema(key: &str, fk: &str, role: &str) -> String {
 /// `pg_dump --schema-only` of `db`, normalized (module comment) into a sorted list of
 /// statements.
 fn dump(db: &common::TestDb) -> Vec<String> {
-    let out = std::process::Command::new(common::pg_tool("pg_dump"))
-        .args(["--schema-only", "--no-publications", "--no-subscriptions"])
-        .arg(db.url())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "pg_dump: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
-    let body: String = text
-        .lines()
-        .filter(|l| !l.starts_with("--") && !l.starts_with("SET ") && !l.is_empty())
-        .filter(|l| !l.starts_with("SELECT pg_catalog.set_config"))
-        // pg_dump 15.14+ brackets the dump with a random key.
-        .filter(|l| !l.starts_with("\\restrict") && !l.starts_with("\\unrestrict"))
-        .map(|l| format!("{l}\n"))
-        .collect();
+    let body = common::schema_dump(&db.url());
     let mut statements: Vec<String> = body
         .split(";\n")
         .map(str::trim)

@@ -85,6 +85,7 @@ pub async fn cutover(c: &Client, s: &Settings) -> Result<SwitchReport, StepError
         budget: Duration::from_secs(10),
         terminate_blockers: false,
         dry_run: false,
+        by_table: false,
     };
     Ok(switch::run(c, &opts, s).await?)
 }

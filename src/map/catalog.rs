@@ -104,8 +104,12 @@ pub enum CatalogError {
 
 /// The mapping of a live migration, from its plan and phase as already read (the proxy
 /// keeps its plan); `stamp` is the migration's `created_at`.
+///
+/// While a cutover swaps table by table (`cutting_over`) each table is read through
+/// keyshift's integer-shape view of it, whose names hold whether it was swapped yet or not.
 pub fn live_catalog(stamp: String, plan: &Plan, phase: Phase) -> MapCatalog {
-    let after = phase.is_after_cutover();
+    let mixed = crate::shape::Shape::physical(phase).is_none();
+    let after = phase.is_after_cutover() && !mixed;
     let tables = plan
         .tables
         .iter()
@@ -117,7 +121,10 @@ pub fn live_catalog(stamp: String, plan: &Plan, phase: Phase) -> MapCatalog {
             };
             MapTable {
                 name: map_name(t),
-                schema: t.schema.clone(),
+                schema: match mixed {
+                    true => crate::shape::Shape::Integer.view_schema(&t.schema),
+                    false => t.schema.clone(),
+                },
                 table: t.name.clone(),
                 legacy_column,
                 uuid_column,

@@ -862,7 +862,17 @@ fn relations_json(plan: &Plan, target: Shape) -> String {
     serde_json::Value::Array(rels).to_string()
 }
 
-fn functions() -> Step {
+/// How many objects of the application a swap would have to carry (views, policies,
+/// triggers, rules, CHECKs, statistics over a migrated key or FK column); needs the
+/// functions ([`functions`]).
+pub fn count_sql(plan: &Plan) -> String {
+    format!(
+        "SELECT count(*)::bigint, coalesce(string_agg(kind || ' ' || label, ', ' ORDER BY label), '') FROM keyshift.carried_objects({}::jsonb)",
+        literal(&columns_json(plan))
+    )
+}
+
+pub fn functions() -> Step {
     Step {
         sql: function_sql(),
         mode: Mode::State,

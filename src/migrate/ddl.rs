@@ -143,7 +143,7 @@ pub struct Step {
 }
 
 impl Step {
-    fn new(sql: String, mode: Mode, when: When) -> Step {
+    pub(super) fn new(sql: String, mode: Mode, when: When) -> Step {
         Step { sql, mode, when }
     }
 }
@@ -292,11 +292,12 @@ pub fn expand(plan: &Plan) -> Vec<Step> {
     }
     // Column privileges, comments and statistics targets, onto the twins.
     v.extend(mirror::steps(plan));
-    // The fill triggers watch the twins: after them.
+    // A view lists every column of its table, the uuid twins included: after them.
+    v.extend(views::create(plan));
+    // The fill triggers watch the twins, and look parents up through the integer-shape
+    // views: after both, or a write that fires one would find no view.
     v.extend(fill::create(plan));
     v.extend(id_map_step(plan));
-    // Last: a view lists every column of its table, the uuid twins included.
-    v.extend(views::create(plan));
     // Then the application's views over them, in each shape.
     v.extend(carry::at_expand(plan));
     v
@@ -969,7 +970,7 @@ fn check_not_null(schema: &str, table: &str, name: &str, column: &str) -> Vec<St
     ]
 }
 
-fn swap(sql: String) -> Step {
+pub(super) fn swap(sql: String) -> Step {
     Step::new(sql, Mode::Swap, When::Always)
 }
 
@@ -1070,7 +1071,7 @@ fn key_renames(t: &PlanTable, away: &str, back: &str) -> [Step; 2] {
 
 /// First in each swap: JIT compilation of a costly plan (the catch-up of a big table, a
 /// catalog query with a generic plan's estimates) takes 50-90 ms, longer than running it.
-const NO_JIT: &str = "SET LOCAL jit = off";
+pub(super) const NO_JIT: &str = "SET LOCAL jit = off";
 
 /// cutover: first, online, the NOT NULL CHECKs of the NOT NULL FK twins (they reject direct
 /// writes that leave a NULL twin, so they come last, with the proxy dual-writing); then ONE
@@ -1078,19 +1079,7 @@ const NO_JIT: &str = "SET LOCAL jit = off";
 /// the uuid index promoted to primary key, and renames so that the result reads as if it had
 /// always been UUID.
 pub fn cutover(plan: &Plan) -> Vec<Step> {
-    // What was granted, commented or tuned on the columns since expand follows them too.
-    let mut v = vec![Step::new(mirror::function_sql(), Mode::State, When::Always)];
-    v.extend(mirror::steps(plan));
-    for (_, f) in plan.foreign_keys() {
-        if let Some(chk) = &f.not_null_check {
-            v.extend(check_not_null(
-                &f.child_schema,
-                &f.child_table,
-                chk,
-                &f.uuid_column,
-            ));
-        }
-    }
+    let mut v = cutover_preparation(plan);
     // Partitions created or attached since harden get the unique indexes the swap needs.
     for t in plan.tables.iter().filter(|t| t.partitioned()) {
         v.push(key_index(t, &t.uuid_column, &t.uuid_index, &t.uuid_column));
@@ -1104,70 +1093,12 @@ pub fn cutover(plan: &Plan) -> Vec<Step> {
     v.push(swap(NO_JIT.into()));
     for (_, f) in plan.foreign_keys().filter(|(_, f)| !f.child_not_null) {
         // Writes that bypassed the proxy since the last catch-up.
-        v.push(swap(Twin::uuid_side(f).swap_catchup(f)));
+        v.push(swap(swap_catchup(f)));
     }
     v.push(swap(carry::save(plan)));
-    // Only the keys' SET NOT NULL (a primary key needs it); the rest of the NOT NULLs move
-    // after the pause (after_cutover).
-    v.extend(plan.tables.iter().map(set_not_null));
-    for (_, f) in plan.foreign_keys() {
-        v.push(swap(format!(
-            "ALTER TABLE {} DROP CONSTRAINT {}",
-            child(f),
-            quote(&f.constraint)
-        )));
-    }
-    for t in &plan.tables {
-        if t.partitioned() {
-            v.push(swap(partitions::swap_key(t, &t.uuid_column)));
-        } else {
-            v.push(swap(format!(
-                "ALTER TABLE {} DROP CONSTRAINT {}",
-                tbl(t),
-                quote(&t.pk_constraint)
-            )));
-            v.push(swap(format!(
-                "ALTER TABLE {} ADD CONSTRAINT {} PRIMARY KEY USING INDEX {}",
-                tbl(t),
-                quote(&t.pk_constraint),
-                quote(&t.uuid_index)
-            )));
-        }
-        v.extend(key_renames(t, &t.legacy_column, &t.uuid_column));
-    }
-    for (_, f) in plan.foreign_keys() {
-        let c = child(f);
-        v.push(swap(format!(
-            "ALTER TABLE {c} RENAME COLUMN {} TO {}",
-            quote(&f.child_column),
-            quote(&f.legacy_column)
-        )));
-        v.push(swap(format!(
-            "ALTER TABLE {c} RENAME COLUMN {} TO {}",
-            quote(&f.uuid_column),
-            quote(&f.child_column)
-        )));
-        v.push(swap(format!(
-            "ALTER TABLE {c} RENAME CONSTRAINT {} TO {}",
-            quote(&f.shadow_constraint),
-            quote(&f.constraint)
-        )));
-        for i in &f.indexes {
-            let s = quote(&f.child_schema);
-            // Renaming a constraint's index renames the constraint.
-            v.push(swap(format!(
-                "ALTER INDEX {s}.{} RENAME TO {}",
-                quote(&i.name),
-                quote(&i.legacy_name)
-            )));
-            v.push(swap(format!(
-                "ALTER INDEX {s}.{} RENAME TO {}",
-                quote(&i.uuid_name),
-                quote(&i.name)
-            )));
-        }
-        v.extend(partitions::leaf_renames(f, true).into_iter().map(swap));
-    }
+    let tables: Vec<&PlanTable> = plan.tables.iter().collect();
+    let fks: Vec<&PlanFk> = plan.foreign_keys().map(|(_, f)| f).collect();
+    v.extend(swap_keys(&tables, &fks).into_iter().map(swap));
     v.push(swap(carry::restore()));
     v.extend(fill::switch(plan, Physical::Uuid).into_iter().map(swap));
     // Not keyshift.id_map: a view binds columns by number, so expand's reads the integer and
@@ -1177,6 +1108,105 @@ pub fn cutover(plan: &Plan) -> Vec<Step> {
     v.push(swap("COMMIT".into()));
     v.extend(after_cutover(plan));
     v
+}
+
+/// What every cutover runs online before it swaps anything: what was granted, commented or
+/// tuned on the columns since expand follows them onto the twins, and the NOT NULL CHECKs of
+/// the NOT NULL FK twins (they reject direct writes that leave a NULL twin, so they come
+/// last, with the proxy dual-writing).
+pub(super) fn cutover_preparation(plan: &Plan) -> Vec<Step> {
+    let mut v = vec![Step::new(mirror::function_sql(), Mode::State, When::Always)];
+    v.extend(mirror::steps(plan));
+    for (_, f) in plan.foreign_keys() {
+        if let Some(chk) = &f.not_null_check {
+            v.extend(check_not_null(
+                &f.child_schema,
+                &f.child_table,
+                chk,
+                &f.uuid_column,
+            ));
+        }
+    }
+    v
+}
+
+/// The heart of cutover's swap for `tables` and the FKs `fks` (of children among them, or
+/// all of them: the single swap passes the whole plan, a cutover table by table one group
+/// at a time, children before their parents): the uuid keys' SET NOT NULL (a primary key
+/// needs it; the rest of the NOT NULLs move after the pause, [`after_cutover`]), the
+/// integer FKs dropped, each uuid unique index promoted to primary key, and the renames.
+/// Catalog-only.
+pub(super) fn swap_keys(tables: &[&PlanTable], fks: &[&PlanFk]) -> Vec<String> {
+    let mut v: Vec<String> = tables.iter().map(|t| set_not_null(t).sql).collect();
+    for f in fks {
+        v.push(format!(
+            "ALTER TABLE {} DROP CONSTRAINT {}",
+            child(f),
+            quote(&f.constraint)
+        ));
+    }
+    for t in tables {
+        if t.partitioned() {
+            v.push(partitions::swap_key(t, &t.uuid_column));
+        } else {
+            v.push(format!(
+                "ALTER TABLE {} DROP CONSTRAINT {}",
+                tbl(t),
+                quote(&t.pk_constraint)
+            ));
+            v.push(format!(
+                "ALTER TABLE {} ADD CONSTRAINT {} PRIMARY KEY USING INDEX {}",
+                tbl(t),
+                quote(&t.pk_constraint),
+                quote(&t.uuid_index)
+            ));
+        }
+        v.extend(
+            key_renames(t, &t.legacy_column, &t.uuid_column)
+                .into_iter()
+                .map(|s| s.sql),
+        );
+    }
+    for f in fks {
+        let c = child(f);
+        v.push(format!(
+            "ALTER TABLE {c} RENAME COLUMN {} TO {}",
+            quote(&f.child_column),
+            quote(&f.legacy_column)
+        ));
+        v.push(format!(
+            "ALTER TABLE {c} RENAME COLUMN {} TO {}",
+            quote(&f.uuid_column),
+            quote(&f.child_column)
+        ));
+        v.push(format!(
+            "ALTER TABLE {c} RENAME CONSTRAINT {} TO {}",
+            quote(&f.shadow_constraint),
+            quote(&f.constraint)
+        ));
+        for i in &f.indexes {
+            let s = quote(&f.child_schema);
+            // Renaming a constraint's index renames the constraint.
+            v.push(format!(
+                "ALTER INDEX {s}.{} RENAME TO {}",
+                quote(&i.name),
+                quote(&i.legacy_name)
+            ));
+            v.push(format!(
+                "ALTER INDEX {s}.{} RENAME TO {}",
+                quote(&i.uuid_name),
+                quote(&i.name)
+            ));
+        }
+        v.extend(partitions::leaf_renames(f, true));
+    }
+    v
+}
+
+/// The catch-up inside a swap of the nullable FK `f`'s uuid twin: writes that bypassed the
+/// proxy since the last catch-up.
+pub(super) fn swap_catchup(f: &PlanFk) -> String {
+    Twin::uuid_side(f).swap_catchup(f)
 }
 
 /// Harden's spare unique index on the integer key, which keeps the legacy key indexed (and
@@ -1491,9 +1521,10 @@ END $$"
     v.push(carry::validate(plan));
     // Materialized views the swap left over keyshift's views, rebuilt over the tables first.
     v.extend(carry::rebase(plan));
-    v.extend(views::drop(plan));
-    // The triggers watch the legacy columns: DROP COLUMN would refuse too.
+    // The triggers watch the legacy columns: DROP COLUMN would refuse too. They go before
+    // the shape views: their functions look parents up through those (src/migrate/fill.rs).
     v.extend(fill::drop(plan));
+    v.extend(views::drop(plan));
     v.extend(drop_rollback_preparation(plan));
     for (_, f) in plan.foreign_keys() {
         v.push(Step::new(
@@ -1634,8 +1665,9 @@ pub fn abort(plan: &Plan) -> Vec<Step> {
     // So do the shape views and the fill triggers: DROP COLUMN would refuse while they exist.
     // Materialized views a cutover and rollback left over the shape views go over the tables.
     v.extend(carry::rebase(plan));
-    v.extend(views::drop(plan));
+    // The triggers first: their functions look parents up through the shape views.
     v.extend(fill::drop(plan));
+    v.extend(views::drop(plan));
     for (_, f) in plan.foreign_keys() {
         for name in std::iter::once(&f.shadow_constraint).chain(f.not_null_check.as_ref()) {
             v.push(drop_constraint(&f.child_schema, &f.child_table, name));

@@ -92,47 +92,74 @@ pub fn children(plan: &Plan) -> Vec<(&str, &str, Vec<&PlanFk>)> {
     out
 }
 
-/// An FK's four columns under the names of one phase.
+/// An FK's four columns: the child's under the names of one phase, the parent's as
+/// keyshift's integer-shape view of it names them ([`lookup`]).
 struct Names {
     /// The child's integer FK and its uuid twin.
     int: String,
     uuid: String,
-    /// The parent's integer and uuid keys.
+    /// The parent's integer and uuid keys, in its integer-shape view.
     parent_int: String,
     parent_uuid: String,
+    /// The same two columns of the row being written, for a self-reference: the child's own
+    /// names in this phase.
+    self_int: String,
+    self_uuid: String,
 }
 
 fn names(plan: &Plan, f: &PlanFk, p: Physical) -> Names {
     let q = |s: &str| quote(s).into_owned();
-    match p {
-        Physical::Integer => Names {
-            int: q(&f.child_column),
-            uuid: q(&f.uuid_column),
-            parent_int: q(&f.parent_key),
-            parent_uuid: q(&f.parent_uuid_column),
-        },
-        Physical::Uuid => Names {
-            int: q(&f.legacy_column),
-            uuid: q(&f.child_column),
-            parent_int: q(&super::ddl::legacy_of(plan, f)),
-            parent_uuid: q(&f.parent_key),
-        },
+    let (int, uuid, self_int, self_uuid) = match p {
+        Physical::Integer => (
+            q(&f.child_column),
+            q(&f.uuid_column),
+            q(&f.parent_key),
+            q(&f.parent_uuid_column),
+        ),
+        Physical::Uuid => (
+            q(&f.legacy_column),
+            q(&f.child_column),
+            q(&super::ddl::legacy_of(plan, f)),
+            q(&f.parent_key),
+        ),
+    };
+    Names {
+        int,
+        uuid,
+        parent_int: q(&f.parent_key),
+        parent_uuid: q(&f.parent_uuid_column),
+        self_int,
+        self_uuid,
     }
 }
 
 /// The other side of the FK from the parent: its uuid looked up by the child's integer
 /// (`want_uuid`), or its integer by the child's uuid. A row that references itself (a
 /// self-referencing FK, the row being written) is read from NEW: the lookup cannot see it.
+///
+/// The parent is read through keyshift's view of it in the integer shape, whose `id` and
+/// `id_uuid` are the same two columns whether the parent has been swapped or not (a view
+/// binds columns by number): a child's function does not depend on when its parent's swap
+/// happens, which a cutover swapping table by table needs (docs/cutover.md). The view is a
+/// plain projection of the table, so the planner reads the table's unique index as before.
 fn lookup(f: &PlanFk, n: &Names, want_uuid: bool) -> String {
     let (get, key, by) = if want_uuid {
         (&n.parent_uuid, &n.parent_int, &n.int)
     } else {
         (&n.parent_int, &n.parent_uuid, &n.uuid)
     };
-    let parent = qualified(&f.parent_schema, &f.parent_table);
+    let parent = qualified(
+        &crate::shape::Shape::Integer.view_schema(&f.parent_schema),
+        &f.parent_table,
+    );
     let select = format!("(SELECT p.{get} FROM {parent} AS p WHERE p.{key} = NEW.{by})");
     if f.parent_schema == f.child_schema && f.parent_table == f.child_table {
-        format!("CASE WHEN NEW.{by} = NEW.{key} THEN NEW.{get} ELSE {select} END")
+        let (self_get, self_key) = if want_uuid {
+            (&n.self_uuid, &n.self_int)
+        } else {
+            (&n.self_int, &n.self_uuid)
+        };
+        format!("CASE WHEN NEW.{by} = NEW.{self_key} THEN NEW.{self_get} ELSE {select} END")
     } else {
         select
     }
@@ -360,9 +387,13 @@ pub fn drop(plan: &Plan) -> Vec<Step> {
     v
 }
 
-/// The pair of triggers that must be enabled in `phase`, if any.
+/// The pair of triggers that must be enabled in `phase`, if any. `None` too while a cutover
+/// swaps table by table (`cutting_over`): each child's pair switches in its own swap.
 pub fn expected(phase: super::state::Phase) -> Option<Physical> {
-    use super::state::DualWrite;
+    use super::state::{DualWrite, Phase};
+    if phase == Phase::CuttingOver {
+        return None;
+    }
     match phase.dual_write() {
         DualWrite::Forward => Some(Physical::Integer),
         DualWrite::Reverse => Some(Physical::Uuid),

@@ -8,6 +8,7 @@
 
 pub mod abort;
 pub mod backfill;
+pub mod by_table;
 pub mod carry;
 pub mod catalog;
 pub mod db;

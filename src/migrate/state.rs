@@ -35,6 +35,10 @@ pub enum Phase {
     Hardening,
     /// Unique indexes, CHECKs and shadow FKs are built and validated.
     Hardened,
+    /// `keyshift cutover --by-table` is swapping the tables one group at a time: some are
+    /// in the integer shape, some in the uuid shape (`keyshift.swapped` says which), and the
+    /// proxies serve every session translated, through keyshift's views of its shape, which
+    /// do not see the swaps (docs/cutover.md, "The cutover table by table").
     CuttingOver,
     /// The uuid columns carry the original names; legacy integers are kept filled.
     CutOver,

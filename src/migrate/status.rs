@@ -49,6 +49,9 @@ pub struct Status {
     pub backfill_eta_seconds: Option<u64>,
     /// The rate that ETA is computed from, rows per second.
     pub backfill_rows_per_sec: Option<f64>,
+    /// In phase cutting_over: the groups of tables swapped so far, and all of them
+    /// (`keyshift cutover --by-table`).
+    pub groups_swapped: Option<[usize; 2]>,
     pub events: Vec<Event>,
     pub proxies: Vec<ProxyInfo>,
     /// The shape of new sessions that name none and match no rule.
@@ -72,6 +75,7 @@ pub async fn run(client: &Client) -> Result<Status, StatusError> {
         foreign_keys: 0,
         backfill_eta_seconds: p.eta().map(|d| d.as_secs()),
         backfill_rows_per_sec: p.rate(),
+        groups_swapped: None,
         tasks: p.tasks,
         events: Vec::new(),
         proxies: Vec::new(),
@@ -87,6 +91,10 @@ pub async fn run(client: &Client) -> Result<Status, StatusError> {
         st.tables = m.plan.tables.len();
         st.foreign_keys = m.plan.foreign_keys().count();
         st.default_shape = Some(m.default_shape);
+        if m.phase == Phase::CuttingOver {
+            let (done, all) = super::by_table::progress(client, &m.plan).await?;
+            st.groups_swapped = Some([done, all]);
+        }
     }
     let rows = client
         .query(
@@ -150,6 +158,12 @@ pub fn render_text(st: &Status) -> String {
         "phase: {phase} (rules version {}), {} table(s), {} foreign key(s)",
         st.rules_version, st.tables, st.foreign_keys
     );
+    if let Some([done, all]) = st.groups_swapped {
+        let _ = writeln!(
+            s,
+            "cutover table by table: {done} of {all} groups of tables swapped; every session is served in its shape through keyshift's views; `keyshift cutover --by-table` finishes it"
+        );
+    }
     match st.backfill_eta_seconds {
         Some(eta) => {
             let _ = writeln!(

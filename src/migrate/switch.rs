@@ -12,7 +12,7 @@ use tracing::{info, warn};
 use super::db::{self, DbError};
 use super::ddl::{self, Mode};
 use super::state::{self, Phase};
-use super::{Settings, shapes, verify};
+use super::{Settings, by_table, carry, shapes, verify};
 
 /// A proxy is live when its heartbeat is this recent (three heartbeats).
 pub const LIVE_WITHIN: &str = "6 seconds";
@@ -43,6 +43,9 @@ pub struct SwitchOptions {
     pub budget: Duration,
     pub terminate_blockers: bool,
     pub dry_run: bool,
+    /// Cutover only: swap the tables group by group, gates open, after a pause that only
+    /// changes the phase (src/migrate/by_table.rs).
+    pub by_table: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +60,12 @@ pub enum SwitchError {
     Refused(String),
     #[error("{0}")]
     Aborted(String),
+    /// `--by-table` stopped after its pause: some tables are swapped, the migration stays
+    /// in phase cutting_over, and a rerun resumes.
+    #[error("{0}")]
+    Interrupted(String),
+    #[error(transparent)]
+    ByTable(#[from] by_table::ByTableError),
 }
 
 fn q(e: tokio_postgres::Error, what: &str) -> SwitchError {
@@ -75,6 +84,8 @@ pub struct SwitchReport {
     pub swap_ms: f64,
     /// Each live proxy and how long its gate was closed.
     pub pauses: Vec<ProxyPause>,
+    /// `--by-table`: the groups swapped after the pause.
+    pub by_table: Option<by_table::ByTableReport>,
 }
 
 #[derive(Debug, Serialize)]
@@ -153,7 +164,39 @@ pub async fn run(
     let m = state::load_migration(client).await?.ok_or_else(|| {
         SwitchError::Refused("no migration here: run `keyshift expand` first".into())
     })?;
+    if opts.by_table {
+        if opts.action == Action::Rollback {
+            return Err(SwitchError::Refused(
+                "--by-table is for cutover only: rollback swaps every table in one transaction"
+                    .into(),
+            ));
+        }
+        if opts.dry_run {
+            return Err(SwitchError::Refused(
+                "--dry-run rolls one swap back; with --by-table each group of tables commits on its own, so there is no dry run of it: run `keyshift cutover --dry-run` (the single swap) to try the swap's statements".into(),
+            ));
+        }
+        if m.phase == Phase::CuttingOver {
+            // An earlier run entered the phase: the pause is behind, the groups are not.
+            let live = wait_for_live(client, m.rules_version).await?;
+            info!(proxies = live.len(), "resuming the cutover table by table");
+            return finish_by_table(client, &m.plan, settings, opts, 0, 0.0, Vec::new()).await;
+        }
+        if let Some(why) = by_table::unsupported(&m.plan) {
+            return Err(SwitchError::Refused(why));
+        }
+    }
+    if m.phase == Phase::CuttingOver {
+        return Err(SwitchError::Refused(format!(
+            "a cutover table by table is half done (phase cutting_over): some tables are swapped, some not. Finish it with `keyshift cutover --by-table` (it resumes where it stopped){}",
+            match opts.action {
+                Action::Rollback => ", then `keyshift rollback`",
+                Action::Cutover => "",
+            }
+        )));
+    }
     let (want, steps) = match opts.action {
+        Action::Cutover if opts.by_table => (Phase::Hardened, by_table::entry(&m.plan)),
         Action::Cutover => (Phase::Hardened, ddl::cutover(&m.plan)),
         Action::Rollback => (Phase::CutOver, ddl::rollback(&m.plan)),
     };
@@ -208,6 +251,10 @@ pub async fn run(
     .await?;
     let live = wait_for_live(client, m.rules_version).await?;
     info!(proxies = live.len(), "live proxies: {}", live.join(", "));
+    if opts.by_table {
+        db::run_step(client, &carry::functions(), settings).await?;
+        by_table::refuse_carried(client, &m.plan).await?;
+    }
 
     let quote = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
     let mut tables: Vec<String> = Vec::new();
@@ -287,6 +334,24 @@ pub async fn run(
     loop {
         round += 1;
         match one_round(client, opts, attempt, round, &live, &swap, &tables).await {
+            Ok(swap_ms) if opts.by_table => {
+                let pauses = collect_pauses(client, &live, attempt).await?;
+                let version: i64 = client
+                    .query_one("SELECT rules_version FROM keyshift.migration", &[])
+                    .await
+                    .map_err(|e| q(e, "SELECT rules_version FROM keyshift.migration"))?
+                    .get(0);
+                // Every proxy must serve both shapes translated before any table moves:
+                // a session still under the rules from before would name the columns of a
+                // swapped table by their old names.
+                if let Err(e) = wait_for_live(client, version).await {
+                    return Err(SwitchError::Interrupted(format!(
+                        "phase cutting_over is in force, but not every proxy applied its rules, so no table was swapped: {e}\n  what to do: once every proxy runs, `keyshift cutover --by-table` resumes"
+                    )));
+                }
+                return finish_by_table(client, &m.plan, settings, opts, attempt, swap_ms, pauses)
+                    .await;
+            }
             Ok(swap_ms) => {
                 let pauses = collect_pauses(client, &live, attempt).await?;
                 if !opts.dry_run {
@@ -317,6 +382,7 @@ pub async fn run(
                     committed: !opts.dry_run,
                     swap_ms,
                     pauses,
+                    by_table: None,
                 });
             }
             Err(RoundError::DrainTerminated(busy)) if started.elapsed() + delay < opts.budget => {
@@ -362,6 +428,45 @@ pub async fn run(
             }
         }
     }
+}
+
+/// `--by-table`, once phase cutting_over is in force and every proxy applies its rules:
+/// the groups, phase cut_over, and what the cutover leaves for after (by_table.rs).
+async fn finish_by_table(
+    client: &Client,
+    plan: &super::plan::Plan,
+    settings: &Settings,
+    opts: &SwitchOptions,
+    attempt: i64,
+    swap_ms: f64,
+    pauses: Vec<ProxyPause>,
+) -> Result<SwitchReport, SwitchError> {
+    let report = match by_table::swap_groups(client, plan, settings).await {
+        Ok(r) => r,
+        Err(e) => {
+            return Err(SwitchError::Interrupted(format!(
+                "{e}\n  the tables swapped so far stay swapped (phase cutting_over: every session is served in its shape); `keyshift cutover --by-table` resumes"
+            )));
+        }
+    };
+    let detail = serde_json::json!({"attempt": attempt, "swap_ms": swap_ms, "pauses": &pauses, "by_table": &report});
+    let _ = state::event(
+        client,
+        "cutover",
+        "cutover table by table done",
+        Some(detail),
+    )
+    .await;
+    Ok(SwitchReport {
+        action: opts.action,
+        attempt,
+        rounds: if attempt == 0 { 0 } else { 1 },
+        dry_run: false,
+        committed: true,
+        swap_ms,
+        pauses,
+        by_table: Some(report),
+    })
 }
 
 fn hold_ms(opts: &SwitchOptions) -> u128 {
@@ -804,7 +909,9 @@ pub fn render_text(r: &SwitchReport) -> String {
         if r.rounds == 1 { "" } else { "s" },
         r.swap_ms
     );
-    if r.pauses.is_empty() {
+    if r.rounds == 0 {
+        s = "cutover resumed: its pause was behind it\n".to_string();
+    } else if r.pauses.is_empty() {
         s.push_str("no proxy was registered: no client traffic was held\n");
     }
     for p in &r.pauses {
@@ -815,6 +922,23 @@ pub fn render_text(r: &SwitchReport) -> String {
                 .map(|m| format!("{m:.1} ms"))
                 .unwrap_or_else(|| "(not reported)".into())
         ));
+    }
+    if let Some(b) = &r.by_table {
+        s.push_str(&format!(
+            "tables swapped group by group, gates open: {} group{} in {:.0} ms{}",
+            b.groups_swapped,
+            if b.groups_swapped == 1 { "" } else { "s" },
+            b.total_ms,
+            if b.groups_already_swapped > 0 {
+                format!(" ({} swapped by an earlier run)", b.groups_already_swapped)
+            } else {
+                String::new()
+            }
+        ));
+        if let Some(g) = &b.longest_group {
+            s.push_str(&format!("; longest {:.1} ms ({g})", b.longest_group_ms));
+        }
+        s.push('\n');
     }
     s
 }

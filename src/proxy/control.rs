@@ -1071,7 +1071,10 @@ async fn read_unreadable(
     std::collections::HashMap<String, std::collections::BTreeSet<(String, String)>>,
     tokio_postgres::Error,
 > {
-    let after = crate::shape::Shape::physical(phase) == crate::shape::Shape::Uuid;
+    // In phase cutting_over the tables are in both shapes: the integer names hold for those
+    // not swapped yet; a query naming a column a swapped one no longer has fails, and the
+    // last reading is kept.
+    let after = crate::shape::Shape::physical(phase) == Some(crate::shape::Shape::Uuid);
     let (mut schemas, mut tables, mut a, mut b) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for t in plan.tables.iter().filter(|t| !t.referenced_by.is_empty()) {
         schemas.push(t.schema.clone());

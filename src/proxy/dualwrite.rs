@@ -94,16 +94,20 @@ pub fn plan_rules(plan: &Plan, columns: Vec<TableColumns>) -> PlanRules {
         columns,
         shadows: Vec::new(),
         shaped_views: Vec::new(),
+        columns_integer_named: false,
     }
 }
 
-/// A phase's rewriters: the physical shape's, and the other shape's when the phase serves it.
+/// A phase's rewriters: the one for sessions of every shape but one, and that one shape's
+/// when the phase serves it. Usually the physical shape's and the translated one's; while a
+/// cutover swaps table by table, the integer shape's and the uuid shape's, both translated.
 pub type Rewriters = (DualWrite, Option<(Shape, DualWrite)>);
 
 /// The rewriters for a migration in `phase`: one for sessions in the physical shape, and
 /// one for sessions of the other shape when the phase serves it; `None` when the phase passes
-/// writes through unchanged. Pure: what it needs from the catalog is `reading`
-/// (src/proxy/reading.rs), in the phase's physical shape.
+/// writes through unchanged. In phase `cutting_over` no shape is physical: both are
+/// translated. Pure: what it needs from the catalog is `reading` (src/proxy/reading.rs), in
+/// the phase's physical shape (through the integer views in `cutting_over`).
 pub fn build(
     plan: &Plan,
     phase: Phase,
@@ -116,10 +120,35 @@ pub fn build(
     let Some(dir) = direction(phase) else {
         return Ok(None);
     };
-    let physical = Shape::physical(phase);
     let mut rules = plan_rules(plan, reading.columns.clone());
     rules.shadows = reading.shadows.clone();
-    rules.shaped_views = reading.copies(physical.other()).to_vec();
+    rules.columns_integer_named = reading.through_views;
+    let translated = |shape: Shape| -> Result<DualWrite, RuleError> {
+        let mut rules = rules.clone();
+        rules.shaped_views = reading.copies(shape).to_vec();
+        let set = RuleSet::build(
+            &rules,
+            shape_direction(shape),
+            ClientView::Translated(shape),
+            settings.search_path.clone(),
+            version,
+        )?;
+        // A translated statement that cannot be translated would run against the tables
+        // in the other shape: always refused, strict or not.
+        let strict = Settings {
+            strict: true,
+            ..settings.clone()
+        };
+        let mut dw = DualWrite::new(set, &strict, metrics.clone());
+        dw.translation = Some(translation.clone());
+        Ok(dw)
+    };
+    let Some(physical) = Shape::physical(phase) else {
+        return Ok(Some((
+            translated(Shape::Integer)?,
+            Some((Shape::Uuid, translated(Shape::Uuid)?)),
+        )));
+    };
     let set = RuleSet::build(
         &rules,
         dir,
@@ -127,29 +156,12 @@ pub fn build(
         settings.search_path.clone(),
         version,
     )?;
-    let other = Shape::ALL.into_iter().find(|s| *s != physical);
-    let translated = match other.filter(|s| s.available(phase).is_ok()) {
-        Some(shape) => {
-            let set = RuleSet::build(
-                &rules,
-                shape_direction(shape),
-                ClientView::Translated(shape),
-                settings.search_path.clone(),
-                version,
-            )?;
-            // A translated statement that cannot be translated would run against the tables
-            // in the other shape: always refused, strict or not.
-            let strict = Settings {
-                strict: true,
-                ..settings.clone()
-            };
-            let mut dw = DualWrite::new(set, &strict, metrics.clone());
-            dw.translation = Some(translation);
-            Some((shape, dw))
-        }
+    let other = Some(physical.other()).filter(|s| s.available(phase).is_ok());
+    let other = match other {
+        Some(shape) => Some((shape, translated(shape)?)),
         None => None,
     };
-    Ok(Some((DualWrite::new(set, settings, metrics), translated)))
+    Ok(Some((DualWrite::new(set, settings, metrics), other)))
 }
 
 /// The dual-write a shape's writes need: an integer-shaped write names the integer columns

@@ -32,6 +32,10 @@ pub enum ReadingError {
 pub struct Reading {
     /// The shape the tables physically had: which names the column lists carry.
     pub shape: Shape,
+    /// The column lists were read from keyshift's integer-shape views, not the tables (phase
+    /// `cutting_over`, when the tables are in both shapes): integer names whatever each
+    /// table's state, and no swap to derive a next reading from.
+    pub through_views: bool,
     /// Each FK child's columns in attnum order, by (schema, table).
     pub columns: Vec<TableColumns>,
     /// Relations in other schemas named like a migrated table, keyshift's own schemas aside,
@@ -53,17 +57,25 @@ impl Reading {
         }
     }
 
-    /// Reads the catalog for `plan`, whose tables are in `shape`. The caller runs this in the
-    /// same snapshot as its reading of the phase, so that `shape` is the one the columns have.
-    pub async fn read(client: &Client, plan: &Plan, shape: Shape) -> Result<Reading, ReadingError> {
+    /// Reads the catalog for `plan`, whose tables are in `shape` (`None`: some in each, as a
+    /// cutover table by table leaves them; the columns are then read from the integer-shape
+    /// views, which list each table's columns in its order under the integer shape's names).
+    /// The caller runs this in the same snapshot as its reading of the phase, so that `shape`
+    /// is the one the columns have.
+    pub async fn read(
+        client: &Client,
+        plan: &Plan,
+        shape: Option<Shape>,
+    ) -> Result<Reading, ReadingError> {
         let (columns, shadows, copies) = tokio::try_join!(
-            child_columns(client, plan),
+            child_columns(client, plan, shape.is_none()),
             shadows(client, plan),
             copies(client, plan),
         )?;
         let (integer_copies, uuid_copies) = copies;
         Ok(Reading {
-            shape,
+            shape: shape.unwrap_or(Shape::Integer),
+            through_views: shape.is_none(),
             columns,
             shadows,
             integer_copies,
@@ -83,6 +95,9 @@ impl Reading {
     /// name already there. The swap could not have committed against such tables, so the
     /// reading is stale and only a new one will do.
     pub fn after_swap(&self, plan: &Plan) -> Option<Reading> {
+        if self.through_views {
+            return None;
+        }
         let to = self.shape.other();
         let renames = renames(plan, self.shape)?;
         let mut columns = Vec::with_capacity(self.columns.len());
@@ -189,11 +204,24 @@ fn children(plan: &Plan) -> (Vec<&str>, Vec<&str>) {
 }
 
 /// The physical column lists of every child table in the plan, in column order.
-async fn child_columns(client: &Client, plan: &Plan) -> Result<Vec<TableColumns>, ReadingError> {
+async fn child_columns(
+    client: &Client,
+    plan: &Plan,
+    through_views: bool,
+) -> Result<Vec<TableColumns>, ReadingError> {
     let (schemas, tables) = children(plan);
     if schemas.is_empty() {
         return Ok(Vec::new());
     }
+    // Each table's integer-shape view, for tables in both shapes: the same columns in the
+    // same order, named as the integer shape names them.
+    let read_from: Vec<String> = schemas
+        .iter()
+        .map(|s| match through_views {
+            true => Shape::Integer.view_schema(s),
+            false => s.to_string(),
+        })
+        .collect();
     // Each table found through the (relname, relnamespace) index, and its columns through
     // the (attrelid, attnum) index: a join of the names with pg_attribute was planned as a
     // hash of all of pg_attribute, 41–60 ms at 1,000 tables (57,000 attributes), against
@@ -205,11 +233,11 @@ async fn child_columns(client: &Client, plan: &Plan) -> Result<Vec<TableColumns>
                     ARRAY(SELECT a.attname::text FROM pg_attribute a
                            WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
                            ORDER BY a.attnum)
-             FROM unnest($1::text[], $2::text[]) AS want(s, t)
-             JOIN pg_namespace n ON n.nspname = want.s
+             FROM unnest($1::text[], $2::text[], $3::text[]) AS want(s, t, read_from)
+             JOIN pg_namespace n ON n.nspname = want.read_from
              JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = want.t
              ORDER BY 1, 2",
-            &[&schemas, &tables],
+            &[&schemas, &tables, &read_from],
         )
         .await?;
     Ok(rows
@@ -315,6 +343,7 @@ mod tests {
     fn expanded() -> Reading {
         Reading {
             shape: Shape::Integer,
+            through_views: false,
             columns: vec![
                 cols(
                     "servers",

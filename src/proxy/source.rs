@@ -140,7 +140,9 @@ impl Source {
     /// changed the catalog since that reading.
     pub fn after_swap(&self, m: &Stored) -> Option<Reading> {
         let kept = self.kept.as_ref().filter(|k| k.trusted)?;
-        if kept.stamp != m.head.stamp || kept.reading.shape == Shape::physical(m.head.phase) {
+        // Only between the two uniform shapes: phase cutting_over is no single swap's result.
+        let to = Shape::physical(m.head.phase)?;
+        if kept.stamp != m.head.stamp || kept.reading.shape == to {
             return None;
         }
         kept.reading.after_swap(&m.plan)

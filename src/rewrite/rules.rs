@@ -98,6 +98,18 @@ pub struct PlanRules {
     /// (`keyshift_<shape>_<schema>.<view>`, src/migrate/carry.rs): redirected like the
     /// migrated tables, never left on the tables.
     pub shaped_views: Vec<(String, String)>,
+    /// `columns` carry the integer shape's names whatever the tables' state (read from
+    /// keyshift's integer-shape views while a cutover swaps table by table). Otherwise a
+    /// translated integer session's lists are the uuid-shaped tables' and are renamed.
+    pub columns_integer_named: bool,
+}
+
+impl PlanRules {
+    /// Whether the tables are in both shapes (a cutover table by table): what
+    /// [`PlanRules::columns_integer_named`] is set for.
+    fn mixed(&self) -> bool {
+        self.columns_integer_named
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -183,6 +195,9 @@ pub struct RuleSet {
     shadows: HashSet<(String, String)>,
     /// [`PlanRules::shaped_views`] for a translated session (also in `migrated`).
     shaped_views: HashSet<(String, String)>,
+    /// The tables are in both shapes ([`PlanRules::mixed`]): `physical_names` hold for some
+    /// tables only, so nothing may rely on them.
+    mixed: bool,
     pub(crate) prescan: Prescan,
     /// Every migrated table's name, whatever the view: what a statement must not name to
     /// pass a closed gate.
@@ -293,7 +308,7 @@ impl RuleSet {
                     continue;
                 };
                 // After cutover the catalog's names are the uuid shape's.
-                let renamed = if translated {
+                let renamed = if translated && !plan.columns_integer_named {
                     by_table.shape_names(&tc.schema, &tc.table)
                 } else {
                     Vec::new()
@@ -376,6 +391,7 @@ impl RuleSet {
             parents,
             migrated,
             physical_names,
+            mixed: plan.mixed(),
             temp: HashSet::new(),
             shadows: plan.shadows.iter().cloned().collect(),
             shaped_views,
@@ -423,6 +439,7 @@ impl RuleSet {
             parents: Vec::new(),
             migrated: HashSet::new(),
             physical_names: HashMap::new(),
+            mixed: false,
             renamed: HashSet::new(),
             temp: HashSet::new(),
             shadows: HashSet::new(),
@@ -501,6 +518,9 @@ impl RuleSet {
     /// table `schema.table`; `None` when that name is not one its shape renames (a column
     /// keyshift does not touch, or not a column of the table at all).
     pub(crate) fn physical_column(&self, schema: &str, table: &str, column: &str) -> Option<&str> {
+        if self.mixed {
+            return None;
+        }
         self.physical_names
             .get(&(schema.to_string(), table.to_string()))?
             .get(column)
@@ -517,6 +537,12 @@ impl RuleSet {
     /// cutover renames in some migrated table.
     pub(crate) fn is_renamed_column(&self, name: &str) -> bool {
         self.renamed.contains(name)
+    }
+
+    /// Whether the tables are in both shapes, a cutover swapping them one by one
+    /// ([`PlanRules::mixed`]).
+    pub(crate) fn mixed(&self) -> bool {
+        self.mixed
     }
 
     /// Resolves a name (case-folded per quoting) to a parent some fill looks up.

@@ -503,6 +503,12 @@ fn copy_from(ctx: &mut Ctx, name: &ObjectName, columns: &[&Ident]) -> Result<boo
         return Ok(false);
     };
     for id in columns {
+        if ctx.rules.mixed() && ctx.rules.is_renamed_column(&folded(id)) {
+            return Err(Skip {
+                table: format!("{schema}.{table}"),
+                reason: SkipReason::MidCutover,
+            });
+        }
         let Some(physical) = ctx.rules.physical_column(&schema, &table, &folded(id)) else {
             continue;
         };

@@ -116,6 +116,30 @@ pub fn server() -> &'static Server {
     })
 }
 
+/// `pg_dump --schema-only` of the database at `url` (no publications or subscriptions),
+/// with pg_dump's comments, `SET` lines and `\restrict` brackets (15.14+, a random key)
+/// removed: what two databases holding the same objects print alike.
+pub fn schema_dump(url: &str) -> String {
+    let out = std::process::Command::new(pg_tool("pg_dump"))
+        .args(["--schema-only", "--no-publications", "--no-subscriptions"])
+        .arg(url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pg_dump: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with("--") && !l.starts_with("SET ") && !l.is_empty())
+        .filter(|l| !l.starts_with("SELECT pg_catalog.set_config"))
+        .filter(|l| !l.starts_with("\\restrict") && !l.starts_with("\\unrestrict"))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
 /// Path of a PostgreSQL client tool (psql, pgbench, pg_dump): next to the server binaries, then
 /// PATH. Panics with what to install when it is missing: a test must not pass silently.
 pub fn pg_tool(name: &str) -> std::path::PathBuf {

@@ -197,6 +197,9 @@ struct SwitchParams {
     terminate_blockers: bool,
     #[serde(default)]
     dry_run: bool,
+    /// `keyshift cutover --by-table`.
+    #[serde(default)]
+    by_table: bool,
 }
 
 /// `POST /v1/cutover`: runs the coordinator (docs/cutover.md) from this proxy, against its
@@ -243,6 +246,7 @@ async fn cutover(
             budget,
             terminate_blockers: p.terminate_blockers,
             dry_run: p.dry_run,
+            by_table: p.by_table,
         },
         (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => return bad(e),
     };
@@ -261,6 +265,11 @@ async fn cutover(
         Err(SwitchError::Refused(why)) => (
             StatusCode::CONFLICT,
             axum::Json(json!({"result": "refused", "error": why})),
+        )
+            .into_response(),
+        Err(SwitchError::Interrupted(why)) => (
+            StatusCode::CONFLICT,
+            axum::Json(json!({"result": "interrupted", "error": why})),
         )
             .into_response(),
         Err(SwitchError::Aborted(why)) => (
