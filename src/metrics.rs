@@ -579,6 +579,7 @@ impl Metrics {
             SkipReason::TooLong,
             SkipReason::Invalid,
             SkipReason::Internal,
+            SkipReason::MidCutover,
         ] {
             self.rewrite.skipped.with_label_values(&[reason.as_str()]);
         }

@@ -41,6 +41,12 @@ use super::fill::{self, Physical};
 use super::plan::{Plan, PlanFk, PlanTable};
 use super::state::{self, Phase};
 use super::{Settings, carry, db};
+use crate::ident::qualified;
+
+/// How long a group's transaction may wait for each lock after its first, while it holds
+/// that one ([`Group::locks`]): a client whose statement waits behind the group is delayed
+/// by at most this much per table, far below PostgreSQL's default `deadlock_timeout` (1 s).
+const HELD_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Tables swapped together in one transaction: a strongly connected component of the FK
 /// graph (one table, or the tables of a cycle).
@@ -60,6 +66,7 @@ impl Group<'_> {
     /// PostgreSQL runs it as one implicit transaction, so a failure leaves nothing half done.
     pub fn sql(&self) -> String {
         let mut v = vec![ddl::NO_JIT.to_string()];
+        v.extend(self.locks());
         v.extend(
             self.fks
                 .iter()
@@ -81,6 +88,60 @@ impl Group<'_> {
                 .map(|(s, t)| fill::enable_sql(s, t, Physical::Uuid)),
         );
         v.join(";\n")
+    }
+
+    /// Every lock the group's statements take, taken first: the parents its FKs reference
+    /// (dropping an FK takes ACCESS EXCLUSIVE on the referenced table too, to remove its
+    /// triggers), then its own tables. The first is waited for under the step's
+    /// `lock_timeout`, holding nothing; each of the others for at most [`HELD_WAIT`], so
+    /// the group never waits long while it holds a lock.
+    ///
+    /// Why: taken by the statements themselves, the locks came one ALTER at a time, and a
+    /// reader through the proxy that held `users` and waited for `t1` (held by the group,
+    /// which then waited for `users`) was in a deadlock that PostgreSQL resolved by ending
+    /// the reader, the first to wait (benches/cutover_tables.sh, star 50: a pgbench
+    /// failure, 40P01). Taken `NOWAIT`, they never came under 16 clients' multi-table
+    /// transactions (tests/cutover_load.rs: 30 retries, each failing on a table some open
+    /// transaction held). A short wait lets those transactions end, and gives up (55P03,
+    /// retried by the step) long before any client's `deadlock_timeout` (1 s by default)
+    /// would make PostgreSQL end that client instead.
+    fn locks(&self) -> Vec<String> {
+        let mut tables: Vec<(&str, &str)> = Vec::new();
+        let parents = self
+            .fks
+            .iter()
+            .map(|f| (f.parent_schema.as_str(), f.parent_table.as_str()));
+        let own = self
+            .tables
+            .iter()
+            .map(|t| (t.schema.as_str(), t.name.as_str()))
+            .chain(
+                self.fks
+                    .iter()
+                    .map(|f| (f.child_schema.as_str(), f.child_table.as_str())),
+            );
+        for t in parents.chain(own) {
+            if !tables.contains(&t) {
+                tables.push(t);
+            }
+        }
+        let mut names = tables.iter().map(|(s, t)| qualified(s, t));
+        let mut v = Vec::new();
+        if let Some(first) = names.next() {
+            v.push(format!("LOCK TABLE {first} IN ACCESS EXCLUSIVE MODE"));
+        }
+        let rest: Vec<String> = names.collect();
+        if !rest.is_empty() {
+            v.push(format!(
+                "SET LOCAL lock_timeout = '{}ms'",
+                HELD_WAIT.as_millis()
+            ));
+            v.push(format!(
+                "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
+                rest.join(", ")
+            ));
+        }
+        v
     }
 
     /// The group as a step: brief (it takes ACCESS EXCLUSIVE locks on its tables and their
@@ -370,6 +431,50 @@ pub async fn swap_groups(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn children_go_first_and_each_group_locks_its_parents_then_itself_without_waiting() {
+        use crate::migrate::plan::{PlanOptions, build, tests::sample};
+        // connectors ← servers ← tools, and tools references itself.
+        let p = build(&sample(), &PlanOptions::default());
+        let groups = groups(&p);
+        let labels: Vec<&str> = groups.iter().map(|g| g.label.as_str()).collect();
+        assert_eq!(
+            labels,
+            ["public.tools", "public.servers", "public.connectors"]
+        );
+        // The self-reference is tools' own: one group with both of its FKs.
+        assert_eq!(groups[0].fks.len(), 2);
+        let sql = groups[0].sql();
+        let lines: Vec<&str> = sql.lines().collect();
+        assert_eq!(lines[0], "SET LOCAL jit = off;");
+        assert_eq!(
+            lines[1],
+            "LOCK TABLE public.servers IN ACCESS EXCLUSIVE MODE;"
+        );
+        assert_eq!(lines[2], "SET LOCAL lock_timeout = '50ms';");
+        assert_eq!(
+            lines[3],
+            "LOCK TABLE public.tools IN ACCESS EXCLUSIVE MODE;"
+        );
+        // Its integer FKs dropped, its key promoted, its columns renamed, its triggers switched.
+        for want in [
+            "DROP CONSTRAINT tools_server_id_fkey",
+            "PRIMARY KEY USING INDEX",
+            "RENAME COLUMN server_id_uuid TO server_id",
+            "ENABLE ALWAYS TRIGGER zz_keyshift_fill_uuid_ins",
+        ] {
+            assert!(sql.contains(want), "{want} in {sql}");
+        }
+        // The last, connectors, references nothing: it locks only itself, waiting.
+        assert_eq!(
+            groups[2].locks(),
+            ["LOCK TABLE public.connectors IN ACCESS EXCLUSIVE MODE"]
+        );
+        assert!(
+            matches!(groups[2].step().when, When::ColumnPresent { ref column, .. } if column == "id_uuid")
+        );
+    }
 
     #[test]
     fn components_come_with_everything_they_reach_before_them() {
