@@ -10,7 +10,10 @@
 # Printed per schema and size, in one run:
 #   swap transaction   the swap, as keyshift cutover reports it
 #   gate closed        how long the proxy held its clients (its own report)
-#   longest statement  the slowest pgbench transaction that overlapped the cutover's pause
+#   longest statement  the slowest pgbench transaction that overlapped the window that can
+#                      hold clients: the pause (single), the pause and the groups (by_table)
+#   before             the slowest that ended after the command started and before its pause
+#                      (it only reads then: this machine's own noise, for comparison)
 #   floor              the same swap's statements sent one by one by psql inside a
 #                      transaction that is rolled back (a hand-written swap: what PostgreSQL
 #                      itself needs for these catalog changes, without keyshift)
@@ -85,7 +88,7 @@ floor_ms() { # database
     grep -o 'Time: [0-9.]*' "$TMP/floor-$1.out" | awk 'NR > 1 { s += $2 } END { printf "%.0f", s }'
 }
 
-declare -A SWAP GATE LONGEST FLOOR STMTS GROUPS_MS GROUP_MAX
+declare -A SWAP GATE LONGEST BEFORE FLOOR STMTS GROUPS_MS GROUP_MAX
 for shape in $SHAPES; do
     for k in $SIZES; do
       for mode in $MODES; do
@@ -128,12 +131,24 @@ EOF
         GATE[$db]=$(sed -n 's/.*gate closed \([0-9.]*\) ms.*/\1/p' "$TMP/$db-cutover.out" | head -1)
         GROUPS_MS[$db]=$(sed -n 's/.* group.* in \([0-9.]*\) ms.*/\1/p' "$TMP/$db-cutover.out")
         GROUP_MAX[$db]=$(sed -n 's/.*; longest \([0-9.]*\) ms.*/\1/p' "$TMP/$db-cutover.out")
-        # pgbench -l: client, tx, latency µs, script, epoch s, µs. The transactions that
-        # ended while the cutover command ran (it holds the gate at most once).
-        LONGEST[$db]=$(cat "$TMP"/lat-"$db".* | awk -v a="$start" -v b="$end" '
-            { t = $5 + $6 / 1e6; if (t >= a && t <= b + 1 && $3 > m) m = $3 }
+        # The window that can hold clients, from the proxy's log: from its gate closing to
+        # its gate opening (single), or to the rules of phase cut_over in force (by_table:
+        # the groups run in between, gates open). Before it, the command only reads (verify,
+        # preparation: seconds at 300 tables), and a stall there is this machine's
+        # scheduling, not the cutover: it is shown apart, as `before ms`.
+        epoch() { date -u -d "$(sed -n "s/^\([0-9T:.-]*\)Z .*$1.*/\1/p" "$TMP/proxy-$db.log" | head -1)" +%s.%N; }
+        w_start=$(epoch "closing the gate")
+        if [ "$mode" = by_table ]; then w_end=$(epoch "phase=cut_over"); else w_end=$(epoch "gate open"); fi
+        # pgbench -l: client, tx, latency µs, script, epoch s, µs. LONGEST: the transactions
+        # that overlapped the window; BEFORE: those that ended between the command's start
+        # and the window.
+        LONGEST[$db]=$(cat "$TMP"/lat-"$db".* | awk -v a="$w_start" -v b="$w_end" '
+            { t = $5 + $6 / 1e6; if (t >= a && t - $3 / 1e6 <= b && $3 > m) m = $3 }
             END { printf "%.1f", m / 1000 }')
-        log "$db: swap ${SWAP[$db]} ms, gate ${GATE[$db]} ms, longest ${LONGEST[$db]} ms, floor ${FLOOR[$db]} ms, groups ${GROUPS_MS[$db]:--} ms (longest ${GROUP_MAX[$db]:--})"
+        BEFORE[$db]=$(cat "$TMP"/lat-"$db".* | awk -v a="$start" -v b="$w_start" '
+            { t = $5 + $6 / 1e6; if (t >= a && t < b && $3 > m) m = $3 }
+            END { printf "%.1f", m / 1000 }')
+        log "$db: swap ${SWAP[$db]} ms, gate ${GATE[$db]} ms, longest ${LONGEST[$db]} ms (before the pause ${BEFORE[$db]}), floor ${FLOOR[$db]} ms, groups ${GROUPS_MS[$db]:--} ms (longest ${GROUP_MAX[$db]:--})"
         "${PSQL[@]}" -c "DROP DATABASE $db" >/dev/null
       done
     done
@@ -141,12 +156,12 @@ done
 
 echo
 echo "keyshift $(git -C "$ROOT" rev-parse --short HEAD), PostgreSQL $("$PGBIN/postgres" --version | awk '{print $3}'), $CLIENTS clients, $ROWS rows per table; load average at start $LOADAVG_START"
-printf '%-6s %7s %-9s %10s %10s %12s %10s %12s %10s %12s\n' shape tables mode "swap ms" "gate ms" "longest ms" "floor ms" "floor stmts" "groups ms" "group max"
+printf '%-6s %7s %-9s %10s %10s %12s %10s %10s %12s %10s %10s\n' shape tables mode "swap ms" "gate ms" "longest ms" "before ms" "floor ms" "floor stmts" "groups ms" "group max"
 for shape in $SHAPES; do
     for k in $SIZES; do
         for mode in $MODES; do
             db="${shape}_${k}_$mode"
-            printf '%-6s %7s %-9s %10s %10s %12s %10s %12s %10s %12s\n' "$shape" "$k" "$mode" "${SWAP[$db]}" "${GATE[$db]}" "${LONGEST[$db]}" "${FLOOR[$db]}" "${STMTS[$db]}" "${GROUPS_MS[$db]:--}" "${GROUP_MAX[$db]:--}"
+            printf '%-6s %7s %-9s %10s %10s %12s %10s %10s %12s %10s %10s\n' "$shape" "$k" "$mode" "${SWAP[$db]}" "${GATE[$db]}" "${LONGEST[$db]}" "${BEFORE[$db]}" "${FLOOR[$db]}" "${STMTS[$db]}" "${GROUPS_MS[$db]:--}" "${GROUP_MAX[$db]:--}"
         done
     done
 done

@@ -26,8 +26,9 @@
 //! step 1 committed, and each group's step runs only while its first renamed column is still
 //! there (each group commits whole). What it does not do yet: carry the application's views,
 //! policies and other objects over migrated columns (refused up front: the single swap does
-//! it), partitioned tables (refused), `--dry-run`, and a rollback from the middle (finish
-//! the cutover, then `keyshift rollback`).
+//! it), `--dry-run`, and a rollback from the middle (finish the cutover, then `keyshift
+//! rollback`). Partitioned tables go as in the single swap (`ddl::swap_keys`): locking a
+//! partitioned table locks its partitions.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -285,28 +286,6 @@ fn components(edges: &[Vec<usize>]) -> Vec<Vec<usize>> {
         }
     }
     out
-}
-
-/// Why `plan` cannot be cut over table by table yet, if it cannot; checked before anything
-/// is changed.
-pub fn unsupported(plan: &Plan) -> Option<String> {
-    let partitioned: Vec<String> = plan
-        .tables
-        .iter()
-        .filter(|t| t.partitioned())
-        .map(|t| format!("{}.{}", t.schema, t.name))
-        .chain(
-            plan.foreign_keys()
-                .filter(|(_, f)| f.child_partitioned)
-                .map(|(_, f)| format!("{}.{}", f.child_schema, f.child_table)),
-        )
-        .collect();
-    (!partitioned.is_empty()).then(|| {
-        format!(
-            "--by-table does not swap partitioned tables yet ({}): run `keyshift cutover` without it (one swap of every table)",
-            partitioned.join(", ")
-        )
-    })
 }
 
 /// What a cutover table by table runs before and in its pause: the preparation every

@@ -1080,11 +1080,6 @@ pub(super) const NO_JIT: &str = "SET LOCAL jit = off";
 /// always been UUID.
 pub fn cutover(plan: &Plan) -> Vec<Step> {
     let mut v = cutover_preparation(plan);
-    // Partitions created or attached since harden get the unique indexes the swap needs.
-    for t in plan.tables.iter().filter(|t| t.partitioned()) {
-        v.push(key_index(t, &t.uuid_column, &t.uuid_index, &t.uuid_column));
-        v.push(key_index(t, &t.legacy_column, &legacy_key_index(t), &t.key));
-    }
     // Views, policies, triggers and rules over the columns: checked against the uuid shape
     // before any pause, saved and dropped first thing in the swap (a view grouping by the key
     // depends on the primary key dropped below), rebuilt after the renames.
@@ -1111,9 +1106,10 @@ pub fn cutover(plan: &Plan) -> Vec<Step> {
 }
 
 /// What every cutover runs online before it swaps anything: what was granted, commented or
-/// tuned on the columns since expand follows them onto the twins, and the NOT NULL CHECKs of
+/// tuned on the columns since expand follows them onto the twins, the NOT NULL CHECKs of
 /// the NOT NULL FK twins (they reject direct writes that leave a NULL twin, so they come
-/// last, with the proxy dual-writing).
+/// last, with the proxy dual-writing), and the unique indexes the swap needs on partitions
+/// created or attached since harden.
 pub(super) fn cutover_preparation(plan: &Plan) -> Vec<Step> {
     let mut v = vec![Step::new(mirror::function_sql(), Mode::State, When::Always)];
     v.extend(mirror::steps(plan));
@@ -1126,6 +1122,10 @@ pub(super) fn cutover_preparation(plan: &Plan) -> Vec<Step> {
                 &f.uuid_column,
             ));
         }
+    }
+    for t in plan.tables.iter().filter(|t| t.partitioned()) {
+        v.push(key_index(t, &t.uuid_column, &t.uuid_index, &t.uuid_column));
+        v.push(key_index(t, &t.legacy_column, &legacy_key_index(t), &t.key));
     }
     v
 }

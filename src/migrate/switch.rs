@@ -182,9 +182,6 @@ pub async fn run(
             info!(proxies = live.len(), "resuming the cutover table by table");
             return finish_by_table(client, &m.plan, settings, opts, 0, 0.0, Vec::new()).await;
         }
-        if let Some(why) = by_table::unsupported(&m.plan) {
-            return Err(SwitchError::Refused(why));
-        }
     }
     if m.phase == Phase::CuttingOver {
         return Err(SwitchError::Refused(format!(
