@@ -10,7 +10,7 @@
 # Printed per schema and size, in one run:
 #   swap transaction   the swap, as keyshift cutover reports it
 #   gate closed        how long the proxy held its clients (its own report)
-#   longest statement  the slowest pgbench transaction that overlapped the window that can
+#   longest statement  the slowest pgbench transaction that started in the window that can
 #                      hold clients: the pause (single), the pause and the groups (by_table)
 #   before             the slowest that ended after the command started and before its pause
 #                      (it only reads then: this machine's own noise, for comparison)
@@ -140,10 +140,11 @@ EOF
         w_start=$(epoch "closing the gate")
         if [ "$mode" = by_table ]; then w_end=$(epoch "phase=cut_over"); else w_end=$(epoch "gate open"); fi
         # pgbench -l: client, tx, latency µs, script, epoch s, µs. LONGEST: the transactions
-        # that overlapped the window; BEFORE: those that ended between the command's start
-        # and the window.
+        # that started in the window (one in flight when the gate closes is drained, not
+        # held; one stalled before it that ends just inside it is noise); BEFORE: those that
+        # ended between the command's start and the window.
         LONGEST[$db]=$(cat "$TMP"/lat-"$db".* | awk -v a="$w_start" -v b="$w_end" '
-            { t = $5 + $6 / 1e6; if (t >= a && t - $3 / 1e6 <= b && $3 > m) m = $3 }
+            { t = $5 + $6 / 1e6; s = t - $3 / 1e6; if (s >= a && s <= b && $3 > m) m = $3 }
             END { printf "%.1f", m / 1000 }')
         BEFORE[$db]=$(cat "$TMP"/lat-"$db".* | awk -v a="$start" -v b="$w_start" '
             { t = $5 + $6 / 1e6; if (t >= a && t < b && $3 > m) m = $3 }
