@@ -10,8 +10,8 @@
 # Printed per schema and size, in one run:
 #   swap transaction   the swap, as keyshift cutover reports it
 #   gate closed        how long the proxy held its clients (its own report)
-#   longest statement  the slowest pgbench transaction that started in the window that can
-#                      hold clients: the pause (single), the pause and the groups (by_table)
+#   longest statement  the longest a pgbench transaction spent in the window that can hold
+#                      clients: the pause (single), the pause and the groups (by_table)
 #   before             the slowest that ended after the command started and before its pause
 #                      (it only reads then: this machine's own noise, for comparison)
 #   floor              the same swap's statements sent one by one by psql inside a
@@ -139,13 +139,17 @@ EOF
         epoch() { date -u -d "$(sed -n "s/^\([0-9T:.-]*\)Z .*$1.*/\1/p" "$TMP/proxy-$db.log" | head -1)" +%s.%N; }
         w_start=$(epoch "closing the gate")
         if [ "$mode" = by_table ]; then w_end=$(epoch "phase=cut_over"); else w_end=$(epoch "gate open"); fi
-        # pgbench -l: client, tx, latency µs, script, epoch s, µs. LONGEST: the transactions
-        # that started in the window (one in flight when the gate closes is drained, not
-        # held; one stalled before it that ends just inside it is noise); BEFORE: those that
-        # ended between the command's start and the window.
+        # pgbench -l: client, tx, latency µs, script, epoch s, µs (at its end). LONGEST: of
+        # each transaction that started before the window ended and ended after it began,
+        # the time from the later of its start and the window's start to its end: how long
+        # the cutover could have held it (a script whose second statement the gate held
+        # started before the window; one stalled before the window by this machine's
+        # scheduling counts only its part inside). BEFORE: the longest that ended between
+        # the command's start and the window.
         LONGEST[$db]=$(cat "$TMP"/lat-"$db".* | awk -v a="$w_start" -v b="$w_end" '
-            { t = $5 + $6 / 1e6; s = t - $3 / 1e6; if (s >= a && s <= b && $3 > m) m = $3 }
-            END { printf "%.1f", m / 1000 }')
+            { t = $5 + $6 / 1e6; s = t - $3 / 1e6; from = s > a ? s : a
+              if (s <= b && t >= a && t - from > m) m = t - from }
+            END { printf "%.1f", m * 1000 }')
         BEFORE[$db]=$(cat "$TMP"/lat-"$db".* | awk -v a="$start" -v b="$w_start" '
             { t = $5 + $6 / 1e6; if (t >= a && t < b && $3 > m) m = $3 }
             END { printf "%.1f", m / 1000 }')
