@@ -148,8 +148,8 @@ EOF
         # the command's start and the window.
         LONGEST[$db]=$(cat "$TMP"/lat-"$db".* | awk -v a="$w_start" -v b="$w_end" '
             { t = $5 + $6 / 1e6; s = t - $3 / 1e6; from = s > a ? s : a
-              if (s <= b && t >= a && t - from > m) m = t - from }
-            END { printf "%.1f", m * 1000 }')
+              if (s <= b && t >= a && t - from > m) m = t - from; if (t > last) last = t }
+            END { if (last < b) print "n/a (the load ended first)"; else printf "%.1f", m * 1000 }')
         BEFORE[$db]=$(cat "$TMP"/lat-"$db".* | awk -v a="$start" -v b="$w_start" '
             { t = $5 + $6 / 1e6; if (t >= a && t < b && $3 > m) m = $3 }
             END { printf "%.1f", m / 1000 }')
