@@ -2,8 +2,9 @@
 //! grows with the schema.
 //!
 //! One swap of every table holds every client for PostgreSQL's catalog work on all of them:
-//! 380 ms at 300 tables here, and a hand-written swap is slower still (docs/cutover.md, "The
-//! pause and the number of tables"). But once the proxies serve every session through
+//! 400–700 ms at 300 tables here, and a hand-written swap is slower still (docs/cutover.md,
+//! "The pause and the number of tables"); `--by-table` held them 36–38 ms
+//! (docs/benchmarks.md). But once the proxies serve every session through
 //! keyshift's views of its shape, which bind columns by number and so do not see a swap's
 //! renames, the tables no longer need to change at one instant. So:
 //!
@@ -390,14 +391,9 @@ pub async fn swap_groups(
             report.longest_group = Some(g.label.clone());
         }
     }
-    // Only from cutting_over: a second coordinator that finished first already moved on.
     db::exec(
         client,
-        &state::set_phase_sql(Phase::CutOver).replacen(
-            "updated_at = now();",
-            "updated_at = now() WHERE phase = 'cutting_over';",
-            1,
-        ),
+        &state::move_phase_sql(Phase::CuttingOver, Phase::CutOver),
     )
     .await?;
     report.total_ms = started.elapsed().as_secs_f64() * 1000.0;

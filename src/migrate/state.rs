@@ -226,6 +226,15 @@ NOTIFY keyshift, '{p}'"
     )
 }
 
+/// [`set_phase_sql`], only from phase `from`: a second coordinator that finished first has
+/// already moved on, and this one must not bump the rules again.
+pub fn move_phase_sql(from: Phase, to: Phase) -> String {
+    format!(
+        "UPDATE keyshift.migration SET phase = '{to}', rules_version = rules_version + 1, updated_at = now() WHERE phase = '{from}'; \
+NOTIFY keyshift, '{to}'"
+    )
+}
+
 /// After finalize: keyshift's state goes. With uuid v7 the function stays (key defaults call
 /// it); with `keep_map` the schema stays too, for `keyshift.id_map_archive`.
 pub fn drop_state_sql(drop_function: bool, keep_map: bool) -> String {
