@@ -32,11 +32,9 @@
 //! partitioned table locks its partitions.
 
 use std::collections::HashMap;
-use std::time::Instant;
 
 use serde::Serialize;
 use tokio_postgres::Client;
-use tracing::info;
 
 use super::ddl::{self, Mode, Step, When};
 use super::fill::{self, Physical};
@@ -315,11 +313,15 @@ pub async fn progress(client: &Client, plan: &Plan) -> Result<(usize, usize), db
 }
 
 /// How a cutover table by table went, for the command's output.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 pub struct ByTableReport {
     /// Groups swapped by this run, and those an earlier run had already swapped.
     pub groups_swapped: usize,
     pub groups_already_swapped: usize,
+    /// Groups whose locks did not come between the application's transactions, swapped
+    /// under a pause of their own, and the longest gate of those pauses.
+    pub groups_under_pause: usize,
+    pub longest_group_pause_ms: f64,
     /// The longest group's transaction, in ms (what a client touching its tables could
     /// wait, retries aside), and all of them together.
     pub longest_group_ms: f64,
@@ -354,53 +356,18 @@ pub async fn refuse_carried(client: &Client, plan: &Plan) -> Result<(), ByTableE
     Ok(())
 }
 
-/// Steps 2 and 3, from phase `cutting_over`: every group not swapped yet, then phase
-/// `cut_over`, then what a cutover leaves for after its pause. Resumable at any point.
-pub async fn swap_groups(
-    client: &Client,
-    plan: &Plan,
-    settings: &Settings,
-) -> Result<ByTableReport, ByTableError> {
-    let groups = groups(plan);
-    let started = Instant::now();
-    let mut report = ByTableReport {
-        groups_swapped: 0,
-        groups_already_swapped: 0,
-        longest_group_ms: 0.0,
-        longest_group: None,
-        total_ms: 0.0,
-    };
-    for (i, g) in groups.iter().enumerate() {
-        let t = Instant::now();
-        let ran = db::run_step(client, &g.step(), settings).await?;
-        let ms = t.elapsed().as_secs_f64() * 1000.0;
-        if !ran {
-            report.groups_already_swapped += 1;
-            continue;
-        }
-        report.groups_swapped += 1;
-        info!(
-            group = i + 1,
-            of = groups.len(),
-            ms = format!("{ms:.1}"),
-            "swapped {}",
-            g.label
-        );
-        if ms > report.longest_group_ms {
-            report.longest_group_ms = ms;
-            report.longest_group = Some(g.label.clone());
-        }
-    }
+/// Step 3, once every group is swapped: phase `cut_over` (only from `cutting_over`), then
+/// what a cutover leaves for after its pause.
+pub async fn leave(client: &Client, plan: &Plan, settings: &Settings) -> Result<(), db::DbError> {
     db::exec(
         client,
         &state::move_phase_sql(Phase::CuttingOver, Phase::CutOver),
     )
     .await?;
-    report.total_ms = started.elapsed().as_secs_f64() * 1000.0;
     for st in ddl::after_cutover(plan) {
         db::run_step(client, &st, settings).await?;
     }
-    Ok(report)
+    Ok(())
 }
 
 #[cfg(test)]
