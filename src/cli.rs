@@ -348,9 +348,11 @@ pub struct SwitchCmd {
     #[arg(long)]
     pub dry_run: bool,
     /// Cutover only: a pause that just changes the phase, then the tables swapped group by
-    /// group (children before parents), gates open, each group briefly locking only its own
-    /// tables. The pause no longer grows with the number of tables. Rerun it to resume an
-    /// interrupted one. Not yet for partitioned tables or carried views and policies
+    /// group (children before parents), gates open, each group briefly locking its tables
+    /// and their parents (one whose locks do not come is swapped under a pause of its own).
+    /// The pause no longer grows with the number of tables. Rerun it to resume an
+    /// interrupted one. Not yet with views, policies or other objects to carry over migrated
+    /// columns
     #[arg(long)]
     pub by_table: bool,
     /// Output format
