@@ -350,9 +350,10 @@ pub struct SwitchCmd {
     /// Cutover only: a pause that just changes the phase, then the tables swapped group by
     /// group (children before parents), gates open, each group briefly locking its tables
     /// and their parents (one whose locks do not come is swapped under a pause of its own).
-    /// The pause no longer grows with the number of tables. Rerun it to resume an
-    /// interrupted one. Not yet with views, policies or other objects to carry over migrated
-    /// columns
+    /// The pause no longer grows with the number of tables. The application's views,
+    /// policies and other objects over migrated columns stay on the integer columns until
+    /// the last group, then are rebuilt over the uuids under one short pause of their own.
+    /// Rerun it to resume an interrupted one
     #[arg(long)]
     pub by_table: bool,
     /// Output format

@@ -848,14 +848,7 @@ fn every_driver_in_both_shapes_through_a_cutover_table_by_table_stopped_halfway(
     lab.rt
         .block_on(blocker.batch_execute("BEGIN; LOCK TABLE audit IN ACCESS SHARE MODE"))
         .unwrap();
-    let by_table = [
-        "cutover",
-        "--by-table",
-        "--lock-timeout",
-        "100ms",
-        "--budget",
-        "1s",
-    ];
+    let by_table = migrate_support::BY_TABLE_GIVING_UP;
     let out = ks(&lab.db.url(), &by_table);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let swapped: Vec<bool> = ["comments", "posts", "audit", "users"]

@@ -254,6 +254,50 @@ async fn a_role_that_cannot_read_the_parent_writes_through_keyshift() {
         .unwrap();
 }
 
+/// What the application built over the migrated columns of seeds 000 and 004 (run after
+/// them): views and views of views (options, owner, grants, comments), a row-level security
+/// policy, a trigger with `UPDATE OF` and `WHEN`, a rule, a CHECK, extended statistics, and a
+/// partitioned child. `reader` must exist.
+fn app_objects(reader: &str) -> String {
+    format!(
+        "CREATE VIEW server_names AS
+               SELECT s.id, s.name, c.id AS connector, c.name AS connector_name
+                 FROM mcp_servers s JOIN mcp_connectors c ON c.id = s.connector_id;
+             CREATE VIEW busy_connectors WITH (security_barrier) AS
+               SELECT connector, count(*) AS servers FROM server_names GROUP BY connector;
+             CREATE VIEW connector_list AS
+               SELECT c.id, c.name, count(s.id) AS servers
+                 FROM mcp_connectors c LEFT JOIN mcp_servers s ON s.connector_id = c.id GROUP BY c.id;
+             CREATE VIEW writable_servers AS
+               SELECT id, connector_id, name FROM mcp_servers WHERE name <> 'hidden'
+               WITH CASCADED CHECK OPTION;
+             GRANT SELECT ON server_names, busy_connectors TO {reader};
+             GRANT SELECT (id, name) ON connector_list TO {reader};
+             GRANT SELECT ON mcp_servers, mcp_connectors TO {reader};
+             COMMENT ON VIEW server_names IS 'servers with their connector';
+             COMMENT ON COLUMN server_names.name IS 'the server''s name';
+             ALTER TABLE mcp_servers ENABLE ROW LEVEL SECURITY;
+             CREATE POLICY visible ON mcp_servers FOR SELECT TO {reader}
+               USING (connector_id IN (SELECT id FROM mcp_connectors WHERE name <> 'c3'));
+             CREATE FUNCTION mark_moved() RETURNS trigger LANGUAGE plpgsql AS $$
+               BEGIN NEW.name := NEW.name || '*'; RETURN NEW; END $$;
+             CREATE TRIGGER moved BEFORE UPDATE OF connector_id ON mcp_servers FOR EACH ROW
+               WHEN (OLD.connector_id IS DISTINCT FROM NEW.connector_id) EXECUTE FUNCTION mark_moved();
+             ALTER TABLE mcp_servers ENABLE ALWAYS TRIGGER moved;
+             CREATE TABLE server_moves (server text, at timestamptz DEFAULT now());
+             CREATE RULE log_new AS ON INSERT TO mcp_servers WHERE NEW.connector_id IS NOT NULL
+               DO ALSO INSERT INTO server_moves (server) VALUES (NEW.connector_id::text);
+             ALTER TABLE mcp_servers ADD CONSTRAINT srv_connected CHECK (connector_id IS NOT NULL OR status = 'draft');
+             CREATE STATISTICS srv_stats (ndistinct) ON connector_id, status FROM mcp_servers;
+             CREATE TABLE server_events (id bigserial, server_id integer NOT NULL REFERENCES mcp_servers (id),
+               at timestamptz NOT NULL, what text, PRIMARY KEY (id, at)) PARTITION BY RANGE (at);
+             CREATE TABLE server_events_old PARTITION OF server_events FOR VALUES FROM ('2000-01-01') TO ('2026-01-01');
+             CREATE TABLE server_events_new PARTITION OF server_events FOR VALUES FROM ('2026-01-01') TO ('2100-01-01');
+             CREATE INDEX server_events_server ON server_events (server_id);
+             INSERT INTO server_events (server_id, at, what) SELECT id, '2025-06-01', 'old' FROM mcp_servers;"
+    )
+}
+
 /// What the application built over the migrated columns (src/migrate/carry.rs), as seen by
 /// the roles that use it, at each phase.
 async fn check_carried(admin: &Client, reader: &Client, key_type: &str) {
@@ -438,6 +482,26 @@ async fn app_load(
     (ok, errors)
 }
 
+/// Stops the [`app_load`] tasks: they ran, and not one statement failed.
+async fn stop_writers(
+    stop: &std::sync::atomic::AtomicBool,
+    writers: Vec<tokio::task::JoinHandle<(u64, Vec<String>)>>,
+) {
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut done = 0;
+    for w in writers {
+        let (ok, errors) = w.await.unwrap();
+        assert!(
+            errors.is_empty(),
+            "{} errors: {:#?}",
+            errors.len(),
+            &errors[..errors.len().min(5)]
+        );
+        done += ok;
+    }
+    assert!(done > 20, "the load ran: {done} rounds");
+}
+
 /// Views and views of views (options, owner, grants, comments), a row-level security policy,
 /// a trigger with `UPDATE OF` and `WHEN`, a rule, a CHECK and extended statistics over
 /// migrated columns, a partitioned child, beside seed 000's 15 tables: checked one by one at
@@ -453,41 +517,8 @@ async fn every_object_follows_the_key_through_the_lifecycle_under_load() {
         .batch_execute(&format!(
             "{SEED_000}{SEED_004}{rows}
              CREATE ROLE {reader} LOGIN;
-             CREATE VIEW server_names AS
-               SELECT s.id, s.name, c.id AS connector, c.name AS connector_name
-                 FROM mcp_servers s JOIN mcp_connectors c ON c.id = s.connector_id;
-             CREATE VIEW busy_connectors WITH (security_barrier) AS
-               SELECT connector, count(*) AS servers FROM server_names GROUP BY connector;
-             CREATE VIEW connector_list AS
-               SELECT c.id, c.name, count(s.id) AS servers
-                 FROM mcp_connectors c LEFT JOIN mcp_servers s ON s.connector_id = c.id GROUP BY c.id;
-             CREATE VIEW writable_servers AS
-               SELECT id, connector_id, name FROM mcp_servers WHERE name <> 'hidden'
-               WITH CASCADED CHECK OPTION;
-             GRANT SELECT ON server_names, busy_connectors TO {reader};
-             GRANT SELECT (id, name) ON connector_list TO {reader};
-             GRANT SELECT ON mcp_servers, mcp_connectors TO {reader};
-             COMMENT ON VIEW server_names IS 'servers with their connector';
-             COMMENT ON COLUMN server_names.name IS 'the server''s name';
-             ALTER TABLE mcp_servers ENABLE ROW LEVEL SECURITY;
-             CREATE POLICY visible ON mcp_servers FOR SELECT TO {reader}
-               USING (connector_id IN (SELECT id FROM mcp_connectors WHERE name <> 'c3'));
-             CREATE FUNCTION mark_moved() RETURNS trigger LANGUAGE plpgsql AS $$
-               BEGIN NEW.name := NEW.name || '*'; RETURN NEW; END $$;
-             CREATE TRIGGER moved BEFORE UPDATE OF connector_id ON mcp_servers FOR EACH ROW
-               WHEN (OLD.connector_id IS DISTINCT FROM NEW.connector_id) EXECUTE FUNCTION mark_moved();
-             ALTER TABLE mcp_servers ENABLE ALWAYS TRIGGER moved;
-             CREATE TABLE server_moves (server text, at timestamptz DEFAULT now());
-             CREATE RULE log_new AS ON INSERT TO mcp_servers WHERE NEW.connector_id IS NOT NULL
-               DO ALSO INSERT INTO server_moves (server) VALUES (NEW.connector_id::text);
-             ALTER TABLE mcp_servers ADD CONSTRAINT srv_connected CHECK (connector_id IS NOT NULL OR status = 'draft');
-             CREATE STATISTICS srv_stats (ndistinct) ON connector_id, status FROM mcp_servers;
-             CREATE TABLE server_events (id bigserial, server_id integer NOT NULL REFERENCES mcp_servers (id),
-               at timestamptz NOT NULL, what text, PRIMARY KEY (id, at)) PARTITION BY RANGE (at);
-             CREATE TABLE server_events_old PARTITION OF server_events FOR VALUES FROM ('2000-01-01') TO ('2026-01-01');
-             CREATE TABLE server_events_new PARTITION OF server_events FOR VALUES FROM ('2026-01-01') TO ('2100-01-01');
-             CREATE INDEX server_events_server ON server_events (server_id);
-             INSERT INTO server_events (server_id, at, what) SELECT id, '2025-06-01', 'old' FROM mcp_servers;",
+             {objects}",
+            objects = app_objects(&reader),
             rows = seed_004_rows(10)
         ))
         .await
@@ -524,19 +555,7 @@ async fn every_object_follows_the_key_through_the_lifecycle_under_load() {
     check_view_shapes(&v1, &v2).await;
     ks_expect(&db.url(), &["verify"], 0);
     // V1 retired before finalize.
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let mut done = 0;
-    for w in writers {
-        let (ok, errors) = w.await.unwrap();
-        assert!(
-            errors.is_empty(),
-            "{} errors: {:#?}",
-            errors.len(),
-            &errors[..errors.len().min(5)]
-        );
-        done += ok;
-    }
-    assert!(done > 20, "the load ran: {done} rounds");
+    stop_writers(&stop, writers).await;
     drop(v1);
     wait_status(&proxy, |v| v["sessions_by_shape"]["integer"] == 0).await;
     drop((v2, proxy));
@@ -562,6 +581,214 @@ async fn every_object_follows_the_key_through_the_lifecycle_under_load() {
         .batch_execute(&format!("DROP OWNED BY {reader}; DROP ROLE {reader}"))
         .await
         .unwrap();
+}
+
+/// More of what reporting apps build, for the cutover table by table: a view over a leaf
+/// and its parent (swapped by different groups), a view grouping by a key (it depends on the
+/// primary key its table's group drops), a materialized view.
+const ACROSS_GROUPS: &str = "
+CREATE VIEW server_event_names AS
+  SELECT e.server_id, e.what, s.name FROM server_events e JOIN mcp_servers s ON s.id = e.server_id;
+CREATE VIEW server_event_counts AS
+  SELECT s.id, s.name, count(e.at) AS events
+    FROM mcp_servers s LEFT JOIN server_events e ON e.server_id = s.id GROUP BY s.id;
+CREATE MATERIALIZED VIEW connector_sizes AS
+  SELECT c.id, c.name, count(s.id) AS servers
+    FROM mcp_connectors c LEFT JOIN mcp_servers s ON s.connector_id = c.id GROUP BY c.id, c.name;
+CREATE UNIQUE INDEX connector_sizes_id ON connector_sizes (id);
+";
+
+/// `keyshift cutover --by-table` over the same objects, stopped halfway by a session holding
+/// mcp_connectors, then resumed, with V1 and V2 writing and reading through keyshift all
+/// along: halfway, what sits on tables not swapped yet is untouched and each session reads
+/// the views in its shape; at the end everything is over the uuid columns and the schema is
+/// the one a single swap gives (pg_dump of a twin database), and rollback carries it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_object_follows_the_key_through_a_cutover_table_by_table_stopped_halfway() {
+    let db = common::TestDb::new().await;
+    let twin = common::TestDb::new().await;
+    let reader = format!("r_{}", db.name);
+    let admin = db.client().await;
+    let twin_admin = twin.client().await;
+    let setup = format!(
+        "{SEED_000}{SEED_004}{rows}{objects}{ACROSS_GROUPS}",
+        rows = seed_004_rows(10),
+        objects = app_objects(&reader)
+    );
+    admin
+        .batch_execute(&format!("CREATE ROLE {reader} LOGIN; {setup}"))
+        .await
+        .unwrap();
+    twin_admin.batch_execute(&setup).await.unwrap();
+    for url in [db.url(), twin.url()] {
+        ks_expect(&url, &["expand"], 0);
+        ks_expect(&url, &["backfill"], 0);
+    }
+    let proxy = linked_proxy(&db).await;
+    wait_rules_in_force(&proxy, &admin).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for (shape, tag) in [("integer", "v1"), ("uuid", "v2")] {
+        let c = connect_shaped(&proxy, &db, shape).await;
+        writers.push(tokio::spawn(app_load(c, tag, stop.clone())));
+    }
+    let r = as_role(&db, &reader).await;
+    let v1 = connect_shaped(&proxy, &db, "integer").await;
+    let v2 = connect_shaped(&proxy, &db, "uuid").await;
+
+    let blocker = migrate_support::holding(&db, "mcp_connectors").await;
+    let by_table = migrate_support::BY_TABLE_GIVING_UP;
+    let out = ks_expect(&db.url(), &by_table, 1);
+    let type_of = |table: &'static str, col: &'static str| {
+        let admin = &admin;
+        async move {
+            one(admin, &format!("SELECT format_type(atttypid, NULL) FROM pg_attribute WHERE attrelid = 'public.{table}'::regclass AND attname = '{col}'")).await
+        }
+    };
+    // mcp_servers' group drops its FK to mcp_connectors, which the blocker holds; the
+    // partitioned server_events under it went.
+    assert_eq!(
+        (
+            type_of("server_events", "server_id").await.as_deref(),
+            type_of("mcp_servers", "id").await.as_deref()
+        ),
+        (Some("uuid"), Some("integer")),
+        "{}",
+        migrate_support::text(&out)
+    );
+    wait_rules_in_force(&proxy, &admin).await;
+    // What sits on mcp_servers and mcp_connectors is as it was, for every role.
+    check_carried(&admin, &r, "integer").await;
+    // Through keyshift each session reads every view in its shape, the one across the two
+    // groups included; read directly, that view still joins the integers.
+    check_view_shapes(&v1, &v2).await;
+    for (c, want) in [(&v1, "integer"), (&v2, "uuid")] {
+        assert_eq!(
+            one(
+                c,
+                "SELECT pg_typeof(server_id)::text FROM server_event_names LIMIT 1"
+            )
+            .await
+            .as_deref(),
+            Some(want)
+        );
+    }
+    assert_eq!(
+        one(
+            &admin,
+            "SELECT (count(*) > 0)::text FROM server_event_names"
+        )
+        .await
+        .as_deref(),
+        Some("true")
+    );
+
+    blocker.batch_execute("ROLLBACK").await.unwrap();
+    let out = ks_expect(&db.url(), &by_table, 0);
+    assert!(
+        migrate_support::text(&out).contains("rebuilt over the uuids at the end"),
+        "{}",
+        migrate_support::text(&out)
+    );
+    wait_rules_in_force(&proxy, &admin).await;
+    check_carried(&admin, &r, "uuid").await;
+    check_view_shapes(&v1, &v2).await;
+    for (view, col) in [
+        ("server_event_names", "server_id"),
+        ("server_event_counts", "id"),
+        ("connector_sizes", "id"),
+    ] {
+        assert_eq!(type_of(view, col).await.as_deref(), Some("uuid"), "{view}");
+    }
+    admin
+        .batch_execute("REFRESH MATERIALIZED VIEW CONCURRENTLY connector_sizes")
+        .await
+        .unwrap();
+    ks_expect(&db.url(), &["verify"], 0);
+
+    // The schema a single swap leaves.
+    ks_expect(&twin.url(), &["cutover"], 0);
+    assert_eq!(
+        migrate_support::schema_dump(&db),
+        migrate_support::schema_dump(&twin)
+    );
+    // And rollback carries everything back, as after any cutover.
+    ks_expect(&db.url(), &["rollback"], 0);
+    wait_rules_in_force(&proxy, &admin).await;
+    check_carried(&admin, &r, "integer").await;
+    check_view_shapes(&v1, &v2).await;
+
+    stop_writers(&stop, writers).await;
+    drop((r, v1, v2, proxy));
+    for c in [&admin, &twin_admin] {
+        c.batch_execute(&format!("DROP OWNED BY {reader}"))
+            .await
+            .unwrap();
+    }
+    admin
+        .batch_execute(&format!("DROP ROLE {reader}"))
+        .await
+        .unwrap();
+}
+
+/// What the application changes or drops while `cutover --by-table` is stopped halfway is
+/// left as it made it, and said: a rebuild from the definitions read before the first group
+/// would undo the change or bring back what it dropped.
+#[tokio::test]
+async fn cutover_by_table_leaves_what_the_application_changed_meanwhile_and_says_so() {
+    let db = common::TestDb::new().await;
+    let admin = db.client().await;
+    admin
+        .batch_execute(&format!(
+            "{SEED_004}{rows}
+             CREATE VIEW v_servers AS SELECT id, connector_id, name FROM mcp_servers;
+             CREATE VIEW v_connectors AS SELECT id, name FROM mcp_connectors;
+             ALTER TABLE mcp_servers ENABLE ROW LEVEL SECURITY;
+             CREATE POLICY p_servers ON mcp_servers USING (connector_id IS NOT NULL);",
+            rows = seed_004_rows(3)
+        ))
+        .await
+        .unwrap();
+    ks_expect(&db.url(), &["expand"], 0);
+    ks_expect(&db.url(), &["backfill"], 0);
+    let blocker = migrate_support::holding(&db, "mcp_connectors").await;
+    let by_table = migrate_support::BY_TABLE_GIVING_UP;
+    ks_expect(&db.url(), &by_table, 1);
+    admin
+        .batch_execute(
+            "COMMENT ON VIEW v_servers IS 'changed halfway';
+             DROP POLICY p_servers ON mcp_servers",
+        )
+        .await
+        .unwrap();
+    blocker.batch_execute("ROLLBACK").await.unwrap();
+    let out = ks_expect(&db.url(), &by_table, 0);
+    let said = migrate_support::text(&out);
+    assert!(
+        said.contains("left as it made them")
+            && said.contains("public.v_servers")
+            && said.contains("policy p_servers"),
+        "{said}"
+    );
+    // The comment stays, on the view as it was (over the integer column); the policy stays
+    // dropped; the view nobody touched is over the uuid column.
+    assert_eq!(
+        one(&admin, "SELECT obj_description('v_servers'::regclass, 'pg_class') || ' ' || format_type(atttypid, NULL) FROM pg_attribute WHERE attrelid = 'v_servers'::regclass AND attname = 'id'").await.as_deref(),
+        Some("changed halfway integer")
+    );
+    assert_eq!(
+        one(
+            &admin,
+            "SELECT count(*)::text FROM pg_policy WHERE polname = 'p_servers'"
+        )
+        .await
+        .as_deref(),
+        Some("0")
+    );
+    assert_eq!(
+        one(&admin, "SELECT format_type(atttypid, NULL) FROM pg_attribute WHERE attrelid = 'v_connectors'::regclass AND attname = 'id'").await.as_deref(),
+        Some("uuid")
+    );
 }
 
 /// A view that only works with integer keys: cutover finds it before its pause, names it and

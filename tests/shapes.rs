@@ -725,21 +725,10 @@ async fn v1_and_v2_through_a_cutover_table_by_table_stopped_halfway() {
 
     // A transaction holding mcp_connectors: the groups that drop an FK to it, or swap its
     // key, cannot take their locks; the leaves under mcp_servers can.
-    let blocker = db.client().await;
-    blocker
-        .batch_execute("BEGIN; LOCK TABLE mcp_connectors IN ACCESS SHARE MODE")
-        .await
-        .unwrap();
+    let blocker = migrate_support::holding(&db, "mcp_connectors").await;
     // A group whose locks do not come with the gates open is tried again under a pause of
     // its own, which cannot drain a direct session either: it gives up after --budget.
-    let by_table = [
-        "cutover",
-        "--by-table",
-        "--lock-timeout",
-        "100ms",
-        "--budget",
-        "1s",
-    ];
+    let by_table = migrate_support::BY_TABLE_GIVING_UP;
     let out = ks_async(&db.url(), &by_table).await;
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(text(&out).contains("resumes"), "{}", text(&out));

@@ -67,6 +67,13 @@ impl Group<'_> {
     pub fn sql(&self) -> String {
         let mut v = vec![ddl::NO_JIT.to_string()];
         v.extend(self.locks());
+        if !self.tables.is_empty() {
+            v.push(carry::unblock(
+                self.tables
+                    .iter()
+                    .map(|t| (t.schema.as_str(), t.name.as_str())),
+            ));
+        }
         v.extend(
             self.fks
                 .iter()
@@ -288,12 +295,14 @@ fn components(edges: &[Vec<usize>]) -> Vec<Vec<usize>> {
 }
 
 /// What a cutover table by table runs before and in its pause: the preparation every
-/// cutover makes, the carry functions (to count what the swap would have to carry), then a
-/// swap that only enters phase `cutting_over`.
+/// cutover makes, the application's objects over migrated columns checked and deparsed as
+/// for a single swap (src/migrate/carry.rs), then a swap that keeps those definitions for
+/// the end and enters phase `cutting_over`.
 pub fn entry(plan: &Plan) -> Vec<Step> {
     let mut v = ddl::cutover_preparation(plan);
-    v.push(carry::functions());
+    v.extend(carry::prepare(plan, crate::shape::Shape::Uuid));
     v.push(ddl::swap("BEGIN".into()));
+    v.push(ddl::swap(carry::keep(plan)));
     v.push(ddl::swap(state::set_phase_sql(Phase::CuttingOver)));
     v.push(ddl::swap("COMMIT".into()));
     v
@@ -327,33 +336,30 @@ pub struct ByTableReport {
     pub longest_group_ms: f64,
     pub longest_group: Option<String>,
     pub total_ms: f64,
+    /// The application's objects over migrated columns rebuilt at the end, the gate of
+    /// that pause, and those left as the application changed them during the cutover.
+    pub carried: i64,
+    pub carried_pause_ms: f64,
+    pub carried_left_alone: Option<String>,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ByTableError {
-    #[error(transparent)]
-    Db(#[from] db::DbError),
-    #[error(transparent)]
-    State(#[from] state::StateError),
-    #[error("{0}")]
-    Refused(String),
-}
-
-/// Refuses when a swap would have to carry objects of the application (needs the carry
-/// functions, which [`entry`] installs).
-pub async fn refuse_carried(client: &Client, plan: &Plan) -> Result<(), ByTableError> {
-    let row = client
-        .query_one(&carry::count_sql(plan), &[])
+/// The application's objects kept by the entry for the end: how many, and those the
+/// application changed or dropped since (left as it made them); None when nothing is kept
+/// (no `--by-table` run entered, or its objects are already rebuilt).
+pub async fn carried(client: &Client) -> Result<Option<(i64, String)>, db::DbError> {
+    let kept = client
+        .query_one("SELECT to_regclass('keyshift.carried') IS NOT NULL", &[])
         .await
-        .map_err(|e| db::stmt_error("keyshift.carried_objects", e))?;
-    let n: i64 = row.get(0);
-    if n > 0 {
-        let what: String = row.get(1);
-        return Err(ByTableError::Refused(format!(
-            "--by-table does not carry the application's objects over migrated columns yet ({n}: {what}): run `keyshift cutover` without it, which rebuilds them in its swap"
-        )));
+        .map_err(|e| db::stmt_error("to_regclass('keyshift.carried')", e))?
+        .get::<_, bool>(0);
+    if !kept {
+        return Ok(None);
     }
-    Ok(())
+    let row = client
+        .query_one(carry::PENDING, &[])
+        .await
+        .map_err(|e| db::stmt_error(carry::PENDING, e))?;
+    Ok(Some((row.get(0), row.get(1))))
 }
 
 /// Step 3, once every group is swapped: phase `cut_over` (only from `cutting_over`), then

@@ -50,7 +50,13 @@ use crate::ident::literal;
 use crate::shape::Shape;
 
 /// The signatures `DROP FUNCTION` needs.
-const FUNCTIONS: [&str; 14] = [
+const FUNCTIONS: [&str; 20] = [
+    "keyshift.carry_current(jsonb, text)",
+    "keyshift.carry_finish()",
+    "keyshift.carry_left_alone()",
+    "keyshift.carry_unblock(jsonb)",
+    "keyshift.carry_keep(jsonb, text)",
+    "keyshift.carry_stamp(text, oid)",
     "keyshift.carried_objects(jsonb)",
     "keyshift.carry_try(text, text[])",
     "keyshift.suffixed(text, text)",
@@ -346,6 +352,7 @@ DECLARE
   drop_kind text;
   last_drop_kind text;
   fingerprint text;
+  dropped int;
 BEGIN
   IF to_regclass('pg_temp.keyshift_carried') IS NULL THEN
     -- The session's: the swap runs on the connection that prepared it. `step`: `build` (run
@@ -364,6 +371,7 @@ BEGIN
                      array_position(ARRAY['rule', 'trigger', 'policy', 'check', 'statistics'], kind), label
   LOOP
     n := n + 1;
+    dropped := coalesce(array_length(drops, 1), 0);
     IF o.kind = 'materialized view' THEN
       SELECT c.relname, c.relnamespace::regnamespace::text AS nsp INTO r FROM pg_class c WHERE c.oid = o.objid;
       IF to_regclass(format('keyshift_shadow.%I', 'mv_' || o.objid)) IS NULL THEN
@@ -487,6 +495,11 @@ BEGIN
       END IF;
       drops := drops || format('DROP POLICY %I ON %s', r.polname, r.tbl);
     END IF;
+    -- Each object's own drop too, for keyshift.carry_finish (one object at a time).
+    IF coalesce(array_length(drops, 1), 0) > dropped THEN
+      INSERT INTO pg_temp.keyshift_carried (step, label, sql)
+      VALUES ('drop_one', o.label, drops[array_upper(drops, 1)]);
+    END IF;
   END LOOP;
   -- In the order they run (last created first), adjacent drops of views, or of materialized
   -- views, go as one statement: each statement costs 0.1 ms of the pause, and whatever
@@ -580,6 +593,21 @@ SELECT md5(concat_ws('|', suffix, cols::text,
          (SELECT string_agg(stamp, ',' ORDER BY obj, stamp) FROM stamps))));
 END $ks$;
 
+-- In the pause: the statements keyshift.carry_prepare wrote before it on this connection,
+-- or written again if anything changed since (or nothing was prepared here).
+CREATE OR REPLACE FUNCTION keyshift.carry_current(cols jsonb, suffix text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog AS $ks$
+DECLARE
+  prepared text;
+BEGIN
+  IF to_regclass('pg_temp.keyshift_carried') IS NOT NULL THEN
+    SELECT sql INTO prepared FROM pg_temp.keyshift_carried WHERE step = 'fingerprint';
+  END IF;
+  IF prepared IS NULL OR prepared <> keyshift.carry_fingerprint(cols, suffix) THEN
+    PERFORM keyshift.carry_prepare(cols, suffix);
+  END IF;
+END $ks$;
+
 -- Inside the swap, before the renames: the objects prepared before the pause are dropped,
 -- dependents first (policies, triggers and rules, then views from the top down); if anything
 -- changed since the preparation, they are deparsed again first.
@@ -588,15 +616,9 @@ LANGUAGE plpgsql SET search_path = pg_catalog AS $ks$
 DECLARE
   n int;
   drops text[];
-  prepared text;
   what text;
 BEGIN
-  IF to_regclass('pg_temp.keyshift_carried') IS NOT NULL THEN
-    SELECT sql INTO prepared FROM pg_temp.keyshift_carried WHERE step = 'fingerprint';
-  END IF;
-  IF prepared IS NULL OR prepared <> keyshift.carry_fingerprint(cols, suffix) THEN
-    PERFORM keyshift.carry_prepare(cols, suffix);
-  END IF;
+  PERFORM keyshift.carry_current(cols, suffix);
   SELECT max(label) FILTER (WHERE step = 'fingerprint')::int,
          coalesce(array_agg(sql ORDER BY ord DESC) FILTER (WHERE step = 'drop'), '{}')
     INTO n, drops FROM pg_temp.keyshift_carried;
@@ -633,6 +655,146 @@ BEGIN
   END LOOP;
   DELETE FROM pg_temp.keyshift_carried;
   RETURN n;
+END $ks$;
+
+-- The cutover table by table (src/migrate/by_table.rs). Its groups swap in separate
+-- transactions, so the application's objects cannot be dropped and rebuilt around one set of
+-- renames: a view over two tables swapped by different groups would bind a uuid and an
+-- integer. Instead they stay on the integer columns (which dual-write keeps whole, so they
+-- keep their meaning) until every group is swapped, and are rebuilt then from the
+-- definitions read before the first group, when every column still had its name:
+--   keyshift.carry_keep, in the pause that enters cutting_over: those definitions (prepared
+--     before it, deparsed again if anything changed) kept in keyshift.carried, a table
+--     rather than the session's, since a command stopped among the groups resumes on
+--     another connection; with a stamp of each object (keyshift.carry_stamp);
+--   keyshift.carry_unblock, in each group before its statements: the views (and the views
+--     over them) that depend on a primary key the group drops, which would stop it (a view
+--     grouping by the key), dropped; rebuilt at the end with the rest;
+--   keyshift.carry_finish, once every group is swapped: each object dropped and rebuilt,
+--     except one the application changed or dropped meanwhile, which is left as it made it
+--     (its new definition names the columns it meant) and returned, to be reported.
+
+-- 'kind:oid:' then the xmins of the catalog rows its rebuild is read from (an update gives a
+-- row a new xmin): its defining row; a view's class row (owner, grants, options), columns
+-- (column grants) and defaults; its comments. Unlike keyshift.carry_fingerprint, not what it
+-- references: the groups rename those columns. Different once the object is gone.
+CREATE OR REPLACE FUNCTION keyshift.carry_stamp(kind text, obj oid) RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog AS $ks$
+SELECT kind || ':' || obj || ':' || concat_ws('/', CASE
+  WHEN kind IN ('view', 'materialized view') THEN
+    (SELECT concat_ws('/', w.xmin, c.xmin,
+              (SELECT string_agg(a.xmin::text, ',' ORDER BY a.attnum) FROM pg_attribute a
+                WHERE a.attrelid = obj AND a.attnum > 0),
+              (SELECT string_agg(ad.xmin::text, ',' ORDER BY ad.adnum) FROM pg_attrdef ad
+                WHERE ad.adrelid = obj))
+       FROM pg_rewrite w JOIN pg_class c ON c.oid = w.ev_class
+      WHERE w.ev_class = obj AND w.rulename = '_RETURN')
+  WHEN kind = 'rule' THEN (SELECT w.xmin::text FROM pg_rewrite w WHERE w.oid = obj)
+  WHEN kind = 'trigger' THEN (SELECT g.xmin::text FROM pg_trigger g WHERE g.oid = obj)
+  WHEN kind = 'policy' THEN (SELECT p.xmin::text FROM pg_policy p WHERE p.oid = obj)
+  WHEN kind = 'check' THEN (SELECT c.xmin::text FROM pg_constraint c WHERE c.oid = obj)
+  ELSE (SELECT x.xmin::text FROM pg_statistic_ext x WHERE x.oid = obj) END,
+  (SELECT string_agg(d.xmin::text, ',' ORDER BY d.objsubid) FROM pg_description d WHERE d.objoid = obj))
+$ks$;
+
+CREATE OR REPLACE FUNCTION keyshift.carry_keep(cols jsonb, suffix text DEFAULT '_legacy') RETURNS int
+LANGUAGE plpgsql SET search_path = pg_catalog AS $ks$
+DECLARE
+  n int;
+BEGIN
+  PERFORM keyshift.carry_current(cols, suffix);
+  DROP TABLE IF EXISTS keyshift.carried;
+  CREATE TABLE keyshift.carried (ord int, step text NOT NULL, label text, sql text);
+  COMMENT ON TABLE keyshift.carried IS
+    'Owned by keyshift: the application''s objects over migrated columns, rebuilt when the cutover table by table ends';
+  INSERT INTO keyshift.carried SELECT ord, step, label, sql FROM pg_temp.keyshift_carried
+   WHERE step IN ('build', 'drop_one');
+  INSERT INTO keyshift.carried (ord, step, label, sql)
+  SELECT 0, 'stamp', o.label, keyshift.carry_stamp(o.kind, o.objid)
+    FROM keyshift.carried_objects(cols) o;
+  GET DIAGNOSTICS n = ROW_COUNT;
+  RETURN n;
+END $ks$;
+
+CREATE OR REPLACE FUNCTION keyshift.carry_unblock(tables jsonb) RETURNS int
+LANGUAGE plpgsql SET search_path = pg_catalog AS $ks$
+DECLARE
+  v record;
+  n int := 0;
+BEGIN
+  FOR v IN
+    WITH RECURSIVE dep (oid, depth) AS (
+      SELECT r.ev_class, 1
+        FROM jsonb_array_elements(tables) t
+        JOIN pg_namespace ns ON ns.nspname = t->>0
+        JOIN pg_class c ON c.relnamespace = ns.oid AND c.relname = t->>1
+        JOIN pg_constraint con ON con.conrelid = c.oid AND con.contype = 'p'
+        JOIN pg_depend d ON d.refclassid = 'pg_constraint'::regclass AND d.refobjid = con.oid
+                        AND d.classid = 'pg_rewrite'::regclass
+        JOIN pg_rewrite r ON r.oid = d.objid AND r.rulename = '_RETURN'
+      UNION ALL
+      SELECT r.ev_class, dep.depth + 1
+        FROM dep
+        JOIN pg_depend d ON d.refclassid = 'pg_class'::regclass AND d.refobjid = dep.oid
+                        AND d.classid = 'pg_rewrite'::regclass
+        JOIN pg_rewrite r ON r.oid = d.objid AND r.rulename = '_RETURN' AND r.ev_class <> dep.oid
+    )
+    SELECT dep.oid, c.relkind, max(dep.depth) AS depth
+      FROM dep JOIN pg_class c ON c.oid = dep.oid
+     GROUP BY dep.oid, c.relkind ORDER BY max(dep.depth) DESC
+  LOOP
+    IF to_regclass('keyshift.carried') IS NOT NULL THEN
+      INSERT INTO keyshift.carried (ord, step, label) VALUES (0, 'unblocked', v.oid::regclass::text);
+    END IF;
+    -- Without CASCADE: anything else that depends on it stops the group with PostgreSQL's
+    -- own error rather than being dropped.
+    EXECUTE format('DROP %s %s', CASE v.relkind WHEN 'm' THEN 'MATERIALIZED VIEW' ELSE 'VIEW' END,
+                   v.oid::regclass);
+    n := n + 1;
+  END LOOP;
+  RETURN n;
+END $ks$;
+
+-- Changed or dropped since the cutover began, and not by a group: the application's doing.
+-- (PL/pgSQL: an SQL function's body is checked when it is created, before that table exists.)
+CREATE OR REPLACE FUNCTION keyshift.carry_left_alone() RETURNS text[]
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog AS $ks$
+BEGIN
+  RETURN (
+    SELECT coalesce(array_agg(k.label ORDER BY k.label), '{}')
+      FROM keyshift.carried k
+     WHERE k.step = 'stamp'
+       AND keyshift.carry_stamp(split_part(k.sql, ':', 1), split_part(k.sql, ':', 2)::oid) IS DISTINCT FROM k.sql
+       AND NOT EXISTS (SELECT 1 FROM keyshift.carried u WHERE u.step = 'unblocked' AND u.label = k.label));
+END $ks$;
+
+CREATE OR REPLACE FUNCTION keyshift.carry_finish() RETURNS text
+LANGUAGE plpgsql SET search_path = pg_catalog AS $ks$
+DECLARE
+  s record;
+  left_alone text[] := '{}';
+BEGIN
+  IF to_regclass('keyshift.carried') IS NULL THEN
+    RETURN '';
+  END IF;
+  left_alone := keyshift.carry_left_alone();
+  FOR s IN SELECT label, sql FROM keyshift.carried
+            WHERE step = 'drop_one' AND label <> ALL (left_alone) ORDER BY ord DESC LOOP
+    EXECUTE regexp_replace(s.sql, '^DROP (VIEW|MATERIALIZED VIEW|POLICY|TRIGGER|RULE) ',
+                           'DROP \1 IF EXISTS ');
+  END LOOP;
+  FOR s IN SELECT label, sql FROM keyshift.carried
+            WHERE step = 'build' AND label <> ALL (left_alone) ORDER BY ord LOOP
+    BEGIN
+      EXECUTE s.sql;
+    EXCEPTION WHEN OTHERS THEN
+      RAISE EXCEPTION 'keyshift: could not rebuild % over the uuid columns: %', s.label, SQLERRM
+        USING DETAIL = s.sql,
+              HINT = 'nothing was changed (its transaction rolled back); drop or change it, then run keyshift cutover --by-table again';
+    END;
+  END LOOP;
+  DROP TABLE keyshift.carried;
+  RETURN array_to_string(left_alone, ', ');
 END $ks$;
 
 CREATE OR REPLACE FUNCTION keyshift.carry_check(cols jsonb, rels jsonb) RETURNS int
@@ -995,6 +1157,35 @@ pub fn validate(plan: &Plan) -> Step {
 pub fn restore() -> String {
     "SELECT keyshift.carry_restore()".into()
 }
+
+/// The cutover table by table, in the pause that enters `cutting_over`: the definitions
+/// [`prepare`] deparsed, kept in `keyshift.carried` for [`FINISH`].
+pub fn keep(plan: &Plan) -> String {
+    format!(
+        "SELECT keyshift.carry_keep({}::jsonb, {})",
+        literal(&columns_json(plan)),
+        literal(&plan.legacy_suffix)
+    )
+}
+
+/// In a group of the cutover table by table, before its statements: the views that depend
+/// on the primary keys of `tables` (`schema`, `table`), which would stop it, dropped (and
+/// rebuilt by [`FINISH`]).
+pub fn unblock<'a>(tables: impl Iterator<Item = (&'a str, &'a str)>) -> String {
+    let tables: Vec<serde_json::Value> = tables.map(|(s, t)| serde_json::json!([s, t])).collect();
+    format!(
+        "SELECT keyshift.carry_unblock({}::jsonb)",
+        literal(&serde_json::Value::Array(tables).to_string())
+    )
+}
+
+/// Once every group is swapped: every object kept by [`keep`] rebuilt over the uuid columns,
+/// except those the application changed meanwhile (returned, comma-separated).
+pub const FINISH: &str = "SELECT keyshift.carry_finish()";
+
+/// How many objects [`FINISH`] would rebuild (None when nothing is kept), and the labels of
+/// those it would leave as the application changed them.
+pub const PENDING: &str = "SELECT count(*) FILTER (WHERE step = 'stamp'), array_to_string(keyshift.carry_left_alone(), ', ') FROM keyshift.carried";
 
 /// finalize: the functions go with keyshift's state.
 pub fn drop_functions() -> Vec<Step> {

@@ -64,8 +64,6 @@ pub enum SwitchError {
     /// in phase cutting_over, and a rerun resumes.
     #[error("{0}")]
     Interrupted(String),
-    #[error(transparent)]
-    ByTable(#[from] by_table::ByTableError),
 }
 
 fn q(e: tokio_postgres::Error, what: &str) -> SwitchError {
@@ -250,8 +248,8 @@ pub async fn run(
     let live = wait_for_live(client, m.rules_version).await?;
     info!(proxies = live.len(), "live proxies: {}", live.join(", "));
     if opts.by_table {
+        // A resumed run goes straight to the groups, which call them.
         db::run_step(client, &carry::functions(), settings).await?;
-        by_table::refuse_carried(client, &m.plan).await?;
     }
 
     let tables = plan_tables(&m.plan);
@@ -468,6 +466,30 @@ async fn finish_by_table(
             report.longest_group_ms = ms;
             report.longest_group = Some(g.label.clone());
         }
+    }
+    // The application's objects over migrated columns, kept on the integer columns while
+    // the groups went, rebuilt over the uuids: under a pause of their own, since they lock
+    // what they sit on (a policy's table, a view) one statement at a time, where a reader
+    // inside a transaction could hold one and wait for another (src/migrate/carry.rs).
+    match by_table::carried(client).await.map_err(|e| resumes(&e))? {
+        Some((n, left_alone)) if n > 0 => {
+            let sql = format!("{};\n{}", ddl::NO_JIT, carry::FINISH);
+            for p in gated_group(client, opts, live, &sql, &tables).await? {
+                let ms = p.pause_ms.unwrap_or(0.0);
+                report.carried_pause_ms = report.carried_pause_ms.max(ms);
+            }
+            report.carried = n;
+            if !left_alone.is_empty() {
+                warn!(
+                    "changed or dropped by the application during the cutover, left as it made them (not carried to the uuid columns): {left_alone}"
+                );
+                report.carried_left_alone = Some(left_alone);
+            }
+        }
+        Some(_) => db::exec(client, carry::FINISH)
+            .await
+            .map_err(|e| resumes(&e))?,
+        None => {}
     }
     by_table::leave(client, plan, settings)
         .await
@@ -1063,6 +1085,17 @@ pub fn render_text(r: &SwitchReport) -> String {
             ));
         }
         s.push('\n');
+        if b.carried > 0 {
+            s.push_str(&format!(
+                "the application's views, policies and other objects over migrated columns ({}) rebuilt over the uuids at the end, under a pause of {:.1} ms\n",
+                b.carried, b.carried_pause_ms
+            ));
+        }
+        if let Some(l) = &b.carried_left_alone {
+            s.push_str(&format!(
+                "changed or dropped by the application during the cutover, so left as it made them (check that they read the columns you meant): {l}\n"
+            ));
+        }
     }
     s
 }

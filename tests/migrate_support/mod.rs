@@ -166,6 +166,30 @@ pub fn text(o: &Output) -> String {
 }
 
 /// Runs and asserts the exit code.
+/// `keyshift cutover --by-table` that gives up quickly on a group it cannot lock: how the
+/// tests stop one halfway, behind a session holding a table (a group whose locks do not
+/// come with the gates open is tried under a pause of its own, which cannot drain a direct
+/// session either, and gives up after `--budget`).
+pub const BY_TABLE_GIVING_UP: [&str; 6] = [
+    "cutover",
+    "--by-table",
+    "--lock-timeout",
+    "100ms",
+    "--budget",
+    "1s",
+];
+
+/// A direct session (the proxies cannot drain it) inside a transaction that holds `table`:
+/// every group of a cutover table by table that must lock it waits, until it is dropped or
+/// rolls back.
+pub async fn holding(db: &common::TestDb, table: &str) -> tokio_postgres::Client {
+    let c = db.client().await;
+    c.batch_execute(&format!("BEGIN; LOCK TABLE {table} IN ACCESS SHARE MODE"))
+        .await
+        .expect("lock");
+    c
+}
+
 pub fn ks_expect(url: &str, args: &[&str], code: i32) -> Output {
     let o = ks(url, args);
     assert_eq!(
