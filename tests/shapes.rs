@@ -743,6 +743,15 @@ async fn v1_and_v2_through_a_cutover_table_by_table_stopped_halfway() {
         !halfway.is_empty() && !halfway.contains(&"mcp_connectors".to_string()),
         "some tables swapped, not all: {halfway:?}"
     );
+    // `status` counts the groups swapped from the catalog, in one query for all of them:
+    // here each group is one table.
+    let out = ks_async(&db.url(), &["status", "--format", "json"]).await;
+    let st: serde_json::Value = serde_json::from_str(&migrate_support::stdout(&out)).unwrap();
+    let (done, all) = (
+        st["groups_swapped"][0].as_u64().unwrap(),
+        st["groups_swapped"][1].as_u64().unwrap(),
+    );
+    assert!(done == halfway.len() as u64 && done < all, "{st:#}");
     wait_rules_in_force(&p, &direct).await;
 
     // Tables in both shapes: each session is served in its own, reads and writes alike.

@@ -310,6 +310,26 @@ pub async fn needed(client: &Client, when: &When) -> Result<bool, DbError> {
     })
 }
 
+/// How many of `columns`, each (schema, table, column), are there: the test of
+/// [`When::ColumnPresent`] in [`needed`], for many columns in one query.
+pub async fn columns_present(
+    client: &Client,
+    columns: &[(&str, &str, &str)],
+) -> Result<usize, DbError> {
+    const COLS: &str = "SELECT count(*) FROM unnest($1::text[], $2::text[], $3::text[]) AS w(nsp, rel, col) \
+        WHERE EXISTS (SELECT 1 FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid \
+        JOIN pg_namespace n ON n.oid = c.relnamespace \
+        WHERE n.nspname = w.nsp AND c.relname = w.rel AND a.attname = w.col AND a.attnum > 0 AND NOT a.attisdropped)";
+    let nsp: Vec<&str> = columns.iter().map(|c| c.0).collect();
+    let rel: Vec<&str> = columns.iter().map(|c| c.1).collect();
+    let col: Vec<&str> = columns.iter().map(|c| c.2).collect();
+    let r = client
+        .query_one(COLS, &[&nsp, &rel, &col])
+        .await
+        .map_err(|e| stmt_error(COLS, e))?;
+    Ok(r.get::<_, i64>(0) as usize)
+}
+
 /// Runs one step if it is still needed (a step over partitions: on each leaf that still
 /// needs it). Returns whether it ran.
 pub async fn run_step(client: &Client, step: &Step, s: &Settings) -> Result<bool, DbError> {

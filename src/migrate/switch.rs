@@ -376,17 +376,7 @@ pub async fn run(
                 delay = (delay * 2).min(Duration::from_secs(2));
             }
             Err(e) => {
-                let why = match e {
-                    RoundError::LockTimeout(b) => format!(
-                        "the swap could not take its locks within --budget {:?}; blocked by: {b}\n  what to do: end or wait out those transactions, or retry with --terminate-blockers",
-                        opts.budget
-                    ),
-                    RoundError::Drain(b) | RoundError::DrainTerminated(b) => format!(
-                        "sessions stayed inside transactions past --drain-timeout {:?}: {b}\n  what to do: retry when they are done, raise --drain-timeout, or use --terminate-blockers",
-                        opts.drain_timeout
-                    ),
-                    RoundError::Other(e) => e.to_string(),
-                };
+                let why = round_failure(e, opts, Swapping::All);
                 finish(client, attempt, round, "aborted", &why).await;
                 let _ = state::event(
                     client,
@@ -425,17 +415,17 @@ async fn finish_by_table(
     let started = Instant::now();
     let mut report = by_table::ByTableReport::default();
     for (i, g) in groups.iter().enumerate() {
-        let step = g.step();
-        if !db::needed(client, &step.when)
-            .await
-            .map_err(|e| resumes(&e))?
-        {
-            report.groups_already_swapped += 1;
-            continue;
-        }
         let t = Instant::now();
-        match db::run_step(client, &step, &polite).await {
-            Ok(_) => {}
+        // The step runs only while the first column the group renames is still there
+        // (db::run_step asks, then runs the group as one transaction): that is how a rerun
+        // passes over the groups an earlier run swapped, and its answer is what the report
+        // counts, without asking twice.
+        match db::run_step(client, &g.step(), &polite).await {
+            Ok(false) => {
+                report.groups_already_swapped += 1;
+                continue;
+            }
+            Ok(true) => {}
             Err(e)
                 if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE)
                     || e.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED) =>
@@ -591,21 +581,43 @@ async fn gated_group(
                 delay = (delay * 2).min(Duration::from_secs(2));
             }
             Err(e) => {
-                let why = match e {
-                    RoundError::LockTimeout(b) => format!(
-                        "a group's locks did not come within --budget {:?}, even under a pause; blocked by: {b}",
-                        opts.budget
-                    ),
-                    RoundError::Drain(b) | RoundError::DrainTerminated(b) => format!(
-                        "sessions stayed inside transactions past --drain-timeout {:?}: {b}",
-                        opts.drain_timeout
-                    ),
-                    RoundError::Other(e) => e.to_string(),
-                };
+                let why = round_failure(e, opts, Swapping::Group);
                 finish(client, attempt, round, "aborted", &why).await;
                 return Err(resumes(&why));
             }
         }
+    }
+}
+
+/// What a pause round swaps, for the message when it fails.
+#[derive(Clone, Copy)]
+enum Swapping {
+    /// The whole cutover or rollback, or `--by-table`'s entry into phase cutting_over.
+    All,
+    /// One `--by-table` group whose locks did not come with the gates open.
+    Group,
+}
+
+/// Why a pause round that is not retried failed, as the operator reads it (and as
+/// `switch_attempts.outcome` keeps it): the same causes and remedies whatever the round
+/// swaps, but for a group's locks, where `--terminate-blockers` is no remedy: for a group it
+/// ends the sessions that keep the drain from completing, not the lock holders (see
+/// [`gated_group`]).
+fn round_failure(e: RoundError, opts: &SwitchOptions, swapping: Swapping) -> String {
+    match (e, swapping) {
+        (RoundError::LockTimeout(b), Swapping::All) => format!(
+            "the swap could not take its locks within --budget {:?}; blocked by: {b}\n  what to do: end or wait out those transactions, or retry with --terminate-blockers",
+            opts.budget
+        ),
+        (RoundError::LockTimeout(b), Swapping::Group) => format!(
+            "a group's locks did not come within --budget {:?}, even under a pause; blocked by: {b}\n  what to do: end or wait out those transactions",
+            opts.budget
+        ),
+        (RoundError::Drain(b) | RoundError::DrainTerminated(b), _) => format!(
+            "sessions stayed inside transactions past --drain-timeout {:?}: {b}\n  what to do: retry when they are done, raise --drain-timeout, or use --terminate-blockers",
+            opts.drain_timeout
+        ),
+        (RoundError::Other(e), _) => e.to_string(),
     }
 }
 
