@@ -12,8 +12,8 @@
 //!    phase: the proxies put in force rules that translate both shapes (no shape is
 //!    physical), drained sessions start their next statement under them. Its length does not
 //!    depend on the number of tables.
-//! 2. **Swap each group** ([`groups`]) in its own short transaction, under `lock_timeout`
-//!    with retries, gates open: the statements a single swap runs for those tables
+//! 2. **Swap each group** ([`groups`]) in its own short transaction, waiting at most 50 ms
+//!    for each lock, with retries, gates open: the statements a single swap runs for those tables
 //!    (`ddl::swap_keys`, the same text), then their children's fill triggers switched. A
 //!    session waits only if its statement touches a table being swapped, for that group's
 //!    few milliseconds, as for any brief `ALTER TABLE`. Children go before their parents (a
@@ -43,9 +43,9 @@ use super::state::{self, Phase};
 use super::{Settings, carry, db};
 use crate::ident::qualified;
 
-/// How long a group's transaction may wait for each lock after its first, while it holds
-/// that one ([`Group::locks`]): a client whose statement waits behind the group is delayed
-/// by at most this much per table, far below PostgreSQL's default `deadlock_timeout` (1 s).
+/// How long a group's transaction may wait for each of its locks ([`Group::locks`]): a
+/// client whose statement queues behind the group is delayed by at most this much per
+/// table, far below PostgreSQL's default `deadlock_timeout` (1 s).
 const HELD_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Tables swapped together in one transaction: a strongly connected component of the FK
@@ -99,9 +99,14 @@ impl Group<'_> {
 
     /// Every lock the group's statements take, taken first: the parents its FKs reference
     /// (dropping an FK takes ACCESS EXCLUSIVE on the referenced table too, to remove its
-    /// triggers), then its own tables. The first is waited for under the step's
-    /// `lock_timeout`, holding nothing; each of the others for at most [`HELD_WAIT`], so
-    /// the group never waits long while it holds a lock.
+    /// triggers), then its own tables, each waited for at most [`HELD_WAIT`], so the group
+    /// never waits long while it holds a lock, and a client never queues long behind it.
+    ///
+    /// Not `--lock-timeout` (500 ms by default), even for the first lock, which the group
+    /// waits for holding nothing: while it waits, every statement that needs that table
+    /// queues behind it, gates open, and would be held that long (the single swap's wait
+    /// is inside its pause, where the drain already ended the proxied transactions). A group
+    /// whose locks do not come in its tries is swapped under a pause of its own instead.
     ///
     /// Why: taken by the statements themselves, the locks came one ALTER at a time, and a
     /// reader through the proxy that held `users` and waited for `t1` (held by the group,
@@ -132,23 +137,16 @@ impl Group<'_> {
                 tables.push(t);
             }
         }
-        let mut names = tables.iter().map(|(s, t)| qualified(s, t));
-        let mut v = Vec::new();
-        if let Some(first) = names.next() {
-            v.push(format!("LOCK TABLE {first} IN ACCESS EXCLUSIVE MODE"));
+        if tables.is_empty() {
+            return Vec::new();
         }
-        let rest: Vec<String> = names.collect();
-        if !rest.is_empty() {
-            v.push(format!(
-                "SET LOCAL lock_timeout = '{}ms'",
-                HELD_WAIT.as_millis()
-            ));
-            v.push(format!(
-                "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
-                rest.join(", ")
-            ));
-        }
-        v
+        let names: Vec<String> = tables.iter().map(|(s, t)| qualified(s, t)).collect();
+        // One statement: PostgreSQL takes its tables in the order named, and lock_timeout
+        // bounds each wait.
+        vec![
+            format!("SET LOCAL lock_timeout = '{}ms'", HELD_WAIT.as_millis()),
+            format!("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE", names.join(", ")),
+        ]
     }
 
     /// The group as a step: brief (it takes ACCESS EXCLUSIVE locks on its tables and their
@@ -400,14 +398,10 @@ mod tests {
         let sql = groups[0].sql();
         let lines: Vec<&str> = sql.lines().collect();
         assert_eq!(lines[0], "SET LOCAL jit = off;");
+        assert_eq!(lines[1], "SET LOCAL lock_timeout = '50ms';");
         assert_eq!(
-            lines[1],
-            "LOCK TABLE public.servers IN ACCESS EXCLUSIVE MODE;"
-        );
-        assert_eq!(lines[2], "SET LOCAL lock_timeout = '50ms';");
-        assert_eq!(
-            lines[3],
-            "LOCK TABLE public.tools IN ACCESS EXCLUSIVE MODE;"
+            lines[2],
+            "LOCK TABLE public.servers, public.tools IN ACCESS EXCLUSIVE MODE;"
         );
         // Its integer FKs dropped, its key promoted, its columns renamed, its triggers switched.
         for want in [
@@ -418,10 +412,13 @@ mod tests {
         ] {
             assert!(sql.contains(want), "{want} in {sql}");
         }
-        // The last, connectors, references nothing: it locks only itself, waiting.
+        // The last, connectors, references nothing: it locks only itself.
         assert_eq!(
             groups[2].locks(),
-            ["LOCK TABLE public.connectors IN ACCESS EXCLUSIVE MODE"]
+            [
+                "SET LOCAL lock_timeout = '50ms'",
+                "LOCK TABLE public.connectors IN ACCESS EXCLUSIVE MODE"
+            ]
         );
         assert!(
             matches!(groups[2].step().when, When::ColumnPresent { ref column, .. } if column == "id_uuid")
