@@ -46,7 +46,10 @@
 # Environment: SMALL=1250 LARGE=250000 (n: rows = 8 n: n connectors, n access, 2n servers,
 #              2n tokens, 2n tools), CLIENTS=16, JOBS=2, DURATION=24, CUT_AT=12, MODE=simple,
 #              DRAIN_TIMEOUT=2s, PGBIN, KEEP_TMP=1 (keep the logs in the temp dir);
-#              SCHEMA_OBJECTS=1 with OBJ_N=62500 (n for both schemas), EVENTS=1000000, PROFILE=1 (PROFILE= turns it off).
+#              SCHEMA_OBJECTS=1 with OBJ_N=62500 (n for both schemas), EVENTS=1000000, PROFILE=1 (PROFILE= turns it off);
+#              BY_TABLE=1 runs `keyshift cutover --by-table` instead: the pause window is then from
+#              the first gate closing to phase cut_over in force, and every pause's gate is listed
+#              (the entry's, any group's own, the carried objects' rebuild).
 set -euo pipefail
 # SCALE=1: the pause against the number of migrated tables instead (issue [scale]).
 if [[ -n ${SCALE:-} ]]; then exec "$(dirname "${BASH_SOURCE[0]}")/cutover_tables.sh"; fi
@@ -63,6 +66,9 @@ SCHEMA_OBJECTS=${SCHEMA_OBJECTS:-}
 OBJ_N=${OBJ_N:-62500}
 EVENTS=${EVENTS:-1000000}
 PROFILE=${PROFILE-$SCHEMA_OBJECTS}
+BY_TABLE=${BY_TABLE:-}
+CUT_FLAGS=()
+[[ -n $BY_TABLE ]] && CUT_FLAGS=(--by-table)
 
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 now() { date +%s.%N; }
@@ -421,7 +427,7 @@ SELECT what, sum(calls) AS calls, round(sum(t)::numeric, 1) AS total_ms, round(m
   FROM c GROUP BY what ORDER BY what"
 }
 
-declare -A CUT_START CUT_END ATT_START ATT_END CUT_OUT SPLIT
+declare -A CUT_START CUT_END ATT_START ATT_END CUT_OUT SPLIT GATES
 for s in "${SIZES[@]}"; do
     port_var=PORT_$s
     "${PSQL[@]}" -d "$s" -c "CHECKPOINT"
@@ -436,7 +442,7 @@ for s in "${SIZES[@]}"; do
     sleep "$CUT_AT"
     if [[ -n $PROFILE ]]; then "${PSQL[@]}" -d postgres -c "SELECT pg_stat_statements_reset()" >/dev/null; fi
     CUT_START[$s]=$(now)
-    "$KS" cutover --database-url "$(url "$s")" --drain-timeout "$DRAIN_TIMEOUT" >"$TMP/cutover-$s.out" 2>"$TMP/cutover-$s.err" ||
+    "$KS" cutover "${CUT_FLAGS[@]}" --database-url "$(url "$s")" --drain-timeout "$DRAIN_TIMEOUT" >"$TMP/cutover-$s.out" 2>"$TMP/cutover-$s.err" ||
         { cat "$TMP/cutover-$s.out" "$TMP/cutover-$s.err" >&2; die "keyshift cutover $s failed"; }
     CUT_END[$s]=$(now)
     CUT_OUT[$s]=$(cat "$TMP/cutover-$s.out")
@@ -448,17 +454,25 @@ for s in "${SIZES[@]}"; do
     ! grep -q 'aborted' "$TMP/pgbench-$s.out" || die "pgbench $s: a client aborted"
     failed=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' "$TMP/pgbench-$s.out")
     [[ ${failed:-0} == 0 ]] || die "pgbench $s: $failed failed transactions"
-    # When the gate closed and opened, from the proxy's own log (RFC 3339 UTC timestamps).
-    read -r ATT_START[$s] ATT_END[$s] < <(python3 -c '
+    # When the gate closed and opened, from the proxy's own log (RFC 3339 UTC timestamps), and
+    # each pause's gate. BY_TABLE=1: the window is from the first pause's gate closing to
+    # the rules of phase cut_over in force (the groups run in between, gates open, and the
+    # objects' rebuild has a pause of its own); GATES lists every pause.
+    read -r ATT_START[$s] ATT_END[$s] GATES[$s] < <(python3 -c '
 import re, sys
 from datetime import datetime
 ts = lambda l: datetime.fromisoformat(l.split()[0].rstrip("Z")[:26] + "+00:00").timestamp()
 lines = [re.sub(r"\x1b\[[0-9;]*m", "", l) for l in open(sys.argv[1])]
 close = [ts(l) for l in lines if "closing the gate" in l]
 opened = [ts(l) for l in lines if "gate open" in l]
-print(close[-1], opened[-1])' "$TMP/proxy-$s.log")
+gates = [min(o for o in opened if o >= c) - c for c in close]
+if sys.argv[2]:
+    end = min(ts(l) for l in lines if "phase=cut_over" in l and ts(l) >= close[0])
+    print(close[0], max(end, opened[-1]), "/".join(f"{g * 1e3:.1f}" for g in gates))
+else:
+    print(close[-1], opened[-1], f"{gates[-1] * 1e3:.1f}")' "$TMP/proxy-$s.log" "$BY_TABLE")
     # Where the gate-closed time went: the coordinator logs the swap's commit and its duration.
-    SPLIT[$s]=$(python3 -c '
+    [[ -n $BY_TABLE ]] && SPLIT[$s]="n/a n/a n/a" || SPLIT[$s]=$(python3 -c '
 import re, sys
 from datetime import datetime
 ts = lambda l: datetime.fromisoformat(l.split()[0].rstrip("Z")[:26] + "+00:00").timestamp()
@@ -561,6 +575,9 @@ row "command: max latency ms" 10
 row "command: p99 ms" 11
 printf '%-34s %14s %14s %8s\n' "keyshift: swap transaction ms" "$(swap_ms "$A")" "$(swap_ms "$B")" "$(ratio "$(swap_ms "$A")" "$(swap_ms "$B")")"
 printf '%-34s %14s %14s %8s\n' "keyshift: gate closed ms" "$(gate_ms "$A")" "$(gate_ms "$B")" "$(ratio "$(gate_ms "$A")" "$(gate_ms "$B")")"
+longest_gate() { tr / '\n' <<<"${GATES[$1]}" | sort -g | tail -1; }
+printf '%-34s %14s %14s %8s\n' "proxy log: gate of each pause ms" "${GATES[$A]}" "${GATES[$B]}" ""
+printf '%-34s %14s %14s %8s\n' "proxy log: longest gate ms" "$(longest_gate "$A")" "$(longest_gate "$B")" "$(ratio "$(longest_gate "$A")" "$(longest_gate "$B")")"
 split_row() { # label field-index
     local a b
     a=$(awk -v i="$2" '{ print $i }' <<<"${SPLIT[$A]}"); b=$(awk -v i="$2" '{ print $i }' <<<"${SPLIT[$B]}")
@@ -583,7 +600,7 @@ echo "failed transactions: 0 (checked); every table has a uuid primary key after
 if [[ -n $SCHEMA_OBJECTS ]]; then
     echo "objects after cutover: 20 views answer, 5 materialized views with their rows and unique indexes, REFRESH CONCURRENTLY works, 6 policies, 12 partitions, nothing reads a *_legacy column (checked)"
 fi
-gate_a=$(gate_ms "$A" | cut -d/ -f1); gate_b=$(gate_ms "$B" | cut -d/ -f1)
+gate_a=$(longest_gate "$A"); gate_b=$(longest_gate "$B")
 awk -v a="$(field "$A" 6)" -v b="$(field "$B" 6)" -v ga="$gate_a" -v gb="$gate_b" -v sa="$(swap_ms "$A")" -v sb="$(swap_ms "$B")" \
     -v A="$A" -v B="$B" 'BEGIN {
     printf "target max stall <= 100 ms: %s (%s %.1f ms, %s %.1f ms)\n", (a <= 100 && b <= 100) ? "met" : "MISSED", A, a, B, b

@@ -148,6 +148,31 @@ async fn a_swap_puts_rules_derived_from_the_last_reading_in_force_and_the_catalo
     }
 }
 
+/// The pause that enters `cutting_over` (`cutover --by-table`) renames nothing: the rules
+/// for it (both shapes translated, columns read through the integer-shape views) are derived
+/// from the last reading, built while the gate is held, and the catalog confirms them.
+#[tokio::test]
+async fn entering_cutting_over_puts_rules_derived_from_the_last_reading_in_force() {
+    let db = migrated_db().await;
+    let c = db.client().await;
+    let plan = state::load_migration(&c).await.unwrap().unwrap().plan;
+    // What a full read through the views gives is what is derived from the tables' reading.
+    let hardened = read(&c).await;
+    assert_eq!(
+        hardened.through_views(),
+        Some(Reading::read(&c, &plan, None).await.unwrap())
+    );
+    let p = linked_proxy(&db).await;
+    let out = ks_async(&db.url(), &["cutover", "--by-table"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    settled(&c).await;
+    assert_eq!(
+        (builds(&p, "derived"), builds(&p, "corrected")),
+        (1, 0),
+        "the entry's rules derived, and the catalog agreed"
+    );
+}
+
 #[tokio::test]
 async fn a_catalog_change_behind_the_last_reading_reaches_the_rules_after_a_swap() {
     let db = migrated_db().await;

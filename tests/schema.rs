@@ -733,7 +733,8 @@ async fn every_object_follows_the_key_through_a_cutover_table_by_table_stopped_h
 
 /// What the application changes or drops while `cutover --by-table` is stopped halfway is
 /// left as it made it, and said: a rebuild from the definitions read before the first group
-/// would undo the change or bring back what it dropped.
+/// would undo the change or bring back what it dropped. A view it makes meanwhile that a
+/// group would have to drop stops that group instead of being lost.
 #[tokio::test]
 async fn cutover_by_table_leaves_what_the_application_changed_meanwhile_and_says_so() {
     let db = common::TestDb::new().await;
@@ -757,11 +758,23 @@ async fn cutover_by_table_leaves_what_the_application_changed_meanwhile_and_says
     admin
         .batch_execute(
             "COMMENT ON VIEW v_servers IS 'changed halfway';
-             DROP POLICY p_servers ON mcp_servers",
+             DROP POLICY p_servers ON mcp_servers;
+             CREATE VIEW late_counts AS
+               SELECT c.id, c.name, count(s.id) AS servers
+                 FROM mcp_connectors c LEFT JOIN mcp_servers s ON s.connector_id = c.id GROUP BY c.id",
         )
         .await
         .unwrap();
     blocker.batch_execute("ROLLBACK").await.unwrap();
+    // A view made meanwhile that depends on a key a group replaces: that group would have to
+    // drop it, and nothing could rebuild it. The group stops instead, and says what to do.
+    let out = ks_expect(&db.url(), &by_table, 1);
+    let said = migrate_support::text(&out);
+    assert!(
+        said.contains("late_counts") && said.contains("made after the cutover began"),
+        "{said}"
+    );
+    admin.batch_execute("DROP VIEW late_counts").await.unwrap();
     let out = ks_expect(&db.url(), &by_table, 0);
     let said = migrate_support::text(&out);
     assert!(

@@ -298,14 +298,14 @@ fn components(edges: &[Vec<usize>]) -> Vec<Vec<usize>> {
 }
 
 /// What a cutover table by table runs before and in its pause: the preparation every
-/// cutover makes, the application's objects over migrated columns checked and deparsed as
-/// for a single swap (src/migrate/carry.rs), then a swap that keeps those definitions for
-/// the end and enters phase `cutting_over`.
+/// cutover makes, the application's objects over migrated columns checked, deparsed and
+/// kept for the end (src/migrate/carry.rs), then a swap that only enters phase
+/// `cutting_over`.
 pub fn entry(plan: &Plan) -> Vec<Step> {
     let mut v = ddl::cutover_preparation(plan);
     v.extend(carry::prepare(plan, crate::shape::Shape::Uuid));
+    v.push(carry::keep(plan));
     v.push(ddl::swap("BEGIN".into()));
-    v.push(ddl::swap(carry::keep(plan)));
     v.push(ddl::swap(state::set_phase_sql(Phase::CuttingOver)));
     v.push(ddl::swap("COMMIT".into()));
     v

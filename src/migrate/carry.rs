@@ -663,10 +663,12 @@ END $ks$;
 -- integer. Instead they stay on the integer columns (which dual-write keeps whole, so they
 -- keep their meaning) until every group is swapped, and are rebuilt then from the
 -- definitions read before the first group, when every column still had its name:
---   keyshift.carry_keep, in the pause that enters cutting_over: those definitions (prepared
---     before it, deparsed again if anything changed) kept in keyshift.carried, a table
---     rather than the session's, since a command stopped among the groups resumes on
---     another connection; with a stamp of each object (keyshift.carry_stamp);
+--   keyshift.carry_keep, just before the pause that enters cutting_over: those definitions
+--     kept in keyshift.carried, a table rather than the session's, since a command stopped
+--     among the groups resumes on another connection; with a stamp of each object
+--     (keyshift.carry_stamp). Not inside the pause: the fingerprint and the copy cost 10-25
+--     ms at 10-50 tables (benches/cutover_tables.sh), and the stamps already make what
+--     changes afterwards safe (left alone below);
 --   keyshift.carry_unblock, in each group before its statements: the views (and the views
 --     over them) that depend on a primary key the group drops, which would stop it (a view
 --     grouping by the key), dropped; rebuilt at the end with the rest;
@@ -743,9 +745,15 @@ BEGIN
       FROM dep JOIN pg_class c ON c.oid = dep.oid
      GROUP BY dep.oid, c.relkind ORDER BY max(dep.depth) DESC
   LOOP
-    IF to_regclass('keyshift.carried') IS NOT NULL THEN
-      INSERT INTO keyshift.carried (ord, step, label) VALUES (0, 'unblocked', v.oid::regclass::text);
+    -- One made after the definitions were kept could not be rebuilt: stop the group (it
+    -- rolls back whole) rather than lose it.
+    IF to_regclass('keyshift.carried') IS NULL
+       OR NOT EXISTS (SELECT 1 FROM keyshift.carried
+                       WHERE step = 'build' AND label = v.oid::regclass::text) THEN
+      RAISE EXCEPTION 'keyshift: view % depends on a primary key this group replaces, and was made after the cutover began', v.oid::regclass
+        USING HINT = 'drop it, run keyshift cutover --by-table again to finish, then create it again';
     END IF;
+    INSERT INTO keyshift.carried (ord, step, label) VALUES (0, 'unblocked', v.oid::regclass::text);
     -- Without CASCADE: anything else that depends on it stops the group with PostgreSQL's
     -- own error rather than being dropped.
     EXECUTE format('DROP %s %s', CASE v.relkind WHEN 'm' THEN 'MATERIALIZED VIEW' ELSE 'VIEW' END,
@@ -1158,14 +1166,18 @@ pub fn restore() -> String {
     "SELECT keyshift.carry_restore()".into()
 }
 
-/// The cutover table by table, in the pause that enters `cutting_over`: the definitions
-/// [`prepare`] deparsed, kept in `keyshift.carried` for [`FINISH`].
-pub fn keep(plan: &Plan) -> String {
-    format!(
-        "SELECT keyshift.carry_keep({}::jsonb, {})",
-        literal(&columns_json(plan)),
-        literal(&plan.legacy_suffix)
-    )
+/// The cutover table by table, just before the pause that enters `cutting_over`: the
+/// definitions [`prepare`] deparsed, kept in `keyshift.carried` for [`FINISH`].
+pub fn keep(plan: &Plan) -> Step {
+    Step {
+        sql: format!(
+            "SELECT keyshift.carry_keep({}::jsonb, {})",
+            literal(&columns_json(plan)),
+            literal(&plan.legacy_suffix)
+        ),
+        mode: Mode::Online,
+        when: When::Always,
+    }
 }
 
 /// In a group of the cutover table by table, before its statements: the views that depend

@@ -114,7 +114,10 @@ ALTER TABLE keyshift.proxies
     ADD COLUMN IF NOT EXISTS pause_state text,
     ADD COLUMN IF NOT EXISTS pause_ms double precision,
     ADD COLUMN IF NOT EXISTS busy jsonb;
-ALTER TABLE keyshift.switch_attempts ADD COLUMN IF NOT EXISTS coordinator_pid int"
+ALTER TABLE keyshift.switch_attempts ADD COLUMN IF NOT EXISTS coordinator_pid int;
+-- The phase the attempt's swap commits (NULL: it changes none, a by-table group's own pause):
+-- the proxies build its rules while they hold their gates (src/proxy/control.rs).
+ALTER TABLE keyshift.switch_attempts ADD COLUMN IF NOT EXISTS to_phase text"
 }
 
 async fn live_proxies(client: &Client, version: i64) -> Result<Vec<String>, SwitchError> {
@@ -296,7 +299,12 @@ pub async fn run(
         .map(|s| s.sql.as_str())
         .collect();
 
-    let attempt = new_attempt(client, opts).await?;
+    let to = match (opts.action, opts.by_table) {
+        (Action::Cutover, true) => Phase::CuttingOver,
+        (Action::Cutover, false) => Phase::CutOver,
+        (Action::Rollback, _) => Phase::Hardened,
+    };
+    let attempt = new_attempt(client, opts, Some(to)).await?;
     let started = Instant::now();
     let mut round = 0;
     let mut delay = Duration::from_millis(100);
@@ -524,18 +532,24 @@ fn plan_tables(plan: &super::plan::Plan) -> Vec<String> {
     tables
 }
 
-/// A new attempt, `pausing`: what the proxies read when told to pause.
-async fn new_attempt(client: &Client, opts: &SwitchOptions) -> Result<i64, SwitchError> {
+/// A new attempt, `pausing`: what the proxies read when told to pause. `to`: the phase its
+/// swap commits, if it changes the phase.
+async fn new_attempt(
+    client: &Client,
+    opts: &SwitchOptions,
+    to: Option<Phase>,
+) -> Result<i64, SwitchError> {
     Ok(client
         .query_one(
-            "INSERT INTO keyshift.switch_attempts (action, state, dry_run, drain_timeout_ms, hold_deadline, coordinator, coordinator_pid)
-             VALUES ($1, 'pausing', $2, $3, clock_timestamp() + $4 * interval '1 millisecond', $5, pg_backend_pid()) RETURNING id",
+            "INSERT INTO keyshift.switch_attempts (action, state, dry_run, drain_timeout_ms, hold_deadline, coordinator, coordinator_pid, to_phase)
+             VALUES ($1, 'pausing', $2, $3, clock_timestamp() + $4 * interval '1 millisecond', $5, pg_backend_pid(), $6) RETURNING id",
             &[
                 &opts.action.as_str(),
                 &opts.dry_run,
                 &(opts.drain_timeout.as_millis() as i32),
                 &(hold_ms(opts) as f64),
                 &coordinator(),
+                &to.map(Phase::as_str),
             ],
         )
         .await
@@ -566,7 +580,7 @@ async fn gated_group(
     sql: &str,
     tables: &[String],
 ) -> Result<Vec<ProxyPause>, SwitchError> {
-    let attempt = new_attempt(client, opts).await?;
+    let attempt = new_attempt(client, opts, None).await?;
     let started = Instant::now();
     let mut delay = Duration::from_millis(100);
     let mut round = 0;

@@ -167,6 +167,9 @@ struct Hold {
     round: i32,
     /// The gate opens by itself at this instant, whatever the coordinator does.
     deadline: tokio::time::Instant,
+    /// The phase the attempt's swap commits, when it changes the phase: what `build_ahead`
+    /// builds for.
+    to: Option<state::Phase>,
 }
 
 /// A notification on channel `keyshift`.
@@ -369,7 +372,8 @@ impl Control {
         let row = client
             .query_opt(
                 "SELECT state, round, drain_timeout_ms,
-                        GREATEST(extract(epoch FROM hold_deadline - clock_timestamp()), 0)::float8
+                        GREATEST(extract(epoch FROM hold_deadline - clock_timestamp()), 0)::float8,
+                        to_phase
                  FROM keyshift.switch_attempts WHERE id = $1",
                 &[&attempt],
             )
@@ -390,6 +394,10 @@ impl Control {
             attempt,
             round,
             deadline: tokio::time::Instant::now() + Duration::from_secs_f64(remaining),
+            to: row
+                .get::<_, Option<String>>(4)
+                .as_deref()
+                .and_then(state::Phase::parse),
         });
         info!(
             attempt,
@@ -462,10 +470,11 @@ impl Control {
         else {
             return;
         };
-        // The swap's commit: the other shape's phase, its version bumped once.
-        let phase = match m.head.phase {
-            state::Phase::Hardened => state::Phase::CutOver,
-            state::Phase::CutOver => state::Phase::Hardened,
+        // The swap's commit: the phase the attempt names (the other shape's, or, for a
+        // cutover table by table, the one where both are translated), its version bumped once.
+        use state::Phase::{CutOver, CuttingOver, Hardened};
+        let phase = match (m.head.phase, self.hold.and_then(|h| h.to)) {
+            (Hardened, Some(to @ (CutOver | CuttingOver))) | (CutOver, Some(to @ Hardened)) => to,
             _ => return,
         };
         let next = Stored {

@@ -83,6 +83,19 @@ impl Reading {
         })
     }
 
+    /// This reading as [`Reading::read`] would make it once the tables may be in both
+    /// shapes (phase `cutting_over`), from a reading of the tables in the integer shape:
+    /// keyshift's integer-shape views list each table's columns in its order under those
+    /// same names, so the lists do not change; only where they come from does. `None` from
+    /// any other reading. Like every derived reading, confirmed by a full read once the gate
+    /// is open (a column the application added after expand is in the table, not the view).
+    pub fn through_views(&self) -> Option<Reading> {
+        (!self.through_views && self.shape == Shape::Integer).then(|| Reading {
+            through_views: true,
+            ..self.clone()
+        })
+    }
+
     /// This reading as it is after the swap that moves the tables into the other shape,
     /// from the plan alone: the swap renames each key and FK column and its twin exactly as
     /// `migrate::views::names` lists them (cutover `key → legacy_column`, `uuid_column →
@@ -413,6 +426,17 @@ mod tests {
                 assert_eq!(new, want, "{}.{}", b.table, old);
             }
         }
+    }
+
+    #[test]
+    fn entering_cutting_over_reads_the_same_lists_through_the_views() {
+        let p = plan();
+        let through = expanded().through_views().unwrap();
+        assert!(through.through_views);
+        assert_eq!(through.columns, expanded().columns);
+        // Nothing to derive from a reading through the views, or of the uuid shape.
+        assert_eq!(through.through_views(), None);
+        assert_eq!(expanded().after_swap(&p).unwrap().through_views(), None);
     }
 
     #[test]

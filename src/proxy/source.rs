@@ -139,13 +139,16 @@ impl Source {
     /// after a swap (its tables in the other shape) and nothing else is known to have
     /// changed the catalog since that reading.
     pub fn after_swap(&self, m: &Stored) -> Option<Reading> {
-        let kept = self.kept.as_ref().filter(|k| k.trusted)?;
-        // Only between the two uniform shapes: phase cutting_over is no single swap's result.
-        let to = Shape::physical(m.head.phase)?;
-        if kept.stamp != m.head.stamp || kept.reading.shape == to {
-            return None;
+        let kept = self
+            .kept
+            .as_ref()
+            .filter(|k| k.trusted && k.stamp == m.head.stamp)?;
+        match Shape::physical(m.head.phase) {
+            // Entering phase cutting_over: its swap renames nothing (the groups come after).
+            None => kept.reading.through_views(),
+            Some(to) if kept.reading.shape != to => kept.reading.after_swap(&m.plan),
+            Some(_) => None,
         }
-        kept.reading.after_swap(&m.plan)
     }
 
     /// Keeps the reading the rules now in force were built from; `verified`: it is a full
