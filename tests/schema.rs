@@ -744,6 +744,8 @@ async fn cutover_by_table_leaves_what_the_application_changed_meanwhile_and_says
             "{SEED_004}{rows}
              CREATE VIEW v_servers AS SELECT id, connector_id, name FROM mcp_servers;
              CREATE VIEW v_connectors AS SELECT id, name FROM mcp_connectors;
+             CREATE VIEW v_base AS SELECT id, name FROM mcp_connectors;
+             CREATE VIEW v_top AS SELECT id FROM v_base;
              ALTER TABLE mcp_servers ENABLE ROW LEVEL SECURITY;
              CREATE POLICY p_servers ON mcp_servers USING (connector_id IS NOT NULL);",
             rows = seed_004_rows(3)
@@ -758,6 +760,7 @@ async fn cutover_by_table_leaves_what_the_application_changed_meanwhile_and_says
     admin
         .batch_execute(
             "COMMENT ON VIEW v_servers IS 'changed halfway';
+             COMMENT ON VIEW v_top IS 'changed halfway';
              DROP POLICY p_servers ON mcp_servers;
              CREATE VIEW late_counts AS
                SELECT c.id, c.name, count(s.id) AS servers
@@ -780,7 +783,10 @@ async fn cutover_by_table_leaves_what_the_application_changed_meanwhile_and_says
     assert!(
         said.contains("left as it made them")
             && said.contains("public.v_servers")
-            && said.contains("policy p_servers"),
+            && said.contains("policy p_servers")
+            // v_base too: dropping it to rebuild it would need v_top gone.
+            && said.contains("public.v_base")
+            && said.contains("public.v_top"),
         "{said}"
     );
     // The comment stays, on the view as it was (over the integer column); the policy stays

@@ -763,17 +763,30 @@ BEGIN
   RETURN n;
 END $ks$;
 
--- Changed or dropped since the cutover began, and not by a group: the application's doing.
+-- Changed or dropped since the cutover began, and not by a group: the application's doing;
+-- with the kept views such a view reads (dropping one would need it gone too).
 -- (PL/pgSQL: an SQL function's body is checked when it is created, before that table exists.)
 CREATE OR REPLACE FUNCTION keyshift.carry_left_alone() RETURNS text[]
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog AS $ks$
 BEGIN
   RETURN (
-    SELECT coalesce(array_agg(k.label ORDER BY k.label), '{}')
-      FROM keyshift.carried k
-     WHERE k.step = 'stamp'
-       AND keyshift.carry_stamp(split_part(k.sql, ':', 1), split_part(k.sql, ':', 2)::oid) IS DISTINCT FROM k.sql
-       AND NOT EXISTS (SELECT 1 FROM keyshift.carried u WHERE u.step = 'unblocked' AND u.label = k.label));
+    WITH RECURSIVE changed (label, relation) AS (
+      SELECT k.label, CASE WHEN split_part(k.sql, ':', 1) IN ('view', 'materialized view')
+                           THEN split_part(k.sql, ':', 2)::oid END
+        FROM keyshift.carried k
+       WHERE k.step = 'stamp'
+         AND keyshift.carry_stamp(split_part(k.sql, ':', 1), split_part(k.sql, ':', 2)::oid) IS DISTINCT FROM k.sql
+         AND NOT EXISTS (SELECT 1 FROM keyshift.carried u WHERE u.step = 'unblocked' AND u.label = k.label)
+      UNION
+      SELECT d.refobjid::regclass::text, d.refobjid
+        FROM changed c
+        JOIN pg_rewrite r ON r.ev_class = c.relation AND r.rulename = '_RETURN'
+        JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid
+                        AND d.refclassid = 'pg_class'::regclass AND d.refobjid <> r.ev_class
+       WHERE EXISTS (SELECT 1 FROM keyshift.carried b
+                      WHERE b.step = 'build' AND b.label = d.refobjid::regclass::text)
+    )
+    SELECT coalesce(array_agg(label ORDER BY label), '{}') FROM changed);
 END $ks$;
 
 CREATE OR REPLACE FUNCTION keyshift.carry_finish() RETURNS text
@@ -788,8 +801,14 @@ BEGIN
   left_alone := keyshift.carry_left_alone();
   FOR s IN SELECT label, sql FROM keyshift.carried
             WHERE step = 'drop_one' AND label <> ALL (left_alone) ORDER BY ord DESC LOOP
-    EXECUTE regexp_replace(s.sql, '^DROP (VIEW|MATERIALIZED VIEW|POLICY|TRIGGER|RULE) ',
-                           'DROP \1 IF EXISTS ');
+    BEGIN
+      EXECUTE regexp_replace(s.sql, '^DROP (VIEW|MATERIALIZED VIEW|POLICY|TRIGGER|RULE) ',
+                             'DROP \1 IF EXISTS ');
+    EXCEPTION WHEN dependent_objects_still_exist THEN
+      RAISE EXCEPTION 'keyshift: cannot rebuild % over the uuid columns: %', s.label, SQLERRM
+        USING DETAIL = SQLSTATE,
+              HINT = 'something made during the cutover depends on it: drop that, run keyshift cutover --by-table again, then make it again';
+    END;
   END LOOP;
   FOR s IN SELECT label, sql FROM keyshift.carried
             WHERE step = 'build' AND label <> ALL (left_alone) ORDER BY ord LOOP
