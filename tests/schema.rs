@@ -657,6 +657,10 @@ async fn every_object_follows_the_key_through_a_cutover_table_by_table_stopped_h
         migrate_support::text(&out)
     );
     wait_rules_in_force(&proxy, &admin).await;
+    let st: serde_json::Value =
+        serde_json::from_slice(&ks_expect(&db.url(), &["status", "--format", "json"], 0).stdout)
+            .unwrap();
+    assert!(st["objects_to_carry"].as_i64().unwrap() > 0, "{st}");
     // What sits on mcp_servers and mcp_connectors is as it was, for every role.
     check_carried(&admin, &r, "integer").await;
     // Through keyshift each session reads every view in its shape, the one across the two

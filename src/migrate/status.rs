@@ -52,6 +52,9 @@ pub struct Status {
     /// In phase cutting_over: the groups of tables swapped so far, and all of them
     /// (`keyshift cutover --by-table`).
     pub groups_swapped: Option<[usize; 2]>,
+    /// In phase cutting_over: the application's objects over migrated columns still on the
+    /// integer columns, to be rebuilt over the uuids once every group is swapped.
+    pub objects_to_carry: Option<i64>,
     pub events: Vec<Event>,
     pub proxies: Vec<ProxyInfo>,
     /// The shape of new sessions that name none and match no rule.
@@ -76,6 +79,7 @@ pub async fn run(client: &Client) -> Result<Status, StatusError> {
         backfill_eta_seconds: p.eta().map(|d| d.as_secs()),
         backfill_rows_per_sec: p.rate(),
         groups_swapped: None,
+        objects_to_carry: None,
         tasks: p.tasks,
         events: Vec::new(),
         proxies: Vec::new(),
@@ -94,6 +98,7 @@ pub async fn run(client: &Client) -> Result<Status, StatusError> {
         if m.phase == Phase::CuttingOver {
             let (done, all) = super::by_table::progress(client, &m.plan).await?;
             st.groups_swapped = Some([done, all]);
+            st.objects_to_carry = super::by_table::carried(client).await?.map(|(n, _)| n);
         }
     }
     let rows = client
@@ -163,6 +168,12 @@ pub fn render_text(st: &Status) -> String {
             s,
             "cutover table by table: {done} of {all} groups of tables swapped; every session is served in its shape through keyshift's views; `keyshift cutover --by-table` finishes it"
         );
+        if let Some(n) = st.objects_to_carry.filter(|&n| n > 0) {
+            let _ = writeln!(
+                s,
+                "  {n} view(s), policies and other objects over migrated columns stay on the integer columns until then, and are rebuilt over the uuids at the end"
+            );
+        }
     }
     match st.backfill_eta_seconds {
         Some(eta) => {
