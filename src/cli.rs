@@ -352,7 +352,7 @@ pub struct SwitchCmd {
     /// and their parents (one whose locks do not come is swapped under a pause of its own).
     /// The pause no longer grows with the number of tables. The application's views,
     /// policies and other objects over migrated columns stay on the integer columns until
-    /// the last group, then are rebuilt over the uuids under one short pause of their own.
+    /// the last group, then are rebuilt over the uuids in one transaction, like a group.
     /// Rerun it to resume an interrupted one
     #[arg(long)]
     pub by_table: bool,

@@ -341,8 +341,22 @@ pub struct ByTableReport {
     /// The application's objects over migrated columns rebuilt at the end, the gate of
     /// that pause, and those left as the application changed them during the cutover.
     pub carried: i64,
+    /// How long their rebuild took (retries included), and the gate of its own pause when
+    /// its locks did not come with the gates open (0 otherwise).
+    pub carried_ms: f64,
     pub carried_pause_ms: f64,
     pub carried_left_alone: Option<String>,
+}
+
+/// The transaction that rebuilds the application's objects once every group is swapped
+/// (`keyshift.carry_finish`), its locks waited for like a group's.
+pub fn finish_sql() -> String {
+    format!(
+        "{};\nSET LOCAL lock_timeout = '{}ms';\n{}",
+        ddl::NO_JIT,
+        HELD_WAIT.as_millis(),
+        carry::FINISH
+    )
 }
 
 /// The application's objects kept by the entry for the end: how many, and those the

@@ -672,7 +672,8 @@ END $ks$;
 --   keyshift.carry_unblock, in each group before its statements: the views (and the views
 --     over them) that depend on a primary key the group drops, which would stop it (a view
 --     grouping by the key), dropped; rebuilt at the end with the rest;
---   keyshift.carry_finish, once every group is swapped: each object dropped and rebuilt,
+--   keyshift.carry_finish, once every group is swapped, its locks taken first: each object
+--     dropped and rebuilt,
 --     except one the application changed or dropped meanwhile, which is left as it made it
 --     (its new definition names the columns it meant) and returned, to be reported.
 
@@ -715,6 +716,10 @@ BEGIN
   SELECT 0, 'stamp', o.label, keyshift.carry_stamp(o.kind, o.objid)
     FROM keyshift.carried_objects(cols) o;
   GET DIAGNOSTICS n = ROW_COUNT;
+  -- What keyshift.carry_finish locks first: the relation each object sits on (a view: itself).
+  INSERT INTO keyshift.carried (ord, step, label, sql)
+  SELECT DISTINCT 0, 'lock', o.relid::regclass::text, o.relid::text
+    FROM keyshift.carried_objects(cols) o;
   RETURN n;
 END $ks$;
 
@@ -798,6 +803,19 @@ BEGIN
   IF to_regclass('keyshift.carried') IS NULL THEN
     RETURN '';
   END IF;
+  -- Every lock first, in one order, each waited for under the caller's lock_timeout (50 ms
+  -- with the gates open): one statement at a time, a reader holding one relation and
+  -- waiting for another could deadlock with this transaction. Locking a view locks the
+  -- relations it reads too.
+  -- (By oid: a group dropped some views. The CASE keeps the cast off the other rows. Not a
+  -- materialized view, which LOCK refuses: its DROP below waits as long.)
+  FOR s IN SELECT DISTINCT c.oid::regclass::text AS label
+             FROM keyshift.carried k
+             JOIN pg_class c ON c.oid = CASE WHEN k.step = 'lock' THEN k.sql::oid END
+            WHERE c.relkind <> 'm'
+            ORDER BY 1 LOOP
+    EXECUTE format('LOCK TABLE %s IN ACCESS EXCLUSIVE MODE', s.label);
+  END LOOP;
   left_alone := keyshift.carry_left_alone();
   FOR s IN SELECT label, sql FROM keyshift.carried
             WHERE step = 'drop_one' AND label <> ALL (left_alone) ORDER BY ord DESC LOOP

@@ -466,16 +466,32 @@ async fn finish_by_table(
         }
     }
     // The application's objects over migrated columns, kept on the integer columns while
-    // the groups went, rebuilt over the uuids: under a pause of their own, since they lock
-    // what they sit on (a policy's table, a view) one statement at a time, where a reader
-    // inside a transaction could hold one and wait for another (src/migrate/carry.rs).
+    // the groups went, rebuilt over the uuids like one more group: their relations locked
+    // first (50 ms each), gates open, or under a pause of their own when the locks do not
+    // come (src/migrate/carry.rs).
     match by_table::carried(client).await.map_err(|e| resumes(&e))? {
         Some((n, left_alone)) if n > 0 => {
-            let sql = format!("{};\n{}", ddl::NO_JIT, carry::FINISH);
-            for p in gated_group(client, opts, live, &sql, &tables).await? {
-                let ms = p.pause_ms.unwrap_or(0.0);
-                report.carried_pause_ms = report.carried_pause_ms.max(ms);
+            let sql = by_table::finish_sql();
+            let t = Instant::now();
+            let step = ddl::Step::new(sql.clone(), Mode::Brief, ddl::When::Always);
+            match db::run_step(client, &step, &polite).await {
+                Ok(_) => {}
+                Err(e)
+                    if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE)
+                        || e.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED) =>
+                {
+                    warn!(
+                        "the locks of the objects to rebuild did not come between the application's transactions in {} tries; rebuilding them under a pause of their own",
+                        POLITE_TRIES + 1
+                    );
+                    for p in gated_group(client, opts, live, &sql, &tables).await? {
+                        let ms = p.pause_ms.unwrap_or(0.0);
+                        report.carried_pause_ms = report.carried_pause_ms.max(ms);
+                    }
+                }
+                Err(e) => return Err(resumes(&e)),
             }
+            report.carried_ms = t.elapsed().as_secs_f64() * 1000.0;
             report.carried = n;
             if !left_alone.is_empty() {
                 warn!(
@@ -1113,8 +1129,17 @@ pub fn render_text(r: &SwitchReport) -> String {
         s.push('\n');
         if b.carried > 0 {
             s.push_str(&format!(
-                "the application's views, policies and other objects over migrated columns ({}) rebuilt over the uuids at the end, under a pause of {:.1} ms\n",
-                b.carried, b.carried_pause_ms
+                "the application's views, policies and other objects over migrated columns ({}) rebuilt over the uuids at the end in {:.1} ms, {}\n",
+                b.carried,
+                b.carried_ms,
+                if b.carried_pause_ms > 0.0 {
+                    format!(
+                        "under a pause of their own (their locks did not come between the application's transactions), gate closed {:.1} ms",
+                        b.carried_pause_ms
+                    )
+                } else {
+                    "gates open".to_string()
+                }
             ));
         }
         if let Some(l) = &b.carried_left_alone {
