@@ -13,8 +13,8 @@
 //!    physical), drained sessions start their next statement under them. Its length does not
 //!    depend on the number of tables.
 //! 2. **Swap each group** ([`groups`]) in its own short transaction, waiting at most 50 ms
-//!    for each lock, with retries, gates open: the statements a single swap runs for those tables
-//!    (`ddl::swap_keys`, the same text), then their children's fill triggers switched. A
+//!    for each lock, with retries, gates open: the statements a single swap runs for those
+//!    tables (`ddl::swap_keys`, the same text), then their children's fill triggers switched. A
 //!    session waits only if its statement touches a table being swapped, for that group's
 //!    few milliseconds, as for any brief `ALTER TABLE`. Children go before their parents (a
 //!    parent's primary key can go only once no integer FK references it); a cycle of FKs,
@@ -25,11 +25,12 @@
 //!
 //! Interrupted anywhere, `keyshift cutover --by-table` again resumes: the phase says whether
 //! step 1 committed, and each group's step runs only while its first renamed column is still
-//! there (each group commits whole). What it does not do yet: carry the application's views,
-//! policies and other objects over migrated columns (refused up front: the single swap does
-//! it), `--dry-run`, and a rollback from the middle (finish the cutover, then `keyshift
-//! rollback`). Partitioned tables go as in the single swap (`ddl::swap_keys`): locking a
-//! partitioned table locks its partitions.
+//! there (each group commits whole). The application's views, policies and other objects
+//! over migrated columns stay on the integer columns until every group is swapped, then are
+//! rebuilt over the uuids in one more transaction (src/migrate/carry.rs, "The cutover table
+//! by table"). What it does not do yet: `--dry-run`, and a rollback from the middle (finish
+//! the cutover, then `keyshift rollback`). Partitioned tables go as in the single swap
+//! (`ddl::swap_keys`): locking a partitioned table locks its partitions.
 
 use std::collections::HashMap;
 
