@@ -712,15 +712,15 @@ BEGIN
     'Owned by keyshift: the application''s objects over migrated columns, rebuilt when the cutover table by table ends';
   INSERT INTO keyshift.carried SELECT ord, step, label, sql FROM pg_temp.keyshift_carried
    WHERE step IN ('build', 'drop_one');
+  -- Per object, in one reading of them: its stamp, and what keyshift.carry_finish locks
+  -- first, the relation it sits on (a view: itself; repeats are taken once there).
   INSERT INTO keyshift.carried (ord, step, label, sql)
-  SELECT 0, 'stamp', o.label, keyshift.carry_stamp(o.kind, o.objid)
-    FROM keyshift.carried_objects(cols) o;
+  SELECT 0, x.step, x.label, x.sql
+    FROM keyshift.carried_objects(cols) o,
+         LATERAL (VALUES ('stamp', o.label, keyshift.carry_stamp(o.kind, o.objid)),
+                         ('lock', o.relid::regclass::text, o.relid::text)) x (step, label, sql);
   GET DIAGNOSTICS n = ROW_COUNT;
-  -- What keyshift.carry_finish locks first: the relation each object sits on (a view: itself).
-  INSERT INTO keyshift.carried (ord, step, label, sql)
-  SELECT DISTINCT 0, 'lock', o.relid::regclass::text, o.relid::text
-    FROM keyshift.carried_objects(cols) o;
-  RETURN n;
+  RETURN n / 2;
 END $ks$;
 
 CREATE OR REPLACE FUNCTION keyshift.carry_unblock(tables jsonb) RETURNS int

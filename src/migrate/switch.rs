@@ -428,28 +428,22 @@ async fn finish_by_table(
         // (db::run_step asks, then runs the group as one transaction): that is how a rerun
         // passes over the groups an earlier run swapped, and its answer is what the report
         // counts, without asking twice.
-        match db::run_step(client, &g.step(), &polite).await {
-            Ok(false) => {
+        let gated = GatedRun {
+            opts,
+            live,
+            tables: &tables,
+            polite: &polite,
+        };
+        match gated.run(client, &g.step(), &g.label).await? {
+            Swapped::AlreadyDone => {
                 report.groups_already_swapped += 1;
                 continue;
             }
-            Ok(true) => {}
-            Err(e)
-                if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE)
-                    || e.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED) =>
-            {
-                warn!(
-                    group = %g.label,
-                    "its locks did not come between the application's transactions in {} tries; swapping it under a pause of its own",
-                    POLITE_TRIES + 1
-                );
-                for p in gated_group(client, opts, live, &g.sql(), &tables).await? {
-                    let ms = p.pause_ms.unwrap_or(0.0);
-                    report.longest_group_pause_ms = report.longest_group_pause_ms.max(ms);
-                }
+            Swapped::GatesOpen => {}
+            Swapped::UnderPause(ms) => {
+                report.longest_group_pause_ms = report.longest_group_pause_ms.max(ms);
                 report.groups_under_pause += 1;
             }
-            Err(e) => return Err(resumes(&e)),
         }
         let ms = t.elapsed().as_secs_f64() * 1000.0;
         report.groups_swapped += 1;
@@ -471,25 +465,18 @@ async fn finish_by_table(
     // come (src/migrate/carry.rs).
     match by_table::carried(client).await.map_err(|e| resumes(&e))? {
         Some((n, left_alone)) if n > 0 => {
-            let sql = by_table::finish_sql();
             let t = Instant::now();
-            let step = ddl::Step::new(sql.clone(), Mode::Brief, ddl::When::Always);
-            match db::run_step(client, &step, &polite).await {
-                Ok(_) => {}
-                Err(e)
-                    if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE)
-                        || e.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED) =>
-                {
-                    warn!(
-                        "the locks of the objects to rebuild did not come between the application's transactions in {} tries; rebuilding them under a pause of their own",
-                        POLITE_TRIES + 1
-                    );
-                    for p in gated_group(client, opts, live, &sql, &tables).await? {
-                        let ms = p.pause_ms.unwrap_or(0.0);
-                        report.carried_pause_ms = report.carried_pause_ms.max(ms);
-                    }
-                }
-                Err(e) => return Err(resumes(&e)),
+            let step = ddl::Step::new(by_table::finish_sql(), Mode::Brief, ddl::When::Always);
+            let gated = GatedRun {
+                opts,
+                live,
+                tables: &tables,
+                polite: &polite,
+            };
+            if let Swapped::UnderPause(ms) =
+                gated.run(client, &step, "the objects' rebuild").await?
+            {
+                report.carried_pause_ms = ms;
             }
             report.carried_ms = t.elapsed().as_secs_f64() * 1000.0;
             report.carried = n;
@@ -527,6 +514,54 @@ async fn finish_by_table(
         pauses,
         by_table: Some(report),
     })
+}
+
+/// How one `--by-table` transaction went ([`GatedRun::run`]).
+enum Swapped {
+    /// Its step was no longer needed (an earlier run did it).
+    AlreadyDone,
+    GatesOpen,
+    /// Under a pause of its own, whose longest gate this is (ms).
+    UnderPause(f64),
+}
+
+/// A `--by-table` transaction (a group, or the objects' rebuild): tried with the gates
+/// open ([`POLITE_TRIES`]), then, when its locks do not come between the application's
+/// transactions, under a pause of its own ([`gated_group`]).
+struct GatedRun<'a> {
+    opts: &'a SwitchOptions,
+    live: &'a [String],
+    tables: &'a [String],
+    polite: &'a Settings,
+}
+
+impl GatedRun<'_> {
+    async fn run(
+        &self,
+        client: &Client,
+        step: &ddl::Step,
+        what: &str,
+    ) -> Result<Swapped, SwitchError> {
+        match db::run_step(client, step, self.polite).await {
+            Ok(false) => Ok(Swapped::AlreadyDone),
+            Ok(true) => Ok(Swapped::GatesOpen),
+            Err(e)
+                if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE)
+                    || e.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED) =>
+            {
+                warn!(
+                    what,
+                    "its locks did not come between the application's transactions in {} tries; running it under a pause of its own",
+                    POLITE_TRIES + 1
+                );
+                let pauses =
+                    gated_group(client, self.opts, self.live, &step.sql, self.tables).await?;
+                let longest = pauses.iter().filter_map(|p| p.pause_ms).fold(0.0, f64::max);
+                Ok(Swapped::UnderPause(longest))
+            }
+            Err(e) => Err(resumes(&e)),
+        }
+    }
 }
 
 /// Every migrated table and child, quoted, for the lock reports.
