@@ -814,6 +814,102 @@ async fn cutover_by_table_leaves_what_the_application_changed_meanwhile_and_says
     );
 }
 
+/// At the end of `--by-table` the views are rebuilt in a transaction that locks only them:
+/// a session using a table one of them reads (one keyshift does not migrate, so no group
+/// needs it) holds nothing up. What sits on a table waits for that table alone: a policy on
+/// the held table stops the command partway, the views already rebuilt; the rerun finishes
+/// once the session is gone.
+#[tokio::test]
+async fn cutover_by_table_rebuilds_the_views_without_waiting_for_the_tables_they_read() {
+    let db = common::TestDb::new().await;
+    let admin = db.client().await;
+    admin
+        .batch_execute(&format!(
+            "{SEED_004}{rows}
+             CREATE TABLE notes (connector_name text, body text);
+             INSERT INTO notes SELECT name, 'note on ' || name FROM mcp_connectors;
+             CREATE VIEW v_notes AS
+               SELECT c.id, n.body FROM mcp_connectors c JOIN notes n ON n.connector_name = c.name;
+             CREATE VIEW v_servers AS SELECT id, connector_id FROM mcp_servers;
+             ALTER TABLE notes ENABLE ROW LEVEL SECURITY;
+             CREATE POLICY p_notes ON notes USING (EXISTS (
+               SELECT 1 FROM mcp_connectors c WHERE c.name = notes.connector_name AND c.id IS NOT NULL));
+             CREATE VIEW v_ids AS SELECT id FROM mcp_connectors;
+             ALTER TABLE mcp_servers ENABLE ROW LEVEL SECURITY;
+             CREATE POLICY p_servers ON mcp_servers USING (connector_id IN (SELECT id FROM v_ids));",
+            rows = seed_004_rows(3)
+        ))
+        .await
+        .unwrap();
+    ks_expect(&db.url(), &["expand"], 0);
+    ks_expect(&db.url(), &["backfill"], 0);
+    let reader = migrate_support::holding(&db, "notes").await;
+    let out = ks_expect(&db.url(), &migrate_support::BY_TABLE_GIVING_UP, 1);
+    let said = migrate_support::text(&out);
+    assert!(said.contains("public.notes"), "{said}");
+    let key_type = |view: &'static str| {
+        let admin = &admin;
+        async move {
+            one(admin, &format!("SELECT format_type(atttypid, NULL) FROM pg_attribute WHERE attrelid = '{view}'::regclass AND attname = 'id'")).await
+        }
+    };
+    // With the reader's transaction still open: the views are over the uuids already (the
+    // LOCK of a view would have locked `notes` too, and waited for the reader).
+    assert_eq!(key_type("v_notes").await.as_deref(), Some("uuid"), "{said}");
+    assert_eq!(
+        key_type("v_servers").await.as_deref(),
+        Some("uuid"),
+        "{said}"
+    );
+    assert_eq!(
+        one(&admin, "SELECT count(*)::text FROM v_notes")
+            .await
+            .as_deref(),
+        Some("3")
+    );
+    // A policy over one of the views goes with them (dropping the view needs it gone).
+    let policy_reads = |policy: &'static str, table: &'static str| {
+        let admin = &admin;
+        async move {
+            one(
+                admin,
+                &format!(
+                    "SELECT string_agg(a.attname, ',' ORDER BY a.attname) FROM pg_policy p
+                       JOIN pg_depend d ON d.classid = 'pg_policy'::regclass AND d.objid = p.oid
+                       JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid
+                      WHERE p.polname = '{policy}' AND a.attrelid = '{table}'::regclass"
+                ),
+            )
+            .await
+        }
+    };
+    assert_eq!(
+        policy_reads("p_servers", "mcp_servers").await.as_deref(),
+        Some("connector_id")
+    );
+    assert_eq!(
+        policy_reads("p_notes", "mcp_connectors").await.as_deref(),
+        Some("id_legacy,name")
+    );
+    reader.batch_execute("ROLLBACK").await.unwrap();
+    let out = ks_expect(&db.url(), &["cutover", "--by-table"], 0);
+    let said = migrate_support::text(&out);
+    assert!(
+        said.contains("rebuilt over the uuids at the end") && said.contains("gates open"),
+        "{said}"
+    );
+    assert_eq!(
+        policy_reads("p_notes", "mcp_connectors").await.as_deref(),
+        Some("id,name")
+    );
+    assert_eq!(
+        one(&admin, "SELECT phase FROM keyshift.migration")
+            .await
+            .as_deref(),
+        Some("cut_over")
+    );
+}
+
 /// A view that only works with integer keys: cutover finds it before its pause, names it and
 /// says what to do, and changes nothing.
 #[tokio::test]

@@ -27,8 +27,8 @@
 //! step 1 committed, and each group's step runs only while its first renamed column is still
 //! there (each group commits whole). The application's views, policies and other objects
 //! over migrated columns stay on the integer columns until every group is swapped, then are
-//! rebuilt over the uuids in one more transaction (src/migrate/carry.rs, "The cutover table
-//! by table"). What it does not do yet: `--dry-run`, and a rollback from the middle (finish
+//! rebuilt over the uuids: the views in one more transaction, what sits on each table in one
+//! per table (src/migrate/carry.rs, "The cutover table by table"). What it does not do yet: `--dry-run`, and a rollback from the middle (finish
 //! the cutover, then `keyshift rollback`). Partitioned tables go as in the single swap
 //! (`ddl::swap_keys`): locking a partitioned table locks its partitions.
 
@@ -342,22 +342,38 @@ pub struct ByTableReport {
     /// The application's objects over migrated columns rebuilt at the end, the gate of
     /// that pause, and those left as the application changed them during the cutover.
     pub carried: i64,
-    /// How long their rebuild took (retries included), and the gate of its own pause when
-    /// its locks did not come with the gates open (0 otherwise).
+    /// How long their rebuild took (retries included), and the longest gate of a pause of
+    /// its own, for a part whose locks did not come with the gates open (0 otherwise).
     pub carried_ms: f64,
     pub carried_pause_ms: f64,
+    /// The transactions it took (`keyshift.carry_finish`'s parts), and how many paused.
+    pub carried_parts: u32,
+    pub carried_parts_under_pause: u32,
     pub carried_left_alone: Option<String>,
 }
 
-/// The transaction that rebuilds the application's objects once every group is swapped
-/// (`keyshift.carry_finish`), its locks waited for like a group's.
-pub fn finish_sql() -> String {
+/// A transaction that rebuilds one part of the application's objects once every group is
+/// swapped (`keyshift.carry_finish`, [`parts`]), its locks waited for like a group's.
+pub fn finish_sql(part: &str) -> String {
     format!(
         "{};\nSET LOCAL lock_timeout = '{}ms';\n{}",
         ddl::NO_JIT,
         HELD_WAIT.as_millis(),
-        carry::FINISH
+        carry::finish_part(part)
     )
+}
+
+/// The parts the kept objects are rebuilt in, one transaction each: `views` (the views and
+/// materialized views, which lock only themselves), then each table that carries a policy,
+/// trigger, rule, CHECK or statistics object (each needs that table alone).
+pub async fn parts(client: &Client) -> Result<Vec<String>, db::DbError> {
+    Ok(client
+        .query(carry::PARTS, &[])
+        .await
+        .map_err(|e| db::stmt_error(carry::PARTS, e))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
 }
 
 /// The application's objects kept by the entry for the end: how many, and those the

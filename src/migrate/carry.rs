@@ -52,7 +52,7 @@ use crate::shape::Shape;
 /// The signatures `DROP FUNCTION` needs.
 const FUNCTIONS: [&str; 20] = [
     "keyshift.carry_current(jsonb, text)",
-    "keyshift.carry_finish()",
+    "keyshift.carry_finish(text)",
     "keyshift.carry_left_alone()",
     "keyshift.carry_unblock(jsonb)",
     "keyshift.carry_keep(jsonb, text)",
@@ -672,10 +672,10 @@ END $ks$;
 --   keyshift.carry_unblock, in each group before its statements: the views (and the views
 --     over them) that depend on a primary key the group drops, which would stop it (a view
 --     grouping by the key), dropped; rebuilt at the end with the rest;
---   keyshift.carry_finish, once every group is swapped, its locks taken first: each object
---     dropped and rebuilt,
---     except one the application changed or dropped meanwhile, which is left as it made it
---     (its new definition names the columns it meant) and returned, to be reported.
+--   keyshift.carry_finish(part), once every group is swapped, one transaction per part
+--     (the views; then what sits on each table, that table locked first): each object
+--     dropped and rebuilt, except one the application changed or dropped meanwhile, which
+--     is left as it made it (its new definition names the columns it meant) and reported.
 
 -- 'kind:oid:' then the xmins of the catalog rows its rebuild is read from (an update gives a
 -- row a new xmin): its defining row; a view's class row (owner, grants, options), columns
@@ -707,19 +707,41 @@ DECLARE
 BEGIN
   PERFORM keyshift.carry_current(cols, suffix);
   DROP TABLE IF EXISTS keyshift.carried;
-  CREATE TABLE keyshift.carried (ord int, step text NOT NULL, label text, sql text);
+  CREATE TABLE keyshift.carried (ord int, step text NOT NULL, label text, sql text, part text);
   COMMENT ON TABLE keyshift.carried IS
     'Owned by keyshift: the application''s objects over migrated columns, rebuilt when the cutover table by table ends';
-  INSERT INTO keyshift.carried SELECT ord, step, label, sql FROM pg_temp.keyshift_carried
-   WHERE step IN ('build', 'drop_one');
-  -- Per object, in one reading of them: its stamp, and what keyshift.carry_finish locks
-  -- first, the relation it sits on (a view: itself; repeats are taken once there).
-  INSERT INTO keyshift.carried (ord, step, label, sql)
-  SELECT 0, x.step, x.label, x.sql
-    FROM keyshift.carried_objects(cols) o,
+  -- `part`: the transaction keyshift.carry_finish rebuilds the object in. 'views' for the
+  -- views and materialized views (and what sits on them, or depends on one of them):
+  -- dropping and creating those locks only themselves, which no session through keyshift
+  -- reads in cutting_over (it reads keyshift's copies), so that part runs between the
+  -- application's transactions. Everything else sits on a table and needs that table's
+  -- ACCESS EXCLUSIVE lock: one part per table, so that one busy table waits (or pauses)
+  -- alone, for its few statements.
+  CREATE TEMP TABLE keyshift_parts ON COMMIT DROP AS
+  SELECT o.kind, o.objid, o.relid, o.label,
+         CASE WHEN o.kind IN ('view', 'materialized view') OR EXISTS (
+                SELECT 1 FROM pg_depend d JOIN pg_class v ON v.oid = d.refobjid AND v.relkind IN ('v', 'm')
+                 WHERE d.objid = o.objid AND d.refclassid = 'pg_class'::regclass
+                   AND d.classid = CASE o.kind WHEN 'rule' THEN 'pg_rewrite'::regclass
+                                               WHEN 'trigger' THEN 'pg_trigger'::regclass
+                                               WHEN 'policy' THEN 'pg_policy'::regclass
+                                               WHEN 'check' THEN 'pg_constraint'::regclass
+                                               ELSE 'pg_statistic_ext'::regclass END)
+              THEN 'views' ELSE o.relid::regclass::text END AS part
+    FROM keyshift.carried_objects(cols) o;
+  INSERT INTO keyshift.carried (ord, step, label, sql, part)
+  SELECT k.ord, k.step, k.label, k.sql, p.part
+    FROM pg_temp.keyshift_carried k JOIN pg_temp.keyshift_parts p ON p.label = k.label
+   WHERE k.step IN ('build', 'drop_one');
+  -- Per object: its stamp, and what keyshift.carry_finish locks first, the relation it sits
+  -- on (a view: itself, not locked, see there; repeats are taken once).
+  INSERT INTO keyshift.carried (ord, step, label, sql, part)
+  SELECT 0, x.step, x.label, x.sql, o.part
+    FROM pg_temp.keyshift_parts o,
          LATERAL (VALUES ('stamp', o.label, keyshift.carry_stamp(o.kind, o.objid)),
                          ('lock', o.relid::regclass::text, o.relid::text)) x (step, label, sql);
   GET DIAGNOSTICS n = ROW_COUNT;
+  DROP TABLE pg_temp.keyshift_parts;
   RETURN n / 2;
 END $ks$;
 
@@ -794,31 +816,43 @@ BEGIN
     SELECT coalesce(array_agg(label ORDER BY label), '{}') FROM changed);
 END $ks$;
 
-CREATE OR REPLACE FUNCTION keyshift.carry_finish() RETURNS text
+-- (Until 2026-12-02 it took no argument: that one would make a call without one ambiguous.)
+DROP FUNCTION IF EXISTS keyshift.carry_finish();
+-- One part (keyshift.carry_keep) of the objects kept, or every one left when `part` is NULL.
+-- Returns, once the last part is done, the objects left alone (keyshift.carry_left_alone)
+-- in every part; '' until then.
+CREATE OR REPLACE FUNCTION keyshift.carry_finish(part text DEFAULT NULL) RETURNS text
 LANGUAGE plpgsql SET search_path = pg_catalog AS $ks$
+#variable_conflict use_variable
 DECLARE
   s record;
   left_alone text[] := '{}';
+  done text;
 BEGIN
   IF to_regclass('keyshift.carried') IS NULL THEN
     RETURN '';
   END IF;
-  -- Every lock first, in one order, each waited for under the caller's lock_timeout (50 ms
-  -- with the gates open): one statement at a time, a reader holding one relation and
-  -- waiting for another could deadlock with this transaction. Locking a view locks the
-  -- relations it reads too.
-  -- (By oid: a group dropped some views. The CASE keeps the cast off the other rows. Not a
-  -- materialized view, which LOCK refuses: its DROP below waits as long.)
+  -- The tables' locks first, in one order, each waited for under the caller's lock_timeout
+  -- (50 ms with the gates open): one statement at a time, a reader holding one table and
+  -- waiting for another could deadlock with this transaction. Not a view's or a
+  -- materialized view's: LOCK on a view locks every table it reads too (the whole busy
+  -- schema, which never came in 5 tries under 16 clients); its own DROP locks only itself,
+  -- waits as long, and no session through keyshift reads it in cutting_over.
+  -- (By oid: a group dropped some views. The CASE keeps the cast off the other rows.)
   FOR s IN SELECT DISTINCT c.oid::regclass::text AS label
              FROM keyshift.carried k
              JOIN pg_class c ON c.oid = CASE WHEN k.step = 'lock' THEN k.sql::oid END
-            WHERE c.relkind <> 'm'
+            WHERE c.relkind NOT IN ('v', 'm') AND (part IS NULL OR k.part = part)
             ORDER BY 1 LOOP
     EXECUTE format('LOCK TABLE %s IN ACCESS EXCLUSIVE MODE', s.label);
   END LOOP;
-  left_alone := keyshift.carry_left_alone();
-  FOR s IN SELECT label, sql FROM keyshift.carried
-            WHERE step = 'drop_one' AND label <> ALL (left_alone) ORDER BY ord DESC LOOP
+  SELECT coalesce(array_agg(l), '{}') INTO left_alone
+    FROM unnest(keyshift.carry_left_alone()) l
+   WHERE EXISTS (SELECT 1 FROM keyshift.carried k
+                  WHERE k.step = 'stamp' AND k.label = l AND (part IS NULL OR k.part = part));
+  FOR s IN SELECT k.label, k.sql FROM keyshift.carried k
+            WHERE k.step = 'drop_one' AND k.label <> ALL (left_alone) AND (part IS NULL OR k.part = part)
+            ORDER BY k.ord DESC LOOP
     BEGIN
       EXECUTE regexp_replace(s.sql, '^DROP (VIEW|MATERIALIZED VIEW|POLICY|TRIGGER|RULE) ',
                              'DROP \1 IF EXISTS ');
@@ -828,8 +862,9 @@ BEGIN
               HINT = 'something made during the cutover depends on it: drop that, run keyshift cutover --by-table again, then make it again';
     END;
   END LOOP;
-  FOR s IN SELECT label, sql FROM keyshift.carried
-            WHERE step = 'build' AND label <> ALL (left_alone) ORDER BY ord LOOP
+  FOR s IN SELECT k.label, k.sql FROM keyshift.carried k
+            WHERE k.step = 'build' AND k.label <> ALL (left_alone) AND (part IS NULL OR k.part = part)
+            ORDER BY k.ord LOOP
     BEGIN
       EXECUTE s.sql;
     EXCEPTION WHEN OTHERS THEN
@@ -838,8 +873,17 @@ BEGIN
               HINT = 'nothing was changed (its transaction rolled back); drop or change it, then run keyshift cutover --by-table again';
     END;
   END LOOP;
+  -- The part is done; what it left alone is remembered for the last part's report.
+  DELETE FROM keyshift.carried k WHERE k.step IN ('build', 'drop_one', 'stamp', 'lock')
+                                   AND (part IS NULL OR k.part = part);
+  INSERT INTO keyshift.carried (ord, step, label) SELECT 0, 'left', l FROM unnest(left_alone) l;
+  IF EXISTS (SELECT 1 FROM keyshift.carried WHERE step = 'stamp') THEN
+    RETURN '';
+  END IF;
+  SELECT coalesce(string_agg(label, ', ' ORDER BY label), '') INTO done
+    FROM keyshift.carried WHERE step = 'left';
   DROP TABLE keyshift.carried;
-  RETURN array_to_string(left_alone, ', ');
+  RETURN done;
 END $ks$;
 
 CREATE OR REPLACE FUNCTION keyshift.carry_check(cols jsonb, rels jsonb) RETURNS int
@@ -1232,9 +1276,18 @@ pub fn unblock<'a>(tables: impl Iterator<Item = (&'a str, &'a str)>) -> String {
 /// except those the application changed meanwhile (returned, comma-separated).
 pub const FINISH: &str = "SELECT keyshift.carry_finish()";
 
+/// [`FINISH`] for one of the [`PARTS`].
+pub fn finish_part(part: &str) -> String {
+    format!("SELECT keyshift.carry_finish({})", literal(part))
+}
+
 /// How many objects [`FINISH`] would rebuild (None when nothing is kept), and the labels of
 /// those it would leave as the application changed them.
-pub const PENDING: &str = "SELECT count(*) FILTER (WHERE step = 'stamp'), array_to_string(keyshift.carry_left_alone(), ', ') FROM keyshift.carried";
+pub const PENDING: &str = "SELECT count(*) FILTER (WHERE step = 'stamp'), array_to_string(keyshift.carry_left_alone() || array(SELECT label FROM keyshift.carried WHERE step = 'left' ORDER BY label), ', ') FROM keyshift.carried";
+
+/// The parts of [`PENDING`]'s objects, each rebuilt in a transaction of its own by
+/// `keyshift.carry_finish(part)`: the views first, then one per table.
+pub const PARTS: &str = "SELECT part FROM keyshift.carried WHERE step = 'stamp' GROUP BY part ORDER BY part <> 'views', part";
 
 /// finalize: the functions go with keyshift's state.
 pub fn drop_functions() -> Vec<Step> {
