@@ -75,8 +75,10 @@ now() { date +%s.%N; }
 secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }
 command -v curl >/dev/null || die "curl is needed to read the proxies' /v1/status"
 bench_setup cut
+# Autovacuum logged: under the load its ShareUpdateExclusive lock on a table is what a swap's
+# ACCESS EXCLUSIVE waits for when no client transaction is left (KEEP_TMP=1 keeps the log).
 PG_OPTS="-c max_connections=200 -c shared_buffers=256MB -c max_wal_size=8GB -c fsync=off \
-    -c synchronous_commit=off -c full_page_writes=off"
+    -c synchronous_commit=off -c full_page_writes=off -c log_autovacuum_min_duration=0"
 if [[ -n $PROFILE ]]; then
     PG_OPTS+=" -c shared_preload_libraries=pg_stat_statements -c pg_stat_statements.track=all \
     -c pg_stat_statements.track_utility=on -c pg_stat_statements.max=20000"

@@ -816,3 +816,90 @@ async fn what_a_cutover_leaves_after_its_pause_is_finished_by_the_next_command()
     assert_eq!(not_null().await, "mcp_server_id");
     ks_expect(&db.url(), &["verify"], 0);
 }
+
+async fn naptime(c: &tokio_postgres::Client, value: &str) {
+    c.batch_execute(&format!("ALTER SYSTEM SET autovacuum_naptime = '{value}'"))
+        .await
+        .unwrap();
+    c.batch_execute("SELECT pg_reload_conf()").await.unwrap();
+}
+
+/// Starts a slow autovacuum of `table` (every page followed by a 100 ms sleep: minutes for
+/// this table, as for a big one) and returns once the worker holds it.
+async fn slow_autovacuum(c: &tokio_postgres::Client, table: &str) {
+    c.batch_execute(&format!(
+        "ALTER TABLE {table} SET (autovacuum_vacuum_cost_delay = 100, autovacuum_vacuum_cost_limit = 1,
+                                  autovacuum_vacuum_threshold = 0, autovacuum_vacuum_scale_factor = 0);
+         UPDATE {table} SET name = name;"
+    ))
+    .await
+    .unwrap();
+    let start = Instant::now();
+    loop {
+        let n = count(
+            c,
+            &format!(
+                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'autovacuum worker' AND query LIKE '%{table}%'"
+            ),
+        )
+        .await;
+        if n > 0 {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "autovacuum never started on {table}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A table autovacuum is vacuuming could not be locked by any swap: PostgreSQL cancels the
+/// worker for a lock request only once it has waited `deadlock_timeout` (1 s), and keyshift's
+/// requests give up sooner (a `--by-table` group after 50 ms, a pause after 500 ms), so every
+/// try failed for as long as the vacuum ran (hours, on a big table). keyshift cancels the
+/// worker itself, as PostgreSQL would (src/migrate/autovacuum.rs): both the groups' path
+/// and the single swap's pause get their locks.
+#[tokio::test]
+async fn a_swap_gets_its_locks_on_a_table_autovacuum_is_vacuuming() {
+    use keyshift::pgcluster::{Cluster, ClusterOptions};
+    // A private cluster whose autovacuum wakes every second. Once a worker holds the table,
+    // the naptime goes back to its default so that a cancelled worker does not come back
+    // within the test.
+    let cluster = Cluster::start(&ClusterOptions {
+        settings: vec![("autovacuum_naptime".into(), "1s".into())],
+        ..ClusterOptions::default()
+    })
+    .expect("start a private cluster");
+    let url = cluster.url("postgres", "postgres");
+    let c = common::connect(&url).await;
+    c.batch_execute(&format!("{SEED_004}{}", seed_004_rows(10_000)))
+        .await
+        .unwrap();
+    ks_expect(&url, &["expand"], 0);
+    ks_expect(&url, &["backfill"], 0);
+
+    slow_autovacuum(&c, "mcp_servers").await;
+    naptime(&c, "1min").await;
+    let by_table = ["cutover", "--by-table", "--budget", "3s"];
+    let out = ks_expect(&url, &by_table, 0);
+    assert!(
+        text(&out).contains("cancelled the autovacuum of public.mcp_servers"),
+        "{}",
+        text(&out)
+    );
+
+    naptime(&c, "1s").await;
+    slow_autovacuum(&c, "mcp_connectors").await;
+    naptime(&c, "1min").await;
+    let out = ks_expect(&url, &["rollback", "--budget", "3s"], 0);
+    assert!(
+        text(&out).contains("cancelled the autovacuum of public.mcp_connectors"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM mcp_servers WHERE id_uuid IS NULL").await,
+        0
+    );
+}

@@ -368,6 +368,7 @@ pub(super) async fn run_one(client: &Client, step: &Step, s: &Settings) -> Resul
                             s.ddl_retries,
                             step.sql
                         );
+                        super::autovacuum::yield_to(client, &step.sql).await;
                         tokio::time::sleep(wait).await;
                         delay = (delay * 2).min(Duration::from_secs(10));
                     }

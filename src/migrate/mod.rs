@@ -7,6 +7,7 @@
 //! The proxy reads the same state through [`state::load`] and [`progress::read`].
 
 pub mod abort;
+pub mod autovacuum;
 pub mod backfill;
 pub mod by_table;
 pub mod carry;

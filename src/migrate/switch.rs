@@ -12,7 +12,7 @@ use tracing::{info, warn};
 use super::db::{self, DbError};
 use super::ddl::{self, Mode};
 use super::state::{self, Phase};
-use super::{Settings, by_table, carry, shapes, verify};
+use super::{Settings, autovacuum, by_table, carry, shapes, verify};
 
 /// A proxy is live when its heartbeat is this recent (three heartbeats).
 pub const LIVE_WITHIN: &str = "6 seconds";
@@ -310,6 +310,9 @@ pub async fn run(
     let mut delay = Duration::from_millis(100);
     loop {
         round += 1;
+        // Outside the pause: an autovacuum holding a table would fail the round after a
+        // whole lock_timeout with every client held (src/migrate/autovacuum.rs).
+        autovacuum::yield_to(client, &swap.join("\n")).await;
         match one_round(client, opts, attempt, round, &live, &swap, &tables).await {
             Ok(swap_ms) if opts.by_table => {
                 let pauses = collect_pauses(client, &live, attempt).await?;
@@ -655,6 +658,7 @@ async fn gated_group(
     let mut round = 0;
     loop {
         round += 1;
+        autovacuum::yield_to(client, sql).await;
         match one_round(client, opts, attempt, round, live, &[sql], tables).await {
             Ok(_) => return collect_pauses(client, live, attempt).await,
             Err(RoundError::LockTimeout(_) | RoundError::DrainTerminated(_))
