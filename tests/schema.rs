@@ -1049,7 +1049,7 @@ async fn materialized_views_are_built_before_the_pause_and_moved_in_by_the_swap(
             .batch_execute(&format!(
                 "{SEED_004}{rows}
                  CREATE ROLE {reader} LOGIN;
-                 CREATE MATERIALIZED VIEW server_counts AS
+                 CREATE MATERIALIZED VIEW server_counts WITH (autovacuum_enabled = true) AS
                    SELECT c.id AS connector, count(s.id) AS servers
                      FROM mcp_connectors c JOIN mcp_servers s ON s.connector_id = c.id GROUP BY c.id;
                  CREATE UNIQUE INDEX server_counts_connector ON server_counts (connector);
@@ -1065,10 +1065,27 @@ async fn materialized_views_are_built_before_the_pause_and_moved_in_by_the_swap(
         ks_expect(&db.url(), &["expand"], 0);
         ks_expect(&db.url(), &["backfill"], 0);
         check_matviews(&admin, &r, "integer").await;
+        // The shadows are built with autovacuum off (which would hold them when the swap
+        // moves them in), and each matview has its own setting back after the move.
+        let options = "SELECT string_agg(relname || ':' || coalesce(array_to_string(reloptions, ','), '-'), ' ' ORDER BY relname)
+                         FROM pg_class WHERE relkind = 'm' AND relnamespace = 'public'::regnamespace";
+        ks_expect(&db.url(), &["cutover", "--dry-run"], 0);
+        assert_eq!(
+            one(&admin, "SELECT string_agg(array_to_string(reloptions, ','), ' ') FROM pg_class WHERE relkind = 'm' AND relnamespace::regnamespace::text = 'keyshift_shadow'").await.as_deref(),
+            Some("autovacuum_enabled=false autovacuum_enabled=false")
+        );
         ks_expect(&db.url(), &["cutover"], 0);
         check_matviews(&admin, &r, "uuid").await;
+        assert_eq!(
+            one(&admin, options).await.as_deref(),
+            Some("later:- server_counts:autovacuum_enabled=true")
+        );
         ks_expect(&db.url(), &["rollback"], 0);
         check_matviews(&admin, &r, "integer").await;
+        assert_eq!(
+            one(&admin, options).await.as_deref(),
+            Some("later:- server_counts:autovacuum_enabled=true")
+        );
         if ending == "finalize" {
             ks_expect(&db.url(), &["cutover"], 0);
             check_matviews(&admin, &r, "uuid").await;

@@ -15,8 +15,9 @@
 //!
 //! So keyshift does what PostgreSQL would do, sooner: before a retry (and before each round
 //! of a pause, outside it), it cancels the autovacuum workers that hold a lock on a table the
-//! step names (or on a partition or TOAST table of one), with `pg_cancel_backend`, as
-//! PostgreSQL's deadlock check does. Autovacuum comes back to the table at its next round.
+//! step names (or on a partition or TOAST table of one, or on keyshift's shadows of
+//! materialized views, which the swap moves), with `pg_cancel_backend`, as PostgreSQL's
+//! deadlock check does. Autovacuum comes back to the table at its next round.
 //! A vacuum to prevent wraparound is left alone, as PostgreSQL leaves it, and named.
 //! Cancelling needs superuser (a worker runs as the bootstrap superuser) or, from
 //! PostgreSQL 18, `pg_signal_autovacuum_worker`: without it, the warning says so and what to
@@ -68,7 +69,10 @@ pub async fn yield_to(client: &Client, sql: &str) -> usize {
             wraparound: r.get(1),
             table,
         };
-        if names(sql, &w.table) && !in_the_way.iter().any(|x| x.pid == w.pid) {
+        // keyshift's shadows of materialized views are moved by statements the swap reads
+        // from a table, not named in its SQL.
+        let ours = w.table.starts_with("keyshift_shadow.");
+        if (ours || names(sql, &w.table)) && !in_the_way.iter().any(|x| x.pid == w.pid) {
             in_the_way.push(w);
         }
     }

@@ -307,9 +307,15 @@ BEGIN
     stmt := rtrim(pg_get_viewdef(o.objid), '; ' || chr(10));
     PERFORM set_config('search_path', keyshift.shape_path(rels, nullif(target, 'table'), app_path), true);
     EXECUTE format('DROP MATERIALIZED VIEW IF EXISTS keyshift_shadow.%I', shadow);
+    -- Autovacuum off until the swap moves it in (keyshift.carry_prepare gives the original's
+    -- setting back there): a freshly filled shadow is what autovacuum visits first, and its
+    -- lock, which PostgreSQL gives up only for a lock that waited deadlock_timeout (1 s),
+    -- made the swap's move fail its 500 ms lock_timeout (`keyshift cutover --dry-run` right
+    -- after a preparation, with 1 M rows in a shadow).
     BEGIN
-      EXECUTE format('CREATE MATERIALIZED VIEW keyshift_shadow.%I%s AS %s WITH %s', shadow,
-        CASE WHEN r.reloptions IS NOT NULL THEN format(' WITH (%s)', array_to_string(r.reloptions, ', ')) ELSE '' END,
+      EXECUTE format('CREATE MATERIALIZED VIEW keyshift_shadow.%I WITH (%s) AS %s WITH %s', shadow,
+        array_to_string(ARRAY(SELECT x FROM unnest(r.reloptions) x WHERE x NOT LIKE 'autovacuum\_enabled=%')
+                        || 'autovacuum_enabled=false'::text, ', '),
         stmt, CASE WHEN r.relispopulated THEN 'DATA' ELSE 'NO DATA' END);
     EXCEPTION WHEN OTHERS THEN
       RAISE EXCEPTION 'keyshift: materialized view % would not work over the columns the swap gives it: %', o.label, SQLERRM
@@ -373,14 +379,20 @@ BEGIN
     n := n + 1;
     dropped := coalesce(array_length(drops, 1), 0);
     IF o.kind = 'materialized view' THEN
-      SELECT c.relname, c.relnamespace::regnamespace::text AS nsp INTO r FROM pg_class c WHERE c.oid = o.objid;
+      SELECT c.relname, c.relnamespace::regnamespace::text AS nsp,
+             (SELECT x FROM unnest(c.reloptions) x WHERE x LIKE 'autovacuum\_enabled=%') AS autovacuum
+        INTO r FROM pg_class c WHERE c.oid = o.objid;
       IF to_regclass(format('keyshift_shadow.%I', 'mv_' || o.objid)) IS NULL THEN
         RAISE EXCEPTION 'keyshift: materialized view % has no shadow to move into its place', o.label
           USING HINT = 'it was created after the preparation of this swap: run the command again';
       END IF;
       INSERT INTO pg_temp.keyshift_carried (label, sql) VALUES
         (o.label, format('ALTER MATERIALIZED VIEW keyshift_shadow.%I SET SCHEMA %s', 'mv_' || o.objid, r.nsp)),
-        (o.label, format('ALTER MATERIALIZED VIEW %s.%I RENAME TO %I', r.nsp, 'mv_' || o.objid, r.relname));
+        (o.label, format('ALTER MATERIALIZED VIEW %s.%I RENAME TO %I', r.nsp, 'mv_' || o.objid, r.relname)),
+        -- The original's autovacuum setting (keyshift.carry_shadows turned it off).
+        (o.label, format('ALTER MATERIALIZED VIEW %s.%I %s', r.nsp, r.relname,
+           CASE WHEN r.autovacuum IS NULL THEN 'RESET (autovacuum_enabled)'
+                ELSE format('SET (%s)', r.autovacuum) END));
       drops := drops || format('DROP MATERIALIZED VIEW %s', o.objid::regclass);
     ELSIF o.kind = 'view' THEN
       SELECT c.*, pg_get_viewdef(c.oid) AS def INTO r FROM pg_class c WHERE c.oid = o.objid;
@@ -646,7 +658,10 @@ BEGIN
   FOR s IN SELECT label, sql FROM pg_temp.keyshift_carried WHERE step = 'build' ORDER BY ord LOOP
     BEGIN
       EXECUTE s.sql;
-    EXCEPTION WHEN OTHERS THEN
+    EXCEPTION WHEN lock_not_available THEN
+      -- As it is: the swap's caller retries a lock timeout with the gates reopened.
+      RAISE;
+    WHEN OTHERS THEN
       RAISE EXCEPTION 'keyshift: could not rebuild % over the renamed columns: %', s.label, SQLERRM
         USING DETAIL = s.sql,
               HINT = 'nothing was changed (the swap rolled back); run keyshift cutover again after changing or dropping it';
@@ -867,7 +882,10 @@ BEGIN
             ORDER BY k.ord LOOP
     BEGIN
       EXECUTE s.sql;
-    EXCEPTION WHEN OTHERS THEN
+    EXCEPTION WHEN lock_not_available THEN
+      -- As it is: a lock timeout is retried (gates open, then under a pause of its own).
+      RAISE;
+    WHEN OTHERS THEN
       RAISE EXCEPTION 'keyshift: could not rebuild % over the uuid columns: %', s.label, SQLERRM
         USING DETAIL = s.sql,
               HINT = 'nothing was changed (its transaction rolled back); drop or change it, then run keyshift cutover --by-table again';
