@@ -43,7 +43,6 @@ SELECT a.pid, a.query LIKE '%(to prevent wraparound)%' AS wraparound, n.nspname:
    AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())";
 
 /// One worker in the way.
-#[derive(Debug, Clone, PartialEq)]
 struct Worker {
     pid: i32,
     wraparound: bool,

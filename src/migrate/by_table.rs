@@ -28,8 +28,9 @@
 //! there (each group commits whole). The application's views, policies and other objects
 //! over migrated columns stay on the integer columns until every group is swapped, then are
 //! rebuilt over the uuids: the views in one more transaction, what sits on each table in one
-//! per table (src/migrate/carry.rs, "The cutover table by table"). What it does not do yet: `--dry-run`, and a rollback from the middle (finish
-//! the cutover, then `keyshift rollback`). Partitioned tables go as in the single swap
+//! per table (src/migrate/carry.rs, "The cutover table by table"). What it does not do yet:
+//! `--dry-run`, and a rollback from the middle (finish the cutover, then `keyshift
+//! rollback`). Partitioned tables go as in the single swap
 //! (`ddl::swap_keys`): locking a partitioned table locks its partitions.
 
 use std::collections::HashMap;
