@@ -10,7 +10,9 @@
 #        IDLE_SECONDS (default 20), KEYSHIFT (binary, default target/release/keyshift),
 #        BIG_ROWS (rows of mcp_server_tokens, default 3 x SCALE; 20000000 is issue 16's "20-million-row table"),
 #        PROXY=1 (pgbench connects through a `keyshift proxy`, dual-writing, instead of straight to PostgreSQL),
-#        ALONE=0 (skip the run without pgbench), LOGS_DIR (copy the backfill and proxy logs there at the end).
+#        ALONE=0 (skip the run without pgbench), LOGS_DIR (copy the backfill and proxy logs there at the end),
+#        RATE (pgbench -R: that many transactions per second in all, instead of as many as the clients can
+#        run back to back; latencies then count from each transaction's scheduled start).
 # It also checks the backfill's ETA: the first one it logs once 10 % of the work is done, against the
 # real duration (error in %; issue 16's target is within 20 %).
 set -euo pipefail
@@ -105,7 +107,7 @@ SQL
 
 APP_URL=$DATABASE_URL
 run_pgbench() { # $1 = log prefix, $2 = seconds
-  (cd "$WORK" && "$PGBENCH" -n -f app.sql -c "$CLIENTS" -j 2 -T "$2" -l --log-prefix="$1" "$APP_URL" >>"$WORK/pgbench.out" 2>&1)
+  (cd "$WORK" && "$PGBENCH" -n -f app.sql -c "$CLIENTS" -j 2 -T "$2" ${RATE:+-R "$RATE"} -l --log-prefix="$1" "$APP_URL" >>"$WORK/pgbench.out" 2>&1)
 }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 # The application through keyshift: a proxy in front of the database, dual-writing.
@@ -133,11 +135,11 @@ eta_check() {
   pct=$(echo "$line" | awk '{print $3}'); after=$(echo "$line" | awk '{print $6}' | tr -d 's,'); eta=$(echo "$line" | awk '{print $8}' | tr -d 's')
   echo "at $pct done (after ${after}s): ETA ${eta}s -> predicted $((after + eta))s, real ${total}s, error $(echo "scale=1; 100 * ($after + $eta - $total) / $total" | bc) %"
 }
-p99() { # latency (µs, 3rd field) of every logged transaction with the prefix $1
-  cat "$WORK"/$1.* | awk '{print $3}' | sort -n | awk '{a[NR]=$1} END {if (NR == 0) {print "nan"; exit}; i=int(NR*0.99); if (i < 1) i = 1; printf "%.2f", a[i]/1000}'
+p99() { # latency (µs, 3rd field, plus the schedule lag in the 7th with RATE) of every logged transaction with the prefix $1
+  cat "$WORK"/$1.* | awk '{print $3 + $7}' | sort -n | awk '{a[NR]=$1} END {if (NR == 0) {print "nan"; exit}; i=int(NR*0.99); if (i < 1) i = 1; printf "%.2f", a[i]/1000}'
 }
 mean() {
-  cat "$WORK"/$1.* | awk '{s+=$3; n++} END {if (n == 0) print "nan"; else printf "%.2f", s/n/1000}'
+  cat "$WORK"/$1.* | awk '{s+=$3+$7; n++} END {if (n == 0) print "nan"; else printf "%.2f", s/n/1000}'
 }
 tx() { cat "$WORK"/$1.* | wc -l; }
 
@@ -192,7 +194,7 @@ ALONE_RATE=$( [[ "$ALONE_SECONDS" == nan ]] && echo nan || echo "scale=0; $ROWS 
 RATIO=$(echo "scale=2; $DURING_P99 / $IDLE_P99" | bc)
 echo
 echo "load average at the end:       $(cut -d' ' -f1-3 /proc/loadavg); during the backfill beside pgbench (every ~3 s): min $(printf '%s\n' "${LOAD_DURING[@]}" | sort -n | head -1), max $(printf '%s\n' "${LOAD_DURING[@]}" | sort -n | tail -1)"
-echo "pgbench through:               $([[ "$PROXY" == 1 ]] && echo "a keyshift proxy" || echo "PostgreSQL directly")"
+echo "pgbench through:               $([[ "$PROXY" == 1 ]] && echo "a keyshift proxy" || echo "PostgreSQL directly"), $([[ -n "${RATE:-}" ]] && echo "-R $RATE transactions/s" || echo "closed loop (each client back to back)")"
 echo "rows in the 5 tables:          $ROWS (mcp_server_tokens: $BIG_ROWS)"
 echo "backfill alone:                 ${ALONE_SECONDS}s -> $ALONE_RATE rows/s   (target >= 50000)"
 echo "backfill beside the script:     ${BF_SECONDS}s -> $RATE rows/s"

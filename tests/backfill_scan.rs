@@ -188,4 +188,38 @@ async fn status_shows_the_backfills_eta_while_it_runs() {
     let o = ks_expect(&url, &["status", "--format", "json"], 0);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(v["backfill_eta_seconds"].is_null(), "done: no ETA");
+    // The ETA weighs each task's rows by what they cost: an entry per index of the table and
+    // a lookup per twin, scaled to 1 on average over the run's rows.
+    let c = db.client().await;
+    let cost = |task: &'static str| {
+        let c = &c;
+        async move {
+            c.query_one(
+                "SELECT row_cost FROM keyshift.backfill WHERE task = $1",
+                &[&task],
+            )
+            .await
+            .unwrap()
+            .get::<_, f64>(0)
+        }
+    };
+    let (parent, text, nokey) = (
+        cost("key:public.p").await,
+        cost("fk:public.c_text.p_id").await,
+        cost("fk:public.c_nokey.p_id").await,
+    );
+    assert!(
+        parent < text && nokey < text && (parent - nokey).abs() < 1e-9,
+        "p {parent}, c_text {text}, c_nokey {nokey}"
+    );
+    let mean: f64 = c
+        .query_one(
+            "SELECT sum(row_cost * rows_estimate) / sum(rows_estimate) FROM keyshift.backfill WHERE kind IN ('key', 'fk')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    // (Over the estimates as the scaling read them; the batches correct them since.)
+    assert!((mean - 1.0).abs() < 0.05, "mean row cost {mean}");
 }

@@ -201,6 +201,7 @@ pub async fn run(
     for (schema, table) in rels {
         refresh_estimate(client, schema, table).await?;
     }
+    set_row_costs(client, &plan, &fks).await?;
 
     lock_and_prepare(client, extra).await?;
     let shared = Shared::new(client, s).await?;
@@ -727,6 +728,47 @@ async fn legacy_key_catchup(client: &Client, t: &PlanTable, s: &Settings) -> Res
             return Ok(filled);
         }
     }
+}
+
+/// What a row of each key and FK pass costs, for the ETA ([`eta::row_cost`]): the table's
+/// indexes, which every row's update writes an entry in, and the parents each row looks up
+/// (a key pass fills the twins of FKs to parents filled before it, an FK pass its own).
+/// Scaled so that the run's rows cost 1 on average: the rate in row-equivalents that status
+/// and the metrics show stays the run's rows per second on average.
+async fn set_row_costs(client: &Client, plan: &Plan, fks: &[PlanFk]) -> Result<(), DbError> {
+    let mut tasks: Vec<(String, String, i64)> = plan
+        .tables
+        .iter()
+        .map(|t| {
+            let lookups = ddl::fused_fks(plan, t).len() as i64;
+            (key_task(t), qualified(&t.schema, &t.name), lookups)
+        })
+        .collect();
+    tasks.extend(fks.iter().filter(|f| !ddl::is_fused(plan, f)).map(|f| {
+        (
+            fk_task("fk", f),
+            qualified(&f.child_schema, &f.child_table),
+            1,
+        )
+    }));
+    let q = "SELECT count(*) FROM pg_index WHERE indrelid = to_regclass($1::text)";
+    let upd = "UPDATE keyshift.backfill SET row_cost = $2 WHERE task = $1";
+    for (task, rel, lookups) in tasks {
+        let indexes: i64 = client
+            .query_one(q, &[&rel])
+            .await
+            .map_err(|e| stmt_error(q, e))?
+            .get(0);
+        client
+            .execute(upd, &[&task, &eta::row_cost(indexes, lookups)])
+            .await
+            .map_err(|e| stmt_error(upd, e))?;
+    }
+    let scale = "UPDATE keyshift.backfill SET row_cost = row_cost / m.mean
+        FROM (SELECT sum(row_cost * rows_estimate) / sum(rows_estimate) AS mean
+                FROM keyshift.backfill WHERE kind IN ('key', 'fk') HAVING sum(rows_estimate) > 0) m
+       WHERE kind IN ('key', 'fk') AND m.mean > 0";
+    db::exec(client, scale).await
 }
 
 async fn refresh_estimate(client: &Client, schema: &str, table: &str) -> Result<(), DbError> {

@@ -16,27 +16,37 @@ use std::time::{Duration, Instant};
 
 use super::progress::TaskProgress;
 
-/// What a row of a catch-up pass costs next to a row of a key or FK pass: the catch-up reads
-/// its child in one hash join and writes only the rows it finds (none when the proxy did the
-/// dual-write). Measured with benches/backfill.sh at 20 million rows (docs/benchmarks.md):
-/// the catch-ups and the key catch-up read 20.6 M rows in 18 s while the key passes wrote
-/// 37k rows/s, 0.03 of a written row; at 740k rows beside pgbench, 0.05. A first guess of
-/// 0.15 made the ETA 10-14 % long for the whole second half of the 20 M run.
+/// What a row of a catch-up pass costs next to an average row of the key and FK passes
+/// ([`row_cost`], scaled to 1 on average by the backfill): the catch-up reads its child in one
+/// hash join and writes only the rows it finds (none when the proxy did the dual-write).
+/// Measured with benches/backfill.sh at 20 million rows (docs/benchmarks.md): the catch-ups
+/// and the key catch-up read 20.6 M rows in 18 s while the key passes wrote 37k rows/s, 0.03
+/// of a written row; at 740k rows beside pgbench, 0.05. A first guess of 0.15 made the ETA
+/// 10-14 % long for the whole second half of the 20 M run.
 pub const CATCHUP_COST: f64 = 0.05;
 
-/// The cost of one row of a task of this kind, in rows of a key pass.
-pub fn cost(kind: &str) -> f64 {
-    match kind {
-        "catchup" | "legacy" => CATCHUP_COST,
-        _ => 1.0,
-    }
+/// The cost of a row of a key or FK pass, in units of a row that is written with one index
+/// entry and needs no lookup (a parent table's key pass with only its primary key); the
+/// backfill then scales a run's costs to 1 on average over its rows.
+///
+/// Why: every row of such a pass is a non-HOT update (the loaded pages are full), which
+/// writes a new heap tuple and one entry in every index of the table, and a pass that fills
+/// FK twins looks each parent up in its key's index. So a row costs about one page touch
+/// for the heap, one per index and one per lookup. Measured beside pgbench through keyshift
+/// (benches/backfill.sh, 2 M rows, 2026-12-03): the parent with its primary key alone
+/// (2 touches) went at 69k rows/s, the children with a primary key, an FK index and one
+/// twin (4 touches) at 36–49k: 1.4–1.9 × the parent's time per row, where this gives 2.
+/// Counting every row as 1 made the ETA taken at 10 % of the rows 25–35 % short, since the
+/// cheap parents go first.
+pub fn row_cost(indexes: i64, lookups: i64) -> f64 {
+    (1 + indexes.max(0) + lookups.max(0)) as f64 / 2.0
 }
 
 /// The work left over every task, in row-equivalents.
 pub fn work_left(tasks: &[TaskProgress]) -> f64 {
     tasks
         .iter()
-        .map(|t| t.rows_remaining() as f64 * cost(&t.kind))
+        .map(|t| t.rows_remaining() as f64 * t.cost())
         .sum()
 }
 
@@ -122,15 +132,29 @@ mod tests {
             batches: 0,
             last_batch_ms: None,
             rows_per_sec: None,
+            row_cost: 2.0,
         }
     }
 
     #[test]
     fn catch_up_rows_cost_less_than_written_rows() {
         let tasks = [task("key", 1000, 400), task("catchup", 1000, 0)];
-        assert!((work_left(&tasks) - (600.0 + 1000.0 * CATCHUP_COST)).abs() < 1e-9);
+        assert!((work_left(&tasks) - (600.0 * 2.0 + 1000.0 * CATCHUP_COST)).abs() < 1e-9);
         assert_eq!(eta(750.0, 250.0), Some(Duration::from_secs(3)));
         assert_eq!(eta(750.0, 0.0), None);
+    }
+
+    #[test]
+    fn a_row_costs_a_touch_per_index_and_lookup() {
+        // A parent with its primary key only: the unit.
+        assert_eq!(row_cost(1, 0), 1.0);
+        // A child with its primary key, an FK index and one twin looked up: twice as much.
+        assert_eq!(row_cost(2, 1), 2.0);
+        // The ETA weighs the rows left by it: 100 parent rows and 100 child rows left.
+        let mut parent = task("key", 100, 0);
+        parent.row_cost = row_cost(1, 0);
+        let child = task("key", 100, 0);
+        assert_eq!(work_left(&[parent, child]), 300.0);
     }
 
     #[test]

@@ -161,6 +161,7 @@ mod tests {
                 batches: 4,
                 last_batch_ms: Some(12.4),
                 rows_per_sec: Some(20.0),
+                row_cost: 1.0,
             }],
         });
         assert_eq!(
@@ -195,6 +196,7 @@ mod tests {
             batches: 5,
             last_batch_ms: Some(20.0),
             rows_per_sec: None,
+            row_cost: 1.0,
         };
         p.tasks.push(t);
         m.observe(&p);

@@ -10,7 +10,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressState, P
 use serde::Serialize;
 use tokio_postgres::Client;
 
-use super::eta::{RateWindow, cost, eta, human};
+use super::eta::{CATCHUP_COST, RateWindow, eta, human};
 use super::plan::Plan;
 use super::state::{self, Phase, StateError};
 
@@ -32,9 +32,20 @@ pub struct TaskProgress {
     /// The running backfill's rate over its recent batches (all tasks), as of this task's
     /// last batch: what `status` divides the work left by ([`super::eta`]).
     pub rows_per_sec: Option<f64>,
+    /// What a row of this task costs, in the backfill's row-equivalents
+    /// ([`super::eta::row_cost`]), as the backfill set it when it started.
+    pub row_cost: f64,
 }
 
 impl TaskProgress {
+    /// What a row of this task costs, in row-equivalents: the ETA's weight.
+    pub fn cost(&self) -> f64 {
+        match self.kind.as_str() {
+            "catchup" | "legacy" => super::eta::CATCHUP_COST,
+            _ => self.row_cost,
+        }
+    }
+
     /// Whether a batch of this task has run (its rate is the latest one written).
     fn started(&self) -> bool {
         self.batches > 0 || self.done
@@ -95,7 +106,7 @@ pub async fn read_tasks(client: &Client) -> Result<Vec<TaskProgress>, tokio_post
     let rows = client
         .query(
             "SELECT task, kind, schema_name, table_name, column_name, done, rows_estimate, rows_done,
-                    rows_updated, batches, last_batch_ms, rows_per_sec
+                    rows_updated, batches, last_batch_ms, rows_per_sec, row_cost
                FROM keyshift.backfill ORDER BY ord",
             &[],
         )
@@ -115,6 +126,7 @@ pub async fn read_tasks(client: &Client) -> Result<Vec<TaskProgress>, tokio_post
             batches: r.get(9),
             last_batch_ms: r.get(10),
             rows_per_sec: r.get(11),
+            row_cost: r.get(12),
         })
         .collect())
 }
@@ -189,7 +201,7 @@ impl Display {
             work: tasks
                 .iter()
                 .map(|t| {
-                    let e = (cost(&t.kind), t.rows_done, t.rows_remaining());
+                    let e = (t.cost(), t.rows_done, t.rows_remaining());
                     (t.task.clone(), e)
                 })
                 .collect(),
@@ -268,7 +280,7 @@ impl Display {
         let w = self
             .work
             .entry(task.to_string())
-            .or_insert((cost("catchup"), 0, 0));
+            .or_insert((CATCHUP_COST, 0, 0));
         w.1 += w.2;
         let read = w.2 as f64 * w.0;
         w.2 = found as i64;

@@ -195,6 +195,7 @@ ALTER TABLE keyshift.migration ADD COLUMN IF NOT EXISTS default_shape text NOT N
     CHECK (default_shape IN ('integer', 'uuid'));
 ALTER TABLE keyshift.proxies ADD COLUMN IF NOT EXISTS sessions jsonb;
 ALTER TABLE keyshift.backfill ADD COLUMN IF NOT EXISTS rows_per_sec double precision;
+ALTER TABLE keyshift.backfill ADD COLUMN IF NOT EXISTS row_cost double precision NOT NULL DEFAULT 1;
 CREATE OR REPLACE FUNCTION keyshift.missing_parent(key text, child text, constraint_name text,
     col text, parent text) RETURNS text LANGUAGE plpgsql STRICT AS $$
 BEGIN
