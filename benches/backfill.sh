@@ -189,7 +189,7 @@ H_SECONDS=$(echo "$(date +%s.%N) - $h0" | bc)
 
 IDLE_P99=$(p99 idle); DURING_P99=$(p99 "during*")
 IDLE_MEAN=$(mean idle); DURING_MEAN=$(mean "during*")
-RATE=$(echo "scale=0; $ROWS / $BF_SECONDS" | bc)
+BF_RATE=$(echo "scale=0; $ROWS / $BF_SECONDS" | bc)
 ALONE_RATE=$( [[ "$ALONE_SECONDS" == nan ]] && echo nan || echo "scale=0; $ROWS / $ALONE_SECONDS" | bc)
 RATIO=$(echo "scale=2; $DURING_P99 / $IDLE_P99" | bc)
 echo
@@ -197,7 +197,7 @@ echo "load average at the end:       $(cut -d' ' -f1-3 /proc/loadavg); during th
 echo "pgbench through:               $([[ "$PROXY" == 1 ]] && echo "a keyshift proxy" || echo "PostgreSQL directly"), $([[ -n "${RATE:-}" ]] && echo "-R $RATE transactions/s" || echo "closed loop (each client back to back)")"
 echo "rows in the 5 tables:          $ROWS (mcp_server_tokens: $BIG_ROWS)"
 echo "backfill alone:                 ${ALONE_SECONDS}s -> $ALONE_RATE rows/s   (target >= 50000)"
-echo "backfill beside the script:     ${BF_SECONDS}s -> $RATE rows/s"
+echo "backfill beside the script:     ${BF_SECONDS}s -> $BF_RATE rows/s"
 grep -o 'keyshift backfill: .*' "$WORK/backfill.log" || true
 echo "ETA alone:                     $ALONE_ETA"
 echo "ETA beside the script:         $(eta_check "$WORK/backfill.log")"

@@ -27,7 +27,9 @@
 #
 # Usage: benches/cutover_tables.sh        (about 12 minutes here; also `SCALE=1 benches/cutover.sh`)
 # Environment: SIZES="10 50 150 300", SHAPES="star chain", MODES="single by_table",
-#              ROWS=2000, CLIENTS=4, PGBIN, KEEP_TMP=1.
+#              ROWS=2000, CLIENTS=4, PGBIN, KEEP_TMP=1, RATE (pgbench -R: that many transactions
+#              per second in all instead of each client back to back, which keeps the machine
+#              from being saturated; latencies then count from each transaction's scheduled start).
 set -euo pipefail
 
 SIZES=${SIZES:-10 50 150 300}
@@ -112,7 +114,7 @@ for shape in $SHAPES; do
 SELECT u.name, count(c.id) FROM users u JOIN t1 c ON c.ref_id = u.id WHERE u.id = :u GROUP BY u.name;
 SELECT count(*) FROM t$((k - 1)) WHERE ref_id = :u;
 EOF
-        (cd "$TMP" && exec "$PGBIN/pgbench" -n -f "read-$db.sql" -c "$CLIENTS" -j 2 -T 20 -l --log-prefix="lat-$db" \
+        (cd "$TMP" && exec "$PGBIN/pgbench" -n -f "read-$db.sql" -c "$CLIENTS" -j 2 -T 20 ${RATE:+-R "$RATE"} -l --log-prefix="lat-$db" \
             -h 127.0.0.1 -p "$PROXY_PORT" -U postgres "$db" >"pgbench-$db.out" 2>&1) &
         bench=$!
         sleep 6
@@ -139,7 +141,8 @@ EOF
         epoch() { date -u -d "$(sed -n "s/^\([0-9T:.-]*\)Z .*$1.*/\1/p" "$TMP/proxy-$db.log" | head -1)" +%s.%N; }
         w_start=$(epoch "closing the gate")
         if [ "$mode" = by_table ]; then w_end=$(epoch "phase=cut_over"); else w_end=$(epoch "gate open"); fi
-        # pgbench -l: client, tx, latency µs, script, epoch s, µs (at its end). LONGEST: of
+        # pgbench -l: client, tx, latency µs, script, epoch s, µs (at its end), and with RATE
+        # the schedule lag µs (from the scheduled start to the real one). LONGEST: of
         # each transaction that started before the window ended and ended after it began,
         # the time from the later of its start and the window's start to its end: how long
         # the cutover could have held it (a script whose second statement the gate held
@@ -147,11 +150,11 @@ EOF
         # scheduling counts only its part inside). BEFORE: the longest that ended between
         # the command's start and the window.
         LONGEST[$db]=$(cat "$TMP"/lat-"$db".* | awk -v a="$w_start" -v b="$w_end" '
-            { t = $5 + $6 / 1e6; s = t - $3 / 1e6; from = s > a ? s : a
+            { t = $5 + $6 / 1e6; s = t - ($3 + $7) / 1e6; from = s > a ? s : a
               if (s <= b && t >= a && t - from > m) m = t - from; if (t > last) last = t }
             END { if (last < b) print "n/a (the load ended first)"; else printf "%.1f", m * 1000 }')
         BEFORE[$db]=$(cat "$TMP"/lat-"$db".* | awk -v a="$start" -v b="$w_start" '
-            { t = $5 + $6 / 1e6; if (t >= a && t < b && $3 > m) m = $3 }
+            { t = $5 + $6 / 1e6; if (t >= a && t < b && $3 + $7 > m) m = $3 + $7 }
             END { printf "%.1f", m / 1000 }')
         log "$db: swap ${SWAP[$db]} ms, gate ${GATE[$db]} ms, longest ${LONGEST[$db]} ms (before the pause ${BEFORE[$db]}), floor ${FLOOR[$db]} ms, groups ${GROUPS_MS[$db]:--} ms (longest ${GROUP_MAX[$db]:--})"
         "${PSQL[@]}" -c "DROP DATABASE $db" >/dev/null
@@ -160,7 +163,7 @@ EOF
 done
 
 echo
-echo "keyshift $(git -C "$ROOT" rev-parse --short HEAD), PostgreSQL $("$PGBIN/postgres" --version | awk '{print $3}'), $CLIENTS clients, $ROWS rows per table; load average at start $LOADAVG_START"
+echo "keyshift $(git -C "$ROOT" rev-parse --short HEAD), PostgreSQL $("$PGBIN/postgres" --version | awk '{print $3}'), $CLIENTS clients$([[ -n "${RATE:-}" ]] && echo " at $RATE transactions/s in all" || echo ", each back to back"), $ROWS rows per table; load average at start $LOADAVG_START"
 printf '%-6s %7s %-9s %10s %10s %12s %10s %10s %12s %10s %10s\n' shape tables mode "swap ms" "gate ms" "longest ms" "before ms" "floor ms" "floor stmts" "groups ms" "group max"
 for shape in $SHAPES; do
     for k in $SIZES; do

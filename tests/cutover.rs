@@ -903,3 +903,67 @@ async fn a_swap_gets_its_locks_on_a_table_autovacuum_is_vacuuming() {
         0
     );
 }
+
+/// issue [scale]: with `--by-table`, a child's group renames its integer FK aside instead of
+/// dropping it, and the FK is dropped alone right after: the group locks only the child, so
+/// a session holding the shared parent does not keep the children from being swapped (the
+/// drop waits for it, and the parent's own group). Before, every child's group locked the
+/// parent for its whole transaction, and its readers waited for each.
+#[tokio::test]
+async fn by_table_swaps_a_child_while_its_parent_is_held() {
+    let db = common::TestDb::new().await;
+    let c = db.client().await;
+    c.batch_execute(&format!("{SEED_004}{}", seed_004_rows(30)))
+        .await
+        .unwrap();
+    let url = db.url();
+    ks_expect(&url, &["expand"], 0);
+    ks_expect(&url, &["backfill"], 0);
+    let holder = migrate_support::holding(&db, "mcp_connectors").await;
+    let out = ks_expect(&url, &migrate_support::BY_TABLE_GIVING_UP, 1);
+    let fk_type = |table: &'static str| {
+        let c = &c;
+        async move {
+            let r = c
+                .query_one(
+                    "SELECT format_type(atttypid, NULL) FROM pg_attribute
+                      WHERE attrelid = $1::text::regclass AND attname = 'connector_id'",
+                    &[&table],
+                )
+                .await
+                .unwrap();
+            r.get::<_, String>(0)
+        }
+    };
+    let swapped = [
+        fk_type("connector_access").await,
+        fk_type("mcp_servers").await,
+    ];
+    assert!(
+        swapped.iter().any(|t| t == "uuid"),
+        "no child of the held parent was swapped: {swapped:?}\n{}",
+        text(&out)
+    );
+    // Its integer FK is still in force, renamed aside, until its drop gets the parent.
+    let aside = "SELECT count(*) FROM pg_constraint
+                  WHERE contype = 'f' AND confrelid = 'mcp_connectors'::regclass AND conname LIKE '%\\_legacy'";
+    assert_eq!(count(&c, aside).await, 1, "{}", text(&out));
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM pg_attribute WHERE attrelid = 'mcp_connectors'::regclass AND attname = 'id' AND atttypid = 'integer'::regtype"
+        )
+        .await,
+        1,
+        "the held parent is not swapped"
+    );
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    let out = ks_expect(&url, &["cutover", "--by-table"], 0);
+    assert!(
+        text(&out).contains("integer FKs set aside and dropped one per transaction"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(count(&c, aside).await, 0);
+    ks_expect(&url, &["verify"], 0);
+}

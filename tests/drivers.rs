@@ -784,9 +784,10 @@ fn node_postgres_in_both_shapes_side_by_side() {
 #[test]
 fn every_driver_in_both_shapes_through_a_cutover_table_by_table_stopped_halfway() {
     let mut lab = Lab::new();
-    // A leaf no script uses, to hold up the cutover halfway: every group that drops an FK
-    // to a table locks that table, so a blocker on users, posts or comments would stop the
-    // first group. audit's group comes after comments' and posts' and before users'.
+    // A leaf no script uses, to hold up the cutover halfway: a group locks its own tables,
+    // and the drop of an FK a group set aside locks the FK's parent too, so a blocker on
+    // users, posts or comments would stop the cutover before audit. audit's group comes
+    // after comments' and posts' and before users'.
     lab.rt
         .block_on(lab.direct.batch_execute(
             "CREATE TABLE audit (id serial PRIMARY KEY, user_id integer REFERENCES users (id));

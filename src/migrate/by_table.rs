@@ -18,7 +18,9 @@
 //!    session waits only if its statement touches a table being swapped, for that group's
 //!    few milliseconds, as for any brief `ALTER TABLE`. Children go before their parents (a
 //!    parent's primary key can go only once no integer FK references it); a cycle of FKs,
-//!    or a self-reference, is one group.
+//!    or a self-reference, is one group. An integer FK to another group's table is renamed
+//!    aside by the group and dropped alone right after ([`Group::fk_drops`]): the drop is
+//!    what locks the parent.
 //! 3. **Leave**: phase `cut_over` (a rules change the proxies follow without a pause: the
 //!    uuid shape's translated statements and its physical ones now read the same), then
 //!    what every cutover leaves for after its pause (`ddl::after_cutover`).
@@ -60,6 +62,8 @@ pub struct Group<'a> {
     pub fks: Vec<&'a PlanFk>,
     /// Every table of the group, as `schema.table`, for the log.
     pub label: String,
+    /// The plan's legacy suffix: the name an integer FK set aside takes ([`Group::fk_drops`]).
+    legacy_suffix: &'a str,
 }
 
 impl Group<'_> {
@@ -82,7 +86,9 @@ impl Group<'_> {
                 .filter(|f| !f.child_not_null)
                 .map(|f| ddl::swap_catchup(f)),
         );
-        v.extend(ddl::swap_keys(&self.tables, &self.fks));
+        v.extend(ddl::swap_keys_setting_aside(&self.tables, &self.fks, |f| {
+            self.set_aside(f).then(|| self.legacy_fk_name(f))
+        }));
         let mut children: Vec<(&str, &str)> = self
             .fks
             .iter()
@@ -99,10 +105,63 @@ impl Group<'_> {
         v.join(";\n")
     }
 
-    /// Every lock the group's statements take, taken first: the parents its FKs reference
+    /// Whether the group renames `f`'s integer FK aside (its parent is in another group)
+    /// and leaves its drop to [`Group::fk_drops`], instead of dropping it: dropping an FK
+    /// takes ACCESS EXCLUSIVE on the parent too, so in a star every child's group held the
+    /// shared parent for its whole transaction (10–20 ms each at 50–300 tables,
+    /// docs/benchmarks.md), and each of them made the parent's readers wait that long. Set
+    /// aside, the parent is held only by the drop alone, a statement of its own. Not for a
+    /// partitioned child, whose partitions' constraints take their names from it.
+    fn set_aside(&self, f: &PlanFk) -> bool {
+        !f.child_partitioned
+            && !self
+                .tables
+                .iter()
+                .any(|t| t.schema == f.parent_schema && t.name == f.parent_table)
+    }
+
+    fn legacy_fk_name(&self, f: &PlanFk) -> String {
+        crate::ident::suffixed(&f.constraint, self.legacy_suffix)
+    }
+
+    /// The integer FKs the group set aside, each dropped in a transaction of its own right
+    /// after the group (before the parent's group, which drops the key they depend on):
+    /// its parent and child locked first, each waited for at most [`HELD_WAIT`], then the
+    /// one `DROP CONSTRAINT`. Needed while the constraint is there, so a rerun drops those a
+    /// stopped run left. With the label for the log.
+    pub fn fk_drops(&self) -> Vec<(Step, String)> {
+        self.fks
+            .iter()
+            .filter(|f| self.set_aside(f))
+            .map(|f| {
+                let name = self.legacy_fk_name(f);
+                let (parent, child) = (
+                    qualified(&f.parent_schema, &f.parent_table),
+                    qualified(&f.child_schema, &f.child_table),
+                );
+                let sql = format!(
+                    "SET LOCAL lock_timeout = '{}ms';\nLOCK TABLE {parent}, {child} IN ACCESS EXCLUSIVE MODE;\nALTER TABLE {child} DROP CONSTRAINT {}",
+                    HELD_WAIT.as_millis(),
+                    crate::ident::quote(&name)
+                );
+                let when = When::ConstraintPresent {
+                    schema: f.child_schema.clone(),
+                    table: f.child_table.clone(),
+                    name,
+                };
+                (
+                    Step::new(sql, Mode::Brief, when),
+                    format!("the integer FK {child} → {parent}"),
+                )
+            })
+            .collect()
+    }
+
+    /// Every lock the group's statements take, taken first: the parents whose FKs it drops
     /// (dropping an FK takes ACCESS EXCLUSIVE on the referenced table too, to remove its
-    /// triggers), then its own tables, each waited for at most [`HELD_WAIT`], so the group
-    /// never waits long while it holds a lock, and a client never queues long behind it.
+    /// triggers; only within a cycle, [`Group::set_aside`]), then its own tables, each waited
+    /// for at most [`HELD_WAIT`], so the group never waits long while it holds a lock, and a
+    /// client never queues long behind it.
     ///
     /// Not `--lock-timeout` (500 ms by default), even for the first lock, which the group
     /// waits for holding nothing: while it waits, every statement that needs that table
@@ -124,6 +183,7 @@ impl Group<'_> {
         let parents = self
             .fks
             .iter()
+            .filter(|f| !self.set_aside(f))
             .map(|f| (f.parent_schema.as_str(), f.parent_table.as_str()));
         let own = self
             .tables
@@ -223,6 +283,7 @@ pub fn groups(plan: &Plan) -> Vec<Group<'_>> {
             Group {
                 tables: Vec::new(),
                 fks: Vec::new(),
+                legacy_suffix: &plan.legacy_suffix,
                 label: comp
                     .iter()
                     .map(|&n| format!("{}.{}", nodes[n].0, nodes[n].1))
@@ -339,6 +400,12 @@ pub struct ByTableReport {
     /// wait, retries aside), and all of them together.
     pub longest_group_ms: f64,
     pub longest_group: Option<String>,
+    /// The integer FKs set aside by the groups and dropped one per transaction
+    /// ([`Group::fk_drops`]), how many of them under a pause of their own, and the longest
+    /// (ms, retries included): what a reader of their parent could wait.
+    pub fk_drops: usize,
+    pub fk_drops_under_pause: usize,
+    pub longest_fk_drop_ms: f64,
     pub total_ms: f64,
     /// The application's objects over migrated columns rebuilt at the end, the gate of
     /// that pause, and those left as the application changed them during the cutover.
@@ -431,13 +498,17 @@ mod tests {
         let lines: Vec<&str> = sql.lines().collect();
         assert_eq!(lines[0], "SET LOCAL jit = off;");
         assert_eq!(lines[1], "SET LOCAL lock_timeout = '50ms';");
+        // Its FK to servers is renamed aside (it locks only tools), the self-reference,
+        // whose parent it holds anyway, dropped.
         assert_eq!(
             lines[2],
-            "LOCK TABLE public.servers, public.tools IN ACCESS EXCLUSIVE MODE;"
+            "LOCK TABLE public.tools IN ACCESS EXCLUSIVE MODE;"
         );
-        // Its integer FKs dropped, its key promoted, its columns renamed, its triggers switched.
+        // Its integer FKs set aside or dropped, its key promoted, its columns renamed, its
+        // triggers switched.
         for want in [
-            "DROP CONSTRAINT tools_server_id_fkey",
+            "RENAME CONSTRAINT tools_server_id_fkey TO tools_server_id_fkey_legacy",
+            "DROP CONSTRAINT tools_parent_id_fkey",
             "PRIMARY KEY USING INDEX",
             "RENAME COLUMN server_id_uuid TO server_id",
             "ENABLE ALWAYS TRIGGER zz_keyshift_fill_uuid_ins",

@@ -1137,13 +1137,33 @@ pub(super) fn cutover_preparation(plan: &Plan) -> Vec<Step> {
 /// integer FKs dropped, each uuid unique index promoted to primary key, and the renames.
 /// Catalog-only.
 pub(super) fn swap_keys(tables: &[&PlanTable], fks: &[&PlanFk]) -> Vec<String> {
+    swap_keys_setting_aside(tables, fks, |_| None)
+}
+
+/// [`swap_keys`], except that the integer FK in force of each FK to which `aside` gives a
+/// name is renamed to it instead of dropped: dropping an FK locks its parent too (to remove
+/// its triggers there), renaming it only the child. `--by-table` drops it in a transaction
+/// of its own (src/migrate/by_table.rs).
+pub(super) fn swap_keys_setting_aside(
+    tables: &[&PlanTable],
+    fks: &[&PlanFk],
+    aside: impl Fn(&PlanFk) -> Option<String>,
+) -> Vec<String> {
     let mut v: Vec<String> = tables.iter().map(|t| set_not_null(t).sql).collect();
     for f in fks {
-        v.push(format!(
-            "ALTER TABLE {} DROP CONSTRAINT {}",
-            child(f),
-            quote(&f.constraint)
-        ));
+        v.push(match aside(f) {
+            Some(name) => format!(
+                "ALTER TABLE {} RENAME CONSTRAINT {} TO {}",
+                child(f),
+                quote(&f.constraint),
+                quote(&name)
+            ),
+            None => format!(
+                "ALTER TABLE {} DROP CONSTRAINT {}",
+                child(f),
+                quote(&f.constraint)
+            ),
+        });
     }
     for t in tables {
         if t.partitioned() {
@@ -1222,7 +1242,7 @@ fn legacy_not_null_check(f: &PlanFk) -> String {
     )
 }
 
-fn legacy_fk_name(plan: &Plan, f: &PlanFk) -> String {
+pub(super) fn legacy_fk_name(plan: &Plan, f: &PlanFk) -> String {
     crate::ident::suffixed(&f.constraint, &plan.legacy_suffix)
 }
 

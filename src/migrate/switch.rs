@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::db::{self, DbError};
 use super::ddl::{self, Mode};
@@ -437,29 +437,46 @@ async fn finish_by_table(
             tables: &tables,
             polite: &polite,
         };
-        match gated.run(client, &g.step(), &g.label).await? {
+        let swapped = match gated.run(client, &g.step(), &g.label).await? {
             Swapped::AlreadyDone => {
                 report.groups_already_swapped += 1;
-                continue;
+                false
             }
-            Swapped::GatesOpen => {}
+            Swapped::GatesOpen => true,
             Swapped::UnderPause(ms) => {
                 report.longest_group_pause_ms = report.longest_group_pause_ms.max(ms);
                 report.groups_under_pause += 1;
+                true
+            }
+        };
+        if swapped {
+            let ms = t.elapsed().as_secs_f64() * 1000.0;
+            report.groups_swapped += 1;
+            info!(
+                group = i + 1,
+                of = groups.len(),
+                ms = format!("{ms:.1}"),
+                "swapped {}",
+                g.label
+            );
+            if ms > report.longest_group_ms {
+                report.longest_group_ms = ms;
+                report.longest_group = Some(g.label.clone());
             }
         }
-        let ms = t.elapsed().as_secs_f64() * 1000.0;
-        report.groups_swapped += 1;
-        info!(
-            group = i + 1,
-            of = groups.len(),
-            ms = format!("{ms:.1}"),
-            "swapped {}",
-            g.label
-        );
-        if ms > report.longest_group_ms {
-            report.longest_group_ms = ms;
-            report.longest_group = Some(g.label.clone());
+        // The integer FKs the group renamed aside, each dropped alone (also those a stopped
+        // run left: each step runs while its constraint is there).
+        for (drop, what) in g.fk_drops() {
+            let t = Instant::now();
+            match gated.run(client, &drop, &what).await? {
+                Swapped::AlreadyDone => continue,
+                Swapped::GatesOpen => {}
+                Swapped::UnderPause(_) => report.fk_drops_under_pause += 1,
+            }
+            report.fk_drops += 1;
+            let ms = t.elapsed().as_secs_f64() * 1000.0;
+            debug!(ms = format!("{ms:.1}"), "dropped {what}");
+            report.longest_fk_drop_ms = report.longest_fk_drop_ms.max(ms);
         }
     }
     // The application's objects over migrated columns, kept on the integer columns while
@@ -1184,6 +1201,18 @@ pub fn render_text(r: &SwitchReport) -> String {
             ));
         }
         s.push('\n');
+        if b.fk_drops > 0 {
+            s.push_str(&format!(
+                "integer FKs set aside and dropped one per transaction (each locks its parent alone): {}, longest {:.1} ms{}\n",
+                b.fk_drops,
+                b.longest_fk_drop_ms,
+                if b.fk_drops_under_pause > 0 {
+                    format!(", {} under a pause of its own", b.fk_drops_under_pause)
+                } else {
+                    String::new()
+                }
+            ));
+        }
         if b.carried > 0 {
             s.push_str(&format!(
                 "the application's views, policies and other objects over migrated columns ({}) rebuilt over the uuids at the end in {:.1} ms, {} transaction{}, {}\n",
