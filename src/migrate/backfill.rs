@@ -751,19 +751,23 @@ async fn set_row_costs(client: &Client, plan: &Plan, fks: &[PlanFk]) -> Result<(
             1,
         )
     }));
-    let q = "SELECT count(*) FROM pg_index WHERE indrelid = to_regclass($1::text)";
-    let upd = "UPDATE keyshift.backfill SET row_cost = $2 WHERE task = $1";
-    for (task, rel, lookups) in tasks {
-        let indexes: i64 = client
-            .query_one(q, &[&rel])
-            .await
-            .map_err(|e| stmt_error(q, e))?
-            .get(0);
-        client
-            .execute(upd, &[&task, &eta::row_cost(indexes, lookups)])
-            .await
-            .map_err(|e| stmt_error(upd, e))?;
-    }
+    // Two round trips whatever the number of tables (thousands on a big schema).
+    let rels: Vec<&str> = tasks.iter().map(|(_, rel, _)| rel.as_str()).collect();
+    let q = "SELECT (SELECT count(*) FROM pg_index WHERE indrelid = to_regclass(r)) FROM unnest($1::text[]) WITH ORDINALITY AS x(r, i) ORDER BY i";
+    let indexes = client
+        .query(q, &[&rels])
+        .await
+        .map_err(|e| stmt_error(q, e))?;
+    let (names, costs): (Vec<&str>, Vec<f64>) = tasks
+        .iter()
+        .zip(&indexes)
+        .map(|((task, _, lookups), r)| (task.as_str(), eta::row_cost(r.get(0), *lookups)))
+        .unzip();
+    let upd = "UPDATE keyshift.backfill b SET row_cost = x.cost FROM unnest($1::text[], $2::float8[]) AS x(task, cost) WHERE b.task = x.task";
+    client
+        .execute(upd, &[&names, &costs])
+        .await
+        .map_err(|e| stmt_error(upd, e))?;
     let scale = "UPDATE keyshift.backfill SET row_cost = row_cost / m.mean
         FROM (SELECT sum(row_cost * rows_estimate) / sum(rows_estimate) AS mean
                 FROM keyshift.backfill WHERE kind IN ('key', 'fk') HAVING sum(rows_estimate) > 0) m

@@ -62,8 +62,8 @@ pub struct Group<'a> {
     pub fks: Vec<&'a PlanFk>,
     /// Every table of the group, as `schema.table`, for the log.
     pub label: String,
-    /// The plan's legacy suffix: the name an integer FK set aside takes ([`Group::fk_drops`]).
-    legacy_suffix: &'a str,
+    /// The plan, for the name an integer FK set aside takes (`ddl::legacy_fk_name`).
+    plan: &'a Plan,
 }
 
 impl Group<'_> {
@@ -87,7 +87,7 @@ impl Group<'_> {
                 .map(|f| ddl::swap_catchup(f)),
         );
         v.extend(ddl::swap_keys_setting_aside(&self.tables, &self.fks, |f| {
-            self.set_aside(f).then(|| self.legacy_fk_name(f))
+            self.set_aside(f).then(|| ddl::legacy_fk_name(self.plan, f))
         }));
         let mut children: Vec<(&str, &str)> = self
             .fks
@@ -120,10 +120,6 @@ impl Group<'_> {
                 .any(|t| t.schema == f.parent_schema && t.name == f.parent_table)
     }
 
-    fn legacy_fk_name(&self, f: &PlanFk) -> String {
-        crate::ident::suffixed(&f.constraint, self.legacy_suffix)
-    }
-
     /// The integer FKs the group set aside, each dropped in a transaction of its own right
     /// after the group (before the parent's group, which drops the key they depend on):
     /// its parent and child locked first, each waited for at most [`HELD_WAIT`], then the
@@ -134,7 +130,7 @@ impl Group<'_> {
             .iter()
             .filter(|f| self.set_aside(f))
             .map(|f| {
-                let name = self.legacy_fk_name(f);
+                let name = ddl::legacy_fk_name(self.plan, f);
                 let (parent, child) = (
                     qualified(&f.parent_schema, &f.parent_table),
                     qualified(&f.child_schema, &f.child_table),
@@ -283,7 +279,7 @@ pub fn groups(plan: &Plan) -> Vec<Group<'_>> {
             Group {
                 tables: Vec::new(),
                 fks: Vec::new(),
-                legacy_suffix: &plan.legacy_suffix,
+                plan,
                 label: comp
                     .iter()
                     .map(|&n| format!("{}.{}", nodes[n].0, nodes[n].1))
