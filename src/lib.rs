@@ -2,6 +2,7 @@
 //! downtime. See `docs/architecture.md` for a walk through the code.
 
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod ident;

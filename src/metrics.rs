@@ -6,7 +6,7 @@
 //! are computed when Prometheus scrapes, from the session registry, for the same reason.
 //! No label ever carries SQL text or a literal.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
@@ -629,10 +629,11 @@ pub struct SessionCounters {
     bytes_server: u64,
     pub statements_prepared: u32,
     pub statements_reused: u32,
-    last_flush: Instant,
+    /// When the counters were last added to the shared ones ([`crate::clock`]'s coarse ms).
+    last_flush_ms: u64,
 }
 
-const FLUSH_EVERY: Duration = Duration::from_millis(500);
+const FLUSH_EVERY_MS: u64 = 500;
 
 impl Default for SessionCounters {
     fn default() -> Self {
@@ -643,7 +644,7 @@ impl Default for SessionCounters {
             bytes_server: 0,
             statements_prepared: 0,
             statements_reused: 0,
-            last_flush: Instant::now(),
+            last_flush_ms: crate::clock::coarse_monotonic_ms(),
         }
     }
 }
@@ -672,7 +673,8 @@ impl SessionCounters {
     /// Flushes when enough time has passed; called at every ReadyForQuery.
     #[inline]
     pub fn flush_if_due(&mut self, m: &Metrics) {
-        if self.last_flush.elapsed() >= FLUSH_EVERY {
+        if crate::clock::coarse_monotonic_ms().saturating_sub(self.last_flush_ms) >= FLUSH_EVERY_MS
+        {
             self.flush(m);
         }
     }
@@ -698,7 +700,7 @@ impl SessionCounters {
             .inc_by(u64::from(std::mem::take(&mut self.statements_prepared)));
         m.statements_reused
             .inc_by(u64::from(std::mem::take(&mut self.statements_reused)));
-        self.last_flush = Instant::now();
+        self.last_flush_ms = crate::clock::coarse_monotonic_ms();
     }
 }
 

@@ -44,7 +44,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
@@ -100,16 +100,12 @@ pub struct Shared {
     pub map: crate::map::MapService,
     /// Whether the upstream is a transaction pooler (configured or found out).
     pub pooling: pooling::Pooling,
-    /// Becomes true when sessions must end now (shutdown grace over).
-    pub force_shutdown: watch::Receiver<bool>,
-    force_tx: watch::Sender<bool>,
     sessions: Arc<Semaphore>,
 }
 
 impl Shared {
     /// The state of a proxy that has no sessions yet.
     pub fn new(cfg: ProxyConfig, upstream: Upstream, acceptor: Option<TlsAcceptor>) -> Shared {
-        let (force_tx, force_rx) = watch::channel(false);
         let metrics = Metrics::new();
         let map = crate::map::MapService::new(
             cfg.database_url.clone(),
@@ -133,8 +129,6 @@ impl Shared {
             unreadable: Default::default(),
             rules_version: std::sync::atomic::AtomicU64::new(0),
             control_connected: std::sync::atomic::AtomicBool::new(false),
-            force_shutdown: force_rx,
-            force_tx,
         }
     }
 
@@ -300,7 +294,7 @@ impl Proxy {
                 sessions = left,
                 "shutdown grace over; closing the remaining sessions"
             );
-            let _ = shared.force_tx.send(true);
+            shared.gate.end_all();
             let _ = tokio::time::timeout(
                 std::time::Duration::from_secs(5),
                 shared.sessions.acquire_many(max),
