@@ -471,12 +471,22 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// `worker_threads = 0`: one runtime per two CPUs, at least one. A runtime per CPU made each
+/// thread sleep and wake more often (fewer sessions each, so fewer events per `epoll_wait`):
+/// on 2 CPUs shared with PostgreSQL and pgbench, 1.9 context switches per transaction against
+/// 0.7 with one runtime, and 20-25 µs of proxy CPU per transaction against 15-19, for the same
+/// throughput (docs/benchmarks.md, 2026-12-03). Half the CPUs still lets the relay use a
+/// bigger machine: a runtime relays 25-40k transactions per second here at under half a core.
+fn default_worker_threads(cpus: usize) -> usize {
+    (cpus / 2).max(1)
+}
+
 fn run_proxy(cfg: ProxyConfig) -> anyhow::Result<()> {
     // One single-threaded runtime per thread, each owning whole sessions (see
     // `Proxy::with_workers` for why not tokio's work-stealing runtime). The main thread's
     // runtime also runs the listener, the admin endpoint and the signal handlers.
     let threads = match cfg.worker_threads {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        0 => default_worker_threads(std::thread::available_parallelism().map_or(1, |n| n.get())),
         n => n,
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

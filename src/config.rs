@@ -226,7 +226,7 @@ pub struct ProxyArgs {
     /// Time a client has to finish its startup and authentication [default: 60s]
     #[arg(long, env = "KEYSHIFT_STARTUP_TIMEOUT", value_name = "DURATION")]
     pub startup_timeout: Option<String>,
-    /// Threads, each running its own single-threaded runtime that owns whole sessions; 0 means one per CPU [default: 0]
+    /// Threads, each running its own single-threaded runtime that owns whole sessions; 0 means one per two CPUs (at least one) [default: 0]
     #[arg(long, env = "KEYSHIFT_WORKER_THREADS", value_name = "N")]
     pub worker_threads: Option<usize>,
     /// Log format [default: text]

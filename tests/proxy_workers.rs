@@ -121,7 +121,10 @@ async fn sessions_left_after_the_grace_are_ended_on_every_runtime() {
         tokio::spawn(async move { held.simple_query("SELECT 2").await })
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(!waiting.is_finished(), "the query ran while the gate was closed");
+    assert!(
+        !waiting.is_finished(),
+        "the query ran while the gate was closed"
+    );
 
     let start = Instant::now();
     p.signal(libc::SIGTERM);
@@ -138,12 +141,19 @@ async fn sessions_left_after_the_grace_are_ended_on_every_runtime() {
     for c in &idle {
         let deadline = Instant::now() + Duration::from_secs(5);
         while !c.is_closed() {
-            assert!(Instant::now() < deadline, "an idle session outlived the grace");
+            assert!(
+                Instant::now() < deadline,
+                "an idle session outlived the grace"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
     // Well before the 5 s the proxy would wait for sessions that were never told to end.
-    assert!(start.elapsed() < Duration::from_secs(3), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
     let mut p = p;
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
