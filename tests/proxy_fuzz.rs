@@ -17,6 +17,7 @@ use fuzz::generate::Case;
 use fuzz::wire::*;
 
 const INS: &str = "INSERT INTO mcp_servers (connector_id, name) VALUES ($1, $2)";
+const UPD: &str = "UPDATE mcp_servers SET connector_id = $1 WHERE id = $2";
 
 /// Parse, Bind, Execute, Sync of the unnamed statement `INS`.
 fn unnamed_insert(name: &str) -> Vec<Msg> {
@@ -320,6 +321,25 @@ fn named_cases() -> Vec<Case> {
             vec![
                 bind_counted("", "", (0, &[]), (-1, &[Some("1")]), (0, &[])),
                 query("SELECT 1").then_wait(),
+            ],
+        ),
+        Case::new(
+            // The second run of a rewritten UPDATE goes through keyshift's statement, guarded
+            // under upstream_pooling = auto; its Execute fails on the FK, and the guard, taking
+            // the pipelined Query for the sequence's end, held the client's Sync from
+            // PostgreSQL, which skips to that Sync: the session hung.
+            "guarded rewritten UPDATE fails on its Execute, a Query pipelined behind it",
+            vec![
+                parse("", UPD, &[]),
+                bind("", "", &[Some("5"), None]),
+                copy_data("4\tcopied3\n"),
+                copy_done(),
+                parse("", "SELEC 1", &[]),
+                sync().then_wait(),
+                parse("", UPD, &[]),
+                bind("", "", &[Some("999"), Some("4")]),
+                execute("", 0),
+                query("INSERT INTO mcp_servers (connector_id, name) VALUES (5, 'q5')"),
             ],
         ),
     ]

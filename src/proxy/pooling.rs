@@ -24,6 +24,8 @@
 //! ReadyForQuery. If the pooler's answer comes, the session drops it (and the ReadyForQuery
 //! that ends the sequence) and sends the kept messages instead, so the client gets exactly
 //! the answers of the pooler alone; and the whole proxy turns pooled, logged once at `warn`.
+//! An error of the client's own in the sequence ends the guard at once: the pooler's answer
+//! can no longer come, and PostgreSQL now skips to a Sync the guard must not hold back.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 

@@ -1503,6 +1503,8 @@ where
             // Dropped: a pooler's answer the session undoes, and the end of its sequence.
             let mut suppress = false;
             let mut pooler = false;
+            // The client's own error (not a pooler's answer, not keyshift's).
+            let mut erred = false;
             match tag {
                 sb::READY_FOR_QUERY => {
                     self.status = backend::ready_for_query(msg)?;
@@ -1539,6 +1541,7 @@ where
                     suppress = pooler
                         && route == Route::Client
                         && self.guard.as_ref().is_some_and(|g| !g.failed());
+                    erred = !pooler && route == Route::Client;
                     if suppress {
                     } else if route == Route::Drop {
                         self.own_error = Some(code.into());
@@ -1573,6 +1576,9 @@ where
             };
             if pooler {
                 self.pooler_answer(route);
+            }
+            if erred {
+                self.guarded_sequence_erred();
             }
             self.replies.server(tag, sqlstate);
             if tag == sb::READY_FOR_QUERY {
@@ -1637,6 +1643,18 @@ where
         self.replay(replay);
         self.become_pooled();
         route == Route::Client
+    }
+
+    /// The client's own error came in a guarded sequence. A pooler's answer can no longer
+    /// come (it answers keyshift's statement, which went first and so did not fail), so there
+    /// is nothing to send again; and PostgreSQL now skips to the next Sync, which a guard
+    /// holding the client after a Query or FunctionCall (the usual end of a sequence) would
+    /// keep from it: the session hung. Found by the protocol fuzzer: a rewritten UPDATE's
+    /// Execute failed on a foreign key, and a Query pipelined behind it waited for ever.
+    fn guarded_sequence_erred(&mut self) {
+        if self.guard.take_if(|g| !g.failed()).is_some() {
+            self.rescan = true;
+        }
     }
 
     /// PostgreSQL entered COPY FROM STDIN inside a guarded sequence: it answered everything
