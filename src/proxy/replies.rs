@@ -117,6 +117,11 @@ pub struct Replies<T> {
     /// The message at the front (Query, FunctionCall, Sync) met an error; its ReadyForQuery
     /// is still to come.
     front_failed: bool,
+    /// The message at the front got some answer already. A Query or FunctionCall always
+    /// gets one before its ReadyForQuery (CommandComplete, EmptyQueryResponse, an error, a
+    /// COPY's start, FunctionCallResponse), so a ReadyForQuery before any is not its own: it
+    /// answers a Sync the queue took as read by a COPY that had in fact failed before it.
+    front_answered: bool,
     /// An extended-protocol message was sent since the last Sync.
     open: bool,
     outcomes: Vec<(T, Outcome)>,
@@ -134,6 +139,7 @@ impl<T> Default for Replies<T> {
             skipping: false,
             copy_in: false,
             front_failed: false,
+            front_answered: false,
             open: false,
             outcomes: Vec::new(),
             surprises: 0,
@@ -214,6 +220,9 @@ impl<T> Replies<T> {
             return Route::Client;
         }
         let entry = if tag == b::READY_FOR_QUERY {
+            if self.stray_ready() {
+                return Route::Client;
+            }
             self.queue.iter().find(|e| e.kind.ends_with_ready())
         } else {
             self.queue.front()
@@ -238,6 +247,7 @@ impl<T> Replies<T> {
         {
             // The bulk of any result, the client's: it settles nothing. (Measured: keeping
             // this path free of the rest cut the queue's cost per transaction by a third.)
+            self.front_answered = true;
             return Route::Client;
         }
         self.server_answer(tag, sqlstate)
@@ -256,10 +266,20 @@ impl<T> Replies<T> {
         route
     }
 
+    /// A ReadyForQuery now cannot be the front's: see `front_answered`.
+    fn stray_ready(&self) -> bool {
+        !self.front_answered
+            && !self.front_failed
+            && self
+                .queue
+                .front()
+                .is_some_and(|f| matches!(f.kind, Kind::Query | Kind::FunctionCall))
+    }
+
     fn ready(&mut self) {
         self.skipping = false;
         self.copy_in = false;
-        if self.readies == 0 {
+        if self.readies == 0 || self.stray_ready() {
             // Nobody waits for it (see the module comment): it is the client's.
             self.surprises += 1;
             return;
@@ -291,6 +311,7 @@ impl<T> Replies<T> {
         };
         if front.kind.ends_with_ready() {
             self.front_failed = true;
+            self.front_answered = true;
         } else if let Some(e) = self.pop_front() {
             let extended = e.kind.is_extended();
             self.finish(e, Outcome::Failed);
@@ -304,6 +325,7 @@ impl<T> Replies<T> {
             self.surprises += 1;
             return;
         };
+        self.front_answered = true;
         let done = match (front.kind, tag) {
             (Kind::Parse, b::PARSE_COMPLETE)
             | (Kind::Bind, b::BIND_COMPLETE)
@@ -401,6 +423,7 @@ impl<T> Replies<T> {
 
     fn pop_front(&mut self) -> Option<Entry<T>> {
         let e = self.queue.pop_front()?;
+        self.front_answered = false;
         self.forget(&e);
         Some(e)
     }
@@ -628,6 +651,40 @@ mod tests {
         client(&mut r, &[Query]);
         server(&mut r, b"1");
         server(&mut r, b"Z");
+        assert!(r.idle());
+    }
+
+    #[test]
+    fn a_sync_inside_a_copy_that_failed_before_reading_it_gets_its_own_ready() {
+        // Found by the protocol fuzzer: `Query COPY … FROM STDIN`, CopyData, Sync, Query. The
+        // COPY failed on the data before PostgreSQL read the Sync, which then got its own
+        // ReadyForQuery; taken for the next Query's, it ended that Query before its answer,
+        // and the Query's error went out without its position mapped back.
+        let mut r = R::default();
+        r.sent(Query, Owner::Client, Some(1));
+        server(&mut r, b"G");
+        r.sent(Sync, Owner::Client, None);
+        r.sent(Query, Owner::Client, Some(2));
+        r.server(b'E', b"22P04");
+        server(&mut r, b"Z");
+        assert_eq!(outcomes(&mut r), [(1, Outcome::Failed)]);
+        // The Sync's: nobody's in the queue, the client's all the same.
+        assert_eq!(r.server(b'Z', b""), Route::Client);
+        assert_eq!(r.surprises, 1);
+        assert_eq!(r.front_token(), Some(&2));
+        r.server(b'E', b"22P02");
+        server(&mut r, b"Z");
+        assert_eq!(outcomes(&mut r), [(2, Outcome::Failed)]);
+        assert!(r.idle());
+        // Where the COPY did read the Sync (it failed later), nothing changes.
+        r.sent(Query, Owner::Client, Some(3));
+        server(&mut r, b"G");
+        r.sent(Sync, Owner::Client, None);
+        r.sent(CopyDone, Owner::Client, None);
+        r.sent(Query, Owner::Client, Some(4));
+        r.server(b'E', b"22P04");
+        server(&mut r, b"ZCZ");
+        assert_eq!(outcomes(&mut r), [(3, Outcome::Failed), (4, Outcome::Done)]);
         assert!(r.idle());
     }
 

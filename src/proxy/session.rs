@@ -1561,10 +1561,19 @@ where
                             CACHED_PLAN_CHANGED,
                             None,
                         ));
-                    } else if let Some(t) = self.replies.front_token().and_then(Token::texts) {
-                        replacement = mapped_position(msg, t);
-                    } else if self.stmts.active() {
-                        replacement = unnamed_in_message(msg, self.stmts.prefix());
+                    } else {
+                        if let Some(t) = self.replies.front_token().and_then(Token::texts) {
+                            replacement = mapped_position(msg, t);
+                        }
+                        // Also where the position was mapped or there was none to map: an
+                        // error about keyshift's statement names it as the client's (a Bind
+                        // with the wrong number of parameters, found by the fuzzer).
+                        if self.stmts.active() {
+                            let base = replacement.as_deref().unwrap_or(msg);
+                            if let Some(r) = unnamed_in_message(base, self.stmts.prefix()) {
+                                replacement = Some(r);
+                            }
+                        }
                     }
                 }
                 _ => {}
@@ -1773,8 +1782,6 @@ fn unnamed_in_message(msg: &[u8], prefix: &str) -> Option<BytesMut> {
     Some(out)
 }
 
-/// The ErrorResponse `msg` with its position (`P`) moved from the text keyshift sent into the
-/// client's; `None` when it has none (or it is already right).
 /// The rewriter for a scope that changed in the middle of a message (`Session::rescoped`).
 #[derive(Default)]
 struct Rescoped {
@@ -1845,6 +1852,8 @@ fn description(tag: u8, msg: &[u8], front: Option<&Token>, t: Told<'_>, session:
     }
 }
 
+/// The ErrorResponse `msg` with its position (`P`) moved from the text keyshift sent into the
+/// client's; `None` when it has none (or it is already right).
 fn mapped_position(msg: &[u8], texts: &Texts) -> Option<BytesMut> {
     let fields = Fields::read(msg).ok()?;
     let p: usize = std::str::from_utf8(fields.get(b'P')?).ok()?.parse().ok()?;
