@@ -24,6 +24,11 @@
 //! half-way: was it read before or after the error?) the queue assumes the COPY read it, and a
 //! ReadyForQuery nobody waits for still goes to the client: the queue can be surprised, it
 //! never stalls waiting for an answer PostgreSQL will not send.
+//!
+//! The other way round (the COPY failed before it read that Sync, which then got its own
+//! ReadyForQuery), a ReadyForQuery comes before any answer to the Query or FunctionCall at
+//! the front. Those always get an answer first, so it is not theirs: it goes to the client
+//! and ends nothing.
 
 use std::collections::VecDeque;
 
