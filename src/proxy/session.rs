@@ -1486,7 +1486,7 @@ where
                 self.counters.server_message(tag);
                 self.replies.server(tag, b"");
                 if matches!(tag, sb::COPY_IN_RESPONSE | sb::COPY_BOTH_RESPONSE) {
-                    self.guarded_sequence_copies();
+                    self.end_unfailed_guard();
                 }
                 self.s_left = len;
                 if self.replies.has_outcomes() {
@@ -1565,9 +1565,8 @@ where
                         if let Some(t) = self.replies.front_token().and_then(Token::texts) {
                             replacement = mapped_position(msg, t);
                         }
-                        // Also where the position was mapped or there was none to map: an
-                        // error about keyshift's statement names it as the client's (a Bind
-                        // with the wrong number of parameters, found by the fuzzer).
+                        // Both may apply: a position in the text keyshift sent, and the name
+                        // of keyshift's statement standing for the client's unnamed one.
                         if self.stmts.active() {
                             let base = replacement.as_deref().unwrap_or(msg);
                             if let Some(r) = unnamed_in_message(base, self.stmts.prefix()) {
@@ -1587,7 +1586,7 @@ where
                 self.pooler_answer(route);
             }
             if erred {
-                self.guarded_sequence_erred();
+                self.end_unfailed_guard();
             }
             self.replies.server(tag, sqlstate);
             if tag == sb::READY_FOR_QUERY {
@@ -1654,25 +1653,19 @@ where
         route == Route::Client
     }
 
-    /// The client's own error came in a guarded sequence. A pooler's answer can no longer
-    /// come (it answers keyshift's statement, which went first and so did not fail), so there
-    /// is nothing to send again; and PostgreSQL now skips to the next Sync, which a guard
-    /// holding the client after a Query or FunctionCall (the usual end of a sequence) would
-    /// keep from it: the session hung. Found by the protocol fuzzer: a rewritten UPDATE's
-    /// Execute failed on a foreign key, and a Query pipelined behind it waited for ever.
-    fn guarded_sequence_erred(&mut self) {
-        if self.guard.take_if(|g| !g.failed()).is_some() {
-            self.rescan = true;
-        }
-    }
-
-    /// PostgreSQL entered COPY FROM STDIN inside a guarded sequence: it answered everything
-    /// before, keyshift's statement included, without a pooler's error (after one it would
-    /// have skipped to the Sync), and now waits for the client's data. The guard would hold
-    /// that data until a ReadyForQuery that cannot come before it, so it ends here; a failure
-    /// from now on is the client's own (found by the protocol fuzzer: a COPY pipelined after
-    /// a rewritten INSERT hung).
-    fn guarded_sequence_copies(&mut self) {
+    /// Ends a guard that has not failed: past this point a pooler's answer can no longer come
+    /// (it answers keyshift's statement, which went first), so there is nothing to send again,
+    /// and holding the client's next messages could only hang the session. Two such points,
+    /// both found by the protocol fuzzer:
+    /// - PostgreSQL entered COPY FROM STDIN inside the sequence: it answered everything before
+    ///   without a pooler's error (after one it would have skipped to the Sync) and now waits
+    ///   for the client's data, which the guard would hold until a ReadyForQuery that cannot
+    ///   come before it (a COPY pipelined after a rewritten INSERT hung);
+    /// - the client's own error came: PostgreSQL now skips to the next Sync, which a guard
+    ///   holding the client after a Query or FunctionCall (the usual end of a sequence) would
+    ///   keep from it (a rewritten UPDATE's Execute failed on a foreign key, and a Query
+    ///   pipelined behind it waited for ever).
+    fn end_unfailed_guard(&mut self) {
         if self.guard.take_if(|g| !g.failed()).is_some() {
             self.rescan = true;
         }
