@@ -342,6 +342,128 @@ fn named_cases() -> Vec<Case> {
                 query("INSERT INTO mcp_servers (connector_id, name) VALUES (5, 'q5')"),
             ],
         ),
+        Case::new(
+            // PostgreSQL refuses a Parse during COPY from its type byte; keyshift waited for
+            // the 100,000 bytes its length promised (seed 9308, case 157).
+            "a Parse with a long length word during COPY",
+            vec![
+                query(copy_in).then_wait(),
+                Msg {
+                    tag: b'P',
+                    body: b"\0SELECT 1\0".to_vec(),
+                    len: Some(100_014),
+                    wait: false,
+                },
+            ],
+        ),
+        Case::new(
+            // The same, with the COPY started by an Execute and the Query pipelined before
+            // PostgreSQL's CopyInResponse (seed 9405, case 516).
+            "a long Query pipelined behind an extended COPY",
+            vec![
+                sync().then_wait(),
+                parse("", copy_in, &[]),
+                bind("", "", &[]),
+                execute("", 0),
+                Msg {
+                    tag: b'Q',
+                    body: b"SELECT 1".to_vec(),
+                    len: Some(100_012),
+                    wait: false,
+                },
+            ],
+        ),
+        Case::new(
+            // The client closes its side inside a CopyData: PostgreSQL says "unexpected EOF",
+            // keyshift closed without a word (seed 9308, case 265).
+            "the client closes inside a CopyData",
+            vec![
+                query(copy_in).then_wait(),
+                Msg {
+                    tag: b'd',
+                    body: b"1\tx\n".to_vec(),
+                    len: Some(15),
+                    wait: false,
+                },
+                terminate(),
+            ],
+        ),
+        Case::new(
+            // The COPY fails on its first row, and the long Query pipelined behind it is read
+            // by PostgreSQL as any other message: its type byte went ahead, the rest never
+            // comes whole.
+            "a failing COPY row, a long Query pipelined behind it",
+            vec![
+                query(copy_in).then_wait(),
+                copy_data("abc\tx\n"),
+                Msg {
+                    tag: b'Q',
+                    body: b"SELECT 1".to_vec(),
+                    len: Some(100_012),
+                    wait: false,
+                },
+            ],
+        ),
+        Case {
+            // Written in small chunks: the Query's type byte goes ahead while PostgreSQL may
+            // still be in the COPY; the COPY had failed on its row, so PostgreSQL reads the
+            // Query, and keyshift completes the begun message with an empty Query of its own
+            // before sending the client's (seed 9501, case 216).
+            split: Some(11_951_250_694_203_093_056),
+            ..Case::new(
+                "a Query split after a failing COPY row",
+                vec![
+                    query(copy_in).then_wait(),
+                    copy_data("abc\tbad int\n"),
+                    query("SELECT 1"),
+                ],
+            )
+        },
+        Case {
+            // The same with a Parse: completed by a Parse of keyshift's own, closed at once
+            // (seed 9505, case 325).
+            split: Some(11_813_650_054_467_656_419),
+            ..Case::new(
+                "a Parse split after a failing COPY row",
+                vec![
+                    query("COPY mcp_connectors (name) FROM STDIN").then_wait(),
+                    copy_data("1\tcopied5\n"),
+                    parse("", INS, &[]),
+                ],
+            )
+        },
+        Case::new(
+            // A Bind of the unnamed statement malformed after its names went as it came, to
+            // the server's unnamed statement rather than keyshift's standing for it: the
+            // error counted the wrong statement's parameters (seeds 9600 and 9603, cases 591 and 523).
+            "a Bind with a bogus parameter count while keyshift's statement stands for the unnamed one",
+            vec![
+                parse("", UPD, &[]),
+                bind("", "", &[Some("4"), Some("4")]),
+                sync().then_wait(),
+                parse("", UPD, &[]),
+                bind("", "", &[Some("1"), Some("1")]),
+                sync().then_wait(),
+                parse("", UPD, &[]),
+                bind("", "", &[None, Some("3")]),
+                Msg {
+                    tag: b'B',
+                    body: b"\0\0\0\0\0\x03\0\0\0\x011\0\0".to_vec(),
+                    len: Some(17),
+                    wait: false,
+                },
+            ],
+        ),
+        Case::new(
+            // A DISCARD ALL pipelined behind a Bind that fails had keyshift forget its
+            // statement before the error came back naming it (seed 9302, case 272).
+            "a Bind error naming keyshift's statement, DISCARD ALL pipelined behind",
+            after_aliasing(vec![
+                parse("", INS, &[]),
+                bind("", "", &[Some("5")]),
+                query("DISCARD ALL"),
+            ]),
+        ),
     ]
 }
 

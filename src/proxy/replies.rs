@@ -153,6 +153,17 @@ impl<T> Default for Replies<T> {
 }
 
 impl<T> Replies<T> {
+    /// PostgreSQL is in a COPY FROM STDIN and the client has not ended it yet: the next
+    /// client message is read by the COPY.
+    pub fn reads_copy_data(&self) -> bool {
+        self.copy_in && self.strays == 0
+    }
+
+    /// PostgreSQL discards what comes until the next Sync (after an error).
+    pub fn skipping(&self) -> bool {
+        self.skipping
+    }
+
     /// Nothing sent is unanswered and no extended-protocol sequence is open: the session
     /// waits for its client, and a pause may hold it.
     pub fn idle(&self) -> bool {

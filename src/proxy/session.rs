@@ -74,9 +74,23 @@ enum Event {
     ServerEof,
     /// A message keyshift must read whole is larger than `max_message_bytes`.
     TooLarge(usize),
+    /// A message keyshift must read whole whose type byte went during a COPY (`tag_ahead`).
+    BegunInCopy(u8),
     ServerProtocol(ServerError),
     ClientIo(io::Error),
     ServerIo(io::Error),
+}
+
+/// What became of a message whose type byte went ahead (`Session::finish_tag_ahead`).
+enum Ahead {
+    /// PostgreSQL's verdict, or the rest of the message, is still to come.
+    Wait,
+    /// The gate is closed: held as any session's first message after ReadyForQuery.
+    Hold,
+    /// A message keyshift must read whole: the session ends with an error.
+    Refuse,
+    /// Completed, or streaming on: scanning goes on.
+    Done,
 }
 
 /// Why the server's bytes could not be followed.
@@ -170,6 +184,16 @@ pub struct Session<C, S> {
     /// Nothing more is read from the client: it sent Terminate, or bytes after which
     /// PostgreSQL ends the session. The relay goes on until PostgreSQL closes.
     client_done: bool,
+    /// The client closed its side: no more bytes come from it. What it sent is still
+    /// PostgreSQL's to answer, as on a direct connection ([`Self::half_close`]).
+    client_eof: bool,
+    /// keyshift closed its side toward PostgreSQL after the client closed its own.
+    server_shut: bool,
+    /// The type byte of the message at the front of `c_in` went to PostgreSQL already
+    /// (during a COPY, see `scan_client`).
+    tag_ahead: bool,
+    /// PostgreSQL answered 08P01 after that type byte went: it refused it.
+    ahead_refused: bool,
     /// PostgreSQL sent a FATAL: the end of the connection that follows is its own doing.
     server_fatal: bool,
     /// SQLSTATE of the last error that answered one of keyshift's own messages.
@@ -289,6 +313,10 @@ where
             replies: Replies::default(),
             held: false,
             client_done: false,
+            client_eof: false,
+            server_shut: false,
+            tag_ahead: false,
+            ahead_refused: false,
             server_fatal: false,
             own_error: None,
             prepared: Prepared::default(),
@@ -381,6 +409,18 @@ where
                         sqlstate::PROTOCOL_VIOLATION,
                         &format!(
                             "keyshift: message of {len} bytes is larger than max_message_bytes ({max})"
+                        ),
+                    )
+                    .await;
+                    break;
+                }
+                Event::BegunInCopy(tag) => {
+                    self.client_protocol_error();
+                    self.fatal_to_client(
+                        sqlstate::PROTOCOL_VIOLATION,
+                        &format!(
+                            "keyshift: a message of type '{}' came in the middle of COPY FROM STDIN; end the COPY with CopyDone or CopyFail first",
+                            char::from(tag).escape_default()
                         ),
                     )
                     .await;
@@ -540,6 +580,14 @@ where
                         if let Err(e) = self.scan_server() {
                             return Poll::Ready(Event::ServerProtocol(e));
                         }
+                        if !self.c_in.is_empty()
+                            && (self.tag_ahead || self.replies.reads_copy_data())
+                        {
+                            // A COPY started while the start of a message waited for its
+                            // rest (PostgreSQL may refuse it from its type alone), or
+                            // PostgreSQL answered after a type byte went ahead.
+                            self.rescan = true;
+                        }
                         progress = true;
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Event::ServerIo(e)),
@@ -568,9 +616,12 @@ where
                         continue;
                     }
                 }
-                if !client_waits {
+                if !client_waits && !self.client_eof {
                     match poll_read(&mut self.client, cx, &mut self.c_in) {
-                        Poll::Ready(Ok(0)) => return Poll::Ready(Event::ClientEof),
+                        Poll::Ready(Ok(0)) => {
+                            self.client_eof = true;
+                            progress = true;
+                        }
                         Poll::Ready(Ok(_)) => {
                             if let Some(ev) = self.scan_client() {
                                 return Poll::Ready(ev);
@@ -583,9 +634,155 @@ where
                 }
             }
 
+            if self.client_eof && !self.server_shut && !self.held && !self.client_done {
+                match self.half_close(cx) {
+                    Poll::Ready(Some(ev)) => return Poll::Ready(ev),
+                    Poll::Ready(None) => progress = true,
+                    Poll::Pending => {}
+                }
+            }
+
             if !progress {
                 return Poll::Pending;
             }
+        }
+    }
+
+    /// The message at the front of `c_in` had its type byte sent ahead during a COPY
+    /// (`scan_client`). PostgreSQL's verdict decides what follows: while its COPY has not
+    /// ended, or once it refused the type (08P01, then a FATAL and the end of the session),
+    /// the rest waits. If the COPY had failed on earlier data before PostgreSQL read the byte,
+    /// it now reads this message as any other. keyshift cannot rewrite a message already
+    /// begun, so it completes it with a harmless one of the same type, its own (an empty
+    /// Query; a Close of a statement that does not exist; a Parse of an empty statement,
+    /// closed right after), and the client's message then goes as usual. A message of
+    /// another type streams on as it came, unless keyshift must read it (a Bind or Describe
+    /// of a statement it stands in for): that one is refused.
+    fn finish_tag_ahead(&mut self, tag: u8) -> Ahead {
+        if self.replies.reads_copy_data() || self.ahead_refused {
+            return Ahead::Wait;
+        }
+        if self.replies.idle() {
+            // The first message after a ReadyForQuery: admitted as in `scan_client`.
+            if self.status == TxStatus::Idle {
+                if !self.shared.gate.admit(&self.info) {
+                    return Ahead::Hold;
+                }
+            } else {
+                self.shared.gate.set_state(&self.info, SessionState::Active);
+            }
+        }
+        let filler = format!("{}ahead", self.stmts.prefix());
+        let mut out = BytesMut::new();
+        match tag {
+            cf::QUERY => {
+                build::query(&mut out, b"");
+                self.replies.sent(Kind::Query, Owner::Own, None);
+            }
+            cf::CLOSE => {
+                build::close_statement(&mut out, filler.as_bytes());
+                self.replies.sent(Kind::Close, Owner::Own, None);
+            }
+            cf::PARSE => {
+                build::parse(&mut out, filler.as_bytes(), b"", b"");
+                build::close_statement(&mut out, filler.as_bytes());
+                self.replies.sent(Kind::Parse, Owner::Own, None);
+                self.replies.sent(Kind::Close, Owner::Own, None);
+            }
+            cf::BIND | cf::DESCRIBE
+                if self.stmts.alias().is_some()
+                    || self.stmts.has_restore()
+                    || (tag == cf::DESCRIBE && !self.prepared.is_empty())
+                    || (tag == cf::BIND && !self.stale.is_empty()) =>
+            {
+                return Ahead::Refuse;
+            }
+            _ => {
+                let Some((_, len_word)) = wire::header(&self.c_in) else {
+                    return Ahead::Wait;
+                };
+                self.tag_ahead = false;
+                self.c_in.advance(1);
+                self.counters.client_message(tag);
+                if len_word < 4 || len_word as usize > frontend::max_len(tag) {
+                    // PostgreSQL ends the session on the length word.
+                    self.commit_client(4);
+                    self.client_done = true;
+                    self.client_protocol_error();
+                    return Ahead::Done;
+                }
+                if tag == cf::TERMINATE {
+                    self.client_done = true;
+                }
+                self.note_sent(tag);
+                self.guard_sees(tag);
+                self.c_left = len_word as usize;
+                return Ahead::Done;
+            }
+        }
+        self.tag_ahead = false;
+        // The filler's type byte is the one that went.
+        self.c_out
+            .extend_from_slice(out.get(1..).unwrap_or_default());
+        Ahead::Done
+    }
+
+    /// The client closed its side. On a direct connection PostgreSQL would still answer
+    /// what it had read and then meet the end of the input: silently when idle, with an
+    /// error in a COPY ("unexpected EOF on client connection with an open transaction").
+    /// So keyshift sends what complete messages are left as usual, then the rest as it came,
+    /// closes its own side toward PostgreSQL and relays until PostgreSQL closes. A session
+    /// with nothing unanswered ends at once, as before: PostgreSQL would say nothing.
+    /// `Ready(None)`: progress was made.
+    fn half_close(&mut self, cx: &mut Context<'_>) -> Poll<Option<Event>> {
+        if !self.c_out.is_empty() {
+            return Poll::Pending;
+        }
+        // Something scan_client can act on: a whole message, or a type byte it refuses.
+        let whole = self.c_left == 0
+            && match (self.c_in.first(), wire::header(&self.c_in)) {
+                (_, Some((tag, len))) => {
+                    !frontend::is_known_tag(tag) || self.c_in.len() > len as usize
+                }
+                (Some(&tag), None) => !frontend::is_known_tag(tag),
+                (None, None) => false,
+            };
+        if whole {
+            if self.replies.len() >= MAX_UNANSWERED {
+                return Poll::Pending;
+            }
+            // A message still to scan (held by the gate before, or behind keyshift's own
+            // statements): scan it as a read would have.
+            let before = self.c_in.len();
+            if let Some(ev) = self.scan_client() {
+                return Poll::Ready(Some(ev));
+            }
+            return if self.c_in.len() != before || !self.c_out.is_empty() {
+                Poll::Ready(None)
+            } else {
+                Poll::Pending
+            };
+        }
+        if self.c_left == 0 && self.replies.idle() {
+            return Poll::Ready(Some(Event::ClientEof));
+        }
+        if !self.c_in.is_empty() {
+            // The start of a message that will never be whole: PostgreSQL meets the end
+            // of the input inside it.
+            if std::mem::take(&mut self.tag_ahead) {
+                self.c_in.advance(1);
+            }
+            self.c_left = 0;
+            self.commit_client(self.c_in.len());
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut self.server).poll_shutdown(cx) {
+            Poll::Ready(Ok(())) => {
+                self.server_shut = true;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Some(Event::ServerIo(e))),
+            Poll::Pending => Poll::Pending,
         }
     }
 
@@ -620,6 +817,44 @@ where
                 break;
             }
             let Some(&tag) = rest.first() else { break };
+            if self.tag_ahead {
+                // This message's type byte went ahead (below); fwd is 0.
+                match self.finish_tag_ahead(tag) {
+                    Ahead::Wait => break,
+                    Ahead::Hold => {
+                        self.held = true;
+                        event = Some(Event::Hold);
+                        break;
+                    }
+                    Ahead::Refuse => {
+                        event = Some(Event::BegunInCopy(tag));
+                        break;
+                    }
+                    Ahead::Done => {
+                        consumed = true;
+                        continue;
+                    }
+                }
+            }
+            if !self.tag_ahead
+                && self.replies.reads_copy_data()
+                && frontend::is_known_tag(tag)
+                && !frontend::continues_copy(tag)
+                && wire::header(rest).is_none_or(|(_, len)| rest.len() <= len as usize)
+            {
+                // A message that cannot come during COPY FROM STDIN, not here whole:
+                // PostgreSQL reads only its type byte, answers 08P01 and ends the session
+                // ("protocol synchronization was lost"). Waiting for the rest, as keyshift
+                // does for a message it reads whole, could wait forever, so the type byte
+                // goes ahead. (Whole messages go as usual: if the COPY failed on earlier data,
+                // PostgreSQL reads them as any other.)
+                self.commit_client(fwd);
+                fwd = 0;
+                self.c_out.extend_from_slice(&[tag]);
+                self.counters.client_bytes(1);
+                self.tag_ahead = true;
+                break;
+            }
             if rest.len() < 5 && frontend::is_known_tag(tag) {
                 break;
             }
@@ -1237,7 +1472,7 @@ where
     /// client's text is prepared again as the unnamed statement first.
     fn on_unnamed_use(&mut self, tag: u8, msg: &[u8], out: &mut BytesMut) -> bool {
         let bind = (tag == cf::BIND)
-            .then(|| Bind::read(msg).ok())
+            .then(|| Bind::read(msg).or_else(|_| Bind::head(msg)).ok())
             .flatten()
             .filter(|b| b.statement.is_empty());
         let describe = (tag == cf::DESCRIBE)
@@ -1532,6 +1767,7 @@ where
                             code.copy_from_slice(c);
                         }
                         self.server_fatal |= f.ends_session();
+                        self.ahead_refused |= self.tag_ahead && &code == b"08P01";
                         pooler = is_pooler_answer(
                             &code,
                             f.message().unwrap_or_default(),
@@ -1567,11 +1803,12 @@ where
                         }
                         // Both may apply: a position in the text keyshift sent, and the name
                         // of keyshift's statement standing for the client's unnamed one.
-                        if self.stmts.active() {
-                            let base = replacement.as_deref().unwrap_or(msg);
-                            if let Some(r) = unnamed_in_message(base, self.stmts.prefix()) {
-                                replacement = Some(r);
-                            }
+                        // Not only while keyshift's statements are active: a DISCARD ALL
+                        // pipelined behind the failed Bind has forgotten them by now
+                        // (fuzz seed 9302, case 272). The prefix is this session's alone.
+                        let base = replacement.as_deref().unwrap_or(msg);
+                        if let Some(r) = unnamed_in_message(base, self.stmts.prefix()) {
+                            replacement = Some(r);
                         }
                     }
                 }

@@ -79,6 +79,23 @@ async fn state_becomes(h: &Harness, state: SessionState) {
     panic!("session state {:?}, expected {state:?}", h.info.state());
 }
 
+/// The session task ends within a second; the test unregisters what it registered.
+async fn ended(h: Harness) {
+    tokio::time::timeout(Duration::from_secs(1), h.task)
+        .await
+        .unwrap()
+        .unwrap();
+    h.shared.gate.unregister(h.info.id);
+}
+
+/// PostgreSQL answers the Query `SELECT 1` and closes; the client gets the answer.
+async fn answer_select_1_and_close(h: &mut Harness) {
+    let answer = [m(b'C', b"SELECT 1\0"), m(b'Z', b"I")].concat();
+    h.server.write_all(&answer).await.unwrap();
+    h.server.shutdown().await.unwrap();
+    assert_eq!(read_n(&mut h.client, answer.len()).await, answer);
+}
+
 #[tokio::test]
 async fn the_five_byte_close_goes_to_postgresql_unchanged_and_ends_nothing() {
     let mut h = start();
@@ -160,15 +177,8 @@ async fn terminate_right_after_a_query_still_delivers_its_answer() {
     let x = m(b'X', b"");
     h.client.write_all(&[&q[..], &x].concat()).await.unwrap();
     read_n(&mut h.server, q.len() + x.len()).await;
-    let answer = [m(b'C', b"SELECT 1\0"), m(b'Z', b"I")].concat();
-    h.server.write_all(&answer).await.unwrap();
-    drop(h.server);
-    assert_eq!(read_n(&mut h.client, answer.len()).await, answer);
-    tokio::time::timeout(Duration::from_secs(1), h.task)
-        .await
-        .unwrap()
-        .unwrap();
-    h.shared.gate.unregister(h.info.id);
+    answer_select_1_and_close(&mut h).await;
+    ended(h).await;
 }
 
 #[tokio::test]
@@ -189,7 +199,7 @@ async fn an_unknown_type_byte_is_postgresqls_to_answer() {
         b"SFATAL\0VFATAL\0C08P01\0Minvalid frontend message type 33\0\0",
     );
     h.server.write_all(&fatal).await.unwrap();
-    drop(h.server);
+    h.server.shutdown().await.unwrap();
     assert_eq!(read_n(&mut h.client, fatal.len()).await, fatal);
     // No second FATAL of keyshift's: the connection just ends.
     let mut rest = Vec::new();
@@ -199,4 +209,51 @@ async fn an_unknown_type_byte_is_postgresqls_to_answer() {
         .unwrap();
     assert!(rest.is_empty(), "{rest:?}");
     h.shared.gate.unregister(h.info.id);
+}
+
+#[tokio::test]
+async fn a_client_that_closes_its_side_still_gets_its_answer() {
+    let mut h = start();
+    let q = m(b'Q', b"SELECT 1\0");
+    h.client.write_all(&q).await.unwrap();
+    h.client.shutdown().await.unwrap();
+    read_n(&mut h.server, q.len()).await;
+    // keyshift closes its side in turn, as the client's EOF would reach PostgreSQL.
+    let mut more = [0u8; 1];
+    let n = tokio::time::timeout(Duration::from_secs(1), h.server.read(&mut more))
+        .await
+        .expect("the client's EOF in time")
+        .unwrap();
+    assert_eq!(n, 0);
+    answer_select_1_and_close(&mut h).await;
+    ended(h).await;
+}
+
+#[tokio::test]
+async fn a_message_begun_during_copy_sends_its_type_byte_ahead() {
+    let mut h = start();
+    let q = m(b'Q', b"COPY t FROM STDIN\0");
+    h.client.write_all(&q).await.unwrap();
+    read_n(&mut h.server, q.len()).await;
+    let copy_in = m(b'G', b"\0\0\x01\0\0");
+    h.server.write_all(&copy_in).await.unwrap();
+    read_n(&mut h.client, copy_in.len()).await;
+    // A Parse's first two bytes: PostgreSQL, in COPY, refuses it from the type byte alone.
+    h.client.write_all(b"P\0").await.unwrap();
+    assert_eq!(read_n(&mut h.server, 1).await, b"P");
+    let refusal = [
+        m(
+            b'E',
+            b"SERROR\0VERROR\0C08P01\0Munexpected message type 0x50 during COPY from stdin\0\0",
+        ),
+        m(
+            b'E',
+            b"SFATAL\0VFATAL\0C08P01\0Mterminating connection because protocol synchronization was lost\0\0",
+        ),
+    ]
+    .concat();
+    h.server.write_all(&refusal).await.unwrap();
+    h.server.shutdown().await.unwrap();
+    assert_eq!(read_n(&mut h.client, refusal.len()).await, refusal);
+    ended(h).await;
 }

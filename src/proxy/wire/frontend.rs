@@ -28,6 +28,16 @@ pub fn is_known_tag(tag: u8) -> bool {
     )
 }
 
+/// Whether PostgreSQL accepts a message of this type during COPY FROM STDIN (CopyData,
+/// CopyDone, CopyFail; Flush and Sync are read and ignored). Any other type ends the
+/// session with 08P01.
+pub fn continues_copy(tag: u8) -> bool {
+    matches!(
+        tag,
+        t::COPY_DATA | t::COPY_DONE | t::COPY_FAIL | t::FLUSH | t::SYNC
+    )
+}
+
 /// The longest message of this type PostgreSQL reads: 10,000 bytes for the small ones
 /// (`PQ_SMALL_MESSAGE_LIMIT`), otherwise the 1 GB allocation limit. A longer length word makes
 /// PostgreSQL close the connection without a word.
@@ -126,6 +136,20 @@ impl<'a> Bind<'a> {
             portal,
             statement,
             rest,
+        })
+    }
+
+    /// The portal and statement names only, the rest as sent and unchecked: PostgreSQL looks
+    /// the statement up before it reads the rest, so a Bind malformed after its names still
+    /// meets the statement it names (and the error says so).
+    pub fn head(msg: &'a [u8]) -> Result<Self, WireError> {
+        let mut r = Reader::body(msg, t::BIND, "Bind")?;
+        let portal = r.cstr()?;
+        let statement = r.cstr()?;
+        Ok(Bind {
+            portal,
+            statement,
+            rest: r.rest(),
         })
     }
 }
