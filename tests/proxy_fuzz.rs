@@ -455,6 +455,26 @@ fn named_cases() -> Vec<Case> {
             ],
         ),
         Case::new(
+            // The fourth unnamed Parse, rewritten but not keyshift's statement (an error is
+            // due before it), is skipped by PostgreSQL: the client's unnamed statement is still
+            // the one keyshift's statement stood for, which the Bind after Sync must meet
+            // (seed 9700, case 146).
+            "a rewritten unnamed Parse skipped after an error, then Bind",
+            vec![
+                parse("", UPD, &[]),
+                bind("", "", &[Some("4"), Some("5")]),
+                sync().then_wait(),
+                parse("", UPD, &[]),
+                bind("", "", &[Some("4"), Some("5")]),
+                sync(),
+                parse("", UPD, &[]),
+                bind("", "", &[Some("abc"), Some("999")]),
+                parse("", UPD, &[]),
+                sync(),
+                bind("", "", &[Some("1"), Some("x")]),
+            ],
+        ),
+        Case::new(
             // A DISCARD ALL pipelined behind a Bind that fails had keyshift forget its
             // statement before the error came back naming it (seed 9302, case 272).
             "a Bind error naming keyshift's statement, DISCARD ALL pipelined behind",

@@ -153,7 +153,8 @@ enum Token {
     /// An unnamed Parse (the client's, or keyshift's restoring one) that ended the alias
     /// standing for this statement in unnamed-statement generation `u64`: if PostgreSQL skips
     /// it, the client's unnamed statement is still that one, so it is restored.
-    Restore(super::server_statements::Restore, u64),
+    /// The texts are those of the client's Parse, when keyshift rewrote it.
+    Restore(super::server_statements::Restore, u64, Option<Box<Texts>>),
 }
 
 /// The relay, generic over its two byte streams so that tests drive it in memory.
@@ -261,7 +262,10 @@ struct Rules<'a> {
 impl Token {
     fn texts(&self) -> Option<&Texts> {
         match self {
-            Token::Rewritten(t) | Token::Statement(_, t) | Token::Named(_, Some(t)) => Some(t),
+            Token::Rewritten(t)
+            | Token::Statement(_, t)
+            | Token::Named(_, Some(t))
+            | Token::Restore(_, _, Some(t)) => Some(t),
             _ => None,
         }
     }
@@ -657,7 +661,8 @@ where
     /// Query; a Close of a statement that does not exist; a Parse of an empty statement,
     /// closed right after), and the client's message then goes as usual. A message of
     /// another type streams on as it came, unless keyshift must read it (a Bind or Describe
-    /// of a statement it stands in for): that one is refused.
+    /// of a statement it stands in for): that one is refused. While PostgreSQL skips to Sync,
+    /// every message streams on as it came: PostgreSQL discards it.
     fn finish_tag_ahead(&mut self, tag: u8) -> Ahead {
         if self.replies.reads_copy_data() || self.ahead_refused {
             return Ahead::Wait;
@@ -674,7 +679,14 @@ where
         }
         let filler = format!("{}ahead", self.stmts.prefix());
         let mut out = BytesMut::new();
+        // While PostgreSQL skips to Sync after the COPY's error it discards the message
+        // whatever it is, so the rest streams on as it came. (The queue may believe it
+        // skips when it does not: a Sync sent during the COPY after the row that failed
+        // ends the skip, fuzz seed 9700, case 121. Then the client's message runs as it
+        // came, as on a direct connection, without keyshift's rewrite.)
+        let skipping = self.replies.skipping();
         match tag {
+            _ if skipping => return self.stream_ahead(tag),
             cf::QUERY => {
                 build::query(&mut out, b"");
                 self.replies.sent(Kind::Query, Owner::Own, None);
@@ -697,33 +709,36 @@ where
             {
                 return Ahead::Refuse;
             }
-            _ => {
-                let Some((_, len_word)) = wire::header(&self.c_in) else {
-                    return Ahead::Wait;
-                };
-                self.tag_ahead = false;
-                self.c_in.advance(1);
-                self.counters.client_message(tag);
-                if len_word < 4 || len_word as usize > frontend::max_len(tag) {
-                    // PostgreSQL ends the session on the length word.
-                    self.commit_client(4);
-                    self.client_done = true;
-                    self.client_protocol_error();
-                    return Ahead::Done;
-                }
-                if tag == cf::TERMINATE {
-                    self.client_done = true;
-                }
-                self.note_sent(tag);
-                self.guard_sees(tag);
-                self.c_left = len_word as usize;
-                return Ahead::Done;
-            }
+            _ => return self.stream_ahead(tag),
         }
         self.tag_ahead = false;
         // The filler's type byte is the one that went.
         self.c_out
             .extend_from_slice(out.get(1..).unwrap_or_default());
+        Ahead::Done
+    }
+
+    /// The rest of the message whose type byte went ahead streams on as it came.
+    fn stream_ahead(&mut self, tag: u8) -> Ahead {
+        let Some((_, len_word)) = wire::header(&self.c_in) else {
+            return Ahead::Wait;
+        };
+        self.tag_ahead = false;
+        self.c_in.advance(1);
+        self.counters.client_message(tag);
+        if len_word < 4 || len_word as usize > frontend::max_len(tag) {
+            // PostgreSQL ends the session on the length word.
+            self.commit_client(4);
+            self.client_done = true;
+            self.client_protocol_error();
+            return Ahead::Done;
+        }
+        if tag == cf::TERMINATE {
+            self.client_done = true;
+        }
+        self.note_sent(tag);
+        self.guard_sees(tag);
+        self.c_left = len_word as usize;
         Ahead::Done
     }
 
@@ -1321,7 +1336,7 @@ where
             let r = self.stmts.alias_restore();
             self.unnamed_gen += 1;
             self.stmts.unnamed_replaced();
-            r.map(|r| Token::Restore(r, self.unnamed_gen))
+            r.map(|r| Token::Restore(r, self.unnamed_gen, None))
         } else {
             None
         };
@@ -1382,8 +1397,17 @@ where
                 match action {
                     ParseAction::Forward => {
                         build::parse_with(out, &p, b"", new.as_bytes());
-                        let texts = sql.map(|sql| Token::Rewritten(Texts::new(sql, &new)));
-                        self.replies.sent(Kind::Parse, Owner::Client, texts);
+                        let texts = sql.map(|sql| Texts::new(sql, &new));
+                        // Skipped after an earlier error, it leaves the alias's statement the
+                        // client's unnamed one (fuzz seed 9700, case 146).
+                        let token = match restore {
+                            Some(Token::Restore(r, generation, _)) => {
+                                self.restore_inflight += 1;
+                                Some(Token::Restore(r, generation, texts))
+                            }
+                            _ => texts.map(Token::Rewritten),
+                        };
+                        self.replies.sent(Kind::Parse, Owner::Client, token);
                     }
                     ParseAction::Prepare(name) => {
                         self.counters.statements_prepared += 1;
@@ -1488,7 +1512,7 @@ where
             // In a failed transaction PostgreSQL refuses this Parse with the error it would
             // have given the client's Bind or Describe: that error is the client's. Skipped
             // (an earlier error in the sequence), it is armed again for the next use.
-            let token = Token::Restore(r, self.unnamed_gen);
+            let token = Token::Restore(r, self.unnamed_gen, None);
             self.restore_inflight += 1;
             self.replies
                 .sent(Kind::Parse, Owner::OwnErrorsToClient, Some(token));
@@ -1951,7 +1975,7 @@ where
                         );
                     }
                 }
-                Token::Restore(r, generation) => {
+                Token::Restore(r, generation, _) => {
                     if outcome == Outcome::Skipped && generation == self.unnamed_gen {
                         self.stmts.set_restore(r);
                     }
