@@ -526,7 +526,8 @@ where
         // asking again before returning is wasted work. Not asking again halved the reads per
         // transaction (12 to 6 through `pgbench -S -c 8`, ~140 instructions each).
         let mut server_waits = false;
-        let mut client_waits = false;
+        // After the client's EOF there is nothing more to read from it.
+        let mut client_waits = self.client_eof;
         loop {
             let mut progress = false;
 
@@ -620,10 +621,11 @@ where
                         continue;
                     }
                 }
-                if !client_waits && !self.client_eof {
+                if !client_waits {
                     match poll_read(&mut self.client, cx, &mut self.c_in) {
                         Poll::Ready(Ok(0)) => {
                             self.client_eof = true;
+                            client_waits = true;
                             progress = true;
                         }
                         Poll::Ready(Ok(_)) => {
@@ -638,15 +640,15 @@ where
                 }
             }
 
-            if self.client_eof && !self.server_shut && !self.held && !self.client_done {
-                match self.half_close(cx) {
-                    Poll::Ready(Some(ev)) => return Poll::Ready(ev),
-                    Poll::Ready(None) => progress = true,
-                    Poll::Pending => {}
-                }
-            }
-
             if !progress {
+                // Checked only when nothing else moves: once per wait, not per turn.
+                if self.client_eof && !self.server_shut && !self.held && !self.client_done {
+                    match self.half_close(cx) {
+                        Poll::Ready(Some(ev)) => return Poll::Ready(ev),
+                        Poll::Ready(None) => continue,
+                        Poll::Pending => {}
+                    }
+                }
                 return Poll::Pending;
             }
         }
@@ -663,6 +665,8 @@ where
     /// another type streams on as it came, unless keyshift must read it (a Bind or Describe
     /// of a statement it stands in for): that one is refused. While PostgreSQL skips to Sync,
     /// every message streams on as it came: PostgreSQL discards it.
+    #[cold]
+    #[inline(never)]
     fn finish_tag_ahead(&mut self, tag: u8) -> Ahead {
         if self.replies.reads_copy_data() || self.ahead_refused {
             return Ahead::Wait;
@@ -719,6 +723,8 @@ where
     }
 
     /// The rest of the message whose type byte went ahead streams on as it came.
+    #[cold]
+    #[inline(never)]
     fn stream_ahead(&mut self, tag: u8) -> Ahead {
         let Some((_, len_word)) = wire::header(&self.c_in) else {
             return Ahead::Wait;
@@ -749,6 +755,8 @@ where
     /// closes its own side toward PostgreSQL and relays until PostgreSQL closes. A session
     /// with nothing unanswered ends at once, as before: PostgreSQL would say nothing.
     /// `Ready(None)`: progress was made.
+    #[cold]
+    #[inline(never)]
     fn half_close(&mut self, cx: &mut Context<'_>) -> Poll<Option<Event>> {
         if !self.c_out.is_empty() {
             return Poll::Pending;
@@ -851,8 +859,7 @@ where
                     }
                 }
             }
-            if !self.tag_ahead
-                && self.replies.reads_copy_data()
+            if self.replies.reads_copy_data()
                 && frontend::is_known_tag(tag)
                 && !frontend::continues_copy(tag)
                 && wire::header(rest).is_none_or(|(_, len)| rest.len() <= len as usize)
