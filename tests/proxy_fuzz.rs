@@ -475,6 +475,39 @@ fn named_cases() -> Vec<Case> {
             ],
         ),
         Case::new(
+            // A Bind whose length covers the next message's first bytes, while keyshift is to
+            // restore the client's unnamed statement: PostgreSQL ends the session in silence;
+            // a restoring Parse sent first changed that (seed 9802, case 490).
+            "a Bind longer than its body while keyshift is to restore the unnamed statement",
+            {
+                let mut v = unnamed_insert("k");
+                v.extend(unnamed_insert("k"));
+                v.extend([
+                    describe(b'S', "keyshift_s1"),
+                    sync(),
+                    query(copy_in).then_wait(),
+                    copy_data("1\tno newline"),
+                    copy_data("2\tcopied6\n"),
+                    copy_fail("client gave up"),
+                    parse("keyshift_q1", "SELEC 1", &[]),
+                    bind("", "keyshift_q1", &[]),
+                    execute("", 1),
+                    close(b'P', ""),
+                    sync(),
+                    function_call(1, 0, &[]),
+                    Msg {
+                        tag: b'B',
+                        body: b"\0\0\0\0\0\0\0\x02\0\0".to_vec(),
+                        len: Some(16),
+                        wait: false,
+                    },
+                    query("INSERT INTO mcp_servers (connector_id, name) VALUES (5, 'w5')")
+                        .then_wait(),
+                ]);
+                v
+            },
+        ),
+        Case::new(
             // A DISCARD ALL pipelined behind a Bind that fails had keyshift forget its
             // statement before the error came back naming it (seed 9302, case 272).
             "a Bind error naming keyshift's statement, DISCARD ALL pipelined behind",

@@ -1502,8 +1502,14 @@ where
     /// statement stands for it, it names keyshift's; when keyshift's was dropped, the
     /// client's text is prepared again as the unnamed statement first.
     fn on_unnamed_use(&mut self, tag: u8, msg: &[u8], out: &mut BytesMut) -> bool {
+        // A Bind malformed after its names still meets the statement keyshift's alias names
+        // (fuzz seed 9600, case 591); it is not worth a restoring Parse (seed 9802, case 490).
         let bind = (tag == cf::BIND)
-            .then(|| Bind::read(msg).or_else(|_| Bind::head(msg)).ok())
+            .then(|| {
+                Bind::read(msg)
+                    .ok()
+                    .or_else(|| Bind::head(msg).ok().filter(|_| !self.stmts.has_restore()))
+            })
             .flatten()
             .filter(|b| b.statement.is_empty());
         let describe = (tag == cf::DESCRIBE)
