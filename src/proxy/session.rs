@@ -681,7 +681,8 @@ where
                 self.shared.gate.set_state(&self.info, SessionState::Active);
             }
         }
-        let filler = format!("{}ahead", self.stmts.prefix());
+        // A statement name of keyshift's own that nothing else uses.
+        let filler = || format!("{}ahead", self.stmts.prefix()).into_bytes();
         let mut out = BytesMut::new();
         // While PostgreSQL skips to Sync after the COPY's error it discards the message
         // whatever it is, so the rest streams on as it came. (The queue may believe it
@@ -696,23 +697,17 @@ where
                 self.replies.sent(Kind::Query, Owner::Own, None);
             }
             cf::CLOSE => {
-                build::close_statement(&mut out, filler.as_bytes());
+                build::close_statement(&mut out, &filler());
                 self.replies.sent(Kind::Close, Owner::Own, None);
             }
             cf::PARSE => {
-                build::parse(&mut out, filler.as_bytes(), b"", b"");
-                build::close_statement(&mut out, filler.as_bytes());
+                let name = filler();
+                build::parse(&mut out, &name, b"", b"");
+                build::close_statement(&mut out, &name);
                 self.replies.sent(Kind::Parse, Owner::Own, None);
                 self.replies.sent(Kind::Close, Owner::Own, None);
             }
-            cf::BIND | cf::DESCRIBE
-                if self.stmts.alias().is_some()
-                    || self.stmts.has_restore()
-                    || (tag == cf::DESCRIBE && !self.prepared.is_empty())
-                    || (tag == cf::BIND && !self.stale.is_empty()) =>
-            {
-                return Ahead::Refuse;
-            }
+            cf::BIND | cf::DESCRIBE if self.reads_use(tag) => return Ahead::Refuse,
             _ => return self.stream_ahead(tag),
         }
         self.tag_ahead = false;
@@ -1143,15 +1138,19 @@ where
                     || self.stmts.active()
                     || !self.prepared.is_empty()
             }
-            cf::BIND | cf::DESCRIBE => {
-                self.stmts.alias().is_some()
-                    || self.stmts.has_restore()
-                    || (tag == cf::DESCRIBE && !self.prepared.is_empty())
-                    || (tag == cf::BIND && !self.stale.is_empty())
-            }
+            cf::BIND | cf::DESCRIBE => self.reads_use(tag),
             cf::FLUSH | cf::TERMINATE => true,
             _ => false,
         }
+    }
+
+    /// Whether a Bind or Describe must be read whole: it may name a statement keyshift
+    /// stands in for, restores, or must check.
+    fn reads_use(&self, tag: u8) -> bool {
+        self.stmts.alias().is_some()
+            || self.stmts.has_restore()
+            || (tag == cf::DESCRIBE && !self.prepared.is_empty())
+            || (tag == cf::BIND && !self.stale.is_empty())
     }
 
     /// Tells the reply queue about a client message forwarded as it came.
