@@ -517,6 +517,94 @@ fn named_cases() -> Vec<Case> {
                 query("DISCARD ALL"),
             ]),
         ),
+        Case::new(
+            // Two unnamed Parses skipped after an error while keyshift's statement stood for
+            // the unnamed one: the first carried what to restore, the second, sent while the
+            // first was unanswered, did not, and the Bind after Sync met the server's unnamed
+            // statement ("requires 0") (seed 9801, case 230).
+            "two unnamed Parses skipped after an error, then Bind",
+            after_aliasing(vec![
+                parse("", INS, &[]),
+                bind("", "", &[Some("abc"), Some("n")]),
+                parse("", INS, &[]),
+                parse("", INS, &[]),
+                describe(b'P', ""),
+                sync(),
+                bind("", "", &[Some("x"), Some("n")]),
+            ]),
+        ),
+        Case::new(
+            // A simple Query drops the unnamed statement only if it runs: skipped after an
+            // error, the statement keyshift's stood for is still the client's.
+            "a Query skipped after an error, then Bind",
+            after_aliasing(vec![
+                parse("", INS, &[]),
+                bind("", "", &[Some("abc"), Some("n")]),
+                query("SELECT 1"),
+                sync(),
+                bind("", "", &[Some("x"), Some("n")]),
+            ]),
+        ),
+        Case::new(
+            "a Close of the unnamed statement skipped after an error, then Bind",
+            after_aliasing(vec![
+                parse("", INS, &[]),
+                bind("", "", &[Some("abc"), Some("n")]),
+                close(b'S', ""),
+                sync(),
+                bind("", "", &[Some("x"), Some("n")]),
+            ]),
+        ),
+        Case::new(
+            // keyshift's Parse restoring the client's unnamed statement (after a DEALLOCATE
+            // ALL dropped keyshift's) is refused in a failed transaction, where the client's
+            // Bind would have been: after ROLLBACK the statement is still the client's.
+            "the restoring Parse refused in a failed transaction, then Bind after ROLLBACK",
+            after_aliasing(vec![
+                parse("b", "BEGIN", &[]),
+                bind("", "b", &[]),
+                execute("", 0),
+                sync().then_wait(),
+                parse("s3", "DEALLOCATE ALL", &[]),
+                bind("", "s3", &[]),
+                execute("", 0),
+                sync().then_wait(),
+                parse("e", "SELEC 1", &[]),
+                sync().then_wait(),
+                bind("", "", &[Some("1"), Some("n")]),
+                execute("", 0),
+                sync().then_wait(),
+                parse("r", "ROLLBACK", &[]),
+                bind("", "r", &[]),
+                execute("", 0),
+                sync().then_wait(),
+                bind("", "", &[Some("x"), Some("n")]),
+                execute("", 0),
+                sync(),
+            ]),
+        ),
+        Case::new(
+            // A Parse pipelined behind a COPY while keyshift's restoring Parse was unanswered:
+            // its Bind waited for PostgreSQL's answer to that Parse, which PostgreSQL sends
+            // only at the Sync behind the Bind (a hang while this was being fixed).
+            "a Parse pipelined behind a COPY while the unnamed statement is being restored",
+            after_aliasing(vec![
+                parse("s3", "DEALLOCATE ALL", &[]),
+                bind("", "s3", &[]),
+                execute("", 0),
+                bind("", "", &[Some("1"), Some("x")]),
+                execute("", 0),
+                sync(),
+                query("COPY mcp_connectors (name) FROM STDIN"),
+                copy_data("1\tcopied5\n"),
+                copy_fail("client gave up"),
+                parse("", "SELECT $1::int + 1", &[]),
+                bind("", "", &[Some("4")]),
+                describe(b'P', ""),
+                execute("", 0),
+                sync(),
+            ]),
+        ),
     ]
 }
 

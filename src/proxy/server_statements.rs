@@ -20,9 +20,10 @@
 //!   session's reply queue reports it, src/proxy/replies.rs), so a text that fails to prepare,
 //!   or whose Parse PostgreSQL skipped after an earlier error, keeps its own answer, never
 //!   "prepared statement does not exist".
-//! - In a failed transaction, or behind sequences still running (a pipeline, where an earlier
-//!   one may fail the transaction), the Parse goes as it came: PostgreSQL must refuse the Parse
-//!   itself, not answer ParseComplete and refuse the Bind.
+//! - In a failed transaction, or behind anything still running (a pipeline, where an earlier
+//!   message may fail), the Parse goes as it came: PostgreSQL must refuse the Parse itself,
+//!   not answer ParseComplete and refuse the Bind, and a Parse it skips must leave the client's
+//!   unnamed statement what it was, not keyshift's (fuzz seed 9801, case 230).
 //! - A simple Query, a Close of the unnamed statement or another unnamed Parse ends the alias,
 //!   as they end the unnamed statement in PostgreSQL.
 //! - New rules (cutover, rollback) retire every statement; a text that mentions DISCARD or
@@ -198,9 +199,9 @@ impl ServerStatements {
         self.alias.as_ref().map(|a| &*a.name)
     }
 
-    /// An unnamed Parse whose text keyshift rewrote to `sql`. `quiet`: no sequence runs
-    /// before this Parse's and the transaction is not failed, so PostgreSQL cannot refuse the
-    /// Parse for a reason of the client's.
+    /// An unnamed Parse whose text keyshift rewrote to `sql`. `quiet`: the Parse is first in
+    /// its sequence, nothing runs before it and the transaction is not failed, so PostgreSQL
+    /// cannot refuse or skip it for a reason of the client's.
     pub fn unnamed_parse(&mut self, sql: &Arc<str>, types: &[u8], quiet: bool) -> ParseAction {
         self.end_alias();
         if self.limit == 0 || !quiet {
@@ -444,6 +445,11 @@ impl ServerStatements {
 
     pub fn has_restore(&self) -> bool {
         self.restore.is_some()
+    }
+
+    /// The client's unnamed statement to prepare again, still armed.
+    pub fn restore(&self) -> Option<&Restore> {
+        self.restore.as_ref()
     }
 
     /// The client replaced or dropped its unnamed statement: nothing to restore.

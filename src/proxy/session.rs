@@ -150,11 +150,38 @@ enum Token {
     /// error PostgreSQL gives a driver for a cached plan whose result changed, so that the
     /// driver prepares again, as it would directly.
     Stale,
-    /// An unnamed Parse (the client's, or keyshift's restoring one) that ended the alias
-    /// standing for this statement in unnamed-statement generation `u64`: if PostgreSQL skips
-    /// it, the client's unnamed statement is still that one, so it is restored.
-    /// The texts are those of the client's Parse, when keyshift rewrote it.
-    Restore(super::server_statements::Restore, u64, Option<Box<Texts>>),
+    /// A message that replaces or drops the client's unnamed statement while PostgreSQL may
+    /// skip it, or keyshift's Parse restoring that statement: see [`Restoring`].
+    Restore(Box<Restoring>),
+}
+
+/// What the client's unnamed statement still is if PostgreSQL skips the message carrying this
+/// (an unnamed Parse, a simple Query or a Close of it, sent behind a message that may fail):
+/// keyshift ended its alias, or the restore it had armed, when the message went, so a skipped
+/// message arms the restore again. Several such messages can be in flight (fuzz seed 9801,
+/// case 230: three unnamed Parses after a failed Bind); each carries the statement from
+/// before the first of them, which is still the client's only if none of them ran.
+#[derive(Debug)]
+struct Restoring {
+    /// The statement to prepare again, and the client's own SQL of it (`unnamed_sql`).
+    before: Before,
+    /// `unnamed_gen` once this message went: a later replacement decides instead.
+    generation: u64,
+    /// `generation` of the first message of the chain this one continues: if PostgreSQL ran
+    /// any message of the chain, `before` is no longer the client's statement.
+    origin: u64,
+    /// keyshift's own restoring Parse: refused in a failed transaction (25P02), it leaves the
+    /// client's statement as it was, where the client's own Parse would have dropped it.
+    own: bool,
+    /// The token the message carries besides.
+    inner: Option<Token>,
+}
+
+/// The client's unnamed statement as keyshift would prepare it again.
+#[derive(Debug, Clone)]
+struct Before {
+    restore: super::server_statements::Restore,
+    client_sql: Option<(Arc<str>, Box<[u8]>)>,
 }
 
 /// The relay, generic over its two byte streams so that tests drive it in memory.
@@ -213,6 +240,11 @@ pub struct Session<C, S> {
     /// it under the new rules, not the text prepared under the old ones (the swap's
     /// `column "…_uuid" does not exist`).
     unnamed_sql: Option<(Arc<str>, Box<[u8]>)>,
+    /// The statement a chain of replacements still in flight would leave the client's unnamed
+    /// one if PostgreSQL skipped them all, and the chain's first generation ([`Restoring`]).
+    unnamed_chain: Option<(Before, u64)>,
+    /// The last generation whose replacement PostgreSQL ran.
+    unnamed_taken: u64,
     /// Named statements whose re-preparation would have changed what the client was told:
     /// their next Bind gets PostgreSQL's 0A000 instead of running.
     stale: std::collections::HashSet<Box<[u8]>>,
@@ -220,11 +252,15 @@ pub struct Session<C, S> {
     /// built for it with the rule set it was built from.
     scope: Scope,
     scoped: Option<(Arc<ActiveRewriter>, Arc<dyn StatementRewriter>)>,
-    /// Restore-token Parses still unanswered, and whether a Sync went after one: a Bind or
-    /// Describe in a later sequence waits (`restore_hold`) until PostgreSQL says whether it
-    /// skipped that Parse, since that decides which statement the client's unnamed one is.
-    restore_inflight: u32,
-    restore_sync_passed: bool,
+    /// Messages sent with a [`Restoring`] or `Verify` token, those PostgreSQL finished, and
+    /// how many had been sent when the last Sync went: a Bind or Describe in a later
+    /// sequence waits (`restore_hold`) until PostgreSQL says how those before the Sync ended,
+    /// since that decides which statement the client's unnamed one is. Only those: PostgreSQL
+    /// answers a message after the Sync only at the next Sync or Flush, which may be behind
+    /// the held Bind (fuzz seed 9801, case 230, hung on a Parse pipelined after a COPY).
+    restore_sent: u64,
+    restore_answered: u64,
+    restore_wait: u64,
     restore_hold: bool,
     /// The upstream is (or turned out to be) a transaction pooler: nothing of keyshift's is
     /// kept on the server past a transaction (src/proxy/pooling.rs).
@@ -262,11 +298,17 @@ struct Rules<'a> {
 impl Token {
     fn texts(&self) -> Option<&Texts> {
         match self {
-            Token::Rewritten(t)
-            | Token::Statement(_, t)
-            | Token::Named(_, Some(t))
-            | Token::Restore(_, _, Some(t)) => Some(t),
+            Token::Rewritten(t) | Token::Statement(_, t) | Token::Named(_, Some(t)) => Some(t),
+            Token::Restore(r) => r.inner.as_ref().and_then(Token::texts),
             _ => None,
+        }
+    }
+
+    /// The token itself, or the one a [`Restoring`] carries besides.
+    fn inner(&self) -> &Token {
+        match self {
+            Token::Restore(r) => r.inner.as_ref().map_or(self, Token::inner),
+            t => t,
         }
     }
 }
@@ -338,14 +380,17 @@ where
             rules_seen: shared.rules_version.load(Ordering::Acquire),
             unnamed_gen: 0,
             unnamed_sql: None,
+            unnamed_chain: None,
+            unnamed_taken: 0,
             stale: Default::default(),
             scope: Scope {
                 unreadable: unreadable_for(&shared, &info.user),
                 ..Scope::default()
             },
             scoped: None,
-            restore_inflight: 0,
-            restore_sync_passed: false,
+            restore_sent: 0,
+            restore_answered: 0,
+            restore_wait: 0,
             restore_hold: false,
             scratch: Vec::new(),
             replacement: BytesMut::new(),
@@ -606,7 +651,7 @@ where
                 && !self.client_done
                 && self.replies.len() < MAX_UNANSWERED
             {
-                let unheld = self.restore_hold && !self.restore_sync_passed;
+                let unheld = self.restore_hold && !self.restore_unknown();
                 let rescan = std::mem::take(&mut self.rescan);
                 if !self.c_in.is_empty()
                     && self.c_left == 0
@@ -975,7 +1020,7 @@ where
                 event = Some(Event::TooLarge(len));
                 break;
             }
-            if self.restore_sync_passed && matches!(tag, cf::BIND | cf::DESCRIBE) {
+            if self.restore_unknown() && matches!(tag, cf::BIND | cf::DESCRIBE) {
                 // A later sequence's Bind or Describe: wait until the Parse's fate is known.
                 // The Sync already sent makes PostgreSQL answer, so this cannot deadlock.
                 self.restore_hold = true;
@@ -1097,6 +1142,7 @@ where
         self.stmts.disable();
         self.prepared.clear();
         self.unnamed_sql = None;
+        self.unnamed_chain = None;
     }
 
     /// Sends a failed guarded sequence again, without keyshift's statement: the first
@@ -1153,6 +1199,69 @@ where
             || (tag == cf::BIND && !self.stale.is_empty())
     }
 
+    /// A client message about to go replaces or drops the client's unnamed statement (an
+    /// unnamed Parse, a simple Query, a Close of it): keyshift's alias for that statement
+    /// ends, and so does a restore armed for it. When PostgreSQL may skip the message (not
+    /// first in its sequence: an earlier message may fail), what to arm again if it does.
+    fn replace_unnamed(&mut self) -> Option<Box<Restoring>> {
+        let skippable = !self.replies.idle();
+        let fresh = skippable
+            .then(|| {
+                self.stmts
+                    .alias_restore()
+                    .or_else(|| self.stmts.restore().cloned())
+            })
+            .flatten();
+        self.unnamed_gen += 1;
+        self.stmts.unnamed_replaced();
+        if !skippable {
+            self.unnamed_chain = None;
+            return None;
+        }
+        let (before, origin) = match fresh {
+            Some(restore) => (
+                Before {
+                    restore,
+                    client_sql: self.unnamed_sql.clone(),
+                },
+                self.unnamed_gen,
+            ),
+            None => self.unnamed_chain.clone()?,
+        };
+        self.unnamed_chain = Some((before.clone(), origin));
+        Some(Box::new(Restoring {
+            before,
+            generation: self.unnamed_gen,
+            origin,
+            own: false,
+            inner: None,
+        }))
+    }
+
+    /// Queues a client message that replaced the unnamed statement ([`Self::replace_unnamed`]).
+    fn sent_replacing(
+        &mut self,
+        kind: Kind,
+        token: Option<Token>,
+        restore: Option<Box<Restoring>>,
+    ) {
+        let token = match restore {
+            Some(mut r) => {
+                r.inner = token;
+                self.restore_sent += 1;
+                Some(Token::Restore(r))
+            }
+            None => token,
+        };
+        self.replies.sent(kind, Owner::Client, token);
+    }
+
+    /// A message sent before the last Sync may still change which statement the client's
+    /// unnamed one is (see `restore_sent`).
+    fn restore_unknown(&self) -> bool {
+        self.restore_answered < self.restore_wait
+    }
+
     /// Tells the reply queue about a client message forwarded as it came.
     fn note_sent(&mut self, tag: u8) {
         let kind = match tag {
@@ -1163,7 +1272,7 @@ where
             cf::EXECUTE => Kind::Execute,
             cf::CLOSE => Kind::Close,
             cf::SYNC => {
-                self.restore_sync_passed |= self.restore_inflight > 0;
+                self.restore_wait = self.restore_sent;
                 Kind::Sync
             }
             cf::FUNCTION_CALL => Kind::FunctionCall,
@@ -1197,13 +1306,13 @@ where
                     && c.target == Target::Statement
                 {
                     if c.name.is_empty() {
-                        self.unnamed_gen += 1;
+                        let restore = self.replace_unnamed();
                         self.unnamed_sql = None;
-                        self.stmts.unnamed_replaced();
-                    } else {
-                        self.prepared.forget(c.name);
-                        self.stale.remove(c.name);
+                        self.sent_replacing(Kind::Close, None, restore);
+                        return false;
                     }
+                    self.prepared.forget(c.name);
+                    self.stale.remove(c.name);
                 }
                 self.note_sent(tag);
                 false
@@ -1249,9 +1358,8 @@ where
             return false;
         };
         // A simple Query drops the unnamed statement.
-        self.unnamed_gen += 1;
+        let restore = self.replace_unnamed();
         self.unnamed_sql = None;
-        self.stmts.unnamed_replaced();
         self.observe_drops(q.sql);
         // A statement earlier in the same string may change the scope (CREATE TEMP TABLE x;
         // INSERT INTO x …): the rest is rewritten as the session now resolves names.
@@ -1259,7 +1367,7 @@ where
         let rewriter = now.get().or(rules.rewriter);
         // Only valid UTF-8 is rewritten; anything else passes exactly as it came.
         let (Some(rw), Ok(sql)) = (rewriter, std::str::from_utf8(q.sql)) else {
-            self.note_sent(cf::QUERY);
+            self.sent_replacing(Kind::Query, None, restore);
             return false;
         };
         // Under `auto`, keyshift's statements only where a pooler's answer can be undone: an
@@ -1271,13 +1379,12 @@ where
         let (decision, template) = rw.rewrite_query(sql);
         match decision {
             Decision::Forward => {
-                self.note_sent(cf::QUERY);
+                self.sent_replacing(Kind::Query, None, restore);
                 false
             }
             Decision::Refuse(message) => {
                 build::query(out, statements::REFUSAL_MARKER.as_bytes());
-                self.replies
-                    .sent(Kind::Query, Owner::Client, Some(Token::Refusal(message)));
+                self.sent_replacing(Kind::Query, Some(Token::Refusal(message)), restore);
                 true
             }
             Decision::Replace(new) => {
@@ -1289,7 +1396,7 @@ where
                 match action {
                     QueryAction::Forward => {
                         build::query(out, new.as_bytes());
-                        self.replies.sent(Kind::Query, Owner::Client, texts);
+                        self.sent_replacing(Kind::Query, texts, restore);
                     }
                     QueryAction::Execute(name) => {
                         self.counters.statements_reused += 1;
@@ -1308,16 +1415,12 @@ where
                             sent: execute,
                             insert_only: false,
                         });
-                        self.replies.sent(
-                            Kind::Query,
-                            Owner::Client,
-                            Some(Token::Rewritten(texts)),
-                        );
+                        self.sent_replacing(Kind::Query, Some(Token::Rewritten(texts)), restore);
                     }
                     QueryAction::Prepare(p) => {
                         self.counters.statements_prepared += 1;
                         build::query(out, new.as_bytes());
-                        self.replies.sent(Kind::Query, Owner::Client, texts);
+                        self.sent_replacing(Kind::Query, texts, restore);
                         let name = String::from_utf8_lossy(&p.name);
                         let prepare = format!("PREPARE {name} AS {}", p.template);
                         build::query(out, prepare.as_bytes());
@@ -1339,10 +1442,7 @@ where
         // PostgreSQL may skip this Parse (an earlier error in its sequence): the alias it ends
         // is then still the client's unnamed statement.
         let restore = if p.name.is_empty() {
-            let r = self.stmts.alias_restore();
-            self.unnamed_gen += 1;
-            self.stmts.unnamed_replaced();
-            r.map(|r| Token::Restore(r, self.unnamed_gen, None))
+            self.replace_unnamed()
         } else {
             None
         };
@@ -1366,12 +1466,8 @@ where
                         self.remember(&p, sql, None)
                     }
                     _ => None,
-                }
-                .or(restore);
-                if matches!(token, Some(Token::Restore(..))) {
-                    self.restore_inflight += 1;
-                }
-                self.replies.sent(Kind::Parse, Owner::Client, token);
+                };
+                self.sent_replacing(Kind::Parse, token, restore);
                 false
             }
             Decision::Refuse(message) => {
@@ -1382,7 +1478,9 @@ where
                 true
             }
             Decision::Replace(new) if p.name.is_empty() => {
-                let quiet = self.status != TxStatus::Failed && self.replies.no_ready_due();
+                // First in its sequence, or an earlier message's error could make PostgreSQL
+                // skip it while keyshift's alias already named its statement.
+                let quiet = self.status != TxStatus::Failed && self.replies.idle();
                 // Under `auto`, keyshift's statements only where a pooler's answer can be
                 // undone: first in its sequence, outside a transaction block, with the Bind or
                 // Describe that uses it already here.
@@ -1403,17 +1501,10 @@ where
                 match action {
                     ParseAction::Forward => {
                         build::parse_with(out, &p, b"", new.as_bytes());
-                        let texts = sql.map(|sql| Texts::new(sql, &new));
                         // Skipped after an earlier error, it leaves the alias's statement the
                         // client's unnamed one (fuzz seed 9700, case 146).
-                        let token = match restore {
-                            Some(Token::Restore(r, generation, _)) => {
-                                self.restore_inflight += 1;
-                                Some(Token::Restore(r, generation, texts))
-                            }
-                            _ => texts.map(Token::Rewritten),
-                        };
-                        self.replies.sent(Kind::Parse, Owner::Client, token);
+                        let texts = sql.map(|sql| Token::Rewritten(Texts::new(sql, &new)));
+                        self.sent_replacing(Kind::Parse, texts, restore);
                     }
                     ParseAction::Prepare(name) => {
                         self.counters.statements_prepared += 1;
@@ -1522,10 +1613,23 @@ where
         if let Some(r) = self.stmts.take_restore() {
             build::parse(out, b"", r.sql.as_bytes(), &r.types);
             // In a failed transaction PostgreSQL refuses this Parse with the error it would
-            // have given the client's Bind or Describe: that error is the client's. Skipped
-            // (an earlier error in the sequence), it is armed again for the next use.
-            let token = Token::Restore(r, self.unnamed_gen, None);
-            self.restore_inflight += 1;
+            // have given the client's Bind or Describe: that error is the client's. Refused
+            // or skipped (an earlier error in the sequence), it is armed again for the next
+            // use; a replacement sent before PostgreSQL answers continues its chain.
+            self.unnamed_gen += 1;
+            let before = Before {
+                restore: r,
+                client_sql: self.unnamed_sql.clone(),
+            };
+            self.unnamed_chain = Some((before.clone(), self.unnamed_gen));
+            let token = Token::Restore(Box::new(Restoring {
+                before,
+                generation: self.unnamed_gen,
+                origin: self.unnamed_gen,
+                own: true,
+                inner: None,
+            }));
+            self.restore_sent += 1;
             self.replies
                 .sent(Kind::Parse, Owner::OwnErrorsToClient, Some(token));
             out.extend_from_slice(msg);
@@ -1674,11 +1778,11 @@ where
                     Owner::Own,
                     Some(Token::Verify(r.name.clone())),
                 );
-                self.restore_inflight += 1;
+                self.restore_sent += 1;
             }
             build::sync(&mut self.c_out);
             self.replies.sent(Kind::Sync, Owner::Own, None);
-            self.restore_sync_passed |= self.restore_inflight > 0;
+            self.restore_wait = self.restore_sent;
         }
         build::sync(&mut self.c_out);
         self.replies.sent(Kind::Sync, Owner::Own, None);
@@ -1750,7 +1854,7 @@ where
                     tag,
                     sb::PARAMETER_DESCRIPTION | sb::ROW_DESCRIPTION | sb::NO_DATA
                 ) && matches!(
-                    self.replies.front_token(),
+                    self.replies.front_token().map(Token::inner),
                     Some(Token::Describe(_) | Token::Verify(_))
                 ));
             if !whole {
@@ -1787,7 +1891,7 @@ where
                     description(
                         tag,
                         msg,
-                        self.replies.front_token(),
+                        self.replies.front_token().map(Token::inner),
                         Told {
                             prepared: &mut self.prepared,
                             stale: &mut self.stale,
@@ -1818,7 +1922,8 @@ where
                     } else if route == Route::Drop {
                         self.own_error = Some(code.into());
                     } else if &code == b"42601"
-                        && let Some(Token::Refusal(m)) = self.replies.front_token()
+                        && let Some(Token::Refusal(m)) =
+                            self.replies.front_token().map(Token::inner)
                     {
                         replacement = Some(messages::error(
                             sqlstate::FEATURE_NOT_SUPPORTED,
@@ -1826,7 +1931,7 @@ where
                             Some(REFUSAL_HINT),
                         ));
                     } else if &code == b"42601"
-                        && let Some(Token::Stale) = self.replies.front_token()
+                        && let Some(Token::Stale) = self.replies.front_token().map(Token::inner)
                     {
                         replacement = Some(messages::error(
                             sqlstate::FEATURE_NOT_SUPPORTED,
@@ -1834,7 +1939,12 @@ where
                             None,
                         ));
                     } else {
-                        if let Some(t) = self.replies.front_token().and_then(Token::texts) {
+                        if let Some(t) = self
+                            .replies
+                            .front_token()
+                            .map(Token::inner)
+                            .and_then(Token::texts)
+                        {
                             replacement = mapped_position(msg, t);
                         }
                         // Both may apply: a position in the text keyshift sent, and the name
@@ -1895,7 +2005,10 @@ where
     fn pooler_answer(&mut self, route: Route) {
         // The guarded first message itself failed (keyshift's Parse of its statement): its
         // answer is the client's to get from the replay.
-        let first_failed = matches!(self.replies.front_token(), Some(Token::Statement(..)));
+        let first_failed = matches!(
+            self.replies.front_token().map(Token::inner),
+            Some(Token::Statement(..))
+        );
         let guard = self.guard.as_mut().filter(|g| !g.failed());
         let recovered = route == Route::Drop || guard.is_some();
         self.shared
@@ -1951,53 +2064,72 @@ where
         }
         let done: Vec<(Token, Outcome)> = self.replies.take_outcomes().collect();
         for (token, outcome) in done {
-            match token {
-                Token::Statement(name, _) => {
-                    self.stmts.parse_outcome(&name, outcome == Outcome::Done)
-                }
-                Token::QueryPrepare(p) => {
-                    let error = match outcome {
-                        Outcome::Done => None,
-                        // Skipped: nothing wrong with the statement, try another time.
-                        Outcome::Skipped => Some(Box::from(&b"25P02"[..])),
-                        Outcome::Failed => self.own_error.take(),
-                    };
-                    self.stmts.query_prepared(p, error.as_deref());
-                }
-                Token::Named(name, _) => {
-                    if outcome != Outcome::Done {
-                        self.prepared.forget(&name);
-                    }
-                }
-                Token::Describe(_) | Token::Stale => {}
-                Token::Verify(_) => {
-                    self.restore_inflight = self.restore_inflight.saturating_sub(1);
-                    if self.restore_inflight == 0 {
-                        self.restore_sync_passed = false;
-                    }
-                }
-                Token::Reprepare(name) => {
-                    if outcome != Outcome::Done {
-                        // Its next use gets 0A000, as a driver gets from PostgreSQL when a
-                        // cached plan can no longer be what it was.
-                        self.stale.insert(name);
-                        warn!(
-                            session = self.info.id,
-                            "re-preparing a statement under the new rules failed; the client will see an error when it uses it"
-                        );
-                    }
-                }
-                Token::Restore(r, generation, _) => {
-                    if outcome == Outcome::Skipped && generation == self.unnamed_gen {
-                        self.stmts.set_restore(r);
-                    }
-                    self.restore_inflight = self.restore_inflight.saturating_sub(1);
-                    if self.restore_inflight == 0 {
-                        self.restore_sync_passed = false;
-                    }
-                }
-                Token::Refusal(_) | Token::Rewritten(_) => {}
+            self.settle_outcome(token, outcome);
+        }
+    }
+
+    fn settle_outcome(&mut self, token: Token, outcome: Outcome) {
+        match token {
+            Token::Statement(name, _) => self.stmts.parse_outcome(&name, outcome == Outcome::Done),
+            Token::QueryPrepare(p) => {
+                let error = match outcome {
+                    Outcome::Done => None,
+                    // Skipped: nothing wrong with the statement, try another time.
+                    Outcome::Skipped => Some(Box::from(&b"25P02"[..])),
+                    Outcome::Failed => self.own_error.take(),
+                };
+                self.stmts.query_prepared(p, error.as_deref());
             }
+            Token::Named(name, _) => {
+                if outcome != Outcome::Done {
+                    self.prepared.forget(&name);
+                }
+            }
+            Token::Describe(_) | Token::Stale => {}
+            Token::Verify(_) => {
+                self.restore_answered += 1;
+            }
+            Token::Reprepare(name) => {
+                if outcome != Outcome::Done {
+                    // Its next use gets 0A000, as a driver gets from PostgreSQL when a
+                    // cached plan can no longer be what it was.
+                    self.stale.insert(name);
+                    warn!(
+                        session = self.info.id,
+                        "re-preparing a statement under the new rules failed; the client will see an error when it uses it"
+                    );
+                }
+            }
+            Token::Restore(r) => {
+                let Restoring {
+                    before,
+                    generation,
+                    origin,
+                    own,
+                    inner,
+                } = *r;
+                if outcome == Outcome::Done {
+                    self.unnamed_taken = self.unnamed_taken.max(generation);
+                }
+                if generation == self.unnamed_gen {
+                    // The last replacement sent: what it leaves is now known.
+                    self.unnamed_chain = None;
+                    let not_run = match outcome {
+                        Outcome::Skipped => true,
+                        Outcome::Failed => own,
+                        Outcome::Done => false,
+                    };
+                    if not_run && self.unnamed_taken < origin {
+                        self.stmts.set_restore(before.restore);
+                        self.unnamed_sql = before.client_sql;
+                    }
+                }
+                self.restore_answered += 1;
+                if let Some(inner) = inner {
+                    self.settle_outcome(inner, outcome);
+                }
+            }
+            Token::Refusal(_) | Token::Rewritten(_) => {}
         }
     }
 
