@@ -1183,6 +1183,7 @@ where
                     || rules.tracking
                     || self.stmts.active()
                     || !self.prepared.is_empty()
+                    || self.unnamed_chain.is_some()
             }
             cf::BIND | cf::DESCRIBE => self.reads_use(tag),
             cf::FLUSH | cf::TERMINATE => true,
