@@ -274,6 +274,36 @@ pub(crate) fn rewrite_unscanned(rules: &RuleSet, sql: &str) -> Outcome {
     rewrite_parsed(rules, sql, true, false, Planning::Once)
 }
 
+/// Whether sqlparser read `FROM ONLY c` (or `UPDATE ONLY c`, `DELETE FROM ONLY c`) as the
+/// table `ONLY` under the alias `c`, as its PostgreSQL dialect does (0.63; `ONLY public.c`
+/// does not parse at all): the statement then looks as if it named no migrated table, and a
+/// translated session would read the table in the other shape. It is handled as a statement
+/// keyshift cannot parse.
+fn misreads_only(stmt: &sqlparser::ast::Statement) -> bool {
+    use sqlparser::ast::{ObjectNamePart, TableFactor, Visit, Visitor};
+    use std::ops::ControlFlow;
+    struct Only;
+    impl Visitor for Only {
+        type Break = ();
+        fn pre_visit_table_factor(&mut self, t: &TableFactor) -> ControlFlow<()> {
+            if let TableFactor::Table {
+                name,
+                alias: Some(alias),
+                ..
+            } = t
+                && !alias.explicit
+                && let [ObjectNamePart::Identifier(id)] = name.0.as_slice()
+                && id.quote_style.is_none()
+                && id.value.eq_ignore_ascii_case("only")
+            {
+                return ControlFlow::Break(());
+            }
+            ControlFlow::Continue(())
+        }
+    }
+    stmt.visit(&mut Only).is_break()
+}
+
 /// `gate`: parse only the statements the prescan says may mention a migrated table.
 fn rewrite_parsed(
     rules: &RuleSet,
@@ -308,7 +338,7 @@ fn rewrite_parsed(
         let parsed = p
             .parse_statement()
             .ok()
-            .filter(|_| p.peek_token().token == Token::EOF);
+            .filter(|s| p.peek_token().token == Token::EOF && !misreads_only(s));
         if whole {
             src.raw = p.into_tokens();
         }

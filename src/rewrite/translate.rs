@@ -39,7 +39,7 @@ use sqlparser::tokenizer::Token;
 
 use super::edit::folded;
 use super::statement::Ctx;
-use super::{Skip, SkipReason};
+use super::{Planning, Skip, SkipReason};
 use crate::ident::quote;
 use crate::shape::Shape;
 
@@ -73,11 +73,13 @@ pub(crate) fn redirect(ctx: &mut Ctx, stmt: &Statement, shape: Shape) -> Result<
 }
 
 fn names(ctx: &mut Ctx, stmt: &Statement, shape: Shape) -> Result<bool, Skip> {
-    if matches!(stmt, Statement::Query(_))
-        && !names_shaped_view(ctx, stmt)
-        && same_on_the_tables(ctx, stmt)
-    {
-        return Ok(false);
+    if matches!(stmt, Statement::Query(_)) && !names_shaped_view(ctx, stmt) {
+        if same_on_the_tables(ctx, stmt) {
+            return Ok(false);
+        }
+        if on_the_table_renamed(ctx, stmt) {
+            return Ok(true);
+        }
     }
     match stmt {
         Statement::Query(_)
@@ -223,10 +225,7 @@ fn point(ctx: &mut Ctx, name: &ObjectName, ctes: &HashSet<String>, shape: Shape)
 /// every other column under the table's own name and type, with the table's privileges and
 /// row security (`security_invoker`). It runs on the tables untouched, which spares
 /// PostgreSQL the view's expansion at every simple-protocol execution (docs/benchmarks.md,
-/// "Shapes"). Conservative, from the tokens: any `*` but `count(*)`, `NATURAL` (joins by
-/// name), a write keyword (a data-modifying CTE, `FOR UPDATE`), a system column, or a
-/// relation name or alias used other than as a qualifier (a whole-row reference) sends the
-/// statement through the views as usual.
+/// "Shapes"). Conservative, from the tokens ([`table_tokens`]).
 fn same_on_the_tables(ctx: &Ctx, stmt: &Statement) -> bool {
     /// Relations and aliases, with the token of each definition.
     struct Rows<'c, 'a, 's> {
@@ -278,7 +277,29 @@ fn same_on_the_tables(ctx: &Ctx, stmt: &Statement) -> bool {
         defined: HashSet::new(),
     };
     let _ = stmt.visit(&mut rows);
+    let relations = Relations {
+        names: rows.names,
+        defined: rows.defined,
+    };
+    table_tokens(ctx, &relations).is_some_and(|renamed| renamed.is_empty())
+}
+
+/// A statement's relation names and aliases, and the tokens that define them.
+struct Relations {
+    names: HashSet<String>,
+    defined: HashSet<usize>,
+}
+
+/// What a read's tokens say about running it on the tables: `None` when one keeps it on the
+/// views (`*` but in `count(*)`, `NATURAL` (joins by name), a write keyword (a data-modifying
+/// CTE, `FOR UPDATE`), `ONLY` (a view reads its table's children whatever the reference
+/// says), `TABLESAMPLE` (refused on a view), a system column, or a relation name or alias used
+/// other than as a qualifier: a whole-row reference); else the words that name a column some
+/// shape renames, with their names.
+fn table_tokens(ctx: &Ctx, relations: &Relations) -> Option<Vec<(usize, String)>> {
+    use sqlparser::keywords::Keyword;
     let src = ctx.src;
+    let mut renamed = Vec::new();
     for i in ctx.from..ctx.limit {
         match src.token(i) {
             Token::Mul => {
@@ -287,13 +308,16 @@ fn same_on_the_tables(ctx: &Ctx, stmt: &Statement) -> bool {
                     && i + 1 < ctx.limit
                     && src.is(i + 1, &Token::RParen);
                 if !counted {
-                    return false;
+                    return None;
                 }
             }
             Token::Word(w) => {
-                use sqlparser::keywords::Keyword;
+                let name = match w.quote_style {
+                    Some(_) => w.value.clone(),
+                    None => w.value.to_ascii_lowercase(),
+                };
                 if w.quote_style.is_none()
-                    && matches!(
+                    && (matches!(
                         w.keyword,
                         Keyword::NATURAL
                             | Keyword::INSERT
@@ -302,31 +326,179 @@ fn same_on_the_tables(ctx: &Ctx, stmt: &Statement) -> bool {
                             | Keyword::MERGE
                             | Keyword::SHARE
                             | Keyword::TABLE
-                    )
+                            | Keyword::ONLY
+                            | Keyword::TABLESAMPLE
+                    ) || SYSTEM_COLUMNS.contains(&name.as_str()))
                 {
-                    return false;
+                    return None;
                 }
-                let name = match w.quote_style {
-                    Some(_) => w.value.clone(),
-                    None => w.value.to_ascii_lowercase(),
-                };
-                if ctx.rules.is_renamed_column(&name)
-                    || (w.quote_style.is_none() && SYSTEM_COLUMNS.contains(&name.as_str()))
-                {
-                    return false;
+                if ctx.rules.is_renamed_column(&name) {
+                    renamed.push((i, name));
+                    continue;
                 }
                 let qualifier = i + 1 < ctx.limit && src.is(i + 1, &Token::Period);
                 let qualified = i > ctx.from && src.is(i - 1, &Token::Period);
-                if rows.names.contains(&name)
-                    && !rows.defined.contains(&i)
+                if relations.names.contains(&name)
+                    && !relations.defined.contains(&i)
                     && !qualifier
                     && !qualified
                 {
-                    return false;
+                    return None;
                 }
             }
             _ => {}
         }
+    }
+    Some(renamed)
+}
+
+/// A simple-protocol read of one migrated table that names some of the columns its shape
+/// renames runs on the table, each such column under its physical name (`bid` becomes
+/// `bid_uuid`), and as a select item `AS` the session's name (`bid_uuid AS bid`): PostgreSQL
+/// then plans it without expanding the view at every execution, as it plans the untranslated
+/// session's statement (a point read through the view ran at 0.79–0.90 × the table's rate,
+/// docs/benchmarks.md "Shapes"). The view lists the table's columns by position, with their
+/// types, the table's privileges and its row security (`security_invoker`): the rows, the
+/// column names and the types are the same; the RowDescription's table OID and column numbers
+/// are the table's rather than the view's (and stay the same across the swap, which renames
+/// columns in place). Only where that is sure, else the view as usual: planned at every
+/// execution (a prepared statement is planned once through the view); the tables not being
+/// swapped one by one; one relation, no CTE, subquery, set operation, join or table function;
+/// no alias named like a renamed column; each renamed name used as a column of this table
+/// (not a function, not a qualifier, and renamed by this shape: `bid_uuid` does not exist in
+/// the uuid shape's view); in the select list, a renamed column only as the item itself or
+/// inside a function call (named after the function); and the conditions of
+/// [`table_tokens`].
+fn on_the_table_renamed(ctx: &mut Ctx, stmt: &Statement) -> bool {
+    use sqlparser::ast::{Expr, SelectItem, SetExpr};
+    if ctx.planning != Planning::EachExecution || ctx.rules.mixed() {
+        return false;
+    }
+    let Statement::Query(q) = stmt else {
+        return false;
+    };
+    let SetExpr::Select(select) = &*q.body else {
+        return false;
+    };
+    if q.with.is_some() || select.from.len() != 1 || !select.from[0].joins.is_empty() {
+        return false;
+    }
+    let TableFactor::Table {
+        name,
+        alias,
+        args: None,
+        ..
+    } = &select.from[0].relation
+    else {
+        return false;
+    };
+    // One query, one relation: no subquery, so every column reference is this table's.
+    struct Count(usize, usize);
+    impl Visitor for Count {
+        type Break = ();
+        fn pre_visit_query(&mut self, _: &Query) -> ControlFlow<()> {
+            self.0 += 1;
+            ControlFlow::Continue(())
+        }
+        fn pre_visit_table_factor(&mut self, _: &TableFactor) -> ControlFlow<()> {
+            self.1 += 1;
+            ControlFlow::Continue(())
+        }
+    }
+    let mut count = Count(0, 0);
+    let _ = stmt.visit(&mut count);
+    if count.0 != 1 || count.1 != 1 {
+        return false;
+    }
+    let Some((schema, table)) = resolves(ctx, name) else {
+        return false;
+    };
+    let renamed = |id: &Ident| ctx.rules.is_renamed_column(&folded(id));
+    // The relation's own names: used other than as a qualifier, a whole-row reference.
+    let mut relations = Relations {
+        names: HashSet::new(),
+        defined: HashSet::new(),
+    };
+    let mut relation = |id: &Ident| {
+        relations.names.insert(folded(id).into_owned());
+        relations.defined.extend(ctx.src.ident_index(id));
+    };
+    if let Some(ObjectNamePart::Identifier(id)) = name.0.last() {
+        relation(id);
+    }
+    if let Some(a) = alias {
+        if renamed(&a.name) {
+            return false;
+        }
+        relation(&a.name);
+    }
+    // Select items that are a renamed column itself: they get `AS` the session's name.
+    let mut items = HashSet::new();
+    for item in &select.projection {
+        let expr = match item {
+            SelectItem::UnnamedExpr(e) => e,
+            SelectItem::ExprWithAlias { alias, .. } => {
+                if renamed(alias) {
+                    return false;
+                }
+                continue;
+            }
+            _ => return false,
+        };
+        let column = match expr {
+            Expr::Identifier(id) => Some(id),
+            Expr::CompoundIdentifier(ids) => ids.last(),
+            _ => None,
+        };
+        match column {
+            Some(id) if renamed(id) => match ctx.src.ident_index(id) {
+                Some(i) => {
+                    items.insert(i);
+                }
+                None => return false,
+            },
+            Some(_) => {}
+            None if matches!(expr, Expr::Function(_)) => {}
+            None => {
+                let mentions = sqlparser::ast::visit_expressions(expr, |e| match e {
+                    Expr::Identifier(id) if renamed(id) => ControlFlow::Break(()),
+                    Expr::CompoundIdentifier(ids) if ids.last().is_some_and(renamed) => {
+                        ControlFlow::Break(())
+                    }
+                    _ => ControlFlow::Continue(()),
+                });
+                if mentions.is_break() {
+                    return false;
+                }
+            }
+        }
+    }
+    let Some(words) = table_tokens(ctx, &relations) else {
+        return false;
+    };
+    let src = ctx.src;
+    let mut edits = Vec::new();
+    for (i, name) in words {
+        let qualifier = i + 1 < ctx.limit && src.is(i + 1, &Token::Period);
+        let call = i + 1 < ctx.limit && src.is(i + 1, &Token::LParen);
+        let Some(physical) = ctx.rules.physical_column(&schema, &table, &name) else {
+            return false;
+        };
+        if qualifier || call {
+            return false;
+        }
+        let mut text = quote(physical).into_owned();
+        if items.contains(&i) {
+            text.push_str(" AS ");
+            text.push_str(&quote(&name));
+        }
+        edits.push((src.start(i)..src.end(i), text));
+    }
+    if edits.is_empty() {
+        return false;
+    }
+    for (range, text) in edits {
+        ctx.edits.replace(range, text);
     }
     true
 }
