@@ -16,6 +16,8 @@
 #            runs it on the table itself in both variants (translate.rs, same_on_the_tables)
 #   select_key  the same with the migrated column: SELECT abalance, bid FROM pgbench_accounts
 #            WHERE aid = :aid (`bid` is an integer or a uuid by shape): read through the view
+#            with -M prepared; with -M simple, since 2026-12-03, on the table with `bid` under
+#            its physical name (translate.rs, on_the_table_renamed)
 #   inserts  4 autocommit INSERTs into the child pgbench_history per transaction, the same text
 #            in both shapes: INSERT INTO pgbench_history (tid, bid, aid, delta, mtime)
 #            SELECT :tid, bid, :aid, :delta, CURRENT_TIMESTAMP FROM pgbench_tellers WHERE tid = :tid
