@@ -605,6 +605,46 @@ fn named_cases() -> Vec<Case> {
                 sync(),
             ]),
         ),
+        Case {
+            split: Some(18_407_848_537_589_978_637),
+            ..Case::new(
+                // A Sync after a failed COPY's last row was taken as read inside the COPY: the
+                // queue skipped the Bind after it and waited for a ReadyForQuery that never came,
+                // the session `active` in the gate (seed 10305, case 268).
+                "extended COPY, a Sync inside, a failing row, a Sync, then a Bind",
+                vec![
+                    parse("", copy_in, &[]),
+                    bind("", "", &[]),
+                    execute("", 0),
+                    sync(),
+                    copy_data("abc\tbad int\n"),
+                    sync(),
+                    bind("", "s1", &[]),
+                    parse("", "SELECT 2", &[]),
+                    function_call(177, 2, &["x", "2"]),
+                    Msg {
+                        tag: b'Q',
+                        body: b"SELECT 1".to_vec(),
+                        len: Some(12),
+                        wait: false,
+                    },
+                ],
+            )
+        },
+        Case::new(
+            // The same with a CopyFail behind the Sync (a row failed, not the CopyFail): the
+            // INSERT's error then lost its position mapped back (seed 10303, case 465).
+            "simple COPY, a failing row, a Sync, a CopyFail, then a rewritten INSERT",
+            vec![
+                query("COPY mcp_connectors (name) FROM STDIN"),
+                copy_data("4\tcopied8\n"),
+                sync(),
+                copy_fail("client gave up"),
+                parse("x", UPD, &[]),
+                sync(),
+                query("INSERT INTO mcp_servers VALUES (DEFAULT, 'abc', 'pos', 'on')").then_wait(),
+            ],
+        ),
     ]
 }
 

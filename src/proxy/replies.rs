@@ -100,6 +100,8 @@ pub enum Outcome {
 struct Entry<T> {
     kind: Kind,
     owner: Owner,
+    /// A CopyData went after this message and before the next one queued (see `end_copy`).
+    data_after: bool,
     token: Option<T>,
 }
 
@@ -201,6 +203,15 @@ impl<T> Replies<T> {
         }
     }
 
+    /// A CopyData, which gets no answer and is not queued either; where it went among the
+    /// queued messages decides which Syncs a failed COPY read (`end_copy`).
+    #[inline]
+    pub fn sent_copy_data(&mut self) {
+        if let Some(e) = self.queue.back_mut() {
+            e.data_after = true;
+        }
+    }
+
     /// A message forwarded to PostgreSQL, in the order it was written.
     #[inline]
     pub fn sent(&mut self, kind: Kind, owner: Owner, token: Option<T>) {
@@ -212,7 +223,12 @@ impl<T> Replies<T> {
         self.readies += usize::from(kind.ends_with_ready());
         self.own += usize::from(owner != Owner::Client);
         self.strays += usize::from(matches!(kind, Kind::CopyDone | Kind::CopyFail));
-        self.queue.push_back(Entry { kind, owner, token });
+        self.queue.push_back(Entry {
+            kind,
+            owner,
+            data_after: false,
+            token,
+        });
         self.settle();
     }
 
@@ -269,7 +285,7 @@ impl<T> Replies<T> {
         match tag {
             b::NOTICE_RESPONSE | b::NOTIFICATION_RESPONSE | b::PARAMETER_STATUS => return route,
             b::READY_FOR_QUERY => self.ready(),
-            b::ERROR_RESPONSE => self.error(sqlstate == b"08P01"),
+            b::ERROR_RESPONSE => self.error(sqlstate),
             _ => self.answer(tag),
         }
         self.settle();
@@ -311,9 +327,11 @@ impl<T> Replies<T> {
         }
     }
 
-    fn error(&mut self, protocol_violation: bool) {
+    fn error(&mut self, sqlstate: &[u8]) {
+        let protocol_violation = sqlstate == b"08P01";
         if self.copy_in {
-            self.end_copy(false, protocol_violation);
+            // 57014: the client's CopyFail (or a cancel) ended the COPY, not a row.
+            self.end_copy(false, protocol_violation, sqlstate == b"57014");
         }
         let Some(front) = self.queue.front() else {
             // A FATAL on its own (shutdown, terminated backend): the client's.
@@ -344,13 +362,13 @@ impl<T> Replies<T> {
             | (Kind::Execute, b::EMPTY_QUERY_RESPONSE | b::PORTAL_SUSPENDED) => true,
             (Kind::Execute, b::COMMAND_COMPLETE) => {
                 if self.copy_in {
-                    self.end_copy(true, false);
+                    self.end_copy(true, false, false);
                 }
                 true
             }
             (Kind::Query, b::COMMAND_COMPLETE) => {
                 if self.copy_in {
-                    self.end_copy(true, false);
+                    self.end_copy(true, false, false);
                 }
                 false
             }
@@ -375,12 +393,47 @@ impl<T> Replies<T> {
     /// ignored). After an error, the Syncs before the first CopyDone or CopyFail, that one
     /// too, and, when the error is a protocol violation (08P01: "unexpected message type
     /// during COPY"), the message that caused it.
-    fn end_copy(&mut self, success: bool, protocol_violation: bool) {
+    ///
+    /// PostgreSQL fails a row when it reads the CopyData holding it, so the Syncs it read
+    /// inside the COPY are those sent before the failing CopyData, which the queue cannot
+    /// tell apart. Those sent after the last CopyData, with no CopyDone or CopyFail behind
+    /// them, it can: PostgreSQL had not read them, and the first ends its skip with a
+    /// ReadyForQuery (fuzz seed 10305, case 268: taking it as read, the queue skipped the
+    /// messages after it, then waited for a ReadyForQuery that never came, the session
+    /// `active` in the gate for ever).
+    fn end_copy(&mut self, success: bool, protocol_violation: bool, canceled: bool) {
         self.copy_in = false;
+        let mut read_syncs = usize::MAX;
+        // A protocol violation is the message after the Syncs: PostgreSQL read them all.
+        if !success && !protocol_violation {
+            let mut unread_from = None;
+            for (i, e) in self.queue.iter().enumerate().skip(1) {
+                match e.kind {
+                    Kind::Sync if e.data_after => unread_from = None,
+                    Kind::Sync => {
+                        unread_from.get_or_insert(i - 1);
+                    }
+                    // A row failed, so not at this CopyFail: the Syncs before it are after
+                    // the failing data all the same (fuzz seed 10303, case 465).
+                    Kind::CopyFail if !canceled => break,
+                    // The last row may fail at the CopyDone (an incomplete last line).
+                    Kind::CopyDone | Kind::CopyFail => {
+                        unread_from = None;
+                        break;
+                    }
+                    _ => break,
+                }
+            }
+            read_syncs = unread_from.unwrap_or(usize::MAX);
+        }
         while let Some(e) = self.queue.get(1) {
             let (take, last) = match e.kind {
                 Kind::CopyDone | Kind::CopyFail => (true, true),
-                Kind::Sync => (true, false),
+                Kind::Sync if read_syncs == 0 => return,
+                Kind::Sync => {
+                    read_syncs -= 1;
+                    (true, false)
+                }
                 _ if success => (true, false),
                 _ => (protocol_violation, true),
             };
@@ -557,6 +610,50 @@ mod tests {
     }
 
     #[test]
+    fn a_sync_after_the_last_copy_data_of_a_failed_copy_ends_the_skip() {
+        // Extended COPY, a Sync inside it, a row that fails, a Sync, then a Bind and a Sync
+        // (fuzz seed 10305, case 268): PostgreSQL read the first Sync inside the COPY; the
+        // second ends its skip, and the Bind after it runs.
+        let mut r = R::default();
+        client(&mut r, &[Parse, Bind, Execute, Sync]);
+        server(&mut r, b"12G");
+        r.sent_copy_data();
+        client(&mut r, &[Sync, Bind, Sync]);
+        r.server(b'E', b"22P02");
+        server(&mut r, b"Z");
+        assert_eq!(r.len(), 2, "the Bind and its Sync are still to answer");
+        r.server(b'E', b"26000");
+        server(&mut r, b"Z");
+        assert!(r.idle());
+        // Data after both Syncs: PostgreSQL may have read them inside the COPY, as before.
+        client(&mut r, &[Parse, Bind, Execute, Sync]);
+        server(&mut r, b"12G");
+        client(&mut r, &[Sync]);
+        r.sent_copy_data();
+        r.server(b'E', b"22P02");
+        assert_eq!(r.len(), 0, "both Syncs taken as read by the COPY");
+        // Simple COPY, a row that fails, a Sync, a CopyFail (fuzz seed 10303, case 465): a
+        // row failed, not the CopyFail, so PostgreSQL reads the Sync after the COPY.
+        let mut r = R::default();
+        client(&mut r, &[Query]);
+        server(&mut r, b"G");
+        r.sent_copy_data();
+        client(&mut r, &[Sync, CopyFail, Query]);
+        r.server(b'E', b"22P04");
+        server(&mut r, b"ZZ");
+        assert_eq!(r.len(), 1, "the Query is still to answer");
+        // Had the CopyFail ended the COPY (57014), the Sync came before it: read inside.
+        server(&mut r, b"CZ");
+        client(&mut r, &[Query]);
+        server(&mut r, b"G");
+        r.sent_copy_data();
+        client(&mut r, &[Sync, CopyFail, Query]);
+        r.server(b'E', b"57014");
+        server(&mut r, b"Z");
+        assert_eq!(r.len(), 1, "the Query is still to answer");
+    }
+
+    #[test]
     fn simple_copy_with_a_stray_message() {
         // A Query during COPY FROM STDIN fails the COPY and is consumed by it (08P01).
         let mut r = R::default();
@@ -668,18 +765,19 @@ mod tests {
         // Found by the protocol fuzzer: `Query COPY … FROM STDIN`, CopyData, Sync, Query. The
         // COPY failed on the data before PostgreSQL read the Sync, which then got its own
         // ReadyForQuery; taken for the next Query's, it ended that Query before its answer,
-        // and the Query's error went out without its position mapped back.
+        // and the Query's error went out without its position mapped back. The Sync came
+        // after the last CopyData: the queue knows PostgreSQL had not read it (`end_copy`).
         let mut r = R::default();
         r.sent(Query, Owner::Client, Some(1));
         server(&mut r, b"G");
+        r.sent_copy_data();
         r.sent(Sync, Owner::Client, None);
         r.sent(Query, Owner::Client, Some(2));
         r.server(b'E', b"22P04");
         server(&mut r, b"Z");
         assert_eq!(outcomes(&mut r), [(1, Outcome::Failed)]);
-        // The Sync's: nobody's in the queue, the client's all the same.
         assert_eq!(r.server(b'Z', b""), Route::Client);
-        assert_eq!(r.surprises, 1);
+        assert_eq!(r.surprises, 0);
         assert_eq!(r.front_token(), Some(&2));
         r.server(b'E', b"22P02");
         server(&mut r, b"Z");

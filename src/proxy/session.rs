@@ -1280,6 +1280,7 @@ where
             cf::COPY_DONE => Kind::CopyDone,
             cf::COPY_FAIL => Kind::CopyFail,
             cf::FLUSH => return self.replies.sent_unanswered(true),
+            cf::COPY_DATA => return self.replies.sent_copy_data(),
             _ => return self.replies.sent_unanswered(false),
         };
         self.replies.sent(kind, Owner::Client, None);
