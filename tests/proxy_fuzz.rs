@@ -645,6 +645,30 @@ fn named_cases() -> Vec<Case> {
                 query("INSERT INTO mcp_servers VALUES (DEFAULT, 'abc', 'pos', 'on')").then_wait(),
             ],
         ),
+        Case::new(
+            // The same with a CopyDone behind the Sync, taken as read (the last row could
+            // have failed there), then a malformed Describe: the Sync's ReadyForQuery came
+            // while the Describe was unanswered and was taken for a later Query's (seed
+            // 10702, case 55).
+            "simple COPY, a failing row, a Sync, a CopyDone, a bad Describe, then an INSERT",
+            vec![
+                query("COPY mcp_connectors (name) FROM STDIN"),
+                copy_data("2\tcopied6\n"),
+                sync(),
+                Msg::new(b'c', Vec::new()),
+                Msg {
+                    tag: b'D',
+                    body: b"Q\0".to_vec(),
+                    len: Some(6),
+                    wait: false,
+                },
+                query("PREPARE s1 AS SELECT 1"),
+                query("INSERT INTO mcp_servers (connector_id, name) VALUES ('abc', 'q2')"),
+                sync(),
+                query("INSERT INTO mcp_servers (connector_id, name) VALUES ('abc', 'q2')")
+                    .then_wait(),
+            ],
+        ),
     ]
 }
 

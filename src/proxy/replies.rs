@@ -246,7 +246,7 @@ impl<T> Replies<T> {
             return Route::Client;
         }
         let entry = if tag == b::READY_FOR_QUERY {
-            if self.stray_ready() {
+            if self.stray_ready(self.skipping) {
                 return Route::Client;
             }
             self.queue.iter().find(|e| e.kind.ends_with_ready())
@@ -292,20 +292,23 @@ impl<T> Replies<T> {
         route
     }
 
-    /// A ReadyForQuery now cannot be the front's: see `front_answered`.
-    fn stray_ready(&self) -> bool {
+    /// A ReadyForQuery now cannot be the front's: see `front_answered`. Nor can it follow an
+    /// extended message at the front that PostgreSQL, not skipping, has not answered yet: it
+    /// answers each before any ReadyForQuery (a Sync taken as read by a failed COPY, with a
+    /// CopyDone behind it and a Describe after: fuzz seed 10702, case 55).
+    fn stray_ready(&self, was_skipping: bool) -> bool {
         !self.front_answered
             && !self.front_failed
-            && self
-                .queue
-                .front()
-                .is_some_and(|f| matches!(f.kind, Kind::Query | Kind::FunctionCall))
+            && self.queue.front().is_some_and(|f| match f.kind {
+                Kind::Query | Kind::FunctionCall => true,
+                k => !was_skipping && k.is_extended(),
+            })
     }
 
     fn ready(&mut self) {
-        self.skipping = false;
+        let was_skipping = std::mem::take(&mut self.skipping);
         self.copy_in = false;
-        if self.readies == 0 || self.stray_ready() {
+        if self.readies == 0 || self.stray_ready(was_skipping) {
             // Nobody waits for it (see the module comment): it is the client's.
             self.surprises += 1;
             return;
