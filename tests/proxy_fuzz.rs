@@ -669,6 +669,43 @@ fn named_cases() -> Vec<Case> {
                     .then_wait(),
             ],
         ),
+        Case {
+            // Written in small chunks (the Describe's type byte ends one): the Describe of a
+            // named statement keyshift tracks had its type byte sent ahead while the COPY
+            // looked alive, and PostgreSQL, whose COPY had failed on its row, read it as any
+            // other. keyshift refused it and ended the session; it now reads it whole and
+            // lets it go (seed 10704, case 197).
+            split: Some(9),
+            ..Case::new(
+                "a Describe of a tracked statement split after a failing COPY row",
+                vec![
+                    parse("s1", "SELECT 1", &[]),
+                    sync().then_wait(),
+                    query("COPY mcp_connectors (name) FROM STDIN").then_wait(),
+                    copy_data("1\tcopied5\n"),
+                    describe(b'S', "s1"),
+                    sync().then_wait(),
+                ],
+            )
+        },
+        Case::new(
+            // The same with a Describe longer than PostgreSQL reads (10,000 bytes), never
+            // whole: PostgreSQL ends the session on its length word, without a word; keyshift
+            // refused it as a message it must read (seed 10704, case 197).
+            "a failing COPY row, then an over-long Describe while a statement is tracked",
+            vec![
+                parse("s1", "SELECT 1", &[]),
+                sync().then_wait(),
+                query("COPY mcp_connectors (name) FROM STDIN").then_wait(),
+                copy_data("1\tcopied5\n"),
+                Msg {
+                    tag: b'D',
+                    body: b"P".to_vec(),
+                    len: Some(100_005),
+                    wait: false,
+                },
+            ],
+        ),
     ]
 }
 

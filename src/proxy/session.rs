@@ -87,7 +87,8 @@ enum Ahead {
     Wait,
     /// The gate is closed: held as any session's first message after ReadyForQuery.
     Hold,
-    /// A message keyshift must read whole: the session ends with an error.
+    /// A message keyshift must read whole and cannot complete (it would need another
+    /// message before it, or is over `max_message_bytes`): the session ends with an error.
     Refuse,
     /// Completed, or streaming on: scanning goes on.
     Done,
@@ -708,7 +709,8 @@ where
     /// Query; a Close of a statement that does not exist; a Parse of an empty statement,
     /// closed right after), and the client's message then goes as usual. A message of
     /// another type streams on as it came, unless keyshift must read it (a Bind or Describe
-    /// of a statement it stands in for): that one is refused. While PostgreSQL skips to Sync,
+    /// of a statement it stands in for or tracks): that one is read whole (`use_ahead`).
+    /// While PostgreSQL skips to Sync,
     /// every message streams on as it came: PostgreSQL discards it.
     #[cold]
     #[inline(never)]
@@ -752,13 +754,71 @@ where
                 self.replies.sent(Kind::Parse, Owner::Own, None);
                 self.replies.sent(Kind::Close, Owner::Own, None);
             }
-            cf::BIND | cf::DESCRIBE if self.reads_use(tag) => return Ahead::Refuse,
+            cf::BIND | cf::DESCRIBE if self.reads_use(tag) => return self.use_ahead(tag),
             _ => return self.stream_ahead(tag),
         }
         self.tag_ahead = false;
         // The filler's type byte is the one that went.
         self.c_out
             .extend_from_slice(out.get(1..).unwrap_or_default());
+        Ahead::Done
+    }
+
+    /// A Bind or Describe keyshift must read whole, whose type byte went ahead and which
+    /// PostgreSQL reads as any other (its COPY had failed before). Read whole, it is handled
+    /// as usual; what keyshift sends for it must then begin with that same type byte, so a
+    /// rename of the statement it uses goes (the whole message but its first byte), and so
+    /// does the message as it came. Only what would need another message before it (a Parse
+    /// restoring the client's unnamed statement, the refusal of a stale statement) is
+    /// refused: the session ends (fuzz seed 10704, case 197 met the refusal with a plain
+    /// rename before this).
+    #[cold]
+    #[inline(never)]
+    fn use_ahead(&mut self, tag: u8) -> Ahead {
+        let Some((_, len_word)) = wire::header(&self.c_in) else {
+            return Ahead::Wait;
+        };
+        let len = 1 + len_word as usize;
+        if len_word < 4 || len_word as usize > frontend::max_len(tag) {
+            return self.stream_ahead(tag);
+        }
+        if len > self.shared.cfg.max_message_bytes {
+            return Ahead::Refuse;
+        }
+        if self.restore_unknown() {
+            // As in `scan_client`: PostgreSQL answers what came before the Sync it has.
+            self.restore_hold = true;
+            return Ahead::Wait;
+        }
+        let Some(msg) = self.c_in.get(..len) else {
+            return Ahead::Wait;
+        };
+        let msg = msg.to_vec();
+        self.counters.client_message(tag);
+        let mut out = BytesMut::new();
+        let rules = Rules {
+            rewriter: None,
+            tracking: false,
+        };
+        let replaced = self.client_message(tag, &msg, rules, &mut out);
+        let sent: &[u8] = if !replaced {
+            &msg
+        } else {
+            let mut parts = wire::messages(&out);
+            match (parts.next(), parts.next()) {
+                (Some((t, m)), None) if t == tag && m.len() == out.len() => &out,
+                _ => return Ahead::Refuse,
+            }
+        };
+        self.tag_ahead = false;
+        // The type byte was counted when it went.
+        self.counters.client_bytes(len - 1);
+        self.c_out
+            .extend_from_slice(sent.get(1..).unwrap_or_default());
+        self.c_in.advance(len);
+        self.record_original = false;
+        self.guard_sees(tag);
+        self.settle_outcomes();
         Ahead::Done
     }
 
