@@ -706,6 +706,33 @@ fn named_cases() -> Vec<Case> {
                 },
             ],
         ),
+        Case::new(
+            // keyshift's statement dropped by DEALLOCATE ALL, then an extended COPY with a
+            // Sync inside it, cancelled: PostgreSQL ignored that Sync and skips to the next.
+            // The queue took the sequence as ended, the session as idle, and keyshift's own
+            // Close and Sync, sent at the next message, ended PostgreSQL's skip: the client's
+            // Close ran (seed 10901, case 95).
+            "keyshift's statement dropped, then an extended COPY with a Sync inside, cancelled",
+            vec![
+                sync(),
+                copy_done(),
+                query("INSERT INTO mcp_servers (connector_id, name) VALUES (5, 'q2')").then_wait(),
+                query("INSERT INTO mcp_servers (connector_id, name) VALUES (1, 'q1')").then_wait(),
+                query("INSERT INTO mcp_servers (connector_id, name) VALUES (2, 'q1')"),
+                query("DEALLOCATE ALL"),
+                parse("", "COPY mcp_servers (connector_id, name) FROM STDIN", &[]),
+                bind("", "", &[]),
+                execute("", 0),
+                sync(),
+                copy_fail("client gave up"),
+                Msg::new(
+                    b'Q',
+                    b"UPDATE mcp_servers SET connector_id = NULL WHERE id = 4\0garbage\0".to_vec(),
+                )
+                .then_wait(),
+                close(b'S', ""),
+            ],
+        ),
     ]
 }
 

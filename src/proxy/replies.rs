@@ -404,8 +404,14 @@ impl<T> Replies<T> {
     /// ReadyForQuery (fuzz seed 10305, case 268: taking it as read, the queue skipped the
     /// messages after it, then waited for a ReadyForQuery that never came, the session
     /// `active` in the gate for ever).
+    ///
+    /// A Sync read inside the COPY did not end its extended-protocol sequence: unless another
+    /// Sync is on its way, the sequence is still open (fuzz seed 10901, case 95: taken as
+    /// ended, the session looked idle while PostgreSQL still skipped to Sync, and keyshift's
+    /// own Close and Sync, sent at the next admission, ended that skip early).
     fn end_copy(&mut self, success: bool, protocol_violation: bool, canceled: bool) {
         self.copy_in = false;
+        let extended = self.queue.front().is_some_and(|e| e.kind.is_extended());
         let mut read_syncs = usize::MAX;
         // A protocol violation is the message after the Syncs: PostgreSQL read them all.
         if !success && !protocol_violation {
@@ -444,6 +450,9 @@ impl<T> Replies<T> {
                 return;
             }
             if let Some(e) = self.remove(1) {
+                if e.kind == Kind::Sync && extended {
+                    self.open = !self.queue.iter().any(|e| e.kind == Kind::Sync);
+                }
                 self.finish(e, Outcome::Done);
             }
             if last {
@@ -569,6 +578,37 @@ mod tests {
         server(&mut r, b"C");
         assert_eq!(r.len(), 1);
         server(&mut r, b"Z");
+        assert!(r.idle());
+        assert_eq!(r.surprises, 0);
+    }
+
+    #[test]
+    fn a_sync_read_inside_an_extended_copy_leaves_its_sequence_open() {
+        // Extended COPY, a Sync inside it, a CopyFail, a Query (fuzz seed 10901, case 95):
+        // PostgreSQL ignored the Sync and skips the Query; it still waits for a Sync, so the
+        // session is not idle.
+        let mut r = R::default();
+        client(&mut r, &[Parse, Bind, Execute, Sync]);
+        server(&mut r, b"12G");
+        client(&mut r, &[CopyFail, Query]);
+        r.server(b'E', b"57014");
+        assert_eq!(r.len(), 0, "the Query is skipped");
+        assert!(!r.idle(), "the sequence is open until the next Sync");
+        client(&mut r, &[Sync]);
+        server(&mut r, b"Z");
+        assert!(r.idle());
+        // The same COPY succeeding: its Execute completes, and the sequence is still open.
+        client(&mut r, &[Parse, Bind, Execute, Sync]);
+        server(&mut r, b"12G");
+        client(&mut r, &[CopyDone]);
+        server(&mut r, b"C");
+        assert!(!r.idle());
+        // A simple COPY's ignored Sync leaves no sequence open.
+        let mut r = R::default();
+        client(&mut r, &[Query]);
+        server(&mut r, b"G");
+        client(&mut r, &[Sync, CopyDone]);
+        server(&mut r, b"CZ");
         assert!(r.idle());
         assert_eq!(r.surprises, 0);
     }

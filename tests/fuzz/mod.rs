@@ -323,6 +323,7 @@ impl Fuzzer {
         }
         if let Some(i) = (0..direct.msgs.len().max(proxied.msgs.len()))
             .find(|&i| direct.msgs.get(i) != proxied.msgs.get(i))
+            .filter(|&i| !fatal_lost_on_direct(&direct.msgs, &proxied.msgs, i))
         {
             problems.push(Problem::Mismatch {
                 terminated: case.ends_with_terminate(),
@@ -380,6 +381,25 @@ struct Side {
     msgs: Vec<String>,
     /// A check made while the session was open (its gate state), if it failed.
     check: Option<String>,
+}
+
+/// PostgreSQL's FATAL right after an ERROR, then its close: the direct connection sometimes
+/// gets the ERROR and a clean end of stream (no reset) without the FATAL, though the server
+/// logged it for both connections (and sent it on both, in the runs traced with strace, which
+/// all matched). keyshift, which sends nothing after the message PostgreSQL
+/// ends the session for, always passes it on. Seen with "terminating connection because
+/// protocol synchronization was lost" (fuzz seed 10905, case 261) and "invalid frontend
+/// message type 23" (seed 10303, case 414), each in about half of the runs. Such a FATAL is
+/// PostgreSQL's own text, so the difference is the reference side's, not keyshift's.
+fn fatal_lost_on_direct(direct: &[String], proxied: &[String], i: usize) -> bool {
+    i > 0
+        && direct.len() == i + 1
+        && proxied.len() == i + 2
+        && direct[i] == "<EOF>"
+        && proxied[i + 1] == "<EOF>"
+        && direct[i - 1].starts_with("E ERROR ")
+        && proxied[i].starts_with("E FATAL 08P01 ")
+        && !proxied[i].contains("keyshift")
 }
 
 /// The case's bytes in the writes they go in, each with the pause before it: one write per
