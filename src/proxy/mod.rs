@@ -422,7 +422,7 @@ impl Drop for Registered {
 
 /// What a session holds for as long as it lives; released on drop, whatever the exit path.
 struct Held {
-    _registered: Registered,
+    registered: Registered,
     _permit: tokio::sync::OwnedSemaphorePermit,
     _load: LoadGuard,
     _cancel_key: Option<cancel::CancelKey>,
@@ -582,7 +582,7 @@ async fn session(
         started: Instant::now(),
     };
     let held = Held {
-        _registered: registered,
+        registered,
         _permit: permit,
         _load: load,
         _cancel_key: None,
@@ -590,7 +590,7 @@ async fn session(
     contained(
         shared.clone(),
         Some(info.id),
-        serve(client, packet, addr, info, shared, held),
+        serve(client, packet, addr, held),
     )
     .await;
 }
@@ -601,14 +601,8 @@ async fn session(
 /// polled through the startup's futures (two `contained` layers, thread-local swaps and
 /// `catch_unwind` each, and four async state machines), every wake-up of a relaying session
 /// cost about 290 more instructions per transaction (callgrind, `pgbench -S -c 8`).
-async fn serve(
-    mut client: Stream,
-    packet: bytes::BytesMut,
-    addr: SocketAddr,
-    info: Arc<gate::SessionInfo>,
-    shared: Arc<Shared>,
-    mut held: Held,
-) {
+async fn serve(mut client: Stream, packet: bytes::BytesMut, addr: SocketAddr, mut held: Held) {
+    let (shared, info) = (held.registered.shared.clone(), held.registered.info.clone());
     let shared = &shared;
     let mut server = match shared.upstream.connect().await {
         Ok(s) => s,

@@ -710,8 +710,8 @@ where
     /// closed right after), and the client's message then goes as usual. A message of
     /// another type streams on as it came, unless keyshift must read it (a Bind or Describe
     /// of a statement it stands in for or tracks): that one is read whole (`use_ahead`).
-    /// While PostgreSQL skips to Sync,
-    /// every message streams on as it came: PostgreSQL discards it.
+    /// While PostgreSQL skips to Sync, every message streams on as it came: PostgreSQL
+    /// discards it.
     #[cold]
     #[inline(never)]
     fn finish_tag_ahead(&mut self, tag: u8) -> Ahead {
